@@ -24,7 +24,7 @@ def _extensions() -> list:
                 f"helix_async._ext.{mod}",
                 [pyx],
                 include_dirs=["ext"],
-                extra_compile_args=["-O3"],
+                extra_compile_args=["-O3", "-ffp-contract=off"],
             )
         )
     return cythonize(

@@ -1,0 +1,205 @@
+"""Command line: ``python -m helix_async <command> ...``.
+
+``main(argv) -> int`` is the entry point; ``__main__`` only calls it. Bad input (a ConfigError,
+PlacementError or PlanningError) prints one line to stderr and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import envs
+from .errors import HelixError
+
+log = logging.getLogger("helix_async.cli")
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+def _pair(text: str) -> tuple[float, float]:
+    """Parse "AVG" or "AVG,VAR" (numbers, scientific notation allowed)."""
+    parts = text.split(",")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected AVG or AVG,VAR, got {text!r}")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+    return (vals[0], vals[1] if len(vals) == 2 else 0.0)
+
+
+def _weights(text: str) -> dict[str, float]:
+    """Parse "A100:4,L4:8,T4:12"."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, val = item.partition(":")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected TYPE:WEIGHT[,TYPE:WEIGHT...], got {text!r}")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {name!r} is not a number: {val!r}") from None
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m helix_async",
+        description="Plan, simulate and serve LLMs over heterogeneous GPU clusters (after Helix, ASPLOS'25).",
+    )
+    p.add_argument("--log-level", default=envs.HELIX_LOG_LEVEL, help="logging level (default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cl = sub.add_parser("cluster", help="inspect or generate cluster descriptions")
+    clsub = cl.add_subparsers(dest="cluster_command", required=True)
+    show = clsub.add_parser("show", help="summarise a cluster (builtin name, .toml or Helix .ini)")
+    show.add_argument("cluster", help="builtin name (e.g. single24) or path")
+    show.add_argument("--model", default="llama2-70b", help="model for throughput figures (default %(default)s)")
+    show.add_argument("--machine-profile", help="Helix machine_profile.ini for an .ini cluster")
+
+    gen = clsub.add_parser("generate", help="generate a seeded random cluster and write it as TOML")
+    gen.add_argument("kind", choices=["single", "partitioned"])
+    gen.add_argument("--out", required=True, help="TOML file to write")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--name", default=None)
+    gen.add_argument("--nodes", type=int, default=24, help="single: number of compute nodes")
+    gen.add_argument("--degree", type=int, default=None, help="single: average degree (default: complete)")
+    gen.add_argument("--types", type=_weights, default={"A100": 4, "L4": 8, "T4": 12}, help="single: TYPE:WEIGHT,...")
+    gen.add_argument("--bandwidth", type=_pair, default=(1e9, 0.0), help="single: AVG[,VAR] bytes/s")
+    gen.add_argument("--latency", type=_pair, default=(1e-3, 0.0), help="single: AVG[,VAR] seconds")
+    gen.add_argument(
+        "--partition",
+        action="append",
+        default=[],
+        help="partitioned: one region as TYPE:COUNT,... (repeat per region)",
+    )
+    gen.add_argument("--in-bandwidth", type=_pair, default=(1.25e9, 0.125e9))
+    gen.add_argument("--in-latency", type=_pair, default=(1e-3, 0.0))
+    gen.add_argument("--cross-bandwidth", type=_pair, default=(12.5e6, 2.5e6))
+    gen.add_argument("--cross-latency", type=_pair, default=(0.05, 0.01))
+
+    show.set_defaults(handler=cmd_cluster_show)
+    gen.set_defaults(handler=cmd_cluster_generate)
+    return p
+
+
+def _fmt_bw(bps: float) -> str:
+    for unit, div in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
+        if bps >= div:
+            return f"{bps / div:.3g} {unit}"
+    return f"{bps:.3g} B/s"
+
+
+def cmd_cluster_show(args: argparse.Namespace) -> int:
+    from .cluster import SINK, SOURCE, import_helix_ini, load_cluster
+    from .model import ThroughputModel, check_fits, get_model, max_compute_throughput
+
+    if args.machine_profile:
+        spec = import_helix_ini(args.cluster, args.machine_profile)
+    else:
+        spec = load_cluster(args.cluster)
+    model = get_model(args.model)
+    print(f"cluster {spec.name} ({spec.source_file}): {spec.num_nodes} nodes, {len(spec.links)} links")
+    counts = spec.machine_counts()
+    print("machine types:")
+    for name, n in counts.items():
+        m = spec.machine_types[name]
+        print(
+            f"  {name:6s} x{n:<3d} gpus={m.num_gpus} vram={m.vram_bytes / 1e9:.0f} GB "
+            f"nic in/out={_fmt_bw(m.nic_in)}/{_fmt_bw(m.nic_out)} profile={m.gpu}"
+        )
+    regions = spec.regions()
+    if len(regions) > 1:
+        print("regions:")
+        for r, ids in regions.items():
+            print(f"  {r}: {len(ids)} nodes {ids[0]}..{ids[-1]}")
+    arcs = spec.arcs()
+    src = [a for a in arcs if a.src == SOURCE]
+    snk = [a for a in arcs if a.dst == SINK]
+    pair = [a for a in arcs if a.src != SOURCE and a.dst != SINK]
+    for label, group in (("coordinator->node", src), ("node->coordinator", snk), ("node->node", pair)):
+        if group:
+            bws = [a.bandwidth for a in group]
+            lats = [a.latency for a in group]
+            print(
+                f"links {label}: {len(group)} arcs, bandwidth {_fmt_bw(min(bws))}..{_fmt_bw(max(bws))}, "
+                f"latency {min(lats) * 1e3:.3g}..{max(lats) * 1e3:.3g} ms"
+            )
+    print(f"complete graph: {'yes' if spec.is_complete() else 'no'}")
+    tm = ThroughputModel.for_cluster(model, spec)
+    check_fits(spec, model, tm)
+    fit = sum(tm.max_layers(spec.machine(n.id)) for n in spec.nodes)
+    print(f"model {model.name}: {model.num_layers} layers; the nodes hold up to {fit} layers in total")
+    print(f"max compute throughput: {max_compute_throughput(spec, model, tm):.2f} tokens/s")
+    return EXIT_OK
+
+
+def cmd_cluster_generate(args: argparse.Namespace) -> int:
+    from .cluster import generate_partitioned, generate_single_region, write_cluster_toml
+    from .errors import ConfigError
+
+    if args.kind == "single":
+        degree = args.degree if args.degree is not None else args.nodes - 1
+        spec = generate_single_region(
+            args.nodes,
+            degree,
+            args.types,
+            bandwidth=args.bandwidth,
+            latency=args.latency,
+            seed=args.seed,
+            name=args.name or f"single{args.nodes}_seed{args.seed}",
+        )
+    else:
+        if not args.partition:
+            raise ConfigError("<argument>", "--partition", "give at least one region, e.g. --partition A100:4")
+        parts: list[list[str]] = []
+        for text in args.partition:
+            region: list[str] = []
+            for t, n in _weights(text).items():
+                if n != int(n) or n < 0:
+                    raise ConfigError("<argument>", "--partition", f"count of {t} must be a whole number, got {n}")
+                region += [t] * int(n)
+            parts.append(region)
+        spec = generate_partitioned(
+            parts,
+            in_bandwidth=args.in_bandwidth,
+            in_latency=args.in_latency,
+            cross_bandwidth=args.cross_bandwidth,
+            cross_latency=args.cross_latency,
+            seed=args.seed,
+            name=args.name or f"partitioned{len(parts)}_seed{args.seed}",
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_cluster_toml(spec, out)
+    print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    handler = args.handler
+    try:
+        return int(handler(args))
+    except HelixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

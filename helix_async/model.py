@@ -1,0 +1,492 @@
+"""Models, per-GPU layer profiles, node settings and the Helix typical-batch throughput model.
+
+Data: ``helix_async/data/profiles/`` (measured by the Helix authors with vLLM 0.4.0.post1, from the
+public Helix-ASPLOS25 repository, Apache-2.0; see ``data/PROVENANCE.md``). Formulas: HELIX_SPEC §3.
+
+Units: seconds, bytes, bytes/s; throughput in tokens/s where one token passes every layer a node
+holds; KV capacities in token x layer entries.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .interp import BatchTimer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from .cluster import ClusterSpec, MachineType
+
+_DATA = resources.files("helix_async") / "data" / "profiles"
+
+
+@dataclass(frozen=True)
+class DatasetConstants:
+    """Constants of the dataset the profiles and the typical-batch model assume (HELIX_SPEC §1)."""
+
+    avg_input_len: int = 750
+    avg_output_len: int = 240
+    max_input_len: int = 2048
+    vllm_block_size: int = 16
+    decode_per_token_max_context: int = 1000
+    kv_cache_hwm_typical: float = 0.3
+    typical_model_iterations: int = 10
+    typical_layers_switch_factor: float = 1.2
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """A decoder-only transformer as the planner and simulator see it."""
+
+    name: str  # canonical name, e.g. "llama2-70b"
+    key: str  # directory of its profiles under data/profiles ("llama2_70b")
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    param_bytes_per_layer: float  # bytes of one transformer layer's weights
+    token_size: int  # bytes per token id on the wire
+    activation_size: int  # bytes of one token's activation (hidden_size x dtype bytes)
+    kv_bytes_per_token_per_layer: int
+    gpus: tuple[str, ...]  # GPU types with measured profiles
+    typical_layers_a: Mapping[str, int] = field(default_factory=dict)
+    typical_layers_b: Mapping[str, int] = field(default_factory=dict)
+    normalized_perf_initial: Mapping[str, float] = field(default_factory=dict)
+    max_num_layers: Mapping[str, int] = field(default_factory=dict)
+    hf_name: str = ""
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+MODEL_ALIASES: dict[str, str] = {
+    "llama2-70b": "llama2-70b",
+    "llama2_70b": "llama2-70b",
+    "llama-2-70b": "llama2-70b",
+    "llama70b": "llama2-70b",
+    "llama1-30b": "llama1-30b",
+    "llama1_30b": "llama1-30b",
+    "llama-30b": "llama1-30b",
+    "llama30b": "llama1-30b",
+    "tiny-llama": "tiny-llama",
+    "tiny_llama": "tiny-llama",
+    "tinyllama": "tiny-llama",
+}
+MODEL_NAMES: tuple[str, ...] = ("llama2-70b", "llama1-30b", "tiny-llama")
+
+
+def _tiny_llama() -> ModelSpec:
+    # A LLaMA-architecture model small enough to run every layer on a CPU in milliseconds (the
+    # serving runtime's CPU demo). Shape choices are ours: 8 layers, hidden 256, GQA 8/4 heads,
+    # fp32 weights; parameter bytes follow from the shape.
+    layers, hidden, inter, heads, kv_heads, vocab = 8, 256, 688, 8, 4, 2048
+    head_dim = hidden // heads
+    kv_dim = kv_heads * head_dim
+    bytes_per = 4
+    params = hidden * hidden * 2 + hidden * kv_dim * 2 + 3 * hidden * inter + 2 * hidden
+    return ModelSpec(
+        name="tiny-llama",
+        key="tiny_llama",
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        dtype="float32",
+        param_bytes_per_layer=float(params * bytes_per),
+        token_size=4,
+        activation_size=hidden * bytes_per,
+        kv_bytes_per_token_per_layer=2 * kv_dim * bytes_per,
+        gpus=(),
+        hf_name="(synthetic, random weights)",
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _models_toml() -> dict[str, Any]:
+    return tomllib.loads((_DATA / "models.toml").read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def dataset_constants() -> DatasetConstants:
+    """The dataset constants shipped in models.toml."""
+    d = _models_toml()["dataset_constants"]
+    return DatasetConstants(**{k: d[k] for k in DatasetConstants.__dataclass_fields__})
+
+
+@functools.cache
+def get_model(name: str) -> ModelSpec:
+    """Return the model called ``name`` (canonical name or alias, case-insensitive).
+
+    Raises ConfigError naming the known models for anything else.
+    """
+    canon = MODEL_ALIASES.get(name.strip().lower())
+    if canon is None:
+        raise ConfigError("<argument>", "model", f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if canon == "tiny-llama":
+        return _tiny_llama()
+    key = canon.replace("-", "_")
+    d = _models_toml()[key]
+    return ModelSpec(
+        name=canon,
+        key=key,
+        num_layers=int(d["num_layers"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_attention_heads=int(d["num_attention_heads"]),
+        num_key_value_heads=int(d["num_key_value_heads"]),
+        head_dim=int(d["head_dim"]),
+        vocab_size=int(d["vocab_size"]),
+        dtype=str(d["dtype"]),
+        param_bytes_per_layer=float(d["param_bytes_per_layer"]),
+        token_size=int(d["token_size_bytes"]),
+        activation_size=int(d["activation_size_bytes"]),
+        kv_bytes_per_token_per_layer=int(d["kv_bytes_per_token_per_layer"]),
+        gpus=tuple(d["gpus"]),
+        typical_layers_a=dict(d["typical_layers_A"]),
+        typical_layers_b=dict(d["typical_layers_B"]),
+        normalized_perf_initial={k: float(v) for k, v in d["normalized_perf_initial"].items()},
+        max_num_layers=dict(d["max_num_layers"]),
+        hf_name=str(d.get("hf_name", "")),
+    )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Per (model, GPU) inference settings, each tuple indexed by ``k - 1`` for k held layers."""
+
+    gpu: str
+    max_layers: int
+    vllm_blocks: tuple[int, ...]
+    kv_capacity: tuple[int, ...]  # token x layer entries = 16 * blocks[k] * k
+    prompt_max_requests: tuple[int, ...]
+    prompt_max_tokens: tuple[int, ...]
+    decode_max_tokens: tuple[int, ...]
+    decode_max_context: tuple[int, ...]
+
+    def _at(self, values: tuple[int, ...], k: int) -> int:
+        if not 1 <= k <= self.max_layers:
+            raise ValueError(f"{self.gpu} holds 1..{self.max_layers} layers, not {k}")
+        return values[k - 1]
+
+    def kv(self, k: int) -> int:
+        """KV capacity (token x layer entries) of a node holding ``k`` layers."""
+        return self._at(self.kv_capacity, k)
+
+    def prompt_limit_tokens(self, k: int) -> int:
+        return self._at(self.prompt_max_tokens, k)
+
+    def prompt_limit_requests(self, k: int) -> int:
+        return self._at(self.prompt_max_requests, k)
+
+    def decode_limit_tokens(self, k: int) -> int:
+        return self._at(self.decode_max_tokens, k)
+
+    def decode_limit_context(self, k: int) -> int:
+        return self._at(self.decode_max_context, k)
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """Measured per-layer latency of one GPU type for one model (seconds per layer)."""
+
+    gpu: str
+    prompt_x: tuple[float, ...]
+    prompt_s: tuple[float, ...]
+    decode_x: tuple[float, ...]
+    decode_s: tuple[float, ...]
+    timer: Any = field(compare=False, repr=False)  # BatchTimer (compiled or pure)
+
+    def prompt(self, tokens: float) -> float:
+        return float(self.timer.prompt(tokens))
+
+    def decode(self, seqs: float) -> float:
+        return float(self.timer.decode(seqs))
+
+    def batch_time(self, prompt_tokens: int, decode_seqs: int) -> float:
+        """Seconds for one layer to run ``prompt_tokens`` prompt tokens plus ``decode_seqs`` decodes."""
+        return float(self.timer.batch_time(prompt_tokens, decode_seqs))
+
+
+@dataclass(frozen=True)
+class ProfileSet:
+    """All profiles and node settings of one model, keyed by GPU type (upper case, e.g. "L4x2")."""
+
+    model: ModelSpec
+    gpus: Mapping[str, GpuProfile]
+    settings: Mapping[str, NodeSettings]
+
+    def canonical(self, gpu: str) -> str:
+        """The profile key for ``gpu``, matched case-insensitively ("l4x2" -> "L4x2")."""
+        if gpu in self.gpus or gpu in self.settings:
+            return gpu
+        low = gpu.lower()
+        for key in (*self.gpus, *self.settings):
+            if key.lower() == low:
+                return key
+        return gpu
+
+    def profile(self, gpu: str) -> GpuProfile:
+        try:
+            return self.gpus[self.canonical(gpu)]
+        except KeyError:
+            raise ConfigError(
+                f"<profiles {self.model.name}>",
+                "gpu",
+                f"no layer profile for GPU {gpu!r} with model {self.model.name}; have: {', '.join(self.gpus) or 'none'}",
+            ) from None
+
+    def node_settings(self, gpu: str) -> NodeSettings:
+        try:
+            return self.settings[self.canonical(gpu)]
+        except KeyError:
+            raise ConfigError(
+                f"<profiles {self.model.name}>",
+                "gpu",
+                f"no node settings for GPU {gpu!r} with model {self.model.name}; have: {', '.join(self.settings) or 'none'}",
+            ) from None
+
+
+def _read_table(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    with (_DATA / name).open() as fh:
+        rows = list(csv.DictReader(fh))
+    xs = tuple(float(r["batch_tokens"]) for r in rows)
+    # The CSVs hold milliseconds; the Helix loader multiplies by 1e-3 (HELIX_SPEC §3.2).
+    ys = tuple(float(r["time_per_layer_ms"]) * 1e-3 for r in rows)
+    return xs, ys
+
+
+def load_profiles(model: ModelSpec | str) -> ProfileSet:
+    """Profiles and node settings shipped for ``model`` (empty for models without measurements)."""
+    return _load_profiles(model if isinstance(model, str) else model.name)
+
+
+@functools.cache
+def _load_profiles(name: str) -> ProfileSet:
+    spec = get_model(name)
+    gpus: dict[str, GpuProfile] = {}
+    for gpu in spec.gpus:
+        px, py = _read_table(f"{spec.key}/{gpu.lower()}_prompt.csv")
+        dx, dy = _read_table(f"{spec.key}/{gpu.lower()}_decode.csv")
+        gpus[gpu] = GpuProfile(gpu, px, py, dx, dy, BatchTimer(px, py, dx, dy))
+    settings: dict[str, NodeSettings] = {}
+    if spec.gpus:
+        rows: dict[str, list[dict[str, str]]] = {}
+        with (_DATA / "node_settings.csv").open() as fh:
+            for r in csv.DictReader(fh):
+                if r["model"] == spec.key:
+                    rows.setdefault(r["gpu"], []).append(r)
+        for gpu, rs in rows.items():
+            rs.sort(key=lambda r: int(r["num_layers"]))
+            max_layers = int(rs[0]["max_num_layers"])
+            if [int(r["num_layers"]) for r in rs] != list(range(1, max_layers + 1)):
+                raise ConfigError("node_settings.csv", f"{spec.key}.{gpu}", "layer counts are not 1..max_num_layers")
+
+            def col(c: str, rs: list[dict[str, str]] = rs) -> tuple[int, ...]:
+                return tuple(int(r[c]) for r in rs)
+
+            settings[gpu] = NodeSettings(
+                gpu=gpu,
+                max_layers=max_layers,
+                vllm_blocks=col("vllm_num_blocks"),
+                kv_capacity=col("kv_cache_capacity_token_layers"),
+                prompt_max_requests=col("prompt_max_requests"),
+                prompt_max_tokens=col("prompt_max_tokens"),
+                decode_max_tokens=col("decode_max_tokens"),
+                decode_max_context=col("decode_max_context"),
+            )
+    return ProfileSet(spec, gpus, settings)
+
+
+@dataclass(frozen=True)
+class TypicalBatch:
+    """The steady-state batch a node of one GPU type with k layers is assumed to run (HELIX_SPEC §3.4)."""
+
+    gpu: str
+    k: int
+    workload_ratio: float
+    prompt_requests: float
+    prompt_tokens: int
+    decode_tokens: int
+    throughput: float  # tokens/s through all k layers
+
+
+class ThroughputModel:
+    """Helix's typical-batch node throughput for one model and one cluster composition.
+
+    ``gpu_counts`` maps GPU type (profile key) to the number of machines of that type; the same
+    GPU gets different numbers in clusters of different composition, as in the original.
+    """
+
+    def __init__(self, model: ModelSpec | str, gpu_counts: Mapping[str, int]) -> None:
+        self.model = get_model(model) if isinstance(model, str) else model
+        self.profiles = load_profiles(self.model)
+        self.consts = dataset_constants()
+        self.counts: dict[str, int] = {}
+        for g, n in gpu_counts.items():
+            if n > 0:
+                key = self.profiles.canonical(g)
+                self.counts[key] = self.counts.get(key, 0) + int(n)
+        for g in self.counts:
+            self.profiles.profile(g)
+            self.profiles.node_settings(g)
+            if g not in self.model.typical_layers_a or g not in self.model.normalized_perf_initial:
+                raise ConfigError(
+                    f"<profiles {self.model.name}>", "gpu", f"no typical-batch constants for GPU {g!r}"
+                )
+        L = self.model.num_layers
+        table_a = {g: self.model.typical_layers_a[g] for g in self.counts}
+        total_a = sum(self.counts[g] * table_a[g] for g in self.counts)
+        if total_a < self.consts.typical_layers_switch_factor * L:
+            self.typical_layers = {g: self.model.typical_layers_b[g] for g in self.counts}
+        else:
+            self.typical_layers = table_a
+        perf = {g: self.model.normalized_perf_initial[g] for g in self.counts}
+        for _ in range(self.consts.typical_model_iterations):
+            # all types are updated from the previous iteration's values at once
+            perf = {g: self._batch(g, self.typical_layers[g], perf).throughput * self.typical_layers[g] for g in perf}
+        self.normalized_perf: dict[str, float] = perf
+        self._cache: dict[tuple[str, int], TypicalBatch] = {}
+
+    @classmethod
+    def for_cluster(cls, model: ModelSpec | str, cluster: ClusterSpec) -> ThroughputModel:
+        counts: dict[str, int] = {}
+        for node in cluster.nodes:
+            gpu = cluster.machine(node.id).gpu
+            counts[gpu] = counts.get(gpu, 0) + 1
+        return cls(model, counts)
+
+    def _batch(self, gpu: str, k: int, perf: Mapping[str, float]) -> TypicalBatch:
+        c = self.consts
+        L = self.model.num_layers
+        tau = {g: 1.0 / p for g, p in perf.items()}
+        num = sum(self.counts[g] * self.typical_layers[g] * tau[g] for g in perf)
+        den = sum(self.counts[g] * self.typical_layers[g] for g in perf)
+        tau_bar = num / den
+        round_trip = (L - k) * tau_bar + k * tau[gpu]
+        w = k * tau[gpu] / round_trip
+        seq = c.avg_input_len + c.avg_output_len
+        # Beyond the profiled maximum (forced layouts such as hand-made separate pipelines) the
+        # original looks settings up at the maximum while timing all k layers; we do the same.
+        ks = min(k, self.profiles.node_settings(gpu).max_layers)
+        kv = self.profiles.node_settings(gpu).kv(ks)
+        a = int(c.kv_cache_hwm_typical * kv / ks)
+        r_p = (a / seq) * w / c.avg_output_len
+        p_tok = round(r_p * c.avg_input_len)
+        d_tok = round((a / seq) * w)
+        if r_p > 1:
+            r_p, p_tok, d_tok = 1.0, c.avg_input_len, c.avg_output_len
+        prof = self.profiles.profile(gpu)
+        if r_p >= 1:
+            tp = (p_tok + d_tok) / (k * (prof.prompt(p_tok) + prof.decode(d_tok)))
+        else:
+            rho = 1 / r_p
+            tp = rho * (p_tok + d_tok) / (k * (prof.prompt(int(p_tok * rho)) + rho * prof.decode(d_tok)))
+        return TypicalBatch(gpu, k, w, r_p, p_tok, d_tok, tp)
+
+    def typical_batch(self, gpu: str, k: int, *, force: bool = False) -> TypicalBatch:
+        """The typical batch of a ``gpu`` node holding ``k`` layers, with the converged performance.
+
+        ``k`` must be within the profiled maximum unless ``force`` (then settings are taken at the
+        maximum and the time of all k layers is charged, as Helix's ``allow_force_set``).
+        """
+        key = (gpu, k)
+        hit = self._cache.get(key)
+        if hit is None:
+            gpu = self.profiles.canonical(gpu)
+            if gpu not in self.counts:
+                raise ConfigError("<argument>", "gpu", f"GPU {gpu!r} is not part of this cluster mix")
+            settings = self.profiles.node_settings(gpu)
+            if k < 1 or (k > settings.max_layers and not force):
+                settings.kv(k)  # raises with the allowed range
+            hit = self._batch(gpu, k, self.normalized_perf)
+            self._cache[key] = hit
+        return hit
+
+    def throughput(self, gpu: str, k: int, *, force: bool = False) -> float:
+        """Typical token throughput (tokens/s) of a ``gpu`` node holding ``k`` layers (no NIC cap)."""
+        return self.typical_batch(gpu, k, force=force).throughput
+
+    def vram_layers(self, machine: MachineType) -> int:
+        """Most layers whose weights fit the machine's VRAM."""
+        return int(machine.vram_bytes // self.model.param_bytes_per_layer) if machine.vram_bytes > 0 else 0
+
+    def max_layers(self, machine: MachineType) -> int:
+        """Most layers a machine may hold: the profiled maximum, and weights within VRAM."""
+        settings_max = self.profiles.node_settings(machine.gpu).max_layers
+        return min(settings_max, self.vram_layers(machine))
+
+    def node_capacity(self, machine: MachineType, k: int, *, force: bool = False) -> float:
+        """Capacity (tokens/s) of a node holding ``k`` layers: typical throughput capped by its NICs."""
+        nic = min(machine.nic_in, machine.nic_out) / self.model.activation_size
+        return min(self.throughput(machine.gpu, k, force=force), nic)
+
+    def best_node_work(self, machine: MachineType) -> float:
+        """max over k of k x node_capacity(k): layer-executions per second the node can deliver."""
+        return max(k * self.node_capacity(machine, k) for k in range(1, self.max_layers(machine) + 1))
+
+
+def max_compute_throughput(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel | None = None) -> float:
+    """Upper bound on serving throughput (tokens/s) with infinitely fast links and no memory limit.
+
+    U = sum over nodes of max_k k * tp_node(k), divided by the number of layers (HELIX_SPEC §3.5).
+    """
+    spec = get_model(model) if isinstance(model, str) else model
+    tm = tm or ThroughputModel.for_cluster(spec, cluster)
+    total = 0.0
+    for node in cluster.nodes:
+        total += tm.best_node_work(cluster.machine(node.id))
+    return total / spec.num_layers
+
+
+def check_fits(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel | None = None) -> None:
+    """Raise ConfigError when the cluster cannot hold one full copy of the model."""
+    spec = get_model(model) if isinstance(model, str) else model
+    tm = tm or ThroughputModel.for_cluster(spec, cluster)
+    fit = sum(tm.max_layers(cluster.machine(n.id)) for n in cluster.nodes)
+    if fit < spec.num_layers:
+        raise ConfigError(
+            cluster.source_file,
+            "nodes",
+            f"model {spec.name} needs {spec.num_layers} layers but the cluster's nodes hold at most {fit} in total",
+        )
+
+
+def kv_capacity(model: ModelSpec | str, gpu: str, k: int) -> int:
+    """KV capacity (token x layer entries) of a ``gpu`` node holding ``k`` layers of ``model``."""
+    return load_profiles(get_model(model) if isinstance(model, str) else model).node_settings(gpu).kv(k)
+
+
+__all__ = [
+    "DatasetConstants",
+    "GpuProfile",
+    "MODEL_NAMES",
+    "ModelSpec",
+    "NodeSettings",
+    "ProfileSet",
+    "ThroughputModel",
+    "TypicalBatch",
+    "check_fits",
+    "dataset_constants",
+    "get_model",
+    "kv_capacity",
+    "load_profiles",
+    "max_compute_throughput",
+]
+
