@@ -1,0 +1,106 @@
+"""Clocks: the only place scheduling code reads time from.
+
+Scheduling code (host, worker, router) must not call ``time.time()``/``time.monotonic()``: it takes a
+:class:`Clock` and reads *loop time* from it.  :class:`LoopClock` reads the running asyncio loop,
+so the very same code runs in real time on uvloop/asyncio and in virtual time on
+:class:`helix_async.vloop.VirtualTimeLoop` (the simulator), where loop time only moves when every
+coroutine is blocked.
+
+All times are seconds of loop time (floats).  On a real loop that is a monotonic clock with an
+unspecified epoch; on a virtual loop it starts at the loop's ``start`` (0.0 by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "LoopClock"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Source of loop time for scheduling code.  All values are seconds of loop time."""
+
+    def now(self) -> float:
+        """Current loop time, in seconds."""
+        ...
+
+    async def sleep(self, delay: float) -> None:
+        """Suspend for ``delay`` seconds of loop time (``delay <= 0`` just yields once)."""
+        ...
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Suspend until loop time ``deadline`` (seconds); a past deadline just yields once."""
+        ...
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    # A cancelled sleeper's future may already be done when its timer fires.
+    if not fut.done():
+        fut.set_result(None)
+
+
+class LoopClock:
+    """:class:`Clock` backed by an asyncio event loop's ``time()`` and timers.
+
+    Works on any asyncio-compatible loop: the stock loop, uvloop, and ``VirtualTimeLoop``.
+
+    ``loop``: bind the clock to this loop.  When omitted (the usual case) every call uses the loop
+    running in the calling thread, so one clock object can be created before the loop exists.
+    A bound clock's ``now()`` also works while its loop is not running (e.g. between
+    ``VirtualTimeLoop.run_until`` steps); its ``sleep*`` methods must run on that loop.
+    """
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The bound loop, or None when the clock follows the running loop."""
+        return self._loop
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        running = asyncio.get_running_loop()
+        if self._loop is not None and running is not self._loop:
+            # Sleeping on one loop with another loop's timers would never wake up.
+            raise RuntimeError(f"LoopClock is bound to {self._loop!r} but runs on {running!r}")
+        return running
+
+    def now(self) -> float:
+        """Current loop time, in seconds (``loop.time()``)."""
+        if self._loop is not None:
+            return self._loop.time()
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, delay: float) -> None:
+        """Suspend for ``delay`` seconds of loop time; ``delay <= 0`` yields to other tasks once.
+
+        Equivalent to ``asyncio.sleep(delay)``: wakes at ``now() + delay`` as computed by the loop.
+        """
+        self._running_loop()
+        await asyncio.sleep(delay)
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Suspend until loop time ``deadline`` (seconds); a deadline not in the future yields once.
+
+        Schedules the wake-up with ``loop.call_at(deadline)`` rather than
+        ``sleep(deadline - now())``: ``now + (deadline - now)`` need not equal ``deadline`` in
+        floating point, and on a virtual loop the wake-up must land on ``deadline`` exactly.
+        """
+        loop = self._running_loop()
+        if deadline <= loop.time():
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_at(deadline, _wake, fut)
+        try:
+            await fut
+        finally:
+            # On cancellation drop the timer so it does not linger in the loop's heap.
+            handle.cancel()
+
+    def __repr__(self) -> str:
+        return f"LoopClock(loop={self._loop!r})"
