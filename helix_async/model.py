@@ -382,23 +382,43 @@ class ThroughputModel:
         round_trip = (L - k) * tau_bar + k * tau[gpu]
         w = k * tau[gpu] / round_trip
         seq = c.avg_input_len + c.avg_output_len
-        # Beyond the profiled maximum (forced layouts such as hand-made separate pipelines) the
-        # original looks settings up at the maximum while timing all k layers; we do the same.
-        ks = min(k, self.profiles.node_settings(gpu).max_layers)
-        kv = self.profiles.node_settings(gpu).kv(ks)
-        a = int(c.kv_cache_hwm_typical * kv / ks)
+        kv = self.kv_capacity(gpu, k)
+        a = int(c.kv_cache_hwm_typical * kv / k)
         r_p = (a / seq) * w / c.avg_output_len
         p_tok = round(r_p * c.avg_input_len)
         d_tok = round((a / seq) * w)
         if r_p > 1:
             r_p, p_tok, d_tok = 1.0, c.avg_input_len, c.avg_output_len
         prof = self.profiles.profile(gpu)
-        if r_p >= 1:
+        if p_tok + d_tok == 0:
+            # Only reachable past the profiled maximum, where the KV cache barely holds a request:
+            # charge decode-only progress on a single sequence instead of dividing 0 by 0.
+            d_tok = 1
+        if r_p <= 0 or p_tok == 0:
+            tp = d_tok / (k * prof.decode(d_tok))
+        elif r_p >= 1:
             tp = (p_tok + d_tok) / (k * (prof.prompt(p_tok) + prof.decode(d_tok)))
         else:
             rho = 1 / r_p
             tp = rho * (p_tok + d_tok) / (k * (prof.prompt(int(p_tok * rho)) + rho * prof.decode(d_tok)))
         return TypicalBatch(gpu, k, w, r_p, p_tok, d_tok, tp)
+
+    def kv_capacity(self, gpu: str, k: int) -> int:
+        """KV capacity (token x layer entries) for k layers, extended past the profiled maximum.
+
+        Forced layouts (hand-made separate pipelines) hold more layers than were profiled. There,
+        each extra layer's weights take their bytes out of the KV space measured at the maximum
+        (param_bytes_per_layer / kv_bytes_per_token_per_layer entries per layer). Raises
+        ValueError when nothing would be left for the KV cache.
+        """
+        settings = self.profiles.node_settings(gpu)
+        if k <= settings.max_layers:
+            return settings.kv(k)
+        per_layer = self.model.param_bytes_per_layer / self.model.kv_bytes_per_token_per_layer
+        kv = int(settings.kv(settings.max_layers) - (k - settings.max_layers) * per_layer)
+        if kv <= 0:
+            raise ValueError(f"{gpu} has no KV cache left with {k} layers of {self.model.name}")
+        return kv
 
     def typical_batch(self, gpu: str, k: int, *, force: bool = False) -> TypicalBatch:
         """The typical batch of a ``gpu`` node holding ``k`` layers, with the converged performance.

@@ -1,0 +1,571 @@
+"""Plan files (TOML or JSON) and import of the original Helix solution files.
+
+A plan file is self-contained: it embeds its cluster, so it can be read without anything else.
+
+TOML layout (a ``.json`` file holds the same document as JSON)::
+
+    [plan]                      # model, method, partial, force, num_layers, then meta values
+    model = "llama2-70b"        #   (max_flow, upper_bound, gap, ... whatever the planner recorded)
+    method = "ilp"
+    partial = false
+    force = false
+    num_layers = 80
+    max_flow = 1289.56
+
+    [cluster]                   # cluster_to_toml_dict(spec): meta, coordinator, machine_types,
+    ...                         #   nodes, links
+
+    [[nodes]]                   # one per cluster node; layers absent (or []) = unused
+    id = 0
+    type = "L4"                 # informational; checked against the cluster when present
+    layers = [7, 11]            # [start, end)
+
+    [[links]]                   # the directed links the plan uses
+    src = "source"              # "source" or a node id
+    dst = 17                    # a node id or "sink"
+
+    [flow]                      # optional: FlowPlan.to_dict() of the plan's max flow
+
+Meta values that are None are not written (TOML has no null); tuples come back as lists;
+infinite and NaN floats are kept (JSON files then use Python's ``Infinity``/``NaN`` extension).
+
+Every read runs :func:`~helix_async.placement.core.verify`; a plan that fails is never written.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tomli_w
+
+from ..cluster import (
+    SINK,
+    SOURCE,
+    ClusterSpec,
+    NodeRef,
+    cluster_from_toml_dict,
+    cluster_to_toml_dict,
+    load_cluster,
+)
+from ..errors import ConfigError
+from ..model import get_model
+from .core import Placement, PlacementError, arc_kind, clean_arcs, verify
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from ..flow import FlowPlan
+
+__all__ = [
+    "SHIPPED_LAYOUTS",
+    "import_helix_solution",
+    "load_shipped_layout",
+    "placement_from_dict",
+    "placement_to_dict",
+    "read_flow",
+    "read_placement",
+    "write_placement",
+]
+
+_PLAN_FIELDS = ("model", "method", "partial", "force", "num_layers")
+_TOP_KEYS = ("plan", "cluster", "nodes", "links", "flow")
+_LAYOUT_DIR = Path(__file__).resolve().parent.parent / "data" / "layouts" / "single24_llama70b"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _ref_out(ref: NodeRef) -> str | int:
+    return ref if isinstance(ref, str) else int(ref)
+
+
+def _meta_value(key: str, value: Any) -> Any:
+    """A TOML/JSON-friendly copy of a meta value (tuples -> lists); raises on what TOML cannot hold."""
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):  # inf and nan included: TOML has both, Python's json reads them back
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _meta_value(f"{key}.{k}", v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_meta_value(f"{key}[]", v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _meta_value(key, value.item())
+    raise ValueError(f"meta[{key!r}] = {value!r} cannot be written to a plan file")
+
+
+def placement_to_dict(placement: Placement, flow: FlowPlan | None = None) -> dict[str, Any]:
+    """The plan-file document of ``placement`` (verifies it first; raises PlacementError if invalid)."""
+    verify(placement)
+    plan: dict[str, Any] = {
+        "model": placement.model,
+        "method": placement.method,
+        "partial": bool(placement.partial),
+        "force": bool(placement.force),
+        "num_layers": placement.num_layers,
+    }
+    for key, value in placement.meta.items():
+        if key in _PLAN_FIELDS:
+            raise ValueError(f"meta key {key!r} clashes with a [plan] field")
+        if value is not None:
+            plan[str(key)] = _meta_value(str(key), value)
+    nodes: list[dict[str, Any]] = []
+    for node in placement.cluster.nodes:
+        entry: dict[str, Any] = {"id": node.id, "type": node.machine_type}
+        r = placement.layers.get(node.id)
+        if r is not None:
+            entry["layers"] = [int(r[0]), int(r[1])]
+        nodes.append(entry)
+    doc: dict[str, Any] = {
+        "plan": plan,
+        "cluster": cluster_to_toml_dict(placement.cluster),
+        "nodes": nodes,
+        "links": [{"src": _ref_out(u), "dst": _ref_out(v)} for u, v in placement.links],
+    }
+    if flow is not None:
+        doc["flow"] = flow.to_dict()
+    return doc
+
+
+def write_placement(
+    placement: Placement, path: str | os.PathLike[str], *, flow: FlowPlan | None = None
+) -> Path:
+    """Verify ``placement`` and write it to ``path`` (TOML, or JSON when the suffix is ``.json``).
+
+    Raises PlacementError (nothing is written) when the plan is invalid.
+    """
+    doc = placement_to_dict(placement, flow)
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        text = json.dumps(doc, indent=1) + "\n"
+    else:
+        text = tomli_w.dumps(doc)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_doc(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    p = Path(path)
+    src = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(src, "", f"cannot read plan file: {exc.strerror or exc}") from exc
+    if p.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(src, "", f"invalid JSON: {exc}") from exc
+    else:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(src, "", f"invalid TOML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(src, "", "a plan file must hold a table at the top level")
+    return doc, src
+
+
+def _table(src: str, where: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(src, where, f"must be a table, got {type(value).__name__}")
+    return value
+
+
+def _array(src: str, where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(src, where, f"must be an array of tables, got {type(value).__name__}")
+    return value
+
+
+def _bool(src: str, where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(src, where, f"must be true or false, got {value!r}")
+    return value
+
+
+def _int(src: str, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(src, where, f"must be an integer, got {value!r}")
+    return value
+
+
+def _ref(src: str, where: str, value: Any, n: int, end: str) -> NodeRef:
+    """A link end: "source" (end="src") / "sink" (end="dst") or a node id 0..n-1."""
+    allowed = SOURCE if end == "src" else SINK
+    if isinstance(value, str):
+        if value == allowed:
+            return value
+        raise ConfigError(src, where, f"must be {allowed!r} or a node id, got {value!r}")
+    node = _int(src, where, value)
+    if not 0 <= node < n:
+        raise ConfigError(src, where, f"unknown node {node} (cluster has nodes 0..{n - 1})")
+    return node
+
+
+def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Placement:
+    """Build and verify a placement from a plan document (see the module doc).
+
+    Raises ConfigError(source, field, message) for malformed input and PlacementError for a
+    well-formed but invalid plan.
+    """
+    src = source
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise ConfigError(src, str(key), f"unknown top-level key (expected {', '.join(_TOP_KEYS)})")
+    if "plan" not in doc:
+        raise ConfigError(src, "plan", "missing required table [plan]")
+    plan = dict(_table(src, "plan", doc["plan"]))
+    if "model" not in plan:
+        raise ConfigError(src, "plan.model", "missing required field")
+    model = plan.pop("model")
+    if not isinstance(model, str):
+        raise ConfigError(src, "plan.model", f"must be a string, got {model!r}")
+    try:
+        spec = get_model(model)
+    except ConfigError as exc:
+        raise ConfigError(src, "plan.model", exc.message) from None
+    method = plan.pop("method", "manual")
+    if not isinstance(method, str) or not method:
+        raise ConfigError(src, "plan.method", f"must be a non-empty string, got {method!r}")
+    partial = _bool(src, "plan.partial", plan.pop("partial", False))
+    force = _bool(src, "plan.force", plan.pop("force", False))
+    if "num_layers" in plan:
+        nl = _int(src, "plan.num_layers", plan.pop("num_layers"))
+        if nl != spec.num_layers:
+            raise ConfigError(
+                src, "plan.num_layers", f"is {nl} but model {spec.name} has {spec.num_layers} layers"
+            )
+    meta = plan  # everything else in [plan]
+
+    if "cluster" not in doc:
+        raise ConfigError(src, "cluster", "missing required table [cluster]")
+    ctab = _table(src, "cluster", doc["cluster"])
+    try:
+        cluster: ClusterSpec = cluster_from_toml_dict(ctab, src)
+    except ConfigError as exc:
+        raise ConfigError(src, f"cluster.{exc.field}" if exc.field else "cluster", exc.message) from None
+    n = cluster.num_nodes
+
+    layers: dict[int, tuple[int, int] | None] = {i: None for i in range(n)}
+    seen: set[int] = set()
+    for k, raw in enumerate(_array(src, "nodes", doc.get("nodes", []))):
+        where = f"nodes[{k}]"
+        entry = _table(src, where, raw)
+        for key in entry:
+            if key not in ("id", "type", "layers"):
+                raise ConfigError(src, f"{where}.{key}", "unknown key (expected id, type, layers)")
+        if "id" not in entry:
+            raise ConfigError(src, f"{where}.id", "missing required field")
+        node = _int(src, f"{where}.id", entry["id"])
+        if not 0 <= node < n:
+            raise ConfigError(src, f"{where}.id", f"unknown node {node} (cluster has nodes 0..{n - 1})")
+        if node in seen:
+            raise ConfigError(src, f"{where}.id", f"node {node} is listed twice")
+        seen.add(node)
+        if "type" in entry and entry["type"] != cluster.nodes[node].machine_type:
+            raise ConfigError(
+                src,
+                f"{where}.type",
+                f"node {node} is a {cluster.nodes[node].machine_type} in the cluster, not {entry['type']!r}",
+            )
+        r = entry.get("layers", [])
+        if not isinstance(r, list):
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] or [], got {r!r}")
+        if not r:
+            continue
+        if len(r) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in r):
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] with integers, got {r!r}")
+        if not 0 <= r[0] < r[1] <= spec.num_layers:
+            raise ConfigError(
+                src,
+                f"{where}.layers",
+                f"[{r[0]}, {r[1]}) is not a non-empty range within [0, {spec.num_layers})",
+            )
+        layers[node] = (r[0], r[1])
+
+    links: list[tuple[NodeRef, NodeRef]] = []
+    seen_links: set[tuple[NodeRef, NodeRef]] = set()
+    for k, raw in enumerate(_array(src, "links", doc.get("links", []))):
+        where = f"links[{k}]"
+        entry = _table(src, where, raw)
+        for key in entry:
+            if key not in ("src", "dst"):
+                raise ConfigError(src, f"{where}.{key}", "unknown key (expected src, dst)")
+        for key in ("src", "dst"):
+            if key not in entry:
+                raise ConfigError(src, f"{where}.{key}", "missing required field")
+        u = _ref(src, f"{where}.src", entry["src"], n, "src")
+        v = _ref(src, f"{where}.dst", entry["dst"], n, "dst")
+        if u == SOURCE and v == SINK:
+            raise ConfigError(src, where, "a link cannot join the source to the sink")
+        if (u, v) in seen_links:
+            raise ConfigError(src, where, f"link {u}->{v} is listed twice")
+        seen_links.add((u, v))
+        links.append((u, v))
+
+    if "flow" in doc:
+        _flow_from(src, doc["flow"])  # validated, not part of the placement
+
+    placement = Placement(
+        cluster=cluster,
+        model=spec.name,
+        layers=layers,
+        links=tuple(links),
+        partial=partial,
+        method=method,
+        force=force,
+        meta=meta,
+    )
+    try:
+        verify(placement)
+    except PlacementError as exc:
+        raise PlacementError(exc.problems, f"{src}: {method} placement") from None
+    return placement
+
+
+def _flow_from(src: str, raw: Any) -> FlowPlan:
+    from ..flow import FlowPlan
+
+    try:
+        return FlowPlan.from_dict(_table(src, "flow", raw))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(src, "flow", f"malformed flow summary: {exc}") from None
+
+
+def read_placement(path: str | os.PathLike[str]) -> Placement:
+    """Read a plan file (TOML, or JSON for ``.json``) and verify it.
+
+    Raises ConfigError naming the file and the field for malformed input, PlacementError for a plan
+    that fails verification.
+    """
+    doc, src = _load_doc(path)
+    return placement_from_dict(doc, src)
+
+
+def read_flow(path: str | os.PathLike[str]) -> FlowPlan | None:
+    """The ``[flow]`` summary stored in a plan file, or None if it has none."""
+    doc, src = _load_doc(path)
+    if "flow" not in doc:
+        return None
+    return _flow_from(src, doc["flow"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Original Helix files (HELIX_SPEC §2.5, §2.6, §5.5)
+# --------------------------------------------------------------------------------------------------
+
+_NODE_NAME = re.compile(r"compute_node_(\d+)\Z")
+
+
+def _read_ini(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(str(path), "", f"invalid INI: {exc}") from exc
+    return parser
+
+
+def _ini(parser: configparser.ConfigParser, src: str, section: str, option: str) -> str:
+    if not parser.has_section(section):
+        raise ConfigError(src, f"[{section}]", "missing required section")
+    if not parser.has_option(section, option):
+        raise ConfigError(src, f"[{section}] {option}", "missing required option")
+    return parser.get(section, option).strip()
+
+
+def _literal_list(src: str, where: str, text: str) -> list[Any]:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise ConfigError(src, where, f"not a list literal: {text!r}") from exc
+    if not isinstance(value, list):
+        raise ConfigError(src, where, f"must be a list, got {text!r}")
+    return value
+
+
+def _node_id(src: str, where: str, name: str, offset: int, n: int) -> int:
+    m = _NODE_NAME.match(name.strip())
+    if m is None:
+        raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {name!r}")
+    node = int(m.group(1)) - offset
+    if not 0 <= node < n:
+        raise ConfigError(
+            src, where, f"{name} is node {node} with offset {offset}; the cluster has nodes 0..{n - 1}"
+        )
+    return node
+
+
+def _endpoint(src: str, where: str, name: str, offset: int, n: int) -> NodeRef:
+    name = name.strip().strip("'\"")
+    if name in (SOURCE, SINK):
+        return name
+    return _node_id(src, where, name, offset, n)
+
+
+def import_helix_solution(
+    sol_ini: str | os.PathLike[str],
+    simulator_cluster_ini: str | os.PathLike[str],
+    cluster: ClusterSpec,
+    model: str,
+    *,
+    method: str | None = None,
+    force: bool = False,
+) -> Placement:
+    """A placement from an original Helix solution file and its ``simulator_cluster.ini``.
+
+    Layers come from ``[Solution] compute_node_<i+offset>=[...]`` (contiguous lists, [] = unused) for
+    the nodes listed in ``[ComputeNodes]`` (others are unused); the links are exactly the file's
+    ``[Links]`` (each section's ``in=``/``out=``). The original cleans dead links in one pass only; if
+    links remain that lie on no source->sink path they are dropped to a fixpoint and counted in
+    ``meta["dropped_links"]``. ``partial`` is set when any link is a partial-inference link.
+    ``method`` defaults to the solution file's name without ``_sol``/``_solution_file``. The result is
+    verified (PlacementError if invalid); malformed files raise ConfigError.
+    """
+    sol_path, sim_path = Path(sol_ini), Path(simulator_cluster_ini)
+    ssrc, csrc = str(sol_path), str(sim_path)
+    spec = get_model(model)
+    n = cluster.num_nodes
+    L = spec.num_layers
+
+    sol = _read_ini(sol_path)
+    raw_offset = _ini(sol, ssrc, "Settings", "offset")
+    try:
+        offset = int(raw_offset)
+    except ValueError:
+        raise ConfigError(ssrc, "[Settings] offset", f"must be an integer, got {raw_offset!r}") from None
+    if not sol.has_section("Solution"):
+        raise ConfigError(ssrc, "[Solution]", "missing required section")
+    solution: dict[int, tuple[int, int] | None] = {}
+    for name, text in sol.items("Solution"):
+        where = f"[Solution] {name}"
+        node = _node_id(ssrc, where, name, offset, n)
+        ids = _literal_list(ssrc, where, text)
+        if not ids:
+            solution[node] = None
+            continue
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in ids):
+            raise ConfigError(ssrc, where, "layer ids must be integers")
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ConfigError(ssrc, where, f"layers are not contiguous ascending: {ids}")
+        s, e = ids[0], ids[-1] + 1
+        if not 0 <= s < e <= L:
+            raise ConfigError(ssrc, where, f"layers [{s}, {e}) not within [0, {L}) of {spec.name}")
+        solution[node] = (s, e)
+
+    sim = _read_ini(sim_path)
+    names = _literal_list(csrc, "[ComputeNodes] names", _ini(sim, csrc, "ComputeNodes", "names"))
+    present: set[int] = set()
+    for k, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ConfigError(csrc, f"[ComputeNodes] names[{k}]", f"must be a string, got {name!r}")
+        present.add(_node_id(csrc, f"[ComputeNodes] names[{k}]", name, offset, n))
+    layers: dict[int, tuple[int, int] | None] = {
+        i: (solution.get(i) if i in present else None) for i in range(n)
+    }
+
+    link_names = _literal_list(csrc, "[Links] names", _ini(sim, csrc, "Links", "names"))
+    links: list[tuple[NodeRef, NodeRef]] = []
+    for k, lname in enumerate(link_names):
+        if not isinstance(lname, str):
+            raise ConfigError(csrc, f"[Links] names[{k}]", f"must be a string, got {lname!r}")
+        u = _endpoint(csrc, f"[{lname}] in", _ini(sim, csrc, lname, "in"), offset, n)
+        v = _endpoint(csrc, f"[{lname}] out", _ini(sim, csrc, lname, "out"), offset, n)
+        if u == SINK or v == SOURCE or u == v:
+            raise ConfigError(csrc, f"[{lname}]", f"not a usable direction: {u} -> {v}")
+        for end in (u, v):
+            if isinstance(end, int) and end not in present:
+                raise ConfigError(csrc, f"[{lname}]", f"node {end} is not listed in [ComputeNodes]")
+        if (u, v) not in links:
+            links.append((u, v))
+
+    kept = clean_arcs(links)
+    partial = any(arc_kind(layers, u, v, L) == "partial" for u, v in kept)
+    if method is None:
+        stem = sol_path.stem
+        for suffix in ("_solution_file", "_sol"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        method = stem or "imported"
+    meta: dict[str, Any] = {"imported_from": sol_path.name, "simulator_cluster": sim_path.name}
+    if len(kept) != len(links):
+        meta["dropped_links"] = len(links) - len(kept)
+    placement = Placement(
+        cluster=cluster,
+        model=spec.name,
+        layers=layers,
+        links=kept,
+        partial=partial,
+        method=method,
+        force=force,
+        meta=meta,
+    )
+    try:
+        verify(placement)
+    except PlacementError as exc:
+        raise PlacementError(exc.problems, f"{ssrc}: imported {method} placement") from None
+    return placement
+
+
+# name -> (directory, cluster, force)
+SHIPPED_LAYOUTS: dict[str, tuple[str, str, bool]] = {
+    "ilp": ("ilp", "single24", False),
+    "petals": ("petals", "single24", False),
+    "swarm": ("swarm", "single24", False),
+    "homogeneous": ("homogeneous", "single24", False),
+    "ilp_artifact": ("ilp_artifact", "single24", False),
+    "separate_a100": ("separate_a100", "single_a100", True),
+    "separate_l4": ("separate_l4", "single_l4", True),
+    "separate_t4": ("separate_t4", "single_t4", True),
+}
+
+
+def load_shipped_layout(name: str) -> Placement:
+    """One of the shipped LLaMA-2-70B layouts of the original (``SHIPPED_LAYOUTS``).
+
+    ``ilp``, ``petals``, ``swarm``, ``homogeneous`` and ``ilp_artifact`` are placements on
+    single24; ``separate_{a100,l4,t4}`` are the hand-made per-type pipelines on the sub-clusters
+    ``single_{a100,l4,t4}`` (forced layer counts).
+    """
+    if name not in SHIPPED_LAYOUTS:
+        raise ConfigError(
+            "<argument>", "layout", f"unknown shipped layout {name!r}; known: {', '.join(SHIPPED_LAYOUTS)}"
+        )
+    directory, cluster_name, force = SHIPPED_LAYOUTS[name]
+    d = _LAYOUT_DIR / directory
+    sols = sorted(d.glob("*_sol.ini")) + sorted(d.glob("*_solution_file.ini"))
+    sims = sorted(d.glob("*simulator_cluster.ini"))
+    if len(sols) != 1 or len(sims) != 1:
+        raise ConfigError(str(d), "", "expected one solution file and one simulator_cluster.ini")
+    method = "separate" if name.startswith("separate_") else ("ilp" if name == "ilp_artifact" else name)
+    p = import_helix_solution(
+        sols[0], sims[0], load_cluster(cluster_name), "llama2-70b", method=method, force=force
+    )
+    return p.with_meta(layout=f"single24_llama70b/{name}")

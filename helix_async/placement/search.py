@@ -1,0 +1,355 @@
+"""The planner: heuristics, then the position model and a MILP-based large-neighbourhood search.
+
+Shape (PLANNER_NOTES "Suggested planner shape"): every heuristic scored by exact max flow -> the
+aggregated position model (also our best honest bound) -> large-neighbourhood search that frees a
+few nodes at a time and re-solves the node/arc MILP with the rest fixed -> the best verified plan
+by exact max flow, with the tightest bound found and the gap to it.
+
+Anytime: ``on_improve`` is called with every new best verified plan (the CLI writes it to disk),
+and a ``StopFlag`` (set by Ctrl-C/SIGTERM through ``SignalStop``) ends the search cleanly with the
+best plan so far. Scheduling decisions here use wall time on purpose: planning is not simulated.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cluster import ClusterSpec
+from ..errors import ConfigError
+from ..flow import FlowEvaluator, max_flow
+from ..model import ModelSpec, ThroughputModel, check_fits, get_model
+from .core import Placement, verify
+from .heuristics import HEURISTICS, PlanningError
+from .milp import (
+    ArcModel,
+    Capacities,
+    PositionModel,
+    StopFlag,
+    coverage_bound,
+    interchangeable_classes,
+    type_classes,
+)
+
+log = logging.getLogger("helix_async.planner")
+
+LayerRange = tuple[int, int]
+METHODS = ("milp", "petals", "swarm", "homogeneous", "separate", "separate_plus")
+
+
+@dataclass
+class PlanResult:
+    """The outcome of planning: the best verified plan, its exact max flow, and the bound."""
+
+    placement: Placement
+    value: float  # exact max flow, tokens/s
+    upper_bound: float  # tightest certified upper bound on any plan's max flow, tokens/s
+    bound_source: str
+    max_compute_throughput: float
+    seconds: float
+    found_by: str
+    stopped: str  # why the search ended
+    history: list[tuple[float, float, str]] = field(default_factory=list)  # (seconds, value, source)
+    heuristics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        """Relative gap (bound - value) / bound, in [0, 1]; 1.0 when nothing flows."""
+        if self.upper_bound <= 0:
+            return 0.0
+        return max(0.0, (self.upper_bound - self.value) / self.upper_bound)
+
+
+class _Search:
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        model: ModelSpec,
+        *,
+        partial: bool,
+        seed: int,
+        time_limit: float,
+        stall_limit: float,
+        gap_limit: float,
+        on_improve: Callable[[Placement, float], None] | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        stop: StopFlag,
+    ) -> None:
+        self.cluster = cluster
+        self.model = model
+        self.partial = partial
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.time_limit = time_limit
+        self.stall_limit = stall_limit
+        self.gap_limit = gap_limit
+        self.on_improve = on_improve
+        self.progress = progress
+        self.stop = stop
+        self.t0 = time.monotonic()
+        self.tm = ThroughputModel.for_cluster(model, cluster)
+        check_fits(cluster, model, self.tm)
+        self.caps = Capacities.build(cluster, model, self.tm)
+        self.evaluator = FlowEvaluator(cluster, model, self.tm)
+        self.best: Placement | None = None
+        self.best_value = -1.0
+        self.best_source = ""
+        self.last_improve = self.t0
+        self.bound = self.caps.upper_bound_U
+        self.bound_source = "max compute throughput"
+        self.history: list[tuple[float, float, str]] = []
+        self.heuristics: dict[str, float] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def remaining(self) -> float:
+        return self.time_limit - self.elapsed()
+
+    def gap(self) -> float:
+        if self.bound <= 0:
+            return 0.0
+        return max(0.0, (self.bound - max(self.best_value, 0.0)) / self.bound)
+
+    def tighten(self, bound: float, source: str) -> None:
+        if bound < self.bound - 1e-9:
+            self.bound = max(bound, self.best_value)
+            self.bound_source = source
+            self._report("bound")
+
+    def _report(self, event: str) -> None:
+        if self.progress is not None:
+            self.progress(
+                {
+                    "event": event,
+                    "elapsed": self.elapsed(),
+                    "incumbent": max(self.best_value, 0.0),
+                    "bound": self.bound,
+                    "gap": self.gap(),
+                    "source": self.best_source,
+                }
+            )
+
+    def offer(self, layers: Mapping[int, LayerRange | None], source: str, placement: Placement | None = None) -> bool:
+        """Score a candidate exactly; keep it (verified) when it beats the incumbent."""
+        value = self.evaluator.value(layers, partial=self.partial)
+        if value <= self.best_value + 1e-9:
+            return False
+        cand = placement or Placement.from_layers(
+            self.cluster, self.model, layers, partial=self.partial, method="milp"
+        )
+        verify(cand, self.tm)
+        self.best, self.best_value, self.best_source = cand, value, source
+        self.last_improve = time.monotonic()
+        self.history.append((self.elapsed(), value, source))
+        log.info("new best %.4f tokens/s from %s at %.1f s", value, source, self.elapsed())
+        if self.on_improve is not None:
+            self.on_improve(self._stamped(cand), value)
+        self._report("improve")
+        return True
+
+    def _stamped(self, p: Placement) -> Placement:
+        return p.with_meta(
+            max_flow=self.best_value,
+            upper_bound=self.bound,
+            bound_source=self.bound_source,
+            gap=self.gap(),
+            found_by=self.best_source,
+            seed=self.seed,
+        )
+
+    def should_stop(self) -> str:
+        if self.stop:
+            return self.stop.reason or "stopped"
+        if self.remaining() <= 0:
+            return "time limit"
+        if self.best_value > 0 and self.gap() <= self.gap_limit:
+            return "gap limit"
+        if time.monotonic() - self.last_improve >= self.stall_limit:
+            return "stall limit"
+        return ""
+
+    # -- phases ------------------------------------------------------------------------------
+    def run_heuristics(self) -> None:
+        for name, fn in HEURISTICS.items():
+            if self.stop:
+                break
+            kwargs: dict[str, Any] = {"tm": self.tm}
+            if name in ("petals", "swarm", "homogeneous"):
+                kwargs["seed"] = self.seed
+            if name == "petals":
+                kwargs["partial"] = self.partial
+            try:
+                p = fn(self.cluster, self.model, **kwargs)
+            except PlanningError as exc:
+                log.info("heuristic %s does not apply: %s", name, exc)
+                continue
+            if p.force:
+                # hand-made style layouts beyond the profiled maximum are not a MILP start
+                value = max_flow(p, self.tm).value
+                self.heuristics[name] = value
+                continue
+            value = max_flow(p, self.tm).value
+            self.heuristics[name] = value
+            if value > self.best_value + 1e-9:
+                self.best, self.best_value, self.best_source = p, value, f"heuristic {name}"
+                self.last_improve = time.monotonic()
+                self.history.append((self.elapsed(), value, f"heuristic {name}"))
+        if self.best is not None and self.on_improve is not None:
+            self.on_improve(self._stamped(self.best), self.best_value)
+        self._report("heuristics")
+
+    def run_position_model(self, budget: float) -> None:
+        if budget <= 1 or self.stop:
+            return
+        start = dict(self.best.layers) if self.best is not None else None
+        pm = PositionModel(self.caps, type_classes(self.cluster), time_limit=budget, seed=self.seed, stop=self.stop)
+        res = pm.solve(start=start)
+        log.info(
+            "position model: status %s, primal %.3f, dual %.3f, %.1f s", res.status, res.objective, res.dual_bound, res.seconds
+        )
+        if not self.partial and res.status != "userinterrupt" and res.dual_bound > 0:
+            # relaxation of the real problem for full links on any graph: an honest bound
+            self.tighten(res.dual_bound, "position-model dual bound")
+        if res.layers is not None:
+            self.offer(res.layers, "position model")
+
+    def run_lns(self) -> str:
+        assert self.best is not None
+        ids = [n.id for n in self.cluster.nodes if self.caps.node_max_layers[n.id] > 0]
+        sym = interchangeable_classes(self.cluster)
+        size = min(4, len(ids))
+        fails = 0
+        it = 0
+        while True:
+            why = self.should_stop()
+            if why:
+                return why
+            it += 1
+            flow = max_flow(self.best, self.tm)
+            free = self._choose_free(ids, size, flow)
+            sub_limit = max(1.0, min(20.0, self.remaining()))
+            arc = ArcModel(
+                self.cluster,
+                self.caps,
+                free=free,
+                fixed=dict(self.best.layers),
+                partial=self.partial,
+                symmetry_classes=sym,
+                time_limit=sub_limit,
+                seed=self.seed + it,
+                stop=self.stop,
+            )
+            res = arc.solve(start=dict(self.best.layers), start_flows=flow.link_flows)
+            improved = res.layers is not None and self.offer(res.layers, f"LNS({len(free)} nodes)")
+            if improved:
+                fails = 0
+            else:
+                fails += 1
+                if fails % 6 == 0 and size < min(8, len(ids)):
+                    size += 1
+                    log.debug("LNS neighbourhood grows to %d nodes", size)
+            if it % 10 == 0:
+                self._report("lns")
+
+    def _choose_free(self, ids: list[int], size: int, flow: Any) -> list[int]:
+        assert self.best is not None
+        layers = self.best.layers
+        mode = self.rng.random()
+        if mode < 0.4:
+            # under-used nodes plus random partners: their capacity is where the flow can grow
+            util = sorted(ids, key=lambda i: (flow.utilisation(i) if layers.get(i) is not None else -1.0, self.rng.random()))
+            pick = util[: max(1, size // 2)]
+            rest = [i for i in ids if i not in pick]
+            pick += self.rng.sample(rest, min(size - len(pick), len(rest)))
+            return sorted(pick)
+        if mode < 0.7:
+            # nodes around one layer boundary: the bottleneck is local along the layer axis
+            L = self.caps.num_layers
+            ell = self.rng.randrange(L)
+            near = sorted(
+                ids,
+                key=lambda i: (
+                    min(abs(layers[i][0] - ell), abs(layers[i][1] - ell)) if layers.get(i) is not None else L,
+                    self.rng.random(),
+                ),
+            )
+            return sorted(near[:size])
+        return sorted(self.rng.sample(ids, min(size, len(ids))))
+
+
+def plan(
+    cluster: ClusterSpec,
+    model: ModelSpec | str,
+    *,
+    method: str = "milp",
+    time_limit: float = 600.0,
+    stall_limit: float = 120.0,
+    gap_limit: float = 0.0,
+    seed: int = 0,
+    partial: bool = False,
+    position_fraction: float = 0.2,
+    on_improve: Callable[[Placement, float], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopFlag | None = None,
+) -> PlanResult:
+    """Plan a placement of ``model`` on ``cluster``.
+
+    method: "milp" (heuristics -> position model -> LNS over the MILP) or one heuristic's name.
+    time_limit / stall_limit: seconds of wall time in total / without improvement.
+    gap_limit: stop when (bound - value) / bound falls to this fraction.
+    Returns the best verified plan found; an impossible time limit still returns the best heuristic.
+    """
+    spec = get_model(model) if isinstance(model, str) else model
+    if method not in METHODS:
+        raise ConfigError("<argument>", "method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    s = _Search(
+        cluster,
+        spec,
+        partial=partial,
+        seed=seed,
+        time_limit=time_limit,
+        stall_limit=stall_limit,
+        gap_limit=gap_limit,
+        on_improve=on_improve,
+        progress=progress,
+        stop=stop or StopFlag(),
+    )
+    s.tighten(coverage_bound(s.caps), "coverage bound")
+    if method != "milp":
+        fn = HEURISTICS[method]
+        kwargs: dict[str, Any] = {"tm": s.tm}
+        if method in ("petals", "swarm", "homogeneous"):
+            kwargs["seed"] = seed
+        if method == "petals":
+            kwargs["partial"] = True if not partial else partial
+        p = fn(cluster, spec, **kwargs)
+        value = max_flow(p, s.tm).value
+        s.best, s.best_value, s.best_source = p, value, f"heuristic {method}"
+        s.history.append((s.elapsed(), value, s.best_source))
+        stopped = "heuristic"
+    else:
+        s.run_heuristics()
+        if s.best is None:
+            raise PlanningError(f"no heuristic produced a plan for {spec.name} on {cluster.name}")
+        s.run_position_model(min(position_fraction * time_limit, 120.0, s.remaining()))
+        stopped = s.should_stop() or s.run_lns()
+    assert s.best is not None
+    best = s._stamped(s.best)
+    return PlanResult(
+        placement=best,
+        value=s.best_value,
+        upper_bound=s.bound,
+        bound_source=s.bound_source,
+        max_compute_throughput=s.caps.upper_bound_U,
+        seconds=s.elapsed(),
+        found_by=s.best_source,
+        stopped=stopped,
+        history=s.history,
+        heuristics=s.heuristics,
+    )
