@@ -86,6 +86,36 @@ def _build_parser() -> argparse.ArgumentParser:
 
     show.set_defaults(handler=cmd_cluster_show)
     gen.set_defaults(handler=cmd_cluster_generate)
+
+    pl = sub.add_parser("plan", help="plan a layer placement (MILP search or a heuristic)")
+    pl.add_argument("--cluster", default="single24", help="builtin name or path (default %(default)s)")
+    pl.add_argument("--model", default="llama2-70b", help="model (default %(default)s)")
+    pl.add_argument(
+        "--method",
+        default="milp",
+        choices=["milp", "petals", "swarm", "homogeneous", "separate", "separate_plus"],
+        help="planner (default %(default)s)",
+    )
+    pl.add_argument("--time-limit", type=float, default=600.0, help="seconds of search (default %(default)s)")
+    pl.add_argument("--stall-limit", type=float, default=120.0, help="stop after this many seconds without improvement")
+    pl.add_argument("--gap-limit", type=float, default=0.0, help="stop at this relative gap to the bound (e.g. 0.01)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--partial", action="store_true", help="allow partial inference links")
+    pl.add_argument("--out", default=None, help="plan file to write (.toml or .json; default out/plan.toml)")
+    pl.add_argument("--plot", default=None, help="PNG of the placement coloured by flow")
+    pl.add_argument("--quiet", action="store_true", help="no progress lines")
+    pl.set_defaults(handler=cmd_plan)
+
+    fl = sub.add_parser("flow", help="flow analysis of an existing plan file")
+    fl.add_argument("plan", help="plan file written by `plan`")
+    fl.add_argument("--plot", default=None, help="PNG of the placement coloured by flow")
+    fl.add_argument("--links", action="store_true", help="list every link's flow")
+    fl.set_defaults(handler=cmd_flow)
+
+    demo = sub.add_parser("demo", help="the main job on the built-in default (single24, LLaMA-2 70B)")
+    demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
+    demo.add_argument("--out", default=None, help="directory for the demo's files (default out/demo)")
+    demo.set_defaults(handler=cmd_demo)
     return p
 
 
@@ -180,6 +210,118 @@ def cmd_cluster_generate(args: argparse.Namespace) -> int:
     write_cluster_toml(spec, out)
     print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
     return EXIT_OK
+
+
+def _print_flow_summary(placement, flow, *, links: bool = False) -> None:  # type: ignore[no-untyped-def]
+    used = placement.used_nodes()
+    print(f"plan: {placement.method} placement of {placement.model} on {placement.cluster.name}")
+    print(f"  nodes used: {len(used)} of {placement.cluster.num_nodes}; links: {len(placement.links)}")
+    print(f"  max compute throughput: {flow.max_compute_throughput:.2f} tokens/s")
+    print(f"  max flow: {flow.value:.4f} tokens/s")
+    print("  node  type   layers    flow/capacity (tokens/s)")
+    for i in sorted(placement.layers):
+        r = placement.layers[i]
+        if r is None:
+            continue
+        m = placement.cluster.machine(i)
+        f = flow.node_flows.get(i, 0.0)
+        c = flow.node_capacity.get(i, 0.0)
+        print(f"  {i:4d}  {m.name:6s} [{r[0]:2d},{r[1]:2d})   {f:9.2f} / {c:9.2f}  ({100 * f / c if c else 0:5.1f}%)")
+    if links:
+        print("  links (tokens/s):")
+        for (u, v), f in sorted(flow.link_flows.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+            print(f"    {u}->{v}: {f:.3f}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    from .cluster import load_cluster
+    from .flow import max_flow, plot_placement
+    from .placement.io import write_placement
+    from .placement.milp import SignalStop, StopFlag
+    from .placement.search import plan
+
+    spec = load_cluster(args.cluster)
+    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "plan.toml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = {"value": -1.0}
+
+    def on_improve(placement, value: float) -> None:  # type: ignore[no-untyped-def]
+        write_placement(placement, out)
+        written["value"] = value
+
+    t0 = time.monotonic()
+
+    def progress(ev: dict) -> None:  # type: ignore[type-arg]
+        if args.quiet:
+            return
+        print(
+            f"[{ev['elapsed']:7.1f}s] incumbent {ev['incumbent']:10.3f}  bound {ev['bound']:10.3f}  "
+            f"gap {100 * ev['gap']:6.2f}%  ({ev['event']}: {ev['source']})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with SignalStop(StopFlag()) as stop:
+        result = plan(
+            spec,
+            args.model,
+            method=args.method,
+            time_limit=args.time_limit,
+            stall_limit=args.stall_limit,
+            gap_limit=args.gap_limit,
+            seed=args.seed,
+            partial=args.partial,
+            on_improve=on_improve,
+            progress=progress,
+            stop=stop,
+        )
+    flow = max_flow(result.placement)
+    write_placement(result.placement, out, flow=flow)
+    print(f"planned {result.placement.model} on {spec.name} with {args.method} in {time.monotonic() - t0:.1f} s "
+          f"(stopped: {result.stopped}; best found by {result.found_by})")
+    if result.heuristics:
+        print("heuristics (max flow, tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.heuristics.items()))
+    print(f"max compute throughput: {result.max_compute_throughput:.2f} tokens/s")
+    print(f"max flow: {result.value:.4f} tokens/s")
+    print(f"upper bound: {result.upper_bound:.4f} tokens/s ({result.bound_source}); gap {100 * result.gap:.2f}%")
+    print(f"plan written to {out}")
+    if args.plot:
+        plot_placement(result.placement, flow, args.plot)
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    from .flow import max_flow, plot_placement
+    from .placement.io import read_placement
+
+    placement = read_placement(args.plan)
+    flow = max_flow(placement)
+    _print_flow_summary(placement, flow, links=args.links)
+    if args.plot:
+        plot_placement(placement, flow, args.plot)
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    limit = "20" if args.quick else "120"
+    print("== 1. the cluster ==")
+    rc = main(["cluster", "show", "single24", "--model", "llama2-70b"])
+    if rc:
+        return rc
+    print(f"\n== 2. plan a placement (MILP search, {limit} s) ==")
+    plan_file = out / "plan.toml"
+    rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
+               "--stall-limit", limit, "--out", str(plan_file), "--plot", str(out / "placement.png"), "--quiet"])
+    if rc:
+        return rc
+    print("\n== 3. flow analysis of the plan ==")
+    return main(["flow", str(plan_file)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

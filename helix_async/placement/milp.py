@@ -135,7 +135,9 @@ def coverage_bound(caps: Capacities, iters: int = 100) -> float:
         total = 0.0
         for i in nodes:
             total += max(k * min(caps.node_cap[(i, k)], F) for k in range(1, caps.node_max_layers[i] + 1))
-        return L * F <= total
+        # At the bound the inequality is often an equality (g(F) = L*F exactly); the relative
+        # slack absorbs the float rounding of the sum so bisection does not stop short of it.
+        return L * F <= total * (1 + 1e-12)
 
     lo, hi = 0.0, max(caps.upper_bound_U, 1e-9) * 1.000001
     hi = min(hi, caps.source_cap, caps.sink_cap) if caps.source_cap > 0 else hi

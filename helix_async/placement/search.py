@@ -32,6 +32,7 @@ from .milp import (
     StopFlag,
     coverage_bound,
     interchangeable_classes,
+    links_can_bind,
     type_classes,
 )
 
@@ -168,7 +169,8 @@ class _Search:
             return self.stop.reason or "stopped"
         if self.remaining() <= 0:
             return "time limit"
-        if self.best_value > 0 and self.gap() <= self.gap_limit:
+        # 1e-9 relative: a plan equal to the bound up to float rounding is proven optimal
+        if self.best_value > 0 and self.gap() <= max(self.gap_limit, 1e-9):
             return "gap limit"
         if time.monotonic() - self.last_improve >= self.stall_limit:
             return "stall limit"
@@ -200,6 +202,15 @@ class _Search:
                 self.best, self.best_value, self.best_source = p, value, f"heuristic {name}"
                 self.last_improve = time.monotonic()
                 self.history.append((self.elapsed(), value, f"heuristic {name}"))
+        ids = [n.id for n in self.cluster.nodes]
+        cover = pipeline_cover(self.caps, ids)
+        value = self.evaluator.value(cover, partial=self.partial)
+        self.heuristics["pipeline_cover"] = value
+        if value > self.best_value + 1e-9:
+            self.best = Placement.from_layers(self.cluster, self.model, cover, partial=self.partial, method="milp")
+            verify(self.best, self.tm)
+            self.best_value, self.best_source = value, "pipeline cover"
+            self.history.append((self.elapsed(), value, "pipeline cover"))
         if self.best is not None and self.on_improve is not None:
             self.on_improve(self._stamped(self.best), self.best_value)
         self._report("heuristics")
@@ -223,7 +234,12 @@ class _Search:
         assert self.best is not None
         ids = [n.id for n in self.cluster.nodes if self.caps.node_max_layers[n.id] > 0]
         sym = interchangeable_classes(self.cluster)
+        # On a complete graph whose links never bind, the position model with most nodes pinned is
+        # an exact neighbourhood and far smaller than the arc model; alternate the two there.
+        exact_position = not self.partial and not links_can_bind(self.cluster, self.caps)
+        classes = type_classes(self.cluster)
         size = min(4, len(ids))
+        psize = min(8, len(ids))
         fails = 0
         it = 0
         while True:
@@ -232,8 +248,26 @@ class _Search:
                 return why
             it += 1
             flow = max_flow(self.best, self.tm)
-            free = self._choose_free(ids, size, flow)
             sub_limit = max(1.0, min(20.0, self.remaining()))
+            if exact_position and it % 3 != 0:
+                free = self._choose_free(ids, psize, flow)
+                pm = PositionModel(
+                    self.caps,
+                    classes,
+                    fixed={i: r for i, r in self.best.layers.items() if i not in free},
+                    time_limit=sub_limit,
+                    seed=self.seed + it,
+                    stop=self.stop,
+                )
+                pres = pm.solve(start=dict(self.best.layers))
+                if pres.layers is not None and self.offer(pres.layers, f"LNS-position({len(free)} nodes)"):
+                    fails = 0
+                else:
+                    fails += 1
+                    if fails % 4 == 0 and psize < min(14, len(ids)):
+                        psize += 1
+                continue
+            free = self._choose_free(ids, size, flow)
             arc = ArcModel(
                 self.cluster,
                 self.caps,
@@ -283,6 +317,69 @@ class _Search:
         return sorted(self.rng.sample(ids, min(size, len(ids))))
 
 
+def pipeline_cover(caps: Capacities, nodes: list[int], max_pipelines: int = 12) -> dict[int, LayerRange | None]:
+    """Constructive start: disjoint pipelines of equal capacity, repeated on the nodes left over.
+
+    For p pipelines of capacity c, node i can take k_i(c) = the most layers it holds while still
+    carrying c tokens/s; the nodes are dealt (largest k first) to the pipeline with the fewest
+    layers so far, and (p, c) is feasible when every pipeline reaches L layers. Bisection on c for
+    each p keeps the p with the largest p * c; the nodes not needed form further pipelines the
+    same way. The MILP neighbourhoods then merge and rebalance pipelines at shared boundaries.
+    """
+    L = caps.num_layers
+    layers: dict[int, LayerRange | None] = {i: None for i in nodes}
+    remaining = [i for i in nodes if caps.node_max_layers[i] > 0]
+
+    def k_of(i: int, c: float) -> int:
+        best = 0
+        for k in range(1, caps.node_max_layers[i] + 1):
+            if caps.node_cap[(i, k)] >= c:
+                best = k
+        return best
+
+    def deal(pool: list[int], p: int, c: float) -> list[list[tuple[int, int]]] | None:
+        ks = sorted(((k_of(i, c), i) for i in pool), reverse=True)
+        bins: list[list[tuple[int, int]]] = [[] for _ in range(p)]
+        sums = [0] * p
+        for k, i in ks:
+            if k == 0:
+                break
+            j = min(range(p), key=lambda b: (sums[b] >= L, sums[b]))
+            if sums[j] >= L:
+                break
+            bins[j].append((i, k))
+            sums[j] += k
+        return bins if all(x >= L for x in sums) else None
+
+    while remaining:
+        best: tuple[float, int, float, list[list[tuple[int, int]]]] | None = None
+        for p in range(1, max_pipelines + 1):
+            lo, hi = 0.0, max(caps.node_best(i) for i in remaining)
+            if deal(remaining, p, lo + 1e-9) is None:
+                break
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                if deal(remaining, p, mid) is not None:
+                    lo = mid
+                else:
+                    hi = mid
+            bins = deal(remaining, p, lo)
+            if bins is not None and (best is None or p * lo > best[0]):
+                best = (p * lo, p, lo, bins)
+        if best is None:
+            break
+        for chain in best[3]:
+            pos = 0
+            for i, k in sorted(chain, key=lambda t: -caps.node_cap[(t[0], t[1])]):
+                if pos >= L:
+                    break
+                take = min(k, L - pos)
+                layers[i] = (pos, pos + take)
+                pos += take
+                remaining.remove(i)
+    return layers
+
+
 def plan(
     cluster: ClusterSpec,
     model: ModelSpec | str,
@@ -318,7 +415,7 @@ def plan(
         gap_limit=gap_limit,
         on_improve=on_improve,
         progress=progress,
-        stop=stop or StopFlag(),
+        stop=stop if stop is not None else StopFlag(),
     )
     s.tighten(coverage_bound(s.caps), "coverage bound")
     if method != "milp":
@@ -337,7 +434,8 @@ def plan(
         s.run_heuristics()
         if s.best is None:
             raise PlanningError(f"no heuristic produced a plan for {spec.name} on {cluster.name}")
-        s.run_position_model(min(position_fraction * time_limit, 120.0, s.remaining()))
+        if not s.should_stop():
+            s.run_position_model(min(position_fraction * time_limit, 120.0, s.remaining()))
         stopped = s.should_stop() or s.run_lns()
     assert s.best is not None
     best = s._stamped(s.best)

@@ -1,0 +1,182 @@
+"""The planner: bounds are honest, the search never returns less than the best heuristic, plans verify."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from helix_async.cli import main
+from helix_async.cluster import generate_partitioned, load_cluster
+from helix_async.errors import ConfigError
+from helix_async.flow import max_flow
+from helix_async.model import ThroughputModel, get_model
+from helix_async.placement import Placement, read_placement, verify
+from helix_async.placement.io import load_shipped_layout
+from helix_async.placement.milp import (
+    ArcModel,
+    Capacities,
+    PositionModel,
+    StopFlag,
+    coverage_bound,
+    type_classes,
+)
+from helix_async.placement.search import pipeline_cover, plan
+
+
+def _caps(name: str, model: str = "llama2-70b") -> tuple:
+    cl = load_cluster(name)
+    m = get_model(model)
+    tm = ThroughputModel.for_cluster(m, cl)
+    return cl, m, tm, Capacities.build(cl, m, tm)
+
+
+def test_coverage_bound_is_above_every_known_plan() -> None:
+    cl, m, tm, caps = _caps("single24")
+    bound = coverage_bound(caps)
+    assert bound <= caps.upper_bound_U
+    for name in ("ilp", "petals", "swarm", "homogeneous"):
+        assert max_flow(load_shipped_layout(name)).value <= bound + 1e-6
+
+
+def test_pipeline_cover_on_single24_meets_the_coverage_bound() -> None:
+    cl, m, tm, caps = _caps("single24")
+    layers = pipeline_cover(caps, [n.id for n in cl.nodes])
+    p = Placement.from_layers(cl, m, layers)
+    verify(p, tm)
+    value = max_flow(p, tm).value
+    # beats the shipped Gurobi plan (1289.56) and is certified optimal by the bound
+    assert value > 1289.6
+    assert value == pytest.approx(coverage_bound(caps), rel=1e-9)
+
+
+def test_plan_single24_is_optimal_and_stops_on_the_gap() -> None:
+    res = plan(load_cluster("single24"), "llama2-70b", time_limit=30, stall_limit=30, seed=0)
+    assert res.value >= 1289.5
+    assert res.gap <= 1e-9 and res.stopped == "gap limit"
+    verify(res.placement)
+    assert res.placement.meta["max_flow"] == pytest.approx(res.value)
+    assert res.value == pytest.approx(max_flow(res.placement).value, rel=1e-12)
+
+
+def test_plan_is_never_worse_than_the_best_heuristic_and_respects_links() -> None:
+    # a small two-region cluster where cross-region links bind
+    cl = generate_partitioned(
+        [["A100", "A100", "A100", "A100"], ["L4", "L4", "L4", "L4", "T4", "T4", "T4", "T4"]],
+        cross_bandwidth=(2e6, 0.5e6),
+        seed=5,
+        name="geo9",
+    )
+    res = plan(cl, "llama2-70b", time_limit=12, stall_limit=6, seed=1)
+    verify(res.placement)
+    assert res.value >= max(res.heuristics.values()) - 1e-9
+    assert res.value <= res.upper_bound + 1e-6
+    assert res.value == pytest.approx(max_flow(res.placement).value, rel=1e-9)
+
+
+def test_position_model_is_a_relaxation() -> None:
+    cl, m, tm, caps = _caps("single24")
+    res = PositionModel(caps, type_classes(cl), time_limit=3).solve()
+    assert res.dual_bound >= 2045.64 - 1e-6  # never cuts off the best plan
+    if res.layers is not None and res.objective > 0:
+        p = Placement.from_layers(cl, m, res.layers)
+        verify(p, tm)
+        assert max_flow(p, tm).value == pytest.approx(res.objective, rel=1e-6)
+
+
+def test_arc_model_neighbourhood_keeps_fixed_nodes_and_improves_or_keeps() -> None:
+    cl, m, tm, caps = _caps("single24")
+    start = load_shipped_layout("swarm")
+    flow = max_flow(start, tm)
+    free = [0, 1, 2, 3]
+    res = ArcModel(cl, caps, free=free, fixed=dict(start.layers), time_limit=10, seed=0).solve(
+        start=dict(start.layers), start_flows=flow.link_flows
+    )
+    assert res.layers is not None
+    for i, r in start.layers.items():
+        if i not in free:
+            assert res.layers[i] == r
+    p = Placement.from_layers(cl, m, res.layers)
+    verify(p, tm)
+    assert max_flow(p, tm).value >= flow.value - 1e-6
+
+
+def test_arc_model_with_partial_inference() -> None:
+    cl, m, tm, caps = _caps("single24")
+    start = load_shipped_layout("petals")  # uses partial links
+    assert start.partial
+    res = ArcModel(cl, caps, free=[5, 6], fixed=dict(start.layers), partial=True, time_limit=10).solve(
+        start=dict(start.layers)
+    )
+    assert res.layers is not None
+    p = Placement.from_layers(cl, m, res.layers, partial=True)
+    verify(p, tm)
+
+
+def test_plan_with_partial_inference() -> None:
+    res = plan(load_cluster("single24"), "llama2-70b", time_limit=8, stall_limit=4, partial=True)
+    assert res.placement.partial
+    verify(res.placement)
+    assert res.value >= 952.1  # at least the Petals plan with partial links
+
+
+def test_stop_flag_ends_the_search_with_the_best_plan() -> None:
+    stop = StopFlag()
+    seen: list[float] = []
+
+    def on_improve(p: Placement, v: float) -> None:
+        seen.append(v)
+
+    timer = threading.Timer(2.0, stop.set, args=("test stop",))
+    timer.start()
+    try:
+        res = plan(load_cluster("cluster42"), "llama2-70b", time_limit=120, stall_limit=120, stop=stop,
+                   on_improve=on_improve)
+    finally:
+        timer.cancel()
+    assert res.stopped == "test stop"
+    assert seen and res.value == pytest.approx(max(seen))
+    verify(res.placement)
+
+
+def test_impossible_time_limit_still_returns_the_best_heuristic() -> None:
+    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=0.0)
+    assert res.value > 0 and res.stopped == "time limit"
+    verify(res.placement)
+
+
+def test_heuristic_methods_and_unknown_method() -> None:
+    res = plan(load_cluster("single24"), "llama2-70b", method="homogeneous")
+    assert res.value == pytest.approx(531.7025845523623, rel=1e-9)
+    with pytest.raises(ConfigError, match="unknown method"):
+        plan(load_cluster("single24"), "llama2-70b", method="gurobi")
+
+
+def test_too_small_cluster_has_a_clear_message() -> None:
+    small = load_cluster("single_t4").subcluster(range(3))
+    with pytest.raises(ConfigError, match="needs 80 layers"):
+        plan(small, "llama2-70b", time_limit=1)
+
+
+def test_cli_plan_and_flow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.toml"
+    png = tmp_path / "plan.png"
+    rc = main(["plan", "--cluster", "single24", "--time-limit", "10", "--out", str(out), "--plot", str(png), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "max flow: 2045.6410" in text and "gap 0.00%" in text
+    assert png.stat().st_size > 10_000
+    p = read_placement(out)
+    assert p.meta["max_flow"] == pytest.approx(2045.641, rel=1e-6)
+    rc = main(["flow", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "max flow: 2045.6410" in text
+
+
+def test_cli_flow_rejects_a_bad_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plan]\nmodel = 'llama2-70b'\n")
+    rc = main(["flow", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.toml" in err and len(err.strip().splitlines()) == 1
