@@ -180,3 +180,34 @@ def test_cli_flow_rejects_a_bad_plan(tmp_path: Path, capsys: pytest.CaptureFixtu
     rc = main(["flow", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.toml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_the_cli_cleanly_and_leaves_the_best_plan(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "p.toml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "helix_async", "plan", "--cluster", "cluster42", "--time-limit", "300",
+         "--stall-limit", "300", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), "the first plan is written as soon as the heuristics ran"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "stopped: signal SIGTERM" in stdout
+    p = read_placement(out)
+    assert p.meta["max_flow"] >= 4892.0  # at least the Swarm heuristic
