@@ -11,9 +11,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import envs
 from .errors import HelixError
+
+if TYPE_CHECKING:
+    from .flow import FlowPlan
+    from .placement import Placement
 
 log = logging.getLogger("helix_async.cli")
 
@@ -212,7 +217,7 @@ def cmd_cluster_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_flow_summary(placement, flow, *, links: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _print_flow_summary(placement: Placement, flow: FlowPlan, *, links: bool = False) -> None:
     used = placement.used_nodes()
     print(f"plan: {placement.method} placement of {placement.model} on {placement.cluster.name}")
     print(f"  nodes used: {len(used)} of {placement.cluster.num_nodes}; links: {len(placement.links)}")
@@ -247,13 +252,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     written = {"value": -1.0}
 
-    def on_improve(placement, value: float) -> None:  # type: ignore[no-untyped-def]
+    def on_improve(placement: Placement, value: float) -> None:
         write_placement(placement, out)
         written["value"] = value
 
     t0 = time.monotonic()
 
-    def progress(ev: dict) -> None:  # type: ignore[type-arg]
+    def progress(ev: dict[str, Any]) -> None:
         if args.quiet:
             return
         print(

@@ -38,14 +38,14 @@ def arc_kind(layers: Mapping[int, LayerRange | None], u: NodeRef, v: NodeRef, nu
     if u == SOURCE:
         if v == SINK:
             return None
-        r = layers.get(v)  # type: ignore[call-overload]
+        r = layers.get(v)  # type: ignore[arg-type]
         return "full" if r is not None and r[0] == 0 else None
-    ru = layers.get(u)  # type: ignore[call-overload]
+    ru = layers.get(u)  # type: ignore[arg-type]
     if ru is None:
         return None
     if v == SINK:
         return "full" if ru[1] == num_layers else None
-    rv = layers.get(v)  # type: ignore[call-overload]
+    rv = layers.get(v)  # type: ignore[arg-type]
     if rv is None:
         return None
     if ru[1] == rv[0]:
@@ -202,7 +202,7 @@ def verify(placement: Placement, tm: ThroughputModel | None = None) -> None:
             continue
         kind = arc_kind(placement.layers, u, v, L)
         if kind is None or (kind == "partial" and not placement.partial):
-            problems.append(f"link {u}->{v}: not valid for the layer ranges ({placement.layers.get(u)} -> {placement.layers.get(v)})")  # type: ignore[call-overload]
+            problems.append(f"link {u}->{v}: not valid for the layer ranges ({placement.layers.get(u)} -> {placement.layers.get(v)})")  # type: ignore[arg-type]
     if not problems:
         cleaned = set(clean_arcs(placement.links))
         for arc in placement.links:

@@ -177,7 +177,7 @@ def _attach_stop(m: Any, stop: StopFlag | None) -> Any:
         return None
     scip = _scip()
 
-    class _StopHandler(scip.Eventhdlr):  # type: ignore[misc, name-defined]
+    class _StopHandler(scip.Eventhdlr):  # type: ignore[name-defined]
         def eventinit(self) -> None:
             self.model.catchEvent(scip.SCIP_EVENTTYPE.NODESOLVED, self)
             self.model.catchEvent(scip.SCIP_EVENTTYPE.LPSOLVED, self)

@@ -309,12 +309,19 @@ class _Search:
             near = sorted(
                 ids,
                 key=lambda i: (
-                    min(abs(layers[i][0] - ell), abs(layers[i][1] - ell)) if layers.get(i) is not None else L,
+                    _distance(layers.get(i), ell, L),
                     self.rng.random(),
                 ),
             )
             return sorted(near[:size])
         return sorted(self.rng.sample(ids, min(size, len(ids))))
+
+
+def _distance(r: LayerRange | None, ell: int, far: int) -> int:
+    """Layers between a range's nearest boundary and layer ``ell`` (``far`` for an unused node)."""
+    if r is None:
+        return far
+    return min(abs(r[0] - ell), abs(r[1] - ell))
 
 
 def pipeline_cover(caps: Capacities, nodes: list[int], max_pipelines: int = 12) -> dict[int, LayerRange | None]:
