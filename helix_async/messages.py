@@ -1,0 +1,336 @@
+"""Wire messages between host and workers: frozen, slotted dataclasses with an ``IntEnum`` tag.
+
+Every message type knows its tag (``TAG``), its snake-case name (``NAME``) and its field order
+(``FIELDS``), which is also its msgpack array layout on the wire (see ``helix_async.codec``).
+Construct messages with keywords; construction does not validate (it sits on the hot path) —
+``codec.encode`` does, so a message that encodes decodes to an equal message.
+
+Conventions for every message:
+
+* ids (request, query, node, plan) are non-negative ints; ``-1`` only where a field says so.
+* layer ranges are half-open ``[start, end)`` layer indices of the model.
+* times (``sent_at``, ``now``) are float seconds of *loop time* on the sender's ``Clock`` (not
+  wall-clock time); a receiver compares them only with its own clock when both run on one
+  virtual loop, or uses them to match a reply to a request.
+* tensors are numpy arrays (C-contiguous, little-endian; torch CPU tensors are accepted on encode
+  when torch is loaded) and travel as separate raw frames; decoding returns numpy arrays that
+  share memory with the received frames. Messages holding tensors compare tensors by dtype,
+  shape and bytes, and are not hashable.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class MsgType(IntEnum):
+    """One-byte tag sent as frame 0 of every message (0 is never valid, as in the prototype)."""
+
+    REGISTER = 1
+    ASSIGN_LAYERS = 2
+    PROMPT_WORK = 3
+    DECODE_WORK = 4
+    ACTIVATIONS = 5
+    TOKEN_RESULT = 6
+    HEARTBEAT = 7
+    CANCEL = 8
+    ERROR = 9
+    SHUTDOWN = 10
+
+
+class ErrorCode(IntEnum):
+    """Well-known values of ``Error.code`` (the field is a plain int so newer codes still decode)."""
+
+    BAD_MESSAGE = 1  # a peer's message failed to decode (see codec.DropCounter)
+    UNKNOWN_REQUEST = 2  # work or a cancel for a request id this node does not know
+    NOT_ASSIGNED = 3  # work for layers this node does not hold under the current plan
+    OUT_OF_MEMORY = 4  # KV cache full; the request was dropped at this node
+    SHUTTING_DOWN = 5  # the node no longer accepts work
+    INTERNAL = 6  # a bug; the text says more
+
+
+#: One pipeline stage of a route: (node id, first layer, end layer), layers half-open [start, end).
+Stage = tuple[int, int, int]
+#: One next hop in AssignLayers: (node id, data-plane address, first layer, end layer).
+Peer = tuple[int, str, int, int]
+#: A tensor as held in a message: numpy.ndarray (decoded messages), or a torch CPU tensor on encode.
+Tensor = Any
+
+
+def as_ndarray(t: object) -> np.ndarray | None:
+    """``t`` as a numpy array without copying: numpy arrays as is, torch CPU tensors through
+    ``detach().numpy()`` (only when torch is already imported); None for anything else."""
+    if isinstance(t, np.ndarray):
+        return t
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(t, torch.Tensor):
+        if t.device.type != "cpu":
+            return None
+        try:
+            return t.detach().numpy()
+        except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
+            return None
+    return None
+
+
+def _tensor_equal(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    x, y = as_ndarray(a), as_ndarray(b)
+    if x is None or y is None:
+        return False
+    # bytes, not values: NaN payloads round-trip and must compare equal
+    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def _eq_with_tensors(self: Any, other: object) -> bool:
+    names: tuple[str, ...] = self.FIELDS
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    for name in names:
+        a, b = getattr(self, name), getattr(other, name)
+        if name == "tensors":
+            if len(a) != len(b) or not all(_tensor_equal(x, y) for x, y in zip(a, b, strict=True)):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+class _Message:
+    """Common class attributes (no instance state: keeps the subclasses' ``__slots__`` tight)."""
+
+    __slots__ = ()
+    TAG: ClassVar[MsgType]
+    NAME: ClassVar[str]
+    FIELDS: ClassVar[tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Register(_Message):
+    """Worker → host, first message after connecting.
+
+    node_id: the node's id in the cluster file, or -1 to let the host pick one by ``name``.
+    name: node name in the cluster file. machine_type: GPU type as in the profiles ("A100", "T4x2").
+    address: the worker's data-plane endpoint ("tcp://10.0.0.5:6001").
+    num_gpus: GPUs on the node. gpu_memory_bytes: total GPU memory, bytes.
+    capabilities: executor features, e.g. ("torch", "fp16") or ("cost-model",).
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.REGISTER
+    NAME: ClassVar[str] = "register"
+    node_id: int
+    name: str
+    machine_type: str
+    address: str
+    num_gpus: int
+    gpu_memory_bytes: int
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignLayers(_Message):
+    """Host → worker: the layers to load and where to send results under plan ``plan_id``.
+
+    start, end: layer range [start, end) of ``model`` (start < end).
+    plan_id: version of the plan (increases; work stamped with an older plan may be refused).
+    next_hops: (node id, address, start, end) of every node this one may forward to; the
+    last-stage nodes list the host. prev_nodes: ids of the nodes that may send work here.
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.ASSIGN_LAYERS
+    NAME: ClassVar[str] = "assign_layers"
+    node_id: int
+    model: str
+    start: int
+    end: int
+    plan_id: int
+    next_hops: tuple[Peer, ...]
+    prev_nodes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class PromptWork(_Message):
+    """Prompt phase of a request, sent along its route one stage at a time.
+
+    request_id: runtime id of the request (unique per host run; later messages carry it).
+    query_id: id of the query in the workload/trace it came from (logs and route files).
+    route: the stages (node, start, end), contiguous in layers (stage i starts where i-1 ends),
+    1..Limits.max_route_stages long. stage: index in ``route`` of the receiving stage.
+    num_tokens: prompt length in tokens (>= 1).
+    token_ids: the prompt's token ids when the receiver runs the first layers (len == num_tokens),
+    else empty and ``tensors`` holds the hidden states (for example one (num_tokens, hidden) array).
+    max_tokens: most output tokens to generate (excluding the prompt).
+    sent_at: loop time (s) when the sender handed the message to its transport.
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.PROMPT_WORK
+    NAME: ClassVar[str] = "prompt_work"
+    request_id: int
+    query_id: int
+    route: tuple[Stage, ...]
+    stage: int
+    num_tokens: int
+    token_ids: tuple[int, ...]
+    max_tokens: int
+    sent_at: float
+    tensors: tuple[Tensor, ...] = ()
+
+    __eq__ = _eq_with_tensors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class DecodeWork(_Message):
+    """One decode step of a request, following the route fixed at admission (its KV cache).
+
+    route, stage: as in PromptWork. context_len: tokens in the sequence including this step's
+    input token (its position is context_len - 1), so the first decode after an n-token prompt
+    has context_len n + 1. token_id: the input token when the receiver runs the first layers,
+    else -1 and ``tensors`` holds the hidden state (exactly one of the two).
+    sent_at: loop time (s) when the sender handed the message to its transport.
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.DECODE_WORK
+    NAME: ClassVar[str] = "decode_work"
+    request_id: int
+    route: tuple[Stage, ...]
+    stage: int
+    context_len: int
+    token_id: int
+    sent_at: float
+    tensors: tuple[Tensor, ...] = ()
+
+    __eq__ = _eq_with_tensors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Activations(_Message):
+    """Tensors of a request not tied to a work message (for example hidden states sent ahead of
+    the work header, or a KV/activation hand-off): at least one tensor.
+
+    stage: route stage index the tensors belong to. num_tokens: tokens they cover.
+    sent_at: loop time (s) when the sender handed the message to its transport.
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.ACTIVATIONS
+    NAME: ClassVar[str] = "activations"
+    request_id: int
+    stage: int
+    num_tokens: int
+    sent_at: float
+    tensors: tuple[Tensor, ...]
+
+    __eq__ = _eq_with_tensors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenResult(_Message):
+    """Last stage → host: the token generated by one prompt or decode step.
+
+    context_len: context length of the step that produced the token (the prompt length for the
+    first token, then the decode's context_len). finished: the worker stopped the request (EOS);
+    the host also stops it at max_tokens. sent_at: sender's loop time (s).
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.TOKEN_RESULT
+    NAME: ClassVar[str] = "token_result"
+    request_id: int
+    token_id: int
+    context_len: int
+    finished: bool
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(_Message):
+    """Liveness, both directions. seq: increases by one per heartbeat of the sender;
+    now: sender's loop time (s)."""
+
+    TAG: ClassVar[MsgType] = MsgType.HEARTBEAT
+    NAME: ClassVar[str] = "heartbeat"
+    node_id: int
+    seq: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(_Message):
+    """Host → workers on the route: drop the request and free its KV cache."""
+
+    TAG: ClassVar[MsgType] = MsgType.CANCEL
+    NAME: ClassVar[str] = "cancel"
+    request_id: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(_Message):
+    """A failure reported to the peer. request_id: the request concerned, or -1 for none;
+    code: an ``ErrorCode`` value (any int >= 0 decodes); text: for people."""
+
+    TAG: ClassVar[MsgType] = MsgType.ERROR
+    NAME: ClassVar[str] = "error"
+    request_id: int
+    code: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shutdown(_Message):
+    """Host → workers (or a worker announcing its exit): stop after finishing in-flight sends."""
+
+    TAG: ClassVar[MsgType] = MsgType.SHUTDOWN
+    NAME: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+Message = (
+    Register | AssignLayers | PromptWork | DecodeWork | Activations | TokenResult | Heartbeat | Cancel | Error | Shutdown
+)
+
+#: Message class per tag.
+MESSAGE_TYPES: dict[MsgType, type[_Message]] = {
+    cls.TAG: cls
+    for cls in (
+        Register,
+        AssignLayers,
+        PromptWork,
+        DecodeWork,
+        Activations,
+        TokenResult,
+        Heartbeat,
+        Cancel,
+        Error,
+        Shutdown,
+    )
+}
+
+for _cls in MESSAGE_TYPES.values():
+    _cls.FIELDS = tuple(f.name for f in fields(_cls))  # type: ignore[arg-type]
+del _cls
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Activations",
+    "AssignLayers",
+    "Cancel",
+    "DecodeWork",
+    "Error",
+    "ErrorCode",
+    "Heartbeat",
+    "Message",
+    "MsgType",
+    "Peer",
+    "PromptWork",
+    "Register",
+    "Shutdown",
+    "Stage",
+    "Tensor",
+    "TokenResult",
+    "as_ndarray",
+]

@@ -1,0 +1,813 @@
+"""Message codec: round trips, the compiled twin against the specification, zero-copy tensors,
+and robustness (any input decodes to a valid message or raises CodecError, nothing else)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helix_async import envs
+from helix_async.codec import (
+    COMPILED,
+    DTYPES,
+    CodecError,
+    DropCounter,
+    Limits,
+    decode,
+    decode_c,
+    decode_or_drop,
+    decode_py,
+    encode,
+    encode_c,
+    encode_py,
+)
+from helix_async.errors import HelixError
+from helix_async.messages import (
+    MESSAGE_TYPES,
+    Activations,
+    AssignLayers,
+    Cancel,
+    DecodeWork,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    MsgType,
+    PromptWork,
+    Register,
+    Shutdown,
+    TokenResult,
+)
+
+I32 = 2**31 - 1
+I64 = 2**63 - 1
+
+if COMPILED:
+    from helix_async._ext import _codec as _cmod
+
+    encode_strict = _cmod._encode_strict
+    decode_strict = _cmod._decode_strict
+
+IMPLS = [pytest.param((encode_py, decode_py), id="py")]
+if encode_c is not None:
+    IMPLS.append(pytest.param((encode_c, decode_c), id="c"))
+
+needs_c = pytest.mark.skipif(not COMPILED, reason="pure-Python build (HELIX_NO_EXTENSIONS=1)")
+
+ROUTE6 = ((1, 0, 14), (5, 14, 27), (7, 27, 40), (9, 40, 53), (11, 53, 66), (13, 66, 80))
+
+
+def test_import_site_picks_compiled_unless_disabled() -> None:
+    if envs.HELIX_NO_EXTENSIONS:
+        assert not COMPILED and encode is encode_py and decode is decode_py and encode_c is None
+    else:
+        assert COMPILED and encode is encode_c and decode is decode_c
+
+
+def test_codec_error_is_a_helix_value_error() -> None:
+    assert issubclass(CodecError, HelixError) and issubclass(CodecError, ValueError)
+    e = CodecError("decode_work", "route[2].end", "must be > start")
+    assert str(e) == "decode_work: route[2].end: must be > start" and e.key == "decode_work.route"
+    assert CodecError("?", "frame 0 (tag)", "x").key == "?.frame 0"
+
+
+def test_every_type_has_a_layout() -> None:
+    assert set(MESSAGE_TYPES) == set(MsgType)
+    for tag, cls in MESSAGE_TYPES.items():
+        assert cls.TAG == tag and cls.NAME == tag.name.lower()
+        assert cls.FIELDS == tuple(f.name for f in dataclasses.fields(cls))
+        assert not hasattr(cls(**_minimal_kwargs(cls)), "__dict__")  # slotted
+
+
+# --- strategies ------------------------------------------------------------------------------------
+
+_INT_EDGES = [0, 1, 31, 32, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, I32, I64]
+
+
+def ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    edges = [v for v in _INT_EDGES + [lo, hi] if lo <= v <= hi]
+    return st.one_of(st.sampled_from(edges), st.integers(lo, hi))
+
+
+ids = ints(0, I64)
+i32 = ints(0, I32)
+pos32 = ints(1, I32)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+texts = st.text(max_size=40) | st.sampled_from(["", "x" * 31, "y" * 32, "z" * 255, "w" * 256, "é" * 70000])
+
+
+@st.composite
+def routes(draw, max_len: int = 64) -> tuple:
+    n = draw(st.integers(1, 8) | st.integers(1, max_len))
+    start = draw(st.integers(0, 200))
+    out = []
+    for _ in range(n):
+        end = start + draw(st.integers(1, 300))
+        out.append((draw(ints(0, I32)), start, end))
+        start = end
+    return tuple(out)
+
+
+@st.composite
+def tensors(draw, min_count: int = 0, max_count: int = 3) -> tuple:
+    out = []
+    for _ in range(draw(st.integers(min_count, max_count))):
+        dt = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+        n = dt.itemsize * math.prod(shape)
+        data = draw(st.binary(min_size=n, max_size=n))
+        out.append(np.frombuffer(bytearray(data), dtype=dt).reshape(shape))
+    return tuple(out)
+
+
+@st.composite
+def prompt_work(draw) -> PromptWork:
+    route = draw(routes())
+    with_ids = draw(st.booleans())
+    ids_ = tuple(draw(st.lists(ints(0, I32), min_size=1, max_size=40))) if with_ids else ()
+    return PromptWork(
+        request_id=draw(ids),
+        query_id=draw(ids),
+        route=route,
+        stage=draw(st.integers(0, len(route) - 1)),
+        num_tokens=len(ids_) if with_ids else draw(pos32),
+        token_ids=ids_,
+        max_tokens=draw(pos32),
+        sent_at=draw(floats),
+        tensors=() if with_ids else draw(tensors(min_count=1)),
+    )
+
+
+@st.composite
+def decode_work(draw) -> DecodeWork:
+    route = draw(routes())
+    with_token = draw(st.booleans())
+    return DecodeWork(
+        request_id=draw(ids),
+        route=route,
+        stage=draw(st.integers(0, len(route) - 1)),
+        context_len=draw(pos32),
+        token_id=draw(i32) if with_token else -1,
+        sent_at=draw(floats),
+        tensors=() if with_token else draw(tensors(min_count=1)),
+    )
+
+
+activations = st.builds(
+    Activations, request_id=ids, stage=i32, num_tokens=i32, sent_at=floats, tensors=tensors(min_count=1)
+)
+token_result = st.builds(
+    TokenResult, request_id=ids, token_id=i32, context_len=pos32, finished=st.booleans(), sent_at=floats
+)
+
+
+@st.composite
+def assign_layers(draw) -> AssignLayers:
+    start = draw(st.integers(0, 100))
+    peers = draw(
+        st.lists(st.tuples(i32, texts, st.integers(0, 50), st.integers(1, 50)).map(lambda p: (p[0], p[1], p[2], p[2] + p[3])))
+    )
+    return AssignLayers(
+        node_id=draw(i32),
+        model=draw(texts),
+        start=start,
+        end=start + draw(st.integers(1, 100)),
+        plan_id=draw(ids),
+        next_hops=tuple(peers),
+        prev_nodes=tuple(draw(st.lists(i32, max_size=10))),
+    )
+
+
+register = st.builds(
+    Register,
+    node_id=ints(-1, I32),
+    name=texts,
+    machine_type=texts,
+    address=texts,
+    num_gpus=i32,
+    gpu_memory_bytes=ids,
+    capabilities=st.lists(texts, max_size=5).map(tuple),
+)
+heartbeat = st.builds(Heartbeat, node_id=i32, seq=ids, now=floats)
+cancel = st.builds(Cancel, request_id=ids, reason=texts)
+error = st.builds(Error, request_id=ints(-1, I64), code=i32, text=texts)
+shutdown = st.builds(Shutdown, reason=texts)
+
+STRATEGIES = {
+    "register": register,
+    "assign_layers": assign_layers(),
+    "prompt_work": prompt_work(),
+    "decode_work": decode_work(),
+    "activations": activations,
+    "token_result": token_result,
+    "heartbeat": heartbeat,
+    "cancel": cancel,
+    "error": error,
+    "shutdown": shutdown,
+}
+HOT = ["prompt_work", "decode_work", "activations", "token_result"]
+any_message = st.one_of(*STRATEGIES.values())
+
+
+def _minimal_kwargs(cls: type) -> dict:
+    return {
+        Register: dict(node_id=0, name="n", machine_type="A100", address="tcp://a:1", num_gpus=1, gpu_memory_bytes=1),
+        AssignLayers: dict(node_id=1, model="m", start=0, end=2, plan_id=0, next_hops=()),
+        PromptWork: dict(request_id=0, query_id=0, route=((1, 0, 2),), stage=0, num_tokens=1, token_ids=(5,), max_tokens=1, sent_at=0.0),
+        DecodeWork: dict(request_id=0, route=((1, 0, 2),), stage=0, context_len=2, token_id=5, sent_at=0.0),
+        Activations: dict(request_id=0, stage=0, num_tokens=1, sent_at=0.0, tensors=(np.zeros(2, np.float16),)),
+        TokenResult: dict(request_id=0, token_id=1, context_len=1, finished=False, sent_at=0.0),
+        Heartbeat: dict(node_id=0, seq=0, now=0.0),
+        Cancel: dict(request_id=0),
+        Error: dict(request_id=-1, code=ErrorCode.INTERNAL, text="t"),
+        Shutdown: dict(),
+    }[cls]
+
+
+def _frame_bytes(frames: list) -> list[bytes]:
+    return [bytes(f) for f in frames]
+
+
+# --- round trips -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_round_trip(impl, name) -> None:
+    enc, dec = impl
+
+    @settings(max_examples=60)
+    @given(STRATEGIES[name])
+    def check(msg) -> None:
+        frames = enc(msg)
+        assert len(frames[0]) == 1 and frames[0][0] == msg.TAG
+        back = dec(frames)
+        assert type(back) is type(msg) and back == msg
+        assert _frame_bytes(enc(back)) == _frame_bytes(frames)
+        # frames as bytes (what a network transport delivers) decode the same
+        assert dec(_frame_bytes(frames)) == msg
+
+    check()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_payload_is_the_msgpack_array_of_the_fields(impl) -> None:
+    enc, _ = impl
+    m = DecodeWork(request_id=300, route=ROUTE6, stage=2, context_len=70000, token_id=5, sent_at=1.5)
+    frames = enc(m)
+    assert frames[0] == b"\x04"
+    assert frames[1] == msgpack.packb([300, ROUTE6, 2, 70000, 5, 1.5, []], use_bin_type=True)
+    assert msgpack.unpackb(frames[1]) == [300, [list(s) for s in ROUTE6], 2, 70000, 5, 1.5, []]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ints_and_int_subclasses_encode_as_plain_numbers(impl) -> None:
+    enc, dec = impl
+    m = Error(request_id=-1, code=ErrorCode.OUT_OF_MEMORY, text="kv full")
+    assert dec(enc(m)) == m
+    t = TokenResult(request_id=2, token_id=3, context_len=4, finished=True, sent_at=7)  # int time is fine
+    back = dec(enc(t))
+    assert back.sent_at == 7.0 and type(back.sent_at) is float
+
+
+# --- compiled twin == specification ----------------------------------------------------------------
+
+
+@needs_c
+@pytest.mark.parametrize("name", HOT)
+def test_compiled_encoding_is_byte_identical(name) -> None:
+    @settings(max_examples=150)
+    @given(STRATEGIES[name])
+    def check(msg) -> None:
+        py, c = encode_py(msg), encode_strict(msg)
+        assert _frame_bytes(c) == _frame_bytes(py)
+        assert type(c[1]) is bytes and c[0] is py[0]
+        a, b = decode_py(py), decode_strict(c)
+        assert type(a) is type(b) and a == b == msg
+
+    check()
+
+
+# junk values for one field: every msgpack type, ints of every width and sign, edge cases
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([-1, -2, -33, -129, -32769, -(2**31) - 1, 2**31, 2**63, 2**64 - 1]),
+    st.floats(),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(-2, 300), max_size=4),
+    st.dictionaries(st.text(max_size=2), st.integers(0, 3), max_size=2),
+    st.just(float("nan")),
+    st.just([["float16", [2]]]),
+    st.just([["bfloat16", [2]]]),
+    st.just([["float16", [2, -1]]]),
+    st.just([[1, 0, 5], [2, 5, 9]]),
+    st.just([[1, 5, 5]]),
+)
+
+
+def _wire(msg) -> list:
+    frames = encode_py(msg)
+    return list(msgpack.unpackb(frames[1])), frames
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except CodecError as e:
+        return ("err", str(e))
+
+
+@needs_c
+@pytest.mark.parametrize("name", HOT)
+def test_compiled_decoder_accepts_exactly_what_the_spec_accepts(name) -> None:
+    @settings(max_examples=200)
+    @given(STRATEGIES[name], st.data())
+    def check(msg, data) -> None:
+        values, frames = _wire(msg)
+        i = data.draw(st.integers(0, len(values) - 1))
+        values[i] = data.draw(_JUNK)
+        single = data.draw(st.booleans())
+        try:
+            payload = msgpack.packb(values, use_bin_type=True, use_single_float=single)
+        except OverflowError:  # a float beyond float32's range
+            payload = msgpack.packb(values, use_bin_type=True)
+        frames = [frames[0], payload, *frames[2:]]
+        py = _outcome(decode_py, frames)
+        strict = _outcome(decode_strict, frames)
+        assert py[0] == strict[0], (py, strict)
+        if py[0] == "ok":
+            assert py[1] == strict[1]
+        assert _outcome(decode_c, frames) == py  # the fallback gives the canonical error
+
+    check()
+
+
+@needs_c
+@pytest.mark.parametrize("name", HOT)
+def test_compiled_encoder_rejects_exactly_what_the_spec_rejects(name) -> None:
+    fields = MESSAGE_TYPES[MsgType[name.upper()]].FIELDS
+    junk = st.one_of(
+        _JUNK,
+        st.tuples(st.integers(-1, 5), st.integers(-1, 5), st.integers(-1, 5)),
+        st.lists(st.integers(0, 5), max_size=3).map(tuple),
+        st.just(()),
+        st.just((np.zeros(3, np.float16),)),
+        st.just((np.zeros((4, 4), np.float32)[:, ::2],)),  # not contiguous
+        st.just((np.zeros(2, ">f4"),)),  # big-endian
+        st.just(((1, 0, 5), [2, 5, 9])),
+        st.just(((1, 0, 5), (2, 6, 9))),  # not contiguous in layers
+        st.just(tuple((i, i, i + 1) for i in range(65))),  # too long
+        st.just(10**400),
+        st.just(np.int64(3)),
+        st.just(np.float64(2.5)),
+    )
+
+    @settings(max_examples=200)
+    @given(STRATEGIES[name], st.sampled_from(fields), junk)
+    def check(msg, field, value) -> None:
+        bad = dataclasses.replace(msg, **{field: value})
+        py = _outcome(encode_py, bad)
+        strict = _outcome(encode_strict, bad)
+        assert py[0] == strict[0], (py, strict)
+        if py[0] == "ok":
+            assert _frame_bytes(py[1]) == _frame_bytes(strict[1])
+        else:
+            assert _outcome(encode_c, bad) == py
+
+    check()
+
+
+@needs_c
+@settings(max_examples=300)
+@given(
+    st.sampled_from([*sorted(DTYPES), "bool", "bfloat16"]),
+    st.lists(st.sampled_from([0, 1, 2, 3, 7, 2**31 - 1, 2**31]), max_size=4),
+    st.one_of(st.none(), st.integers(0, 80)),
+    st.sampled_from(["bytes", "bytearray", "memoryview", "strided", "str"]),
+    st.sampled_from([None, Limits(max_frame_bytes=24)]),
+)
+def test_compiled_tensor_frame_checks_match_the_spec(dtype, shape, nbytes, kind, limits) -> None:
+    itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 2
+    exact = itemsize * math.prod(shape)
+    n = exact if nbytes is None and exact <= 80 else (nbytes or 0)
+    frame = {
+        "bytes": lambda: bytes(n),
+        "bytearray": lambda: bytearray(n),
+        "memoryview": lambda: memoryview(np.zeros(n, np.uint8)),
+        "strided": lambda: np.zeros(2 * n, np.uint8)[::2],
+        "str": lambda: "x" * n,
+    }[kind]()
+    frames = [b"\x05", msgpack.packb([1, 0, 1, 0.0, [[dtype, shape]]]), frame]
+    py = _outcome(decode_py, frames, limits)
+    strict = _outcome(decode_strict, frames, limits)
+    assert py[0] == strict[0], (py, strict)
+    if py[0] == "ok":
+        assert py[1] == strict[1]
+        assert np.shares_memory(py[1].tensors[0], strict[1].tensors[0]) or exact == 0
+    assert _outcome(decode_c, frames, limits) == py
+
+
+def _pack_nc(obj, rng: random.Random) -> bytes:
+    """A valid but non-canonical msgpack encoding: wider ints, str8/array16 for short values,
+    float32 where exact."""
+    if obj is None:
+        return b"\xc0"
+    if obj is True or obj is False:
+        return b"\xc3" if obj else b"\xc2"
+    if isinstance(obj, int):
+        opts = []
+        if obj >= 0:
+            for mark, fmt, hi in ((0xCC, ">B", 2**8), (0xCD, ">H", 2**16), (0xCE, ">I", 2**32), (0xCF, ">Q", 2**64)):
+                if obj < hi:
+                    opts.append(bytes([mark]) + struct.pack(fmt, obj))
+        for mark, fmt, lo, hi in ((0xD0, ">b", 2**7, 2**7), (0xD1, ">h", 2**15, 2**15), (0xD2, ">i", 2**31, 2**31), (0xD3, ">q", 2**63, 2**63)):
+            if -lo <= obj < hi:
+                opts.append(bytes([mark]) + struct.pack(fmt, obj))
+        opts.append(msgpack.packb(obj))
+        return rng.choice(opts)
+    if isinstance(obj, float):
+        try:
+            single = struct.pack(">f", obj)
+        except OverflowError:
+            single = None
+        if single is not None and struct.unpack(">f", single)[0] == obj and rng.random() < 0.5:
+            return b"\xca" + single
+        return b"\xcb" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        b = obj.encode()
+        heads = [b"\xda" + struct.pack(">H", len(b)), b"\xdb" + struct.pack(">I", len(b))]
+        if len(b) < 256:
+            heads.append(b"\xd9" + struct.pack(">B", len(b)))
+        return rng.choice(heads) + b
+    if isinstance(obj, (list, tuple)):
+        heads = [b"\xdc" + struct.pack(">H", len(obj)), b"\xdd" + struct.pack(">I", len(obj))]
+        if len(obj) < 16:
+            heads.append(bytes([0x90 | len(obj)]))
+        return rng.choice(heads) + b"".join(_pack_nc(x, rng) for x in obj)
+    raise TypeError(obj)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_valid_msgpack_encoding_is_accepted(impl) -> None:
+    _, dec = impl
+
+    @settings(max_examples=100)
+    @given(st.sampled_from(HOT).flatmap(lambda n: STRATEGIES[n]), st.randoms(use_true_random=False))
+    def check(msg, rng) -> None:
+        values, frames = _wire(msg)
+        nc = [frames[0], _pack_nc(values, rng), *frames[2:]]
+        assert dec(nc) == msg
+
+    check()
+
+
+# --- zero copy -------------------------------------------------------------------------------------
+
+
+def _addr(buf) -> int:
+    return np.frombuffer(buf, np.uint8).ctypes.data
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_frames_are_not_copied(impl) -> None:
+    enc, dec = impl
+    hidden = np.random.default_rng(0).standard_normal((32, 8192)).astype(np.float16)  # 16 KiB x 32 tokens
+    m = Activations(request_id=7, stage=2, num_tokens=32, sent_at=3.25, tensors=(hidden,))
+    frames = enc(m)
+    assert len(frames) == 3 and len(frames[1]) < 64  # the payload holds only the header
+    assert np.shares_memory(np.frombuffer(frames[2], np.uint8), hidden)
+    assert _addr(frames[2]) == hidden.ctypes.data and len(frames[2]) == hidden.nbytes == 16384 * 32
+    # in-process delivery: the decoded array is the sender's memory
+    back = dec(frames)
+    assert back == m and np.shares_memory(back.tensors[0], hidden)
+    # received into a writable buffer: the decoded array is a view of it
+    buf = bytearray(frames[2])
+    back = dec([frames[0], frames[1], buf])
+    assert np.shares_memory(back.tensors[0], np.frombuffer(buf, np.uint8))
+    assert back.tensors[0].flags.writeable
+    buf[0:2] = b"\x00\x3c"  # float16 1.0
+    assert back.tensors[0][0, 0] == 1.0
+    # received as bytes: a read-only view of those bytes
+    raw = bytes(frames[2])
+    back = dec([frames[0], frames[1], raw])
+    assert _addr(raw) == back.tensors[0].ctypes.data and not back.tensors[0].flags.writeable
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_work_messages_carry_hidden_states_zero_copy(impl) -> None:
+    enc, dec = impl
+    h = np.arange(16, dtype=np.float16).reshape(1, 16)
+    m = DecodeWork(request_id=1, route=ROUTE6, stage=3, context_len=9, token_id=-1, sent_at=0.0, tensors=(h,))
+    frames = enc(m)
+    assert np.shares_memory(np.frombuffer(frames[2], np.uint8), h)
+    back = dec([bytes(f) for f in frames])
+    assert back == m and back.tensors[0].dtype == np.float16 and back.tensors[0].shape == (1, 16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_and_zero_dim_tensors(impl) -> None:
+    enc, dec = impl
+    m = Activations(request_id=1, stage=0, num_tokens=0, sent_at=0.0, tensors=(np.zeros((0, 4), np.float16), np.array(3.5)))
+    frames = enc(m)
+    assert bytes(frames[2]) == b"" and len(frames[3]) == 8
+    back = dec(frames)
+    assert back == m and back.tensors[0].shape == (0, 4) and back.tensors[1].shape == ()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_tensor_is_refused_not_copied(impl) -> None:
+    enc, _ = impl
+    t = np.zeros((4, 8), np.float16)[:, ::2]
+    m = Activations(request_id=1, stage=0, num_tokens=4, sent_at=0.0, tensors=(t,))
+    with pytest.raises(CodecError, match=r"activations: tensors\[0\]: is not C-contiguous.*ascontiguousarray"):
+        enc(m)
+    with pytest.raises(CodecError, match=r"unsupported dtype '>f4'"):
+        enc(dataclasses.replace(m, tensors=(np.zeros(3, ">f4"),)))
+    with pytest.raises(CodecError, match=r"tensors\[0\]: must be a numpy array"):
+        enc(dataclasses.replace(m, tensors=([1.0, 2.0],)))
+    # platform aliases of the wire dtypes are the same dtypes
+    for t, name in ((np.longlong, "int64"), (np.intc, "int32"), (np.ulonglong, "uint64"), (np.half, "float16")):
+        frames = enc(dataclasses.replace(m, tensors=(np.ones(3, t),)))
+        assert msgpack.unpackb(frames[1])[4] == [[name, [3]]]
+    with pytest.raises(CodecError, match=r"unsupported dtype '\|b1'"):
+        enc(dataclasses.replace(m, tensors=(np.ones(3, bool),)))
+
+
+def test_torch_cpu_tensors_encode_without_copy() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    m = Activations(request_id=1, stage=0, num_tokens=3, sent_at=0.0, tensors=(t,))
+    for enc, dec in [(encode_py, decode_py)] + ([(encode_c, decode_c)] if COMPILED else []):
+        frames = enc(m)
+        assert _addr(frames[2]) == t.data_ptr()
+        back = dec(frames)
+        assert back == m and np.array_equal(back.tensors[0], t.numpy())
+        with pytest.raises(CodecError, match="numpy dtype"):
+            enc(dataclasses.replace(m, tensors=(t.to(torch.bfloat16),)))
+        with pytest.raises(CodecError, match="not C-contiguous"):
+            enc(dataclasses.replace(m, tensors=(t.t(),)))
+        g = torch.ones(4, requires_grad=True)  # sent without copying; the graph stays behind
+        frames = enc(dataclasses.replace(m, tensors=(g,)))
+        assert _addr(frames[2]) == g.data_ptr()
+        if torch.cuda.is_available():
+            with pytest.raises(CodecError, match="torch CPU tensor"):
+                enc(dataclasses.replace(m, tensors=(t.cuda(),)))
+
+
+# --- robustness ------------------------------------------------------------------------------------
+
+
+def _decode_outcome(dec, frames):
+    try:
+        msg = dec(frames)
+    except CodecError as e:
+        assert str(e)
+        return "err"
+    assert type(msg) in MESSAGE_TYPES.values()
+    assert _frame_bytes(encode_py(msg))  # a decoded message always re-encodes
+    return msg
+
+
+def _all_outcomes(frames) -> None:
+    out = [_decode_outcome(decode_py, frames)]
+    if COMPILED:
+        out.append(_decode_outcome(decode_c, frames))
+        try:
+            out.append(_decode_outcome(decode_strict, frames))
+        except CodecError:
+            out.append("err")
+    assert all((o == "err") == (out[0] == "err") for o in out), out
+    if out[0] != "err":
+        assert all(o == out[0] for o in out)
+
+
+_any_frame = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([bytes([t]) for t in range(12)]),
+    st.binary(max_size=40).map(bytearray),
+    st.binary(max_size=40).map(memoryview),
+    st.sampled_from(["text", None, 3, np.zeros((2, 3), np.float32)[:, ::2], np.zeros(0), [b"x"]]),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(_any_frame, max_size=5) | st.tuples(st.sampled_from([b"\x04", b"\x05", b"\x06", b"\x03"]), st.binary(max_size=60)))
+def test_random_frames_raise_only_codec_error(frames) -> None:
+    _all_outcomes(frames)
+
+
+@settings(max_examples=100)
+@given(st.one_of(st.none(), st.integers(), st.text(), st.binary(), st.dictionaries(st.integers(), st.binary())))
+def test_frames_that_are_not_a_list_raise_codec_error(frames) -> None:
+    _all_outcomes(frames)
+    with pytest.raises(CodecError, match="frames"):
+        decode(frames)
+
+
+@st.composite
+def mutated(draw):
+    frames = [bytearray(f) for f in encode_py(draw(any_message))]
+    kind = draw(st.sampled_from(["truncate", "flip", "tag", "extend", "swap", "drop", "add", "splice"]))
+    fi = draw(st.integers(0, len(frames) - 1))
+    f = frames[fi]
+    if kind == "truncate" and f:
+        del f[draw(st.integers(0, len(f) - 1)) :]
+    elif kind == "flip" and f:
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(f) - 1))
+            f[i] ^= draw(st.integers(1, 255))
+    elif kind == "tag":
+        frames[0] = bytearray([draw(st.integers(0, 255))])
+    elif kind == "extend":
+        f += draw(st.binary(min_size=1, max_size=8))
+    elif kind == "swap" and len(frames) > 1:
+        j = draw(st.integers(0, len(frames) - 1))
+        frames[fi], frames[j] = frames[j], frames[fi]
+    elif kind == "drop":
+        del frames[fi]
+    elif kind == "add":
+        frames.insert(draw(st.integers(0, len(frames))), bytearray(draw(st.binary(max_size=16))))
+    elif kind == "splice" and len(f) > 2:
+        i = draw(st.integers(0, len(f) - 1))
+        f[i:i] = draw(st.binary(min_size=1, max_size=4))
+    return [bytes(x) for x in frames]
+
+
+@settings(max_examples=500)
+@given(mutated())
+def test_mutated_encodings_raise_only_codec_error(frames) -> None:
+    _all_outcomes(frames)
+
+
+# --- specific errors -------------------------------------------------------------------------------
+
+_TR = TokenResult(request_id=1, token_id=2, context_len=3, finished=False, sent_at=0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("frames", "pattern"),
+    [
+        ([b"\x63", b"\x90"], r"^\?: frame 0 \(tag\): unknown message type tag 99$"),
+        ([b"\x00", b"\x90"], r"unknown message type tag 0"),
+        ([b"\x06\x00", b"\x90"], r"^\?: frame 0 \(tag\): must be exactly 1 byte, got 2$"),
+        ([b"\x06"], r"^\?: frames: expected at least 2 frames"),
+        ([b"\x06", b"\x94\x01\x02\x03\xc2"], r"^token_result: frame 1 \(payload\): expected an array of 5 fields \(request_id, token_id, context_len, finished, sent_at\), got 4$"),
+        ([b"\x06", b"\x81\xa1a\x01"], r"token_result: frame 1 \(payload\): must be a msgpack array, got dict"),
+        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x00"], r"token_result: frame 1 \(payload\): trailing bytes"),
+        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb?\xe0"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
+        ([b"\x06", b"\x95\xc3\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: request_id: must be an int, got bool$"),
+        ([b"\x06", b"\x95\x01\x02\x03\x01\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: finished: must be a bool, got int$"),
+        ([b"\x06", b"\x95\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: request_id: must be >= 0, got -1$"),
+        ([b"\x06", b"\x95\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"request_id: must be <= 9223372036854775807"),
+        ([b"\x06", b"\x95\x01\x02\x03\xc2\x01"], r"^token_result: sent_at: must be a float, got int$"),
+        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00"], r"sent_at: must be finite, got nan"),
+        ([b"\x06", b""], r"token_result: frame 1 \(payload\): is empty"),
+        ([b"\x06", b"\x90", b""], r"^token_result: frames: expected 2 frames \(tag, payload\), got 3$"),
+        ([b"\x06", "text"], r"frame 1 \(payload\): must be a bytes-like object, got str"),
+        ([b"\x0a", b"\x91\xa2\xed\xa0"], r"^shutdown: frame 1 \(payload\): is not valid msgpack \(UnicodeDecodeError"),
+    ],
+)
+def test_specific_decode_errors(impl, frames, pattern) -> None:
+    _, dec = impl
+    with pytest.raises(CodecError, match=pattern):
+        dec(frames)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensor_frame_errors_name_the_frame(impl) -> None:
+    enc, dec = impl
+    h = np.zeros((2, 4), np.float16)
+    frames = enc(Activations(request_id=1, stage=0, num_tokens=2, sent_at=0.0, tensors=(h,)))
+    with pytest.raises(CodecError, match=r"^activations: frame 2 \(tensors\[0\]\): has 15 bytes, expected 16 \(shape \[2, 4\] x 2-byte float16\)$"):
+        dec([frames[0], frames[1], bytes(frames[2])[:-1]])
+    with pytest.raises(CodecError, match=r"^activations: frames: expected 3 frames \(tag, payload, 1 tensors\), got 2$"):
+        dec(frames[:2])
+    bad = msgpack.packb([1, 0, 2, 0.0, [["bfloat16", [2, 4]]]], use_bin_type=True)
+    with pytest.raises(CodecError, match=r"^activations: tensors\[0\].dtype: unsupported dtype 'bfloat16'"):
+        dec([frames[0], bad, frames[2]])
+    bad = msgpack.packb([1, 0, 2, 0.0, []], use_bin_type=True)
+    with pytest.raises(CodecError, match=r"^activations: tensors: must have at least 1 items, got 0$"):
+        dec([frames[0], bad])
+    strided = np.zeros((4, 4), np.uint8)[:, ::2]
+    with pytest.raises(CodecError, match=r"frame 2 \(tensors\[0\]\): must be a C-contiguous buffer"):
+        dec([frames[0], frames[1], strided])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_route_and_cross_field_errors(impl) -> None:
+    enc, dec = impl
+    m = DecodeWork(request_id=1, route=ROUTE6, stage=5, context_len=9, token_id=4, sent_at=0.0)
+    cases = [
+        (dict(stage=6), r"^decode_work: stage: must be < len\(route\) = 6, got 6$"),
+        (dict(route=((1, 0, 5), (2, 6, 9))), r"^decode_work: route\[1\]: must start at layer 5 where stage 0 ends, got 6$"),
+        (dict(route=((1, 5, 5),)), r"route\[0\]: layer range must have start < end, got \[5, 5\)"),
+        (dict(route=()), r"route: must have at least 1 items, got 0"),
+        (dict(route=tuple((i, i, i + 1) for i in range(65))), r"route: must have at most 64 items, got 65"),
+        (dict(route=[(1, 0, 5)]), r"route: must be a tuple \(msgpack array\), got list"),
+        (dict(route=((True, 0, 5),)), r"route\[0\].node: must be an int, got bool"),
+        (dict(token_id=-1), r"token_id: is -1 but no tensors are given"),
+        (dict(token_id=-2), r"token_id: must be >= -1, got -2"),
+        (dict(request_id=2**63), r"request_id: must be <= 9223372036854775807"),
+        (dict(sent_at=math.inf), r"sent_at: must be finite"),
+        (dict(sent_at=10**400), r"sent_at: must be finite"),
+        (dict(tensors=(np.zeros(2, np.float16),)), r"tensors: must be empty when token_id >= 0"),
+    ]
+    for change, pattern in cases:
+        with pytest.raises(CodecError, match=pattern):
+            enc(dataclasses.replace(m, **change))
+    # the decoder applies the same rules to what it receives
+    values, frames = _wire(m)
+    values[2] = 6
+    with pytest.raises(CodecError, match=r"^decode_work: stage: must be < len\(route\) = 6, got 6$"):
+        dec([frames[0], msgpack.packb(values)])
+    values[2] = 5
+    values[1] = [[1, 0, 5], [2, 6, 9]]
+    with pytest.raises(CodecError, match=r"route\[1\]: must start at layer 5"):
+        dec([frames[0], msgpack.packb(values)])
+    p = PromptWork(request_id=1, query_id=2, route=ROUTE6, stage=0, num_tokens=3, token_ids=(1, 2), max_tokens=5, sent_at=0.0)
+    with pytest.raises(CodecError, match=r"^prompt_work: token_ids: has 2 ids but num_tokens is 3$"):
+        enc(p)
+    with pytest.raises(CodecError, match=r"token_ids: must be a tuple \(msgpack array\), got list"):
+        enc(dataclasses.replace(p, token_ids=[1, 2, 3]))
+    with pytest.raises(CodecError, match=r"token_ids: is empty and no tensors are given"):
+        enc(dataclasses.replace(p, token_ids=()))
+    with pytest.raises(CodecError, match=r"^assign_layers: end: layer range must have start < end, got \[4, 4\)$"):
+        enc(AssignLayers(node_id=1, model="m", start=4, end=4, plan_id=0, next_hops=()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_rejects_non_messages_and_bad_text(impl) -> None:
+    enc, _ = impl
+    with pytest.raises(CodecError, match=r"cannot encode dict: not a message type"):
+        enc({"request_id": 1})
+    with pytest.raises(CodecError, match=r"^shutdown: reason: is not encodable as UTF-8"):
+        enc(Shutdown(reason="\ud800"))
+    with pytest.raises(CodecError, match=r"^register: capabilities\[1\]: must be a str, got int"):
+        enc(Register(node_id=0, name="n", machine_type="T4", address="a", num_gpus=1, gpu_memory_bytes=1, capabilities=("x", 1)))
+    with pytest.raises(CodecError, match=r"^token_result: finished: must be a bool, got int"):
+        enc(TokenResult(request_id=1, token_id=2, context_len=3, finished=1, sent_at=0.0))
+    with pytest.raises(CodecError, match=r"token_result: token_id: must be an int, got int64"):
+        enc(TokenResult(request_id=1, token_id=np.int64(2), context_len=3, finished=True, sent_at=0.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_limits_are_configurable(impl) -> None:
+    enc, dec = impl
+    small = Limits(max_frame_bytes=64, max_route_stages=2, max_tensors=1, max_ndim=2)
+    m = DecodeWork(request_id=1, route=ROUTE6, stage=0, context_len=9, token_id=4, sent_at=0.0)
+    frames = enc(m)
+    with pytest.raises(CodecError, match=r"route: must have at most 2 items, got 6"):
+        dec(frames, small)
+    with pytest.raises(CodecError, match=r"route: must have at most 2 items, got 6"):
+        enc(m, small)
+    a = Activations(request_id=1, stage=0, num_tokens=1, sent_at=0.0, tensors=(np.zeros(64, np.float16),))
+    with pytest.raises(CodecError, match=r"tensors\[0\]: has 128 bytes, more than max_frame_bytes=64"):
+        enc(a, small)
+    with pytest.raises(CodecError, match=r"frame 2 \(tensors\[0\]\): has 128 bytes, more than max_frame_bytes=64"):
+        dec(enc(a), small)
+    with pytest.raises(CodecError, match=r"shape: must have at most 2 items, got 3"):
+        dec(enc(dataclasses.replace(a, tensors=(np.zeros((1, 1, 1), np.uint8),))), small)
+    with pytest.raises(CodecError, match=r"tensors: must have at most 1 items, got 2"):
+        dec(enc(dataclasses.replace(a, tensors=(np.zeros(1), np.zeros(1)))), small)
+    p = PromptWork(request_id=1, query_id=2, route=ROUTE6[:1], stage=0, num_tokens=40, token_ids=tuple(range(1000, 1040)), max_tokens=5, sent_at=0.0)
+    with pytest.raises(CodecError, match=r"^prompt_work: frame 1 \(payload\): has \d+ bytes, more than max_frame_bytes=64$"):
+        enc(p, small)
+    with pytest.raises(CodecError, match=r"^prompt_work: frame 1 \(payload\): has \d+ bytes, more than max_frame_bytes=64$"):
+        dec(enc(p), small)
+
+
+def test_drop_counter_counts_by_reason() -> None:
+    counter = DropCounter()
+    good = encode(_TR)
+    assert decode_or_drop(good, counter) == _TR and counter.total == 0
+    assert decode_or_drop([b"\x63", b"\x90"], counter) is None
+    assert decode_or_drop([good[0], good[1][:-1]], counter) is None
+    assert decode_or_drop([good[0], good[1][:-1]], counter) is None
+    assert counter.total == 3
+    assert counter.by_reason == {"?.frame 0": 1, "token_result.frame 1": 2}
+    assert isinstance(counter.last, CodecError) and counter.last.msg_type == "token_result"
+
+
+def test_messages_with_tensors_compare_by_content_and_are_unhashable() -> None:
+    a = np.array([1.0, np.nan], np.float32)
+    m1 = Activations(request_id=1, stage=0, num_tokens=1, sent_at=0.0, tensors=(a,))
+    assert m1 == dataclasses.replace(m1, tensors=(a.copy(),))  # NaN bytes compare equal
+    assert m1 != dataclasses.replace(m1, tensors=(a.astype(np.float64),))
+    assert m1 != dataclasses.replace(m1, tensors=(a[:1],))
+    assert m1 != dataclasses.replace(m1, stage=1)
+    with pytest.raises(TypeError):
+        hash(m1)
+    assert hash(_TR) == hash(dataclasses.replace(_TR))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _TR.token_id = 5  # type: ignore[misc]
