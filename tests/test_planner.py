@@ -211,3 +211,23 @@ def test_sigterm_stops_the_cli_cleanly_and_leaves_the_best_plan(tmp_path: Path) 
     assert "stopped: signal SIGTERM" in stdout
     p = read_placement(out)
     assert p.meta["max_flow"] >= 4892.0  # at least the Swarm heuristic
+
+
+def test_pruning_keeps_the_warm_start_and_the_full_model_never_loses_it() -> None:
+    from helix_async.placement.milp import interchangeable_classes, prune_arcs
+
+    cl, m, tm, caps = _caps("3cluster24")
+    start = plan(cl, m, method="swarm").placement
+    kept = prune_arcs(cl, min_keep=3, max_keep=3, threshold=1e9, must_keep=start.links)
+    assert set(start.links) <= kept
+    assert len(kept) < len(cl.arcs())  # it did prune
+    flow = max_flow(start, tm)
+    res = ArcModel(
+        cl, caps, free=[n.id for n in cl.nodes], fixed={}, symmetry_classes=interchangeable_classes(cl),
+        time_limit=15, keep_arcs=kept,
+    ).solve(start=dict(start.layers), start_flows=flow.link_flows)
+    assert res.layers is not None
+    p = Placement.from_layers(cl, m, res.layers)
+    verify(p, tm)
+    # the complete start survives pruning, so the solver's answer is at least as good
+    assert max_flow(p, tm).value >= flow.value - 1e-6

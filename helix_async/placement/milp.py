@@ -351,6 +351,7 @@ class ArcModel:
         stop: StopFlag | None = None,
         aggressive: bool = True,
         verbose: bool = False,
+        keep_arcs: Iterable[tuple[NodeRef, NodeRef]] | None = None,
     ) -> None:
         self.cluster = cluster
         self.caps = caps
@@ -363,6 +364,7 @@ class ArcModel:
         self.stop = stop
         self.aggressive = aggressive
         self.verbose = verbose
+        self.keep_arcs = None if keep_arcs is None else set(keep_arcs)
 
     def solve(self, start: Mapping[int, LayerRange | None] | None = None, start_flows: Mapping[tuple[NodeRef, NodeRef], float] | None = None) -> SolveResult:
         scip = _scip()
@@ -417,6 +419,8 @@ class ArcModel:
         snk_flows: list[Any] = []
         for (u, v), c in caps.arc_cap.items():
             if (u != SOURCE and u not in active) or (v != SINK and v not in active):
+                continue
+            if self.keep_arcs is not None and (u, v) not in self.keep_arcs:
                 continue
             # Tight big-M: an arc never carries more than its endpoints can (HELIX_SPEC §12.1 item 1).
             M = c
@@ -570,6 +574,41 @@ def _arc_valid(u: NodeRef, v: NodeRef, sv: Mapping[int, Any], ev: Mapping[int, A
     if eu == svv:
         return True
     return partial and svv <= eu < evv
+
+
+def prune_arcs(
+    cluster: ClusterSpec,
+    *,
+    min_keep: int,
+    max_keep: int,
+    threshold: float = 0.0,
+    must_keep: Iterable[tuple[NodeRef, NodeRef]] = (),
+) -> set[tuple[NodeRef, NodeRef]]:
+    """Helix's link pruning (HELIX_SPEC §2.4) that never drops a link in ``must_keep``.
+
+    Per endpoint (coordinator and each node) links are ranked by bandwidth, fastest first, ties
+    by name: the first ``min_keep`` stay, ranks up to ``max_keep`` stay if their bandwidth is at
+    least ``threshold`` bytes/s. A pair link kept by either end survives in both directions. The
+    original could drop every link of its warm start (HELIX_SPEC §12.1 item 4); the arcs of the
+    start passed as ``must_keep`` are always kept here.
+    """
+    kept: set[tuple[NodeRef, NodeRef]] = set(must_keep)
+
+    def take(ranked: list[tuple[float, str, tuple[NodeRef, NodeRef]]]) -> None:
+        ranked.sort(key=lambda t: (-t[0], t[1]))
+        for rank, (bw, _, arc) in enumerate(ranked):
+            if rank < min_keep or (rank < max_keep and bw >= threshold):
+                kept.add(arc)
+                if arc[0] != SOURCE and arc[1] != SINK:
+                    kept.add((arc[1], arc[0]))
+
+    arcs = cluster.arcs()
+    take([(a.bandwidth, str(a.dst), (a.src, a.dst)) for a in arcs if a.src == SOURCE])
+    take([(a.bandwidth, str(a.src), (a.src, a.dst)) for a in arcs if a.dst == SINK])
+    for n in cluster.nodes:
+        pair = [a for a in arcs if a.src == n.id and a.dst != SINK]
+        take([(a.bandwidth, str(a.dst), (a.src, a.dst)) for a in pair])
+    return kept
 
 
 def interchangeable_classes(cluster: ClusterSpec) -> list[list[int]]:
