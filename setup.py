@@ -12,7 +12,9 @@ from setuptools import Extension, setup
 
 
 def _extensions() -> list:
-    if os.environ.get("HELIX_NO_EXTENSIONS", "") not in ("", "0"):
+    # Same rule as helix_async/envs.py: unset, "", 0, false, no, off mean "build the extensions".
+    raw = os.environ.get("HELIX_NO_EXTENSIONS", "").strip().lower()
+    if raw not in ("", "0", "false", "no", "off"):
         return []
     from Cython.Build import cythonize
 

@@ -27,6 +27,12 @@ cdef class BatchTimer:
 
         px, py = _check_grid(prompt_x, prompt_s, "prompt")
         dx, dy = _check_grid(decode_x, decode_s, "decode")
+        # a second __init__ call replaces the tables; free the old ones first
+        free(self._px)
+        free(self._py)
+        free(self._dx)
+        free(self._dy)
+        self._px = self._py = self._dx = self._dy = NULL
         self._np = len(px)
         self._nd = len(dx)
         self._px = _copy(px)
@@ -40,21 +46,31 @@ cdef class BatchTimer:
         free(self._dx)
         free(self._dy)
 
+    cdef int _check(self) except -1:
+        if self._dy == NULL:
+            raise RuntimeError("BatchTimer used before __init__ filled its tables")
+        return 0
+
     @property
     def prompt_max(self):
+        self._check()
         return self._px[self._np - 1]
 
     @property
     def decode_max(self):
+        self._check()
         return self._dx[self._nd - 1]
 
     def prompt(self, tokens):
+        self._check()
         return _interp(self._px, self._py, self._np, tokens, "prompt")
 
     def decode(self, seqs):
+        self._check()
         return _interp(self._dx, self._dy, self._nd, seqs, "decode")
 
     def batch_time(self, prompt_tokens, decode_seqs):
+        self._check()
         cdef double t_p = _interp(self._px, self._py, self._np, prompt_tokens, "prompt")
         cdef double t_d = _interp(self._dx, self._dy, self._nd, decode_seqs, "decode")
         if decode_seqs == 1:

@@ -105,7 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stall-limit", type=float, default=120.0, help="stop after this many seconds without improvement")
     pl.add_argument("--gap-limit", type=float, default=0.0, help="stop at this relative gap to the bound (e.g. 0.01)")
     pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--partial", action="store_true", help="allow partial inference links")
+    pl.add_argument("--partial", action="store_true", help="allow partial inference links (petals always uses them)")
+    pl.add_argument("--prune", type=int, default=None, metavar="K",
+                    help="MILP neighbourhoods keep each node's K fastest links plus the incumbent's")
     pl.add_argument("--out", default=None, help="plan file to write (.toml or .json; default out/plan.toml)")
     pl.add_argument("--plot", default=None, help="PNG of the placement coloured by flow")
     pl.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -278,6 +280,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             gap_limit=args.gap_limit,
             seed=args.seed,
             partial=args.partial,
+            prune=args.prune,
             on_improve=on_improve,
             progress=progress,
             stop=stop,
@@ -341,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args))
     except HelixError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

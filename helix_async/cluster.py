@@ -683,7 +683,7 @@ def _header_partitions(text: str) -> list[list[str]] | None:
             return None
         try:
             value = ast.literal_eval(match.group(2))
-        except (ValueError, SyntaxError):
+        except Exception:  # best effort: any unparsable header means "no regions"
             return None
         if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
             return None
@@ -1025,7 +1025,7 @@ def _ini_get(parser: configparser.ConfigParser, source: str, section: str, optio
 def _ini_literal(value: str, source: str, where: str) -> Any:
     try:
         return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError) as exc:
+    except Exception as exc:  # literal_eval also raises TypeError, MemoryError, RecursionError
         raise ConfigError(source, where, f"cannot parse {value.strip()!r} as a literal") from exc
 
 

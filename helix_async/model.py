@@ -426,15 +426,15 @@ class ThroughputModel:
         ``k`` must be within the profiled maximum unless ``force`` (then settings are taken at the
         maximum and the time of all k layers is charged, as Helix's ``allow_force_set``).
         """
+        gpu = self.profiles.canonical(gpu)
+        if gpu not in self.counts:
+            raise ConfigError("<argument>", "gpu", f"GPU {gpu!r} is not part of this cluster mix")
+        settings = self.profiles.node_settings(gpu)
+        if k < 1 or (k > settings.max_layers and not force):
+            settings.kv(k)  # raises with the allowed range
         key = (gpu, k)
         hit = self._cache.get(key)
         if hit is None:
-            gpu = self.profiles.canonical(gpu)
-            if gpu not in self.counts:
-                raise ConfigError("<argument>", "gpu", f"GPU {gpu!r} is not part of this cluster mix")
-            settings = self.profiles.node_settings(gpu)
-            if k < 1 or (k > settings.max_layers and not force):
-                settings.kv(k)  # raises with the allowed range
             hit = self._batch(gpu, k, self.normalized_perf)
             self._cache[key] = hit
         return hit

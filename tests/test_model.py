@@ -137,3 +137,11 @@ def test_too_small_cluster_is_rejected() -> None:
     with pytest.raises(ConfigError, match="needs 80 layers but the cluster's nodes hold at most 12"):
         check_fits(t4, "llama2-70b")
     check_fits(load_cluster("single24"), "llama2-70b")
+
+
+def test_forced_throughput_does_not_leak_into_unforced_lookups() -> None:
+    tm = ThroughputModel("llama2-70b", MIXES["M24"])
+    assert tm.throughput("A100", 20, force=True) > 0
+    with pytest.raises(ValueError, match="1..12"):
+        tm.throughput("A100", 20)
+    assert tm.throughput("a100", 8) == tm.throughput("A100", 8)  # case-insensitive, same cache entry

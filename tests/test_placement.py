@@ -126,9 +126,12 @@ def test_rejects_range_over_max_layers(single24: ClusterSpec, base: Placement) -
         verify(bad)
     with pytest.raises(PlacementError, match="not within"):
         verify(_with(base, layers=_layers(single24, n1=(76, 81))))
-    # the same counts are fine with force when VRAM allows (10 T4 layers fit 16 GB, 11 do not)
-    forced = _with(base, layers=_layers(single24, n11=(69, 72), n1=(72, 80)), force=True)
+    # with force, more than the profiled maximum is fine while VRAM and a KV cache remain
+    forced = _with(base, layers=_layers(single24, n11=(69, 74), n1=(74, 80)), force=True)
     verify(forced)
+    # 8 T4 layers fit the 16 GB of VRAM but leave no room for a KV cache
+    with pytest.raises(PlacementError, match="no KV cache left with 8 layers"):
+        verify(_with(base, layers=_layers(single24, n11=(69, 72), n1=(72, 80)), force=True))
 
 
 def test_rejects_link_not_in_cluster(single24: ClusterSpec, base: Placement) -> None:

@@ -53,11 +53,9 @@ def test_hours_of_virtual_sleep_are_fast_and_exact() -> None:
     async def main() -> list[tuple[int, float]]:
         return await asyncio.gather(*(sleeper(i) for i in range(10)))
 
-    t0 = time.perf_counter()
+    # Finishing at all proves time jumped: a real-time loop would need 2.4 hours (speed is in bench/).
     results = run_virtual(main())
-    wall = time.perf_counter() - t0
     assert results == [(i, 8640.0) for i in range(10)]
-    assert wall < 30.0  # sanity only: a real-time loop would need 2.4 hours
 
 
 def test_start_time_and_sleep_until_exact() -> None:
@@ -221,10 +219,8 @@ def test_deadlock_on_unresolved_future() -> None:
         await asyncio.sleep(2.0)
         await asyncio.get_running_loop().create_future()
 
-    t0 = time.perf_counter()
     with pytest.raises(DeadlockError) as info:
         run_virtual(main())
-    assert time.perf_counter() - t0 < 30.0  # raised, did not hang (sanity bound only)
     err = info.value
     assert isinstance(err, HelixError) and isinstance(err, RuntimeError)
     assert err.virtual_time == 2.0

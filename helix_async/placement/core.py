@@ -195,6 +195,11 @@ def verify(placement: Placement, tm: ThroughputModel | None = None) -> None:
         if k > cap:
             why = "VRAM" if placement.force else "profiled max layers / VRAM"
             problems.append(f"node {i} ({m.name}): holds {k} layers, at most {cap} fit ({why})")
+        elif placement.force:
+            try:
+                tm.kv_capacity(m.gpu, k)
+            except ValueError as exc:  # weights leave no room for a KV cache
+                problems.append(f"node {i} ({m.name}): {exc}")
     arcset = {(a.src, a.dst) for a in cl.arcs()}
     for u, v in placement.links:
         if (u, v) not in arcset:

@@ -403,7 +403,7 @@ def _ini(parser: configparser.ConfigParser, src: str, section: str, option: str)
 def _literal_list(src: str, where: str, text: str) -> list[Any]:
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
+    except Exception as exc:  # literal_eval also raises TypeError, MemoryError, RecursionError
         raise ConfigError(src, where, f"not a list literal: {text!r}") from exc
     if not isinstance(value, list):
         raise ConfigError(src, where, f"must be a list, got {text!r}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cluster import SINK, SOURCE, ClusterSpec, NodeRef
-from ..model import ModelSpec, ThroughputModel
+from ..model import ModelSpec, ThroughputModel, max_compute_throughput
 
 log = logging.getLogger("helix_async.planner")
 
@@ -106,7 +106,8 @@ class Capacities:
         for a in cluster.arcs():
             per_token = tau if (a.src == SOURCE or a.dst == SINK) else tau + alpha
             arc_cap[(a.src, a.dst)] = a.bandwidth / per_token
-        U = sum(max(k * node_cap[(i, k)] for k in range(1, node_max[i] + 1)) for i in node_max if node_max[i] > 0)
+        # the same formula as everywhere else (HELIX_SPEC §3.5); it bounds these capacities too
+        U = max_compute_throughput(cluster, model, tm)
         return cls(
             num_layers=model.num_layers,
             node_max_layers=node_max,
@@ -114,7 +115,7 @@ class Capacities:
             arc_cap=arc_cap,
             source_cap=cluster.coordinator_nic_out / tau,
             sink_cap=cluster.coordinator_nic_in / tau,
-            upper_bound_U=U / model.num_layers,
+            upper_bound_U=U,
         )
 
     def node_best(self, i: int) -> float:
@@ -475,14 +476,15 @@ class ArcModel:
         m.addCons(F == qs(src_flows))
         m.addCons(F == qs(snk_flows))
         m.addCons(L * F <= qs(work_expr))  # aggregate cut
-        for cls in self.symmetry_classes:
-            members = [i for i in cls if i in free and i in kexpr]
+        sym_members = [[i for i in cls if i in free and i in kexpr] for cls in self.symmetry_classes]
+        for members in sym_members:
             for a, c in zip(members, members[1:], strict=False):
                 # lexicographic (k desc, then start asc) among interchangeable nodes
                 m.addCons(kexpr[a] >= kexpr[c])
                 m.addCons(s[a] - s[c] <= L * (kexpr[a] - kexpr[c]))
         m.setObjective(F, "maximize")
         if start is not None:
+            start, start_flows = _canonical_start(start, start_flows, sym_members, L)
             self._warm_start(m, s, b, d, f, F, start, start_flows)
         m.optimize()
         status = m.getStatus()
@@ -563,6 +565,43 @@ class ArcModel:
                 m.addSol(psol)
         else:
             m.addSol(sol)
+
+
+def _canonical_start(
+    start: Mapping[int, LayerRange | None],
+    flows: Mapping[tuple[NodeRef, NodeRef], float] | None,
+    classes: Iterable[list[int]],
+    L: int,
+) -> tuple[dict[int, LayerRange | None], dict[tuple[NodeRef, NodeRef], float] | None]:
+    """Permute the start within classes of interchangeable nodes so it obeys the symmetry breaking.
+
+    The lexicographic constraints ask for (k descending, start ascending) in id order inside each
+    class; a start in another order would be rejected and the solve would begin cold. Swapping
+    interchangeable nodes changes neither the plan's value nor its links' capacities, so the start
+    is re-labelled (ranges and flows alike) to the order the model accepts.
+    """
+    perm: dict[int, int] = {}
+    out = dict(start)
+    for members in classes:
+        if len(members) < 2:
+            continue
+
+        def key(i: int) -> tuple[int, int, int]:
+            r = start.get(i)
+            if r is None:  # parked at the last layer by the warm start
+                r = (L - 1, L)
+            return (-(r[1] - r[0]), r[0], i)
+
+        for new_id, old_id in zip(sorted(members), sorted(members, key=key), strict=True):
+            perm[old_id] = new_id
+            out[new_id] = start.get(old_id)
+    if not perm or flows is None:
+        return out, None if flows is None else dict(flows)
+
+    def relabel(x: NodeRef) -> NodeRef:
+        return perm.get(x, x) if isinstance(x, int) else x
+
+    return out, {(relabel(u), relabel(v)): val for (u, v), val in flows.items()}
 
 
 def _arc_valid(u: NodeRef, v: NodeRef, sv: Mapping[int, Any], ev: Mapping[int, Any], L: int, partial: bool) -> bool:

@@ -33,6 +33,7 @@ from .milp import (
     coverage_bound,
     interchangeable_classes,
     links_can_bind,
+    prune_arcs,
     type_classes,
 )
 
@@ -59,7 +60,7 @@ class PlanResult:
 
     @property
     def gap(self) -> float:
-        """Relative gap (bound - value) / bound, in [0, 1]; 1.0 when nothing flows."""
+        """Relative gap (bound - value) / bound, in [0, 1] (0.0 when the bound itself is 0)."""
         if self.upper_bound <= 0:
             return 0.0
         return max(0.0, (self.upper_bound - self.value) / self.upper_bound)
@@ -79,7 +80,9 @@ class _Search:
         on_improve: Callable[[Placement, float], None] | None,
         progress: Callable[[dict[str, Any]], None] | None,
         stop: StopFlag,
+        prune: int | None = None,
     ) -> None:
+        self.prune = prune
         self.cluster = cluster
         self.model = model
         self.partial = partial
@@ -118,6 +121,10 @@ class _Search:
         return max(0.0, (self.bound - max(self.best_value, 0.0)) / self.bound)
 
     def tighten(self, bound: float, source: str) -> None:
+        if bound < self.best_value * (1 - 1e-9) - 1e-9:
+            # a valid bound can never be below a verified plan's exact value: report, do not hide it
+            log.warning("%s %.6f is below the incumbent %.6f; ignoring it", source, bound, self.best_value)
+            return
         if bound < self.bound - 1e-9:
             self.bound = max(bound, self.best_value)
             self.bound_source = source
@@ -268,6 +275,10 @@ class _Search:
                         psize += 1
                 continue
             free = self._choose_free(ids, size, flow)
+            keep = None
+            if self.prune:
+                # the incumbent's links always survive pruning, so its complete start stays valid
+                keep = prune_arcs(self.cluster, min_keep=self.prune, max_keep=self.prune, must_keep=self.best.links)
             arc = ArcModel(
                 self.cluster,
                 self.caps,
@@ -278,6 +289,7 @@ class _Search:
                 time_limit=sub_limit,
                 seed=self.seed + it,
                 stop=self.stop,
+                keep_arcs=keep,
             )
             res = arc.solve(start=dict(self.best.layers), start_flows=flow.link_flows)
             improved = res.layers is not None and self.offer(res.layers, f"LNS({len(free)} nodes)")
@@ -401,12 +413,15 @@ def plan(
     on_improve: Callable[[Placement, float], None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop: StopFlag | None = None,
+    prune: int | None = None,
 ) -> PlanResult:
     """Plan a placement of ``model`` on ``cluster``.
 
     method: "milp" (heuristics -> position model -> LNS over the MILP) or one heuristic's name.
     time_limit / stall_limit: seconds of wall time in total / without improvement.
     gap_limit: stop when (bound - value) / bound falls to this fraction.
+    prune: keep only each node's ``prune`` fastest links (plus the incumbent's) in the MILP
+    neighbourhoods, as Helix's pruning did for large clusters; None keeps every link.
     Returns the best verified plan found; an impossible time limit still returns the best heuristic.
     """
     spec = get_model(model) if isinstance(model, str) else model
@@ -423,6 +438,7 @@ def plan(
         on_improve=on_improve,
         progress=progress,
         stop=stop if stop is not None else StopFlag(),
+        prune=prune,
     )
     s.tighten(coverage_bound(s.caps), "coverage bound")
     if method != "milp":
@@ -431,7 +447,7 @@ def plan(
         if method in ("petals", "swarm", "homogeneous"):
             kwargs["seed"] = seed
         if method == "petals":
-            kwargs["partial"] = True if not partial else partial
+            kwargs["partial"] = True  # Petals is defined with partial-inference links (HELIX_SPEC §5.1)
         p = fn(cluster, spec, **kwargs)
         value = max_flow(p, s.tm).value
         s.best, s.best_value, s.best_source = p, value, f"heuristic {method}"
