@@ -24,7 +24,7 @@ from helix_async.routing._kv_py import (
 )
 from helix_async.routing._router_py import (
     MIN_FLOW_SHARE, check_input_len, check_kv_matches, placement_router_inputs,
-    prepare_router_inputs, statically_feasible,
+    prepare_router_inputs,
 )
 
 
@@ -360,6 +360,9 @@ cdef class KVTracker:
     cdef bint _can_add_i(self, Py_ssize_t i, long long e) noexcept nogil:
         return <double> (self._avail[i] - e * self._k[i]) >= self._thr[i]
 
+    cdef bint _can_ever_add_i(self, Py_ssize_t i, long long e) noexcept nogil:
+        return <double> (self._total[i] - e * self._k[i]) >= self._thr[i]
+
     def expected_len(self, n):
         return self._expected(_as_count(n, "input length", 0, MAX_INPUT_LEN))
 
@@ -371,7 +374,7 @@ cdef class KVTracker:
     def can_ever_add(self, node, n):
         cdef Py_ssize_t i = self._i(node)
         cdef long long e = self._expected(_as_count(n, "input length", 0, MAX_INPUT_LEN))
-        return <double> (self._total[i] - e * self._k[i]) >= self._thr[i]
+        return self._can_ever_add_i(i, e)
 
     def reserve(self, request_id, stages, n):
         if request_id in self._resv:
@@ -480,14 +483,16 @@ cdef class FlowRouter:
     cdef list _cstage        # candidate -> its stage tuple (node, start, end)
     cdef dict _sidx          # node ref -> scheduling index, the sink -> -1
     cdef unsigned char* _maskbuf
-    cdef Py_ssize_t* _hx     # per hop of the route being built: scheduling index,
-    cdef Py_ssize_t* _hj     # chosen candidate (local index) and
-    cdef double* _hprev      # load before the charge
+    cdef Py_ssize_t* _hx     # per hop of the route being searched: scheduling index and
+    cdef Py_ssize_t* _hj     # chosen candidate (local index)
     cdef Py_ssize_t* _rkv    # per compute hop: KV index and
     cdef long long* _rlayers # layers run
+    cdef unsigned long long* _dead  # per scheduling index: == _epoch when a dead end in this search
+    cdef unsigned long long _epoch  # one per search, so _dead never needs clearing
     cdef long long _L
     cdef Py_ssize_t _routed
     cdef Py_ssize_t _failed
+    cdef Py_ssize_t _backtracks
 
     def __cinit__(self):
         self._coff = NULL
@@ -498,9 +503,10 @@ cdef class FlowRouter:
         self._maskbuf = NULL
         self._hx = NULL
         self._hj = NULL
-        self._hprev = NULL
         self._rkv = NULL
         self._rlayers = NULL
+        self._dead = NULL
+        self._epoch = 0
 
     def __init__(self, stages, links, prompt_limits, KVTracker kv not None, num_layers, *,
                  min_share=MIN_FLOW_SHARE):
@@ -528,9 +534,10 @@ cdef class FlowRouter:
         self._maskbuf = <unsigned char*> _alloc(widest, sizeof(unsigned char))
         self._hx = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
         self._hj = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
-        self._hprev = <double*> _alloc(ns + 1, sizeof(double))
         self._rkv = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
         self._rlayers = <long long*> _alloc(ns + 1, sizeof(long long))
+        self._dead = <unsigned long long*> _alloc(ns, sizeof(unsigned long long))
+        self._epoch = 0
         self._iwrr = []
         self._cstage = []
         self._sidx = {x: xi for xi, x in enumerate(sched)}
@@ -539,6 +546,7 @@ cdef class FlowRouter:
         cdef Py_ssize_t xi, j
         cdef long long start
         for xi in range(ns):
+            self._dead[xi] = 0
             x = sched[xi]
             cands = inp.cands[x]
             self._coff[xi] = c
@@ -563,6 +571,7 @@ cdef class FlowRouter:
         self._coff[ns] = c
         self._routed = 0
         self._failed = 0
+        self._backtracks = 0
 
     cdef void _release(self) noexcept:
         free(self._coff)
@@ -581,12 +590,12 @@ cdef class FlowRouter:
         self._hx = NULL
         free(self._hj)
         self._hj = NULL
-        free(self._hprev)
-        self._hprev = NULL
         free(self._rkv)
         self._rkv = NULL
         free(self._rlayers)
         self._rlayers = NULL
+        free(self._dead)
+        self._dead = NULL
 
     def __dealloc__(self):
         self._release()
@@ -622,10 +631,57 @@ cdef class FlowRouter:
 
     @property
     def stats(self):
-        return {"routed": self._routed, "failed": self._failed}
+        return {"routed": self._routed, "failed": self._failed, "backtracks": self._backtracks}
 
     def feasible(self, n):
-        return statically_feasible(self._in, self._kv, check_input_len(n))
+        cdef long long nn = check_input_len(n)
+        return self._search(nn, self._kv._expected(nn), True) >= 0
+
+    cdef Py_ssize_t _search(self, long long n, long long e, bint idle) noexcept:
+        # The search of _router_py.FlowRouter._search: greedy first, backtracking only on dead
+        # ends. Leaves the hops in _hx/_hj and returns their count, or -1 when there is no route;
+        # charges nothing.
+        cdef KVTracker kv = self._kv
+        cdef double work = <double> n
+        cdef unsigned long long ep
+        cdef Py_ssize_t x = 0
+        cdef Py_ssize_t nh = 0
+        cdef Py_ssize_t off, m, k, j, yi, kvi
+        cdef unsigned char* mask = self._maskbuf
+        cdef IWRR iw
+        self._epoch += 1
+        ep = self._epoch
+        while True:
+            off = self._coff[x]
+            m = self._coff[x + 1] - off
+            for k in range(m):
+                yi = self._cy[off + k]
+                if yi < 0:
+                    mask[k] = 0
+                elif n > self._climit[off + k] or self._dead[yi] == ep:
+                    mask[k] = 1
+                else:
+                    kvi = self._ckv[off + k]
+                    mask[k] = not (kv._can_ever_add_i(kvi, e) if idle else kv._can_add_i(kvi, e))
+            iw = <IWRR> PyList_GET_ITEM(self._iwrr, x)
+            j = iw._argmin(work, mask)
+            if j < 0:
+                if nh == 0:
+                    return -1
+                # dead end: no way on from x; mask it and re-choose at the previous hop
+                self._dead[x] = ep
+                nh -= 1
+                x = self._hx[nh]
+                if not idle:
+                    self._backtracks += 1
+                continue
+            self._hx[nh] = x
+            self._hj[nh] = j
+            nh += 1
+            yi = self._cy[off + j]
+            if yi < 0:
+                return nh
+            x = yi
 
     def route(self, request_id, input_len):
         cdef long long n
@@ -636,52 +692,28 @@ cdef class FlowRouter:
         cdef KVTracker kv = self._kv
         if request_id in kv._resv:
             raise ValueError(f"request {request_id!r} already holds a KV reservation")
-        cdef double work = <double> n
         cdef long long e = kv._expected(n)
-        cdef Py_ssize_t x = 0
-        cdef Py_ssize_t nh = 0
+        cdef Py_ssize_t nh = self._search(n, e, False)
+        if nh < 0:
+            self._failed += 1
+            return None
+        cdef double work = <double> n
         cdef Py_ssize_t nr = 0
-        cdef Py_ssize_t off, m, k, j, yi, h
-        cdef unsigned char* mask = self._maskbuf
+        cdef Py_ssize_t h, c, j
         cdef IWRR iw
-        while True:
-            off = self._coff[x]
-            m = self._coff[x + 1] - off
-            iw = self._iwrr[x]
-            for k in range(m):
-                yi = self._cy[off + k]
-                if yi < 0:
-                    mask[k] = 0
-                elif n > self._climit[off + k]:
-                    mask[k] = 1
-                else:
-                    mask[k] = not kv._can_add_i(self._ckv[off + k], e)
-            j = iw._argmin(work, mask)
-            if j < 0:
-                # roll back this request's charges, newest first, to the saved loads
-                h = nh - 1
-                while h >= 0:
-                    iw = self._iwrr[self._hx[h]]
-                    iw._load[self._hj[h]] = self._hprev[h]
-                    h -= 1
-                self._failed += 1
-                return None
-            self._hx[nh] = x
-            self._hj[nh] = j
-            self._hprev[nh] = iw._load[j]
-            nh += 1
-            iw._load[j] = iw._load[j] + work / iw._w[j]
-            yi = self._cy[off + j]
-            if yi < 0:
-                break
-            self._rkv[nr] = self._ckv[off + j]
-            self._rlayers[nr] = self._clayers[off + j]
-            nr += 1
-            x = yi
+        for h in range(nh):
+            c = self._coff[self._hx[h]] + self._hj[h]
+            if self._cy[c] >= 0:
+                self._rkv[nr] = self._ckv[c]
+                self._rlayers[nr] = self._clayers[c]
+                nr += 1
         kv._reserve_arrays(request_id, self._rkv, self._rlayers, nr, e)
         route = PyTuple_New(nh)
         for h in range(nh):
-            stage = self._cstage[self._coff[self._hx[h]] + self._hj[h]]
+            j = self._hj[h]
+            iw = <IWRR> PyList_GET_ITEM(self._iwrr, self._hx[h])
+            iw._load[j] = iw._load[j] + work / iw._w[j]
+            stage = <object> PyList_GET_ITEM(self._cstage, self._coff[self._hx[h]] + j)
             Py_INCREF(stage)
             PyTuple_SET_ITEM(route, h, stage)
         self._routed += 1

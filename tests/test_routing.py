@@ -30,6 +30,7 @@ from helix_async.routing import (
     RandomPolicy,
     ShortestQueuePolicy,
     SwarmPolicy,
+    node_seed,
 )
 
 IWRRS = [pytest.param(IWRRPy, id="py")]
@@ -305,7 +306,7 @@ def test_router_routes_cover_every_layer_once_on_valid_links(pair) -> None:
         # every compute hop holds E(n) * layers run
         assert r.kv.reserved(i) == tuple((node, (n + 240) * (e - s)) for node, s, e in route[:-1])
         r.finish(i)
-    assert r.stats == {"routed": 300, "failed": 0}
+    assert r.stats == {"routed": 300, "failed": 0, "backtracks": 0}
     assert all(avail == r.kv.total(u) for u, avail in r.kv.snapshot())
 
 
@@ -451,6 +452,10 @@ def test_partial_inference_runs_the_rest_of_the_next_node(pair) -> None:
 # ==================================================================================================
 
 
+def random_plans_lazy():
+    return st.deferred(lambda: random_plans())
+
+
 def _small_plan(pair, capacity=100):
     router_cls, kv_cls = pair
     stages = {0: (0, 1), 1: (0, 1)}
@@ -490,6 +495,7 @@ def test_queue_bound_rejects_and_counts(pair) -> None:
         q.submit(4, 5)
     with pytest.raises(ValueError, match="already holds"):
         q.submit(0, 5)
+    assert q.stats == s  # neither error counts as a submission
     assert q.retry() == []
     # 60 tokens: above node 1's prompt limit, and above node 0's whole KV: never routable
     q = AdmissionQueue(_small_plan(pair, capacity=50), capacity=2)
@@ -513,6 +519,191 @@ def test_queue_on_the_ilp_plan_when_kv_is_full(pair) -> None:
         drained += [rid for rid, _ in q.finish(drained[k])]
         k += 1
     assert q.pending == 0 and drained == list(range(n_routed, 250))
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+def test_queue_submit_error_for_a_held_reservation_counts_nothing(pair) -> None:
+    q = AdmissionQueue(_small_plan(pair), capacity=4)
+    assert q.submit("a", 10) == "routed"
+    before = q.stats
+    # empty queue: refused before the router is asked
+    with pytest.raises(ValueError, match="already holds"):
+        q.submit("a", 10)
+    assert q.stats == before and q.router.stats["routed"] == 1  # type: ignore[attr-defined]
+    # non-empty queue
+    assert [q.submit(i, 50) for i in range(4)] == ["routed"] * 3 + ["queued"]
+    before = q.stats
+    with pytest.raises(ValueError, match="already holds"):
+        q.submit(0, 10)
+    assert q.stats == before and before["submitted"] == 5
+
+
+# ---- dead ends: greedy first, backtrack only when the greedy walk gets stuck ---------------------
+
+
+def _dead_end_plan(pair, capacity=10**9):
+    """The reviewer's reproduction: source->1 (flow 10) and source->2 (flow 5); 1->3 where node 3
+    takes at most 100 prompt tokens; 2->4->sink. IWRR at the source prefers 1 (twice the flow)."""
+    router_cls, kv_cls = pair
+    stages = {1: (0, 1), 2: (0, 1), 3: (1, 2), 4: (1, 2)}
+    kv = kv_cls(dict.fromkeys(stages, capacity), stages, hwm=1.0, output_ratio=0.0)
+    links = {
+        SOURCE: [(1, 10.0), (2, 5.0)],
+        1: [(3, 10.0)],
+        2: [(4, 5.0)],
+        3: [(SINK, 10.0)],
+        4: [(SINK, 5.0)],
+    }
+    return router_cls(stages, links, {1: 4000, 2: 4000, 3: 100, 4: 4000}, kv, 2)
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+def test_router_backtracks_out_of_a_dead_end(pair) -> None:
+    r = _dead_end_plan(pair)
+    assert r.feasible(1000) and r.feasible(10)
+    # greedy: source -> 1 (cost 100 < 200), then 1 has no way on (3 refuses 1000 tokens)
+    assert r.route("a", 1000) == ((2, 0, 1), (4, 1, 2), (SINK, 2, 2))
+    assert r.stats == {"routed": 1, "failed": 0, "backtracks": 1}
+    # only the route's hops are charged; the abandoned source->1 hop is rolled back exactly
+    assert r.snapshot() == (
+        (SOURCE, (0.0, 200.0)),
+        (1, (0.0,)),
+        (2, (200.0,)),
+        (3, (0.0,)),
+        (4, (200.0,)),
+    )
+    assert r.kv.reserved("a") == ((2, 1000), (4, 1000))
+    # a small request takes the greedy way (no dead end, no backtracking)
+    assert r.route("b", 10) == ((1, 0, 1), (3, 1, 2), (SINK, 2, 2))
+    assert r.stats == {"routed": 2, "failed": 0, "backtracks": 1}
+    assert r.loads(SOURCE) == (1.0, 200.0)
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+def test_queue_is_not_blocked_by_a_greedy_dead_end(pair) -> None:
+    # the reproduction: "a" used to be queued (feasible but unroutable by the greedy walk) and hold
+    # "b" behind it for ever
+    q = AdmissionQueue(_dead_end_plan(pair), capacity=10)
+    assert q.submit("a", 1000) == "routed"
+    assert q.submit("b", 10) == "routed"
+    assert q.pending == 0 and q.retry() == []
+    # the same dead end caused by KV use instead of a prompt limit: the only way through 2 is full,
+    # so "c" waits (it is feasible) and "d" behind it; both go once the blocker finishes
+    r = _dead_end_plan(pair, capacity=3000)
+    q = AdmissionQueue(r, capacity=10)
+    r.kv.reserve("blocker", [(4, 1)], 2500)
+    assert q.submit("c", 1000) == "queued" and q.submit("d", 10) == "queued"
+    assert q.retry() == []
+    r.finish("blocker")
+    assert q.retry() == [
+        ("c", ((2, 0, 1), (4, 1, 2), (SINK, 2, 2))),
+        ("d", ((1, 0, 1), (3, 1, 2), (SINK, 2, 2))),
+    ]
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+def test_queue_rejects_at_once_what_no_path_can_take(pair) -> None:
+    q = AdmissionQueue(_dead_end_plan(pair, capacity=3000), capacity=10)
+    # 3001 tokens fit no node's KV (capacity 3000): infeasible, rejected rather than queued
+    assert not q.router.feasible(3001) and q.router.feasible(3000)
+    assert q.submit("big", 3001) == "rejected"
+    assert q.stats["rejected_infeasible"] == 1 and q.stats["rejected_full"] == 0 and q.pending == 0
+
+
+def _paths_exist(router, limits, n, fits) -> bool:
+    """Oracle: is there any source -> sink path over the router's candidates whose every compute
+    node takes n prompt tokens and passes ``fits(node, n)`` (exhaustive, no memo)?"""
+
+    def ok(x) -> bool:
+        for y, _ in router.candidates(x):
+            if y == SINK or (n <= limits[y] and fits(y, n) and ok(y)):
+                return True
+        return False
+
+    return ok(SOURCE)
+
+
+def _greedy(router, limits, n):
+    """Oracle: the old greedy walk (no backtracking) from the router's current loads: the hops
+    ((x, j) pairs) of its route, or None when it gets stuck."""
+    x, hops = SOURCE, []
+    while True:
+        best, best_cost = -1, 0.0
+        loads = router.loads(x)
+        for j, (y, w) in enumerate(router.candidates(x)):
+            if y != SINK and (n > limits[y] or not router.kv.can_add(y, n)):
+                continue
+            cost = loads[j] + n / w
+            if best < 0 or cost < best_cost:
+                best, best_cost = j, cost
+        if best < 0:
+            return None
+        hops.append((x, best))
+        y = router.candidates(x)[best][0]
+        if y == SINK:
+            return hops
+        x = y
+
+
+def _make_router(pair, plan):
+    stages, links, limits, cap, kv_kw, L, share = plan
+    router_cls, kv_cls = pair
+    return router_cls(stages, links, limits, kv_cls(cap, stages, **kv_kw), L, min_share=share)
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+@settings(max_examples=150, deadline=None)
+@given(plan=random_plans_lazy(), lengths=st.lists(st.integers(1, 4000), min_size=1, max_size=12))
+def test_route_succeeds_on_an_idle_cluster_iff_feasible(pair, plan, lengths) -> None:
+    r = _make_router(pair, plan)
+    limits = plan[2]
+    for i, n in enumerate(lengths):
+        assert len(r.kv) == 0  # idle: nothing reserved
+        expect = _paths_exist(r, limits, n, r.kv.can_ever_add)
+        assert r.feasible(n) == expect
+        route = r.route(i, n)
+        assert (route is not None) == expect
+        if route is not None:
+            _check_contiguous(r, route)
+            r.finish(i)
+
+
+@pytest.mark.parametrize("pair", ROUTERS)
+@settings(max_examples=150, deadline=None)
+@given(plan=random_plans_lazy(), data=st.data())
+def test_route_is_greedy_first_and_backtracks_only_on_dead_ends(pair, plan, data) -> None:
+    r = _make_router(pair, plan)
+    limits = plan[2]
+    live: list = []
+    for rid in range(data.draw(st.integers(1, 40))):
+        if live and data.draw(st.integers(0, 3)) == 0:
+            r.finish(live.pop(data.draw(st.integers(0, len(live) - 1))))
+            continue
+        n = data.draw(st.one_of(st.integers(1, 300), st.integers(1, 4000)))
+        greedy = _greedy(r, limits, n)
+        exists = _paths_exist(r, limits, n, r.kv.can_add)
+        loads, backtracks = dict(r.snapshot()), r.stats["backtracks"]
+        route = r.route(rid, n)
+        assert (route is not None) == exists  # complete: fails only when no path fits now
+        after = dict(r.snapshot())
+        if route is None:
+            assert after == loads
+            continue
+        live.append(rid)
+        if greedy is not None:
+            # no dead end met: exactly the greedy route, no backtracking
+            assert [r.candidates(x)[j][0] for x, j in greedy] == [s[0] for s in route]
+            assert r.stats["backtracks"] == backtracks
+        else:
+            assert r.stats["backtracks"] > backtracks
+        # only the route's hops are charged, each once by n / flow
+        prev = SOURCE
+        for node, _, _ in route:
+            j = [y for y, _ in r.candidates(prev)].index(node)
+            assert after[prev][j] == loads[prev][j] + n / r.candidates(prev)[j][1]
+            loads[prev] = tuple(after[prev][k] if k == j else v for k, v in enumerate(loads[prev]))
+            prev = node
+        assert after == loads
 
 
 # ==================================================================================================
@@ -756,6 +947,32 @@ def test_swarm_prefers_fast_links() -> None:
     assert counts[0] > 3 * counts[1]
 
 
+def test_random_policies_need_an_explicit_keyword_seed() -> None:
+    for cls in (RandomPolicy, ShortestQueuePolicy):
+        with pytest.raises(TypeError):
+            cls([1, 2])  # no shared default stream (HELIX_SPEC §12.3 item 19)
+        with pytest.raises(TypeError):
+            cls([1, 2], 5)  # keyword only
+        assert cls([1, 2], seed=node_seed(5, 1)).out_links == (1, 2)
+
+
+def test_node_seed_is_deterministic_and_distinct_per_node() -> None:
+    # pinned values: no per-process hash() salt, the same on every platform and Python
+    assert node_seed(0, 0) == 0xE828E28409BC59BD
+    assert node_seed(2024, SOURCE) == 463551662138297902
+    assert node_seed(7, 3) == node_seed(7, 3)
+    seeds = {node_seed(7, u) for u in [*range(64), SOURCE, SINK]}
+    assert len(seeds) == 66
+    assert node_seed(7, 3) != node_seed(8, 3)
+    assert node_seed(7, 3) != node_seed(3, 7)
+    assert all(0 <= s < 2**64 for s in seeds)
+    with pytest.raises(TypeError):
+        node_seed(7, True)  # type: ignore[arg-type]
+    # distinct nodes of one run draw distinct streams
+    a, b = (RandomPolicy(range(6), seed=node_seed(11, u)) for u in (1, 2))
+    assert [a.choose() for _ in range(30)] != [b.choose() for _ in range(30)]
+
+
 def test_random_policy_is_seeded_and_uses_its_own_rng() -> None:
     state = random.getstate()
     a, b, other = (
@@ -791,7 +1008,7 @@ def test_shortest_queue_picks_the_minimum_and_breaks_ties_randomly() -> None:
 
 def test_shortest_queue_scans_past_the_sink() -> None:
     # The original stopped at the first sink link, so node 3 (also empty) after it was never used.
-    sq = ShortestQueuePolicy([5, SINK, 3], seed=0)
+    sq = ShortestQueuePolicy([5, SINK, 3], seed=node_seed(0, 7))
     assert {sq.choose(None, {5: 2, 3: 0}) for _ in range(60)} == {1, 2}
     with_sink: dict[NodeRef, int] = {5: 2, 3: 0, SINK: 4}
     assert {sq.choose(None, with_sink) for _ in range(20)} == {2}

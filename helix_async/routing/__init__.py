@@ -7,10 +7,11 @@ compiled KVTracker; ``FlowRouter.from_plan`` builds the matching one when none i
 
 * :class:`IWRR` -- weighted round robin by virtual finish time at one scheduling node (§7.1);
 * :class:`KVTracker` -- the KV-cache expectation used for admission (§7.2);
-* :class:`FlowRouter` -- route selection, hop by hop from the source (§7.1);
+* :class:`FlowRouter` -- route selection, hop by hop from the source, greedy first and
+  backtracking only on dead ends (§7.1);
 * :class:`AdmissionQueue` -- bounded FIFO for requests that cannot be placed yet (pure Python);
 * :class:`SwarmPolicy`, :class:`RandomPolicy`, :class:`ShortestQueuePolicy` -- per-hop baselines
-  (§7.3-7.5, pure Python).
+  (§7.3-7.5, pure Python); :func:`node_seed` derives the per-node seed the random ones require.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ._iwrr_py import IWRR as IWRRPy
 from ._kv_py import KVTracker as KVTrackerPy
 from ._router_py import MIN_FLOW_SHARE, Admission, AdmissionQueue, Route, RouterLike, Stage
 from ._router_py import FlowRouter as FlowRouterPy
-from .baselines import RandomPolicy, ShortestQueuePolicy, SwarmPolicy
+from .baselines import RandomPolicy, ShortestQueuePolicy, SwarmPolicy, node_seed
 
 _mod = _ext.load("_routing")
 IWRRC = None if _mod is None else _mod.IWRR
@@ -51,4 +52,5 @@ __all__ = [
     "ShortestQueuePolicy",
     "Stage",
     "SwarmPolicy",
+    "node_seed",
 ]

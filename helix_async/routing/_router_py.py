@@ -20,12 +20,27 @@ last). A request with ``n`` input tokens:
 Links masked by flow share never change, so they are left out of the IWRR altogether; choices and
 loads are the same as with them permanently masked (the original keeps them in the list).
 
-The walk is **greedy, as in the original**: it never backtracks, so it can fail at a node whose
-candidates are all masked even when another branch earlier on would have led to the sink. On a
-failure every IWRR charge made on the earlier hops of this request is rolled back by restoring the
-saved loads bit for bit (the original subtracts, ``restore_one``), nothing is reserved and ``None``
-is returned; nothing asserts. On success the KV expectation reserves ``E(n) * layers run`` on every
-compute node of the route.
+The walk is **greedy first, backtracking only on dead ends**. It follows the IWRR choice at every
+hop, exactly as the original's greedy walk does, as long as that leads on; when it reaches a node
+whose candidates are all masked (a dead end: the original fails there, HELIX_SPEC §12.2 items 8 and
+9), it marks that node dead for this request, steps back to the previous hop and re-chooses there
+with the dead node masked too -- a depth-first search over the candidates in IWRR order. A node's
+candidates and masks do not depend on the path that reached it (KV is only reserved once a route is
+found, and layers strictly increase along a path, so no node is visited twice on one route), so a
+dead node stays dead for the rest of the search: each node is expanded at most once, and ``route``
+fails only when *no* path of unmasked candidates reaches the sink. When no dead end is met the
+route, and the IWRR charges, are exactly those of the greedy walk.
+
+The IWRR charges (``load += n / flow`` on every hop of the route) are made once the whole route is
+found. That is the same as charging each hop when it is chosen and restoring the saved load when the
+search abandons it: a hop's charge only changes the IWRR of its own sending node, which is never met
+again below it. So an abandoned hop, or a failed request, leaves every load bit for bit as it was,
+nothing is reserved and ``None`` is returned; nothing asserts. On success the KV expectation
+reserves ``E(n) * layers run`` on every compute node of the route.
+
+:meth:`FlowRouter.feasible` runs the same search with the KV test of an idle cluster
+(``KVTracker.can_ever_add``), so on a cluster with nothing reserved ``route(n)`` succeeds exactly
+when ``feasible(n)`` is true; a request with ``feasible(n)`` false can never be routed.
 
 A route is a tuple of stages ``(node, start, end)`` (layers ``[start, end)``), the last one
 ``(SINK, L, L)``. ``on_decode(route)`` charges ``1 / flow`` on every hop of the route (each decode
@@ -198,33 +213,6 @@ def check_input_len(n: object) -> int:
     return v
 
 
-def statically_feasible(inputs: RouterInputs, kv: KVTracker, n: int) -> bool:
-    """Whether some path (over links with enough flow) could take ``n`` input tokens on an idle cluster.
-
-    Ignores IWRR state and current KV use: every compute node on the path must accept ``n`` prompt
-    tokens and ``kv.can_ever_add(node, n)``. False means the request can never be routed.
-    """
-    memo: dict[NodeRef, bool] = {}
-
-    def ok(x: NodeRef) -> bool:
-        hit = memo.get(x)
-        if hit is not None:
-            return hit
-        memo[x] = False  # layers strictly increase along a path, so there is no cycle to guard
-        res = False
-        for y, _ in inputs.cands[x]:
-            if y == SINK:
-                res = True
-            elif n <= inputs.prompt_limits[y] and kv.can_ever_add(y, n):  # type: ignore[index, arg-type]
-                res = ok(y)
-            if res:
-                break
-        memo[x] = res
-        return res
-
-    return ok(SOURCE)
-
-
 class FlowRouter:
     """MaxFlow + IWRR route selection with KV admission (see the module doc).
 
@@ -233,7 +221,17 @@ class FlowRouter:
     the same nodes and layer ranges; min_share: flow-share threshold (5 %).
     """
 
-    __slots__ = ("_in", "_kv", "_iwrr", "_cands", "_edge", "_sink_stage", "_routed", "_failed")
+    __slots__ = (
+        "_in",
+        "_kv",
+        "_iwrr",
+        "_cands",
+        "_edge",
+        "_sink_stage",
+        "_routed",
+        "_failed",
+        "_backtracks",
+    )
 
     def __init__(
         self,
@@ -262,6 +260,7 @@ class FlowRouter:
         self._sink_stage: Stage = (SINK, L, L)
         self._routed = 0
         self._failed = 0
+        self._backtracks = 0
 
     @classmethod
     def from_plan(
@@ -317,54 +316,86 @@ class FlowRouter:
 
     @property
     def stats(self) -> dict[str, int]:
-        """routed / failed: route() calls that returned a route / None."""
-        return {"routed": self._routed, "failed": self._failed}
+        """routed / failed: route() calls that returned a route / None; backtracks: dead ends that
+        route() stepped back from (0 while every walk is the plain greedy one)."""
+        return {"routed": self._routed, "failed": self._failed, "backtracks": self._backtracks}
 
     def feasible(self, n: int) -> bool:
-        """Whether a request of ``n`` input tokens could ever be routed (see :func:`statically_feasible`)."""
-        return statically_feasible(self._in, self._kv, check_input_len(n))
+        """Whether a request of ``n`` input tokens could ever be routed.
+
+        The route search of :meth:`route` with every KV test made as on an idle cluster
+        (``KVTracker.can_ever_add``), IWRR state untouched: on a cluster with nothing reserved,
+        ``route(n)`` succeeds exactly when this is true.
+        """
+        return self._search(check_input_len(n), True) is not None
 
     # ---- routing -----------------------------------------------------------------------------------
+
+    def _search(self, n: int, idle: bool) -> list[tuple[NodeRef, int]] | None:
+        """(scheduling node, chosen candidate index) for every hop of a route of ``n`` tokens, or None.
+
+        Greedy first, backtracking only on dead ends (see the module doc); charges nothing.
+        idle: test KV as on an idle cluster (``can_ever_add``) instead of now (``can_add``).
+        """
+        kv = self._kv
+        fits = kv.can_ever_add if idle else kv.can_add
+        limits = self._in.prompt_limits
+        work = float(n)
+        dead: set[NodeRef] = set()
+        hops: list[tuple[NodeRef, int]] = []
+        x: NodeRef = SOURCE
+        while True:
+            cands = self._cands[x]
+            mask = [
+                y != SINK and (n > limits[y] or y in dead or not fits(y, n))  # type: ignore[index, arg-type]
+                for y in cands
+            ]
+            j = self._iwrr[x].argmin(work, mask)
+            if j < 0:
+                if not hops:
+                    return None
+                # dead end: no way on from x; mask it and re-choose at the previous hop
+                dead.add(x)
+                x = hops.pop()[0]
+                if not idle:
+                    self._backtracks += 1
+                continue
+            hops.append((x, j))
+            y = cands[j]
+            if y == SINK:
+                return hops
+            x = y
 
     def route(self, request_id: Hashable, input_len: int) -> Route | None:
         """Pick a route for a request of ``input_len`` prompt tokens, or None when none fits now.
 
         On success the IWRR loads along the route are charged and the KV expectation reserved
-        under ``request_id`` (ValueError if that id already holds a reservation).
+        under ``request_id`` (ValueError if that id already holds a reservation). None means no
+        path of unmasked candidates reaches the sink now (see the module doc); nothing changes.
         """
         n = check_input_len(input_len)
         kv = self._kv
         if request_id in kv:
             raise ValueError(f"request {request_id!r} already holds a KV reservation")
-        work = float(n)
-        limits = self._in.prompt_limits
+        hops = self._search(n, False)
+        if hops is None:
+            self._failed += 1
+            return None
         stages = self._in.stages
-        x: NodeRef = SOURCE
-        last_end = 0
-        saved: list[tuple[IWRR, int, float]] = []
         route: list[Stage] = []
-        while True:
-            iw = self._iwrr[x]
-            cands = self._cands[x]
-            mask = [y != SINK and (n > limits[y] or not kv.can_add(y, n)) for y in cands]  # type: ignore[index, arg-type]
-            j = iw.argmin(work, mask)
-            if j < 0:
-                for iw_k, j_k, load_k in reversed(saved):
-                    iw_k.restore(j_k, load_k)
-                self._failed += 1
-                return None
-            saved.append((iw, j, iw.load(j)))
-            iw.add(j, work)
-            y = cands[j]
+        last_end = 0
+        for x, j in hops:
+            y = self._cands[x][j]
             if y == SINK:
                 route.append(self._sink_stage)
                 break
             a, b = stages[y]  # type: ignore[index]
-            start = a if x == SOURCE else last_end
-            route.append((y, start, b))
+            route.append((y, a if x == SOURCE else last_end, b))
             last_end = b
-            x = y
         kv.reserve(request_id, [(s[0], s[2] - s[1]) for s in route[:-1]], n)  # type: ignore[misc]
+        work = float(n)
+        for x, j in hops:
+            self._iwrr[x].add(j, work)
         self._routed += 1
         return tuple(route)
 
@@ -427,10 +458,11 @@ class AdmissionQueue:
     overtaking, and :meth:`retry` routes from the head and stops at the first request that still
     does not fit. No request is starved by later ones; a large request at the head does hold back
     smaller ones behind it until KV frees up (head-of-line blocking is the price of FIFO). A
-    request that can never be routed (:meth:`FlowRouter.feasible` is False: prompt above every
-    path's limit, or KV demand above a node's high-water mark even when idle) is rejected at once
-    instead of blocking the head for ever. The greedy router can still fail for a feasible
-    request when its walk enters a dead end; such a request waits and is retried.
+    request that can never be routed (:meth:`FlowRouter.feasible` is False: no path whose every
+    node takes its prompt length and, even when idle, its KV demand under the high-water mark) is
+    rejected at once (counted as ``rejected_infeasible``) instead of blocking the head for ever.
+    Every request that waits is feasible, and the router backtracks out of dead ends, so on an
+    idle cluster ``route`` succeeds for it: the head always moves once enough KV is released.
     """
 
     def __init__(
@@ -497,6 +529,9 @@ class AdmissionQueue:
         n = check_input_len(input_len)
         if request_id in self._ids:
             raise ValueError(f"request {request_id!r} is already waiting")
+        if request_id in self._router.kv:
+            raise ValueError(f"request {request_id!r} already holds a KV reservation")
+        # counted only once the request is accepted for consideration (the errors above count nothing)
         self._stats["submitted"] += 1
         if not self._q:
             route = self._router.route(request_id, n)
@@ -504,8 +539,6 @@ class AdmissionQueue:
                 self._stats["routed_at_submit"] += 1
                 self._deliver(request_id, route)
                 return "routed"
-        elif request_id in self._router.kv:
-            raise ValueError(f"request {request_id!r} already holds a KV reservation")
         if not self._router.feasible(n):
             self._stats["rejected_infeasible"] += 1
             return "rejected"

@@ -15,12 +15,20 @@ Randomness comes from each policy's own ``random.Random(seed)``, never the globa
 scheduler's draws cannot shift the query mix of a run (HELIX_SPEC §12.2 item 15). Each random
 choice consumes exactly one ``shuffle`` of the link indices, whatever ``free`` says, so the stream
 of draws depends only on the number of calls.
+
+``seed`` is a required keyword argument of :class:`RandomPolicy` and :class:`ShortestQueuePolicy`:
+with a shared default every node drew the same random stream (HELIX_SPEC §12.3 item 19). A caller
+derives one seed per node from the run's seed, e.g. ``seed=node_seed(run_seed, node)``
+(:func:`node_seed`: deterministic across processes and platforms, independent of
+``PYTHONHASHSEED``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+import operator
 import random
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -31,7 +39,25 @@ from ..cluster import SINK, NodeRef
 # Keyed by receiver (a NodeRef); Any because Mapping is invariant in its key type.
 QueueLen: TypeAlias = Mapping[Any, int] | Callable[[Any], int]
 
-__all__ = ["QueueLen", "RandomPolicy", "ShortestQueuePolicy", "SwarmPolicy"]
+__all__ = ["QueueLen", "RandomPolicy", "ShortestQueuePolicy", "SwarmPolicy", "node_seed"]
+
+
+def node_seed(run_seed: int, node: NodeRef) -> int:
+    """A per-node RNG seed (0 <= seed < 2**64) derived from a run's seed and a node.
+
+    node: a compute node id, or SOURCE / SINK. Deterministic: the first 8 bytes (big-endian) of
+    the BLAKE2b digest of ``"helix-node-seed/<run_seed>/<kind>/<node>"`` -- never Python's
+    ``hash()``, which is salted per process -- so a run replays exactly, and distinct nodes (or
+    run seeds) get unrelated streams.
+    """
+    rs = operator.index(run_seed)
+    if isinstance(node, str):
+        key = f"helix-node-seed/{rs}/ref/{node}"
+    elif isinstance(node, bool):
+        raise TypeError(f"node must be a node id (int) or SOURCE / SINK, got {node!r}")
+    else:
+        key = f"helix-node-seed/{rs}/node/{operator.index(node)}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
 def _links(out_links: Sequence[NodeRef]) -> tuple[NodeRef, ...]:
@@ -111,15 +137,16 @@ class SwarmPolicy:
 class RandomPolicy:
     """The "naive" baseline: a uniformly random free link (§7.4).
 
-    out_links: receivers of this node's links; seed: seed of the policy's own RNG. Each call
-    shuffles the link indices once and returns the first free one (-1 when none is free).
+    out_links: receivers of this node's links; seed (keyword, required): seed of the policy's own
+    RNG, one per node (see :func:`node_seed`). Each call shuffles the link indices once and
+    returns the first free one (-1 when none is free).
     """
 
     __slots__ = ("_links", "_rng")
 
-    def __init__(self, out_links: Sequence[NodeRef], seed: int = 0) -> None:
+    def __init__(self, out_links: Sequence[NodeRef], *, seed: int) -> None:
         self._links = _links(out_links)
-        self._rng = random.Random(seed)
+        self._rng = random.Random(operator.index(seed))
 
     @property
     def out_links(self) -> tuple[NodeRef, ...]:
@@ -138,7 +165,8 @@ class RandomPolicy:
 class ShortestQueuePolicy:
     """A random free link among those whose receiver has the shortest inbound queue (§7.5).
 
-    out_links: receivers of this node's links; seed: seed of the policy's own RNG.
+    out_links: receivers of this node's links; seed (keyword, required): seed of the policy's own
+    RNG, one per node (see :func:`node_seed`).
 
     The minimum is taken over *all* receivers, as in the original: when every shortest-queue
     receiver's link is busy the policy returns -1 and the request waits, rather than going to a
@@ -151,9 +179,9 @@ class ShortestQueuePolicy:
 
     __slots__ = ("_links", "_rng")
 
-    def __init__(self, out_links: Sequence[NodeRef], seed: int = 0) -> None:
+    def __init__(self, out_links: Sequence[NodeRef], *, seed: int) -> None:
         self._links = _links(out_links)
-        self._rng = random.Random(seed)
+        self._rng = random.Random(operator.index(seed))
 
     @property
     def out_links(self) -> tuple[NodeRef, ...]:
