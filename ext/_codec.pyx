@@ -9,13 +9,17 @@ the fields that ``msgpack.unpackb`` accepts. Decoded messages are built without 
 dataclass ``__init__``: a fresh instance from the type's allocator gets its slots written at the
 offsets of the class's slot descriptors (checked at import), an equal instance of the same class.
 
-Errors: the fast paths only say accept or reject. On a rejection (or any exception in them)
-``encode``/``decode`` rerun the pure-Python codec, which raises the canonical ``CodecError``
-(and would return its result if the fast path were ever stricter than the spec; the test suite
-compares the two through ``_encode_strict``/``_decode_strict``, which do not fall back). Other
-message types go to the pure-Python codec directly. Tensors to encode are checked by the same
-Python helper (``tensor_to_wire``) in both codecs; received tensor frames are checked here and
-wrapped as ``tensor_from_wire`` does (``np.ndarray(shape, dtype, buffer=frame)``, no copy).
+Errors: the fast paths only say accept or reject (None); the encoder's also lets through the
+``CodecError`` of the shared tensor helper. On a rejection ``encode``/``decode`` rerun the
+pure-Python codec, which raises the canonical ``CodecError`` (and would return its result if the
+fast path were ever stricter than the spec; the test suite compares the two through
+``_encode_strict``/``_decode_strict``, which do not fall back). Any other exception is a bug of
+the fast path (or a failing helper, or MemoryError) and propagates: it is never hidden by a
+silent re-encode. Other message types, and limits that do not fit a C long long, go to the
+pure-Python codec directly. Tensors to encode are checked by the same Python helper
+(``tensor_to_wire``) in both codecs; received tensor frames are checked here (size against the
+descriptor, span against ``max_frame_bytes``) and wrapped as ``tensor_from_wire`` does
+(``np.ndarray(shape, dtype, buffer=frame)``, no copy; an array numpy refuses is a rejection).
 """
 
 from cpython.object cimport PyObject, PyTypeObject
@@ -158,18 +162,28 @@ cdef struct CLimits:
 cdef CLimits DEFAULT_C
 
 
+cdef long long LL_MIN = -9223372036854775807LL - 1
+
+
 cdef int _limits(object limits, CLimits* out) except -1:
+    # 0 = ok; 1 = a limit is not an int that fits a long long (the pure-Python codec handles those)
     if limits is None:
         out[0] = DEFAULT_C
         return 0
-    out.max_frame = limits.max_frame_bytes
-    out.max_route = limits.max_route_stages
-    out.max_tensors = limits.max_tensors
-    out.max_ndim = limits.max_ndim
+    frame = limits.max_frame_bytes
+    route = limits.max_route_stages
+    tensors = limits.max_tensors
+    ndim = limits.max_ndim
+    if (o_int(<PyObject*>frame, LL_MIN, I64_MAX, &out.max_frame) < 0
+            or o_int(<PyObject*>route, LL_MIN, I64_MAX, &out.max_route) < 0
+            or o_int(<PyObject*>tensors, LL_MIN, I64_MAX, &out.max_tensors) < 0
+            or o_int(<PyObject*>ndim, LL_MIN, I64_MAX, &out.max_ndim) < 0):
+        return 1
     return 0
 
 
-_limits(_DEFAULT_LIMITS, &DEFAULT_C)
+if _limits(_DEFAULT_LIMITS, &DEFAULT_C) != 0:
+    raise ImportError("helix_async._codec_py.DEFAULT_LIMITS do not fit a C long long")
 
 
 # --- reading Python values (borrowed PyObject*; 0 = ok, -1 = reject, no exception left set) -----
@@ -559,7 +573,8 @@ cdef object _fast_encode(object msg, object limits):
     cdef Writer w
     if t is not DecodeWork_t and t is not PromptWork_t and t is not TokenResult_t and t is not Activations_t:
         return _COLD
-    _limits(limits, &lim)
+    if _limits(limits, &lim):
+        return _COLD
     w.p = stack
     w.n = 0
     w.cap = STACK_BYTES
@@ -581,8 +596,10 @@ def encode(msg, limits=None):
     """Frames of ``msg`` (see helix_async.codec.encode); raises CodecError on invalid messages."""
     try:
         r = _fast_encode(msg, limits)
-    except Exception:
-        r = None  # the pure-Python codec raises the canonical error below
+    except CodecError:
+        # the tensor helper refused a tensor: the pure-Python codec raises the canonical error
+        # (the first bad field in field order). Any other exception is a bug: it propagates
+        r = None
     if r is None or r is _COLD:
         return _py.encode(msg, limits)
     return r
@@ -855,7 +872,8 @@ cdef object d_descriptors(Reader* r, CLimits* lim, long long min_count):
 cdef object d_tensors(object descs, object frames, Py_ssize_t nfr, CLimits* lim):
     # the arrays over frames 2.. (as tensor_from_wire builds them), or None to reject
     cdef Py_ssize_t n = len(descs), i, k, nd
-    cdef long long expected, dim, nbytes
+    cdef long long span, expected, dim, nbytes
+    cdef bint empty
     cdef Py_buffer view
     if nfr != 2 + n:
         return None
@@ -866,18 +884,21 @@ cdef object d_tensors(object descs, object frames, Py_ssize_t nfr, CLimits* lim)
         dtype_name, shape = descs[i]
         dt, itemsize = _DT_INFO[dtype_name]
         nd = len(shape)
-        expected = itemsize
+        # the span (itemsize x the nonzero dims, tensor_span) must not exceed max_frame_bytes;
+        # it is the size of a non-empty tensor. Checked before multiplying: no overflow
+        span = itemsize
+        empty = False
         for k in range(nd):
-            if shape[k] == 0:
-                expected = 0
-        if expected:
-            for k in range(nd):
-                dim = shape[k]
-                if expected > lim.max_frame // dim:
-                    return None  # more than max_frame_bytes (and no overflow)
-                expected *= dim
-        if expected > lim.max_frame:
+            dim = shape[k]
+            if dim == 0:
+                empty = True
+            elif span > lim.max_frame // dim:
+                return None
+            else:
+                span *= dim
+        if span > lim.max_frame:
             return None
+        expected = 0 if empty else span
         frame = frames[2 + i]
         try:
             PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
@@ -887,7 +908,10 @@ cdef object d_tensors(object descs, object frames, Py_ssize_t nfr, CLimits* lim)
         PyBuffer_Release(&view)
         if nbytes != expected:
             return None
-        arr = _ndarray(shape, dt, frame)
+        try:
+            arr = _ndarray(shape, dt, frame)
+        except Exception:
+            return None  # numpy refuses it (it cannot under long long limits): the spec's CodecError
         Py_INCREF(arr)
         PyTuple_SET_ITEM(out, i, arr)
     return out
@@ -1059,7 +1083,8 @@ cdef object _fast_decode(object frames, object limits):
         PyBuffer_Release(&view)
     if tag != T_DW and tag != T_TR and tag != T_PW and tag != T_AC:
         return _COLD if tag >= 0 else None
-    _limits(limits, &lim)
+    if _limits(limits, &lim):
+        return _COLD
     held = _acquire(frames[1], &view, &p, &n)
     if held < 0:
         return None
@@ -1083,10 +1108,10 @@ cdef object _fast_decode(object frames, object limits):
 
 def decode(frames, limits=None):
     """The message in ``frames`` (see helix_async.codec.decode); raises only CodecError."""
-    try:
-        r = _fast_decode(frames, limits)
-    except Exception:
-        r = None  # the pure-Python codec raises the canonical error below
+    # the fast path turns every defect of the input into a rejection (None), never an exception;
+    # on a rejection the pure-Python codec raises the canonical error. An exception from the fast
+    # path is a bug (or MemoryError): it propagates rather than being hidden by a silent re-decode
+    r = _fast_decode(frames, limits)
     if r is None or r is _COLD:
         return _py.decode(frames, limits)
     return r

@@ -32,7 +32,8 @@ shutdown                [reason]
 
 Unless given above: request/query ids are 0..I64; node ids, layer indices and stage indices
 0..I32; floats finite; strings valid UTF-8. A route has 1..``Limits.max_route_stages`` stages,
-each with start < end, stage i starting where stage i-1 ends, and ``stage < len(route)``.
+each with start < end, stage i starting where stage i-1 ends, and ``stage < len(route)``
+(the router's routes without their sink stage: ``messages.wire_route``/``router_route``).
 Cross-field rules: prompt_work carries token ids (exactly ``num_tokens`` of them) xor tensors;
 decode_work carries a token id >= 0 xor tensors (token_id -1); assign_layers has start < end.
 
@@ -43,7 +44,10 @@ raises ``CodecError`` and nothing else, naming the message type and the field or
 
 Tensors: supported dtypes are in ``DTYPES`` (bfloat16 is not: numpy has no such dtype; view such
 a torch tensor as int16 first). Encoding needs C-contiguous tensors and raises otherwise (the
-codec never copies: call ``np.ascontiguousarray``/``.contiguous()`` yourself). Decoded tensors
+codec never copies: call ``np.ascontiguousarray``/``.contiguous()`` yourself). A tensor's *span*,
+its itemsize times the product of its nonzero dimensions, is at most ``max_frame_bytes`` (for a
+non-empty tensor that is its size; an empty one may not declare huge dimensions either: numpy
+could not even represent some of them). Decoded tensors
 are numpy arrays over the received frames' own buffers: read-only for ``bytes`` frames, writable for
 ``bytearray``/writable buffers, and they keep the frame alive.
 """
@@ -324,6 +328,25 @@ class _Peers:
     from_wire = to_wire
 
 
+def tensor_span(itemsize: int, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of ``shape`` spans with its zero dimensions ignored: ``itemsize`` times the
+    product of its nonzero dimensions (a Python int: never overflows). Its size for a non-empty
+    tensor; at most ``max_frame_bytes`` for any tensor the codec carries, which bounds every
+    dimension too (numpy itself refuses an empty shape whose span exceeds its index range)."""
+    span = itemsize
+    for d in shape:
+        if d:
+            span *= d
+    return span
+
+
+def _span_problem(span: int, shape: tuple[int, ...], itemsize: int, dtype_name: str, limits: Limits) -> str:
+    return (
+        f"shape {list(shape)} x {itemsize}-byte {dtype_name} spans {span} bytes with its zero dimensions ignored, "
+        f"more than max_frame_bytes={limits.max_frame_bytes}"
+    )
+
+
 def tensor_to_wire(t: object, msg_name: str, index: int, limits: Limits) -> tuple[str, tuple[int, ...], object]:
     """Validate tensor ``index`` of a message being encoded; return (dtype name, shape, frame).
 
@@ -360,6 +383,10 @@ def tensor_to_wire(t: object, msg_name: str, index: int, limits: Limits) -> tupl
         raise CodecError(
             msg_name, f"tensors[{index}]", f"has {nbytes} bytes, more than max_frame_bytes={limits.max_frame_bytes}"
         )
+    if not nbytes:  # an empty tensor: its span is not its size (see tensor_span)
+        span = tensor_span(arr.itemsize, shape)
+        if span > limits.max_frame_bytes:
+            raise CodecError(msg_name, f"tensors[{index}]", _span_problem(span, shape, arr.itemsize, name, limits))
     # memoryview.cast refuses zero-size views; an empty frame carries the same (no) data
     frame = memoryview(arr).cast("B") if nbytes else b""  # type: ignore[arg-type]
     return name, shape, frame
@@ -395,9 +422,19 @@ def tensor_from_wire(
             f"frame {2 + index} (tensors[{index}])",
             f"has {expected} bytes, more than max_frame_bytes={limits.max_frame_bytes}",
         )
+    if not expected:  # empty: the shape may still declare huge dimensions
+        span = tensor_span(dt.itemsize, shape)
+        if span > limits.max_frame_bytes:
+            raise CodecError(msg_name, f"tensors[{index}].shape", _span_problem(span, shape, dt.itemsize, dtype_name, limits))
     # an array over the frame's own buffer (any C-contiguous exporter, read as plain bytes): the
-    # array keeps the frame alive and is writable exactly when the frame is
-    return np.ndarray(shape, dt, mv)
+    # array keeps the frame alive and is writable exactly when the frame is. The checks above
+    # leave numpy nothing to refuse under sane limits; whatever it raises still is a CodecError
+    try:
+        return np.ndarray(shape, dt, mv)
+    except Exception as exc:
+        raise CodecError(
+            msg_name, f"tensors[{index}]", f"cannot be viewed as a {list(shape)} {dtype_name} array ({_tname(exc)}: {exc})"
+        ) from None
 
 
 class _Tensors:
@@ -660,5 +697,6 @@ __all__ = [
     "decode",
     "encode",
     "tensor_from_wire",
+    "tensor_span",
     "tensor_to_wire",
 ]

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helix_async import envs
+from helix_async import _codec_py, envs
+from helix_async.cluster import SINK
 from helix_async.codec import (
     COMPILED,
     DTYPES,
@@ -44,6 +45,8 @@ from helix_async.messages import (
     Register,
     Shutdown,
     TokenResult,
+    router_route,
+    wire_route,
 )
 
 I32 = 2**31 - 1
@@ -811,3 +814,258 @@ def test_messages_with_tensors_compare_by_content_and_are_unhashable() -> None:
     assert hash(_TR) == hash(dataclasses.replace(_TR))
     with pytest.raises(dataclasses.FrozenInstanceError):
         _TR.token_id = 5  # type: ignore[misc]
+
+
+# --- tensor shapes a peer may declare --------------------------------------------------------------
+
+_HUGE_EMPTY = [0, I32, I32, I32, I32]  # no bytes, but a span numpy cannot even represent
+
+
+def _activations_frames(shape, dtype="float16", frame=b"") -> list:
+    return [b"\x05", msgpack.packb([1, 0, 1, 0.0, [[dtype, shape]]]), frame]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("limits", [None, Limits(max_frame_bytes=I64), Limits(max_frame_bytes=2**80)], ids=["default", "i64", "huge"])
+def test_empty_tensor_with_huge_dimensions_is_a_codec_error(impl, limits) -> None:
+    # regression: numpy raised ValueError("array is too big") from decode
+    _, dec = impl
+    mfb = (limits or Limits()).max_frame_bytes
+    span = 2 * I32**4
+    pattern = (
+        r"^activations: tensors\[0\]\.shape: shape \[0, 2147483647, 2147483647, 2147483647, 2147483647\] x 2-byte "
+        rf"float16 spans {span} bytes with its zero dimensions ignored, more than max_frame_bytes={mfb}$"
+    )
+    with pytest.raises(CodecError, match=pattern):
+        dec(_activations_frames(_HUGE_EMPTY), limits)
+    route = ((1, 0, 2),)
+    work = [
+        [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]]]), b""],
+        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]]]), bytearray()],
+    ]
+    for frames in work:
+        # under 2**80 the span check passes (span < 2**80) and numpy's refusal is the error
+        with pytest.raises(CodecError, match=r"^(decode|prompt)_work: tensors\[0\](\.shape: .* spans \d+ bytes with its zero dimensions ignored|: cannot be viewed as)"):
+            dec(frames, limits)
+    if COMPILED:
+        for frames in [_activations_frames(_HUGE_EMPTY), *work]:
+            with pytest.raises(CodecError):
+                decode_strict(frames, limits)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_tensor_spans_are_limited_on_encode_too(impl) -> None:
+    enc, dec = impl
+    m = Activations(request_id=1, stage=0, num_tokens=0, sent_at=0.0, tensors=(np.zeros((0, 2**20), np.uint8),))
+    frames = enc(m)  # spans 1 MiB: fine
+    assert len(frames[2]) == 0 and dec(frames) == m and dec(frames).tensors[0].shape == (0, 2**20)
+    with pytest.raises(CodecError, match=r"^activations: tensors\[0\]: shape \[0, 4096, 4\] x 8-byte float64 spans 131072 bytes with its zero dimensions ignored, more than max_frame_bytes=65536$"):
+        enc(dataclasses.replace(m, tensors=(np.zeros((0, 4096, 4), np.float64),)), Limits(max_frame_bytes=65536))
+    # what encodes decodes: the same limit holds on both sides
+    small = Limits(max_frame_bytes=2**19)
+    with pytest.raises(CodecError, match=r"tensors\[0\]: shape \[0, 1048576\]"):
+        enc(m, small)
+    with pytest.raises(CodecError, match=r"tensors\[0\]\.shape: shape \[0, 1048576\]"):
+        dec(frames, small)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_array_numpy_refuses_is_a_codec_error(impl) -> None:
+    # under absurd limits the span check lets through a shape numpy cannot represent (span > 2**63):
+    # the array construction itself is guarded
+    _, dec = impl
+    with pytest.raises(CodecError, match=r"^activations: tensors\[0\]: cannot be viewed as a \[0, 2147483647, 2147483647, 4\] float64 array \(ValueError: "):
+        dec(_activations_frames([0, I32, I32, 4], "float64"), Limits(max_frame_bytes=2**80))
+
+
+_DIMS = st.one_of(
+    st.sampled_from([0, 0, 1, 2, 3, 255, 2**16, 2**20, 2**26, I32 - 1, I32, 2**31, 2**32, I64, 2**64 - 1]),
+    st.sampled_from([-1, -2, -(2**31), -(2**63)]),
+    st.integers(0, 64),
+    st.integers(-(2**63), 2**64 - 1),
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.sampled_from([*sorted(DTYPES), "float16", "bfloat16"]),
+    st.lists(_DIMS, max_size=12) | st.lists(st.sampled_from([0, 1, I32]), min_size=1, max_size=10),
+    st.one_of(st.none(), st.integers(0, 64)),
+    st.sampled_from(["bytes", "bytearray"]),
+    st.sampled_from([None, Limits(max_frame_bytes=24), Limits(max_frame_bytes=I64), Limits(max_frame_bytes=2**80), Limits(max_ndim=12)]),
+)
+def test_adversarial_activation_shapes_decode_or_raise_codec_error(dtype, shape, nbytes, kind, limits) -> None:
+    itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 2
+    exact = itemsize * math.prod(shape)
+    n = exact if nbytes is None and 0 <= exact <= 64 else (nbytes or 0)
+    frames = _activations_frames(shape, dtype, bytes(n) if kind == "bytes" else bytearray(n))
+    outs = [_outcome(decode_py, frames, limits)]
+    if COMPILED:
+        outs += [_outcome(decode_c, frames, limits), _outcome(decode_strict, frames, limits)]
+    py = outs[0]
+    if py[0] == "ok":
+        (t,) = py[1].tensors
+        assert t.shape == tuple(shape) and t.nbytes == n and _codec_py.tensor_span(itemsize, t.shape) <= (limits or Limits()).max_frame_bytes
+        assert all(o[0] == "ok" and o[1] == py[1] for o in outs)
+    else:
+        assert all(o[0] == "err" for o in outs), outs
+        assert outs[:2] == [py] * len(outs[:2])  # the compiled decoder falls back to the canonical error
+
+
+# --- the compiled twin does not hide its own failures ----------------------------------------------
+
+
+class _OnceFailingLimits:
+    """Limits whose ``max_frame_bytes`` raises the first time it is read: a stand-in for a bug
+    inside a fast path (the old catch-all re-ran the pure codec, which read it again and worked)."""
+
+    max_route_stages = 64
+    max_tensors = 8
+    max_ndim = 8
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @property
+    def max_frame_bytes(self) -> int:
+        self.reads += 1
+        if self.reads == 1:
+            raise RuntimeError("internal bug")
+        return 64 << 20
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", HOT)
+def test_unexpected_errors_propagate_instead_of_a_silent_fallback(impl, name) -> None:
+    enc, dec = impl
+    msg = _minimal_message(name)
+    frames = encode_py(msg)
+    lim = _OnceFailingLimits()
+    with pytest.raises(RuntimeError, match="internal bug"):
+        enc(msg, lim)
+    assert lim.reads == 1 and _frame_bytes(enc(msg, lim)) == _frame_bytes(frames)
+    lim = _OnceFailingLimits()
+    with pytest.raises(RuntimeError, match="internal bug"):
+        dec(frames, lim)
+    assert lim.reads == 1 and dec(frames, lim) == msg
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_failing_tensor_helper_is_not_swallowed(impl, monkeypatch) -> None:
+    enc, _ = impl
+    real, calls = _codec_py.as_ndarray, []
+
+    def once_failing(t):
+        calls.append(t)
+        if len(calls) == 1:
+            raise RuntimeError("helper bug")
+        return real(t)
+
+    monkeypatch.setattr(_codec_py, "as_ndarray", once_failing)
+    m = Activations(request_id=1, stage=0, num_tokens=1, sent_at=0.0, tensors=(np.ones(4, np.float16).view(_Sub),))
+    with pytest.raises(RuntimeError, match="helper bug"):
+        enc(m)
+    assert len(calls) == 1  # not re-encoded behind the caller's back
+    assert _frame_bytes(enc(m)) == _frame_bytes(encode_py(m))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_limits_beyond_a_long_long_still_work(impl) -> None:
+    enc, dec = impl
+    big = Limits(max_frame_bytes=2**70, max_route_stages=2**64, max_tensors=2**65, max_ndim=2**66)
+    for name in HOT:
+        msg = _minimal_message(name)
+        assert dec(enc(msg, big), big) == msg
+    for tiny in (-1, -(2**70)):
+        with pytest.raises(CodecError, match=rf"^activations: frame 1 \(payload\): has \d+ bytes, more than max_frame_bytes={tiny}$"):
+            dec(encode_py(_minimal_message("activations")), Limits(max_frame_bytes=tiny))
+
+
+def _minimal_message(name: str):
+    cls = MESSAGE_TYPES[MsgType[name.upper()]]
+    return cls(**_minimal_kwargs(cls))
+
+
+# --- routes from the router ------------------------------------------------------------------------
+
+
+def _work_round_trips(enc, dec, route, num_layers: int) -> None:
+    wire = wire_route(route)
+    assert wire == route[:-1] and route[-1] == (SINK, num_layers, num_layers)
+    h = np.ones((1, 8), np.float16)
+    for stage in range(len(wire)):
+        msgs = [
+            DecodeWork(request_id=7, route=wire, stage=stage, context_len=12, token_id=-1 if stage else 5, sent_at=1.0, tensors=(h,) if stage else ()),
+            PromptWork(request_id=7, query_id=3, route=wire, stage=stage, num_tokens=2, token_ids=() if stage else (4, 9), max_tokens=8, sent_at=1.0, tensors=(np.ones((2, 8), np.float16),) if stage else ()),
+        ]
+        for m in msgs:
+            frames = enc(m)
+            if COMPILED:
+                assert _frame_bytes(encode_strict(m)) == _frame_bytes(encode_py(m)) == _frame_bytes(frames)
+            back = dec(_frame_bytes(frames))
+            assert back == m and router_route(back.route, num_layers) == route
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_routes_of_the_router_travel_in_work_messages(impl) -> None:
+    from helix_async.flow import max_flow
+    from helix_async.placement.io import load_shipped_layout
+    from helix_async.routing import FlowRouter
+
+    enc, dec = impl
+    placement = load_shipped_layout("ilp")  # single24, LLaMA-2-70B (80 layers)
+    router = FlowRouter.from_plan(placement, max_flow(placement))
+    L = router.num_layers
+    seen = set()
+    for rid in range(40):
+        route = router.route(rid, (16, 128, 700, 2000)[rid % 4])
+        assert route is not None
+        seen.add(route)
+        _work_round_trips(enc, dec, route, L)
+    assert len(seen) > 1 and all(len(r) > 2 for r in seen)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_inference_routes_travel_in_work_messages(impl) -> None:
+    from helix_async.cluster import SOURCE
+    from helix_async.routing import FlowRouter, KVTracker
+
+    enc, dec = impl
+    # node 1 holds [2, 5) but runs [3, 5) after node 0's [0, 3): the stage starts where the last ended
+    stages = {0: (0, 3), 1: (2, 5), 2: (3, 6), 3: (5, 6)}
+    kv = KVTracker(dict.fromkeys(stages, 10_000), stages, hwm=1.0, output_ratio=0.0)
+    links = {SOURCE: [(0, 2.0)], 0: [(1, 1.0), (2, 1.0)], 1: [(3, 1.0)], 2: [(SINK, 1.0)], 3: [(SINK, 1.0)]}
+    router = FlowRouter(stages, links, dict.fromkeys(stages, 99), kv, 6)
+    a, b = router.route("a", 4), router.route("b", 4)
+    assert a == ((0, 0, 3), (1, 3, 5), (3, 5, 6), (SINK, 6, 6))
+    assert b == ((0, 0, 3), (2, 3, 6), (SINK, 6, 6))
+    for route in (a, b):
+        _work_round_trips(enc, dec, route, 6)
+
+
+def test_wire_route_checks() -> None:
+    assert wire_route([(1, 0, 4), [2, 4, 6]]) == ((1, 0, 4), (2, 4, 6))  # already wire form
+    assert router_route(((1, 0, 4), (2, 4, 6)), 6) == ((1, 0, 4), (2, 4, 6), (SINK, 6, 6))
+    assert type(wire_route(((ErrorCode.INTERNAL, 0, 6), (SINK, 6, 6)))[0][0]) is int
+    bad = [
+        ((), r"^route: has no compute stage$"),
+        (((SINK, 0, 0),), r"^route: has no compute stage$"),
+        (((1, 0, 4), (SINK, 6, 6)), r"^route\[1\]: the sink stage must be \(sink, L, L\) with L = 4"),
+        (((1, 0, 4), (SINK, 4, 5)), r"sink stage must be"),
+        (((1, 0, 4), (SINK, 4, 4), (2, 4, 6)), r"^route\[1\]\.node: must be an int, got 'sink' \(only the last stage may be the sink\)$"),
+        (((1, 0, 4), (2, 3, 6)), r"^route\[1\]: must start at layer 4 where stage 0 ends, got 3$"),
+        (((1, 4, 4),), r"^route\[0\]: layer range must have 0 <= start < end, got \[4, 4\)$"),
+        (((True, 0, 4),), r"route\[0\]\.node: must be an int, got True"),
+        (((1, 0),), r"route\[0\]: must be a \(node, start, end\) stage"),
+    ]
+    for route, pattern in bad:
+        with pytest.raises(ValueError, match=pattern):
+            wire_route(route)
+    with pytest.raises(ValueError, match=r"^route: the last stage must end at layer num_layers=80, got 6$"):
+        router_route(((1, 0, 6),), 80)
+    with pytest.raises(ValueError, match=r"must start at layer 4"):
+        router_route(((1, 0, 4), (2, 5, 80)), 80)
