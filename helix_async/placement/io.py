@@ -223,6 +223,15 @@ def _ref(src: str, where: str, value: Any, n: int, end: str) -> NodeRef:
     return node
 
 
+def _verified(placement: Placement, where: str) -> Placement:
+    """Run ``verify``; a failure names ``where`` (the file) in front of the problems."""
+    try:
+        verify(placement)
+    except PlacementError as exc:
+        raise PlacementError(exc.problems, where) from None
+    return placement
+
+
 def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Placement:
     """Build and verify a placement from a plan document (see the module doc).
 
@@ -337,11 +346,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
         force=force,
         meta=meta,
     )
-    try:
-        verify(placement)
-    except PlacementError as exc:
-        raise PlacementError(exc.problems, f"{src}: {method} placement") from None
-    return placement
+    return _verified(placement, f"{src}: {method} placement")
 
 
 def _flow_from(src: str, raw: Any) -> FlowPlan:
@@ -527,11 +532,7 @@ def import_helix_solution(
         force=force,
         meta=meta,
     )
-    try:
-        verify(placement)
-    except PlacementError as exc:
-        raise PlacementError(exc.problems, f"{ssrc}: imported {method} placement") from None
-    return placement
+    return _verified(placement, f"{ssrc}: imported {method} placement")
 
 
 # name -> (directory, cluster, force)
