@@ -33,7 +33,7 @@ def full_milp_baseline(name: str, model: str, seconds: float, seed: int) -> floa
     from helix_async.flow import max_flow
     from helix_async.model import ThroughputModel, get_model
     from helix_async.placement import Placement
-    from helix_async.placement.heuristics import HEURISTICS, PlanningError
+    from helix_async.placement.heuristics import PlanningError, run_heuristic
     from helix_async.placement.milp import ArcModel, Capacities, interchangeable_classes
 
     cl = load_cluster(name)
@@ -41,11 +41,8 @@ def full_milp_baseline(name: str, model: str, seconds: float, seed: int) -> floa
     tm = ThroughputModel.for_cluster(spec, cl)
     best, best_v = None, -1.0
     for hname in ("petals", "swarm", "homogeneous"):
-        kwargs = {"tm": tm, "seed": seed}
-        if hname == "petals":
-            kwargs["partial"] = False
         try:
-            p = HEURISTICS[hname](cl, spec, **kwargs)
+            p = run_heuristic(hname, cl, spec, seed=seed, partial=False, tm=tm)
         except PlanningError:
             continue
         v = max_flow(p, tm).value

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .cluster import SINK, SOURCE, ClusterSpec, NodeRef
+from .cluster import SINK, SOURCE, Arc, ClusterSpec, NodeRef
 from .model import ModelSpec, ThroughputModel, get_model, max_compute_throughput
 
 if TYPE_CHECKING:
@@ -150,12 +150,19 @@ def _throughput_model(placement: Placement, tm: ThroughputModel | None) -> Throu
     return tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
 
 
+def arc_capacity(arc: Arc, model: ModelSpec) -> float:
+    """Tokens/s a link carries (HELIX_SPEC §6): coordinator links move token ids only, links
+    between nodes move a token id plus its activation."""
+    coordinator = arc.src == SOURCE or arc.dst == SINK
+    per_token = model.token_size if coordinator else model.token_size + model.activation_size
+    return arc.bandwidth / per_token
+
+
 def _link_capacity(placement: Placement, spec: ModelSpec, u: NodeRef, v: NodeRef) -> float:
     arc = placement.cluster.arc(u, v)
     if arc is None:
         raise ValueError(f"link {u}->{v} is not a link of cluster {placement.cluster.name}")
-    per_token = spec.token_size if (u == SOURCE or v == SINK) else spec.token_size + spec.activation_size
-    return arc.bandwidth / per_token
+    return arc_capacity(arc, spec)
 
 
 def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) -> nx.DiGraph:
@@ -358,7 +365,7 @@ class FlowEvaluator:
         cache_size: int = 20_000,
     ) -> None:
         self.cluster = cluster
-        self.model = get_model(model) if isinstance(model, str) else model
+        self.model = get_model(model)
         self.tm = tm if tm is not None else ThroughputModel.for_cluster(self.model, cluster)
         self.force = force
         self.cache_size = cache_size
@@ -382,11 +389,11 @@ class FlowEvaluator:
         for a in cluster.arcs():
             if a.src == SOURCE:
                 if a.dst != SINK:
-                    self._src_arc[int(a.dst)] = a.bandwidth / tau
+                    self._src_arc[int(a.dst)] = arc_capacity(a, self.model)
             elif a.dst == SINK:
-                self._snk_arc[int(a.src)] = a.bandwidth / tau
+                self._snk_arc[int(a.src)] = arc_capacity(a, self.model)
             else:
-                self._pair[(int(a.src), int(a.dst))] = a.bandwidth / tau_alpha
+                self._pair[(int(a.src), int(a.dst))] = arc_capacity(a, self.model)
         self._tp: dict[tuple[int, int], float] = {}
         self._memo: dict[tuple[Any, ...], float] = {}
         self.evaluations = 0  # uncached evaluations performed

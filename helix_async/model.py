@@ -130,12 +130,19 @@ def dataset_constants() -> DatasetConstants:
     return DatasetConstants(**{k: d[k] for k in DatasetConstants.__dataclass_fields__})
 
 
-@functools.cache
-def get_model(name: str) -> ModelSpec:
-    """Return the model called ``name`` (canonical name or alias, case-insensitive).
+def get_model(model: str | ModelSpec) -> ModelSpec:
+    """Return the model called ``model`` (canonical name or alias, case-insensitive); a ModelSpec
+    is returned as it is, so every function can take either.
 
     Raises ConfigError naming the known models for anything else.
     """
+    if isinstance(model, ModelSpec):
+        return model
+    return _model_by_name(model)
+
+
+@functools.cache
+def _model_by_name(name: str) -> ModelSpec:
     canon = MODEL_ALIASES.get(name.strip().lower())
     if canon is None:
         raise ConfigError("<argument>", "model", f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
@@ -274,7 +281,7 @@ def _read_table(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def load_profiles(model: ModelSpec | str) -> ProfileSet:
     """Profiles and node settings shipped for ``model`` (empty for models without measurements)."""
-    return _load_profiles(model if isinstance(model, str) else model.name)
+    return _load_profiles(get_model(model).name)
 
 
 @functools.cache
@@ -335,7 +342,7 @@ class ThroughputModel:
     """
 
     def __init__(self, model: ModelSpec | str, gpu_counts: Mapping[str, int]) -> None:
-        self.model = get_model(model) if isinstance(model, str) else model
+        self.model = get_model(model)
         self.profiles = load_profiles(self.model)
         self.consts = dataset_constants()
         self.counts: dict[str, int] = {}
@@ -467,7 +474,7 @@ def max_compute_throughput(cluster: ClusterSpec, model: ModelSpec | str, tm: Thr
 
     U = sum over nodes of max_k k * tp_node(k), divided by the number of layers (HELIX_SPEC §3.5).
     """
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     tm = tm or ThroughputModel.for_cluster(spec, cluster)
     total = 0.0
     for node in cluster.nodes:
@@ -477,7 +484,7 @@ def max_compute_throughput(cluster: ClusterSpec, model: ModelSpec | str, tm: Thr
 
 def check_fits(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel | None = None) -> None:
     """Raise ConfigError when the cluster cannot hold one full copy of the model."""
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     tm = tm or ThroughputModel.for_cluster(spec, cluster)
     fit = sum(tm.max_layers(cluster.machine(n.id)) for n in cluster.nodes)
     if fit < spec.num_layers:
@@ -490,7 +497,7 @@ def check_fits(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel
 
 def kv_capacity(model: ModelSpec | str, gpu: str, k: int) -> int:
     """KV capacity (token x layer entries) of a ``gpu`` node holding ``k`` layers of ``model``."""
-    return load_profiles(get_model(model) if isinstance(model, str) else model).node_settings(gpu).kv(k)
+    return load_profiles(get_model(model)).node_settings(gpu).kv(k)
 
 
 __all__ = [

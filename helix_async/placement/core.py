@@ -115,7 +115,7 @@ class Placement:
         meta: Mapping[str, Any] | None = None,
     ) -> Placement:
         """Build a placement whose links are every usable cluster arc (cleaned to a fixpoint)."""
-        spec = get_model(model) if isinstance(model, str) else model
+        spec = get_model(model)
         full = {n.id: layers.get(n.id) for n in cluster.nodes}
         full = {i: (None if r is None else (int(r[0]), int(r[1]))) for i, r in full.items()}
         return cls(

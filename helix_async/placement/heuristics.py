@@ -47,7 +47,7 @@ class PlanningError(HelixError):
 def _setup(
     cluster: ClusterSpec, model: str | ModelSpec, tm: ThroughputModel | None
 ) -> tuple[ModelSpec, ThroughputModel]:
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     return spec, tm or ThroughputModel.for_cluster(spec, cluster)
 
 
@@ -72,7 +72,7 @@ def forced_max_layers(
 ) -> int:
     """Most layers a forced (separate-pipeline) node may hold: weights within VRAM minus
     ``reserve_per_gpu`` bytes per GPU (see :data:`FORCE_RESERVE_PER_GPU`)."""
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     usable = machine.vram_bytes - reserve_per_gpu * machine.num_gpus
     if usable <= 0 or spec.param_bytes_per_layer <= 0:
         return 0
@@ -631,7 +631,7 @@ def separate_pipeline_subclusters(
     (``meta["parent_node_ids"]`` maps back); its placement is verified with a throughput model of
     the sub-cluster's own composition, as the original's per-sub-cluster runs did.
     """
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     tm = ThroughputModel.for_cluster(spec, cluster)
     kept, pipelines, _ = _separate(cluster, spec, tm, groups, plus or groups is not None, reserve_per_gpu)
     out: list[tuple[ClusterSpec, Placement]] = []
@@ -661,6 +661,30 @@ _SEEDED = frozenset({"petals", "swarm", "homogeneous"})
 FORCED_HEURISTICS = frozenset({"separate", "separate_plus"})
 
 
+def run_heuristic(
+    name: str,
+    cluster: ClusterSpec,
+    model: str | ModelSpec,
+    *,
+    seed: int = 0,
+    partial: bool = True,
+    tm: ThroughputModel | None = None,
+) -> Placement:
+    """Run the heuristic called ``name`` with the arguments it takes.
+
+    ``seed`` goes to the seeded ones; ``partial`` to Petals (whose definition uses partial-inference
+    links, HELIX_SPEC §5.1). Raises PlanningError when it does not apply to this cluster.
+    """
+    if name not in HEURISTICS:
+        raise ConfigError("<argument>", "method", f"unknown heuristic {name!r}; known: {', '.join(HEURISTICS)}")
+    kwargs: dict[str, Any] = {"tm": tm}
+    if name in _SEEDED:
+        kwargs["seed"] = seed
+    if name == "petals":
+        kwargs["partial"] = partial
+    return HEURISTICS[name](cluster, model, **kwargs)
+
+
 def best_heuristic(
     cluster: ClusterSpec,
     model: str | ModelSpec,
@@ -675,9 +699,8 @@ def best_heuristic(
 
     Candidates: ``names`` if given, else every entry of :data:`HEURISTICS` except the forced ones
     (:data:`FORCED_HEURISTICS`, separate pipelines) unless ``include_forced``. Forced plans are left
-    out by default because the throughput model extrapolates beyond the profiled maximum (KV
-    settings stay at the maximum while more layers are timed), which rates e.g. an A100 with 20
-    layers above one with 12; their max-flow scores are therefore optimistic and not comparable.
+    out by default because past the profiled maximum the throughput model works from an
+    extrapolated KV capacity (``ThroughputModel.kv_capacity``), not from measurements.
 
     ``evaluate(placement)`` scores a plan (callers pass the exact max flow, tokens/s); the highest
     score wins, the earlier heuristic in registry order on ties. Heuristics that raise
@@ -695,12 +718,8 @@ def best_heuristic(
     best: tuple[str, Placement, float] | None = None
     reasons: list[str] = []
     for name in names:
-        fn = HEURISTICS[name]
-        kwargs: dict[str, Any] = {"tm": tm}
-        if name in _SEEDED:
-            kwargs["seed"] = seed
         try:
-            placement = fn(cluster, spec, **kwargs)
+            placement = run_heuristic(name, cluster, spec, seed=seed, tm=tm)
         except PlanningError as exc:
             log.info("best_heuristic: %s skipped on %s: %s", name, cluster.name, exc)
             reasons.append(str(exc))
@@ -718,6 +737,7 @@ __all__ = [
     "FORCED_HEURISTICS",
     "FORCE_RESERVE_PER_GPU",
     "HEURISTICS",
+    "run_heuristic",
     "PlanningError",
     "best_heuristic",
     "default_num_stages",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cluster import SINK, SOURCE, ClusterSpec, NodeRef
+from ..flow import arc_capacity
 from ..model import ModelSpec, ThroughputModel, max_compute_throughput
 
 log = logging.getLogger("helix_async.planner")
@@ -104,8 +105,7 @@ class Capacities:
                 node_cap[(n.id, k)] = min(tm.throughput(m.gpu, k), nic)
         arc_cap: dict[tuple[NodeRef, NodeRef], float] = {}
         for a in cluster.arcs():
-            per_token = tau if (a.src == SOURCE or a.dst == SINK) else tau + alpha
-            arc_cap[(a.src, a.dst)] = a.bandwidth / per_token
+            arc_cap[(a.src, a.dst)] = arc_capacity(a, model)
         # the same formula as everywhere else (HELIX_SPEC §3.5); it bounds these capacities too
         U = max_compute_throughput(cluster, model, tm)
         return cls(

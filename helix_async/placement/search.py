@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..flow import FlowEvaluator, max_flow
 from ..model import ModelSpec, ThroughputModel, check_fits, get_model
 from .core import Placement, verify
-from .heuristics import HEURISTICS, PlanningError
+from .heuristics import HEURISTICS, PlanningError, run_heuristic
 from .milp import (
     ArcModel,
     Capacities,
@@ -107,6 +107,8 @@ class _Search:
         self.bound_source = "max compute throughput"
         self.history: list[tuple[float, float, str]] = []
         self.heuristics: dict[str, float] = {}
+        self._flow_of: Placement | None = None
+        self._flow_cache: Any = None
 
     # -- bookkeeping -------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -185,27 +187,18 @@ class _Search:
 
     # -- phases ------------------------------------------------------------------------------
     def run_heuristics(self) -> None:
-        for name, fn in HEURISTICS.items():
+        for name in HEURISTICS:
             if self.stop:
                 break
-            kwargs: dict[str, Any] = {"tm": self.tm}
-            if name in ("petals", "swarm", "homogeneous"):
-                kwargs["seed"] = self.seed
-            if name == "petals":
-                kwargs["partial"] = self.partial
             try:
-                p = fn(self.cluster, self.model, **kwargs)
+                p = run_heuristic(name, self.cluster, self.model, seed=self.seed, partial=self.partial, tm=self.tm)
             except PlanningError as exc:
                 log.info("heuristic %s does not apply: %s", name, exc)
                 continue
-            if p.force:
-                # hand-made style layouts beyond the profiled maximum are not a MILP start
-                value = max_flow(p, self.tm).value
-                self.heuristics[name] = value
-                continue
             value = max_flow(p, self.tm).value
             self.heuristics[name] = value
-            if value > self.best_value + 1e-9:
+            # forced layouts (past the profiled maximum) are reported but are not a MILP start
+            if not p.force and value > self.best_value + 1e-9:
                 self.best, self.best_value, self.best_source = p, value, f"heuristic {name}"
                 self.last_improve = time.monotonic()
                 self.history.append((self.elapsed(), value, f"heuristic {name}"))
@@ -254,7 +247,7 @@ class _Search:
             if why:
                 return why
             it += 1
-            flow = max_flow(self.best, self.tm)
+            flow = self._best_flow()
             sub_limit = max(1.0, min(20.0, self.remaining()))
             if exact_position and it % 3 != 0:
                 free = self._choose_free(ids, psize, flow)
@@ -302,6 +295,14 @@ class _Search:
                     log.debug("LNS neighbourhood grows to %d nodes", size)
             if it % 10 == 0:
                 self._report("lns")
+
+    def _best_flow(self) -> Any:
+        """Max flow of the incumbent, computed once per incumbent (the LNS asks every iteration)."""
+        assert self.best is not None
+        if self._flow_of is not self.best:
+            self._flow_cache = max_flow(self.best, self.tm)
+            self._flow_of = self.best
+        return self._flow_cache
 
     def _choose_free(self, ids: list[int], size: int, flow: Any) -> list[int]:
         assert self.best is not None
@@ -424,7 +425,7 @@ def plan(
     neighbourhoods, as Helix's pruning did for large clusters; None keeps every link.
     Returns the best verified plan found; an impossible time limit still returns the best heuristic.
     """
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = get_model(model)
     if method not in METHODS:
         raise ConfigError("<argument>", "method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     s = _Search(
@@ -442,13 +443,7 @@ def plan(
     )
     s.tighten(coverage_bound(s.caps), "coverage bound")
     if method != "milp":
-        fn = HEURISTICS[method]
-        kwargs: dict[str, Any] = {"tm": s.tm}
-        if method in ("petals", "swarm", "homogeneous"):
-            kwargs["seed"] = seed
-        if method == "petals":
-            kwargs["partial"] = True  # Petals is defined with partial-inference links (HELIX_SPEC §5.1)
-        p = fn(cluster, spec, **kwargs)
+        p = run_heuristic(method, cluster, spec, seed=seed, tm=s.tm)  # Petals with its partial links
         value = max_flow(p, s.tm).value
         s.best, s.best_value, s.best_source = p, value, f"heuristic {method}"
         s.history.append((s.elapsed(), value, s.best_source))
