@@ -22,7 +22,7 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +161,7 @@ def _scip() -> Any:
     return pyscipopt
 
 
-def _make_model(name: str, *, time_limit: float, seed: int, threads_note: str = "", verbose: bool = False) -> Any:
+def _make_model(name: str, *, time_limit: float, seed: int, verbose: bool = False) -> Any:
     scip = _scip()
     m = scip.Model(name)
     if not verbose:
@@ -707,5 +707,3 @@ def links_can_bind(cluster: ClusterSpec, caps: Capacities) -> bool:
             return True
     return not cluster.is_complete()
 
-
-ProgressFn = Callable[[dict[str, Any]], None]
