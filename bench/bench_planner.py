@@ -30,10 +30,11 @@ def at(history: list[tuple[float, float, str]], t: float) -> float:
 
 def full_milp_baseline(name: str, model: str, seconds: float, seed: int) -> float:
     """Exact max flow of what the tightened Helix MILP alone finds (all nodes free, SCIP, warm start)."""
-    from helix_async.flow import max_flow
+    from helix_async.errors import PlanningError
     from helix_async.model import ThroughputModel, get_model
     from helix_async.placement import Placement
-    from helix_async.placement.heuristics import PlanningError, run_heuristic
+    from helix_async.placement.flow import max_flow
+    from helix_async.placement.heuristics import run_heuristic
     from helix_async.placement.milp import ArcModel, Capacities, interchangeable_classes
 
     cl = load_cluster(name)

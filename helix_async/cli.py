@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from . import envs
 from .errors import HelixError
 
 if TYPE_CHECKING:
-    from .flow import FlowPlan
+    from .flowplan import FlowPlan
     from .placement import Placement
 
 log = logging.getLogger("helix_async.cli")
@@ -27,38 +28,108 @@ EXIT_FAIL = 1
 EXIT_USAGE = 2
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (seconds of a limit)."""
+    value = _finite(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    """A finite number >= 0."""
+    value = _finite(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown level {text!r} (choose from {', '.join(_LOG_LEVELS)})")
+    return level
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _pair(text: str) -> tuple[float, float]:
-    """Parse "AVG" or "AVG,VAR" (numbers, scientific notation allowed)."""
+    """Parse "AVG" or "AVG,VAR" (finite numbers, scientific notation allowed)."""
     parts = text.split(",")
     if len(parts) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected AVG or AVG,VAR, got {text!r}")
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+    vals = [_finite(p) for p in parts]
     return (vals[0], vals[1] if len(vals) == 2 else 0.0)
 
 
-def _weights(text: str) -> dict[str, float]:
-    """Parse "A100:4,L4:8,T4:12"."""
+def _parse_weights(text: str) -> dict[str, float]:
+    """Parse "A100:4,L4:8,T4:12" into finite, non-negative weights; ValueError saying what is wrong."""
     out: dict[str, float] = {}
     for item in text.split(","):
         name, sep, val = item.partition(":")
+        name = name.strip()
         if not sep or not name:
-            raise argparse.ArgumentTypeError(f"expected TYPE:WEIGHT[,TYPE:WEIGHT...], got {text!r}")
+            raise ValueError(f"expected TYPE:NUMBER[,TYPE:NUMBER...], got {text!r}")
         try:
-            out[name.strip()] = float(val)
+            weight = float(val)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"weight of {name!r} is not a number: {val!r}") from None
+            raise ValueError(f"the number after {name!r} is not a number: {val!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"the number after {name!r} must be finite and >= 0, got {val!r}")
+        out[name] = weight
     return out
 
 
+def _weights(text: str) -> dict[str, float]:
+    try:
+        return _parse_weights(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _plot_path(text: str) -> str:
+    if Path(text).suffix.lower() not in _PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"expected a {'/'.join(_PLOT_SUFFIXES)} file name, got {text!r}")
+    return text
+
+
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+# Defaults of the MILP search's flags; None on the command line means "not given".
+_SEARCH_DEFAULTS: dict[str, Any] = {"time_limit": 600.0, "stall_limit": 120.0, "gap_limit": 0.0, "prune": None}
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    from .placement.search import METHODS
+
     p = argparse.ArgumentParser(
         prog="python -m helix_async",
         description="Plan, simulate and serve LLMs over heterogeneous GPU clusters (after Helix, ASPLOS'25).",
     )
-    p.add_argument("--log-level", default=envs.HELIX_LOG_LEVEL, help="logging level (default %(default)s)")
+    p.add_argument(
+        "--log-level", type=_log_level, default=None, help=f"logging level (default {envs.HELIX_LOG_LEVEL})"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     cl = sub.add_parser("cluster", help="inspect or generate cluster descriptions")
@@ -73,7 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="TOML file to write")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--name", default=None)
-    gen.add_argument("--nodes", type=int, default=24, help="single: number of compute nodes")
+    gen.add_argument("--nodes", type=_positive_int, default=24, help="single: number of compute nodes")
     gen.add_argument("--degree", type=int, default=None, help="single: average degree (default: complete)")
     gen.add_argument("--types", type=_weights, default={"A100": 4, "L4": 8, "T4": 12}, help="single: TYPE:WEIGHT,...")
     gen.add_argument("--bandwidth", type=_pair, default=(1e9, 0.0), help="single: AVG[,VAR] bytes/s")
@@ -95,27 +166,26 @@ def _build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="plan a layer placement (MILP search or a heuristic)")
     pl.add_argument("--cluster", default="single24", help="builtin name or path (default %(default)s)")
     pl.add_argument("--model", default="llama2-70b", help="model (default %(default)s)")
-    pl.add_argument(
-        "--method",
-        default="milp",
-        choices=["milp", "petals", "swarm", "homogeneous", "separate", "separate_plus"],
-        help="planner (default %(default)s)",
-    )
-    pl.add_argument("--time-limit", type=float, default=600.0, help="seconds of search (default %(default)s)")
-    pl.add_argument("--stall-limit", type=float, default=120.0, help="stop after this many seconds without improvement")
-    pl.add_argument("--gap-limit", type=float, default=0.0, help="stop at this relative gap to the bound (e.g. 0.01)")
+    pl.add_argument("--method", default="milp", choices=METHODS, help="planner (default %(default)s)")
+    pl.add_argument("--time-limit", type=_positive, default=None,
+                    help=f"milp: seconds of search (default {_SEARCH_DEFAULTS['time_limit']:g})")
+    pl.add_argument("--stall-limit", type=_positive, default=None,
+                    help=f"milp: stop after this many seconds without improvement "
+                    f"(default {_SEARCH_DEFAULTS['stall_limit']:g})")
+    pl.add_argument("--gap-limit", type=_nonnegative, default=None,
+                    help="milp: stop at this relative gap to the bound, e.g. 0.01 (default 0)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--partial", action="store_true", help="allow partial inference links (petals always uses them)")
-    pl.add_argument("--prune", type=int, default=None, metavar="K",
-                    help="MILP neighbourhoods keep each node's K fastest links plus the incumbent's")
+    pl.add_argument("--prune", type=_positive_int, default=None, metavar="K",
+                    help="milp: neighbourhoods keep each node's K fastest links plus the incumbent's")
     pl.add_argument("--out", default=None, help="plan file to write (.toml or .json; default out/plan.toml)")
-    pl.add_argument("--plot", default=None, help="PNG of the placement coloured by flow")
+    pl.add_argument("--plot", type=_plot_path, default=None, help="picture of the placement coloured by flow (.png, .pdf, .svg)")
     pl.add_argument("--quiet", action="store_true", help="no progress lines")
     pl.set_defaults(handler=cmd_plan)
 
     fl = sub.add_parser("flow", help="flow analysis of an existing plan file")
     fl.add_argument("plan", help="plan file written by `plan`")
-    fl.add_argument("--plot", default=None, help="PNG of the placement coloured by flow")
+    fl.add_argument("--plot", type=_plot_path, default=None, help="picture of the placement coloured by flow (.png, .pdf, .svg)")
     fl.add_argument("--links", action="store_true", help="list every link's flow")
     fl.set_defaults(handler=cmd_flow)
 
@@ -134,7 +204,8 @@ def _fmt_bw(bps: float) -> str:
 
 
 def cmd_cluster_show(args: argparse.Namespace) -> int:
-    from .cluster import SINK, SOURCE, import_helix_ini, load_cluster
+    from .cluster import import_helix_ini, load_cluster
+    from .ids import SINK, SOURCE
     from .model import ThroughputModel, check_fits, get_model, max_compute_throughput
 
     if args.machine_profile:
@@ -179,7 +250,11 @@ def cmd_cluster_show(args: argparse.Namespace) -> int:
 
 def cmd_cluster_generate(args: argparse.Namespace) -> int:
     from .cluster import generate_partitioned, generate_single_region, write_cluster_toml
+    from .cluster.generate import MAX_GENERATED_NODES
     from .errors import ConfigError
+    from .fileio import check_output_path
+
+    out = check_output_path(args.out, "cluster file")
 
     if args.kind == "single":
         degree = args.degree if args.degree is not None else args.nodes - 1
@@ -196,11 +271,21 @@ def cmd_cluster_generate(args: argparse.Namespace) -> int:
         if not args.partition:
             raise ConfigError("<argument>", "--partition", "give at least one region, e.g. --partition A100:4")
         parts: list[list[str]] = []
+        total = 0
         for text in args.partition:
+            try:
+                counts = _parse_weights(text)
+            except ValueError as exc:
+                raise ConfigError("<argument>", "--partition", str(exc)) from None
             region: list[str] = []
-            for t, n in _weights(text).items():
-                if n != int(n) or n < 0:
-                    raise ConfigError("<argument>", "--partition", f"count of {t} must be a whole number, got {n}")
+            for t, n in counts.items():
+                if n != int(n):
+                    raise ConfigError("<argument>", "--partition", f"count of {t} must be a whole number, got {n:g}")
+                total += int(n)
+                if total > MAX_GENERATED_NODES:
+                    raise ConfigError(
+                        "<argument>", "--partition", f"more than {MAX_GENERATED_NODES} nodes in all"
+                    )
                 region += [t] * int(n)
             parts.append(region)
         spec = generate_partitioned(
@@ -212,8 +297,6 @@ def cmd_cluster_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             name=args.name or f"partitioned{len(parts)}_seed{args.seed}",
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_cluster_toml(spec, out)
     print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
     return EXIT_OK
@@ -244,14 +327,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
     from .cluster import load_cluster
-    from .flow import max_flow, plot_placement
+    from .fileio import check_output_path
+    from .placement.flow import max_flow
     from .placement.io import write_placement
-    from .placement.milp import SignalStop, StopFlag
     from .placement.search import plan
+    from .signals import SignalStop, StopFlag
 
+    given = {k for k in _SEARCH_DEFAULTS if getattr(args, k) is not None}
+    if args.method != "milp" and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+        print(f"note: {flags} only apply to --method milp; ignored for {args.method}", file=sys.stderr)
+    search = {k: (_SEARCH_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in _SEARCH_DEFAULTS}
+    if args.out is None:
+        default_out = Path(envs.HELIX_OUT_DIR) / "plan.toml"
+        default_out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_path(default_out if args.out is None else args.out, "plan file")
+    if args.plot:
+        check_output_path(args.plot, "plot", "--plot")
     spec = load_cluster(args.cluster)
-    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "plan.toml"
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = {"value": -1.0}
 
     def on_improve(placement: Placement, value: float) -> None:
@@ -275,12 +368,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             spec,
             args.model,
             method=args.method,
-            time_limit=args.time_limit,
-            stall_limit=args.stall_limit,
-            gap_limit=args.gap_limit,
+            time_limit=search["time_limit"],
+            stall_limit=search["stall_limit"],
+            gap_limit=search["gap_limit"],
             seed=args.seed,
             partial=args.partial,
-            prune=args.prune,
+            prune=search["prune"],
             on_improve=on_improve,
             progress=progress,
             stop=stop,
@@ -296,26 +389,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"upper bound: {result.upper_bound:.4f} tokens/s ({result.bound_source}); gap {100 * result.gap:.2f}%")
     print(f"plan written to {out}")
     if args.plot:
+        from .plots import plot_placement
+
         plot_placement(result.placement, flow, args.plot)
         print(f"plot written to {args.plot}")
     return EXIT_OK
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
-    from .flow import max_flow, plot_placement
+    from .fileio import check_output_path
+    from .placement.flow import max_flow
     from .placement.io import read_placement
 
+    if args.plot:
+        check_output_path(args.plot, "plot", "--plot")
     placement = read_placement(args.plan)
     flow = max_flow(placement)
     _print_flow_summary(placement, flow, links=args.links)
     if args.plot:
+        from .plots import plot_placement
+
         plot_placement(placement, flow, args.plot)
         print(f"plot written to {args.plot}")
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "demo"
+    out = Path(args.out) if args.out is not None else Path(envs.HELIX_OUT_DIR) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     limit = "20" if args.quick else "120"
     print("== 1. the cluster ==")
@@ -335,8 +435,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    level = args.log_level or envs.HELIX_LOG_LEVEL.strip().upper()
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        level=getattr(logging, level, logging.WARNING) if level in _LOG_LEVELS else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     handler = args.handler

@@ -24,3 +24,20 @@ class ConfigError(HelixError, ValueError):
 
 class ExtensionMissingError(HelixError, ImportError):
     """A compiled module is required (HELIX_NO_EXTENSIONS unset) but was not built."""
+
+
+class MissingExtraError(HelixError, ImportError):
+    """An optional dependency group is not installed; the message names the extra to install."""
+
+
+class PlacementError(HelixError, ValueError):
+    """A placement failed verification; ``problems`` lists every violation found."""
+
+    def __init__(self, problems: list[str], where: str = "placement") -> None:
+        self.problems = problems
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
+        super().__init__(f"{where}: {shown}")
+
+
+class PlanningError(HelixError):
+    """A planner cannot build a placement for this cluster and model; the message says why."""

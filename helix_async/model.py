@@ -427,17 +427,17 @@ class ThroughputModel:
             raise ValueError(f"{gpu} has no KV cache left with {k} layers of {self.model.name}")
         return kv
 
-    def typical_batch(self, gpu: str, k: int, *, force: bool = False) -> TypicalBatch:
+    def typical_batch(self, gpu: str, k: int, *, exceed_profiled_max: bool = False) -> TypicalBatch:
         """The typical batch of a ``gpu`` node holding ``k`` layers, with the converged performance.
 
-        ``k`` must be within the profiled maximum unless ``force`` (then settings are taken at the
+        ``k`` must be within the profiled maximum unless ``exceed_profiled_max`` (then settings are taken at the
         maximum and the time of all k layers is charged, as Helix's ``allow_force_set``).
         """
         gpu = self.profiles.canonical(gpu)
         if gpu not in self.counts:
             raise ConfigError("<argument>", "gpu", f"GPU {gpu!r} is not part of this cluster mix")
         settings = self.profiles.node_settings(gpu)
-        if k < 1 or (k > settings.max_layers and not force):
+        if k < 1 or (k > settings.max_layers and not exceed_profiled_max):
             settings.kv(k)  # raises with the allowed range
         key = (gpu, k)
         hit = self._cache.get(key)
@@ -446,9 +446,9 @@ class ThroughputModel:
             self._cache[key] = hit
         return hit
 
-    def throughput(self, gpu: str, k: int, *, force: bool = False) -> float:
+    def throughput(self, gpu: str, k: int, *, exceed_profiled_max: bool = False) -> float:
         """Typical token throughput (tokens/s) of a ``gpu`` node holding ``k`` layers (no NIC cap)."""
-        return self.typical_batch(gpu, k, force=force).throughput
+        return self.typical_batch(gpu, k, exceed_profiled_max=exceed_profiled_max).throughput
 
     def vram_layers(self, machine: MachineType) -> int:
         """Most layers whose weights fit the machine's VRAM."""
@@ -459,10 +459,10 @@ class ThroughputModel:
         settings_max = self.profiles.node_settings(machine.gpu).max_layers
         return min(settings_max, self.vram_layers(machine))
 
-    def node_capacity(self, machine: MachineType, k: int, *, force: bool = False) -> float:
+    def node_capacity(self, machine: MachineType, k: int, *, exceed_profiled_max: bool = False) -> float:
         """Capacity (tokens/s) of a node holding ``k`` layers: typical throughput capped by its NICs."""
         nic = min(machine.nic_in, machine.nic_out) / self.model.activation_size
-        return min(self.throughput(machine.gpu, k, force=force), nic)
+        return min(self.throughput(machine.gpu, k, exceed_profiled_max=exceed_profiled_max), nic)
 
     def best_node_work(self, machine: MachineType) -> float:
         """max over k of k x node_capacity(k): layer-executions per second the node can deliver."""

@@ -17,8 +17,8 @@ from helix_async.cluster import (
     DEFAULT_MACHINE_TYPES,
     SINK,
     SOURCE,
-    Arc,
     ClusterSpec,
+    DirectedLink,
     Link,
     MachineType,
     Node,
@@ -95,11 +95,11 @@ def test_single24() -> None:
     assert len(arcs) == 24 + 24 + 2 * 276
     assert [a.dst for a in arcs[:24]] == list(range(24)) and all(a.src == SOURCE for a in arcs[:24])
     assert [a.src for a in arcs[-24:]] == list(range(24)) and all(a.dst == SINK for a in arcs[-24:])
-    assert arcs[24] == Arc(0, 1, 1e9, 1e-3) and arcs[25] == Arc(1, 0, 1e9, 1e-3)
+    assert arcs[24] == DirectedLink(0, 1, 1e9, 1e-3) and arcs[25] == DirectedLink(1, 0, 1e9, 1e-3)
     assert len(spec.out_arcs(SOURCE)) == 24 and spec.in_arcs(SOURCE) == ()
     assert len(spec.out_arcs(5)) == 24 and len(spec.in_arcs(5)) == 24  # 23 peers + sink / source
     assert spec.out_arcs(SINK) == () and len(spec.in_arcs(SINK)) == 24
-    assert spec.arc(3, 7) == Arc(3, 7, 1e9, 1e-3)
+    assert spec.arc(3, 7) == DirectedLink(3, 7, 1e9, 1e-3)
     assert spec.arc(SINK, 3) is None and spec.arc(3, 3) is None
     with pytest.raises(IndexError):
         spec.machine(24)
@@ -115,7 +115,7 @@ def test_3cluster24_regions_and_link_ranges() -> None:
 
     cross = spec.arc(0, 20)
     assert cross is not None and 1e7 <= cross.bandwidth <= 1.5e7 and 0.04 <= cross.latency <= 0.06
-    assert spec.arc(20, 0) == Arc(20, 0, cross.bandwidth, cross.latency)
+    assert spec.arc(20, 0) == DirectedLink(20, 0, cross.bandwidth, cross.latency)
     inside = spec.arc(4, 5)
     assert (
         inside is not None
@@ -149,7 +149,7 @@ def test_subcluster_reproduces_shipped_dist_clusters() -> None:
         (1, "L4", "region1"),
     ]
     orig = full.arc(13, 4)
-    assert orig is not None and pair.arc(0, 1) == Arc(0, 1, orig.bandwidth, orig.latency)
+    assert orig is not None and pair.arc(0, 1) == DirectedLink(0, 1, orig.bandwidth, orig.latency)
     assert pair.in_arcs(0)[0] == dataclasses.replace(full.in_arcs(13)[0], dst=0) and pair.is_complete()
     with pytest.raises(ConfigError, match=r"node_ids\[1\]"):
         full.subcluster([1, 1])
@@ -217,7 +217,7 @@ def _write_ini(tmp_path: Path, bandwidth: str = "1000 * mbps", extra: str = "") 
 
 def test_ini_small_file_and_errors(tmp_path: Path) -> None:
     spec = import_helix_ini(_write_ini(tmp_path, "12.5 * mbps"))
-    assert spec.arc(1, 0) == Arc(1, 0, 12.5e6, 0.002) and spec.is_complete()
+    assert spec.arc(1, 0) == DirectedLink(1, 0, 12.5e6, 0.002) and spec.is_complete()
 
     path = _write_ini(tmp_path, "__import__('os').system('true')")
     with pytest.raises(ConfigError) as err:
@@ -471,7 +471,7 @@ BAD_FILES = [
         "nodes[1].type",
         "unknown machine type 'B200'",
     ),
-    ("unknown_node", _NODES + _link(0, 7), "links[0].b", "link to unknown node 7"),
+    ("unknown_node", _NODES + _link(0, 7), "links[0].b", "unknown node 7"),
     ("unknown_endpoint", _NODES + _link(0, "'coordinator'"), "links[0].b", "unknown endpoint 'coordinator'"),
     (
         "zero_bandwidth",
@@ -614,10 +614,10 @@ def test_validate_in_memory_specs() -> None:
     )
     good.validate()
     assert good.arcs() == (
-        Arc(SOURCE, 0, 1e9, 0.0),
-        Arc(0, 1, 1e9, 0.0),
-        Arc(1, 0, 1e9, 0.0),
-        Arc(1, SINK, 1e9, 0.0),
+        DirectedLink(SOURCE, 0, 1e9, 0.0),
+        DirectedLink(0, 1, 1e9, 0.0),
+        DirectedLink(1, 0, 1e9, 0.0),
+        DirectedLink(1, SINK, 1e9, 0.0),
     )
     cases = [
         (dataclasses.replace(good, links=(*good.links, Link(0, 1, -1.0, 0.0, True))), "links[3].bandwidth"),
@@ -666,11 +666,11 @@ def test_arc_queries_on_directed_pair_links() -> None:
         (2, 1),
         (2, SINK),
     ]
-    assert spec.arc(0, 2) == Arc(0, 2, 2e8, 0.01) and spec.arc(2, 0) == Arc(2, 0, 1e8, 0.02)
+    assert spec.arc(0, 2) == DirectedLink(0, 2, 2e8, 0.01) and spec.arc(2, 0) == DirectedLink(2, 0, 1e8, 0.02)
     assert spec.arc(0, 1) is None and not spec.is_complete()
     assert [a.src for a in spec.in_arcs(2)] == [0, 1]
     assert list(itertools.chain(spec.out_arcs(SOURCE), spec.in_arcs(SINK))) == [
-        Arc(SOURCE, 0, 3e8, 0.0),
-        Arc(SOURCE, 1, 4e8, 0.0),
-        Arc(2, SINK, 5e8, 0.0),
+        DirectedLink(SOURCE, 0, 3e8, 0.0),
+        DirectedLink(SOURCE, 1, 4e8, 0.0),
+        DirectedLink(2, SINK, 5e8, 0.0),
     ]

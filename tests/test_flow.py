@@ -19,21 +19,20 @@ import pytest
 import tomli_w
 
 from helix_async.cluster import SINK, SOURCE, ClusterSpec, load_cluster
-from helix_async.flow import (
+from helix_async.flowplan import FlowPlan
+from helix_async.ids import link_key, parse_link_key
+from helix_async.model import ThroughputModel
+from helix_async.placement import Placement, placement_arcs
+from helix_async.placement.flow import (
     FlowEvaluator,
-    FlowPlan,
-    arc_key,
     build_flow_graph,
     max_flow,
     max_flow_value,
     original_vertex_name,
-    parse_arc_key,
-    plot_placement,
     to_original_names,
 )
-from helix_async.model import ThroughputModel
-from helix_async.placement import Placement, placement_arcs
 from helix_async.placement.io import load_shipped_layout
+from helix_async.plots import plot_placement
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,10 +107,10 @@ def test_vertex_names() -> None:
     assert original_vertex_name("sink_in") == "1_in"
     assert original_vertex_name("0_in") == "2_in"
     assert original_vertex_name("21_start") == "23_start"
-    assert arc_key(SOURCE, 3) == "source->3" and parse_arc_key("source->3") == (SOURCE, 3)
-    assert parse_arc_key(arc_key(7, SINK)) == (7, SINK)
+    assert link_key(SOURCE, 3) == "source->3" and parse_link_key("source->3") == (SOURCE, 3)
+    assert parse_link_key(link_key(7, SINK)) == (7, SINK)
     with pytest.raises(ValueError):
-        parse_arc_key("3-4")
+        parse_link_key("3-4")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ def test_fallback_when_preflow_push_fails(
     monkeypatch.setattr(nx, "maximum_flow", failing(real_flow))
     monkeypatch.setattr(nx, "maximum_flow_value", failing(real_value))
     p = _layout("swarm")
-    with caplog.at_level(logging.WARNING, logger="helix_async.flow"):
+    with caplog.at_level(logging.WARNING, logger="helix_async.placement.flow"):
         plan = max_flow(p)
         value = max_flow_value(p)
     assert plan.value == pytest.approx(float(SUMMARY["swarm"]["max_flow_tok_per_s"]), rel=1e-9)
@@ -203,8 +202,8 @@ def test_fallback_when_preflow_push_fails(
 @pytest.mark.parametrize("name", ["ilp", "petals", "swarm", "homogeneous", "separate_l4", "separate_t4"])
 def test_evaluator_matches_max_flow_on_shipped_layouts(name: str) -> None:
     p = _layout(name)
-    ev = FlowEvaluator(p.cluster, MODEL, force=p.force)
-    ref = Placement.from_layers(p.cluster, MODEL, p.layers, partial=p.partial, force=p.force)
+    ev = FlowEvaluator(p.cluster, MODEL, exceed_profiled_max=p.exceed_profiled_max)
+    ref = Placement.from_layers(p.cluster, MODEL, p.layers, partial=p.partial, exceed_profiled_max=p.exceed_profiled_max)
     assert set(ev.links(p.layers, p.partial)) == set(ref.links)
     value = ev.value(p.layers, p.partial)
     assert value == pytest.approx(max_flow(ref).value, rel=1e-9)

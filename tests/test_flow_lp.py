@@ -7,10 +7,10 @@ import random
 import pytest
 
 from helix_async.cluster import load_cluster
-from helix_async.flow import max_flow
-from helix_async.flow_lp import max_flow_lp
 from helix_async.model import ThroughputModel, get_model
 from helix_async.placement import Placement
+from helix_async.placement.flow import max_flow
+from helix_async.placement.flow_lp import max_flow_lp
 from helix_async.placement.io import load_shipped_layout
 
 

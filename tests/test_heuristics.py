@@ -15,9 +15,9 @@ import pytest
 
 from helix_async.cluster import SINK, SOURCE, ClusterSpec, load_cluster
 from helix_async.errors import ConfigError
-from helix_async.flow import max_flow_value
 from helix_async.model import ThroughputModel
 from helix_async.placement import Placement, PlanningError, verify
+from helix_async.placement.flow import max_flow_value
 from helix_async.placement.heuristics import (
     FORCED_HEURISTICS,
     HEURISTICS,
@@ -106,7 +106,7 @@ def test_homogeneous_shuffle_is_per_seed() -> None:
 
 def test_separate_single24_70b_splits() -> None:
     p = separate_pipelines(cl("single24"), M70, tm=tmodel("single24", M70))
-    assert p.force and p.method == "separate"
+    assert p.exceed_profiled_max and p.method == "separate"
     assert pipeline_counts(p) == {"A100": [20] * 4, "L4": [10] * 8, "T4": [6] * 4 + [7] * 8}
     assert set(p.links) == chain_links(p.meta["pipelines"])
     # the T4 chain follows node ids, the first four taking the smaller share
@@ -123,7 +123,7 @@ def test_separate_subclusters_each_verify() -> None:
     pairs = separate_pipeline_subclusters(cl("single24"), M70)
     assert sorted(sub.num_nodes for sub, _ in pairs) == [4, 8, 12]
     for sub, p in pairs:
-        assert p.cluster is sub and p.force
+        assert p.cluster is sub and p.exceed_profiled_max
         verify(p, ThroughputModel.for_cluster(M70, sub))
         assert [p.layers[i] for i in range(sub.num_nodes)][0] == (0, p.layer_count(0))
         assert len(p.used_nodes()) == sub.num_nodes
@@ -272,12 +272,12 @@ def test_every_heuristic_verifies_and_fits(name: str, model: str) -> None:
     for hname, fn in HEURISTICS.items():
         p = fn(c, model, tm=tm)
         verify(p, tm)
-        assert p.method == hname and p.force == (hname in FORCED_HEURISTICS)
+        assert p.method == hname and p.exceed_profiled_max == (hname in FORCED_HEURISTICS)
         for i, r in p.layers.items():
             if r is None:
                 continue
             m = c.machine(i)
-            limit = forced_max_layers(m, model) if p.force else tm.max_layers(m)
+            limit = forced_max_layers(m, model) if p.exceed_profiled_max else tm.max_layers(m)
             assert 1 <= r[1] - r[0] <= limit
 
 
@@ -290,7 +290,7 @@ def test_best_heuristic_picks_max() -> None:
     # any evaluator: the fewest unused nodes wins -> a plan that uses every node
     name2, p2, v2 = best_heuristic(c, M70, evaluate=lambda q: -sum(r is None for r in q.layers.values()))
     assert v2 == 0 and name2 == "petals"
-    name3, _, _ = best_heuristic(c, M70, evaluate=lambda q: float(q.force), include_forced=True, tm=tm)
+    name3, _, _ = best_heuristic(c, M70, evaluate=lambda q: float(q.exceed_profiled_max), include_forced=True, tm=tm)
     assert name3 == "separate"
 
 

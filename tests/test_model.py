@@ -141,7 +141,7 @@ def test_too_small_cluster_is_rejected() -> None:
 
 def test_forced_throughput_does_not_leak_into_unforced_lookups() -> None:
     tm = ThroughputModel("llama2-70b", MIXES["M24"])
-    assert tm.throughput("A100", 20, force=True) > 0
+    assert tm.throughput("A100", 20, exceed_profiled_max=True) > 0
     with pytest.raises(ValueError, match="1..12"):
         tm.throughput("A100", 20)
     assert tm.throughput("a100", 8) == tm.throughput("A100", 8)  # case-insensitive, same cache entry

@@ -14,7 +14,6 @@ import tomli_w
 
 from helix_async.cluster import SINK, SOURCE, ClusterSpec, load_cluster
 from helix_async.errors import ConfigError
-from helix_async.flow import max_flow
 from helix_async.placement import (
     Placement,
     PlacementError,
@@ -26,6 +25,7 @@ from helix_async.placement import (
     verify,
     write_placement,
 )
+from helix_async.placement.flow import max_flow
 from helix_async.placement.io import SHIPPED_LAYOUTS, placement_to_dict
 
 if sys.version_info >= (3, 11):
@@ -90,7 +90,7 @@ def test_shipped_layouts_verify(name: str) -> None:
     verify(p)
     assert p.model == MODEL
     assert p.partial == (name == "petals")
-    assert p.force == name.startswith("separate_")
+    assert p.exceed_profiled_max == name.startswith("separate_")
     assert "dropped_links" not in p.meta
 
 
@@ -126,12 +126,12 @@ def test_rejects_range_over_max_layers(single24: ClusterSpec, base: Placement) -
         verify(bad)
     with pytest.raises(PlacementError, match="not within"):
         verify(_with(base, layers=_layers(single24, n1=(76, 81))))
-    # with force, more than the profiled maximum is fine while VRAM and a KV cache remain
-    forced = _with(base, layers=_layers(single24, n11=(69, 74), n1=(74, 80)), force=True)
+    # with exceed_profiled_max, more than the profiled maximum is fine while VRAM and a KV cache remain
+    forced = _with(base, layers=_layers(single24, n11=(69, 74), n1=(74, 80)), exceed_profiled_max=True)
     verify(forced)
     # 8 T4 layers fit the 16 GB of VRAM but leave no room for a KV cache
     with pytest.raises(PlacementError, match="no KV cache left with 8 layers"):
-        verify(_with(base, layers=_layers(single24, n11=(69, 72), n1=(72, 80)), force=True))
+        verify(_with(base, layers=_layers(single24, n11=(69, 72), n1=(72, 80)), exceed_profiled_max=True))
 
 
 def test_rejects_link_not_in_cluster(single24: ClusterSpec, base: Placement) -> None:
@@ -205,7 +205,7 @@ def test_plan_file_round_trip(tmp_path: Path, name: str, suffix: str) -> None:
     assert q.same_plan(p)
     assert q.links == p.links
     assert q.cluster == p.cluster
-    assert (q.model, q.method, q.partial, q.force) == (p.model, p.method, p.partial, p.force)
+    assert (q.model, q.method, q.partial, q.exceed_profiled_max) == (p.model, p.method, p.partial, p.exceed_profiled_max)
     assert dict(q.meta) == {k: v for k, v in p.meta.items() if v is not None}
     assert read_flow(path) == flow
     # writing the read plan gives the same file
@@ -220,7 +220,7 @@ def test_plan_file_layout(tmp_path: Path, base: Placement) -> None:
         "model": MODEL,
         "method": "test",
         "partial": False,
-        "force": False,
+        "exceed_profiled_max": False,
         "num_layers": 80,
         "note": "one pipeline",
         "max_flow": 123.0,
@@ -400,7 +400,7 @@ def test_import_detects_partial_links(tmp_path: Path, single24: ClusterSpec) -> 
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda s, c: (s.replace("offset=2", ""), c), r"\[Settings\] offset"),
+        (lambda s, c: (s.replace("offset=2", ""), c), r"\[Settings\]\.offset"),
         (lambda s, c: (s.replace("offset=2", "offset=two"), c), "must be an integer"),
         (
             lambda s, c: (s.replace("[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]", "[0, 1, 3]"), c),

@@ -9,19 +9,19 @@ import pytest
 from helix_async.cli import main
 from helix_async.cluster import generate_partitioned, load_cluster
 from helix_async.errors import ConfigError
-from helix_async.flow import max_flow
 from helix_async.model import ThroughputModel, get_model
 from helix_async.placement import Placement, read_placement, verify
+from helix_async.placement.flow import max_flow
 from helix_async.placement.io import load_shipped_layout
 from helix_async.placement.milp import (
     ArcModel,
     Capacities,
     PositionModel,
-    StopFlag,
     coverage_bound,
     type_classes,
 )
 from helix_async.placement.search import pipeline_cover, plan
+from helix_async.signals import StopFlag
 
 
 def _caps(name: str, model: str = "llama2-70b") -> tuple:
@@ -34,7 +34,7 @@ def _caps(name: str, model: str = "llama2-70b") -> tuple:
 def test_coverage_bound_is_above_every_known_plan() -> None:
     cl, m, tm, caps = _caps("single24")
     bound = coverage_bound(caps)
-    assert bound <= caps.upper_bound_U
+    assert bound <= caps.compute_bound
     for name in ("ilp", "petals", "swarm", "homogeneous"):
         assert max_flow(load_shipped_layout(name)).value <= bound + 1e-6
 
@@ -242,7 +242,7 @@ def test_verify_refuses_a_forced_plan_whose_weights_leave_no_kv_cache() -> None:
     from helix_async.placement import PlacementError
 
     cl = load_cluster("single_a100")
-    p = Placement.from_layers(cl, "llama2-70b", {0: (0, 26), 1: (26, 52), 2: (52, 78), 3: (78, 80)}, force=True)
+    p = Placement.from_layers(cl, "llama2-70b", {0: (0, 26), 1: (26, 52), 2: (52, 78), 3: (78, 80)}, exceed_profiled_max=True)
     with pytest.raises(PlacementError, match="no KV cache left"):
         verify(p)
 

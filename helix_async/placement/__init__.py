@@ -1,14 +1,13 @@
 """Placement values, verification, I/O and planners (heuristics and MILP)."""
 
+from ..errors import PlacementError, PlanningError
 from .core import (
     Placement,
-    PlacementError,
     arc_kind,
     clean_arcs,
     placement_arcs,
     verify,
 )
-from .heuristics import PlanningError
 from .io import (
     import_helix_solution,
     load_shipped_layout,

@@ -16,21 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cluster import SINK, SOURCE, ClusterSpec, NodeRef
-from ..errors import HelixError
+from ..cluster import ClusterSpec
+from ..errors import PlacementError
+from ..ids import SINK, SOURCE, LayerRange, NodeRef, PlanLink
 from ..model import ModelSpec, ThroughputModel, get_model
-
-LayerRange = tuple[int, int]  # [start, end)
-Arc2 = tuple[NodeRef, NodeRef]
-
-
-class PlacementError(HelixError, ValueError):
-    """A placement failed verification; ``problems`` lists every violation found."""
-
-    def __init__(self, problems: list[str], where: str = "placement") -> None:
-        self.problems = problems
-        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
-        super().__init__(f"{where}: {shown}")
 
 
 def arc_kind(layers: Mapping[int, LayerRange | None], u: NodeRef, v: NodeRef, num_layers: int) -> str | None:
@@ -55,7 +44,7 @@ def arc_kind(layers: Mapping[int, LayerRange | None], u: NodeRef, v: NodeRef, nu
     return None
 
 
-def clean_arcs(arcs: Iterable[Arc2]) -> tuple[Arc2, ...]:
+def clean_arcs(arcs: Iterable[PlanLink]) -> tuple[PlanLink, ...]:
     """Drop arcs that cannot lie on a source->sink path, repeating until nothing changes."""
     kept = list(dict.fromkeys(arcs))
     while True:
@@ -73,9 +62,9 @@ def clean_arcs(arcs: Iterable[Arc2]) -> tuple[Arc2, ...]:
 
 def placement_arcs(
     cluster: ClusterSpec, layers: Mapping[int, LayerRange | None], num_layers: int, partial: bool = False
-) -> tuple[Arc2, ...]:
+) -> tuple[PlanLink, ...]:
     """All cluster arcs usable by ``layers`` (full, plus partial ones if ``partial``), cleaned."""
-    out: list[Arc2] = []
+    out: list[PlanLink] = []
     for a in cluster.arcs():
         kind = arc_kind(layers, a.src, a.dst, num_layers)
         if kind == "full" or (kind == "partial" and partial):
@@ -90,16 +79,16 @@ class Placement:
     layers: node id -> [start, end) or None for an unused node (every cluster node has an entry).
     links: directed usable arcs ((SOURCE|id) -> (id|SINK)).
     partial: whether partial inference (a node starting inside its predecessor's range) is allowed.
-    force: hand-made layouts may exceed the profiled layer maximum (VRAM must still fit).
+    exceed_profiled_max: hand-made layouts may exceed the profiled layer maximum (VRAM must still fit).
     """
 
     cluster: ClusterSpec
     model: str
     layers: Mapping[int, LayerRange | None]
-    links: tuple[Arc2, ...]
+    links: tuple[PlanLink, ...]
     partial: bool = False
     method: str = "manual"
-    force: bool = False
+    exceed_profiled_max: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -111,7 +100,7 @@ class Placement:
         *,
         partial: bool = False,
         method: str = "manual",
-        force: bool = False,
+        exceed_profiled_max: bool = False,
         meta: Mapping[str, Any] | None = None,
     ) -> Placement:
         """Build a placement whose links are every usable cluster arc (cleaned to a fixpoint)."""
@@ -125,7 +114,7 @@ class Placement:
             links=placement_arcs(cluster, full, spec.num_layers, partial),
             partial=partial,
             method=method,
-            force=force,
+            exceed_profiled_max=exceed_profiled_max,
             meta=dict(meta or {}),
         )
 
@@ -154,7 +143,7 @@ class Placement:
 
     def with_meta(self, **extra: Any) -> Placement:
         return Placement(
-            self.cluster, self.model, self.layers, self.links, self.partial, self.method, self.force,
+            self.cluster, self.model, self.layers, self.links, self.partial, self.method, self.exceed_profiled_max,
             {**self.meta, **extra},
         )
 
@@ -191,11 +180,11 @@ def verify(placement: Placement, tm: ThroughputModel | None = None) -> None:
             continue
         m = cl.machine(i)
         k = e - s
-        cap = tm.vram_layers(m) if placement.force else tm.max_layers(m)
+        cap = tm.vram_layers(m) if placement.exceed_profiled_max else tm.max_layers(m)
         if k > cap:
-            why = "VRAM" if placement.force else "profiled max layers / VRAM"
+            why = "VRAM" if placement.exceed_profiled_max else "profiled max layers / VRAM"
             problems.append(f"node {i} ({m.name}): holds {k} layers, at most {cap} fit ({why})")
-        elif placement.force:
+        elif placement.exceed_profiled_max:
             try:
                 tm.kv_capacity(m.gpu, k)
             except ValueError as exc:  # weights leave no room for a KV cache

@@ -5,7 +5,7 @@ private ``random.Random(seed)`` (never the global RNG), so a seed fixes the plan
 from the original's global-RNG stream, so the exact shipped Petals/Swarm layouts are not reproduced.
 Node capacities (tokens/s) are ``ThroughputModel.node_capacity`` (HELIX_SPEC §3.5); layer counts are
 bounded by ``ThroughputModel.max_layers`` (profiled maximum within VRAM), except for the
-hand-made-style separate pipelines, which may exceed the profiled maximum (``force=True``).
+hand-made-style separate pipelines, which may exceed the profiled maximum (``exceed_profiled_max=True``).
 
 ``best_heuristic`` runs every applicable heuristic and keeps the one the caller's evaluator (exact
 max flow) scores highest; it is the warm start and fallback of the MILP planner (HELIX_SPEC §12.1.4).
@@ -19,24 +19,20 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..cluster import SINK, SOURCE, ClusterSpec, MachineType, NodeRef
-from ..errors import ConfigError, HelixError
+from ..cluster import ClusterSpec, MachineType
+from ..errors import ConfigError, PlanningError
+from ..ids import SINK, SOURCE, NodeRef, PlanLink
 from ..model import ModelSpec, ThroughputModel, get_model
 from .core import Placement, clean_arcs, placement_arcs, verify
 
 log = logging.getLogger("helix_async.planner")
 
-Arc2 = tuple[NodeRef, NodeRef]
 
 #: VRAM (bytes) each GPU of a machine keeps free of weights in forced (separate-pipeline) layouts:
 #: runtime context, activations and a minimal KV cache. 5 GB per GPU reproduces the shipped
 #: hand-made layouts: a 16 GB T4 takes at most 7 LLaMA-2-70B layers (the single24 T4 pipeline uses
 #: 6-7), so the 10 T4s of cluster42 (70 layers) cannot form a pipeline of their own there.
 FORCE_RESERVE_PER_GPU = 5e9
-
-
-class PlanningError(HelixError):
-    """A heuristic cannot build a placement for this cluster and model; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +76,7 @@ def forced_max_layers(
     return min(int(usable // spec.param_bytes_per_layer), total, spec.num_layers)
 
 
-def _chain_arcs(cluster: ClusterSpec, chain: Sequence[int]) -> list[Arc2] | None:
+def _chain_arcs(cluster: ClusterSpec, chain: Sequence[int]) -> list[PlanLink] | None:
     """source -> chain[0] -> ... -> chain[-1] -> sink, or None when the cluster lacks one of the arcs."""
     hops: list[NodeRef] = [SOURCE, *chain, SINK]
     arcs = list(itertools.pairwise(hops))
@@ -180,10 +176,10 @@ def _petals_quota_links(
     L: int,
     partial: bool,
     quota: int,
-) -> tuple[Arc2, ...]:
+) -> tuple[PlanLink, ...]:
     if quota < 0:
         raise ConfigError("<argument>", "max_out_links", f"must be >= 0 or None, got {quota}")
-    chosen: set[Arc2] = set()
+    chosen: set[PlanLink] = set()
     full: dict[NodeRef, list[Any]] = {}
     part: dict[NodeRef, list[Any]] = {}
     for a in cluster.arcs():
@@ -284,7 +280,7 @@ def swarm(
         sums[q] += cap[i]
 
     rng = random.Random(seed)
-    arcs: list[Arc2] = [(SOURCE, i) for i in stages[0] if cluster.arc(SOURCE, i) is not None]
+    arcs: list[PlanLink] = [(SOURCE, i) for i in stages[0] if cluster.arc(SOURCE, i) is not None]
     for q in range(num_stages - 1):
         for u in stages[q]:
             targets = [v for v in stages[q + 1] if cluster.arc(u, v) is not None]
@@ -379,7 +375,7 @@ def homogeneous(
             cluster.name,
         )
     layers: dict[int, tuple[int, int] | None] = {n.id: None for n in cluster.nodes}
-    arcs: list[Arc2] = []
+    arcs: list[PlanLink] = []
     chains: list[list[int]] = []
     for pipe in pipelines:
         chain = [i for i, _, _ in pipe]
@@ -541,7 +537,7 @@ def _pipelines_placement(
     meta: Mapping[str, Any],
 ) -> Placement:
     layers: dict[int, tuple[int, int] | None] = {n.id: None for n in cluster.nodes}
-    arcs: list[Arc2] = []
+    arcs: list[PlanLink] = []
     for pipe in pipelines:
         chain_arcs = _chain_arcs(cluster, [i for i, _, _ in pipe])
         assert chain_arcs is not None
@@ -555,7 +551,7 @@ def _pipelines_placement(
         links=clean_arcs(arcs),
         partial=False,
         method=method,
-        force=True,
+        exceed_profiled_max=True,
         meta={**meta, "pipelines": [[i for i, _, _ in pipe] for pipe in pipelines]},
     )
 
@@ -571,7 +567,7 @@ def separate_pipelines(
 
     The L layers are split evenly and contiguously over the type's nodes in id order, the first
     nodes taking the smaller share (LLaMA-2-70B on single24: A100 20/20/20/20, L4 8 x 10,
-    T4 6, 6, 6, 6, 7 x 8). Layer counts may exceed the profiled maximum (``force=True``), but each
+    T4 6, 6, 6, 6, 7 x 8). Layer counts may exceed the profiled maximum (``exceed_profiled_max=True``), but each
     node keeps ``reserve_per_gpu`` bytes of VRAM per GPU free of weights
     (:func:`forced_max_layers`); a type whose nodes cannot hold L layers that way has no pipeline.
     One placement over the whole cluster: the pipelines are disjoint chains (links only
@@ -657,7 +653,7 @@ HEURISTICS: dict[str, Callable[..., Placement]] = {
     "separate_plus": separate_pipelines_plus,
 }
 _SEEDED = frozenset({"petals", "swarm", "homogeneous"})
-#: Heuristics whose plans exceed the profiled layer maximum (``force=True``).
+#: Heuristics whose plans exceed the profiled layer maximum (``exceed_profiled_max=True``).
 FORCED_HEURISTICS = frozenset({"separate", "separate_plus"})
 
 

@@ -4,11 +4,11 @@ A plan file is self-contained: it embeds its cluster, so it can be read without 
 
 TOML layout (a ``.json`` file holds the same document as JSON)::
 
-    [plan]                      # model, method, partial, force, num_layers, then meta values
+    [plan]                      # model, method, partial, exceed_profiled_max, num_layers, then meta values
     model = "llama2-70b"        #   (max_flow, upper_bound, gap, ... whatever the planner recorded)
     method = "ilp"
     partial = false
-    force = false
+    exceed_profiled_max = false
     num_layers = 80
     max_flow = 1289.56
 
@@ -34,38 +34,33 @@ Every read runs :func:`~helix_async.placement.core.verify`; a plan that fails is
 
 from __future__ import annotations
 
-import ast
-import configparser
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tomli_w
 
-from ..cluster import (
-    SINK,
-    SOURCE,
-    ClusterSpec,
-    NodeRef,
-    cluster_from_toml_dict,
-    cluster_to_toml_dict,
-    load_cluster,
+from ..cluster import ClusterSpec, cluster_from_toml_dict, cluster_to_toml_dict, load_cluster
+from ..errors import ConfigError, PlacementError
+from ..fileio import (
+    array_field,
+    atomic_write_text,
+    bool_field,
+    int_field,
+    name_field,
+    node_ref_field,
+    parse_document,
+    read_text,
+    table_field,
 )
-from ..errors import ConfigError
+from ..flowplan import FlowPlan
+from ..ids import SINK, SOURCE, NodeRef
+from ..ini import ascii_int, ini_get, ini_list, read_ini
 from ..model import get_model
-from .core import Placement, PlacementError, arc_kind, clean_arcs, verify
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-if TYPE_CHECKING:
-    from ..flow import FlowPlan
+from .core import Placement, arc_kind, clean_arcs, verify
 
 __all__ = [
     "SHIPPED_LAYOUTS",
@@ -78,7 +73,7 @@ __all__ = [
     "write_placement",
 ]
 
-_PLAN_FIELDS = ("model", "method", "partial", "force", "num_layers")
+_PLAN_FIELDS = ("model", "method", "partial", "exceed_profiled_max", "num_layers")
 _TOP_KEYS = ("plan", "cluster", "nodes", "links", "flow")
 _LAYOUT_DIR = Path(__file__).resolve().parent.parent / "data" / "layouts" / "single24_llama70b"
 
@@ -114,7 +109,7 @@ def placement_to_dict(placement: Placement, flow: FlowPlan | None = None) -> dic
         "model": placement.model,
         "method": placement.method,
         "partial": bool(placement.partial),
-        "force": bool(placement.force),
+        "exceed_profiled_max": bool(placement.exceed_profiled_max),
         "num_layers": placement.num_layers,
     }
     for key, value in placement.meta.items():
@@ -153,10 +148,7 @@ def write_placement(
         text = json.dumps(doc, indent=1) + "\n"
     else:
         text = tomli_w.dumps(doc)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(p, text, "plan file")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,62 +157,10 @@ def write_placement(
 
 
 def _load_doc(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
-    p = Path(path)
-    src = str(p)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(src, "", f"cannot read plan file: {exc.strerror or exc}") from exc
-    if p.suffix.lower() == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(src, "", f"invalid JSON: {exc}") from exc
-    else:
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(src, "", f"invalid TOML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ConfigError(src, "", "a plan file must hold a table at the top level")
-    return doc, src
-
-
-def _table(src: str, where: str, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(src, where, f"must be a table, got {type(value).__name__}")
-    return value
-
-
-def _array(src: str, where: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(src, where, f"must be an array of tables, got {type(value).__name__}")
-    return value
-
-
-def _bool(src: str, where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(src, where, f"must be true or false, got {value!r}")
-    return value
-
-
-def _int(src: str, where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(src, where, f"must be an integer, got {value!r}")
-    return value
-
-
-def _ref(src: str, where: str, value: Any, n: int, end: str) -> NodeRef:
-    """A link end: "source" (end="src") / "sink" (end="dst") or a node id 0..n-1."""
-    allowed = SOURCE if end == "src" else SINK
-    if isinstance(value, str):
-        if value == allowed:
-            return value
-        raise ConfigError(src, where, f"must be {allowed!r} or a node id, got {value!r}")
-    node = _int(src, where, value)
-    if not 0 <= node < n:
-        raise ConfigError(src, where, f"unknown node {node} (cluster has nodes 0..{n - 1})")
-    return node
+    src = str(Path(path))
+    text = read_text(path, "plan file")
+    fmt = "json" if Path(path).suffix.lower() == ".json" else "toml"
+    return parse_document(text, src, fmt), src
 
 
 def _verified(placement: Placement, where: str) -> Placement:
@@ -244,7 +184,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
             raise ConfigError(src, str(key), f"unknown top-level key (expected {', '.join(_TOP_KEYS)})")
     if "plan" not in doc:
         raise ConfigError(src, "plan", "missing required table [plan]")
-    plan = dict(_table(src, "plan", doc["plan"]))
+    plan = dict(table_field(src, "plan", doc["plan"]))
     if "model" not in plan:
         raise ConfigError(src, "plan.model", "missing required field")
     model = plan.pop("model")
@@ -254,13 +194,11 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
         spec = get_model(model)
     except ConfigError as exc:
         raise ConfigError(src, "plan.model", exc.message) from None
-    method = plan.pop("method", "manual")
-    if not isinstance(method, str) or not method:
-        raise ConfigError(src, "plan.method", f"must be a non-empty string, got {method!r}")
-    partial = _bool(src, "plan.partial", plan.pop("partial", False))
-    force = _bool(src, "plan.force", plan.pop("force", False))
+    method = name_field(src, "plan.method", plan.pop("method", "manual"))
+    partial = bool_field(src, "plan.partial", plan.pop("partial", False))
+    exceed_profiled_max = bool_field(src, "plan.exceed_profiled_max", plan.pop("exceed_profiled_max", False))
     if "num_layers" in plan:
-        nl = _int(src, "plan.num_layers", plan.pop("num_layers"))
+        nl = int_field(src, "plan.num_layers", plan.pop("num_layers"))
         if nl != spec.num_layers:
             raise ConfigError(
                 src, "plan.num_layers", f"is {nl} but model {spec.name} has {spec.num_layers} layers"
@@ -269,7 +207,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     if "cluster" not in doc:
         raise ConfigError(src, "cluster", "missing required table [cluster]")
-    ctab = _table(src, "cluster", doc["cluster"])
+    ctab = table_field(src, "cluster", doc["cluster"])
     try:
         cluster: ClusterSpec = cluster_from_toml_dict(ctab, src)
     except ConfigError as exc:
@@ -278,15 +216,15 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     layers: dict[int, tuple[int, int] | None] = {i: None for i in range(n)}
     seen: set[int] = set()
-    for k, raw in enumerate(_array(src, "nodes", doc.get("nodes", []))):
+    for k, raw in enumerate(array_field(src, "nodes", doc.get("nodes", []))):
         where = f"nodes[{k}]"
-        entry = _table(src, where, raw)
+        entry = table_field(src, where, raw)
         for key in entry:
             if key not in ("id", "type", "layers"):
                 raise ConfigError(src, f"{where}.{key}", "unknown key (expected id, type, layers)")
         if "id" not in entry:
             raise ConfigError(src, f"{where}.id", "missing required field")
-        node = _int(src, f"{where}.id", entry["id"])
+        node = int_field(src, f"{where}.id", entry["id"])
         if not 0 <= node < n:
             raise ConfigError(src, f"{where}.id", f"unknown node {node} (cluster has nodes 0..{n - 1})")
         if node in seen:
@@ -315,17 +253,17 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     links: list[tuple[NodeRef, NodeRef]] = []
     seen_links: set[tuple[NodeRef, NodeRef]] = set()
-    for k, raw in enumerate(_array(src, "links", doc.get("links", []))):
+    for k, raw in enumerate(array_field(src, "links", doc.get("links", []))):
         where = f"links[{k}]"
-        entry = _table(src, where, raw)
+        entry = table_field(src, where, raw)
         for key in entry:
             if key not in ("src", "dst"):
                 raise ConfigError(src, f"{where}.{key}", "unknown key (expected src, dst)")
         for key in ("src", "dst"):
             if key not in entry:
                 raise ConfigError(src, f"{where}.{key}", "missing required field")
-        u = _ref(src, f"{where}.src", entry["src"], n, "src")
-        v = _ref(src, f"{where}.dst", entry["dst"], n, "dst")
+        u = node_ref_field(src, f"{where}.src", entry["src"], n, (SOURCE,))
+        v = node_ref_field(src, f"{where}.dst", entry["dst"], n, (SINK,))
         if u == SOURCE and v == SINK:
             raise ConfigError(src, where, "a link cannot join the source to the sink")
         if (u, v) in seen_links:
@@ -343,17 +281,15 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
         links=tuple(links),
         partial=partial,
         method=method,
-        force=force,
+        exceed_profiled_max=exceed_profiled_max,
         meta=meta,
     )
     return _verified(placement, f"{src}: {method} placement")
 
 
 def _flow_from(src: str, raw: Any) -> FlowPlan:
-    from ..flow import FlowPlan
-
     try:
-        return FlowPlan.from_dict(_table(src, "flow", raw))
+        return FlowPlan.from_dict(table_field(src, "flow", raw))
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(src, "flow", f"malformed flow summary: {exc}") from None
 
@@ -383,43 +319,12 @@ def read_flow(path: str | os.PathLike[str]) -> FlowPlan | None:
 _NODE_NAME = re.compile(r"compute_node_(\d+)\Z")
 
 
-def _read_ini(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None, strict=True)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read file: {exc.strerror or exc}") from exc
-    try:
-        parser.read_string(text, source=str(path))
-    except configparser.Error as exc:
-        raise ConfigError(str(path), "", f"invalid INI: {exc}") from exc
-    return parser
-
-
-def _ini(parser: configparser.ConfigParser, src: str, section: str, option: str) -> str:
-    if not parser.has_section(section):
-        raise ConfigError(src, f"[{section}]", "missing required section")
-    if not parser.has_option(section, option):
-        raise ConfigError(src, f"[{section}] {option}", "missing required option")
-    return parser.get(section, option).strip()
-
-
-def _literal_list(src: str, where: str, text: str) -> list[Any]:
-    try:
-        value = ast.literal_eval(text)
-    except Exception as exc:  # literal_eval also raises TypeError, MemoryError, RecursionError
-        raise ConfigError(src, where, f"not a list literal: {text!r}") from exc
-    if not isinstance(value, list):
-        raise ConfigError(src, where, f"must be a list, got {text!r}")
-    return value
-
-
 def _node_id(src: str, where: str, name: str, offset: int, n: int) -> int:
     m = _NODE_NAME.match(name.strip())
-    if m is None:
+    k = None if m is None else ascii_int(m.group(1))
+    if k is None:
         raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {name!r}")
-    node = int(m.group(1)) - offset
+    node = k - offset
     if not 0 <= node < n:
         raise ConfigError(
             src, where, f"{name} is node {node} with offset {offset}; the cluster has nodes 0..{n - 1}"
@@ -441,7 +346,7 @@ def import_helix_solution(
     model: str,
     *,
     method: str | None = None,
-    force: bool = False,
+    exceed_profiled_max: bool = False,
 ) -> Placement:
     """A placement from an original Helix solution file and its ``simulator_cluster.ini``.
 
@@ -459,19 +364,20 @@ def import_helix_solution(
     n = cluster.num_nodes
     L = spec.num_layers
 
-    sol = _read_ini(sol_path)
-    raw_offset = _ini(sol, ssrc, "Settings", "offset")
-    try:
-        offset = int(raw_offset)
-    except ValueError:
-        raise ConfigError(ssrc, "[Settings] offset", f"must be an integer, got {raw_offset!r}") from None
+    sol, _ = read_ini(sol_path)
+    raw_offset = ini_get(sol, ssrc, "Settings", "offset").strip()
+    offset = ascii_int(raw_offset.removeprefix("-"))
+    if offset is None:
+        raise ConfigError(ssrc, "[Settings].offset", f"must be an integer, got {raw_offset!r}")
+    if raw_offset.startswith("-"):
+        offset = -offset
     if not sol.has_section("Solution"):
         raise ConfigError(ssrc, "[Solution]", "missing required section")
     solution: dict[int, tuple[int, int] | None] = {}
     for name, text in sol.items("Solution"):
-        where = f"[Solution] {name}"
+        where = f"[Solution].{name}"
         node = _node_id(ssrc, where, name, offset, n)
-        ids = _literal_list(ssrc, where, text)
+        ids = ini_list(text, ssrc, where)
         if not ids:
             solution[node] = None
             continue
@@ -484,24 +390,24 @@ def import_helix_solution(
             raise ConfigError(ssrc, where, f"layers [{s}, {e}) not within [0, {L}) of {spec.name}")
         solution[node] = (s, e)
 
-    sim = _read_ini(sim_path)
-    names = _literal_list(csrc, "[ComputeNodes] names", _ini(sim, csrc, "ComputeNodes", "names"))
+    sim, _ = read_ini(sim_path)
+    names = ini_list(ini_get(sim, csrc, "ComputeNodes", "names"), csrc, "[ComputeNodes].names")
     present: set[int] = set()
     for k, name in enumerate(names):
         if not isinstance(name, str):
-            raise ConfigError(csrc, f"[ComputeNodes] names[{k}]", f"must be a string, got {name!r}")
-        present.add(_node_id(csrc, f"[ComputeNodes] names[{k}]", name, offset, n))
+            raise ConfigError(csrc, f"[ComputeNodes].names[{k}]", f"must be a string, got {name!r}")
+        present.add(_node_id(csrc, f"[ComputeNodes].names[{k}]", name, offset, n))
     layers: dict[int, tuple[int, int] | None] = {
         i: (solution.get(i) if i in present else None) for i in range(n)
     }
 
-    link_names = _literal_list(csrc, "[Links] names", _ini(sim, csrc, "Links", "names"))
+    link_names = ini_list(ini_get(sim, csrc, "Links", "names"), csrc, "[Links].names")
     links: list[tuple[NodeRef, NodeRef]] = []
     for k, lname in enumerate(link_names):
         if not isinstance(lname, str):
-            raise ConfigError(csrc, f"[Links] names[{k}]", f"must be a string, got {lname!r}")
-        u = _endpoint(csrc, f"[{lname}] in", _ini(sim, csrc, lname, "in"), offset, n)
-        v = _endpoint(csrc, f"[{lname}] out", _ini(sim, csrc, lname, "out"), offset, n)
+            raise ConfigError(csrc, f"[Links].names[{k}]", f"must be a string, got {lname!r}")
+        u = _endpoint(csrc, f"[{lname}].in", ini_get(sim, csrc, lname, "in"), offset, n)
+        v = _endpoint(csrc, f"[{lname}].out", ini_get(sim, csrc, lname, "out"), offset, n)
         if u == SINK or v == SOURCE or u == v:
             raise ConfigError(csrc, f"[{lname}]", f"not a usable direction: {u} -> {v}")
         for end in (u, v):
@@ -529,13 +435,13 @@ def import_helix_solution(
         links=kept,
         partial=partial,
         method=method,
-        force=force,
+        exceed_profiled_max=exceed_profiled_max,
         meta=meta,
     )
     return _verified(placement, f"{ssrc}: imported {method} placement")
 
 
-# name -> (directory, cluster, force)
+# name -> (directory, cluster, exceed_profiled_max)
 SHIPPED_LAYOUTS: dict[str, tuple[str, str, bool]] = {
     "ilp": ("ilp", "single24", False),
     "petals": ("petals", "single24", False),
@@ -559,7 +465,7 @@ def load_shipped_layout(name: str) -> Placement:
         raise ConfigError(
             "<argument>", "layout", f"unknown shipped layout {name!r}; known: {', '.join(SHIPPED_LAYOUTS)}"
         )
-    directory, cluster_name, force = SHIPPED_LAYOUTS[name]
+    directory, cluster_name, exceed_profiled_max = SHIPPED_LAYOUTS[name]
     d = _LAYOUT_DIR / directory
     sols = sorted(d.glob("*_sol.ini")) + sorted(d.glob("*_solution_file.ini"))
     sims = sorted(d.glob("*simulator_cluster.ini"))
@@ -567,6 +473,6 @@ def load_shipped_layout(name: str) -> Placement:
         raise ConfigError(str(d), "", "expected one solution file and one simulator_cluster.ini")
     method = "separate" if name.startswith("separate_") else ("ilp" if name == "ilp_artifact" else name)
     p = import_helix_solution(
-        sols[0], sims[0], load_cluster(cluster_name), "llama2-70b", method=method, force=force
+        sols[0], sims[0], load_cluster(cluster_name), "llama2-70b", method=method, exceed_profiled_max=exceed_profiled_max
     )
     return p.with_meta(layout=f"single24_llama70b/{name}")

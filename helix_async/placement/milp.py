@@ -20,61 +20,18 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..cluster import SINK, SOURCE, ClusterSpec, NodeRef
-from ..flow import arc_capacity
+from ..cluster import ClusterSpec
+from ..ids import SINK, SOURCE, LayerRange, NodeRef
 from ..model import ModelSpec, ThroughputModel, max_compute_throughput
+from ..signals import StopFlag
+from .flow import arc_capacity
 
 log = logging.getLogger("helix_async.planner")
 
-LayerRange = tuple[int, int]
-
-
-class StopFlag:
-    """Set by Ctrl-C/SIGTERM (or a caller); solvers poll it and stop with their best solution."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason = ""
-
-    def set(self, reason: str = "stop requested") -> None:
-        self.reason = self.reason or reason
-        self._event.set()
-
-    def __bool__(self) -> bool:
-        return self._event.is_set()
-
-
-class SignalStop:
-    """Context manager: the first SIGINT/SIGTERM sets ``flag`` instead of killing the process.
-
-    A second SIGINT raises KeyboardInterrupt as usual (a person who insists gets out at once).
-    Only installs handlers in the main thread.
-    """
-
-    def __init__(self, flag: StopFlag) -> None:
-        self.flag = flag
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag.set(f"signal {signal.Signals(signum).name}")
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self.flag
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @dataclass(frozen=True)
@@ -87,7 +44,7 @@ class Capacities:
     arc_cap: Mapping[tuple[NodeRef, NodeRef], float]  # directed cluster arcs
     source_cap: float
     sink_cap: float
-    upper_bound_U: float  # max compute throughput
+    compute_bound: float  # the cluster's max compute throughput (tokens/s), a bound on any max flow
 
     @classmethod
     def build(cls, cluster: ClusterSpec, model: ModelSpec, tm: ThroughputModel) -> Capacities:
@@ -115,7 +72,7 @@ class Capacities:
             arc_cap=arc_cap,
             source_cap=cluster.coordinator_nic_out / tau,
             sink_cap=cluster.coordinator_nic_in / tau,
-            upper_bound_U=U,
+            compute_bound=U,
         )
 
     def node_best(self, i: int) -> float:
@@ -140,7 +97,7 @@ def coverage_bound(caps: Capacities, iters: int = 100) -> float:
         # slack absorbs the float rounding of the sum so bisection does not stop short of it.
         return L * F <= total * (1 + 1e-12)
 
-    lo, hi = 0.0, max(caps.upper_bound_U, 1e-9) * 1.000001
+    lo, hi = 0.0, max(caps.compute_bound, 1e-9) * 1.000001
     hi = min(hi, caps.source_cap, caps.sink_cap) if caps.source_cap > 0 else hi
     if feasible(hi):
         return hi
@@ -273,7 +230,7 @@ class PositionModel:
                 m.addCons(scip.quicksum(n[key] for key in keys) <= len(ids) - sum(
                     1 for i in ids if i in self.fixed and self.fixed[i] is None
                 ))
-        F = m.addVar(vtype="C", lb=0.0, ub=min(caps.source_cap, caps.sink_cap, caps.upper_bound_U), name="F")
+        F = m.addVar(vtype="C", lb=0.0, ub=min(caps.source_cap, caps.sink_cap, caps.compute_bound), name="F")
         m.addCons(F == scip.quicksum(starts_at[0]))
         m.addCons(F == scip.quicksum(ends_at[L]))
         for b in range(1, L):
@@ -472,7 +429,7 @@ class ArcModel:
         for i in active:
             m.addCons(qs(inflow[i]) == qs(outflow[i]))
             m.addCons(qs(inflow[i]) <= cap_expr[i])
-        F = m.addVar(vtype="C", lb=0.0, ub=min(caps.source_cap, caps.sink_cap, caps.upper_bound_U), name="F")
+        F = m.addVar(vtype="C", lb=0.0, ub=min(caps.source_cap, caps.sink_cap, caps.compute_bound), name="F")
         m.addCons(F == qs(src_flows))
         m.addCons(F == qs(snk_flows))
         m.addCons(L * F <= qs(work_expr))  # aggregate cut

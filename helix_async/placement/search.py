@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..cluster import ClusterSpec
-from ..errors import ConfigError
-from ..flow import FlowEvaluator, max_flow
+from ..errors import ConfigError, PlanningError
+from ..ids import LayerRange
 from ..model import ModelSpec, ThroughputModel, check_fits, get_model
+from ..signals import StopFlag
 from .core import Placement, verify
-from .heuristics import HEURISTICS, PlanningError, run_heuristic
+from .flow import FlowEvaluator, max_flow
+from .heuristics import HEURISTICS, run_heuristic
 from .milp import (
     ArcModel,
     Capacities,
     PositionModel,
-    StopFlag,
     coverage_bound,
     interchangeable_classes,
     links_can_bind,
@@ -39,8 +40,8 @@ from .milp import (
 
 log = logging.getLogger("helix_async.planner")
 
-LayerRange = tuple[int, int]
-METHODS = ("milp", "petals", "swarm", "homogeneous", "separate", "separate_plus")
+# Every planner method, for the CLI and plan(): the MILP search and each heuristic.
+METHODS: tuple[str, ...] = ("milp", *HEURISTICS)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class PlanResult:
         return max(0.0, (self.upper_bound - self.value) / self.upper_bound)
 
 
-class _Search:
+class _PlanSearch:
     def __init__(
         self,
         cluster: ClusterSpec,
@@ -103,7 +104,7 @@ class _Search:
         self.best_value = -1.0
         self.best_source = ""
         self.last_improve = self.t0
-        self.bound = self.caps.upper_bound_U
+        self.bound = self.caps.compute_bound
         self.bound_source = "max compute throughput"
         self.history: list[tuple[float, float, str]] = []
         self.heuristics: dict[str, float] = {}
@@ -198,7 +199,7 @@ class _Search:
             value = max_flow(p, self.tm).value
             self.heuristics[name] = value
             # forced layouts (past the profiled maximum) are reported but are not a MILP start
-            if not p.force and value > self.best_value + 1e-9:
+            if not p.exceed_profiled_max and value > self.best_value + 1e-9:
                 self.best, self.best_value, self.best_source = p, value, f"heuristic {name}"
                 self.last_improve = time.monotonic()
                 self.history.append((self.elapsed(), value, f"heuristic {name}"))
@@ -428,7 +429,7 @@ def plan(
     spec = get_model(model)
     if method not in METHODS:
         raise ConfigError("<argument>", "method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    s = _Search(
+    s = _PlanSearch(
         cluster,
         spec,
         partial=partial,
@@ -462,7 +463,7 @@ def plan(
         value=s.best_value,
         upper_bound=s.bound,
         bound_source=s.bound_source,
-        max_compute_throughput=s.caps.upper_bound_U,
+        max_compute_throughput=s.caps.compute_bound,
         seconds=s.elapsed(),
         found_by=s.best_source,
         stopped=stopped,

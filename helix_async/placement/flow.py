@@ -35,21 +35,16 @@ Three ways to evaluate, from slowest to fastest:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
 
-from .cluster import SINK, SOURCE, Arc, ClusterSpec, NodeRef
-from .model import ModelSpec, ThroughputModel, get_model, max_compute_throughput
-
-if TYPE_CHECKING:
-    # Only for annotations: importing the placement package here would make ``helix_async.flow``
-    # and planners that import it (placement.search) depend on import order.
-    from .placement.core import Arc2, LayerRange, Placement
+from ..cluster import ClusterSpec, DirectedLink
+from ..flowplan import FlowPlan
+from ..ids import SINK, SOURCE, LayerRange, NodeRef, PlanLink
+from ..model import ModelSpec, ThroughputModel, get_model, max_compute_throughput
+from .core import Placement
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +58,11 @@ __all__ = [
     "SINK_IN",
     "SOURCE_OUT",
     "FlowEvaluator",
-    "FlowPlan",
-    "arc_key",
+    "arc_capacity",
     "build_flow_graph",
     "max_flow",
     "max_flow_value",
     "original_vertex_name",
-    "parse_arc_key",
-    "plot_placement",
     "to_original_names",
 ]
 
@@ -109,38 +101,6 @@ def to_original_names(graph: nx.DiGraph, offset: int = ORIGINAL_OFFSET) -> nx.Di
     return nx.relabel_nodes(graph, {v: original_vertex_name(v, offset) for v in graph}, copy=True)
 
 
-def _ref_str(ref: NodeRef) -> str:
-    return str(ref)
-
-
-def _ref_parse(text: str) -> NodeRef:
-    text = text.strip()
-    if text in (SOURCE, SINK):
-        return text
-    return int(text)
-
-
-def arc_key(u: NodeRef, v: NodeRef) -> str:
-    """String key of a link, e.g. ``"source->3"``, ``"3->7"``, ``"7->sink"``."""
-    return f"{_ref_str(u)}->{_ref_str(v)}"
-
-
-def parse_arc_key(key: str) -> tuple[NodeRef, NodeRef]:
-    """Inverse of :func:`arc_key`."""
-    a, sep, b = key.partition("->")
-    if not sep:
-        raise ValueError(f"not a link key (expected 'u->v'): {key!r}")
-    return _ref_parse(a), _ref_parse(b)
-
-
-def _ref_order(ref: NodeRef) -> tuple[int, int]:
-    if ref == SOURCE:
-        return (0, 0)
-    if ref == SINK:
-        return (2, 0)
-    return (1, int(ref))
-
-
 # --------------------------------------------------------------------------------------------------
 # Graph
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +110,7 @@ def _throughput_model(placement: Placement, tm: ThroughputModel | None) -> Throu
     return tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
 
 
-def arc_capacity(arc: Arc, model: ModelSpec) -> float:
+def arc_capacity(arc: DirectedLink, model: ModelSpec) -> float:
     """Tokens/s a link carries (HELIX_SPEC §6): coordinator links move token ids only, links
     between nodes move a token id plus its activation."""
     coordinator = arc.src == SOURCE or arc.dst == SINK
@@ -175,11 +135,11 @@ def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) ->
     tm = _throughput_model(placement, tm)
     spec = placement.model_spec
     cl = placement.cluster
-    tau = spec.token_size
-    tau_alpha = spec.token_size + spec.activation_size
+    token_bytes = spec.token_size
+    hop_bytes = spec.token_size + spec.activation_size
     g = nx.DiGraph()
-    g.add_edge(SOURCE, SOURCE_OUT, capacity=cl.coordinator_nic_out / tau)
-    g.add_edge(SINK_IN, SINK, capacity=cl.coordinator_nic_in / tau)
+    g.add_edge(SOURCE, SOURCE_OUT, capacity=cl.coordinator_nic_out / token_bytes)
+    g.add_edge(SINK_IN, SINK, capacity=cl.coordinator_nic_in / token_bytes)
     ins: dict[NodeRef, set[NodeRef]] = {}
     outs: dict[NodeRef, set[NodeRef]] = {}
     for u, v in placement.links:
@@ -191,11 +151,11 @@ def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) ->
         m = cl.machine(u)
         only_src = ins.get(u) == {SOURCE}
         only_snk = outs.get(u) == {SINK}
-        g.add_edge(f"{u}_in", f"{u}_start", capacity=m.nic_in / (tau if only_src else tau_alpha))
+        g.add_edge(f"{u}_in", f"{u}_start", capacity=m.nic_in / (token_bytes if only_src else hop_bytes))
         g.add_edge(
-            f"{u}_start", f"{u}_end", capacity=tm.throughput(m.gpu, r[1] - r[0], force=placement.force)
+            f"{u}_start", f"{u}_end", capacity=tm.throughput(m.gpu, r[1] - r[0], exceed_profiled_max=placement.exceed_profiled_max)
         )
-        g.add_edge(f"{u}_end", f"{u}_out", capacity=m.nic_out / (tau if only_snk else tau_alpha))
+        g.add_edge(f"{u}_end", f"{u}_out", capacity=m.nic_out / (token_bytes if only_snk else hop_bytes))
     for u, v in placement.links:
         g.add_edge(_vout(u), _vin(v), capacity=_link_capacity(placement, spec, u, v))
     return g
@@ -211,83 +171,6 @@ def _solve(graph: nx.DiGraph, value_only: bool) -> Any:
     except Exception as exc:  # networkx's preflow-push once raised IndexError (PLANNER_NOTES)
         log.warning("preflow_push failed (%s: %s); retrying with edmonds_karp", type(exc).__name__, exc)
         return fn(graph, SOURCE, SINK, flow_func=nx.algorithms.flow.edmonds_karp)
-
-
-# --------------------------------------------------------------------------------------------------
-# FlowPlan
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlowPlan:
-    """The max flow of a placement and its routing weights (all tokens/s).
-
-    ``link_flows[(u, v)]`` is the flow on placement link u->v (the routing weight), ``link_capacity``
-    that link's capacity; ``node_flows[i]`` the flow through node i's compute edge and
-    ``node_capacity[i]`` its capacity (typical throughput), for every node holding layers.
-    ``max_compute_throughput`` is the cluster's upper bound U (HELIX_SPEC §3.5).
-    """
-
-    value: float
-    link_flows: dict[tuple[NodeRef, NodeRef], float] = field(default_factory=dict)
-    node_flows: dict[int, float] = field(default_factory=dict)
-    node_capacity: dict[int, float] = field(default_factory=dict)
-    link_capacity: dict[tuple[NodeRef, NodeRef], float] = field(default_factory=dict)
-    max_compute_throughput: float = math.nan
-
-    def weights(self, u: NodeRef) -> list[tuple[NodeRef, float]]:
-        """(next hop, flow) for every link leaving ``u``: node ids ascending, the sink last."""
-        out = [(v, f) for (a, v), f in self.link_flows.items() if a == u]
-        out.sort(key=lambda vf: _ref_order(vf[0]))
-        return out
-
-    def in_weights(self, v: NodeRef) -> list[tuple[NodeRef, float]]:
-        """(previous hop, flow) for every link entering ``v``: the source first, then ids ascending."""
-        out = [(u, f) for (u, b), f in self.link_flows.items() if b == v]
-        out.sort(key=lambda uf: _ref_order(uf[0]))
-        return out
-
-    def utilisation(self, node: int) -> float:
-        """Flow over capacity of a node's compute (0.0 for a node without capacity)."""
-        cap = self.node_capacity.get(node, 0.0)
-        return self.node_flows.get(node, 0.0) / cap if cap > 0 else 0.0
-
-    def link_utilisation(self, u: NodeRef, v: NodeRef) -> float:
-        cap = self.link_capacity.get((u, v), 0.0)
-        return self.link_flows.get((u, v), 0.0) / cap if cap > 0 else 0.0
-
-    @property
-    def efficiency(self) -> float:
-        """value / max_compute_throughput."""
-        u = self.max_compute_throughput
-        return self.value / u if u and u > 0 and not math.isnan(u) else math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        """A TOML/JSON-friendly dict (link keys "u->v", node keys "i"); see :meth:`from_dict`."""
-        links = sorted(self.link_flows, key=lambda a: (_ref_order(a[0]), _ref_order(a[1])))
-        cap_links = sorted(self.link_capacity, key=lambda a: (_ref_order(a[0]), _ref_order(a[1])))
-        d: dict[str, Any] = {
-            "value": float(self.value),
-            "link_flows": {arc_key(*a): float(self.link_flows[a]) for a in links},
-            "node_flows": {str(i): float(self.node_flows[i]) for i in sorted(self.node_flows)},
-            "node_capacity": {str(i): float(self.node_capacity[i]) for i in sorted(self.node_capacity)},
-            "link_capacity": {arc_key(*a): float(self.link_capacity[a]) for a in cap_links},
-        }
-        if not math.isnan(self.max_compute_throughput):
-            d["max_compute_throughput"] = float(self.max_compute_throughput)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FlowPlan:
-        """Inverse of :meth:`to_dict` (raises ValueError/KeyError on malformed input)."""
-        return cls(
-            value=float(d["value"]),
-            link_flows={parse_arc_key(k): float(v) for k, v in d.get("link_flows", {}).items()},
-            node_flows={int(k): float(v) for k, v in d.get("node_flows", {}).items()},
-            node_capacity={int(k): float(v) for k, v in d.get("node_capacity", {}).items()},
-            link_capacity={parse_arc_key(k): float(v) for k, v in d.get("link_capacity", {}).items()},
-            max_compute_throughput=float(d.get("max_compute_throughput", math.nan)),
-        )
 
 
 def max_flow(placement: Placement, tm: ThroughputModel | None = None) -> FlowPlan:
@@ -352,7 +235,7 @@ class FlowEvaluator:
     memoised per (layers, partial) up to ``cache_size`` entries (0 disables the memo).
 
     Layer ranges are not verified here (use :func:`~helix_async.placement.core.verify` on the plan you
-    keep); a count above the node's profiled maximum raises unless ``force``.
+    keep); a count above the node's profiled maximum raises unless ``exceed_profiled_max``.
     """
 
     def __init__(
@@ -361,28 +244,28 @@ class FlowEvaluator:
         model: ModelSpec | str,
         tm: ThroughputModel | None = None,
         *,
-        force: bool = False,
+        exceed_profiled_max: bool = False,
         cache_size: int = 20_000,
     ) -> None:
         self.cluster = cluster
         self.model = get_model(model)
         self.tm = tm if tm is not None else ThroughputModel.for_cluster(self.model, cluster)
-        self.force = force
+        self.exceed_profiled_max = exceed_profiled_max
         self.cache_size = cache_size
         self.num_layers = self.model.num_layers
-        tau = self.model.token_size
-        tau_alpha = self.model.token_size + self.model.activation_size
+        token_bytes = self.model.token_size
+        hop_bytes = self.model.token_size + self.model.activation_size
         n = cluster.num_nodes
         self._n = n
-        self._src_cap = cluster.coordinator_nic_out / tau
-        self._snk_cap = cluster.coordinator_nic_in / tau
+        self._src_cap = cluster.coordinator_nic_out / token_bytes
+        self._snk_cap = cluster.coordinator_nic_in / token_bytes
         self._gpu = [cluster.machine(i).gpu for i in range(n)]
         machines = [cluster.machine(i) for i in range(n)]
         # in-NIC capacity when only the source feeds the node, and otherwise; likewise out-NIC
-        self._in_src = [m.nic_in / tau for m in machines]
-        self._in_act = [m.nic_in / tau_alpha for m in machines]
-        self._out_snk = [m.nic_out / tau for m in machines]
-        self._out_act = [m.nic_out / tau_alpha for m in machines]
+        self._in_src = [m.nic_in / token_bytes for m in machines]
+        self._in_act = [m.nic_in / hop_bytes for m in machines]
+        self._out_snk = [m.nic_out / token_bytes for m in machines]
+        self._out_act = [m.nic_out / hop_bytes for m in machines]
         self._src_arc: dict[int, float] = {}  # v -> capacity of source->v (tokens/s)
         self._snk_arc: dict[int, float] = {}  # u -> capacity of u->sink
         self._pair: dict[tuple[int, int], float] = {}  # (u, v) -> capacity
@@ -423,19 +306,19 @@ class FlowEvaluator:
         key = (node, k)
         tp = self._tp.get(key)
         if tp is None:
-            tp = self.tm.throughput(self._gpu[node], k, force=self.force)
+            tp = self.tm.throughput(self._gpu[node], k, exceed_profiled_max=self.exceed_profiled_max)
             self._tp[key] = tp
         return tp
 
     def links(
         self, layers: Mapping[int, LayerRange | None] | Sequence[LayerRange | None], partial: bool = False
-    ) -> tuple[Arc2, ...]:
+    ) -> tuple[PlanLink, ...]:
         """The placement links of ``layers`` (the same set as ``placement_arcs``)."""
         return self._links(self._held(layers), partial)
 
-    def _links(self, held: dict[int, LayerRange], partial: bool) -> tuple[Arc2, ...]:
+    def _links(self, held: dict[int, LayerRange], partial: bool) -> tuple[PlanLink, ...]:
         L = self.num_layers
-        arcs: list[Arc2] = []
+        arcs: list[PlanLink] = []
         src_arc, snk_arc, pair = self._src_arc, self._snk_arc, self._pair
         by_start: dict[int, list[int]] = {}
         for i, (s, _) in held.items():
@@ -550,176 +433,7 @@ class FlowEvaluator:
         method: str = "manual",
     ) -> tuple[Placement, FlowPlan]:
         """The placement of ``layers`` and its full :class:`FlowPlan` (networkx; slow path)."""
-        from .placement.core import Placement
-
         p = Placement.from_layers(
-            self.cluster, self.model, layers, partial=partial, method=method, force=self.force
+            self.cluster, self.model, layers, partial=partial, method=method, exceed_profiled_max=self.exceed_profiled_max
         )
         return p, max_flow(p, self.tm)
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------------
-
-
-def _lanes(placement: Placement, nodes: list[int]) -> dict[int, int]:
-    """Greedy interval packing: each node on the lowest lane free at its start layer."""
-    lane_end: list[int] = []
-    out: dict[int, int] = {}
-    order = sorted(nodes, key=lambda i: (placement.layers[i][0], -placement.layers[i][1], i))  # type: ignore[index]
-    for i in order:
-        s, e = placement.layers[i]  # type: ignore[misc]
-        for k, end in enumerate(lane_end):
-            if end <= s:
-                lane_end[k] = e
-                out[i] = k
-                break
-        else:
-            out[i] = len(lane_end)
-            lane_end.append(e)
-    return out
-
-
-def plot_placement(placement: Placement, flow_plan: FlowPlan | None, path: str | Path) -> Path:
-    """Draw a placement and its flow to a PNG at ``path`` (matplotlib, Agg backend).
-
-    Nodes are boxes over their layer range (x) on lanes (y), coloured by utilisation (flow/capacity),
-    labelled "id type [s,e)"; links are arrows from the end of one box to where the next box is
-    entered, width and opacity by flow (zero-flow links dotted grey); the title gives the max flow
-    and the max compute throughput. ``flow_plan`` defaults to ``max_flow(placement)``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import cm, colors
-    from matplotlib.patches import FancyBboxPatch
-
-    if flow_plan is None:
-        flow_plan = max_flow(placement)
-    cl = placement.cluster
-    L = placement.num_layers
-    nodes = [i for i, r in placement.layers.items() if r is not None]
-    lanes = _lanes(placement, nodes)
-    n_lanes = max(lanes.values(), default=0) + 1
-    fig, ax = plt.subplots(figsize=(18, max(3.2, 0.62 * n_lanes + 1.7)), dpi=110)
-    cmap = plt.get_cmap("viridis")
-    norm = colors.Normalize(0.0, 1.0)
-    box_h, gap = 0.74, 0.2  # lane units; layer units left free at each end of a box
-    mid = (n_lanes - 1) / 2
-    src_x, sink_x = -4.0, L + 4.0
-
-    def y_of(ref: NodeRef) -> float:
-        return mid if ref in (SOURCE, SINK) else float(lanes[int(ref)])
-
-    max_link = max(flow_plan.link_flows.values(), default=0.0) or 1.0
-    for (u, v), f in sorted(flow_plan.link_flows.items(), key=lambda kv: kv[1]):
-        # from the end of u's box to the point where v is entered (v's start, or inside v's range
-        # for a partial link)
-        x0 = src_x + 1.5 if u == SOURCE else float(placement.layers[u][1]) - gap  # type: ignore[index]
-        if v == SINK:
-            x1 = sink_x - 1.5
-        elif u == SOURCE:
-            x1 = float(placement.layers[v][0]) + gap  # type: ignore[index]
-        else:
-            x1 = float(placement.layers[u][1]) + gap  # type: ignore[index]
-        y0, y1 = y_of(u), y_of(v)
-        if f <= 1e-9:
-            ax.plot([x0, x1], [y0, y1], ls=":", lw=0.6, color="0.6", zorder=1)
-            continue
-        share = f / max_link
-        ax.annotate(
-            "",
-            xy=(x1, y1),
-            xytext=(x0, y0),
-            arrowprops={
-                "arrowstyle": "-|>",
-                "lw": 0.5 + 3.5 * share,
-                "color": "tab:red",
-                "alpha": 0.4 + 0.5 * share,
-                "mutation_scale": 7,
-                "shrinkA": 0,
-                "shrinkB": 0,
-            },
-            zorder=2,
-        )
-    for i in nodes:
-        s, e = placement.layers[i]  # type: ignore[misc]
-        y = lanes[i]
-        face = cmap(norm(min(1.0, flow_plan.utilisation(i))))
-        ax.add_patch(
-            FancyBboxPatch(
-                (s + gap, y - box_h / 2),
-                e - s - 2 * gap,
-                box_h,
-                boxstyle="round,pad=0,rounding_size=0.12",
-                facecolor=face,
-                edgecolor="black",
-                lw=0.6,
-                zorder=3,
-            )
-        )
-        r, g, b, _ = face
-        ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-        mtype = cl.nodes[i].machine_type
-        if e - s >= 2:
-            ax.text(
-                (s + e) / 2,
-                y,
-                f"{i} {mtype}\n[{s},{e})",
-                ha="center",
-                va="center",
-                fontsize=6.5,
-                color=ink,
-                zorder=4,
-                linespacing=1.1,
-            )
-        else:  # one layer: too narrow for a horizontal label
-            ax.text(
-                (s + e) / 2,
-                y,
-                f"{i} {mtype} [{s},{e})",
-                ha="center",
-                va="center",
-                fontsize=5,
-                rotation=90,
-                color=ink,
-                zorder=4,
-            )
-    for x, name in ((src_x, "source"), (sink_x, "sink")):
-        ax.add_patch(
-            FancyBboxPatch(
-                (x - 1.5, mid - box_h / 2),
-                3.0,
-                box_h,
-                boxstyle="round,pad=0,rounding_size=0.2",
-                facecolor="0.88",
-                edgecolor="black",
-                lw=0.6,
-                zorder=3,
-            )
-        )
-        ax.text(x, mid, name, ha="center", va="center", fontsize=7, zorder=4)
-    ax.set_xlim(src_x - 2.0, sink_x + 2.0)
-    ax.set_ylim(-0.6, n_lanes - 0.4)
-    ax.invert_yaxis()
-    ax.set_yticks([])
-    ax.set_xlabel("layer")
-    step = 5 if L <= 40 else 10
-    ax.set_xticks(list(range(0, L + 1, step)))
-    ax.grid(axis="x", color="0.92", zorder=0)
-    U = flow_plan.max_compute_throughput
-    title = (
-        f"{placement.method} placement of {placement.model} on {cl.name}: "
-        f"max flow {flow_plan.value:.2f} tok/s, max compute throughput {U:.2f} tok/s"
-    )
-    ax.set_title(title, fontsize=10)
-    sm = cm.ScalarMappable(norm=norm, cmap=cmap)
-    sm.set_array([])
-    fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label="utilisation (flow / capacity)")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out

@@ -1,0 +1,290 @@
+"""Reading and writing the package's files safely, and the field checks every file reader shares.
+
+Readers (cluster files, plan files, profiles) go through :func:`read_text`, which accepts only a
+regular file below a size cap and decodes UTF-8, and :func:`parse_document`, which turns TOML or
+JSON into a dict and reports nesting too deep or integers too long as one line. The ``*_field``
+helpers check one parsed value and raise :class:`~helix_async.errors.ConfigError` naming the file
+(``src``) and the field (``where``), so the cluster and plan readers say the same thing the same way.
+
+Writers use :func:`atomic_write_text`: a new path or an existing regular file is replaced
+atomically (temporary file in the same folder, then rename); anything else (a folder, a symlink,
+a device or FIFO, a read-only file) is refused, and no temporary file is ever left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .ids import SINK, SOURCE, NodeRef
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "PHYSICAL_LIMITS",
+    "read_text",
+    "parse_document",
+    "check_output_path",
+    "atomic_write_text",
+    "table_field",
+    "array_field",
+    "no_unknown_keys",
+    "required_field",
+    "int_field",
+    "str_field",
+    "name_field",
+    "bool_field",
+    "number_field",
+    "node_ref_field",
+]
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # no file the package reads comes near this; bounds hostile input
+
+# Largest physically meaningful values per unit. A value past these is a typo or hostile input, not
+# a machine (1 PB/s links, 1 PB of VRAM, an hour of one-way latency).
+PHYSICAL_LIMITS: Mapping[str, float] = {
+    "bytes/s": 1e15,
+    "bytes": 1e15,
+    "s": 3600.0,
+}
+
+_MAX_NAME_LEN = 200
+
+
+def read_text(path: str | os.PathLike[str], what: str = "file", *, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of the regular file ``path``; ConfigError naming the file for anything else.
+
+    A FIFO, a device such as ``/dev/zero``, a folder, a file over ``max_bytes`` or one that is not
+    UTF-8 is refused on one line; nothing reads more than ``max_bytes + 1`` bytes.
+    """
+    p = Path(path)
+    src = str(p)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ConfigError(src, "", f"cannot read {what}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(src, "", f"cannot read {what}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError(src, "", f"cannot read {what}: {kind}")
+    if st.st_size > max_bytes:
+        raise ConfigError(src, "", f"{what} is {st.st_size} bytes, over the limit of {max_bytes}")
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(src, "", f"cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ConfigError(src, "", f"{what} grew past the limit of {max_bytes} bytes while being read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(src, "", f"not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+
+
+def parse_document(text: str, src: str, fmt: str) -> dict[str, Any]:
+    """Parse ``text`` as ``fmt`` ("toml" or "json") into a dict; one-line ConfigError otherwise.
+
+    Deep nesting (RecursionError) and integers too long to convert (ValueError) are reported like
+    any syntax error, never as a traceback.
+    """
+    try:
+        if fmt == "json":
+            doc = json.loads(text)
+        else:
+            doc = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(src, "", f"invalid {fmt.upper()}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(src, "", f"invalid {fmt.upper()}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal past the int-conversion digit limit
+        raise ConfigError(src, "", f"invalid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(src, "", f"the top level must be a table, got {type(doc).__name__}")
+    return doc
+
+
+def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: str = "--out") -> Path:
+    """``path`` as a place :func:`atomic_write_text` may write; ConfigError saying why not.
+
+    Accepted: a new name in an existing folder, or an existing regular file that is writable. A
+    folder, a symbolic link, a device or FIFO, a read-only file or an empty name is refused.
+    Call it before long work so that a bad ``--out`` fails at once, not after the work.
+    """
+    raw = os.fspath(path)
+    if not raw:
+        raise ConfigError("<argument>", flag, f"empty path for the {what}")
+    p = Path(raw)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(raw, "", f"refusing to replace a symbolic link with the {what}")
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(raw, "", f"is a folder; give a file name for the {what}")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(raw, "", f"refusing to replace something that is not a regular file with the {what}")
+        if not os.access(p, os.W_OK):
+            raise ConfigError(raw, "", f"cannot write {what}: the file is read-only")
+    if not p.parent.is_dir():
+        raise ConfigError(raw, "", f"cannot write {what}: folder {str(p.parent)!r} does not exist")
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ConfigError for a target that is not a file.
+
+    Only what :func:`check_output_path` accepts is written. The temporary file lives in the
+    target's folder (so the rename is atomic) and is removed on every exit path.
+    """
+    p = check_output_path(path, what)
+    raw = str(p)
+    existing = p.stat() if p.exists() else None
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        if existing is not None:
+            mode = stat.S_IMODE(existing.st_mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as exc:
+        raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Field checks
+# --------------------------------------------------------------------------------------------------
+
+
+def table_field(src: str, where: str, value: Any) -> dict[str, Any]:
+    """``value`` as a table (dict)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(src, where, f"must be a table, got {type(value).__name__}")
+    return dict(value)
+
+
+def array_field(src: str, where: str, value: Any) -> list[Any]:
+    """``value`` as an array of tables (list)."""
+    if not isinstance(value, list):
+        raise ConfigError(src, where, f"must be an array of tables, got {type(value).__name__}")
+    return value
+
+
+def no_unknown_keys(src: str, where: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Every key of ``table`` is in ``allowed``; the error names the first stranger."""
+    for key in table:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(src, f"{prefix}{key}", f"unknown field (expected one of: {', '.join(allowed)})")
+
+
+def required_field(src: str, where: str, table: Mapping[str, Any], key: str) -> Any:
+    """``table[key]``; ConfigError "missing required field" naming ``where.key``."""
+    if key not in table:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(src, f"{prefix}{key}", "missing required field")
+    return table[key]
+
+
+def int_field(src: str, where: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer (not a bool), optionally within ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(src, where, f"must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(src, where, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def str_field(src: str, where: str, value: Any) -> str:
+    """A string."""
+    if not isinstance(value, str):
+        raise ConfigError(src, where, f"must be a string, got {value!r}")
+    return value
+
+
+def name_field(src: str, where: str, value: Any) -> str:
+    """A name printed to people: a non-empty, printable string of at most 200 characters."""
+    s = str_field(src, where, value)
+    if not s:
+        raise ConfigError(src, where, "must be a non-empty string")
+    if len(s) > _MAX_NAME_LEN:
+        raise ConfigError(src, where, f"longer than {_MAX_NAME_LEN} characters")
+    if not s.isprintable():
+        raise ConfigError(src, where, f"contains control or non-printable characters: {s!r}")
+    return s
+
+
+def bool_field(src: str, where: str, value: Any) -> bool:
+    """True or false."""
+    if not isinstance(value, bool):
+        raise ConfigError(src, where, f"must be true or false, got {value!r}")
+    return value
+
+
+def number_field(src: str, where: str, value: Any, *, minimum: str, unit: str) -> float:
+    """A finite real number, > 0 (``minimum="positive"``) or >= 0 (``"nonnegative"``), in ``unit``.
+
+    Units listed in :data:`PHYSICAL_LIMITS` are also bounded above. The message shows the value as
+    given (``got -5``, not ``got -5.0``). Returns it as float.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(src, where, f"must be a number ({unit}), got {value!r}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ConfigError(src, where, f"out of range ({unit}): an integer too large for a float") from None
+    if not math.isfinite(as_float):
+        raise ConfigError(src, where, f"must be finite, got {value!r}")
+    if minimum == "positive" and not as_float > 0:
+        raise ConfigError(src, where, f"must be > 0 {unit}, got {value!r}")
+    if minimum == "nonnegative" and not as_float >= 0:
+        raise ConfigError(src, where, f"must be >= 0 {unit}, got {value!r}")
+    limit = PHYSICAL_LIMITS.get(unit)
+    if limit is not None and as_float > limit:
+        raise ConfigError(src, where, f"must be <= {limit:g} {unit} (physically implausible), got {value!r}")
+    return as_float
+
+
+def node_ref_field(src: str, where: str, value: Any, n: int, allowed: Sequence[str] = (SOURCE, SINK)) -> NodeRef:
+    """A node id ``0..n-1`` or one of the coordinator names in ``allowed``."""
+    if isinstance(value, str):
+        if value in allowed:
+            return value
+        names = " or ".join(repr(a) for a in allowed)
+        raise ConfigError(src, where, f"unknown endpoint {value!r} (expected a node id or {names})")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(src, where, f"must be a node id or {SOURCE!r}/{SINK!r}, got {value!r}")
+    if not 0 <= value < n:
+        raise ConfigError(src, where, f"unknown node {value} (cluster has nodes 0..{n - 1})")
+    return value
