@@ -327,6 +327,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
     from .cluster import load_cluster
+    from .extras import require
     from .fileio import check_output_path
     from .placement.flow import max_flow
     from .placement.io import write_placement
@@ -344,6 +345,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out = check_output_path(default_out if args.out is None else args.out, "plan file")
     if args.plot:
         check_output_path(args.plot, "plot", "--plot")
+        require("matplotlib", "plots")  # fail before the search, not after it
+    if args.method == "milp":
+        require("pyscipopt", "plan")
     spec = load_cluster(args.cluster)
     written = {"value": -1.0}
 
@@ -397,12 +401,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
+    from .extras import require
     from .fileio import check_output_path
     from .placement.flow import max_flow
     from .placement.io import read_placement
 
     if args.plot:
         check_output_path(args.plot, "plot", "--plot")
+        require("matplotlib", "plots")
     placement = read_placement(args.plan)
     flow = max_flow(placement)
     _print_flow_summary(placement, flow, links=args.links)

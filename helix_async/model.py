@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,11 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .interp import BatchTimer
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     from .cluster import ClusterSpec, MachineType

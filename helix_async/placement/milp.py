@@ -27,6 +27,7 @@ from typing import Any
 from ..cluster import ClusterSpec
 from ..ids import SINK, SOURCE, LayerRange, NodeRef
 from ..model import ModelSpec, ThroughputModel, max_compute_throughput
+from ..extras import require
 from ..signals import StopFlag
 from .flow import arc_capacity
 
@@ -111,11 +112,7 @@ def coverage_bound(caps: Capacities, iters: int = 100) -> float:
 
 
 def _scip() -> Any:
-    try:
-        import pyscipopt
-    except ImportError as exc:  # pragma: no cover - pyscipopt is a core dependency
-        raise ImportError("the MILP planner needs PySCIPOpt: pip install pyscipopt") from exc
-    return pyscipopt
+    return require("pyscipopt", "plan")
 
 
 def _make_model(name: str, *, time_limit: float, seed: int, verbose: bool = False) -> Any:
