@@ -49,9 +49,13 @@ class HeapLoop:
         self.callbacks_run = 0
 
     def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn(*args)`` at virtual time ``when`` (seconds)."""
+        """Run ``fn(*args)`` at virtual time ``when`` (seconds); a past ``when`` means now.
+
+        Same ordering as ``VirtualTimeLoop``: a past deadline is queued at the current time, behind
+        what is already due (so the floor pays for the same comparison).
+        """
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, fn, args))
+        heapq.heappush(self._heap, (when if when > self.now else self.now, self._seq, fn, args))
 
     def spawn(self, proc: Generator[float, None, None]) -> None:
         """Start a process: a generator yielding delays (seconds) to sleep between steps."""
@@ -69,8 +73,7 @@ class HeapLoop:
         heap, pop, n = self._heap, heapq.heappop, 0
         while heap:
             when, _, fn, args = pop(heap)
-            if when > self.now:
-                self.now = when
+            self.now = when  # never earlier than now: call_at keys past deadlines at now
             fn(*args)
             n += 1
         self.callbacks_run += n

@@ -27,11 +27,17 @@ class Clock(Protocol):
         ...
 
     async def sleep(self, delay: float) -> None:
-        """Suspend for ``delay`` seconds of loop time (``delay <= 0`` just yields once)."""
+        """Suspend for ``delay`` seconds of loop time (``delay <= 0`` just yields once).
+
+        The wake-up follows the loop's timer resolution (see :meth:`LoopClock.sleep`).
+        """
         ...
 
     async def sleep_until(self, deadline: float) -> None:
-        """Suspend until loop time ``deadline`` (seconds); a past deadline just yields once."""
+        """Suspend until loop time ``deadline`` (seconds); a past deadline just yields once.
+
+        On return ``now() >= deadline``.
+        """
         ...
 
 
@@ -78,29 +84,44 @@ class LoopClock:
     async def sleep(self, delay: float) -> None:
         """Suspend for ``delay`` seconds of loop time; ``delay <= 0`` yields to other tasks once.
 
-        Equivalent to ``asyncio.sleep(delay)``: wakes at ``now() + delay`` as computed by the loop.
+        Equivalent to ``asyncio.sleep(delay)``: wakes when the loop's own timer for
+        ``now() + delay`` fires.  uvloop rounds timer delays to whole milliseconds, so there it can
+        wake up to half a millisecond early; use :meth:`sleep_until` when ``now()`` must have
+        reached a deadline.  Raises ValueError for a NaN delay (which loops would otherwise treat
+        as 0 or as garbage).
         """
         self._running_loop()
+        if delay != delay:
+            raise ValueError("delay must not be NaN")
         await asyncio.sleep(delay)
 
     async def sleep_until(self, deadline: float) -> None:
         """Suspend until loop time ``deadline`` (seconds); a deadline not in the future yields once.
 
-        Schedules the wake-up with ``loop.call_at(deadline)`` rather than
-        ``sleep(deadline - now())``: ``now + (deadline - now)`` need not equal ``deadline`` in
-        floating point, and on a virtual loop the wake-up must land on ``deadline`` exactly.
+        On return ``now() >= deadline``, on any loop.  The wake-up is scheduled with
+        ``loop.call_at(deadline)`` rather than ``sleep(deadline - now())``: ``now + (deadline -
+        now)`` need not equal ``deadline`` in floating point, and on a virtual loop the wake-up must
+        land on ``deadline`` exactly (it does, with no extra loop iteration).  A real loop's timer
+        may fire a little before its deadline (uvloop rounds delays to whole milliseconds): then
+        the timer is re-armed, and on uvloop the rest of the millisecond is spent yielding to the
+        loop (other tasks keep running).  Raises ValueError for a NaN deadline.
         """
         loop = self._running_loop()
+        if deadline != deadline:
+            raise ValueError("deadline must not be NaN")
         if deadline <= loop.time():
             await asyncio.sleep(0)
             return
-        fut: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_at(deadline, _wake, fut)
-        try:
-            await fut
-        finally:
-            # On cancellation drop the timer so it does not linger in the loop's heap.
-            handle.cancel()
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            handle = loop.call_at(deadline, _wake, fut)
+            try:
+                await fut
+            finally:
+                # On cancellation drop the timer so it does not linger in the loop's heap.
+                handle.cancel()
+            if loop.time() >= deadline:
+                return
 
     def __repr__(self) -> str:
         return f"LoopClock(loop={self._loop!r})"

@@ -13,7 +13,10 @@ Guarantees, beyond stock asyncio:
   backwards: a timer scheduled in the past fires at the current time.
 * **FIFO among equal times.**  Timers are ordered by ``(when, insertion sequence)``, as SimPy orders
   events by ``(time, priority, id)``.  Stock asyncio compares only ``when``, so its heap may run
-  same-time timers in any order.
+  same-time timers in any order.  A timer scheduled in the past (``call_later(-1)``) is queued at
+  the current time, so it never overtakes callbacks or timers already due now (as on uvloop,
+  where a past deadline becomes ``call_soon``; stock asyncio would run it before the timers due
+  now, its deadline being earlier).
 * **No hangs.**  If nothing is ready and no timer will ever fire, ``run_forever``/
   ``run_until_complete`` raise :class:`DeadlockError` instead of waiting forever (SimPy raises on an
   empty schedule too).  A timer at ``when == inf`` counts as "will never fire".
@@ -218,9 +221,10 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
     :func:`run_virtual`, or step it with :meth:`run_until`.  See the module docstring for the
     guarantees (exact timestamps, FIFO same-time timers, DeadlockError, refused I/O).
 
-    ``self._scheduled`` holds ``(when, seq, TimerHandle)`` tuples instead of bare handles: tuple
-    comparison is done in C and the unique ``seq`` gives FIFO order among equal ``when`` without
-    ever comparing handles.
+    ``self._scheduled`` holds ``(due, seq, TimerHandle)`` tuples instead of bare handles: tuple
+    comparison is done in C and the unique ``seq`` gives FIFO order among equal ``due`` without
+    ever comparing handles.  ``due`` is the handle's ``when``, or the virtual time at which it was
+    scheduled if ``when`` was already past.
     """
 
     if TYPE_CHECKING:
@@ -307,7 +311,9 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         """Schedule ``callback(*args)`` at virtual time ``when`` (seconds).
 
         Timers with equal ``when`` run in the order they were scheduled.  A ``when`` in the past
-        runs at the current time (time never moves backwards).  ``when == inf`` never fires.
+        means "now": the timer is queued at the current time (time never moves backwards), so it
+        runs after the callbacks and timers already due now, in scheduling order, as on uvloop;
+        ``handle.when()`` still reports the ``when`` asked for.  ``when == inf`` never fires.
         """
         if when is None:
             raise TypeError("when cannot be None")
@@ -326,12 +332,14 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         else:
             timer = _Timer(when, callback, args, self, context)
         self._seq += 1
-        heapq.heappush(self._scheduled, (when, self._seq, timer))
+        # Key a past deadline at the current time: keyed at its own ``when`` it would sort before,
+        # and so overtake, the timers already due now.
+        heapq.heappush(self._scheduled, (when if when > self._now else self._now, self._seq, timer))
         timer._scheduled = True
         return timer
 
     def next_timer_at(self) -> float | None:
-        """Virtual time (seconds) of the earliest live timer, or None if none is scheduled."""
+        """Virtual time (seconds) the earliest live timer fires at, or None if none is scheduled."""
         sched = self._scheduled
         while sched and sched[0][2]._cancelled:
             self._timer_cancelled_count -= 1

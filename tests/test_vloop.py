@@ -1,13 +1,16 @@
 """Tests of the virtual-time event loop (helix_async.vloop) and LoopClock (helix_async.clock).
 
-Everything here is deterministic: virtual time does not depend on the machine.  No test asserts
-wall-clock speed beyond one very generous sanity bound; speed is measured in bench/bench_vloop.py.
+The tests of asyncio semantics run on the virtual loop, uvloop (the runtime loop) and the stock
+asyncio loop; on the real loops they use millisecond delays and check only order and behaviour.
+The virtual-only tests are deterministic: virtual time does not depend on the machine.  No test
+asserts wall-clock time; speed is measured in bench/bench_vloop.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import pickle
 import socket
 import threading
@@ -34,6 +37,385 @@ def loop() -> Iterator[VirtualTimeLoop]:
 
 def now() -> float:
     return asyncio.get_running_loop().time()
+
+
+# ---------------------------------------------------------------------------- shared semantics
+#
+# The tests in this section are about asyncio semantics that host/worker code relies on, so they
+# run on the virtual loop and on the real-time loops too: uvloop (the runtime loop) and the stock
+# asyncio loop.  On real loops they use delays of a few milliseconds and assert only order and
+# behaviour, never how long anything took.  Virtual-only behaviour (time jumps, exact timestamps,
+# refused I/O and threads, deadlock detection, run_until/run_virtual) is tested further down.
+
+_LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "virtual": VirtualTimeLoop,
+    "asyncio": asyncio.new_event_loop,
+}
+try:
+    import uvloop
+except ImportError:  # a core dependency: only a broken install lacks it (its cases are skipped)
+    pass
+else:
+    _LOOP_FACTORIES["uvloop"] = uvloop.new_event_loop
+
+# A real loop's timers fire at least this long after they were scheduled: long enough for a test's
+# synchronous scheduling code to finish first (uvloop's timers have millisecond resolution).
+_MARGIN = 0.005
+
+
+def _loops(*names: str) -> list[Any]:
+    return [
+        pytest.param(
+            name,
+            id=name,
+            marks=pytest.mark.skipif(name not in _LOOP_FACTORIES, reason=f"{name} is not importable"),
+        )
+        for name in names
+    ]
+
+
+# Every loop.
+ALL_LOOPS = _loops("virtual", "uvloop", "asyncio")
+# Loops that run timers in the order they were scheduled when their deadlines tie, and run a timer
+# whose deadline has passed at the current time, after everything already due: the virtual loop by
+# design, uvloop through libuv (timers ordered by (deadline, start order); a past deadline becomes
+# call_soon).  Stock asyncio orders its timer heap by deadline only, so neither holds there.
+# uvloop counts whole milliseconds and turns call_at(when) into a delay from a clock read that may
+# tick before the timer starts, so two call_at() with the same `when` can land 1 ms apart there:
+# exact equal-deadline FIFO is tested on the virtual loop only (see the timer heap section).
+FIFO_LOOPS = _loops("virtual", "uvloop")
+
+
+@pytest.fixture
+def any_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh loop of the kind named by the test's parameter; closed cleanly afterwards."""
+    lp = _LOOP_FACTORIES[request.param]()
+    try:
+        yield lp
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(lp) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                lp.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            lp.run_until_complete(lp.shutdown_asyncgens())
+        finally:
+            lp.close()
+
+
+def _run_callbacks(lp: asyncio.AbstractEventLoop, schedule: Callable[[], object], wait: float) -> None:
+    """Run ``schedule()`` as a callback on ``lp``, then run until a timer ``wait`` s later fires.
+
+    That last timer is set after ``schedule()`` returns, so however long scheduling takes it comes
+    after every timer ``schedule()`` set less than ``wait`` s ahead (loops run due timers in
+    deadline order).
+    """
+
+    async def main() -> None:
+        done = lp.create_future()
+
+        def run() -> None:
+            schedule()
+            lp.call_later(wait, done.set_result, None)
+
+        lp.call_soon(run)
+        await done
+
+    lp.run_until_complete(main())
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_call_soon_is_fifo_per_iteration(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    order: list[Any] = []
+
+    def cb(i: int) -> None:
+        order.append(i)
+        if i % 2 == 0:
+            # Scheduled while the batch runs: runs after the whole batch, in scheduling order.
+            lp.call_soon(order.append, ("child", i))
+
+    def schedule() -> None:
+        for i in range(100):
+            lp.call_soon(cb, i)
+
+    _run_callbacks(lp, schedule, _MARGIN)
+    assert order == list(range(100)) + [("child", i) for i in range(0, 100, 2)]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_timers_run_in_deadline_order(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    order: list[int] = []
+    ticks = [7, 2, 9, 4, 1, 8, 3, 6, 5, 10]
+
+    def schedule() -> None:
+        base = lp.time()
+        for k in ticks:
+            # 2 ms apart: uvloop may move a call_at deadline by 1 ms (see FIFO_LOOPS).
+            lp.call_at(base + _MARGIN + 0.002 * k, order.append, k)
+
+    _run_callbacks(lp, schedule, _MARGIN + 0.03)
+    assert order == sorted(ticks)
+
+
+@pytest.mark.parametrize("any_loop", FIFO_LOOPS, indirect=True)
+def test_equal_delay_timers_run_fifo(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    order: list[int] = []
+
+    def schedule() -> None:
+        # Interleave other delays so the heap really has to sort, and schedule the equal-delay
+        # timers from many heap positions.
+        for i in range(1000):
+            lp.call_later(_MARGIN + 0.003, order.append, i)
+            lp.call_later(_MARGIN + 0.001 * (i % 7), lambda: None)
+
+    _run_callbacks(lp, schedule, _MARGIN + 0.02)
+    assert order == list(range(1000))
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_past_deadline_timer_runs_after_ready_callbacks(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    order: list[str] = []
+
+    def schedule() -> None:
+        lp.call_soon(order.append, "soon-1")
+        lp.call_soon(order.append, "soon-2")
+        lp.call_later(-1.0, order.append, "negative-delay")
+        lp.call_at(lp.time() - 5.0, order.append, "past")
+
+    _run_callbacks(lp, schedule, _MARGIN)
+    assert order[:2] == ["soon-1", "soon-2"]
+    assert sorted(order[2:]) == ["negative-delay", "past"]
+
+
+@pytest.mark.parametrize("any_loop", FIFO_LOOPS, indirect=True)
+def test_past_deadline_timer_does_not_overtake_timers_due_now(
+    any_loop: asyncio.AbstractEventLoop,
+) -> None:
+    # A deadline in the past means "now": the timer runs after the callbacks and timers that were
+    # already due now, in the order they were scheduled.  (Stock asyncio runs due timers in
+    # deadline order, so there "past" would overtake "due-now".)
+    lp = any_loop
+    order: list[str] = []
+
+    def schedule() -> None:
+        lp.call_soon(order.append, "soon")
+        lp.call_at(lp.time(), order.append, "due-now")
+        lp.call_later(-1.0, order.append, "negative-delay")
+        lp.call_at(lp.time() - 0.5, order.append, "past")
+        lp.call_later(0, order.append, "zero-delay")
+
+    _run_callbacks(lp, schedule, _MARGIN)
+    assert order == ["soon", "due-now", "negative-delay", "past", "zero-delay"]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_cancelled_callbacks_and_tasks(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    ran: list[str] = []
+    cancelled: list[str] = []
+
+    async def sleeper() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append("sleeper")
+            raise
+        ran.append("sleeper finished")
+
+    async def main() -> None:
+        base = lp.time()
+        handles = [
+            lp.call_soon(ran.append, "soon"),
+            lp.call_later(_MARGIN, ran.append, "later"),
+            lp.call_at(base + _MARGIN, ran.append, "at"),
+            lp.call_at(base + _MARGIN, ran.append, "at-twin"),  # same deadline, one cancelled
+            lp.call_later(-1.0, ran.append, "past"),
+        ]
+        for h in handles[::2]:
+            h.cancel()
+        assert all(h.cancelled() for h in handles[::2]) and not handles[1].cancelled()
+        task = asyncio.create_task(sleeper())
+        await asyncio.sleep(0)  # let it start sleeping
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        await asyncio.sleep(_MARGIN + 0.005)
+
+    lp.run_until_complete(main())
+    assert sorted(ran) == ["at-twin", "later"]
+    assert cancelled == ["sleeper"]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_timeout_and_wait_for(any_loop: asyncio.AbstractEventLoop) -> None:
+    inner_cancelled: list[bool] = []
+
+    async def slow(delay: float) -> str:
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            inner_cancelled.append(True)
+            raise
+        return "done"
+
+    async def main() -> list[str]:
+        out = []
+        try:
+            async with asyncio.timeout(0.002):
+                await asyncio.sleep(3600)
+        except TimeoutError:
+            out.append("timeout")
+        try:
+            await asyncio.wait_for(slow(3600), timeout=0.002)
+        except TimeoutError:
+            out.append("wait_for timeout")
+        out.append(await asyncio.wait_for(slow(0.001), timeout=3600))
+        return out
+
+    assert any_loop.run_until_complete(main()) == ["timeout", "wait_for timeout", "done"]
+    assert inner_cancelled == [True]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_callbacks_run_in_their_context(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="default")
+    seen: list[tuple[str, str]] = []
+
+    def record(tag: str) -> None:
+        seen.append((tag, var.get()))
+
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "explicit")
+
+    def schedule() -> None:
+        var.set("caller")  # a callback runs in a copy of the context current when scheduled
+        lp.call_soon(record, "soon")
+        lp.call_soon(record, "soon-ctx", context=ctx)
+        lp.call_later(0.001, record, "later-ctx", context=ctx)
+        lp.call_at(lp.time() + 0.001, record, "at")
+
+    _run_callbacks(lp, schedule, _MARGIN)
+    assert sorted(seen) == [
+        ("at", "caller"),
+        ("later-ctx", "explicit"),
+        ("soon", "caller"),
+        ("soon-ctx", "explicit"),
+    ]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_callback_exception_goes_to_the_handler(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    caught: list[BaseException | None] = []
+    ran: list[str] = []
+    lp.set_exception_handler(lambda _lp, context: caught.append(context.get("exception")))
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    def schedule() -> None:
+        lp.call_soon(boom)
+        lp.call_soon(ran.append, "after")
+        lp.call_later(0.001, boom)
+        lp.call_later(0.002, ran.append, "later")
+
+    _run_callbacks(lp, schedule, _MARGIN)
+    assert ran == ["after", "later"]  # the loop keeps going
+    assert [type(e) for e in caught] == [ValueError, ValueError]
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_loop_clock_now_sleep_sleep_until(any_loop: asyncio.AbstractEventLoop) -> None:
+    lp = any_loop
+    bound = LoopClock(lp)
+    free = LoopClock()
+    assert isinstance(bound, Clock) and isinstance(free, Clock)
+    before = lp.time()
+    assert before <= bound.now() <= lp.time()  # a bound clock reads its loop while stopped
+    assert bound.loop is lp and free.loop is None
+
+    async def main() -> None:
+        stamps = [free.now()]
+        assert before <= stamps[0] <= lp.time()
+
+        await free.sleep(0.001)  # the loop's timer: on uvloop it may fire up to 0.5 ms early
+        stamps.append(bound.now())
+
+        # Deadlines off the loop's clock grid (uvloop counts whole milliseconds and rounds a
+        # timer's delay to the nearest one): sleep_until never returns before its deadline.
+        for k in range(8):
+            deadline = bound.now() + 0.001 + 0.0002 * k
+            await bound.sleep_until(deadline)
+            assert free.now() >= deadline
+            stamps.append(free.now())
+
+        # A past deadline, sleep(0) and sleep(-1) just yield once: a callback scheduled before
+        # the await runs before it returns, the loop time does not go backwards.
+        for op in (
+            lambda: bound.sleep_until(free.now() - 1.0),
+            lambda: free.sleep(0),
+            lambda: free.sleep(-1.0),
+        ):
+            yielded: list[bool] = []
+            lp.call_soon(yielded.append, True)
+            await op()
+            assert yielded == [True]
+            stamps.append(free.now())
+
+        assert stamps == sorted(stamps)  # loop time never goes backwards
+
+    lp.run_until_complete(main())
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_loop_clock_sleep_until_cancel(any_loop: asyncio.AbstractEventLoop) -> None:
+    clock = LoopClock()
+
+    async def main() -> str:
+        task = asyncio.create_task(clock.sleep_until(clock.now() + 3600.0))
+        await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return "cancelled"
+
+    assert any_loop.run_until_complete(main()) == "cancelled"
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_loop_clock_bound_to_other_loop_refuses(any_loop: asyncio.AbstractEventLoop) -> None:
+    other = VirtualTimeLoop()
+    try:
+
+        async def main() -> None:
+            with pytest.raises(RuntimeError, match="bound to"):
+                await LoopClock(other).sleep(0.001)
+            with pytest.raises(RuntimeError, match="bound to"):
+                await LoopClock(other).sleep_until(0.0)
+
+        any_loop.run_until_complete(main())
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("any_loop", ALL_LOOPS, indirect=True)
+def test_loop_clock_rejects_nan(any_loop: asyncio.AbstractEventLoop) -> None:
+    clock = LoopClock()
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="NaN"):
+            await clock.sleep(math.nan)
+        with pytest.raises(ValueError, match="NaN"):
+            await clock.sleep_until(math.nan)
+
+    any_loop.run_until_complete(main())
 
 
 # ---------------------------------------------------------------------------- long sleeps
@@ -98,7 +480,43 @@ def test_time_never_goes_backwards(loop: VirtualTimeLoop) -> None:
         loop.run_until(9.0)
 
 
-# ---------------------------------------------------------------------------- FIFO order
+# ---------------------------------------------------------------------------- timer heap
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["fast", "debug"])
+def test_past_timer_is_queued_at_the_current_time(debug: bool) -> None:
+    lp = VirtualTimeLoop(start=2.0)
+    try:
+        lp.set_debug(debug)
+        stamps: list[tuple[str, float]] = []
+        handles: list[asyncio.TimerHandle] = []
+        next_at: list[float | None] = []
+
+        def record(tag: str) -> None:
+            stamps.append((tag, lp.time()))
+
+        def at_five() -> None:
+            handles.append(lp.call_later(-1.0, record, "negative-delay"))
+            handles.append(lp.call_at(0.5, record, "past"))  # before start: still "now"
+            next_at.append(lp.next_timer_at())
+
+        lp.call_at(5.0, at_five)
+        lp.call_at(5.0, record, "due-at-five")  # due in the same iteration as at_five
+        lp.call_at(6.0, lambda: lp.call_at(5.5, record, "past-at-six"))
+        lp.call_at(6.0, record, "six")
+        lp.run_until(10.0)
+        assert stamps == [
+            ("due-at-five", 5.0),
+            ("negative-delay", 5.0),
+            ("past", 5.0),
+            ("six", 6.0),
+            ("past-at-six", 6.0),
+        ]
+        assert next_at == [5.0]  # they fire now, not at their (past) deadlines
+        assert [h.when() for h in handles] == [4.0, 0.5]  # the deadlines asked for
+        assert lp.next_timer_at() is None and lp._timer_cancelled_count == 0
+    finally:
+        lp.close()
 
 
 def test_fifo_same_time_call_at(loop: VirtualTimeLoop) -> None:
@@ -581,25 +999,6 @@ def test_loop_clock_sleep_until_cancel_removes_timer(loop: VirtualTimeLoop) -> N
     loop.run_until_complete(main())
     assert loop.next_timer_at() is None
     assert loop.time() == 1.0
-
-
-def test_loop_clock_bound_to_other_loop_refuses(loop: VirtualTimeLoop) -> None:
-    async def main() -> None:
-        await LoopClock(loop).sleep(1.0)
-
-    with pytest.raises(RuntimeError, match="bound to"):
-        run_virtual(main())
-
-
-def test_loop_clock_on_stock_asyncio() -> None:
-    async def main() -> bool:
-        clock = LoopClock()
-        t0 = clock.now()
-        await clock.sleep(0.001)
-        await clock.sleep_until(clock.now() + 0.001)
-        return clock.now() >= t0 + 0.002
-
-    assert asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------- scenario
