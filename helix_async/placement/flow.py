@@ -162,15 +162,29 @@ def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) ->
 
 
 def _solve(graph: nx.DiGraph, value_only: bool) -> Any:
-    """networkx max flow with the default algorithm (preflow-push), edmonds_karp as a fallback."""
+    """networkx max flow with the default algorithm (preflow-push), edmonds_karp as a fallback.
+
+    The graph is solved with integer vertex labels in insertion order: networkx keeps vertices in
+    sets along the way, and with string labels the order it visits them, and so the per-edge
+    decomposition it returns among equally good flows, would follow the process's string-hash
+    seed. Integers hash to themselves, so the decomposition is the same in every process.
+    """
+    names = list(graph.nodes)
+    index = {v: i for i, v in enumerate(names)}
+    g = nx.relabel_nodes(graph, index, copy=True)
     fn = nx.maximum_flow_value if value_only else nx.maximum_flow
+    s, t = index[SOURCE], index[SINK]
     try:
-        return fn(graph, SOURCE, SINK)
+        result = fn(g, s, t)
     except nx.NetworkXUnbounded:
         raise
     except Exception as exc:  # networkx's preflow-push once raised IndexError (PLANNER_NOTES)
         log.warning("preflow_push failed (%s: %s); retrying with edmonds_karp", type(exc).__name__, exc)
-        return fn(graph, SOURCE, SINK, flow_func=nx.algorithms.flow.edmonds_karp)
+        result = fn(g, s, t, flow_func=nx.algorithms.flow.edmonds_karp)
+    if value_only:
+        return result
+    value, flow = result
+    return value, {names[u]: {names[v]: f for v, f in out.items()} for u, out in flow.items()}
 
 
 def max_flow(placement: Placement, tm: ThroughputModel | None = None) -> FlowPlan:
