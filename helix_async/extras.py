@@ -1,8 +1,8 @@
 """Optional dependencies, imported only where they are used, with a one-line error naming the extra.
 
 The base install is what a worker and the host need to serve and to re-plan flows (numpy, msgpack,
-pyzmq, uvloop, networkx). Planning with SCIP, the cvxpy cross-check, plots and the torch executor
-come with extras: ``pip install 'helix_async[plan]'``, ``[plots]``, ``[torch]`` (or ``[all]``).
+pyzmq, uvloop, networkx). The MILP planner (SCIP), plots and the torch executor come with extras:
+``pip install 'helix_async[plan]'``, ``[plots]``, ``[torch]`` (or ``[all]``).
 """
 
 from __future__ import annotations

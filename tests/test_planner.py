@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from helix_async.cli import main
-from helix_async.cluster import generate_partitioned, load_cluster
-from helix_async.errors import ConfigError
+from helix_async.cluster import ClusterSpec, generate_partitioned, load_cluster
+from helix_async.errors import ConfigError, PlanningError
 from helix_async.model import ThroughputModel, get_model
 from helix_async.placement import Placement, read_placement, verify
 from helix_async.placement.flow import max_flow
+from helix_async.placement.heuristics import homogeneous, petals, separate_pipelines, swarm
 from helix_async.placement.io import load_shipped_layout
 from helix_async.placement.milp import (
     ArcModel,
@@ -20,8 +21,14 @@ from helix_async.placement.milp import (
     coverage_bound,
     type_classes,
 )
-from helix_async.placement.search import pipeline_cover, plan
+from helix_async.placement.search import PlanResult, pipeline_cover, plan
 from helix_async.signals import StopFlag
+
+# derived/layout_summary.csv, max_flow_tok_per_s: the original code's figures for its single24 /
+# LLaMA-2-70B Swarm and Homogeneous layouts (our heuristics build the same shapes)
+ORIGINAL_SWARM = 757.8531857227841
+ORIGINAL_HOMOGENEOUS = 531.7025845523623
+ORIGINAL_PETALS = 952.1073984850639  # with its partial-inference links
 
 
 def _caps(name: str, model: str = "llama2-70b") -> tuple:
@@ -29,6 +36,41 @@ def _caps(name: str, model: str = "llama2-70b") -> tuple:
     m = get_model(model)
     tm = ThroughputModel.for_cluster(m, cl)
     return cl, m, tm, Capacities.build(cl, m, tm)
+
+
+def _starts(cl: ClusterSpec, model: str, seed: int = 0, partial: bool = False) -> dict[str, float]:
+    """Max flow of every plan the search may start from, each built by calling its function directly.
+
+    Not through ``HEURISTICS``/``run_heuristic`` (what the planner uses): the heuristics that stay
+    within the profiled layer maximum, with the arguments the planner documents (seed; ``partial``
+    for Petals), and the pipeline cover; keyed as ``PlanResult.found_by`` names them. Heuristics
+    that do not apply to the cluster are left out.
+    """
+    m = get_model(model)
+    tm = ThroughputModel.for_cluster(m, cl)
+    builders = {
+        "heuristic petals": lambda: petals(cl, m, seed=seed, partial=partial, tm=tm),
+        "heuristic swarm": lambda: swarm(cl, m, seed=seed, tm=tm),
+        "heuristic homogeneous": lambda: homogeneous(cl, m, seed=seed, tm=tm),
+    }
+    out: dict[str, float] = {}
+    for name, build in builders.items():
+        try:
+            out[name] = max_flow(build(), tm).value
+        except PlanningError:
+            continue
+    cover = pipeline_cover(Capacities.build(cl, m, tm), [n.id for n in cl.nodes])
+    out["pipeline cover"] = max_flow(Placement.from_layers(cl, m, cover, partial=partial), tm).value
+    return out
+
+
+def _check_recorded_starts(res: PlanResult, starts: dict[str, float]) -> None:
+    """The search recorded each start's max flow as computed independently."""
+    recorded = {("pipeline cover" if k == "pipeline_cover" else f"heuristic {k}"): v for k, v in res.heuristics.items()}
+    for name, value in starts.items():
+        assert recorded[name] == pytest.approx(value, rel=1e-9), name
+    # heuristics that did not apply were not recorded (the forced ones are extra, checked elsewhere)
+    assert set(recorded) - set(starts) <= {"heuristic separate", "heuristic separate_plus"}
 
 
 def test_coverage_bound_is_above_every_known_plan() -> None:
@@ -53,7 +95,7 @@ def test_pipeline_cover_on_single24_meets_the_coverage_bound() -> None:
 def test_plan_single24_is_optimal_and_stops_on_the_gap() -> None:
     res = plan(load_cluster("single24"), "llama2-70b", time_limit=30, stall_limit=30, seed=0)
     assert res.value >= 1289.5
-    assert res.gap <= 1e-9 and res.stopped == "gap limit"
+    assert res.gap <= 1e-9 and res.stopped == "gap limit" and res.stop_cause == "optimal"
     verify(res.placement)
     assert res.placement.meta["max_flow"] == pytest.approx(res.value)
     assert res.value == pytest.approx(max_flow(res.placement).value, rel=1e-12)
@@ -69,7 +111,9 @@ def test_plan_is_never_worse_than_the_best_heuristic_and_respects_links() -> Non
     )
     res = plan(cl, "llama2-70b", time_limit=12, stall_limit=6, seed=1)
     verify(res.placement)
-    assert res.value >= max(res.heuristics.values()) - 1e-9
+    starts = _starts(cl, "llama2-70b", seed=1)
+    _check_recorded_starts(res, starts)
+    assert res.value >= max(starts.values()) - 1e-9
     assert res.value <= res.upper_bound + 1e-6
     assert res.value == pytest.approx(max_flow(res.placement).value, rel=1e-9)
 
@@ -119,7 +163,7 @@ def test_plan_with_partial_inference() -> None:
     res = plan(load_cluster("single24"), "llama2-70b", time_limit=8, stall_limit=4, partial=True)
     assert res.placement.partial
     verify(res.placement)
-    assert res.value >= 952.1  # at least the Petals plan with partial links
+    assert res.value >= ORIGINAL_PETALS - 1e-6  # at least the Petals plan with partial links
 
 
 def test_stop_flag_ends_the_search_with_the_best_plan() -> None:
@@ -133,21 +177,60 @@ def test_stop_flag_ends_the_search_with_the_best_plan() -> None:
 
     res = plan(load_cluster("cluster42"), "llama2-70b", time_limit=120, stall_limit=120, stop=stop,
                on_improve=on_improve)
-    assert res.stopped == "test stop"
-    assert res.seconds < 120  # it did not run to the time limit
-    assert seen and res.value == pytest.approx(max(seen))
+    assert res.stopped == "test stop" and res.stop_cause == "stop"
+    # the stop was honoured at the first check: after the heuristics' plan was reported, no solver ran
+    assert len(seen) == 1 and res.value == pytest.approx(seen[0])
+    assert all(src.startswith("heuristic ") or src == "pipeline cover" for _, _, src in res.history)
     verify(res.placement)
 
 
-def test_impossible_time_limit_still_returns_the_best_heuristic() -> None:
-    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=0.0)
-    assert res.value > 0 and res.stopped == "time limit"
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [("single24", "llama2-70b"), ("3cluster24", "llama2-70b"), ("cluster10", "llama1-30b")],
+)
+def test_impossible_time_limit_still_returns_the_best_heuristic(name: str, model: str) -> None:
+    cl = load_cluster(name)
+    res = plan(cl, model, time_limit=0.0)
+    assert res.stopped == "time limit" and res.stop_cause == "time"
     verify(res.placement)
+    starts = _starts(cl, model)
+    _check_recorded_starts(res, starts)
+    best = max(starts.values())
+    assert res.value == pytest.approx(best, rel=1e-9)
+    assert max_flow(res.placement).value == pytest.approx(best, rel=1e-9)
+    assert res.found_by in {k for k, v in starts.items() if v >= best * (1 - 1e-9)}  # an argmax
+    # a plan past the profiled layer maximum is reported but never returned (on cluster10 the forced
+    # separate pipelines score far higher)
+    assert not res.placement.exceed_profiled_max
+    if name == "single24":
+        # with full links only, so Petals is not the original's partial-link layout
+        assert starts["heuristic swarm"] == pytest.approx(ORIGINAL_SWARM, rel=1e-12)
+        assert starts["heuristic homogeneous"] == pytest.approx(ORIGINAL_HOMOGENEOUS, rel=1e-12)
+    if name == "cluster10":
+        forced = max_flow(separate_pipelines(cl, model)).value
+        assert res.heuristics["separate"] == pytest.approx(forced, rel=1e-9) and forced > res.value
+
+
+def test_a_loose_gap_limit_ends_the_search_on_the_gap() -> None:
+    # 3cluster24: the start is ~69 % below the bound, so a 90 % gap limit ends the search at once
+    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=600, stall_limit=600, gap_limit=0.9)
+    assert res.stop_cause == "gap" and res.stopped == "gap limit"
+    assert 1e-9 < res.gap <= 0.9
+    assert all(src.startswith("heuristic ") or src == "pipeline cover" for _, _, src in res.history)
+
+
+def test_a_stall_limit_ends_the_search_on_the_stall() -> None:
+    # a stall limit far below the time the heuristics take: reached before any solver runs
+    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=600, stall_limit=1e-6)
+    assert res.stop_cause == "stall" and res.stopped == "stall limit"
+    assert res.gap > 1e-9
+    assert all(src.startswith("heuristic ") or src == "pipeline cover" for _, _, src in res.history)
 
 
 def test_heuristic_methods_and_unknown_method() -> None:
     res = plan(load_cluster("single24"), "llama2-70b", method="homogeneous")
-    assert res.value == pytest.approx(531.7025845523623, rel=1e-9)
+    assert res.value == pytest.approx(ORIGINAL_HOMOGENEOUS, rel=1e-9)
+    assert res.stop_cause == "heuristic" and res.found_by == "heuristic homogeneous"
     with pytest.raises(ConfigError, match="unknown method"):
         plan(load_cluster("single24"), "llama2-70b", method="gurobi")
 
@@ -233,9 +316,12 @@ def test_pruning_keeps_the_warm_start_and_the_full_model_never_loses_it() -> Non
 
 
 def test_plan_with_pruned_neighbourhoods_keeps_improving_on_a_geo_cluster() -> None:
-    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=10, stall_limit=10, prune=6, seed=2)
+    cl = load_cluster("3cluster24")
+    res = plan(cl, "llama2-70b", time_limit=10, stall_limit=10, prune=6, seed=2)
     verify(res.placement)
-    assert res.value >= max(res.heuristics.values()) - 1e-9
+    starts = _starts(cl, "llama2-70b", seed=2)
+    _check_recorded_starts(res, starts)
+    assert res.value >= max(starts.values()) - 1e-9
 
 
 def test_verify_refuses_a_forced_plan_whose_weights_leave_no_kv_cache() -> None:

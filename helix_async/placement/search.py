@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..cluster import ClusterSpec
 from ..errors import ConfigError, PlanningError
@@ -43,6 +43,21 @@ log = logging.getLogger("helix_async.planner")
 # Every planner method, for the CLI and plan(): the MILP search and each heuristic.
 METHODS: tuple[str, ...] = ("milp", *HEURISTICS)
 
+#: Why :func:`plan` ended (``PlanResult.stop_cause``):
+#:
+#: * ``"optimal"`` -- the incumbent meets the upper bound (gap <= 1e-9, float rounding): proven optimal;
+#: * ``"gap"`` -- the gap fell to ``gap_limit`` (above 1e-9, so not proven optimal);
+#: * ``"time"`` -- ``time_limit`` seconds of wall time ran out;
+#: * ``"stall"`` -- ``stall_limit`` seconds passed without an improvement;
+#: * ``"stop"`` -- the caller's :class:`StopFlag` was set (Ctrl-C/SIGTERM through ``SignalStop``, or
+#:   the caller itself; ``PlanResult.stopped`` carries the flag's reason, e.g. ``"signal SIGTERM"``);
+#: * ``"heuristic"`` -- a heuristic method was asked for: it ran once, no search.
+#:
+#: The checks run in this order (stop, time, optimal/gap, stall): the first that holds is the cause.
+StopCause = Literal["optimal", "gap", "time", "stall", "stop", "heuristic"]
+# The gap at which a plan counts as equal to the bound (float rounding of the exact max flow).
+_OPTIMAL_GAP = 1e-9
+
 
 @dataclass
 class PlanResult:
@@ -55,7 +70,8 @@ class PlanResult:
     max_compute_throughput: float
     seconds: float
     found_by: str
-    stopped: str  # why the search ended
+    stopped: str  # why the search ended, for people ("gap limit", "signal SIGTERM", ...)
+    stop_cause: StopCause  # why the search ended, for programs (see StopCause)
     history: list[tuple[float, float, str]] = field(default_factory=list)  # (seconds, value, source)
     heuristics: dict[str, float] = field(default_factory=dict)
 
@@ -174,17 +190,22 @@ class _PlanSearch:
             seed=self.seed,
         )
 
-    def should_stop(self) -> str:
+    def should_stop(self) -> tuple[StopCause, str] | None:
+        """(cause, text) when the search must end now, else None; checks in StopCause's order."""
         if self.stop:
-            return self.stop.reason or "stopped"
+            return "stop", self.stop.reason or "stopped"
         if self.remaining() <= 0:
-            return "time limit"
+            return "time", "time limit"
         # 1e-9 relative: a plan equal to the bound up to float rounding is proven optimal
-        if self.best_value > 0 and self.gap() <= max(self.gap_limit, 1e-9):
-            return "gap limit"
+        if self.best_value > 0:
+            gap = self.gap()
+            if gap <= _OPTIMAL_GAP:
+                return "optimal", "gap limit"
+            if gap <= self.gap_limit:
+                return "gap", "gap limit"
         if time.monotonic() - self.last_improve >= self.stall_limit:
-            return "stall limit"
-        return ""
+            return "stall", "stall limit"
+        return None
 
     # -- phases ------------------------------------------------------------------------------
     def run_heuristics(self) -> None:
@@ -231,7 +252,7 @@ class _PlanSearch:
         if res.layers is not None:
             self.offer(res.layers, "position model")
 
-    def run_lns(self) -> str:
+    def run_lns(self) -> tuple[StopCause, str]:
         assert self.best is not None
         ids = [n.id for n in self.cluster.nodes if self.caps.node_max_layers[n.id] > 0]
         sym = interchangeable_classes(self.cluster)
@@ -425,6 +446,7 @@ def plan(
     prune: keep only each node's ``prune`` fastest links (plus the incumbent's) in the MILP
     neighbourhoods, as Helix's pruning did for large clusters; None keeps every link.
     Returns the best verified plan found; an impossible time limit still returns the best heuristic.
+    ``PlanResult.stop_cause`` says why the search ended (:data:`StopCause`).
     """
     spec = get_model(model)
     if method not in METHODS:
@@ -448,14 +470,14 @@ def plan(
         value = max_flow(p, s.tm).value
         s.best, s.best_value, s.best_source = p, value, f"heuristic {method}"
         s.history.append((s.elapsed(), value, s.best_source))
-        stopped = "heuristic"
+        why: tuple[StopCause, str] = ("heuristic", "heuristic")
     else:
         s.run_heuristics()
         if s.best is None:
             raise PlanningError(f"no heuristic produced a plan for {spec.name} on {cluster.name}")
-        if not s.should_stop():
+        if s.should_stop() is None:
             s.run_position_model(min(position_fraction * time_limit, 120.0, s.remaining()))
-        stopped = s.should_stop() or s.run_lns()
+        why = s.should_stop() or s.run_lns()
     assert s.best is not None
     best = s._stamped(s.best)
     return PlanResult(
@@ -466,7 +488,8 @@ def plan(
         max_compute_throughput=s.caps.compute_bound,
         seconds=s.elapsed(),
         found_by=s.best_source,
-        stopped=stopped,
+        stop_cause=why[0],
+        stopped=why[1],
         history=s.history,
         heuristics=s.heuristics,
     )
