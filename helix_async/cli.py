@@ -12,12 +12,13 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import envs
-from .errors import HelixError
+from .errors import ConfigError, HelixError
 
 if TYPE_CHECKING:
+    from .cluster import ClusterSpec
     from .flowplan import FlowPlan
     from .placement import Placement
 
@@ -120,10 +121,35 @@ _PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 _SEARCH_DEFAULTS: dict[str, Any] = {"time_limit": 600.0, "stall_limit": 120.0, "gap_limit": 0.0, "prune": None}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line ``error: <command>: <message>``, exit 2.
+
+    (argparse's own format is a usage block and then the message; ``--help`` still shows usage.)
+    Sub-command parsers are made with the parent's class, so they inherit this.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {_one_line(f'{self.prog}: {message}')} (see {self.prog} --help)\n")
+
+
+_MAX_MESSAGE = 500
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one plain line: control characters (newlines, ESC, ...) escaped, and the middle
+    of an over-long message (a 5,000-character file name) cut out."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > _MAX_MESSAGE:
+        half = _MAX_MESSAGE // 2 - 10
+        text = f"{text[:half]} ... ({len(text) - 2 * half} characters) ... {text[-half:]}"
+    return text
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from .placement.search import METHODS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m helix_async",
         description="Plan, simulate and serve LLMs over heterogeneous GPU clusters (after Helix, ASPLOS'25).",
     )
@@ -248,17 +274,64 @@ def cmd_cluster_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The generators' argument names (in their ConfigErrors) -> the flags that set them.
+_GENERATOR_FLAGS = {
+    "n": "--nodes",
+    "avg_degree": "--degree",
+    "type_weights": "--types",
+    "partitions": "--partition",
+    "name": "--name",
+    "seed": "--seed",
+    "bandwidth": "--bandwidth",
+    "latency": "--latency",
+    "in_bandwidth": "--in-bandwidth",
+    "in_latency": "--in-latency",
+    "cross_bandwidth": "--cross-bandwidth",
+    "cross_latency": "--cross-latency",
+}
+
+
+def _generator_error(exc: ConfigError, kind: str) -> ConfigError:
+    """A generator's ConfigError about one of its arguments, re-addressed to the flag that set it."""
+    if not exc.source.startswith("<"):
+        return exc
+    head, _, index = exc.field.partition("[")
+    if head == "machine type":
+        flag = "--types" if kind == "single" else "--partition"
+    elif head in _GENERATOR_FLAGS:
+        flag = _GENERATOR_FLAGS[head]
+    else:
+        return exc
+    if flag.endswith(("bandwidth", "latency")) and index in ("0]", "1]"):
+        flag += " AVG" if index == "0]" else " VAR"
+    return ConfigError("<argument>", flag, exc.message.replace("pass machine_types=; ", ""))
+
+
 def cmd_cluster_generate(args: argparse.Namespace) -> int:
-    from .cluster import generate_partitioned, generate_single_region, write_cluster_toml
+    from .cluster import write_cluster_toml
     from .cluster.generate import MAX_GENERATED_NODES
-    from .errors import ConfigError
     from .fileio import check_output_path
 
     out = check_output_path(args.out, "cluster file")
 
+    try:
+        spec = _generate(args, MAX_GENERATED_NODES)
+    except ConfigError as exc:
+        raise _generator_error(exc, args.kind) from None
+    write_cluster_toml(spec, out)
+    print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
+    return EXIT_OK
+
+
+def _generate(args: argparse.Namespace, max_nodes: int) -> ClusterSpec:
+    """The cluster ``cluster generate`` asks for (ConfigErrors name the generators' arguments)."""
+    from .cluster import generate_partitioned, generate_single_region
+
     if args.kind == "single":
+        if args.nodes > max_nodes:  # checked here too: the generator must never see it
+            raise ConfigError("<argument>", "--nodes", f"must be an integer in [1, {max_nodes}], got {args.nodes}")
         degree = args.degree if args.degree is not None else args.nodes - 1
-        spec = generate_single_region(
+        return generate_single_region(
             args.nodes,
             degree,
             args.types,
@@ -267,39 +340,35 @@ def cmd_cluster_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             name=args.name or f"single{args.nodes}_seed{args.seed}",
         )
-    else:
-        if not args.partition:
-            raise ConfigError("<argument>", "--partition", "give at least one region, e.g. --partition A100:4")
-        parts: list[list[str]] = []
-        total = 0
-        for text in args.partition:
-            try:
-                counts = _parse_weights(text)
-            except ValueError as exc:
-                raise ConfigError("<argument>", "--partition", str(exc)) from None
-            region: list[str] = []
-            for t, n in counts.items():
-                if n != int(n):
-                    raise ConfigError("<argument>", "--partition", f"count of {t} must be a whole number, got {n:g}")
-                total += int(n)
-                if total > MAX_GENERATED_NODES:
-                    raise ConfigError(
-                        "<argument>", "--partition", f"more than {MAX_GENERATED_NODES} nodes in all"
-                    )
-                region += [t] * int(n)
-            parts.append(region)
-        spec = generate_partitioned(
-            parts,
-            in_bandwidth=args.in_bandwidth,
-            in_latency=args.in_latency,
-            cross_bandwidth=args.cross_bandwidth,
-            cross_latency=args.cross_latency,
-            seed=args.seed,
-            name=args.name or f"partitioned{len(parts)}_seed{args.seed}",
-        )
-    write_cluster_toml(spec, out)
-    print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
-    return EXIT_OK
+    if not args.partition:
+        raise ConfigError("<argument>", "--partition", "give at least one region, e.g. --partition A100:4")
+    parts: list[list[str]] = []
+    total = 0
+    for text in args.partition:
+        try:
+            counts = _parse_weights(text)
+        except ValueError as exc:
+            raise ConfigError("<argument>", "--partition", str(exc)) from None
+        region: list[str] = []
+        for t, n in counts.items():
+            if n != int(n):
+                raise ConfigError("<argument>", "--partition", f"count of {t} must be a whole number, got {n:g}")
+            total += int(n)
+            if total > max_nodes:
+                raise ConfigError("<argument>", "--partition", f"more than {max_nodes} nodes in all")
+            region += [t] * int(n)
+        if not region:
+            raise ConfigError("<argument>", "--partition", f"region {text!r} has no nodes")
+        parts.append(region)
+    return generate_partitioned(
+        parts,
+        in_bandwidth=args.in_bandwidth,
+        in_latency=args.in_latency,
+        cross_bandwidth=args.cross_bandwidth,
+        cross_latency=args.cross_latency,
+        seed=args.seed,
+        name=args.name or f"partitioned{len(parts)}_seed{args.seed}",
+    )
 
 
 def _print_flow_summary(placement: Placement, flow: FlowPlan, *, links: bool = False) -> None:
@@ -337,7 +406,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     given = {k for k in _SEARCH_DEFAULTS if getattr(args, k) is not None}
     if args.method != "milp" and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
-        print(f"note: {flags} only apply to --method milp; ignored for {args.method}", file=sys.stderr)
+        verb = "applies" if len(given) == 1 else "apply"
+        print(f"note: {flags} only {verb} to --method milp; ignored for {args.method}", file=sys.stderr)
     search = {k: (_SEARCH_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in _SEARCH_DEFAULTS}
     if args.out is None:
         default_out = Path(envs.HELIX_OUT_DIR) / "plan.toml"
@@ -421,6 +491,8 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.out == "":
+        raise ConfigError("<argument>", "--out", "empty path for the demo's folder")
     out = Path(args.out) if args.out is not None else Path(envs.HELIX_OUT_DIR) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     limit = "20" if args.quick else "120"
@@ -439,8 +511,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for bad input, after one ``error:`` line)."""
     parser = _build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # a usage error (one line, see _Parser) or --help
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     level = args.log_level or envs.HELIX_LOG_LEVEL.strip().upper()
     logging.basicConfig(
         level=getattr(logging, level, logging.WARNING) if level in _LOG_LEVELS else logging.WARNING,
@@ -450,11 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args))
     except HelixError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {_one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

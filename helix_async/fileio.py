@@ -13,23 +13,21 @@ a device or FIFO, a read-only file) is refused, and no temporary file is ever le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import reprlib
+import secrets
+import signal
 import stat
-import sys
-import tempfile
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .ids import SINK, SOURCE, NodeRef
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -48,6 +46,7 @@ __all__ = [
     "bool_field",
     "number_field",
     "node_ref_field",
+    "short_repr",
 ]
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # no file the package reads comes near this; bounds hostile input
@@ -61,6 +60,18 @@ PHYSICAL_LIMITS: Mapping[str, float] = {
 }
 
 _MAX_NAME_LEN = 200
+
+# Values shown in messages: hostile input can hold a 4,000-digit integer or a list of a million
+# items, and the message must stay one readable line.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlong = 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 10
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for a message: control characters escaped, long values cut with ``...``."""
+    return _SHOWN.repr(value)
 
 
 def read_text(path: str | os.PathLike[str], what: str = "file", *, max_bytes: int = MAX_FILE_BYTES) -> str:
@@ -77,6 +88,8 @@ def read_text(path: str | os.PathLike[str], what: str = "file", *, max_bytes: in
         raise ConfigError(src, "", f"cannot read {what}: no such file") from None
     except OSError as exc:
         raise ConfigError(src, "", f"cannot read {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character in the name
+        raise ConfigError(repr(src), "", f"cannot read {what}: not a valid file name") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ConfigError(src, "", f"cannot read {what}: {kind}")
@@ -111,7 +124,9 @@ def parse_document(text: str, src: str, fmt: str) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(src, "", f"invalid {fmt.upper()}: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal past the int-conversion digit limit
-        raise ConfigError(src, "", f"invalid {fmt.upper()}: {str(exc).splitlines()[0]}") from None
+        # (its message ends in advice to call sys.set_int_max_str_digits, which is for programmers)
+        reason = str(exc).splitlines()[0].split("; use sys.set_int_max_str_digits")[0]
+        raise ConfigError(src, "", f"invalid {fmt.upper()}: {reason}") from None
     if not isinstance(doc, dict):
         raise ConfigError(src, "", f"the top level must be a table, got {type(doc).__name__}")
     return doc
@@ -121,7 +136,8 @@ def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: st
     """``path`` as a place :func:`atomic_write_text` may write; ConfigError saying why not.
 
     Accepted: a new name in an existing folder, or an existing regular file that is writable. A
-    folder, a symbolic link, a device or FIFO, a read-only file or an empty name is refused.
+    folder, a symbolic link, a device or FIFO, a read-only file (one this user may not write, or one
+    with no write permission bit set, which holds for root too) or an empty name is refused.
     Call it before long work so that a bad ``--out`` fails at once, not after the work.
     """
     raw = os.fspath(path)
@@ -134,6 +150,8 @@ def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: st
         st = None
     except OSError as exc:
         raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character in the name
+        raise ConfigError(repr(raw), "", f"cannot write {what}: not a valid file name") from None
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             raise ConfigError(raw, "", f"refusing to replace a symbolic link with the {what}")
@@ -141,7 +159,9 @@ def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: st
             raise ConfigError(raw, "", f"is a folder; give a file name for the {what}")
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(raw, "", f"refusing to replace something that is not a regular file with the {what}")
-        if not os.access(p, os.W_OK):
+        # No write bit at all marks a file read-only for everyone, root included (os.access lets
+        # root write anything); otherwise ask whether this user may write it.
+        if not st.st_mode & 0o222 or not os.access(p, os.W_OK):
             raise ConfigError(raw, "", f"cannot write {what}: the file is read-only")
     if not p.parent.is_dir():
         raise ConfigError(raw, "", f"cannot write {what}: folder {str(p.parent)!r} does not exist")
@@ -152,14 +172,55 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file
     """Write ``text`` (UTF-8) to ``path`` atomically; ConfigError for a target that is not a file.
 
     Only what :func:`check_output_path` accepts is written. The temporary file lives in the
-    target's folder (so the rename is atomic) and is removed on every exit path.
+    target's folder (so the rename is atomic) and is removed on every exit path; signals that
+    would interrupt the write are held until it is done (see :func:`_signals_deferred`).
     """
     p = check_output_path(path, what)
+    # Never write what the readers would refuse (a complete graph of 2,048 generated nodes is
+    # about 180 MB of TOML): fail here, with the size, instead of at the next read.
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(
+            str(p), "", f"the {what} would be {size} bytes, over the readers' limit of {MAX_FILE_BYTES}"
+        )
+    with _signals_deferred():
+        return _write_via_temp(p, text, what)
+
+
+# Signals whose handler may raise (KeyboardInterrupt) or whose default action ends the process.
+_DEFERRED_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP/SIGQUIT while a temp file exists; they arrive right after.
+
+    Otherwise a signal landing between the temp file's creation and its rename or removal
+    (SIGTERM's default action ends the process at once, no ``finally`` runs) would leave it
+    behind. A write takes milliseconds, so the delay is not felt. The mask is per thread: this
+    covers the CLI, which writes from its only thread.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not on POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _write_via_temp(p: Path, text: str, what: str) -> Path:
     raw = str(p)
     existing = p.stat() if p.exists() else None
     tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        # Named before it is created (not mkstemp), so that an exception at any point after the
+        # creation finds the name in ``tmp`` and the ``finally`` removes the file.
+        tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
         if existing is not None:
@@ -173,6 +234,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file
         tmp = None
     except OSError as exc:
         raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8
+        raise ConfigError(raw, "", f"cannot write {what}: {exc.reason} at character {exc.start}") from None
     finally:
         if tmp is not None:
             try:
@@ -220,16 +283,16 @@ def required_field(src: str, where: str, table: Mapping[str, Any], key: str) -> 
 def int_field(src: str, where: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
     """An integer (not a bool), optionally within ``[lo, hi]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(src, where, f"must be an integer, got {value!r}")
+        raise ConfigError(src, where, f"must be an integer, got {short_repr(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(src, where, f"must be an integer in [{lo}, {hi}], got {value!r}")
+        raise ConfigError(src, where, f"must be an integer in [{lo}, {hi}], got {short_repr(value)}")
     return value
 
 
 def str_field(src: str, where: str, value: Any) -> str:
     """A string."""
     if not isinstance(value, str):
-        raise ConfigError(src, where, f"must be a string, got {value!r}")
+        raise ConfigError(src, where, f"must be a string, got {short_repr(value)}")
     return value
 
 
@@ -241,14 +304,14 @@ def name_field(src: str, where: str, value: Any) -> str:
     if len(s) > _MAX_NAME_LEN:
         raise ConfigError(src, where, f"longer than {_MAX_NAME_LEN} characters")
     if not s.isprintable():
-        raise ConfigError(src, where, f"contains control or non-printable characters: {s!r}")
+        raise ConfigError(src, where, f"contains control or non-printable characters: {short_repr(s)}")
     return s
 
 
 def bool_field(src: str, where: str, value: Any) -> bool:
     """True or false."""
     if not isinstance(value, bool):
-        raise ConfigError(src, where, f"must be true or false, got {value!r}")
+        raise ConfigError(src, where, f"must be true or false, got {short_repr(value)}")
     return value
 
 
@@ -259,20 +322,20 @@ def number_field(src: str, where: str, value: Any, *, minimum: str, unit: str) -
     given (``got -5``, not ``got -5.0``). Returns it as float.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(src, where, f"must be a number ({unit}), got {value!r}")
+        raise ConfigError(src, where, f"must be a number ({unit}), got {short_repr(value)}")
     try:
         as_float = float(value)
     except OverflowError:
         raise ConfigError(src, where, f"out of range ({unit}): an integer too large for a float") from None
     if not math.isfinite(as_float):
-        raise ConfigError(src, where, f"must be finite, got {value!r}")
+        raise ConfigError(src, where, f"must be finite, got {short_repr(value)}")
     if minimum == "positive" and not as_float > 0:
-        raise ConfigError(src, where, f"must be > 0 {unit}, got {value!r}")
+        raise ConfigError(src, where, f"must be > 0 {unit}, got {short_repr(value)}")
     if minimum == "nonnegative" and not as_float >= 0:
-        raise ConfigError(src, where, f"must be >= 0 {unit}, got {value!r}")
+        raise ConfigError(src, where, f"must be >= 0 {unit}, got {short_repr(value)}")
     limit = PHYSICAL_LIMITS.get(unit)
     if limit is not None and as_float > limit:
-        raise ConfigError(src, where, f"must be <= {limit:g} {unit} (physically implausible), got {value!r}")
+        raise ConfigError(src, where, f"must be <= {limit:g} {unit} (physically implausible), got {short_repr(value)}")
     return as_float
 
 
@@ -282,9 +345,9 @@ def node_ref_field(src: str, where: str, value: Any, n: int, allowed: Sequence[s
         if value in allowed:
             return value
         names = " or ".join(repr(a) for a in allowed)
-        raise ConfigError(src, where, f"unknown endpoint {value!r} (expected a node id or {names})")
+        raise ConfigError(src, where, f"unknown endpoint {short_repr(value)} (expected a node id or {names})")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(src, where, f"must be a node id or {SOURCE!r}/{SINK!r}, got {value!r}")
+        raise ConfigError(src, where, f"must be a node id or {SOURCE!r}/{SINK!r}, got {short_repr(value)}")
     if not 0 <= value < n:
-        raise ConfigError(src, where, f"unknown node {value} (cluster has nodes 0..{n - 1})")
+        raise ConfigError(src, where, f"unknown node {short_repr(value)} (cluster has nodes 0..{n - 1})")
     return value

@@ -69,13 +69,17 @@ def ini_list(value: str, src: str, where: str) -> list[Any]:
     return out
 
 
+_MAX_ID_DIGITS = 18  # node ids and offsets; also keeps int() below its digit limit (a ValueError)
+
+
 def ascii_int(token: str) -> int | None:
-    """``token`` as a non-negative integer when it is made of ASCII digits only, else None.
+    """``token`` as a non-negative integer when it is made of at most 18 ASCII digits, else None.
 
     ``str.isdigit`` and ``int`` also accept superscripts and other scripts' digits (``'¹'``,
-    ``'١'``); a node id in a file never does.
+    ``'١'``); a node id in a file never does, nor has it thousands of digits (which ``int`` would
+    refuse with a ValueError).
     """
-    if token and token.isascii() and token.isdigit():
+    if token and len(token) <= _MAX_ID_DIGITS and token.isascii() and token.isdigit():
         return int(token)
     return None
 

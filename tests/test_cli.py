@@ -114,3 +114,17 @@ def test_cluster_generate_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixtur
     rc, _, _ = _run(capsys, "cluster", "generate", "single", "--nodes", "6", "--types", "A100:1,T4:1",
                     "--seed", "1", "--out", str(again))
     assert (tmp_path / "s.toml").read_text() == again.read_text()
+
+
+def test_help_returns_0_and_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """main() returns the status in every case (argparse's SystemExit does not escape it)."""
+    rc, out, err = _run(capsys, "--help")
+    assert rc == 0 and out.startswith("usage: python -m helix_async") and err == ""
+    rc, out, err = _run(capsys, "plan", "--help")
+    assert rc == 0 and "--time-limit" in out
+    rc, out, err = _run(capsys, "plan", "--time-limit", "-1")
+    assert rc == 2 and out == ""
+    assert err == (
+        "error: python -m helix_async plan: argument --time-limit: must be > 0, got '-1' "
+        "(see python -m helix_async plan --help)\n"
+    )

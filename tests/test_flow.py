@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import random
-import sys
+import tomllib
 from importlib import resources
 
 import networkx as nx
@@ -33,11 +33,6 @@ from helix_async.placement.flow import (
 )
 from helix_async.placement.io import load_shipped_layout
 from helix_async.plots import plot_placement
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DERIVED = resources.files("helix_async") / "data" / "derived"
 MODEL = "llama2-70b"

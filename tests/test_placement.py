@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,6 @@ from helix_async.placement import (
 )
 from helix_async.placement.flow import max_flow
 from helix_async.placement.io import SHIPPED_LAYOUTS, placement_to_dict
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 MODEL = "llama2-70b"
 # single24 node types: A100 = 6, 9, 10, 17 (max 12 layers of LLaMA-2-70B), L4 = 0, 3, 5, 11, 14, 18,
@@ -439,3 +434,18 @@ def test_round_trip_keeps_regions(tmp_path: Path) -> None:
     q = read_placement(write_placement(p, tmp_path / "p.toml"))
     assert q.cluster == c3 and q.cluster.regions() == c3.regions() and q.same_plan(p)
     assert max_flow(q).value == max_flow(p).value > 0
+
+
+def test_plan_files_with_the_old_force_key_still_read(tmp_path: Path) -> None:
+    shipped = load_shipped_layout("separate_t4")  # exceeds the profiled layer maximum
+    new = tmp_path / "new.toml"
+    write_placement(shipped, new)
+    text = new.read_text()
+    assert "exceed_profiled_max = true" in text
+    old = tmp_path / "old.toml"
+    old.write_text(text.replace("exceed_profiled_max = true", "force = true"))
+    assert read_placement(old).exceed_profiled_max is True
+    both = tmp_path / "both.toml"
+    both.write_text(text.replace("exceed_profiled_max = true", "exceed_profiled_max = true\nforce = true"))
+    with pytest.raises(ConfigError, match="plan.force"):
+        read_placement(both)

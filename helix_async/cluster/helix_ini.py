@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fileio import int_field, no_unknown_keys, number_field
+from ..fileio import int_field, no_unknown_keys, number_field, short_repr
 from ..ids import SINK, SOURCE, NodeRef
 from ..ini import ascii_int, ini_endpoint, ini_get, ini_literal, read_ini
 from .defaults import DEFAULT_COORDINATOR_NIC_IN, DEFAULT_COORDINATOR_NIC_OUT, DEFAULT_MACHINE_TYPES
@@ -21,6 +21,13 @@ from .units import eval_unit_expr
 
 __all__ = ["import_helix_ini", "read_machine_profile_ini"]
 
+
+def _sec(section: str) -> str:
+    """``[section]`` for a message: control characters escaped, a hostile long name cut."""
+    shown = section if section.isprintable() else repr(section)[1:-1]
+    if len(shown) > 60:
+        shown = f"{shown[:28]}...{shown[-28:]}"
+    return f"[{shown}]"
 
 
 def read_machine_profile_ini(path: str | os.PathLike[str]) -> MachineProfile:
@@ -38,33 +45,37 @@ def read_machine_profile_ini(path: str | os.PathLike[str]) -> MachineProfile:
     types: dict[str, MachineType] = {}
     required = ("inbound_nic_speed", "outbound_nic_speed", "disk_speed", "vram_size")
     for section in parser.sections():
+        sec = _sec(section)
         if section == "SourceNode":
             if parser.has_option(section, "outbound_nic_speed"):
-                where = f"[{section}].outbound_nic_speed"
+                where = f"{sec}.outbound_nic_speed"
                 value = eval_unit_expr(parser.get(section, "outbound_nic_speed"), source=source, field=where)
                 nic_out = number_field(source, where, value, minimum="positive", unit="bytes/s")
             continue
         if section == "SinkNode":
             if parser.has_option(section, "inbound_nic_speed"):
-                where = f"[{section}].inbound_nic_speed"
+                where = f"{sec}.inbound_nic_speed"
                 value = eval_unit_expr(parser.get(section, "inbound_nic_speed"), source=source, field=where)
                 nic_in = number_field(source, where, value, minimum="positive", unit="bytes/s")
             continue
-        no_unknown_keys(source, f"[{section}]", dict(parser.items(section)), (*required, "num_gpus", "gpu"))
+        no_unknown_keys(source, sec, dict(parser.items(section)), (*required, "num_gpus", "gpu"))
         vals: dict[str, float] = {}
         for option in required:
-            where = f"[{section}].{option}"
+            where = f"{sec}.{option}"
             value = eval_unit_expr(ini_get(parser, source, section, option), source=source, field=where)
             unit = "bytes" if option == "vram_size" else "bytes/s"
             vals[option] = number_field(source, where, value, minimum="positive", unit=unit)
         if parser.has_option(section, "num_gpus"):
-            where = f"[{section}].num_gpus"
+            where = f"{sec}.num_gpus"
             num_gpus = int_field(source, where, ini_literal(parser.get(section, "num_gpus"), source, where))
         elif section in DEFAULT_MACHINE_TYPES:
             num_gpus = DEFAULT_MACHINE_TYPES[section].num_gpus
         else:
-            m = re.search(r"x(\d+)$", section)
-            num_gpus = int(m.group(1)) if m else 1
+            m = re.search(r"x([0-9]+)\Z", section)
+            suffix = None if m is None else ascii_int(m.group(1))
+            if m is not None and suffix is None:
+                raise ConfigError(source, sec, "the xN suffix is too long to be a GPU count; give num_gpus")
+            num_gpus = 1 if suffix is None else suffix
         gpu = parser.get(section, "gpu").strip() if parser.has_option(section, "gpu") else ""
         mt = MachineType(
             name=section,
@@ -128,31 +139,32 @@ def import_helix_ini(
     links: list[Link] = []
     neighbours: dict[NodeRef, set[NodeRef]] = {ref: set() for ref in (SOURCE, SINK, *range(n))}
     for section in parser.sections():
+        sec = _sec(section)
         if section in ("NodeNames", "SourceNode", "SinkNode"):
             continue
         if section.startswith("ComputeNode-"):
             suffix = section[len("ComputeNode-") :]
             node_id = ascii_int(suffix)
             if node_id is None or node_id >= n:
-                raise ConfigError(source, f"[{section}]", f"compute node outside 0..{n - 1}")
+                raise ConfigError(source, sec, f"compute node outside 0..{n - 1}")
             continue
         parts = section.split("-")
         if len(parts) != 3 or parts[0] != "Link":
             raise ConfigError(
                 source,
-                f"[{section}]",
+                sec,
                 "unknown section (expected NodeNames, SourceNode, SinkNode, ComputeNode-i or Link-x-y)",
             )
         a, b = ini_endpoint(parts[1]), ini_endpoint(parts[2])
         for ref, token in ((a, parts[1]), (b, parts[2])):
             if ref is None:
-                raise ConfigError(source, f"[{section}]", f"unknown endpoint {token!r}")
+                raise ConfigError(source, sec, f"unknown endpoint {short_repr(token)}")
             if isinstance(ref, int) and ref >= n:
                 raise ConfigError(
-                    source, f"[{section}]", f"link to unknown node {ref} (cluster has nodes 0..{n - 1})"
+                    source, sec, f"link to unknown node {short_repr(ref)} (cluster has nodes 0..{n - 1})"
                 )
         assert a is not None and b is not None
-        bw_where, lat_where = f"[{section}].bandwidth", f"[{section}].latency"
+        bw_where, lat_where = f"{sec}.bandwidth", f"{sec}.latency"
         bandwidth = number_field(
             source,
             bw_where,

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fileio import read_text
 from .defaults import BUILTIN_CLUSTER_DIR, BUILTIN_CLUSTERS
 from .helix_ini import import_helix_ini
 from .spec import ClusterSpec
@@ -21,6 +22,8 @@ def load_cluster(name_or_path: str | os.PathLike[str]) -> ClusterSpec:
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_CLUSTERS:
         return read_cluster_toml(BUILTIN_CLUSTER_DIR / f"{name_or_path}.toml")
     path = Path(name_or_path)
+    if path.exists() and not path.is_file():
+        read_text(path, "cluster file")  # refuses a folder, FIFO or device, naming what it is
     if not path.is_file():
         raise ConfigError(
             str(name_or_path),

@@ -18,7 +18,7 @@ from .spec import DEFAULT_REGION, ClusterSpec, Node
 
 __all__ = ["apply_header_regions"]
 
-_PARTITION_RE = re.compile(r"^[ \t]*#[ \t]*partition-(\d+)[ \t]*:[ \t]*(\[[^\n]*\])[ \t]*$", re.MULTILINE)
+_PARTITION_RE = re.compile(r"^[ \t]*#[ \t]*partition-([0-9]+)[ \t]*:[ \t]*(\[[^\n]*\])[ \t]*$", re.MULTILINE)
 
 
 def _header_partitions(text: str) -> list[list[str]] | None:
@@ -28,7 +28,7 @@ def _header_partitions(text: str) -> list[list[str]] | None:
     """
     parts: list[list[str]] = []
     for k, match in enumerate(_PARTITION_RE.finditer(text)):
-        if int(match.group(1)) != k:
+        if match.group(1) != str(k):  # compared as text: no int() of a hostile 5000-digit number
             return None
         try:
             value = ast.literal_eval(match.group(2))

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..fileio import (
     atomic_write_text,
     int_field,
+    name_field,
     no_unknown_keys,
     number_field,
     parse_document,
@@ -100,7 +101,7 @@ def cluster_from_toml_dict(d: Mapping[str, Any], source: str) -> ClusterSpec:
 
     meta = dict(table_field(source, "meta", d.get("meta", {})))
     fallback_name = Path(source).stem if not source.startswith("<") else "cluster"
-    name = str_field(source, "meta.name", meta.pop("name", fallback_name))
+    name = name_field(source, "meta.name", meta.pop("name", fallback_name))
     derived = {key: meta.pop(key) for key in RESERVED_META[1:] if key in meta}
 
     coord = table_field(source, "coordinator", d.get("coordinator", {}))

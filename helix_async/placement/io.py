@@ -54,6 +54,7 @@ from ..fileio import (
     node_ref_field,
     parse_document,
     read_text,
+    short_repr,
     table_field,
 )
 from ..flowplan import FlowPlan
@@ -73,7 +74,7 @@ __all__ = [
     "write_placement",
 ]
 
-_PLAN_FIELDS = ("model", "method", "partial", "exceed_profiled_max", "num_layers")
+_PLAN_FIELDS = ("model", "method", "partial", "exceed_profiled_max", "num_layers", "force")
 _TOP_KEYS = ("plan", "cluster", "nodes", "links", "flow")
 _LAYOUT_DIR = Path(__file__).resolve().parent.parent / "data" / "layouts" / "single24_llama70b"
 
@@ -189,19 +190,23 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
         raise ConfigError(src, "plan.model", "missing required field")
     model = plan.pop("model")
     if not isinstance(model, str):
-        raise ConfigError(src, "plan.model", f"must be a string, got {model!r}")
+        raise ConfigError(src, "plan.model", f"must be a string, got {short_repr(model)}")
     try:
         spec = get_model(model)
     except ConfigError as exc:
         raise ConfigError(src, "plan.model", exc.message) from None
     method = name_field(src, "plan.method", plan.pop("method", "manual"))
     partial = bool_field(src, "plan.partial", plan.pop("partial", False))
+    if "force" in plan:  # the name files written before 0.1 used for the same flag
+        if "exceed_profiled_max" in plan:
+            raise ConfigError(src, "plan.force", "old name of plan.exceed_profiled_max; give only one of them")
+        plan["exceed_profiled_max"] = plan.pop("force")
     exceed_profiled_max = bool_field(src, "plan.exceed_profiled_max", plan.pop("exceed_profiled_max", False))
     if "num_layers" in plan:
         nl = int_field(src, "plan.num_layers", plan.pop("num_layers"))
         if nl != spec.num_layers:
             raise ConfigError(
-                src, "plan.num_layers", f"is {nl} but model {spec.name} has {spec.num_layers} layers"
+                src, "plan.num_layers", f"is {short_repr(nl)} but model {spec.name} has {spec.num_layers} layers"
             )
     meta = plan  # everything else in [plan]
 
@@ -226,7 +231,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
             raise ConfigError(src, f"{where}.id", "missing required field")
         node = int_field(src, f"{where}.id", entry["id"])
         if not 0 <= node < n:
-            raise ConfigError(src, f"{where}.id", f"unknown node {node} (cluster has nodes 0..{n - 1})")
+            raise ConfigError(src, f"{where}.id", f"unknown node {short_repr(node)} (cluster has nodes 0..{n - 1})")
         if node in seen:
             raise ConfigError(src, f"{where}.id", f"node {node} is listed twice")
         seen.add(node)
@@ -234,15 +239,15 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
             raise ConfigError(
                 src,
                 f"{where}.type",
-                f"node {node} is a {cluster.nodes[node].machine_type} in the cluster, not {entry['type']!r}",
+                f"node {node} is a {cluster.nodes[node].machine_type} in the cluster, not {short_repr(entry['type'])}",
             )
         r = entry.get("layers", [])
         if not isinstance(r, list):
-            raise ConfigError(src, f"{where}.layers", f"must be [start, end] or [], got {r!r}")
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] or [], got {short_repr(r)}")
         if not r:
             continue
         if len(r) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in r):
-            raise ConfigError(src, f"{where}.layers", f"must be [start, end] with integers, got {r!r}")
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] with integers, got {short_repr(r)}")
         if not 0 <= r[0] < r[1] <= spec.num_layers:
             raise ConfigError(
                 src,
@@ -323,7 +328,7 @@ def _node_id(src: str, where: str, name: str, offset: int, n: int) -> int:
     m = _NODE_NAME.match(name.strip())
     k = None if m is None else ascii_int(m.group(1))
     if k is None:
-        raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {name!r}")
+        raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {short_repr(name)}")
     node = k - offset
     if not 0 <= node < n:
         raise ConfigError(
@@ -368,7 +373,7 @@ def import_helix_solution(
     raw_offset = ini_get(sol, ssrc, "Settings", "offset").strip()
     offset = ascii_int(raw_offset.removeprefix("-"))
     if offset is None:
-        raise ConfigError(ssrc, "[Settings].offset", f"must be an integer, got {raw_offset!r}")
+        raise ConfigError(ssrc, "[Settings].offset", f"must be an integer, got {short_repr(raw_offset)}")
     if raw_offset.startswith("-"):
         offset = -offset
     if not sol.has_section("Solution"):
@@ -395,7 +400,7 @@ def import_helix_solution(
     present: set[int] = set()
     for k, name in enumerate(names):
         if not isinstance(name, str):
-            raise ConfigError(csrc, f"[ComputeNodes].names[{k}]", f"must be a string, got {name!r}")
+            raise ConfigError(csrc, f"[ComputeNodes].names[{k}]", f"must be a string, got {short_repr(name)}")
         present.add(_node_id(csrc, f"[ComputeNodes].names[{k}]", name, offset, n))
     layers: dict[int, tuple[int, int] | None] = {
         i: (solution.get(i) if i in present else None) for i in range(n)
@@ -405,7 +410,7 @@ def import_helix_solution(
     links: list[tuple[NodeRef, NodeRef]] = []
     for k, lname in enumerate(link_names):
         if not isinstance(lname, str):
-            raise ConfigError(csrc, f"[Links].names[{k}]", f"must be a string, got {lname!r}")
+            raise ConfigError(csrc, f"[Links].names[{k}]", f"must be a string, got {short_repr(lname)}")
         u = _endpoint(csrc, f"[{lname}].in", ini_get(sim, csrc, lname, "in"), offset, n)
         v = _endpoint(csrc, f"[{lname}].out", ini_get(sim, csrc, lname, "out"), offset, n)
         if u == SINK or v == SOURCE or u == v:

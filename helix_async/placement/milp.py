@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cluster import ClusterSpec
+from ..extras import require
 from ..ids import SINK, SOURCE, LayerRange, NodeRef
 from ..model import ModelSpec, ThroughputModel, max_compute_throughput
-from ..extras import require
 from ..signals import StopFlag
 from .flow import arc_capacity
 
