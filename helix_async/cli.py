@@ -520,8 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     level = args.log_level or envs.HELIX_LOG_LEVEL.strip().upper()
+    if level not in _LOG_LEVELS:
+        print(f"error: HELIX_LOG_LEVEL: unknown level {_one_line(repr(envs.HELIX_LOG_LEVEL))} "
+              f"(choose from {', '.join(_LOG_LEVELS)})", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
-        level=getattr(logging, level, logging.WARNING) if level in _LOG_LEVELS else logging.WARNING,
+        level=getattr(logging, level),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     handler = args.handler

@@ -128,3 +128,14 @@ def test_help_returns_0_and_usage_errors_return_2(capsys: pytest.CaptureFixture[
         "error: python -m helix_async plan: argument --time-limit: must be > 0, got '-1' "
         "(see python -m helix_async plan --help)\n"
     )
+
+
+def test_bad_log_level_environment_variable_is_one_line(monkeypatch, capsys) -> None:
+    from helix_async import cli, envs
+
+    monkeypatch.setattr(envs, "HELIX_LOG_LEVEL", "loud")
+    assert cli.main(["cluster", "show", "single24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: HELIX_LOG_LEVEL: unknown level 'loud'")
+    # the flag wins over the variable
+    assert cli.main(["--log-level", "info", "cluster", "show", "single24"]) == 0
