@@ -8,12 +8,15 @@ codec: ``msgpack.packb`` of a dict keyed by field names plus a separate tag fram
 ``msgpack.unpackb`` back to a dict (no validation, no message object). Activation messages are
 timed at 16 KiB x 32 tokens and 16 KiB x 1024 tokens (float16, hidden 8192): with zero-copy
 tensor frames the time does not grow with the payload; a ``bytes()`` copy of the payload is
-shown for scale.
+shown for scale. Last, hostile payloads of the largest frame (64 MiB: 16 M tiny maps where a
+handful of fields belong) are timed to their ``CodecError``, with the bytes allocated meanwhile.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +25,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 from _harness import ns_per_op, table  # noqa: E402
 
-from helix_async.codec import decode_c, decode_py, encode_c, encode_py  # noqa: E402
+from helix_async.codec import CodecError, decode_c, decode_py, encode_c, encode_py  # noqa: E402
 from helix_async.messages import Activations, DecodeWork, PromptWork, TokenResult  # noqa: E402
 
 ROUTE6 = ((3, 0, 14), (7, 14, 27), (12, 27, 40), (15, 40, 53), (18, 53, 66), (21, 66, 80))
@@ -145,7 +148,37 @@ def main() -> int:
             ("payload", "C encode", "C decode", "Py encode", "Py decode", "bytes() copy", "shares memory enc/dec"),
         )
     )
+
+    print("\nhostile 64 MiB payloads, time to CodecError (ns) and peak bytes allocated meanwhile\n")
+    n = (64 << 20) // 3 - 2  # one-entry maps {"": 0} of 3 bytes each: a 64 MiB frame
+    maps = b"\xdd" + struct.pack(">I", n) + b"\x81\xa0\x00" * n
+    hostile = {
+        "token_result: 16 M maps for 5 fields": [b"\x06", maps],
+        "prompt_work: token_ids of 16 M maps": [
+            b"\x03",
+            b"\x99\x01\x02\x91\x93\x01\x00\x04\x00\xce" + struct.pack(">I", n) + maps,
+        ],
+    }
+    rows = []
+    for name, frames in hostile.items():
+        cells = [name, f"{len(frames[1])}"]
+        for dec in (decode_c, decode_py):
+            cells.append(f"{ns_per_op(lambda d=dec, f=frames: _rejects(d, f), 1, repeat=3, min_time=0.05):.0f}")
+            tracemalloc.start()
+            _rejects(dec, frames)
+            cells.append(f"{tracemalloc.get_traced_memory()[1]}")
+            tracemalloc.stop()
+        rows.append(tuple(cells))
+    print(table(rows, ("payload", "bytes", "C decode", "C peak B", "Py decode", "Py peak B")))
     return 0
+
+
+def _rejects(dec, frames) -> None:
+    try:
+        dec(frames)
+    except CodecError:
+        return
+    raise AssertionError("a hostile payload decoded")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ the fields that ``msgpack.unpackb`` accepts. Decoded messages are built without 
 dataclass ``__init__``: a fresh instance from the type's allocator gets its slots written at the
 offsets of the class's slot descriptors (checked at import), an equal instance of the same class.
 
+Bounded work: every array header is checked against the bytes left (an item takes one byte at
+least) and against its limit, and a container is allocated at its declared size only when that is
+small (routes are checked in place first, token ids and shapes beyond PREALLOC_MAX items too), so a
+hostile payload costs at most a pass over its bytes here before the rejection; the pure-Python
+codec, which then names the error, is bounded the same way (see its docstring).
+
 Errors: the fast paths only say accept or reject (None); the encoder's also lets through the
 ``CodecError`` of the shared tensor helper. On a rejection ``encode``/``decode`` rerun the
 pure-Python codec, which raises the canonical ``CodecError`` (and would return its result if the
@@ -778,6 +784,23 @@ cdef inline int r_str(Reader* r, const char** s, Py_ssize_t* out) noexcept:
     return 0
 
 
+cdef enum:
+    # a tuple of ints is allocated at its declared size; beyond this many items (a 32 KiB tuple)
+    # the items are checked first (r_ints_scan), so a hostile count allocates nothing
+    PREALLOC_MAX = 4096
+
+
+cdef int r_ints_scan(Reader* r, Py_ssize_t n, long long lo, long long hi) noexcept:
+    # check that n ints in [lo, hi] follow, without building them: 0 = ok (r unmoved), -1 = reject
+    cdef Py_ssize_t i, begin = r.i
+    cdef long long v
+    for i in range(n):
+        if r_int(r, lo, hi, &v) < 0:
+            return -1
+    r.i = begin
+    return 0
+
+
 # Decoded routes are interned by their encoded bytes: every decode step of a request carries the
 # same route, and looking it up costs less than building its tuples (a 6-stage route: ~50 ns vs
 # ~270 ns). Routes are immutable tuples of ints, so sharing them between messages is invisible.
@@ -856,7 +879,8 @@ cdef object d_descriptors(Reader* r, CLimits* lim, long long min_count):
             return None
         if dtype_name not in _DTYPES:
             return None
-        if r_array(r, &nd) < 0 or nd > lim.max_ndim:
+        if (r_array(r, &nd) < 0 or nd > lim.max_ndim
+                or (nd > PREALLOC_MAX and r_ints_scan(r, nd, 0, I32_MAX) < 0)):
             return None
         shape = PyTuple_New(nd)
         for k in range(nd):
@@ -960,7 +984,9 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     if (route is None
             or r_int(r, 0, I32_MAX, &stage) < 0
             or r_int(r, 1, I32_MAX, &num_tokens) < 0
-            or r_array(r, &nids) < 0):
+            or r_array(r, &nids) < 0
+            or (nids > 0 and nids != num_tokens)  # the token_ids rule below, before building
+            or (nids > PREALLOC_MAX and r_ints_scan(r, nids, 0, I32_MAX) < 0)):
         return None
     ids = PyTuple_New(nids)
     for i in range(nids):

@@ -17,7 +17,7 @@ from cpython.list cimport PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 
-from helix_async.cluster import SINK, SOURCE
+from helix_async.ids import SINK, SOURCE
 from helix_async.routing._iwrr_py import _check_weights
 from helix_async.routing._kv_py import (
     MAX_INPUT_LEN, _as_count, check_kv_nodes, check_kv_params, placement_kv_inputs,
@@ -29,6 +29,7 @@ from helix_async.routing._router_py import (
 
 
 cdef object _MAX_N = MAX_INPUT_LEN
+cdef object _NO_STAGE = object()  # the stage slot of a link to the sink (routes leave the sink implicit)
 
 
 cdef void* _alloc(Py_ssize_t count, size_t size) except NULL:
@@ -233,7 +234,7 @@ cdef class KVTracker:
     cdef long long* _k
     cdef double* _thr
     cdef double _extra
-    cdef double _hwm
+    cdef double _fill
     cdef double _ratio
     cdef long long _avg
     cdef long long _L
@@ -250,8 +251,8 @@ cdef class KVTracker:
         self._k = NULL
         self._thr = NULL
 
-    def __init__(self, capacity, layers, *, hwm, output_ratio, avg_output_len=240, num_layers=None):
-        self._hwm, self._ratio, self._avg = check_kv_params(hwm, output_ratio, avg_output_len)
+    def __init__(self, capacity, layers, *, kv_fill_limit, output_ratio, avg_output_len=240, num_layers=None):
+        self._fill, self._ratio, self._avg = check_kv_params(kv_fill_limit, output_ratio, avg_output_len)
         nodes, caps, ranges, L = check_kv_nodes(capacity, layers, num_layers)
         self._L = L
         cdef Py_ssize_t n = len(nodes)
@@ -273,7 +274,7 @@ cdef class KVTracker:
             self._a[i] = ranges[i][0]
             self._b[i] = ranges[i][1]
             self._k[i] = self._b[i] - self._a[i]
-            self._thr[i] = (1.0 - self._hwm) * <double> self._total[i]
+            self._thr[i] = (1.0 - self._fill) * <double> self._total[i]
         self._extra = <double> self._avg * self._ratio
         self._resv = {}
 
@@ -295,14 +296,19 @@ cdef class KVTracker:
         self._release()
 
     @classmethod
-    def from_placement(cls, placement, *, hwm, output_ratio, tm=None, avg_output_len=None):
+    def from_placement(cls, placement, *, kv_fill_limit, output_ratio, tm=None, avg_output_len=None):
         capacity, layers, L = placement_kv_inputs(placement, tm)
         if avg_output_len is None:
             from helix_async.model import dataset_constants
 
             avg_output_len = dataset_constants().avg_output_len
         return cls(
-            capacity, layers, hwm=hwm, output_ratio=output_ratio, avg_output_len=avg_output_len, num_layers=L
+            capacity,
+            layers,
+            kv_fill_limit=kv_fill_limit,
+            output_ratio=output_ratio,
+            avg_output_len=avg_output_len,
+            num_layers=L,
         )
 
     @property
@@ -310,8 +316,9 @@ cdef class KVTracker:
         return self._nodes
 
     @property
-    def hwm(self):
-        return self._hwm
+    def kv_fill_limit(self):
+        """Fraction (0..1) of each node's KV capacity that admitted queries' expected usage may fill."""
+        return self._fill
 
     @property
     def output_ratio(self):
@@ -457,7 +464,7 @@ cdef class KVTracker:
         return worst
 
     def __repr__(self):
-        return f"KVTracker(nodes={self._n}, reservations={len(self._resv)}, hwm={self._hwm})"
+        return f"KVTracker(nodes={self._n}, reservations={len(self._resv)}, kv_fill_limit={self._fill})"
 
 
 # ==================================================================================================
@@ -480,13 +487,15 @@ cdef class FlowRouter:
     cdef Py_ssize_t* _ckv    # candidate -> KV index of its next hop, -1 = sink
     cdef long long* _climit  # candidate -> prompt limit of its next hop (unused for the sink)
     cdef long long* _clayers # candidate -> layers run on its next hop
-    cdef list _cstage        # candidate -> its stage tuple (node, start, end)
-    cdef dict _sidx          # node ref -> scheduling index, the sink -> -1
+    cdef list _cstage        # candidate -> its stage tuple (node, start, end), _NO_STAGE for the sink
+    cdef dict _sidx          # node ref -> scheduling index (the sink is never a stage's node)
     cdef unsigned char* _maskbuf
     cdef Py_ssize_t* _hx     # per hop of the route being searched: scheduling index and
     cdef Py_ssize_t* _hj     # chosen candidate (local index)
     cdef Py_ssize_t* _rkv    # per compute hop: KV index and
     cdef long long* _rlayers # layers run
+    cdef Py_ssize_t* _dx     # on_decode, per hop: scheduling index and
+    cdef Py_ssize_t* _dj     # candidate (local index)
     cdef unsigned long long* _dead  # per scheduling index: == _epoch when a dead end in this search
     cdef unsigned long long _epoch  # one per search, so _dead never needs clearing
     cdef long long _L
@@ -505,6 +514,8 @@ cdef class FlowRouter:
         self._hj = NULL
         self._rkv = NULL
         self._rlayers = NULL
+        self._dx = NULL
+        self._dj = NULL
         self._dead = NULL
         self._epoch = 0
 
@@ -536,12 +547,13 @@ cdef class FlowRouter:
         self._hj = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
         self._rkv = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
         self._rlayers = <long long*> _alloc(ns + 1, sizeof(long long))
+        self._dx = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
+        self._dj = <Py_ssize_t*> _alloc(ns + 1, sizeof(Py_ssize_t))
         self._dead = <unsigned long long*> _alloc(ns, sizeof(unsigned long long))
         self._epoch = 0
         self._iwrr = []
         self._cstage = []
         self._sidx = {x: xi for xi, x in enumerate(sched)}
-        self._sidx[SINK] = -1
         cdef Py_ssize_t c = 0
         cdef Py_ssize_t xi, j
         cdef long long start
@@ -558,7 +570,7 @@ cdef class FlowRouter:
                     self._ckv[c] = -1
                     self._climit[c] = 0
                     self._clayers[c] = 0
-                    self._cstage.append((SINK, self._L, self._L))
+                    self._cstage.append(_NO_STAGE)
                 else:
                     a, b = inp.stages[y]
                     start = a if x == SOURCE else inp.stages[x][1]
@@ -594,6 +606,10 @@ cdef class FlowRouter:
         self._rkv = NULL
         free(self._rlayers)
         self._rlayers = NULL
+        free(self._dx)
+        self._dx = NULL
+        free(self._dj)
+        self._dj = NULL
         free(self._dead)
         self._dead = NULL
 
@@ -601,10 +617,10 @@ cdef class FlowRouter:
         self._release()
 
     @classmethod
-    def from_plan(cls, placement, flow_plan, kv=None, *, prompt_limits=None, hwm=0.85, output_ratio=1.0,
-                  tm=None, min_share=MIN_FLOW_SHARE):
+    def from_plan(cls, placement, flow_plan, kv=None, *, prompt_limits=None, kv_fill_limit=0.85,
+                  output_ratio=1.0, tm=None, min_share=MIN_FLOW_SHARE):
         if kv is None:
-            kv = KVTracker.from_placement(placement, hwm=hwm, output_ratio=output_ratio, tm=tm)
+            kv = KVTracker.from_placement(placement, kv_fill_limit=kv_fill_limit, output_ratio=output_ratio, tm=tm)
         stages, links, limits, L = placement_router_inputs(placement, flow_plan, prompt_limits)
         return cls(stages, links, limits, kv, L, min_share=min_share)
 
@@ -708,24 +724,27 @@ cdef class FlowRouter:
                 self._rlayers[nr] = self._clayers[c]
                 nr += 1
         kv._reserve_arrays(request_id, self._rkv, self._rlayers, nr, e)
-        route = PyTuple_New(nh)
+        # every hop is charged; the last one, to the sink, is left out of the route (implicit)
+        route = PyTuple_New(nh - 1)
         for h in range(nh):
             j = self._hj[h]
             iw = <IWRR> PyList_GET_ITEM(self._iwrr, self._hx[h])
             iw._load[j] = iw._load[j] + work / iw._w[j]
-            stage = <object> PyList_GET_ITEM(self._cstage, self._coff[self._hx[h]] + j)
-            Py_INCREF(stage)
-            PyTuple_SET_ITEM(route, h, stage)
+            if h < nh - 1:
+                stage = <object> PyList_GET_ITEM(self._cstage, self._coff[self._hx[h]] + j)
+                Py_INCREF(stage)
+                PyTuple_SET_ITEM(route, h, stage)
         self._routed += 1
         return route
 
     def on_decode(self, route):
+        # every hop is found first (source -> the stages' nodes -> sink), then charged: a bad
+        # route charges nothing
         cdef Py_ssize_t x = 0
-        cdef Py_ssize_t off, m, k, j, yi
+        cdef Py_ssize_t nh = 0
+        cdef Py_ssize_t off, m, k, j, yi, h
         cdef IWRR iw
         for stage in route:
-            if x < 0:
-                raise ValueError(f"hop {SINK}->{stage[0]} is not a candidate link of this router")
             off = self._coff[x]
             m = self._coff[x + 1] - off
             j = -1
@@ -736,16 +755,37 @@ cdef class FlowRouter:
                     j = k
                     break
             if j < 0:
-                yi = self._sidx.get(stage[0], -2)
-                for k in range(m):
-                    if self._cy[off + k] == yi:
-                        j = k
-                        break
-                if j < 0:
+                try:
+                    yi = self._sidx.get(stage[0], -2)
+                except TypeError:  # unhashable: no node
+                    yi = -2
+                if yi > 0:  # a compute node (0 is the source: no link enters it)
+                    for k in range(m):
+                        if self._cy[off + k] == yi:
+                            j = k
+                            break
+                if j < 0 or nh >= self._ns:  # (a path visits each node once: nh < ns)
                     raise ValueError(f"hop {self._sched[x]}->{stage[0]} is not a candidate link of this router")
-            iw = self._iwrr[x]
-            iw._load[j] = iw._load[j] + 1.0 / iw._w[j]
+            self._dx[nh] = x
+            self._dj[nh] = j
+            nh += 1
             x = self._cy[off + j]
+        off = self._coff[x]
+        m = self._coff[x + 1] - off
+        j = -1
+        for k in range(m):
+            if self._cy[off + k] < 0:
+                j = k
+                break
+        if j < 0:
+            raise ValueError(f"hop {self._sched[x]}->{SINK} is not a candidate link of this router")
+        self._dx[nh] = x
+        self._dj[nh] = j
+        nh += 1
+        for h in range(nh):
+            iw = <IWRR> PyList_GET_ITEM(self._iwrr, self._dx[h])
+            j = self._dj[h]
+            iw._load[j] = iw._load[j] + 1.0 / iw._w[j]
 
     def finish(self, request_id):
         self._kv.release(request_id)

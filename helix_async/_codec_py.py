@@ -31,9 +31,9 @@ shutdown                [reason]
 ======================  ==================================================================
 
 Unless given above: request/query ids are 0..I64; node ids, layer indices and stage indices
-0..I32; floats finite; strings valid UTF-8. A route has 1..``Limits.max_route_stages`` stages,
-each with start < end, stage i starting where stage i-1 ends, and ``stage < len(route)``
-(the router's routes without their sink stage: ``messages.wire_route``/``router_route``).
+0..I32; floats finite; strings valid UTF-8. A route (``helix_async.ids.Route``, what the router
+returns) has 1..``Limits.max_route_stages`` compute stages, each with start < end, stage i starting
+where stage i-1 ends, and ``stage < len(route)``; the sink after the last stage is implicit.
 Cross-field rules: prompt_work carries token ids (exactly ``num_tokens`` of them) xor tensors;
 decode_work carries a token id >= 0 xor tensors (token_id -1); assign_layers has start < end.
 
@@ -41,6 +41,18 @@ Encoding validates the same rules (a message that encodes always decodes to an e
 Decoding validates everything (frame count, tag, sizes, msgpack well-formedness and trailing
 bytes, arity, types — bool is not an int, tuple not list on encode —, ranges, tensors) and
 raises ``CodecError`` and nothing else, naming the message type and the field or frame.
+
+Decoding is bounded by the payload's length, whatever a peer sends: the payload is read in place,
+item by item in field order, and only where the layout expects an item. The top-level array
+header is checked against the message's field count before any field is read; every array header
+against its size limit (``Limits``, the layout's fixed sizes, and the bytes left: an item takes one
+byte at least) before its items are read; every str/bin/ext header against the bytes left before
+its data is read. An array or map found where the layout expects something else is refused at its
+header, never read. So one item read costs one byte of payload at least, nothing is read twice and
+nothing the layout does not hold is built: a hostile frame fails at the first item that breaks the
+layout. Errors come in that order: payload size, top-level header and field count, then each
+field in order (its type, size, values, and msgpack well-formedness up to that point), trailing
+bytes, tensor frames, then the cross-field rules.
 
 Tensors: supported dtypes are in ``DTYPES`` (bfloat16 is not: numpy has no such dtype; view such
 a torch tensor as int16 first). Encoding needs C-contiguous tensors and raises otherwise (the
@@ -55,6 +67,7 @@ are numpy arrays over the received frames' own buffers: read-only for ``bytes`` 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,8 +162,22 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+class _Unread:
+    """An array or map the decoder found where the layout holds no such thing and left unread;
+    ``kind`` is the type msgpack would have built for it (errors name it)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+_UNREAD_ARRAY = _Unread("tuple")
+_UNREAD_MAP = _Unread("dict")
+
+
 def _tname(x: object) -> str:
-    return type(x).__name__
+    return x.kind if type(x) is _Unread else type(x).__name__
 
 
 class _Ctx:
@@ -167,8 +194,162 @@ class _Ctx:
         return CodecError(self.name, where, problem)
 
 
+# --- the payload reader: msgpack read in place, one expected item at a time ------------------------
+
+_PAYLOAD = "frame 1 (payload)"
+_INCOMPLETE = "ValueError: Unpack failed: incomplete input"  # msgpack's words for a truncated payload
+
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_F32 = struct.Struct(">f").unpack_from
+_F64 = struct.Struct(">d").unpack_from
+#: int formats: header byte -> (reader of the value after the header, its size in bytes)
+_INT_FORMATS: dict[int, tuple[Any, int]] = {
+    b: (struct.Struct(">" + c).unpack_from, struct.calcsize(c))
+    for b, c in ((0xCC, "B"), (0xCD, "H"), (0xCE, "I"), (0xCF, "Q"), (0xD0, "b"), (0xD1, "h"), (0xD2, "i"), (0xD3, "q"))
+}
+#: str8/16/32: header byte -> size of the length that follows it
+_STR_LENGTHS = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+_ARRAY_HEADERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+_MAP_HEADERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+#: the formats no field holds (nil, the unused 0xc1, bin, ext): header byte -> (size of the length
+#: after the header, bytes between that length and the data); left to msgpack itself, one item
+_OTHER_FORMATS = {
+    0xC0: (0, 0),
+    0xC1: (0, 0),
+    0xC4: (1, 0),
+    0xC5: (2, 0),
+    0xC6: (4, 0),
+    0xC7: (1, 1),
+    0xC8: (2, 1),
+    0xC9: (4, 1),
+    0xD4: (0, 2),
+    0xD5: (0, 3),
+    0xD6: (0, 5),
+    0xD7: (0, 9),
+    0xD8: (0, 17),
+}
+_LENGTH = {1: lambda buf, p: (buf[p],), 2: _U16, 4: _U32}
+
+
+class _Reader:
+    """A cursor over the payload (a byte memoryview) that reads one msgpack item at a time.
+
+    ``item()`` reads a scalar; ``array()`` an array header, checked against the layout's size limits
+    and the bytes left before any item is read. Containers where a scalar belongs are not read
+    (``item()`` returns an ``_Unread`` and the caller refuses it); every read checks that its bytes
+    are there. Work and memory are thus bounded by the bytes the layout can consume.
+    """
+
+    __slots__ = ("ctx", "buf", "pos", "end")
+
+    def __init__(self, ctx: _Ctx, buf: memoryview) -> None:
+        self.ctx = ctx
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+
+    def invalid(self, problem: str) -> CodecError:
+        return self.ctx.error(_PAYLOAD, f"is not valid msgpack ({problem})")
+
+    def _span(self, start: int, size: int) -> int:
+        """End of ``size`` bytes at ``start``; CodecError when the payload is shorter."""
+        stop = start + size
+        if stop > self.end:
+            raise self.invalid(_INCOMPLETE)
+        return stop
+
+    def _str(self, start: int, size: int) -> str:
+        stop = self._span(start, size)
+        self.pos = stop
+        try:
+            return str(self.buf[start:stop], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.invalid(f"{_tname(exc)}: {exc}") from None
+
+    def item(self) -> object:
+        """The next item as msgpack reads it (unpackb(raw=False)) when it is a scalar; an
+        ``_Unread`` for an array or a map, which stays unread (the caller refuses it)."""
+        buf = self.buf
+        p = self.pos
+        if p >= self.end:
+            raise self.invalid(_INCOMPLETE)
+        b = buf[p]
+        if b < 0x80:  # positive fixint
+            self.pos = p + 1
+            return b
+        if b >= 0xE0:  # negative fixint
+            self.pos = p + 1
+            return b - 0x100
+        if 0xA0 <= b < 0xC0:  # fixstr
+            return self._str(p + 1, b & 0x1F)
+        fmt = _INT_FORMATS.get(b)
+        if fmt is not None:
+            read, size = fmt
+            self.pos = self._span(p + 1, size)
+            return read(buf, p + 1)[0]
+        if b == 0xCB:
+            self.pos = self._span(p + 1, 8)
+            return _F64(buf, p + 1)[0]
+        if b == 0xCA:
+            self.pos = self._span(p + 1, 4)
+            return _F32(buf, p + 1)[0]
+        if b == 0xC2 or b == 0xC3:
+            self.pos = p + 1
+            return b == 0xC3
+        k = _STR_LENGTHS.get(b)
+        if k is not None:
+            start = self._span(p + 1, k)
+            return self._str(start, _LENGTH[k](buf, p + 1)[0])
+        if b in _ARRAY_HEADERS:
+            return _UNREAD_ARRAY
+        if b in _MAP_HEADERS:
+            return _UNREAD_MAP
+        # nil, 0xc1, bin, ext: no field holds them; msgpack reads exactly this one item (its value
+        # names the type in the caller's error; a malformed one is msgpack's own error)
+        k, gap = _OTHER_FORMATS[b]
+        start = self._span(p + 1, k)
+        size = _LENGTH[k](buf, p + 1)[0] if k else 0
+        stop = self._span(start, gap + size)
+        self.pos = stop
+        try:
+            return msgpack.unpackb(buf[p:stop], raw=False)
+        except Exception as exc:
+            raise self.invalid(f"{_tname(exc)}: {exc}") from None
+
+    def array_header(self) -> int | None:
+        """Item count of the next item when it is an array (its header consumed), else None
+        (nothing consumed)."""
+        buf = self.buf
+        p = self.pos
+        if p >= self.end:
+            raise self.invalid(_INCOMPLETE)
+        b = buf[p]
+        if 0x90 <= b < 0xA0:
+            self.pos = p + 1
+            return b & 0x0F
+        if b == 0xDC:
+            self.pos = self._span(p + 1, 2)
+            return _U16(buf, p + 1)[0]
+        if b == 0xDD:
+            self.pos = self._span(p + 1, 4)
+            return _U32(buf, p + 1)[0]
+        return None
+
+    def array(self, where: str, lo: int, hi: int | None) -> int:
+        """Item count of the next item, an array of lo..hi items (hi None: no limit but the
+        payload's bytes) whose header is consumed; raises CodecError for anything else."""
+        n = self.array_header()
+        if n is None:
+            raise _not_a_tuple(self.ctx, self.item(), where)
+        _check_count(self.ctx, n, where, lo, hi)
+        if n > self.end - self.pos:  # each item takes a byte at least: the payload is truncated
+            raise self.invalid(_INCOMPLETE)
+        return n
+
+
 # --- field kinds: to_wire(value) validates a message's value and returns what msgpack packs;
-# from_wire(value) validates what msgpack unpacked and returns the message's value ----------------
+# read(reader) reads the field from the payload, validates it and returns the message's value -----
 
 
 def _check_int(ctx: _Ctx, v: object, where: str, lo: int, hi: int) -> int:
@@ -181,13 +362,21 @@ def _check_int(ctx: _Ctx, v: object, where: str, lo: int, hi: int) -> int:
     return v
 
 
+def _not_a_tuple(ctx: _Ctx, v: object, where: str) -> CodecError:
+    return ctx.error(where, f"must be a tuple (msgpack array), got {_tname(v)}")
+
+
+def _check_count(ctx: _Ctx, n: int, where: str, lo: int, hi: int | None) -> None:
+    if n < lo:
+        raise ctx.error(where, f"must have at least {lo} items, got {n}")
+    if hi is not None and n > hi:
+        raise ctx.error(where, f"must have at most {hi} items, got {n}")
+
+
 def _check_tuple(ctx: _Ctx, v: object, where: str, lo: int, hi: int | None) -> tuple:
     if not isinstance(v, tuple):
-        raise ctx.error(where, f"must be a tuple (msgpack array), got {_tname(v)}")
-    if len(v) < lo:
-        raise ctx.error(where, f"must have at least {lo} items, got {len(v)}")
-    if hi is not None and len(v) > hi:
-        raise ctx.error(where, f"must have at most {hi} items, got {len(v)}")
+        raise _not_a_tuple(ctx, v, where)
+    _check_count(ctx, len(v), where, lo, hi)
     return v
 
 
@@ -210,7 +399,8 @@ class _Int:
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
         return _check_int(ctx, v, where, self.lo, self.hi)
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        return _check_int(ctx, rd.item(), where, self.lo, self.hi)
 
 
 class _Float:
@@ -227,7 +417,8 @@ class _Float:
             raise ctx.error(where, f"must be finite, got {f}")
         return f
 
-    def from_wire(self, ctx: _Ctx, v: object, where: str) -> object:
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        v = rd.item()
         if type(v) is not float:
             raise ctx.error(where, f"must be a float, got {_tname(v)}")
         if not math.isfinite(v):
@@ -243,7 +434,8 @@ class _Bool:
             raise ctx.error(where, f"must be a bool, got {_tname(v)}")
         return v
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        return self.to_wire(ctx, rd.item(), where)
 
 
 class _Str:
@@ -252,7 +444,8 @@ class _Str:
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
         return _check_str(ctx, v, where)
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        return _check_str(ctx, rd.item(), where)
 
 
 class _Ints:
@@ -269,7 +462,17 @@ class _Ints:
             _check_int(ctx, x, f"{where}[{i}]", self.lo, self.hi)
         return t
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        n = rd.array(where, 0, None)
+        item = rd.item
+        lo, hi = self.lo, self.hi
+        out = []
+        for i in range(n):
+            x = item()
+            if type(x) is not int or not lo <= x <= hi:
+                _check_int(ctx, x, f"{where}[{i}]", lo, hi)  # raises
+            out.append(x)
+        return tuple(out)
 
 
 class _Strs:
@@ -281,7 +484,9 @@ class _Strs:
             _check_str(ctx, x, f"{where}[{i}]")
         return t
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        n = rd.array(where, 0, None)
+        return tuple(_check_str(ctx, rd.item(), f"{where}[{i}]") for i in range(n))
 
 
 def _check_range(ctx: _Ctx, where: str, start: int, end: int) -> None:
@@ -307,7 +512,22 @@ class _Route:
             prev_end = end
         return t
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        n = rd.array(where, 1, ctx.limits.max_route_stages)
+        out = []
+        prev_end = None
+        for i in range(n):
+            w = f"{where}[{i}]"
+            rd.array(w, 3, 3)
+            node = _check_int(ctx, rd.item(), w + ".node", 0, I32_MAX)
+            start = _check_int(ctx, rd.item(), w + ".start", 0, I32_MAX)
+            end = _check_int(ctx, rd.item(), w + ".end", 0, I32_MAX)
+            _check_range(ctx, w, start, end)
+            if prev_end is not None and start != prev_end:
+                raise ctx.error(w, f"must start at layer {prev_end} where stage {i - 1} ends, got {start}")
+            prev_end = end
+            out.append((node, start, end))
+        return tuple(out)
 
 
 class _Peers:
@@ -325,7 +545,19 @@ class _Peers:
             _check_range(ctx, w, start, end)
         return t
 
-    from_wire = to_wire
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        n = rd.array(where, 0, None)
+        out = []
+        for i in range(n):
+            w = f"{where}[{i}]"
+            rd.array(w, 4, 4)
+            node = _check_int(ctx, rd.item(), w + ".node", 0, I32_MAX)
+            address = _check_str(ctx, rd.item(), w + ".address")
+            start = _check_int(ctx, rd.item(), w + ".start", 0, I32_MAX)
+            end = _check_int(ctx, rd.item(), w + ".end", 0, I32_MAX)
+            _check_range(ctx, w, start, end)
+            out.append((node, address, start, end))
+        return tuple(out)
 
 
 def tensor_span(itemsize: int, shape: tuple[int, ...]) -> int:
@@ -454,26 +686,31 @@ class _Tensors:
             ctx.frames.append(frame)
         return tuple(descs)
 
-    def from_wire(self, ctx: _Ctx, v: object, where: str) -> object:
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        """The descriptors [(dtype name, shape)...]; :func:`_tensors_from_frames` makes the arrays."""
         lim = ctx.limits
-        t = _check_tuple(ctx, v, where, self.min_count, lim.max_tensors)
+        n = rd.array(where, self.min_count, lim.max_tensors)
         descs = []
-        for i, d in enumerate(t):
+        for i in range(n):
             w = f"{where}[{i}]"
-            d = _check_tuple(ctx, d, w, 2, 2)
-            name = _check_str(ctx, d[0], w + ".dtype")
+            rd.array(w, 2, 2)
+            name = _check_str(ctx, rd.item(), w + ".dtype")
             if name not in DTYPES:
                 raise ctx.error(w + ".dtype", f"unsupported dtype {name!r}; supported: {', '.join(DTYPES)}")
-            shape = _check_tuple(ctx, d[1], w + ".shape", 0, lim.max_ndim)
-            for k, dim in enumerate(shape):
-                _check_int(ctx, dim, f"{w}.shape[{k}]", 0, I32_MAX)
+            nd = rd.array(w + ".shape", 0, lim.max_ndim)
+            shape = tuple(_check_int(ctx, rd.item(), f"{w}.shape[{k}]", 0, I32_MAX) for k in range(nd))
             descs.append((name, shape))
-        frames = ctx.frames
-        if len(frames) != 2 + len(descs):
-            raise ctx.error("frames", f"expected {2 + len(descs)} frames (tag, payload, {len(descs)} tensors), got {len(frames)}")
-        return tuple(
-            tensor_from_wire(name, shape, frames[2 + i], ctx.name, i, lim) for i, (name, shape) in enumerate(descs)
-        )
+        return descs
+
+
+def _tensors_from_frames(ctx: _Ctx, descs: list[tuple[str, tuple[int, ...]]]) -> tuple[np.ndarray, ...]:
+    """The tensors of a decoded message: frame ``2 + i`` checked against descriptor ``i`` and viewed."""
+    frames = ctx.frames
+    if len(frames) != 2 + len(descs):
+        raise ctx.error("frames", f"expected {2 + len(descs)} frames (tag, payload, {len(descs)} tensors), got {len(frames)}")
+    return tuple(
+        tensor_from_wire(name, shape, frames[2 + i], ctx.name, i, ctx.limits) for i, (name, shape) in enumerate(descs)
+    )
 
 
 # --- per-message layouts and cross-field rules ----------------------------------------------------
@@ -664,22 +901,21 @@ def decode(frames: list | tuple, limits: Limits | None = None) -> Message:
     if pv.nbytes > lim.max_frame_bytes:
         raise ctx.error("frame 1 (payload)", f"has {pv.nbytes} bytes, more than max_frame_bytes={lim.max_frame_bytes}")
     if pv.nbytes == 0:
-        raise ctx.error("frame 1 (payload)", "is empty, expected a msgpack array")
-    try:
-        # msgpack refuses multi-byte formats; the cast is a view (C-contiguity was checked)
-        obj = msgpack.unpackb(pv.cast("B"), raw=False, use_list=False, strict_map_key=True)
-    except msgpack.ExtraData:
-        raise ctx.error("frame 1 (payload)", "trailing bytes after the msgpack array") from None
-    except Exception as exc:  # msgpack raises ValueError, UnicodeDecodeError, TypeError, ... on bad input
-        raise ctx.error("frame 1 (payload)", f"is not valid msgpack ({_tname(exc)}: {exc})") from None
-    if not isinstance(obj, tuple):
-        raise ctx.error("frame 1 (payload)", f"must be a msgpack array, got {_tname(obj)}")
-    if len(obj) != len(lay.specs):
-        raise ctx.error(
-            "frame 1 (payload)",
-            f"expected an array of {len(lay.specs)} fields ({', '.join(n for n, _ in lay.specs)}), got {len(obj)}",
-        )
-    values = {name: spec.from_wire(ctx, x, name) for (name, spec), x in zip(lay.specs, obj, strict=True)}
+        raise ctx.error(_PAYLOAD, "is empty, expected a msgpack array")
+    # msgpack refuses multi-byte formats; the cast is a view (C-contiguity was checked)
+    rd = _Reader(ctx, pv.cast("B"))
+    specs = lay.specs
+    count = rd.array_header()
+    if count is None:
+        raise ctx.error(_PAYLOAD, f"must be a msgpack array, got {_tname(rd.item())}")
+    if count != len(specs):
+        names = ", ".join(name for name, _ in specs)
+        raise ctx.error(_PAYLOAD, f"expected an array of {len(specs)} fields ({names}), got {count}")
+    values = {name: spec.read(ctx, rd, name) for name, spec in specs}
+    if rd.pos != rd.end:
+        raise ctx.error(_PAYLOAD, "trailing bytes after the msgpack array")
+    if lay.has_tensors:
+        values["tensors"] = _tensors_from_frames(ctx, values["tensors"])
     if lay.rules is not None:
         lay.rules(ctx, values)
     return lay.cls(**values)

@@ -15,6 +15,8 @@ __all__ = [
     "NodeRef",
     "LayerRange",
     "PlanLink",
+    "Stage",
+    "Route",
     "node_order",
     "link_key",
     "parse_link_key",
@@ -28,6 +30,17 @@ NodeRef: TypeAlias = int | str  # compute node id (0..N-1), SOURCE or SINK
 LayerRange: TypeAlias = tuple[int, int]  # the layers [start, end) a node holds or a stage runs
 
 PlanLink: TypeAlias = tuple[NodeRef, NodeRef]  # a directed connection u -> v that a plan uses
+
+#: One compute stage of a request's route: (node id, first layer, end layer), running the layers
+#: [start, end) on compute node ``node id`` (never SOURCE or SINK).
+Stage: TypeAlias = tuple[int, int, int]
+
+#: A request's route, as the router returns it, the host keeps it and work messages carry it: its
+#: compute stages in pipeline order, consecutive in layers (stage i + 1 starts at the layer where
+#: stage i ends), the first starting at layer 0 and the last ending at the model's last layer. The
+#: source before the first stage and the sink after the last are implicit: the host sends the first
+#: stage its work and the last stage's node always returns its result to the host.
+Route: TypeAlias = tuple[Stage, ...]
 
 
 def node_order(ref: NodeRef) -> tuple[int, int]:

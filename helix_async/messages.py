@@ -21,14 +21,13 @@ Conventions for every message:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .cluster import SINK, NodeRef
+from .ids import Route
 
 
 class MsgType(IntEnum):
@@ -57,11 +56,6 @@ class ErrorCode(IntEnum):
     INTERNAL = 6  # a bug; the text says more
 
 
-#: One pipeline stage of a route: (node id, first layer, end layer), layers half-open [start, end).
-Stage = tuple[int, int, int]
-#: A route as the router (``helix_async.routing.FlowRouter.route``) returns it: the compute stages,
-#: then the coordinator's sink stage ``("sink", L, L)``.
-RouterRoute = tuple[tuple[NodeRef, int, int], ...]
 #: One next hop in AssignLayers: (node id, data-plane address, first layer, end layer).
 Peer = tuple[int, str, int, int]
 #: A tensor as held in a message: numpy.ndarray (decoded messages), or a torch CPU tensor on encode.
@@ -82,66 +76,6 @@ def as_ndarray(t: object) -> np.ndarray | None:
         except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
             return None
     return None
-
-
-def _check_wire_stages(stages: Sequence[Any], what: str) -> tuple[Stage, ...]:
-    out: list[Stage] = []
-    prev_end: int | None = None
-    for i, st in enumerate(stages):
-        if not isinstance(st, (tuple, list)) or len(st) != 3:
-            raise ValueError(f"{what}[{i}]: must be a (node, start, end) stage, got {st!r}")
-        node, start, end = st
-        for name, v in (("node", node), ("start", start), ("end", end)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{what}[{i}].{name}: must be an int, got {v!r} (only the last stage may be the sink)")
-        if not 0 <= start < end:
-            raise ValueError(f"{what}[{i}]: layer range must have 0 <= start < end, got [{start}, {end})")
-        if prev_end is not None and start != prev_end:
-            raise ValueError(f"{what}[{i}]: must start at layer {prev_end} where stage {i - 1} ends, got {start}")
-        out.append((int(node), int(start), int(end)))
-        prev_end = end
-    if not out:
-        raise ValueError(f"{what}: has no compute stage")
-    return tuple(out)
-
-
-def wire_route(route: Sequence[Sequence[Any]]) -> tuple[Stage, ...]:
-    """The ``route`` field of PromptWork/DecodeWork for a route from the router.
-
-    ``FlowRouter.route`` returns ``((node, start, end), ..., ("sink", L, L))``: the compute
-    stages, then the coordinator's sink. On the wire the sink is implicit (the last worker always
-    sends its result back to the host), so a trailing ``("sink", L, L)`` stage is dropped; it must
-    start and end where the last compute stage ends. The rest must be ``(int node, start, end)``
-    stages with ``start < end``, stage i+1 starting at the layer where stage i ends: the router
-    emits exactly that, also under partial inference (a node whose range begins inside its
-    predecessor's runs only the layers from the predecessor's end on, and the stage says so).
-    A route without a sink stage is taken as already in wire form. Returns a tuple of plain-int
-    stages; raises ValueError for anything else (node ids and layers beyond 2**31 - 1 and overlong
-    routes are left to the codec's checks).
-    """
-    stages = list(route)
-    sink = None
-    if stages and isinstance(stages[-1], (tuple, list)) and len(stages[-1]) == 3 and stages[-1][0] == SINK:
-        sink = tuple(stages.pop())
-    wire = _check_wire_stages(stages, "route")
-    if sink is not None and not sink[1] == sink[2] == wire[-1][2]:
-        raise ValueError(
-            f"route[{len(wire)}]: the sink stage must be (sink, L, L) with L = {wire[-1][2]}, where the last stage ends;"
-            f" got {sink!r}"
-        )
-    return wire
-
-
-def router_route(wire: Sequence[Sequence[Any]], num_layers: int) -> RouterRoute:
-    """The router's form of a wire route: ``wire`` (as :func:`wire_route` returns it, or as a
-    decoded PromptWork/DecodeWork carries it) with the sink stage ``("sink", L, L)`` appended,
-    ``L = num_layers``. The last stage must end at layer ``num_layers``; raises ValueError otherwise
-    or when ``wire`` is not a valid wire route. ``router_route(wire_route(r), L) == r`` for every
-    route ``r`` of a router over an L-layer model."""
-    stages = _check_wire_stages(list(wire), "route")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or stages[-1][2] != num_layers:
-        raise ValueError(f"route: the last stage must end at layer num_layers={num_layers!r}, got {stages[-1][2]}")
-    return (*stages, (SINK, num_layers, num_layers))
 
 
 def _tensor_equal(a: object, b: object) -> bool:
@@ -226,9 +160,9 @@ class PromptWork(_Message):
 
     request_id: runtime id of the request (unique per host run; later messages carry it).
     query_id: id of the query in the workload/trace it came from (logs and route files).
-    route: the stages (node, start, end), contiguous in layers (stage i starts where i-1 ends),
-    1..Limits.max_route_stages long; ``wire_route(router.route(...))`` gives it for a routed
-    request (the router's trailing sink stage is implicit), ``router_route`` turns it back.
+    route: the request's route (``helix_async.ids.Route``, as ``FlowRouter.route`` returns it):
+    its compute stages (node, start, end), contiguous in layers (stage i starts where i-1 ends),
+    1..Limits.max_route_stages long; the sink is implicit (the last stage returns to the host).
     stage: index in ``route`` of the receiving stage.
     num_tokens: prompt length in tokens (>= 1).
     token_ids: the prompt's token ids when the receiver runs the first layers (len == num_tokens),
@@ -241,7 +175,7 @@ class PromptWork(_Message):
     NAME: ClassVar[str] = "prompt_work"
     request_id: int
     query_id: int
-    route: tuple[Stage, ...]
+    route: Route
     stage: int
     num_tokens: int
     token_ids: tuple[int, ...]
@@ -266,7 +200,7 @@ class DecodeWork(_Message):
     TAG: ClassVar[MsgType] = MsgType.DECODE_WORK
     NAME: ClassVar[str] = "decode_work"
     request_id: int
-    route: tuple[Stage, ...]
+    route: Route
     stage: int
     context_len: int
     token_id: int
@@ -396,12 +330,8 @@ __all__ = [
     "Peer",
     "PromptWork",
     "Register",
-    "RouterRoute",
     "Shutdown",
-    "Stage",
     "Tensor",
     "TokenResult",
     "as_ndarray",
-    "router_route",
-    "wire_route",
 ]

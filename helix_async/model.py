@@ -35,7 +35,7 @@ class DatasetConstants:
     max_input_len: int = 2048
     vllm_block_size: int = 16
     decode_per_token_max_context: int = 1000
-    kv_cache_hwm_typical: float = 0.3
+    typical_kv_fill: float = 0.3  # fraction of a node's KV cache the typical batch fills
     typical_model_iterations: int = 10
     typical_layers_switch_factor: float = 1.2
 
@@ -385,7 +385,7 @@ class ThroughputModel:
         w = k * tau[gpu] / round_trip
         seq = c.avg_input_len + c.avg_output_len
         kv = self.kv_capacity(gpu, k)
-        a = int(c.kv_cache_hwm_typical * kv / k)
+        a = int(c.typical_kv_fill * kv / k)
         r_p = (a / seq) * w / c.avg_output_len
         p_tok = round(r_p * c.avg_input_len)
         d_tok = round((a / seq) * w)

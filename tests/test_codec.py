@@ -4,9 +4,12 @@ and robustness (any input decodes to a valid message or raises CodecError, nothi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
+import re
 import struct
+import tracemalloc
 
 import msgpack
 import numpy as np
@@ -15,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helix_async import _codec_py, envs
-from helix_async.cluster import SINK
 from helix_async.codec import (
     COMPILED,
     DTYPES,
@@ -31,6 +33,7 @@ from helix_async.codec import (
     encode_py,
 )
 from helix_async.errors import HelixError
+from helix_async.ids import SINK, SOURCE
 from helix_async.messages import (
     MESSAGE_TYPES,
     Activations,
@@ -45,8 +48,6 @@ from helix_async.messages import (
     Register,
     Shutdown,
     TokenResult,
-    router_route,
-    wire_route,
 )
 
 I32 = 2**31 - 1
@@ -65,6 +66,7 @@ if encode_c is not None:
 needs_c = pytest.mark.skipif(not COMPILED, reason="pure-Python build (HELIX_NO_EXTENSIONS=1)")
 
 ROUTE6 = ((1, 0, 14), (5, 14, 27), (7, 27, 40), (9, 40, 53), (11, 53, 66), (13, 66, 80))
+DTYPES_BY_NP = {dt: name for name, dt in DTYPES.items()}
 
 
 def test_import_site_picks_compiled_unless_disabled() -> None:
@@ -81,12 +83,59 @@ def test_codec_error_is_a_helix_value_error() -> None:
     assert CodecError("?", "frame 0 (tag)", "x").key == "?.frame 0"
 
 
-def test_every_type_has_a_layout() -> None:
-    assert set(MESSAGE_TYPES) == set(MsgType)
+#: The wire layout of every message type, written out by hand from the specification (the table
+#: in helix_async/_codec_py.py's docstring): tag byte -> (name, fields in payload order). A change
+#: here is a change of the wire format.
+WIRE_LAYOUTS = {
+    1: ("register", ("node_id", "name", "machine_type", "address", "num_gpus", "gpu_memory_bytes", "capabilities")),
+    2: ("assign_layers", ("node_id", "model", "start", "end", "plan_id", "next_hops", "prev_nodes")),
+    3: (
+        "prompt_work",
+        ("request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors"),
+    ),
+    4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors")),
+    5: ("activations", ("request_id", "stage", "num_tokens", "sent_at", "tensors")),
+    6: ("token_result", ("request_id", "token_id", "context_len", "finished", "sent_at")),
+    7: ("heartbeat", ("node_id", "seq", "now")),
+    8: ("cancel", ("request_id", "reason")),
+    9: ("error", ("request_id", "code", "text")),
+    10: ("shutdown", ("reason",)),
+}
+
+
+def test_every_type_has_the_specified_layout() -> None:
+    assert {int(t): (cls.NAME, cls.FIELDS) for t, cls in MESSAGE_TYPES.items()} == WIRE_LAYOUTS
     for tag, cls in MESSAGE_TYPES.items():
-        assert cls.TAG == tag and cls.NAME == tag.name.lower()
-        assert cls.FIELDS == tuple(f.name for f in dataclasses.fields(cls))
+        assert cls.TAG == tag and MsgType(tag).name.lower() == cls.NAME
         assert not hasattr(cls(**_minimal_kwargs(cls)), "__dict__")  # slotted
+
+
+def _as_wire(name: str, value: object) -> object:
+    """What msgpack.unpackb gives back for a message's field value (tuples as lists, tensors as
+    [dtype, shape] descriptors)."""
+    if name == "tensors":
+        return [[DTYPES_BY_NP[t.dtype], list(t.shape)] for t in value]  # type: ignore[attr-defined]
+    if isinstance(value, tuple):
+        return [_as_wire("", v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", [n for n, _ in WIRE_LAYOUTS.values()])
+def test_payload_holds_each_field_at_its_specified_position(impl, name) -> None:
+    enc, _ = impl
+    tag = next(t for t, (n, _) in WIRE_LAYOUTS.items() if n == name)
+    fields = WIRE_LAYOUTS[tag][1]
+
+    @settings(max_examples=40)
+    @given(STRATEGIES[name])
+    def check(msg) -> None:
+        frames = enc(msg)
+        assert bytes(frames[0]) == bytes([tag])
+        payload = msgpack.unpackb(frames[1], raw=False)
+        assert [_as_wire(f, getattr(msg, f)) for f in fields] == payload
+
+    check()
 
 
 # --- strategies ------------------------------------------------------------------------------------
@@ -652,6 +701,106 @@ def test_mutated_encodings_raise_only_codec_error(frames) -> None:
     _all_outcomes(frames)
 
 
+# --- hostile frames: decoding is bounded by the frame, not by what it declares ------------------------
+
+_N = 1 << 18  # tiny items per hostile payload: materialised, they would take tens of MB
+_F64 = b"\xcb" + struct.pack(">d", 0.5)
+_I32 = b"\xce" + struct.pack(">I", I32)
+
+
+def _array32(n: int) -> bytes:
+    return b"\xdd" + struct.pack(">I", n)
+
+
+def _tiny_maps(n: int) -> bytes:
+    return _array32(n) + b"\x81\xa0\x00" * n  # an array of n one-entry maps {"": 0}
+
+
+_ROUTE1 = b"\x91\x93\x01\x00\x04"  # [[1, 0, 4]]
+_STR4G = b"\xdb\xff\xff\xff\xff"  # a str32 header declaring 4 GiB
+_PAYLOAD = r"frame 1 \(payload\)"
+_INCOMPLETE = rf"{_PAYLOAD}: is not valid msgpack \(ValueError: Unpack failed: incomplete input\)"
+
+#: (case, tag, payload, the error): each payload holds hundreds of thousands of items, or declares
+#: gigabytes, where the layout allows a handful
+HOSTILE = [
+    *[
+        (f"{name}: array of tiny maps", tag, _tiny_maps(_N), rf"^{name}: {_PAYLOAD}: expected an array of {len(fields)} fields \(.*\), got {_N}$")
+        for tag, (name, fields) in WIRE_LAYOUTS.items()
+    ],
+    ("top level declares 4G items", 6, b"\xdd\xff\xff\xff\xff", rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 4294967295$"),
+    ("top level is a huge map", 6, b"\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N, rf"^token_result: {_PAYLOAD}: must be a msgpack array, got dict$"),
+    ("first field is a huge array", 6, b"\x95" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64, r"^token_result: request_id: must be an int, got tuple$"),
+    ("a field is a huge map", 7, b"\x93\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N + b"\x01" + _F64, r"^heartbeat: node_id: must be an int, got dict$"),
+    ("token ids of tiny maps", 3, b"\x99\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
+    ("token ids declare 4G items", 3, b"\x99\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
+    ("capabilities of tiny maps", 1, b"\x97\x00\xa1n\xa1t\xa1a\x01\x01" + _tiny_maps(_N), r"^register: capabilities\[0\]: must be a str, got dict$"),
+    ("next hops of empty arrays", 2, b"\x97\x01\xa1m\x00\x04\x00" + _array32(_N) + b"\x90" * _N + b"\x90", r"^assign_layers: next_hops\[0\]: must have at least 4 items, got 0$"),
+    ("prev nodes of empty maps", 2, b"\x97\x01\xa1m\x00\x04\x00\x90" + _array32(_N) + b"\x80" * _N, r"^assign_layers: prev_nodes\[0\]: must be an int, got dict$"),
+    ("route of 4G stages", 4, b"\x97\x01\xdd\xff\xff\xff\xff" + b"\x93\x01\x00\x04" * 16, r"^decode_work: route: must have at most 64 items, got 4294967295$"),
+    ("tensors of tiny maps", 5, b"\x95\x01\x00\x01" + _F64 + _tiny_maps(_N), r"^activations: tensors: must have at most 8 items, got 262144$"),
+    ("a shape of many dims", 5, b"\x95\x01\x00\x01" + _F64 + b"\x91\x92\xa5uint8" + _array32(_N) + b"\x01" * _N, rf"^activations: tensors\[0\]\.shape: must have at most 8 items, got {_N}$"),
+    ("deep nesting", 10, b"\x91" * _N + b"\xc0", r"^shutdown: reason: must be a str, got tuple$"),
+    ("deep nesting in a route", 4, b"\x97\x01" + b"\x91" * _N + b"\x01", r"^decode_work: route\[0\]: must have at least 3 items, got 1$"),
+    ("a str declares 4 GiB", 8, b"\x92\x01" + _STR4G + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
+    ("a bin declares 4 GiB", 8, b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
+    ("an ext declares 4 GiB", 8, b"\x92\x01\xc9\xff\xff\xff\xff\x01" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
+    ("one field too few", 6, b"\x94\x01\x02\x03\xc2", rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 4$"),
+    ("one field too many", 6, b"\x96\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 6$"),
+    ("a huge field after the last", 6, b"\x95\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: trailing bytes after the msgpack array$"),
+]
+
+#: What a rejection may allocate (bytes, traced by tracemalloc): the error and its traceback. Any
+#: of the payloads above, materialised, takes 30 MB and more.
+_DECODE_BOUND = 64 << 10
+
+
+def _traced_peak(fn) -> tuple[object, int]:
+    """(fn()'s result or CodecError, peak bytes allocated while it ran)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        try:
+            out: object = fn()
+        except CodecError as exc:
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if started:
+            tracemalloc.stop()
+
+
+# (decoder, whether it names the error): the compiled fast path alone (strict) only rejects
+_DECODERS = [pytest.param(decode_py, True, id="py")]
+if COMPILED:
+    _DECODERS += [pytest.param(decode_c, True, id="c"), pytest.param(decode_strict, False, id="c-fast-path")]
+
+
+@pytest.mark.parametrize(("dec", "names_error"), _DECODERS)
+@pytest.mark.parametrize(("case", "tag", "payload", "pattern"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_frames_fail_without_materialising_them(dec, names_error, case, tag, payload, pattern) -> None:
+    frames = [bytes([tag]), payload]
+    _traced_peak(lambda: dec(frames))  # warm up: first-call allocations (caches, interned names)
+    err, peak = _traced_peak(lambda: dec(frames))
+    assert isinstance(err, CodecError), f"{case}: decoded {err!r}"
+    if names_error:
+        assert re.match(pattern, str(err)), (case, str(err))
+    assert peak < _DECODE_BOUND, f"{case}: {peak} bytes allocated for a {len(payload)}-byte payload"
+
+
+def test_a_long_valid_payload_still_decodes() -> None:
+    # the bounds are the layout's and the frame's, not a size cap: 2**18 token ids decode
+    ids_ = tuple(range(_N))
+    m = PromptWork(request_id=1, query_id=2, route=((1, 0, 4),), stage=0, num_tokens=_N, token_ids=ids_, max_tokens=1, sent_at=0.5)
+    frames = _frame_bytes(encode_py(m))
+    assert decode_py(frames) == m
+    if COMPILED:
+        assert decode_c(frames) == m and decode_strict(frames) == m
+
+
 # --- specific errors -------------------------------------------------------------------------------
 
 _TR = TokenResult(request_id=1, token_id=2, context_len=3, finished=False, sent_at=0.5)
@@ -994,25 +1143,28 @@ def _minimal_message(name: str):
 
 
 def _work_round_trips(enc, dec, route, num_layers: int) -> None:
-    wire = wire_route(route)
-    assert wire == route[:-1] and route[-1] == (SINK, num_layers, num_layers)
+    """A route as the router returns it is what work messages carry, as is, and comes back equal."""
+    assert type(route) is tuple and route and all(type(s) is tuple and len(s) == 3 for s in route)
+    assert all(type(v) is int for s in route for v in s)
+    assert route[0][1] == 0 and route[-1][2] == num_layers  # the sink after the last stage is implicit
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(route))
     h = np.ones((1, 8), np.float16)
-    for stage in range(len(wire)):
+    for stage in range(len(route)):
         msgs = [
-            DecodeWork(request_id=7, route=wire, stage=stage, context_len=12, token_id=-1 if stage else 5, sent_at=1.0, tensors=(h,) if stage else ()),
-            PromptWork(request_id=7, query_id=3, route=wire, stage=stage, num_tokens=2, token_ids=() if stage else (4, 9), max_tokens=8, sent_at=1.0, tensors=(np.ones((2, 8), np.float16),) if stage else ()),
+            DecodeWork(request_id=7, route=route, stage=stage, context_len=12, token_id=-1 if stage else 5, sent_at=1.0, tensors=(h,) if stage else ()),
+            PromptWork(request_id=7, query_id=3, route=route, stage=stage, num_tokens=2, token_ids=() if stage else (4, 9), max_tokens=8, sent_at=1.0, tensors=(np.ones((2, 8), np.float16),) if stage else ()),
         ]
         for m in msgs:
             frames = enc(m)
             if COMPILED:
                 assert _frame_bytes(encode_strict(m)) == _frame_bytes(encode_py(m)) == _frame_bytes(frames)
             back = dec(_frame_bytes(frames))
-            assert back == m and router_route(back.route, num_layers) == route
+            assert back == m and back.route == route
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_routes_of_the_router_travel_in_work_messages(impl) -> None:
-    from helix_async.flow import max_flow
+    from helix_async.placement.flow import max_flow
     from helix_async.placement.io import load_shipped_layout
     from helix_async.routing import FlowRouter
 
@@ -1026,46 +1178,43 @@ def test_routes_of_the_router_travel_in_work_messages(impl) -> None:
         assert route is not None
         seen.add(route)
         _work_round_trips(enc, dec, route, L)
-    assert len(seen) > 1 and all(len(r) > 2 for r in seen)
+        router.on_decode(route)  # and a decoded route is one the router takes back
+    assert len(seen) > 1 and all(len(r) > 1 for r in seen)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_partial_inference_routes_travel_in_work_messages(impl) -> None:
-    from helix_async.cluster import SOURCE
     from helix_async.routing import FlowRouter, KVTracker
 
     enc, dec = impl
     # node 1 holds [2, 5) but runs [3, 5) after node 0's [0, 3): the stage starts where the last ended
     stages = {0: (0, 3), 1: (2, 5), 2: (3, 6), 3: (5, 6)}
-    kv = KVTracker(dict.fromkeys(stages, 10_000), stages, hwm=1.0, output_ratio=0.0)
+    kv = KVTracker(dict.fromkeys(stages, 10_000), stages, kv_fill_limit=1.0, output_ratio=0.0)
     links = {SOURCE: [(0, 2.0)], 0: [(1, 1.0), (2, 1.0)], 1: [(3, 1.0)], 2: [(SINK, 1.0)], 3: [(SINK, 1.0)]}
     router = FlowRouter(stages, links, dict.fromkeys(stages, 99), kv, 6)
     a, b = router.route("a", 4), router.route("b", 4)
-    assert a == ((0, 0, 3), (1, 3, 5), (3, 5, 6), (SINK, 6, 6))
-    assert b == ((0, 0, 3), (2, 3, 6), (SINK, 6, 6))
+    assert a == ((0, 0, 3), (1, 3, 5), (3, 5, 6))
+    assert b == ((0, 0, 3), (2, 3, 6))
     for route in (a, b):
         _work_round_trips(enc, dec, route, 6)
 
 
-def test_wire_route_checks() -> None:
-    assert wire_route([(1, 0, 4), [2, 4, 6]]) == ((1, 0, 4), (2, 4, 6))  # already wire form
-    assert router_route(((1, 0, 4), (2, 4, 6)), 6) == ((1, 0, 4), (2, 4, 6), (SINK, 6, 6))
-    assert type(wire_route(((ErrorCode.INTERNAL, 0, 6), (SINK, 6, 6)))[0][0]) is int
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_wire_refuses_routes_that_are_not_routes(impl) -> None:
+    enc, dec = impl
+    m = DecodeWork(request_id=1, route=((1, 0, 4), (2, 4, 6)), stage=0, context_len=3, token_id=5, sent_at=0.0)
     bad = [
-        ((), r"^route: has no compute stage$"),
-        (((SINK, 0, 0),), r"^route: has no compute stage$"),
-        (((1, 0, 4), (SINK, 6, 6)), r"^route\[1\]: the sink stage must be \(sink, L, L\) with L = 4"),
-        (((1, 0, 4), (SINK, 4, 5)), r"sink stage must be"),
-        (((1, 0, 4), (SINK, 4, 4), (2, 4, 6)), r"^route\[1\]\.node: must be an int, got 'sink' \(only the last stage may be the sink\)$"),
-        (((1, 0, 4), (2, 3, 6)), r"^route\[1\]: must start at layer 4 where stage 0 ends, got 3$"),
-        (((1, 4, 4),), r"^route\[0\]: layer range must have 0 <= start < end, got \[4, 4\)$"),
-        (((True, 0, 4),), r"route\[0\]\.node: must be an int, got True"),
-        (((1, 0),), r"route\[0\]: must be a \(node, start, end\) stage"),
+        (((1, 0, 4), (SINK, 4, 4)), r"^decode_work: route\[1\]\.node: must be an int, got str$"),  # no sink stage
+        (((SOURCE, 0, 4),), r"^decode_work: route\[0\]\.node: must be an int, got str$"),
+        (((1, 0, 4), (2, 3, 6)), r"^decode_work: route\[1\]: must start at layer 4 where stage 0 ends, got 3$"),
+        (((1, 4, 4),), r"^decode_work: route\[0\]: layer range must have start < end, got \[4, 4\)$"),
+        (((1, 0),), r"^decode_work: route\[0\]: must have at least 3 items, got 2$"),
+        (((-1, 0, 4),), r"^decode_work: route\[0\]\.node: must be >= 0, got -1$"),
     ]
     for route, pattern in bad:
-        with pytest.raises(ValueError, match=pattern):
-            wire_route(route)
-    with pytest.raises(ValueError, match=r"^route: the last stage must end at layer num_layers=80, got 6$"):
-        router_route(((1, 0, 6),), 80)
-    with pytest.raises(ValueError, match=r"must start at layer 4"):
-        router_route(((1, 0, 4), (2, 5, 80)), 80)
+        with pytest.raises(CodecError, match=pattern):
+            enc(dataclasses.replace(m, route=route))
+        values, frames = _wire(m)
+        values[1] = [list(st) for st in route]
+        with pytest.raises(CodecError, match=pattern):
+            dec([frames[0], msgpack.packb(values)])

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helix_async import envs
-from helix_async.cluster import SINK, SOURCE, NodeRef
-from helix_async.flow import max_flow
+from helix_async.ids import SINK, SOURCE, NodeRef
 from helix_async.model import load_profiles
 from helix_async.placement import load_shipped_layout
+from helix_async.placement.flow import max_flow
 from helix_async.routing import (
     IWRR,
     IWRRC,
@@ -164,7 +164,7 @@ def test_iwrr_counts_follow_weights(impl, weights) -> None:
 
 
 def _kv(impl, **kw):
-    params = {"hwm": 0.5, "output_ratio": 0.0, "avg_output_len": 240}
+    params = {"kv_fill_limit": 0.5, "output_ratio": 0.0, "avg_output_len": 240}
     params.update(kw)
     return impl({0: 1000, 1: 300, 2: 40}, {0: (0, 4), 1: (0, 4), 2: (4, 6)}, **params)
 
@@ -179,7 +179,8 @@ def test_kv_expected_len(impl) -> None:
 @pytest.mark.parametrize("impl", KVS)
 def test_kv_can_add_threshold_at_the_boundary(impl) -> None:
     kv = _kv(impl)
-    # node 0: 1000 entries, 4 layers, hwm 0.5 -> admit while 1000 - 4 * E >= 500, i.e. E <= 125
+    assert kv.kv_fill_limit == 0.5 and "kv_fill_limit=0.5" in repr(kv)
+    # node 0: 1000 entries, 4 layers, fill limit 0.5 -> admit while 1000 - 4 * E >= 500, i.e. E <= 125
     assert kv.can_add(0, 125) and not kv.can_add(0, 126)
     assert kv.can_ever_add(0, 125) and not kv.can_ever_add(0, 126)
     # the full layer count is used even when the query would run fewer layers
@@ -187,8 +188,8 @@ def test_kv_can_add_threshold_at_the_boundary(impl) -> None:
     assert kv.available(0) == 900
     assert kv.can_add(0, 100) and not kv.can_add(0, 101)  # 900 - 4 * 100 == 500
     assert kv.can_ever_add(0, 125)
-    # hwm 1: everything may be used, exactly to zero
-    kv1 = _kv(impl, hwm=1.0)
+    # fill limit 1: everything may be used, exactly to zero
+    kv1 = _kv(impl, kv_fill_limit=1.0)
     assert kv1.can_add(2, 20) and not kv1.can_add(2, 21)
 
 
@@ -220,7 +221,7 @@ def test_kv_reserve_release_round_trip(impl) -> None:
 
 @pytest.mark.parametrize("impl", KVS)
 def test_kv_bottleneck_usage_hand_example(impl) -> None:
-    kv = impl({0: 100, 1: 300, 2: 40}, {0: (0, 2), 1: (0, 2), 2: (2, 4)}, hwm=1.0, output_ratio=0.0)
+    kv = impl({0: 100, 1: 300, 2: 40}, {0: (0, 2), 1: (0, 2), 2: (2, 4)}, kv_fill_limit=1.0, output_ratio=0.0)
     assert kv.bottleneck_usage() == 0.0
     kv.reserve("r1", [(0, 2)], 10)  # node 0: 80 left
     # layers 0-1: free 80/2 + 300/2 = 190 of 50 + 150 = 200 -> 0.05
@@ -234,16 +235,18 @@ def test_kv_bottleneck_usage_hand_example(impl) -> None:
 
 @pytest.mark.parametrize("impl", KVS)
 def test_kv_rejects_bad_parameters(impl) -> None:
-    with pytest.raises(ValueError, match="hwm"):
-        _kv(impl, hwm=1.5)
+    with pytest.raises(ValueError, match="kv_fill_limit"):
+        _kv(impl, kv_fill_limit=1.5)
     with pytest.raises(ValueError, match="output_ratio"):
         _kv(impl, output_ratio=-0.1)
     with pytest.raises(ValueError, match="same nodes"):
-        impl({0: 10}, {1: (0, 1)}, hwm=1.0, output_ratio=0.0)
+        impl({0: 10}, {1: (0, 1)}, kv_fill_limit=1.0, output_ratio=0.0)
     with pytest.raises(ValueError, match="non-empty"):
-        impl({0: 10}, {0: (2, 2)}, hwm=1.0, output_ratio=0.0)
+        impl({0: 10}, {0: (2, 2)}, kv_fill_limit=1.0, output_ratio=0.0)
     with pytest.raises(ValueError, match="input length"):
         _kv(impl).can_add(0, -1)
+    with pytest.raises(TypeError):  # the old name of kv_fill_limit is gone, not silently ignored
+        impl({0: 10}, {0: (0, 1)}, hwm=1.0, output_ratio=0.0)
 
 
 # ==================================================================================================
@@ -260,7 +263,8 @@ def _ilp():
 def _router(pair, **kw):
     router_cls, kv_cls = pair
     p, fp = _ilp()
-    kv = kv_cls.from_placement(p, hwm=kw.pop("hwm", 0.85), output_ratio=kw.pop("output_ratio", 1.0))
+    fill, ratio = kw.pop("kv_fill_limit", 0.85), kw.pop("output_ratio", 1.0)
+    kv = kv_cls.from_placement(p, kv_fill_limit=fill, output_ratio=ratio)
     return router_cls.from_plan(p, fp, kv, **kw)
 
 
@@ -274,20 +278,25 @@ def _prompt_limits():
     }
 
 
+def _hops(route):
+    """The nodes a route's requests visit after the source: its stages' nodes, then the sink."""
+    return [*(node for node, _, _ in route), SINK]
+
+
 def _check_route(route, n):
     p, fp = _ilp()
     limits = _prompt_limits()
-    assert route[-1] == (SINK, 80, 80)
+    assert type(route) is tuple and all(type(s) is tuple and len(s) == 3 for s in route)
     covered = 0
     prev = SOURCE
-    for node, start, end in route[:-1]:
-        assert start == covered and start < end
+    for node, start, end in route:
+        assert type(node) is int and start == covered and start < end
         a, b = p.layers[node]
         assert a <= start and end == b
         assert n <= limits[node]
         covered = end
-    assert covered == 80
-    for node, _, _ in route:
+    assert covered == 80  # the last stage ends at the model's last layer; the sink is implicit
+    for node in _hops(route):
         assert (prev, node) in p.links
         out = sum(f for _, f in fp.weights(prev))
         assert fp.link_flows[(prev, node)] >= 0.05 * out > 0
@@ -304,7 +313,7 @@ def test_router_routes_cover_every_layer_once_on_valid_links(pair) -> None:
         assert route is not None
         _check_route(route, n)
         # every compute hop holds E(n) * layers run
-        assert r.kv.reserved(i) == tuple((node, (n + 240) * (e - s)) for node, s, e in route[:-1])
+        assert r.kv.reserved(i) == tuple((node, (n + 240) * (e - s)) for node, s, e in route)
         r.finish(i)
     assert r.stats == {"routed": 300, "failed": 0, "backtracks": 0}
     assert all(avail == r.kv.total(u) for u, avail in r.kv.snapshot())
@@ -336,7 +345,7 @@ def test_router_distributes_in_proportion_to_link_flows(pair) -> None:
     for i in range(3000):
         route = r.route(i, 1000)
         prev = SOURCE
-        for node, _, _ in route:
+        for node in _hops(route):
             hops[(prev, node)] += 1
             prev = node
         r.finish(i)
@@ -373,15 +382,28 @@ def test_router_decode_charges_every_hop(pair) -> None:
     r.on_decode(route)
     after = dict(r.snapshot())
     prev = SOURCE
-    for node, _, _ in route:
+    charged = 0
+    for node in _hops(route):  # the last stage's hop to the (implicit) sink is charged too
         j = [y for y, _ in r.candidates(prev)].index(node)
         w = r.candidates(prev)[j][1]
         assert after[prev][j] == before[prev][j] + 1.0 / w
+        charged += 1
         prev = node
-    with pytest.raises(ValueError, match="not a candidate link"):
-        r.on_decode(((3, 53, 60),))
-    with pytest.raises(ValueError, match="sink->sink"):
-        r.on_decode(route + route[-1:])
+    assert charged == len(route) + 1
+    assert sum(map(sum, after.values())) > sum(map(sum, before.values()))
+    # a bad route is refused before anything is charged
+    last = route[-1][0]
+    for bad, pattern in [
+        (((3, 53, 60),), r"^hop source->3 is not a candidate link"),
+        (route + ((SINK, 80, 80),), rf"^hop {last}->sink is not a candidate link"),  # sink is implicit
+        (route[:-1], rf"^hop {route[-2][0]}->sink is not a candidate link"),  # stops short of the sink
+        ((), r"^hop source->sink is not a candidate link"),
+        (((SOURCE, 0, 1),), r"^hop source->source is not a candidate link"),
+    ]:
+        snap = r.snapshot()
+        with pytest.raises(ValueError, match=pattern):
+            r.on_decode(bad)
+        assert r.snapshot() == snap
     copy = tuple((node, s, e) for node, s, e in route)
     assert copy == route and copy[0] is not route[0]
     before = dict(r.snapshot())
@@ -389,7 +411,7 @@ def test_router_decode_charges_every_hop(pair) -> None:
     r.on_decode(route)
     after = dict(r.snapshot())
     prev = SOURCE
-    for node, _, _ in route:
+    for node in _hops(route):
         j = [y for y, _ in r.candidates(prev)].index(node)
         w = r.candidates(prev)[j][1]
         assert after[prev][j] == before[prev][j] + 1.0 / w + 1.0 / w
@@ -404,11 +426,11 @@ def test_router_decode_charges_every_hop(pair) -> None:
 @pytest.mark.parametrize("pair", ROUTERS)
 def test_router_rejects_invalid_plans(pair) -> None:
     router_cls, kv_cls = pair
-    kv = kv_cls({0: 1000, 1: 1000}, {0: (0, 2), 1: (2, 4)}, hwm=1.0, output_ratio=0.0)
+    kv = kv_cls({0: 1000, 1: 1000}, {0: (0, 2), 1: (2, 4)}, kv_fill_limit=1.0, output_ratio=0.0)
     limits = {0: 100, 1: 100}
     ok = {SOURCE: [(0, 1.0)], 0: [(1, 1.0)], 1: [(SINK, 1.0)]}
     r = router_cls({0: (0, 2), 1: (2, 4)}, ok, limits, kv, 4)
-    assert r.route("a", 5) == ((0, 0, 2), (1, 2, 4), (SINK, 4, 4))
+    assert r.route("a", 5) == ((0, 0, 2), (1, 2, 4))
     with pytest.raises(ValueError, match="does not start at layer 0"):
         router_cls({0: (0, 2), 1: (2, 4)}, {**ok, SOURCE: [(1, 1.0)]}, limits, kv, 4)
     with pytest.raises(ValueError, match="not inside"):
@@ -422,7 +444,7 @@ def test_router_rejects_invalid_plans(pair) -> None:
             {0: (0, 2), 1: (2, 4)},
             ok,
             limits,
-            kv_cls({0: 9, 1: 9}, {0: (0, 2), 1: (2, 3)}, hwm=1.0, output_ratio=0.0),
+            kv_cls({0: 9, 1: 9}, {0: (0, 2), 1: (2, 3)}, kv_fill_limit=1.0, output_ratio=0.0),
             4,
         )
 
@@ -432,18 +454,18 @@ def test_compiled_router_needs_compiled_kv() -> None:
     p, fp = _ilp()
     assert FlowRouterC is not None
     with pytest.raises(TypeError):
-        FlowRouterC.from_plan(p, fp, KVTrackerPy.from_placement(p, hwm=0.85, output_ratio=1.0))
+        FlowRouterC.from_plan(p, fp, KVTrackerPy.from_placement(p, kv_fill_limit=0.85, output_ratio=1.0))
 
 
 @pytest.mark.parametrize("pair", ROUTERS)
 def test_partial_inference_runs_the_rest_of_the_next_node(pair) -> None:
     router_cls, kv_cls = pair
     stages = {0: (0, 3), 1: (2, 5), 2: (3, 6), 3: (5, 6)}
-    kv = kv_cls(dict.fromkeys(stages, 10_000), stages, hwm=1.0, output_ratio=0.0)
+    kv = kv_cls(dict.fromkeys(stages, 10_000), stages, kv_fill_limit=1.0, output_ratio=0.0)
     links = {SOURCE: [(0, 2.0)], 0: [(1, 1.0), (2, 1.0)], 1: [(3, 1.0)], 2: [(SINK, 1.0)], 3: [(SINK, 1.0)]}
     r = router_cls(stages, links, dict.fromkeys(stages, 99), kv, 6)
-    assert r.route("a", 4) == ((0, 0, 3), (1, 3, 5), (3, 5, 6), (SINK, 6, 6))
-    assert r.route("b", 4) == ((0, 0, 3), (2, 3, 6), (SINK, 6, 6))
+    assert r.route("a", 4) == ((0, 0, 3), (1, 3, 5), (3, 5, 6))
+    assert r.route("b", 4) == ((0, 0, 3), (2, 3, 6))
     assert r.kv.reserved("a") == ((0, 12), (1, 8), (3, 4))
 
 
@@ -459,7 +481,7 @@ def random_plans_lazy():
 def _small_plan(pair, capacity=100):
     router_cls, kv_cls = pair
     stages = {0: (0, 1), 1: (0, 1)}
-    kv = kv_cls({0: capacity, 1: capacity}, stages, hwm=1.0, output_ratio=0.0)
+    kv = kv_cls({0: capacity, 1: capacity}, stages, kv_fill_limit=1.0, output_ratio=0.0)
     links = {SOURCE: [(0, 1.0), (1, 1.0)], 0: [(SINK, 1.0)], 1: [(SINK, 1.0)]}
     return router_cls(stages, links, {0: 80, 1: 50}, kv, 1)
 
@@ -475,7 +497,7 @@ def test_queue_waits_for_kv_then_routes_in_fifo_order(pair) -> None:
     assert routed == ["a", "b"] and q.pending == 2
     assert q.waiting() == (("c", 60), ("d", 10))
     assert q.finish("b") == []  # node 1 frees up, but c's 60 tokens exceed node 1's prompt limit
-    assert q.finish("a") == [("c", ((0, 0, 1), (SINK, 1, 1))), ("d", ((1, 0, 1), (SINK, 1, 1)))]
+    assert q.finish("a") == [("c", ((0, 0, 1),)), ("d", ((1, 0, 1),))]
     assert routed == ["a", "b", "c", "d"] and q.pending == 0
     s = q.stats
     assert (s["submitted"], s["routed_at_submit"], s["queued"], s["routed_from_queue"]) == (4, 2, 2, 2)
@@ -546,7 +568,7 @@ def _dead_end_plan(pair, capacity=10**9):
     takes at most 100 prompt tokens; 2->4->sink. IWRR at the source prefers 1 (twice the flow)."""
     router_cls, kv_cls = pair
     stages = {1: (0, 1), 2: (0, 1), 3: (1, 2), 4: (1, 2)}
-    kv = kv_cls(dict.fromkeys(stages, capacity), stages, hwm=1.0, output_ratio=0.0)
+    kv = kv_cls(dict.fromkeys(stages, capacity), stages, kv_fill_limit=1.0, output_ratio=0.0)
     links = {
         SOURCE: [(1, 10.0), (2, 5.0)],
         1: [(3, 10.0)],
@@ -562,7 +584,7 @@ def test_router_backtracks_out_of_a_dead_end(pair) -> None:
     r = _dead_end_plan(pair)
     assert r.feasible(1000) and r.feasible(10)
     # greedy: source -> 1 (cost 100 < 200), then 1 has no way on (3 refuses 1000 tokens)
-    assert r.route("a", 1000) == ((2, 0, 1), (4, 1, 2), (SINK, 2, 2))
+    assert r.route("a", 1000) == ((2, 0, 1), (4, 1, 2))
     assert r.stats == {"routed": 1, "failed": 0, "backtracks": 1}
     # only the route's hops are charged; the abandoned source->1 hop is rolled back exactly
     assert r.snapshot() == (
@@ -574,7 +596,7 @@ def test_router_backtracks_out_of_a_dead_end(pair) -> None:
     )
     assert r.kv.reserved("a") == ((2, 1000), (4, 1000))
     # a small request takes the greedy way (no dead end, no backtracking)
-    assert r.route("b", 10) == ((1, 0, 1), (3, 1, 2), (SINK, 2, 2))
+    assert r.route("b", 10) == ((1, 0, 1), (3, 1, 2))
     assert r.stats == {"routed": 2, "failed": 0, "backtracks": 1}
     assert r.loads(SOURCE) == (1.0, 200.0)
 
@@ -596,8 +618,8 @@ def test_queue_is_not_blocked_by_a_greedy_dead_end(pair) -> None:
     assert q.retry() == []
     r.finish("blocker")
     assert q.retry() == [
-        ("c", ((2, 0, 1), (4, 1, 2), (SINK, 2, 2))),
-        ("d", ((1, 0, 1), (3, 1, 2), (SINK, 2, 2))),
+        ("c", ((2, 0, 1), (4, 1, 2))),
+        ("d", ((1, 0, 1), (3, 1, 2))),
     ]
 
 
@@ -692,13 +714,13 @@ def test_route_is_greedy_first_and_backtracks_only_on_dead_ends(pair, plan, data
         live.append(rid)
         if greedy is not None:
             # no dead end met: exactly the greedy route, no backtracking
-            assert [r.candidates(x)[j][0] for x, j in greedy] == [s[0] for s in route]
+            assert [r.candidates(x)[j][0] for x, j in greedy] == _hops(route)
             assert r.stats["backtracks"] == backtracks
         else:
             assert r.stats["backtracks"] > backtracks
-        # only the route's hops are charged, each once by n / flow
+        # only the route's hops are charged (the last one to the sink too), each once by n / flow
         prev = SOURCE
-        for node, _, _ in route:
+        for node in _hops(route):
             j = [y for y, _ in r.candidates(prev)].index(node)
             assert after[prev][j] == loads[prev][j] + n / r.candidates(prev)[j][1]
             loads[prev] = tuple(after[prev][k] if k == j else v for k, v in enumerate(loads[prev]))
@@ -766,7 +788,7 @@ def test_kv_twins_agree(data) -> None:
         layers[u] = (a, data.draw(st.integers(a + 1, L)))
     cap = {u: data.draw(st.integers(0, 200_000)) for u in nodes}
     kw = {
-        "hwm": data.draw(st.floats(0.0, 1.0)),
+        "kv_fill_limit": data.draw(st.floats(0.0, 1.0)),
         "output_ratio": data.draw(st.floats(0.0, 2.0)),
         "avg_output_len": data.draw(st.integers(0, 300)),
         "num_layers": L,
@@ -807,16 +829,16 @@ def test_kv_twins_agree(data) -> None:
 
 
 def _check_contiguous(router, route) -> None:
-    L = router.num_layers
-    assert route[-1] == (SINK, L, L)
+    """A route is its compute stages, consecutive from layer 0 to L, over candidate links, and the
+    last stage's node links to the sink (implicit)."""
     covered, prev = 0, SOURCE
     for node, start, end in route:
-        assert node in [y for y, _ in router.candidates(prev)]
-        if node != SINK:
-            assert start == covered < end
-            covered = end
+        assert node not in (SOURCE, SINK) and node in [y for y, _ in router.candidates(prev)]
+        assert start == covered < end
+        covered = end
         prev = node
-    assert covered == L
+    assert covered == router.num_layers
+    assert SINK in [y for y, _ in router.candidates(prev)]
 
 
 def _run_router_twins(c, p, data, max_ops: int, max_len: int) -> None:
@@ -851,9 +873,9 @@ def _run_router_twins(c, p, data, max_ops: int, max_len: int) -> None:
 @needs_c
 @settings(max_examples=40)
 @given(st.floats(0.05, 1.0), st.floats(0.0, 3.0), st.data())
-def test_router_twins_agree_on_the_ilp_plan(hwm, ratio, data) -> None:
-    c = _router((FlowRouterC, KVTrackerC), hwm=hwm, output_ratio=ratio)
-    p = _router((FlowRouterPy, KVTrackerPy), hwm=hwm, output_ratio=ratio)
+def test_router_twins_agree_on_the_ilp_plan(kv_fill_limit, ratio, data) -> None:
+    c = _router((FlowRouterC, KVTrackerC), kv_fill_limit=kv_fill_limit, output_ratio=ratio)
+    p = _router((FlowRouterPy, KVTrackerPy), kv_fill_limit=kv_fill_limit, output_ratio=ratio)
     _run_router_twins(c, p, data, max_ops=150, max_len=2200)
 
 
@@ -890,9 +912,9 @@ def random_plans(draw):
             links.setdefault(x, []).append((SINK, draw(flow)))
     limits = {u: draw(st.one_of(st.integers(2000, 4000), st.integers(1, 4000))) for u in stages}
     cap = {u: draw(st.one_of(st.integers(50_000, 400_000), st.integers(0, 400_000))) for u in stages}
-    hwm = st.one_of(st.sampled_from([1.0, 0.9, 0.85]), st.floats(0.5, 1.0), st.floats(0.0, 1.0))
+    kv_fill_limit = st.one_of(st.sampled_from([1.0, 0.9, 0.85]), st.floats(0.5, 1.0), st.floats(0.0, 1.0))
     kv_kw = {
-        "hwm": draw(hwm),
+        "kv_fill_limit": draw(kv_fill_limit),
         "output_ratio": draw(st.floats(0.0, 2.0)),
         "avg_output_len": draw(st.integers(0, 300)),
         "num_layers": L,

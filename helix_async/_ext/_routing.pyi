@@ -1,12 +1,9 @@
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
-from helix_async.cluster import NodeRef
-from helix_async.flow import FlowPlan
+from helix_async.flowplan import FlowPlan
+from helix_async.ids import NodeRef, Route
 from helix_async.model import ThroughputModel
 from helix_async.placement.core import Placement
-
-Stage = tuple[NodeRef, int, int]
-Route = tuple[Stage, ...]
 
 class IWRR:
     def __init__(self, weights: Sequence[float]) -> None: ...
@@ -32,7 +29,7 @@ class KVTracker:
         capacity: Mapping[int, int],
         layers: Mapping[int, tuple[int, int]],
         *,
-        hwm: float,
+        kv_fill_limit: float,
         output_ratio: float,
         avg_output_len: int = 240,
         num_layers: int | None = None,
@@ -42,7 +39,7 @@ class KVTracker:
         cls,
         placement: Placement,
         *,
-        hwm: float,
+        kv_fill_limit: float,
         output_ratio: float,
         tm: ThroughputModel | None = None,
         avg_output_len: int | None = None,
@@ -50,7 +47,8 @@ class KVTracker:
     @property
     def nodes(self) -> tuple[int, ...]: ...
     @property
-    def hwm(self) -> float: ...
+    def kv_fill_limit(self) -> float:
+        """Fraction (0..1) of each node's KV capacity that admitted queries' expected usage may fill."""
     @property
     def output_ratio(self) -> float: ...
     @property
@@ -90,7 +88,7 @@ class FlowRouter:
         kv: KVTracker | None = None,
         *,
         prompt_limits: Mapping[int, int] | None = None,
-        hwm: float = 0.85,
+        kv_fill_limit: float = 0.85,
         output_ratio: float = 1.0,
         tm: ThroughputModel | None = None,
         min_share: float = 0.05,

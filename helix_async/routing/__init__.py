@@ -8,7 +8,8 @@ compiled KVTracker; ``FlowRouter.from_plan`` builds the matching one when none i
 * :class:`IWRR` -- weighted round robin by virtual finish time at one scheduling node (§7.1);
 * :class:`KVTracker` -- the KV-cache expectation used for admission (§7.2);
 * :class:`FlowRouter` -- route selection, hop by hop from the source, greedy first and
-  backtracking only on dead ends (§7.1);
+  backtracking only on dead ends (§7.1); a route is a :data:`helix_async.ids.Route` (compute
+  stages only, the sink implicit), the shape work messages carry as is;
 * :class:`AdmissionQueue` -- bounded FIFO for requests that cannot be placed yet (pure Python);
 * :class:`SwarmPolicy`, :class:`RandomPolicy`, :class:`ShortestQueuePolicy` -- per-hop baselines
   (§7.3-7.5, pure Python); :func:`node_seed` derives the per-node seed the random ones require.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from .. import _ext
 from ._iwrr_py import IWRR as IWRRPy
 from ._kv_py import KVTracker as KVTrackerPy
-from ._router_py import MIN_FLOW_SHARE, Admission, AdmissionQueue, Route, RouterLike, Stage
+from ._router_py import MIN_FLOW_SHARE, Admission, AdmissionQueue, RouterLike
 from ._router_py import FlowRouter as FlowRouterPy
 from .baselines import RandomPolicy, ShortestQueuePolicy, SwarmPolicy, node_seed
 
@@ -47,10 +48,8 @@ __all__ = [
     "KVTrackerC",
     "KVTrackerPy",
     "RandomPolicy",
-    "Route",
     "RouterLike",
     "ShortestQueuePolicy",
-    "Stage",
     "SwarmPolicy",
     "node_seed",
 ]

@@ -8,8 +8,11 @@ entries), an ``avail`` count (initially ``total``) and its layer range ``[a, b)`
 ``n`` input tokens is expected to hold ``E(n) = int(n + avg_output_len * output_ratio)`` tokens
 (``avg_output_len`` = 240, the dataset constant):
 
-* ``can_add(node, n)``: ``avail - E(n) * (b - a) >= (1 - hwm) * total`` -- with the node's *full*
-  layer count even when the query runs only part of its layers (as the original does);
+* ``kv_fill_limit`` (the original's ``hwm``, high-water mark; 0.85 offline): the fraction (0..1) of
+  a node's KV capacity that admission may fill with expected usage;
+* ``can_add(node, n)``: ``avail - E(n) * (b - a) >= (1 - kv_fill_limit) * total``, i.e. the
+  node's reserved entries plus the query's would stay within ``kv_fill_limit * total`` -- with the
+  node's *full* layer count even when the query runs only part of its layers (as the original does);
 * ``reserve(request_id, [(node, layers_run), ...], n)`` takes ``E(n) * layers_run`` from each node
   and remembers exactly what it took; ``release(request_id)`` gives that back. Reserving an id twice,
   or more than a node has, raises ``ValueError`` and changes nothing; releasing an id that holds no
@@ -51,18 +54,20 @@ def _as_count(value: object, what: str, lo: int = 0, hi: int = MAX_COUNT) -> int
     return v
 
 
-def check_kv_params(hwm: float, output_ratio: float, avg_output_len: int) -> tuple[float, float, int]:
-    """Validated (hwm, output_ratio, avg_output_len); shared by both twins."""
-    hwm = float(hwm)
+def check_kv_params(
+    kv_fill_limit: float, output_ratio: float, avg_output_len: int
+) -> tuple[float, float, int]:
+    """Validated (kv_fill_limit, output_ratio, avg_output_len); shared by both twins."""
+    kv_fill_limit = float(kv_fill_limit)
     output_ratio = float(output_ratio)
-    if not 0.0 <= hwm <= 1.0:
-        raise ValueError(f"hwm must lie in [0, 1], got {hwm!r}")
+    if not 0.0 <= kv_fill_limit <= 1.0:
+        raise ValueError(f"kv_fill_limit must lie in [0, 1], got {kv_fill_limit!r}")
     if not (output_ratio >= 0.0 and math.isfinite(output_ratio)):
         raise ValueError(f"output_ratio must be a finite float >= 0, got {output_ratio!r}")
     avg = _as_count(avg_output_len, "avg_output_len", 0, MAX_INPUT_LEN)
     if not avg * output_ratio <= MAX_INPUT_LEN:
         raise ValueError(f"avg_output_len * output_ratio must be at most {MAX_INPUT_LEN}")
-    return hwm, output_ratio, avg
+    return kv_fill_limit, output_ratio, avg
 
 
 def check_kv_nodes(
@@ -98,9 +103,11 @@ def check_kv_nodes(
 class KVTracker:
     """Expected KV usage per compute node (token x layer entries).
 
-    capacity: node id -> KV capacity; layers: node id -> [a, b); hwm: the fraction of capacity
-    admission may fill; output_ratio: the share of ``avg_output_len`` (tokens) a query is expected
-    to generate; num_layers: the model's layer count (default: the largest end layer).
+    capacity: node id -> KV capacity (token x layer entries); layers: node id -> [a, b);
+    kv_fill_limit: the fraction (0..1) of a node's KV capacity that the expected usage of admitted
+    queries may fill (a query is admitted to a node only while that stays within
+    ``kv_fill_limit * capacity``); output_ratio: the share of ``avg_output_len`` (tokens) a query
+    is expected to generate; num_layers: the model's layer count (default: the largest end layer).
     """
 
     __slots__ = (
@@ -113,7 +120,7 @@ class KVTracker:
         "_k",
         "_thr",
         "_extra",
-        "_hwm",
+        "_fill",
         "_ratio",
         "_avg",
         "_L",
@@ -125,12 +132,12 @@ class KVTracker:
         capacity: Mapping[int, int],
         layers: Mapping[int, tuple[int, int]],
         *,
-        hwm: float,
+        kv_fill_limit: float,
         output_ratio: float,
         avg_output_len: int = 240,
         num_layers: int | None = None,
     ) -> None:
-        self._hwm, self._ratio, self._avg = check_kv_params(hwm, output_ratio, avg_output_len)
+        self._fill, self._ratio, self._avg = check_kv_params(kv_fill_limit, output_ratio, avg_output_len)
         nodes, caps, ranges, self._L = check_kv_nodes(capacity, layers, num_layers)
         self._nodes = tuple(nodes)
         self._index = {u: i for i, u in enumerate(nodes)}
@@ -139,7 +146,7 @@ class KVTracker:
         self._a = [a for a, _ in ranges]
         self._b = [b for _, b in ranges]
         self._k = [b - a for a, b in ranges]
-        self._thr = [(1.0 - self._hwm) * t for t in caps]
+        self._thr = [(1.0 - self._fill) * t for t in caps]
         self._extra = self._avg * self._ratio
         self._resv: dict[Hashable, tuple[tuple[int, int], ...]] = {}
 
@@ -148,7 +155,7 @@ class KVTracker:
         cls,
         placement: Placement,
         *,
-        hwm: float,
+        kv_fill_limit: float,
         output_ratio: float,
         tm: ThroughputModel | None = None,
         avg_output_len: int | None = None,
@@ -163,7 +170,12 @@ class KVTracker:
 
             avg_output_len = dataset_constants().avg_output_len
         return cls(
-            capacity, layers, hwm=hwm, output_ratio=output_ratio, avg_output_len=avg_output_len, num_layers=L
+            capacity,
+            layers,
+            kv_fill_limit=kv_fill_limit,
+            output_ratio=output_ratio,
+            avg_output_len=avg_output_len,
+            num_layers=L,
         )
 
     # ---- parameters and read-outs -----------------------------------------------------------------
@@ -174,8 +186,9 @@ class KVTracker:
         return self._nodes
 
     @property
-    def hwm(self) -> float:
-        return self._hwm
+    def kv_fill_limit(self) -> float:
+        """Fraction (0..1) of each node's KV capacity that admitted queries' expected usage may fill."""
+        return self._fill
 
     @property
     def output_ratio(self) -> float:
@@ -230,7 +243,8 @@ class KVTracker:
         return int(n + self._extra)
 
     def can_add(self, node: int, n: int) -> bool:
-        """Whether a query of ``n`` input tokens fits ``node`` under the high-water mark now."""
+        """Whether a query of ``n`` input tokens fits ``node`` now: its expected KV (over the node's
+        full layer count) added to what is reserved stays within ``kv_fill_limit`` of the capacity."""
         i = self._i(node)
         e = self.expected_len(n)
         return self._avail[i] - e * self._k[i] >= self._thr[i]
@@ -295,7 +309,9 @@ class KVTracker:
         return worst
 
     def __repr__(self) -> str:
-        return f"KVTracker(nodes={len(self._nodes)}, reservations={len(self._resv)}, hwm={self._hwm})"
+        return (
+            f"KVTracker(nodes={len(self._nodes)}, reservations={len(self._resv)}, kv_fill_limit={self._fill})"
+        )
 
 
 def placement_kv_inputs(

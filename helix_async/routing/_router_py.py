@@ -42,9 +42,12 @@ reserves ``E(n) * layers run`` on every compute node of the route.
 (``KVTracker.can_ever_add``), so on a cluster with nothing reserved ``route(n)`` succeeds exactly
 when ``feasible(n)`` is true; a request with ``feasible(n)`` false can never be routed.
 
-A route is a tuple of stages ``(node, start, end)`` (layers ``[start, end)``), the last one
-``(SINK, L, L)``. ``on_decode(route)`` charges ``1 / flow`` on every hop of the route (each decode
-iteration counts one token, §7.1); ``finish(request_id)`` releases the request's KV reservation.
+A route (:data:`helix_async.ids.Route`, the one shape the host, the router and the wire use) is a
+tuple of compute stages ``(node, start, end)`` (layers ``[start, end)``), consecutive in layers
+from 0 to L; the source before the first stage and the sink after the last are implicit (the search
+always ends on the last stage's link to the sink). ``on_decode(route)`` charges ``1 / flow`` on
+every hop of the route, source -> first stage ... last stage -> sink (each decode iteration counts
+one token, §7.1); ``finish(request_id)`` releases the request's KV reservation.
 
 Unlike the original (which asserts online and drops the query offline, HELIX_SPEC §12.2 items 8
 and 9), a request that cannot be placed now waits in :class:`AdmissionQueue`.
@@ -58,30 +61,19 @@ from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
 
-from ..cluster import SINK, SOURCE, NodeRef
+from ..ids import SINK, SOURCE, NodeRef, Route, Stage, node_order
 from ._iwrr_py import IWRR
 from ._kv_py import MAX_INPUT_LEN, MAX_LAYERS
 
 if TYPE_CHECKING:
-    from ..flow import FlowPlan
+    from ..flowplan import FlowPlan
     from ..model import ThroughputModel
     from ..placement.core import Placement
     from ._kv_py import KVTracker
 
-Stage: TypeAlias = tuple[NodeRef, int, int]
-Route: TypeAlias = tuple[Stage, ...]
-
 # The original's "Fail-Flow" threshold: a link with less than this share of its sender's out-flow
 # is never used.
 MIN_FLOW_SHARE = 0.05
-
-
-def _ref_key(ref: NodeRef) -> tuple[int, int]:
-    if ref == SOURCE:
-        return (0, 0)
-    if ref == SINK:
-        return (2, 0)
-    return (1, int(ref))
 
 
 class RouterInputs(NamedTuple):
@@ -188,7 +180,7 @@ def placement_router_inputs(
     for u, v in placement.links:
         links.setdefault(u, []).append((v, float(flow_plan.link_flows.get((u, v), 0.0))))
     for out in links.values():
-        out.sort(key=lambda yf: _ref_key(yf[0]))
+        out.sort(key=lambda yf: node_order(yf[0]))
     if prompt_limits is None:
         from ..model import load_profiles
 
@@ -227,7 +219,6 @@ class FlowRouter:
         "_iwrr",
         "_cands",
         "_edge",
-        "_sink_stage",
         "_routed",
         "_failed",
         "_backtracks",
@@ -256,8 +247,6 @@ class FlowRouter:
             self._cands[x] = tuple(y for y, _ in c)
             for j, (y, _) in enumerate(c):
                 self._edge[(x, y)] = (iw, j)
-        L = self._in.num_layers
-        self._sink_stage: Stage = (SINK, L, L)
         self._routed = 0
         self._failed = 0
         self._backtracks = 0
@@ -270,20 +259,21 @@ class FlowRouter:
         kv: KVTracker | None = None,
         *,
         prompt_limits: Mapping[int, int] | None = None,
-        hwm: float = 0.85,
+        kv_fill_limit: float = 0.85,
         output_ratio: float = 1.0,
         tm: ThroughputModel | None = None,
         min_share: float = MIN_FLOW_SHARE,
     ) -> FlowRouter:
         """A router over ``placement`` weighted by ``flow_plan``'s link flows.
 
-        kv defaults to a fresh tracker of this twin over the placement with (hwm, output_ratio)
-        (the simulator's offline parameters, 0.85 and 1.0); prompt limits default to the profiles.
+        kv defaults to a fresh tracker of this twin over the placement with (kv_fill_limit,
+        output_ratio) (the simulator's offline parameters, 0.85 and 1.0; see ``KVTracker``);
+        prompt limits default to the profiles.
         """
         if kv is None:
             from ._kv_py import KVTracker as _KV
 
-            kv = _KV.from_placement(placement, hwm=hwm, output_ratio=output_ratio, tm=tm)
+            kv = _KV.from_placement(placement, kv_fill_limit=kv_fill_limit, output_ratio=output_ratio, tm=tm)
         stages, links, limits, L = placement_router_inputs(placement, flow_plan, prompt_limits)
         return cls(stages, links, limits, kv, L, min_share=min_share)
 
@@ -386,13 +376,12 @@ class FlowRouter:
         last_end = 0
         for x, j in hops:
             y = self._cands[x][j]
-            if y == SINK:
-                route.append(self._sink_stage)
+            if y == SINK:  # the last hop (the search ends there): implicit in the route
                 break
             a, b = stages[y]  # type: ignore[index]
-            route.append((y, a if x == SOURCE else last_end, b))
+            route.append((y, a if x == SOURCE else last_end, b))  # type: ignore[arg-type]
             last_end = b
-        kv.reserve(request_id, [(s[0], s[2] - s[1]) for s in route[:-1]], n)  # type: ignore[misc]
+        kv.reserve(request_id, [(s[0], s[2] - s[1]) for s in route], n)
         work = float(n)
         for x, j in hops:
             self._iwrr[x].add(j, work)
@@ -400,16 +389,29 @@ class FlowRouter:
         return tuple(route)
 
     def on_decode(self, route: Route) -> None:
-        """Charge one decode token (``1 / flow``) on every hop of ``route`` (one decode iteration)."""
+        """Charge one decode token (``1 / flow``) on every hop of ``route`` (one decode iteration):
+        source -> first stage's node, ..., last stage's node -> sink.
+
+        Only the stages' nodes are read. ValueError (and nothing charged) when a hop is not a
+        candidate link of this router, e.g. a route of another plan, or with no stage.
+        """
+        edges = []
         x: NodeRef = SOURCE
         for stage in route:
-            y = stage[0]
-            try:
-                iw, j = self._edge[(x, y)]
-            except KeyError:
-                raise ValueError(f"hop {x}->{y} is not a candidate link of this router") from None
-            iw.add(j, 1.0)
+            y: NodeRef = stage[0]
+            if y == SINK:  # implicit after the last stage, never a stage's node
+                raise ValueError(f"hop {x}->{y} is not a candidate link of this router")
+            edges.append(self._hop(x, y))
             x = y
+        edges.append(self._hop(x, SINK))
+        for iw, j in edges:
+            iw.add(j, 1.0)
+
+    def _hop(self, x: NodeRef, y: NodeRef) -> tuple[IWRR, int]:
+        try:
+            return self._edge[(x, y)]
+        except (KeyError, TypeError):  # TypeError: y is not even hashable
+            raise ValueError(f"hop {x}->{y} is not a candidate link of this router") from None
 
     def finish(self, request_id: Hashable) -> None:
         """Release ``request_id``'s KV reservation (KeyError when it holds none)."""
@@ -459,7 +461,7 @@ class AdmissionQueue:
     does not fit. No request is starved by later ones; a large request at the head does hold back
     smaller ones behind it until KV frees up (head-of-line blocking is the price of FIFO). A
     request that can never be routed (:meth:`FlowRouter.feasible` is False: no path whose every
-    node takes its prompt length and, even when idle, its KV demand under the high-water mark) is
+    node takes its prompt length and, even when idle, its KV demand within ``kv_fill_limit``) is
     rejected at once (counted as ``rejected_infeasible``) instead of blocking the head for ever.
     Every request that waits is feasible, and the router backtracks out of dead ends, so on an
     idle cluster ``route`` succeeds for it: the head always moves once enough KV is released.

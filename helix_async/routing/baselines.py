@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypeAlias
 
-from ..cluster import SINK, NodeRef
+from ..ids import SINK, NodeRef
 
 # Keyed by receiver (a NodeRef); Any because Mapping is invariant in its key type.
 QueueLen: TypeAlias = Mapping[Any, int] | Callable[[Any], int]
