@@ -200,8 +200,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     f"(default {_SEARCH_DEFAULTS['stall_limit']:g})")
     pl.add_argument("--gap-limit", type=_nonnegative, default=None,
                     help="milp: stop at this relative gap to the bound, e.g. 0.01 (default 0)")
-    pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--partial", action="store_true", help="allow partial inference links (petals always uses them)")
+    pl.add_argument("--seed", type=int, default=None, help="seed of the search and of petals/swarm/homogeneous (default 0)")
+    pl.add_argument("--partial", action="store_true",
+                    help="milp: allow partial inference links (petals always uses them)")
     pl.add_argument("--prune", type=_positive_int, default=None, metavar="K",
                     help="milp: neighbourhoods keep each node's K fastest links plus the incumbent's")
     pl.add_argument("--out", default=None, help="plan file to write (.toml or .json; default out/plan.toml)")
@@ -310,17 +311,24 @@ def _generator_error(exc: ConfigError, kind: str) -> ConfigError:
 def cmd_cluster_generate(args: argparse.Namespace) -> int:
     from .cluster import write_cluster_toml
     from .cluster.generate import MAX_GENERATED_NODES
-    from .fileio import check_output_path
+    from .fileio import MAX_FILE_BYTES, check_output_path
 
     out = check_output_path(args.out, "cluster file")
-
+    # Generated clusters are complete graphs: N nodes make N*(N-1)/2 pair links plus 2N coordinator
+    # links, each about 90 bytes of TOML. Refuse up front what the readers could not read back.
+    max_nodes = MAX_GENERATED_NODES
+    while max_nodes > 1 and (max_nodes * (max_nodes - 1) // 2 + 2 * max_nodes) * _TOML_BYTES_PER_LINK > MAX_FILE_BYTES:
+        max_nodes -= 1
     try:
-        spec = _generate(args, MAX_GENERATED_NODES)
+        spec = _generate(args, max_nodes)
     except ConfigError as exc:
         raise _generator_error(exc, args.kind) from None
     write_cluster_toml(spec, out)
     print(f"wrote {out}: {spec.num_nodes} nodes, {len(spec.links)} links, {len(spec.regions())} region(s)")
     return EXIT_OK
+
+
+_TOML_BYTES_PER_LINK = 100  # measured: about 89 bytes per [[links]] table
 
 
 def _generate(args: argparse.Namespace, max_nodes: int) -> ClusterSpec:
@@ -329,7 +337,9 @@ def _generate(args: argparse.Namespace, max_nodes: int) -> ClusterSpec:
 
     if args.kind == "single":
         if args.nodes > max_nodes:  # checked here too: the generator must never see it
-            raise ConfigError("<argument>", "--nodes", f"must be an integer in [1, {max_nodes}], got {args.nodes}")
+            raise ConfigError(
+                "<argument>", "--nodes", f"must be an integer in [1, {max_nodes}] (what a cluster file holds), got {args.nodes}"
+            )
         degree = args.degree if args.degree is not None else args.nodes - 1
         return generate_single_region(
             args.nodes,
@@ -399,15 +409,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .extras import require
     from .fileio import check_output_path
     from .placement.flow import max_flow
+    from .placement.heuristics import SEEDED_HEURISTICS
     from .placement.io import write_placement
     from .placement.search import plan
     from .signals import SignalStop, StopFlag
 
     given = {k for k in _SEARCH_DEFAULTS if getattr(args, k) is not None}
+    if args.partial:
+        given.add("partial")
     if args.method != "milp" and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
         verb = "applies" if len(given) == 1 else "apply"
         print(f"note: {flags} only {verb} to --method milp; ignored for {args.method}", file=sys.stderr)
+    if args.seed is not None and args.method != "milp" and args.method not in SEEDED_HEURISTICS:
+        print(f"note: --seed does not change {args.method} (it draws nothing at random); ignored", file=sys.stderr)
+    seed = 0 if args.seed is None else args.seed
     search = {k: (_SEARCH_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in _SEARCH_DEFAULTS}
     if args.out is None:
         default_out = Path(envs.HELIX_OUT_DIR) / "plan.toml"
@@ -445,7 +461,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             time_limit=search["time_limit"],
             stall_limit=search["stall_limit"],
             gap_limit=search["gap_limit"],
-            seed=args.seed,
+            seed=seed,
             partial=args.partial,
             prune=search["prune"],
             on_improve=on_improve,

@@ -36,6 +36,7 @@ __all__ = [
     "parse_document",
     "check_output_path",
     "atomic_write_text",
+    "atomic_write_bytes",
     "table_field",
     "array_field",
     "no_unknown_keys",
@@ -176,15 +177,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file
     would interrupt the write are held until it is done (see :func:`_signals_deferred`).
     """
     p = check_output_path(path, what)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8
+        raise ConfigError(str(p), "", f"cannot write {what}: {exc.reason} at character {exc.start}") from None
     # Never write what the readers would refuse (a complete graph of 2,048 generated nodes is
     # about 180 MB of TOML): fail here, with the size, instead of at the next read.
-    size = len(text.encode("utf-8", errors="surrogatepass"))
-    if size > MAX_FILE_BYTES:
+    if len(data) > MAX_FILE_BYTES:
         raise ConfigError(
-            str(p), "", f"the {what} would be {size} bytes, over the readers' limit of {MAX_FILE_BYTES}"
+            str(p), "", f"the {what} would be {len(data)} bytes, over the readers' limit of {MAX_FILE_BYTES}"
         )
     with _signals_deferred():
-        return _write_via_temp(p, text, what)
+        return _write_via_temp(p, data, what)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -> Path:
+    """:func:`atomic_write_text` for bytes (pictures): same checks, same atomic replace."""
+    p = check_output_path(path, what)
+    with _signals_deferred():
+        return _write_via_temp(p, data, what)
 
 
 # Signals whose handler may raise (KeyboardInterrupt) or whose default action ends the process.
@@ -212,7 +223,7 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_via_temp(p: Path, text: str, what: str) -> Path:
+def _write_via_temp(p: Path, data: bytes, what: str) -> Path:
     raw = str(p)
     existing = p.stat() if p.exists() else None
     tmp: str | None = None
@@ -221,8 +232,8 @@ def _write_via_temp(p: Path, text: str, what: str) -> Path:
         # creation finds the name in ``tmp`` and the ``finally`` removes the file.
         tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         if existing is not None:
             mode = stat.S_IMODE(existing.st_mode)
         else:
@@ -234,8 +245,6 @@ def _write_via_temp(p: Path, text: str, what: str) -> Path:
         tmp = None
     except OSError as exc:
         raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
-    except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8
-        raise ConfigError(raw, "", f"cannot write {what}: {exc.reason} at character {exc.start}") from None
     finally:
         if tmp is not None:
             try:

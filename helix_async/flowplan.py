@@ -9,7 +9,7 @@ files store it in their ``[flow]`` table.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,12 +79,64 @@ class FlowPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FlowPlan:
-        """Inverse of :meth:`to_dict` (raises ValueError/KeyError on malformed input)."""
+        """Inverse of :meth:`to_dict`; ValueError naming the entry for malformed input.
+
+        Flows and capacities must be finite numbers >= 0, link keys ``u->v`` and node keys ASCII
+        node ids (a value from a file is checked, never trusted).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"must be a table, got {type(d).__name__}")
+        unknown = set(d) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field {sorted(map(str, unknown))[0]!r} (expected one of: {', '.join(_FIELDS)})")
+        if "value" not in d:
+            raise ValueError("value: missing required field")
+        mct = d.get("max_compute_throughput")
         return cls(
-            value=float(d["value"]),
-            link_flows={parse_link_key(k): float(v) for k, v in d.get("link_flows", {}).items()},
-            node_flows={int(k): float(v) for k, v in d.get("node_flows", {}).items()},
-            node_capacity={int(k): float(v) for k, v in d.get("node_capacity", {}).items()},
-            link_capacity={parse_link_key(k): float(v) for k, v in d.get("link_capacity", {}).items()},
-            max_compute_throughput=float(d.get("max_compute_throughput", math.nan)),
+            value=_amount("value", d["value"]),
+            link_flows=_entries(d, "link_flows", _link),
+            node_flows=_entries(d, "node_flows", _node),
+            node_capacity=_entries(d, "node_capacity", _node),
+            link_capacity=_entries(d, "link_capacity", _link),
+            max_compute_throughput=math.nan if mct is None else _amount("max_compute_throughput", mct),
         )
+
+
+_FIELDS = ("value", "link_flows", "node_flows", "node_capacity", "link_capacity", "max_compute_throughput")
+
+
+def _amount(where: str, value: Any) -> float:
+    """A finite number >= 0 (tokens/s)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: must be a number (tokens/s), got {type(value).__name__}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError(f"{where}: out of range (tokens/s)") from None
+    if not (math.isfinite(out) and out >= 0):
+        raise ValueError(f"{where}: must be finite and >= 0 tokens/s, got {out!r}")
+    return out
+
+
+def _link(key: str) -> PlanLink:
+    return parse_link_key(key)
+
+
+def _node(key: str) -> int:
+    if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18):
+        raise ValueError(f"not a compute node id: {key[:40]!r}")
+    return int(key)
+
+
+def _entries(d: Mapping[str, Any], name: str, parse_key: Callable[[str], Any]) -> dict[Any, float]:
+    table = d.get(name, {})
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{name}: must be a table, got {type(table).__name__}")
+    out: dict[Any, float] = {}
+    for key, value in table.items():
+        try:
+            parsed = parse_key(key)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        out[parsed] = _amount(f"{name}.{key[:40]}", value)
+    return out

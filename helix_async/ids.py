@@ -57,8 +57,8 @@ def _parse_ref(text: str) -> NodeRef:
     if text in (SOURCE, SINK):
         return text
     # ASCII digits only: str.isdigit() and int() also accept other scripts' digits
-    if not text.isascii() or not text.isdigit():
-        raise ValueError(f"not a node id, {SOURCE!r} or {SINK!r}: {text!r}")
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ValueError(f"not a node id, {SOURCE!r} or {SINK!r}: {text[:40]!r}")
     return int(text)
 
 
@@ -69,7 +69,9 @@ def link_key(u: NodeRef, v: NodeRef) -> str:
 
 def parse_link_key(key: str) -> PlanLink:
     """Inverse of :func:`link_key`; raises ValueError for anything else."""
+    if not isinstance(key, str):
+        raise ValueError(f"not a link key (expected 'u->v'): {type(key).__name__}")
     a, sep, b = key.partition("->")
     if not sep:
-        raise ValueError(f"not a link key (expected 'u->v'): {key!r}")
+        raise ValueError(f"not a link key (expected 'u->v'): {key[:40]!r}")
     return _parse_ref(a), _parse_ref(b)

@@ -5,9 +5,11 @@ Needs matplotlib (``pip install 'helix_async[plots]'``); it is imported only whe
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .extras import require
+from .fileio import atomic_write_bytes
 from .flowplan import FlowPlan
 from .ids import SINK, SOURCE, NodeRef
 from .placement.core import Placement
@@ -170,8 +172,10 @@ def plot_placement(placement: Placement, flow_plan: FlowPlan | None, path: str |
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
     sm.set_array([])
     fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label="utilisation (flow / capacity)")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue(), "plot")

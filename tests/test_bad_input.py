@@ -256,6 +256,15 @@ FILE_CASES: dict[str, Bad] = {
         "plan.toml", PlanEdit('type = "A100" }', f'type = "A100", region = "{ESC}" }}'), "cluster.nodes[", ".region", "\\x1b"
     ),
     "plan-method-esc": _flow("plan.toml", PlanEdit('method = "petals"', f'method = "{ESC}"'), "plan.method", "\\x1b"),
+    "plan-flow-big-value": _flow("plan.toml", PlanEdit("[flow]\nvalue = 952", f"[flow]\nvalue = {BIG_INT}"), "flow", "value"),
+    "plan-flow-big-capacity": _flow(
+        "plan.toml", PlanEdit("[flow.node_capacity]\n0 = ", f"[flow.node_capacity]\n0 = {BIG_INT}\n99 = "), "flow", "node_capacity"
+    ),
+    "plan-flow-arabic-node": _flow(
+        "plan.toml", PlanEdit("[flow.node_flows]\n0 = ", '[flow.node_flows]\n"\u0661" = 1.0\n"x0" = '), "flow", "node id"
+    ),
+    "plan-flow-string-value": _flow("plan.toml", PlanEdit("[flow]\nvalue = 952.1073984850639", '[flow]\nvalue = "nan"'), "flow", "value"),
+    "plan-flow-negative": _flow("plan.toml", PlanEdit("[flow.node_flows]\n0 = ", "[flow.node_flows]\n0 = -1.0\nx0 = "), "flow", ">= 0"),
     "plan-node-huge-id": _flow("plan.toml", PlanEdit("[[nodes]]\nid = 0", f"[[nodes]]\nid = {BIG_INT}"), "nodes[0].id"),
     "plan-valid-with-deep-value": _flow("plan.toml", PlanEdit("[plan]", f"[plan]\nx = {DEEP}"), "invalid TOML", "nested too deeply"),
     # TOML cluster files: hostile numbers and nesting
@@ -339,13 +348,13 @@ FLAG_CASES: dict[str, Bad] = {
     "partition-no-count": Bad(("cluster", "generate", "partitioned", "--partition", "A100", "--out", "{tmp}/g.toml"), ("--partition", "A100")),
     "partition-nan": Bad(("cluster", "generate", "partitioned", "--partition", "A100:nan", "--out", "{tmp}/g.toml"), ("--partition", "finite")),
     "partition-inf": Bad(("cluster", "generate", "partitioned", "--partition", "A100:inf", "--out", "{tmp}/g.toml"), ("--partition", "finite")),
-    "partition-1e9": Bad(("cluster", "generate", "partitioned", "--partition", "A100:1e9", "--out", "{tmp}/g.toml"), ("--partition", "2048")),
+    "partition-1e9": Bad(("cluster", "generate", "partitioned", "--partition", "A100:1e9", "--out", "{tmp}/g.toml"), ("--partition", "nodes in all")),
     "partition-fraction": Bad(("cluster", "generate", "partitioned", "--partition", "A100:2.5", "--out", "{tmp}/g.toml"), ("--partition", "whole number")),
     "partition-negative": Bad(("cluster", "generate", "partitioned", "--partition", "A100:-1", "--out", "{tmp}/g.toml"), ("--partition", ">= 0")),
     "partition-unknown-type": Bad(("cluster", "generate", "partitioned", "--partition", "H900:2", "--out", "{tmp}/g.toml"), ("H900",)),
     "partition-empty": Bad(("cluster", "generate", "partitioned", "--partition", "A100:0", "--out", "{tmp}/g.toml"), ("--partition",)),
     "partition-missing": Bad(("cluster", "generate", "partitioned", "--out", "{tmp}/g.toml"), ("--partition",)),
-    "nodes-1000000": Bad(("cluster", "generate", "single", "--nodes", "1000000", "--out", "{tmp}/g.toml"), ("--nodes", "2048")),
+    "nodes-1000000": Bad(("cluster", "generate", "single", "--nodes", "1000000", "--out", "{tmp}/g.toml"), ("--nodes", "what a cluster file holds")),
     "nodes-zero": Bad(("cluster", "generate", "single", "--nodes", "0", "--out", "{tmp}/g.toml"), ("--nodes", ">= 1")),
     "degree-negative": Bad(("cluster", "generate", "single", "--nodes", "4", "--degree", "-1", "--out", "{tmp}/g.toml"), ("--degree",)),
     "degree-too-big": Bad(("cluster", "generate", "single", "--nodes", "4", "--degree", "9", "--out", "{tmp}/g.toml"), ("--degree",)),
@@ -580,8 +589,9 @@ def test_fifo_input_is_refused_without_blocking(args: list[str], fifo: str, tmp_
     [
         (["--time-limit", "5"], "--time-limit"),
         (["--time-limit", "5", "--gap-limit", "0.1", "--prune", "3"], "--gap-limit, --prune, --time-limit"),
+        (["--partial"], "--partial"),
     ],
-    ids=["time-limit", "three-flags"],
+    ids=["time-limit", "three-flags", "partial"],
 )
 def test_heuristic_notes_ignored_flags(
     extra: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -598,3 +608,12 @@ def test_heuristic_notes_ignored_flags(
 def test_heuristic_without_milp_flags_prints_no_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = _run(capsys, [*PETALS, "--seed", "3", "--out", str(tmp_path / "p.toml")])
     assert rc == 0 and err == ""
+
+
+def test_seed_for_an_unseeded_heuristic_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "p.toml"
+    rc, out, err = _run(capsys, ["plan", "--cluster", "single24", "--method", "separate", "--seed", "3",
+                                 "--quiet", "--out", str(out_file)])
+    assert rc == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: --seed") and "separate" in lines[0], err

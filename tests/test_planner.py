@@ -350,3 +350,24 @@ def test_malformed_ini_literal_is_a_config_error(tmp_path: Path) -> None:
     sol.write_text("[Settings]\noffset=2\n\n[Solution]\ncompute_node_2=[{[]}]\n")
     with pytest.raises(ConfigError, match="ilp_sol.ini"):
         import_helix_solution(sol, shipped / "simulator_cluster.ini", lc("single24"), "llama2-70b")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"time_limit": float("nan")}, "time_limit"),
+        ({"time_limit": 0.0}, "time_limit"),
+        ({"time_limit": float("inf")}, "time_limit"),
+        ({"stall_limit": -1.0}, "stall_limit"),
+        ({"gap_limit": float("nan")}, "gap_limit"),
+        ({"prune": 0}, "prune"),
+        ({"prune": True}, "prune"),
+    ],
+    ids=["time-nan", "time-zero", "time-inf", "stall-negative", "gap-nan", "prune-zero", "prune-bool"],
+)
+def test_plan_refuses_limits_it_cannot_honour(kwargs: dict, field: str) -> None:
+    from helix_async.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        plan(load_cluster("single24"), "llama2-70b", method="petals", **kwargs)
+    assert err.value.field == field

@@ -18,6 +18,7 @@ from .spec import DEFAULT_REGION, ClusterSpec, Node
 
 __all__ = ["apply_header_regions"]
 
+_MAX_HEADER_LIST = 100_000  # characters; the original's headers list a few dozen types
 _PARTITION_RE = re.compile(r"^[ \t]*#[ \t]*partition-([0-9]+)[ \t]*:[ \t]*(\[[^\n]*\])[ \t]*$", re.MULTILINE)
 
 
@@ -29,6 +30,8 @@ def _header_partitions(text: str) -> list[list[str]] | None:
     parts: list[list[str]] = []
     for k, match in enumerate(_PARTITION_RE.finditer(text)):
         if match.group(1) != str(k):  # compared as text: no int() of a hostile 5000-digit number
+            return None
+        if len(match.group(2)) > _MAX_HEADER_LIST:
             return None
         try:
             value = ast.literal_eval(match.group(2))

@@ -652,7 +652,8 @@ HEURISTICS: dict[str, Callable[..., Placement]] = {
     "separate": separate_pipelines,
     "separate_plus": separate_pipelines_plus,
 }
-_SEEDED = frozenset({"petals", "swarm", "homogeneous"})
+#: Heuristics that draw at random (and so take a seed).
+SEEDED_HEURISTICS = frozenset({"petals", "swarm", "homogeneous"})
 #: Heuristics whose plans exceed the profiled layer maximum (``exceed_profiled_max=True``).
 FORCED_HEURISTICS = frozenset({"separate", "separate_plus"})
 
@@ -674,7 +675,7 @@ def run_heuristic(
     if name not in HEURISTICS:
         raise ConfigError("<argument>", "method", f"unknown heuristic {name!r}; known: {', '.join(HEURISTICS)}")
     kwargs: dict[str, Any] = {"tm": tm}
-    if name in _SEEDED:
+    if name in SEEDED_HEURISTICS:
         kwargs["seed"] = seed
     if name == "petals":
         kwargs["partial"] = partial

@@ -295,7 +295,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 def _flow_from(src: str, raw: Any) -> FlowPlan:
     try:
         return FlowPlan.from_dict(table_field(src, "flow", raw))
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+    except ValueError as exc:
         raise ConfigError(src, "flow", f"malformed flow summary: {exc}") from None
 
 

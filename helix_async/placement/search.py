@@ -13,6 +13,7 @@ best plan so far. Scheduling decisions here use wall time on purpose: planning i
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -422,6 +423,26 @@ def pipeline_cover(caps: Capacities, nodes: list[int], max_pipelines: int = 12) 
     return layers
 
 
+def _check_limits(
+    *, time_limit: float, stall_limit: float, gap_limit: float, prune: int | None, position_fraction: float
+) -> None:
+    """Limits a search can honour: a NaN or a non-positive time would run forever or not at all."""
+
+    def number(name: str, value: Any, *, positive: bool, finite: bool) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+        ok = ok and (value > 0 if positive else value >= 0) and (math.isfinite(value) or not finite)
+        if not ok:
+            bound = "> 0" if positive else ">= 0"
+            raise ConfigError("<argument>", name, f"must be a {'finite ' if finite else ''}number {bound}, got {value!r}")
+
+    number("time_limit", time_limit, positive=True, finite=True)
+    number("stall_limit", stall_limit, positive=True, finite=False)
+    number("gap_limit", gap_limit, positive=False, finite=True)
+    number("position_fraction", position_fraction, positive=False, finite=True)
+    if prune is not None and (isinstance(prune, bool) or not isinstance(prune, int) or prune < 1):
+        raise ConfigError("<argument>", "prune", f"must be None or an integer >= 1, got {prune!r}")
+
+
 def plan(
     cluster: ClusterSpec,
     model: ModelSpec | str,
@@ -448,6 +469,8 @@ def plan(
     Returns the best verified plan found; an impossible time limit still returns the best heuristic.
     ``PlanResult.stop_cause`` says why the search ended (:data:`StopCause`).
     """
+    _check_limits(time_limit=time_limit, stall_limit=stall_limit, gap_limit=gap_limit, prune=prune,
+                  position_fraction=position_fraction)
     spec = get_model(model)
     if method not in METHODS:
         raise ConfigError("<argument>", "method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
