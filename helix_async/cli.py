@@ -435,11 +435,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.method == "milp":
         require("pyscipopt", "plan")
     spec = load_cluster(args.cluster)
-    written = {"value": -1.0}
 
     def on_improve(placement: Placement, value: float) -> None:
         write_placement(placement, out)
-        written["value"] = value
 
     t0 = time.monotonic()
 

@@ -1,6 +1,6 @@
 """Reading and writing the package's files safely, and the field checks every file reader shares.
 
-Readers (cluster files, plan files, profiles) go through :func:`read_text`, which accepts only a
+Readers (cluster files, plan files, INI files) go through :func:`read_text`, which accepts only a
 regular file below a size cap and decodes UTF-8, and :func:`parse_document`, which turns TOML or
 JSON into a dict and reports nesting too deep or integers too long as one line. The ``*_field``
 helpers check one parsed value and raise :class:`~helix_async.errors.ConfigError` naming the file
@@ -350,13 +350,13 @@ def number_field(src: str, where: str, value: Any, *, minimum: str, unit: str) -
 
 def node_ref_field(src: str, where: str, value: Any, n: int, allowed: Sequence[str] = (SOURCE, SINK)) -> NodeRef:
     """A node id ``0..n-1`` or one of the coordinator names in ``allowed``."""
+    names = "".join(f" or {a!r}" for a in allowed)
     if isinstance(value, str):
         if value in allowed:
             return value
-        names = " or ".join(repr(a) for a in allowed)
-        raise ConfigError(src, where, f"unknown endpoint {short_repr(value)} (expected a node id or {names})")
+        raise ConfigError(src, where, f"unknown endpoint {short_repr(value)} (expected a node id{names})")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(src, where, f"must be a node id or {SOURCE!r}/{SINK!r}, got {short_repr(value)}")
+        raise ConfigError(src, where, f"must be a node id{names}, got {short_repr(value)}")
     if not 0 <= value < n:
         raise ConfigError(src, where, f"unknown node {short_repr(value)} (cluster has nodes 0..{n - 1})")
     return value

@@ -23,12 +23,12 @@ from helix_async.model import ThroughputModel
 from helix_async.placement import Placement, PlanningError, verify
 from helix_async.placement.flow import max_flow_value
 from helix_async.placement.heuristics import (
-    FORCED_HEURISTICS,
     HEURISTICS,
+    OVER_MAX_HEURISTICS,
     best_heuristic,
     default_num_stages,
-    forced_max_layers,
     homogeneous,
+    over_max_layers,
     petals,
     separate_pipeline_subclusters,
     separate_pipelines,
@@ -160,7 +160,7 @@ def test_separate_cluster42_and_plus() -> None:
         "T4x2": [13] * 4 + [14] * 2,
     }
     # 10 T4 (7 layers each with the VRAM reserve) and 6 V100 cannot hold 80 layers alone
-    assert forced_max_layers(c.machine_types["T4"], M70) == 7
+    assert over_max_layers(c.machine_types["T4"], M70) == 7
     plus = separate_pipelines_plus(c, M70)
     counts = pipeline_counts(plus)
     assert counts["T4+V100"] == [5] * 16
@@ -294,12 +294,12 @@ def test_every_heuristic_verifies_and_fits(name: str, model: str) -> None:
     for hname, fn in HEURISTICS.items():
         p = fn(c, model, tm=tm)
         verify(p, tm)
-        assert p.method == hname and p.exceed_profiled_max == (hname in FORCED_HEURISTICS)
+        assert p.method == hname and p.exceed_profiled_max == (hname in OVER_MAX_HEURISTICS)
         for i, r in p.layers.items():
             if r is None:
                 continue
             m = c.machine(i)
-            limit = forced_max_layers(m, model) if p.exceed_profiled_max else tm.max_layers(m)
+            limit = over_max_layers(m, model) if p.exceed_profiled_max else tm.max_layers(m)
             assert 1 <= r[1] - r[0] <= limit
 
 
@@ -320,13 +320,13 @@ def test_best_heuristic_picks_max() -> None:
     # any evaluator: the fewest unused nodes wins -> a plan that uses every node
     name2, p2, v2 = best_heuristic(c, M70, evaluate=lambda q: -sum(r is None for r in q.layers.values()))
     assert v2 == 0 and name2 == "petals"
-    name3, _, _ = best_heuristic(c, M70, evaluate=lambda q: float(q.exceed_profiled_max), include_forced=True, tm=tm)
+    name3, _, _ = best_heuristic(c, M70, evaluate=lambda q: float(q.exceed_profiled_max), include_over_max=True, tm=tm)
     assert name3 == "separate"
 
 
 def test_best_heuristic_skips_inapplicable() -> None:
     c = cl("single_t4")  # 12 T4: 48 layers at the profiled maximum, 84 forced
-    name, p, _ = best_heuristic(c, M70, evaluate=max_flow_value, include_forced=True)
+    name, p, _ = best_heuristic(c, M70, evaluate=max_flow_value, include_over_max=True)
     assert name == "separate" and pipeline_counts(p) == {"T4": [6] * 4 + [7] * 8}
     with pytest.raises(PlanningError, match="needs 80 layers but the 12 nodes of single_t4 hold at most 48"):
         best_heuristic(c, M70, evaluate=max_flow_value)

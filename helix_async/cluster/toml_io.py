@@ -29,10 +29,13 @@ import tomli_w
 
 from ..errors import ConfigError
 from ..fileio import (
+    array_field,
     atomic_write_text,
+    bool_field,
     int_field,
     name_field,
     no_unknown_keys,
+    node_ref_field,
     number_field,
     parse_document,
     read_text,
@@ -40,7 +43,7 @@ from ..fileio import (
     str_field,
     table_field,
 )
-from ..ids import SINK, SOURCE, NodeRef
+from ..ids import SINK, SOURCE
 from .defaults import DEFAULT_COORDINATOR_NIC_IN, DEFAULT_COORDINATOR_NIC_OUT, DEFAULT_MACHINE_TYPES
 from .regions import apply_header_regions
 from .spec import DEFAULT_REGION, RESERVED_META, ClusterSpec, Link, MachineType, Node, validate_machine_type
@@ -52,13 +55,6 @@ _TOP_KEYS = ("meta", "coordinator", "machine_types", "nodes", "links")
 _MACHINE_KEYS = ("num_gpus", "vram_bytes", "nic_in", "nic_out", "disk", "gpu")
 _NODE_KEYS = ("id", "type", "region")
 _LINK_KEYS = ("a", "b", "bidirectional", "bandwidth", "latency")
-
-
-def _link_end(source: str, where: str, value: Any) -> NodeRef:
-    # the node range is checked by validate() once all nodes are known
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(source, where, f"must be a node id or {SOURCE!r}/{SINK!r}, got {value!r}")
-    return value
 
 
 def _machine_type_from_table(source: str, name: str, table: Mapping[str, Any]) -> MachineType:
@@ -127,11 +123,7 @@ def cluster_from_toml_dict(d: Mapping[str, Any], source: str) -> ClusterSpec:
             source, mname, table_field(source, f"machine_types.{mname}", mtable)
         )
 
-    raw_nodes = d.get("nodes")
-    if raw_nodes is None:
-        raise ConfigError(source, "nodes", "missing required field (an array of [[nodes]] tables)")
-    if not isinstance(raw_nodes, list):
-        raise ConfigError(source, "nodes", f"must be an array of tables, got {type(raw_nodes).__name__}")
+    raw_nodes = array_field(source, "nodes", required_field(source, "", d, "nodes"))
     nodes: list[Node] = []
     for i, raw in enumerate(raw_nodes):
         where = f"nodes[{i}]"
@@ -146,16 +138,14 @@ def cluster_from_toml_dict(d: Mapping[str, Any], source: str) -> ClusterSpec:
         if mtype not in machine_types and mtype in DEFAULT_MACHINE_TYPES:
             machine_types[mtype] = DEFAULT_MACHINE_TYPES[mtype]
 
-    raw_links = d.get("links", [])
-    if not isinstance(raw_links, list):
-        raise ConfigError(source, "links", f"must be an array of tables, got {type(raw_links).__name__}")
+    raw_links = array_field(source, "links", d.get("links", []))
     links: list[Link] = []
     for k, raw in enumerate(raw_links):
         where = f"links[{k}]"
         table = table_field(source, where, raw)
         no_unknown_keys(source, where, table, _LINK_KEYS)
-        a = _link_end(source, f"{where}.a", required_field(source, where, table, "a"))
-        b = _link_end(source, f"{where}.b", required_field(source, where, table, "b"))
+        a = node_ref_field(source, f"{where}.a", required_field(source, where, table, "a"), len(nodes))
+        b = node_ref_field(source, f"{where}.b", required_field(source, where, table, "b"), len(nodes))
         bandwidth = number_field(
             source,
             f"{where}.bandwidth",
@@ -172,11 +162,7 @@ def cluster_from_toml_dict(d: Mapping[str, Any], source: str) -> ClusterSpec:
         )
         # Omitted direction: pair links are physical two-way links, coordinator links are one-way.
         default_bidir = isinstance(a, int) and isinstance(b, int)
-        bidirectional = table.get("bidirectional", default_bidir)
-        if not isinstance(bidirectional, bool):
-            raise ConfigError(
-                source, f"{where}.bidirectional", f"must be true or false, got {bidirectional!r}"
-            )
+        bidirectional = bool_field(source, f"{where}.bidirectional", table.get("bidirectional", default_bidir))
         links.append(Link(a, b, bandwidth, latency, bidirectional))
 
     spec = ClusterSpec(

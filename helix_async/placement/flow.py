@@ -161,8 +161,20 @@ def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) ->
     return g
 
 
+def _networkx_max_flow(g: nx.DiGraph, s: int, t: int, value_only: bool) -> Any:
+    """networkx max flow with the default algorithm (preflow-push), edmonds_karp as a fallback."""
+    fn = nx.maximum_flow_value if value_only else nx.maximum_flow
+    try:
+        return fn(g, s, t)
+    except nx.NetworkXUnbounded:
+        raise
+    except Exception as exc:  # networkx's preflow-push once raised IndexError (PLANNER_NOTES)
+        log.warning("preflow_push failed (%s: %s); retrying with edmonds_karp", type(exc).__name__, exc)
+        return fn(g, s, t, flow_func=nx.algorithms.flow.edmonds_karp)
+
+
 def _solve(graph: nx.DiGraph, value_only: bool) -> Any:
-    """networkx max flow with the default algorithm (preflow-push), edmonds_karp as a fallback.
+    """Max flow of the flow graph (see :func:`_networkx_max_flow`).
 
     The graph is solved with integer vertex labels in insertion order: networkx keeps vertices in
     sets along the way, and with string labels the order it visits them, and so the per-edge
@@ -172,15 +184,7 @@ def _solve(graph: nx.DiGraph, value_only: bool) -> Any:
     names = list(graph.nodes)
     index = {v: i for i, v in enumerate(names)}
     g = nx.relabel_nodes(graph, index, copy=True)
-    fn = nx.maximum_flow_value if value_only else nx.maximum_flow
-    s, t = index[SOURCE], index[SINK]
-    try:
-        result = fn(g, s, t)
-    except nx.NetworkXUnbounded:
-        raise
-    except Exception as exc:  # networkx's preflow-push once raised IndexError (PLANNER_NOTES)
-        log.warning("preflow_push failed (%s: %s); retrying with edmonds_karp", type(exc).__name__, exc)
-        result = fn(g, s, t, flow_func=nx.algorithms.flow.edmonds_karp)
+    result = _networkx_max_flow(g, index[SOURCE], index[SINK], value_only)
     if value_only:
         return result
     value, flow = result
@@ -230,11 +234,7 @@ def _collapsed_max_flow(n: int, edges: list[tuple[int, int, float]], s: int, t: 
     g.add_nodes_from(range(n))
     for u, v, c in edges:
         g.add_edge(u, v, capacity=c)
-    try:
-        value, flow = nx.maximum_flow(g, s, t)
-    except Exception as exc:  # networkx's preflow-push once raised IndexError (PLANNER_NOTES)
-        log.warning("preflow_push failed (%s: %s); retrying with edmonds_karp", type(exc).__name__, exc)
-        value, flow = nx.maximum_flow(g, s, t, flow_func=nx.algorithms.flow.edmonds_karp)
+    value, flow = _networkx_max_flow(g, s, t, value_only=False)
     return value, [c - flow[u][v] for u, v, c in edges]
 
 

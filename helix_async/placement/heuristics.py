@@ -28,11 +28,12 @@ from .core import Placement, clean_arcs, placement_arcs, verify
 log = logging.getLogger("helix_async.planner")
 
 
-#: VRAM (bytes) each GPU of a machine keeps free of weights in forced (separate-pipeline) layouts:
+#: VRAM (bytes) each GPU of a machine keeps free of weights in layouts that exceed the profiled
+#: layer maximum (the separate pipelines):
 #: runtime context, activations and a minimal KV cache. 5 GB per GPU reproduces the shipped
 #: hand-made layouts: a 16 GB T4 takes at most 7 LLaMA-2-70B layers (the single24 T4 pipeline uses
 #: 6-7), so the 10 T4s of cluster42 (70 layers) cannot form a pipeline of their own there.
-FORCE_RESERVE_PER_GPU = 5e9
+OVER_MAX_RESERVE_PER_GPU = 5e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,11 +64,12 @@ def _max_layers(cluster: ClusterSpec, spec: ModelSpec, tm: ThroughputModel) -> d
     return {n.id: min(tm.max_layers(cluster.machine(n.id)), spec.num_layers) for n in cluster.nodes}
 
 
-def forced_max_layers(
-    machine: MachineType, model: str | ModelSpec, *, reserve_per_gpu: float = FORCE_RESERVE_PER_GPU
+def over_max_layers(
+    machine: MachineType, model: str | ModelSpec, *, reserve_per_gpu: float = OVER_MAX_RESERVE_PER_GPU
 ) -> int:
-    """Most layers a forced (separate-pipeline) node may hold: weights within VRAM minus
-    ``reserve_per_gpu`` bytes per GPU (see :data:`FORCE_RESERVE_PER_GPU`)."""
+    """Most layers a node may hold when the profiled maximum may be exceeded (separate pipelines):
+    weights within VRAM minus
+    ``reserve_per_gpu`` bytes per GPU (see :data:`OVER_MAX_RESERVE_PER_GPU`)."""
     spec = get_model(model)
     usable = machine.vram_bytes - reserve_per_gpu * machine.num_gpus
     if usable <= 0 or spec.param_bytes_per_layer <= 0:
@@ -470,7 +472,7 @@ def _separate(
 ) -> tuple[list[list[str]], list[list[tuple[int, int, int]]], dict[int, int]]:
     method = "separate_plus" if plus else "separate"
     caps = {
-        n.id: forced_max_layers(cluster.machine(n.id), spec, reserve_per_gpu=reserve_per_gpu)
+        n.id: over_max_layers(cluster.machine(n.id), spec, reserve_per_gpu=reserve_per_gpu)
         for n in cluster.nodes
     }
     _require_fit(
@@ -561,7 +563,7 @@ def separate_pipelines(
     model: str | ModelSpec,
     *,
     tm: ThroughputModel | None = None,
-    reserve_per_gpu: float = FORCE_RESERVE_PER_GPU,
+    reserve_per_gpu: float = OVER_MAX_RESERVE_PER_GPU,
 ) -> Placement:
     """Separate pipelines (SP): one pipeline per machine type over all of its nodes.
 
@@ -569,7 +571,7 @@ def separate_pipelines(
     nodes taking the smaller share (LLaMA-2-70B on single24: A100 20/20/20/20, L4 8 x 10,
     T4 6, 6, 6, 6, 7 x 8). Layer counts may exceed the profiled maximum (``exceed_profiled_max=True``), but each
     node keeps ``reserve_per_gpu`` bytes of VRAM per GPU free of weights
-    (:func:`forced_max_layers`); a type whose nodes cannot hold L layers that way has no pipeline.
+    (:func:`over_max_layers`); a type whose nodes cannot hold L layers that way has no pipeline.
     One placement over the whole cluster: the pipelines are disjoint chains (links only
     source -> first, along the chain, last -> sink); ``meta["pipelines"]`` lists each chain's ids.
     Raises PlanningError when no type can form a pipeline.
@@ -588,7 +590,7 @@ def separate_pipelines_plus(
     *,
     groups: Sequence[Sequence[str]] | None = None,
     tm: ThroughputModel | None = None,
-    reserve_per_gpu: float = FORCE_RESERVE_PER_GPU,
+    reserve_per_gpu: float = OVER_MAX_RESERVE_PER_GPU,
 ) -> Placement:
     """SP+: separate pipelines plus one mixed pipeline of the types too small for their own.
 
@@ -618,7 +620,7 @@ def separate_pipeline_subclusters(
     *,
     plus: bool = False,
     groups: Sequence[Sequence[str]] | None = None,
-    reserve_per_gpu: float = FORCE_RESERVE_PER_GPU,
+    reserve_per_gpu: float = OVER_MAX_RESERVE_PER_GPU,
 ) -> list[tuple[ClusterSpec, Placement]]:
     """Each SP (or SP+, with ``plus``/``groups``) pipeline as its own (sub-cluster, placement) pair.
 
@@ -655,7 +657,7 @@ HEURISTICS: dict[str, Callable[..., Placement]] = {
 #: Heuristics that draw at random (and so take a seed).
 SEEDED_HEURISTICS = frozenset({"petals", "swarm", "homogeneous"})
 #: Heuristics whose plans exceed the profiled layer maximum (``exceed_profiled_max=True``).
-FORCED_HEURISTICS = frozenset({"separate", "separate_plus"})
+OVER_MAX_HEURISTICS = frozenset({"separate", "separate_plus"})
 
 
 def run_heuristic(
@@ -689,13 +691,13 @@ def best_heuristic(
     seed: int = 0,
     evaluate: Callable[[Placement], float],
     names: Sequence[str] | None = None,
-    include_forced: bool = False,
+    include_over_max: bool = False,
     tm: ThroughputModel | None = None,
 ) -> tuple[str, Placement, float]:
     """Run every applicable heuristic and keep the one ``evaluate`` scores highest.
 
     Candidates: ``names`` if given, else every entry of :data:`HEURISTICS` except the forced ones
-    (:data:`FORCED_HEURISTICS`, separate pipelines) unless ``include_forced``. Forced plans are left
+    (:data:`OVER_MAX_HEURISTICS`, separate pipelines) unless ``include_over_max``. Forced plans are left
     out by default because past the profiled maximum the throughput model works from an
     extrapolated KV capacity (``ThroughputModel.kv_capacity``), not from measurements.
 
@@ -706,7 +708,7 @@ def best_heuristic(
     """
     spec, tm = _setup(cluster, model, tm)
     if names is None:
-        names = [n for n in HEURISTICS if include_forced or n not in FORCED_HEURISTICS]
+        names = [n for n in HEURISTICS if include_over_max or n not in OVER_MAX_HEURISTICS]
     unknown = [n for n in names if n not in HEURISTICS]
     if unknown:
         raise ConfigError(
@@ -731,14 +733,14 @@ def best_heuristic(
 
 
 __all__ = [
-    "FORCED_HEURISTICS",
-    "FORCE_RESERVE_PER_GPU",
+    "OVER_MAX_HEURISTICS",
+    "OVER_MAX_RESERVE_PER_GPU",
     "HEURISTICS",
     "run_heuristic",
     "PlanningError",
     "best_heuristic",
     "default_num_stages",
-    "forced_max_layers",
+    "over_max_layers",
     "homogeneous",
     "petals",
     "separate_pipeline_subclusters",

@@ -51,10 +51,13 @@ from ..fileio import (
     bool_field,
     int_field,
     name_field,
+    no_unknown_keys,
     node_ref_field,
     parse_document,
     read_text,
+    required_field,
     short_repr,
+    str_field,
     table_field,
 )
 from ..flowplan import FlowPlan
@@ -180,17 +183,10 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
     well-formed but invalid plan.
     """
     src = source
-    for key in doc:
-        if key not in _TOP_KEYS:
-            raise ConfigError(src, str(key), f"unknown top-level key (expected {', '.join(_TOP_KEYS)})")
-    if "plan" not in doc:
-        raise ConfigError(src, "plan", "missing required table [plan]")
-    plan = dict(table_field(src, "plan", doc["plan"]))
-    if "model" not in plan:
-        raise ConfigError(src, "plan.model", "missing required field")
-    model = plan.pop("model")
-    if not isinstance(model, str):
-        raise ConfigError(src, "plan.model", f"must be a string, got {short_repr(model)}")
+    no_unknown_keys(src, "", doc, _TOP_KEYS)
+    plan = table_field(src, "plan", required_field(src, "", doc, "plan"))
+    model = str_field(src, "plan.model", required_field(src, "plan", plan, "model"))
+    del plan["model"]
     try:
         spec = get_model(model)
     except ConfigError as exc:
@@ -210,9 +206,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
             )
     meta = plan  # everything else in [plan]
 
-    if "cluster" not in doc:
-        raise ConfigError(src, "cluster", "missing required table [cluster]")
-    ctab = table_field(src, "cluster", doc["cluster"])
+    ctab = table_field(src, "cluster", required_field(src, "", doc, "cluster"))
     try:
         cluster: ClusterSpec = cluster_from_toml_dict(ctab, src)
     except ConfigError as exc:
@@ -224,14 +218,9 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
     for k, raw in enumerate(array_field(src, "nodes", doc.get("nodes", []))):
         where = f"nodes[{k}]"
         entry = table_field(src, where, raw)
-        for key in entry:
-            if key not in ("id", "type", "layers"):
-                raise ConfigError(src, f"{where}.{key}", "unknown key (expected id, type, layers)")
-        if "id" not in entry:
-            raise ConfigError(src, f"{where}.id", "missing required field")
-        node = int_field(src, f"{where}.id", entry["id"])
-        if not 0 <= node < n:
-            raise ConfigError(src, f"{where}.id", f"unknown node {short_repr(node)} (cluster has nodes 0..{n - 1})")
+        no_unknown_keys(src, where, entry, ("id", "type", "layers"))
+        node = node_ref_field(src, f"{where}.id", required_field(src, where, entry, "id"), n, ())
+        assert isinstance(node, int)
         if node in seen:
             raise ConfigError(src, f"{where}.id", f"node {node} is listed twice")
         seen.add(node)
@@ -261,14 +250,9 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
     for k, raw in enumerate(array_field(src, "links", doc.get("links", []))):
         where = f"links[{k}]"
         entry = table_field(src, where, raw)
-        for key in entry:
-            if key not in ("src", "dst"):
-                raise ConfigError(src, f"{where}.{key}", "unknown key (expected src, dst)")
-        for key in ("src", "dst"):
-            if key not in entry:
-                raise ConfigError(src, f"{where}.{key}", "missing required field")
-        u = node_ref_field(src, f"{where}.src", entry["src"], n, (SOURCE,))
-        v = node_ref_field(src, f"{where}.dst", entry["dst"], n, (SINK,))
+        no_unknown_keys(src, where, entry, ("src", "dst"))
+        u = node_ref_field(src, f"{where}.src", required_field(src, where, entry, "src"), n, (SOURCE,))
+        v = node_ref_field(src, f"{where}.dst", required_field(src, where, entry, "dst"), n, (SINK,))
         if u == SOURCE and v == SINK:
             raise ConfigError(src, where, "a link cannot join the source to the sink")
         if (u, v) in seen_links:
