@@ -43,23 +43,9 @@ from typing import Any
 
 import tomli_w
 
+from .. import fileio
 from ..cluster import ClusterSpec, cluster_from_toml_dict, cluster_to_toml_dict, load_cluster
 from ..errors import ConfigError, PlacementError
-from ..fileio import (
-    array_field,
-    atomic_write_text,
-    bool_field,
-    int_field,
-    name_field,
-    no_unknown_keys,
-    node_ref_field,
-    parse_document,
-    read_text,
-    required_field,
-    short_repr,
-    str_field,
-    table_field,
-)
 from ..flowplan import FlowPlan
 from ..ids import SINK, SOURCE, NodeRef
 from ..ini import ascii_int, ini_get, ini_list, read_ini
@@ -152,7 +138,7 @@ def write_placement(
         text = json.dumps(doc, indent=1) + "\n"
     else:
         text = tomli_w.dumps(doc)
-    return atomic_write_text(p, text, "plan file")
+    return fileio.atomic_write_text(p, text, "plan file")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,9 +148,9 @@ def write_placement(
 
 def _load_doc(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     src = str(Path(path))
-    text = read_text(path, "plan file")
+    text = fileio.read_text(path, "plan file")
     fmt = "json" if Path(path).suffix.lower() == ".json" else "toml"
-    return parse_document(text, src, fmt), src
+    return fileio.parse_document(text, src, fmt), src
 
 
 def _verified(placement: Placement, where: str) -> Placement:
@@ -183,30 +169,30 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
     well-formed but invalid plan.
     """
     src = source
-    no_unknown_keys(src, "", doc, _TOP_KEYS)
-    plan = table_field(src, "plan", required_field(src, "", doc, "plan"))
-    model = str_field(src, "plan.model", required_field(src, "plan", plan, "model"))
+    fileio.no_unknown_keys(src, "", doc, _TOP_KEYS)
+    plan = fileio.table_field(src, "plan", fileio.required_field(src, "", doc, "plan"))
+    model = fileio.str_field(src, "plan.model", fileio.required_field(src, "plan", plan, "model"))
     del plan["model"]
     try:
         spec = get_model(model)
     except ConfigError as exc:
         raise ConfigError(src, "plan.model", exc.message) from None
-    method = name_field(src, "plan.method", plan.pop("method", "manual"))
-    partial = bool_field(src, "plan.partial", plan.pop("partial", False))
+    method = fileio.name_field(src, "plan.method", plan.pop("method", "manual"))
+    partial = fileio.bool_field(src, "plan.partial", plan.pop("partial", False))
     if "force" in plan:  # the name files written before 0.1 used for the same flag
         if "exceed_profiled_max" in plan:
             raise ConfigError(src, "plan.force", "old name of plan.exceed_profiled_max; give only one of them")
         plan["exceed_profiled_max"] = plan.pop("force")
-    exceed_profiled_max = bool_field(src, "plan.exceed_profiled_max", plan.pop("exceed_profiled_max", False))
+    exceed_profiled_max = fileio.bool_field(src, "plan.exceed_profiled_max", plan.pop("exceed_profiled_max", False))
     if "num_layers" in plan:
-        nl = int_field(src, "plan.num_layers", plan.pop("num_layers"))
+        nl = fileio.int_field(src, "plan.num_layers", plan.pop("num_layers"))
         if nl != spec.num_layers:
             raise ConfigError(
-                src, "plan.num_layers", f"is {short_repr(nl)} but model {spec.name} has {spec.num_layers} layers"
+                src, "plan.num_layers", f"is {fileio.short_repr(nl)} but model {spec.name} has {spec.num_layers} layers"
             )
     meta = plan  # everything else in [plan]
 
-    ctab = table_field(src, "cluster", required_field(src, "", doc, "cluster"))
+    ctab = fileio.table_field(src, "cluster", fileio.required_field(src, "", doc, "cluster"))
     try:
         cluster: ClusterSpec = cluster_from_toml_dict(ctab, src)
     except ConfigError as exc:
@@ -215,11 +201,11 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     layers: dict[int, tuple[int, int] | None] = {i: None for i in range(n)}
     seen: set[int] = set()
-    for k, raw in enumerate(array_field(src, "nodes", doc.get("nodes", []))):
+    for k, raw in enumerate(fileio.array_field(src, "nodes", doc.get("nodes", []))):
         where = f"nodes[{k}]"
-        entry = table_field(src, where, raw)
-        no_unknown_keys(src, where, entry, ("id", "type", "layers"))
-        node = node_ref_field(src, f"{where}.id", required_field(src, where, entry, "id"), n, ())
+        entry = fileio.table_field(src, where, raw)
+        fileio.no_unknown_keys(src, where, entry, ("id", "type", "layers"))
+        node = fileio.node_ref_field(src, f"{where}.id", fileio.required_field(src, where, entry, "id"), n, ())
         assert isinstance(node, int)
         if node in seen:
             raise ConfigError(src, f"{where}.id", f"node {node} is listed twice")
@@ -228,15 +214,15 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
             raise ConfigError(
                 src,
                 f"{where}.type",
-                f"node {node} is a {cluster.nodes[node].machine_type} in the cluster, not {short_repr(entry['type'])}",
+                f"node {node} is a {cluster.nodes[node].machine_type} in the cluster, not {fileio.short_repr(entry['type'])}",
             )
         r = entry.get("layers", [])
         if not isinstance(r, list):
-            raise ConfigError(src, f"{where}.layers", f"must be [start, end] or [], got {short_repr(r)}")
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] or [], got {fileio.short_repr(r)}")
         if not r:
             continue
         if len(r) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in r):
-            raise ConfigError(src, f"{where}.layers", f"must be [start, end] with integers, got {short_repr(r)}")
+            raise ConfigError(src, f"{where}.layers", f"must be [start, end] with integers, got {fileio.short_repr(r)}")
         if not 0 <= r[0] < r[1] <= spec.num_layers:
             raise ConfigError(
                 src,
@@ -247,12 +233,12 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     links: list[tuple[NodeRef, NodeRef]] = []
     seen_links: set[tuple[NodeRef, NodeRef]] = set()
-    for k, raw in enumerate(array_field(src, "links", doc.get("links", []))):
+    for k, raw in enumerate(fileio.array_field(src, "links", doc.get("links", []))):
         where = f"links[{k}]"
-        entry = table_field(src, where, raw)
-        no_unknown_keys(src, where, entry, ("src", "dst"))
-        u = node_ref_field(src, f"{where}.src", required_field(src, where, entry, "src"), n, (SOURCE,))
-        v = node_ref_field(src, f"{where}.dst", required_field(src, where, entry, "dst"), n, (SINK,))
+        entry = fileio.table_field(src, where, raw)
+        fileio.no_unknown_keys(src, where, entry, ("src", "dst"))
+        u = fileio.node_ref_field(src, f"{where}.src", fileio.required_field(src, where, entry, "src"), n, (SOURCE,))
+        v = fileio.node_ref_field(src, f"{where}.dst", fileio.required_field(src, where, entry, "dst"), n, (SINK,))
         if u == SOURCE and v == SINK:
             raise ConfigError(src, where, "a link cannot join the source to the sink")
         if (u, v) in seen_links:
@@ -278,7 +264,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
 def _flow_from(src: str, raw: Any) -> FlowPlan:
     try:
-        return FlowPlan.from_dict(table_field(src, "flow", raw))
+        return FlowPlan.from_dict(fileio.table_field(src, "flow", raw))
     except ValueError as exc:
         raise ConfigError(src, "flow", f"malformed flow summary: {exc}") from None
 
@@ -312,7 +298,7 @@ def _node_id(src: str, where: str, name: str, offset: int, n: int) -> int:
     m = _NODE_NAME.match(name.strip())
     k = None if m is None else ascii_int(m.group(1))
     if k is None:
-        raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {short_repr(name)}")
+        raise ConfigError(src, where, f"not a compute node name (compute_node_<k>): {fileio.short_repr(name)}")
     node = k - offset
     if not 0 <= node < n:
         raise ConfigError(
@@ -357,7 +343,7 @@ def import_helix_solution(
     raw_offset = ini_get(sol, ssrc, "Settings", "offset").strip()
     offset = ascii_int(raw_offset.removeprefix("-"))
     if offset is None:
-        raise ConfigError(ssrc, "[Settings].offset", f"must be an integer, got {short_repr(raw_offset)}")
+        raise ConfigError(ssrc, "[Settings].offset", f"must be an integer, got {fileio.short_repr(raw_offset)}")
     if raw_offset.startswith("-"):
         offset = -offset
     if not sol.has_section("Solution"):
@@ -384,7 +370,7 @@ def import_helix_solution(
     present: set[int] = set()
     for k, name in enumerate(names):
         if not isinstance(name, str):
-            raise ConfigError(csrc, f"[ComputeNodes].names[{k}]", f"must be a string, got {short_repr(name)}")
+            raise ConfigError(csrc, f"[ComputeNodes].names[{k}]", f"must be a string, got {fileio.short_repr(name)}")
         present.add(_node_id(csrc, f"[ComputeNodes].names[{k}]", name, offset, n))
     layers: dict[int, tuple[int, int] | None] = {
         i: (solution.get(i) if i in present else None) for i in range(n)
@@ -394,7 +380,7 @@ def import_helix_solution(
     links: list[tuple[NodeRef, NodeRef]] = []
     for k, lname in enumerate(link_names):
         if not isinstance(lname, str):
-            raise ConfigError(csrc, f"[Links].names[{k}]", f"must be a string, got {short_repr(lname)}")
+            raise ConfigError(csrc, f"[Links].names[{k}]", f"must be a string, got {fileio.short_repr(lname)}")
         u = _endpoint(csrc, f"[{lname}].in", ini_get(sim, csrc, lname, "in"), offset, n)
         v = _endpoint(csrc, f"[{lname}].out", ini_get(sim, csrc, lname, "out"), offset, n)
         if u == SINK or v == SOURCE or u == v:
