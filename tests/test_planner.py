@@ -356,14 +356,14 @@ def test_malformed_ini_literal_is_a_config_error(tmp_path: Path) -> None:
     ("kwargs", "field"),
     [
         ({"time_limit": float("nan")}, "time_limit"),
-        ({"time_limit": 0.0}, "time_limit"),
+        ({"time_limit": -1.0}, "time_limit"),
         ({"time_limit": float("inf")}, "time_limit"),
         ({"stall_limit": -1.0}, "stall_limit"),
         ({"gap_limit": float("nan")}, "gap_limit"),
         ({"prune": 0}, "prune"),
         ({"prune": True}, "prune"),
     ],
-    ids=["time-nan", "time-zero", "time-inf", "stall-negative", "gap-nan", "prune-zero", "prune-bool"],
+    ids=["time-nan", "time-negative", "time-inf", "stall-negative", "gap-nan", "prune-zero", "prune-bool"],
 )
 def test_plan_refuses_limits_it_cannot_honour(kwargs: dict, field: str) -> None:
     from helix_async.errors import ConfigError

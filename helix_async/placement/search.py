@@ -435,7 +435,7 @@ def _check_limits(
             bound = "> 0" if positive else ">= 0"
             raise ConfigError("<argument>", name, f"must be a {'finite ' if finite else ''}number {bound}, got {value!r}")
 
-    number("time_limit", time_limit, positive=True, finite=True)
+    number("time_limit", time_limit, positive=False, finite=True)  # 0: the heuristics' best, no search
     number("stall_limit", stall_limit, positive=True, finite=False)
     number("gap_limit", gap_limit, positive=False, finite=True)
     number("position_fraction", position_fraction, positive=False, finite=True)
