@@ -305,7 +305,7 @@ def _generator_error(exc: ConfigError, kind: str) -> ConfigError:
         return exc
     if flag.endswith(("bandwidth", "latency")) and index in ("0]", "1]"):
         flag += " AVG" if index == "0]" else " VAR"
-    return ConfigError("<argument>", flag, exc.message.replace("pass machine_types=; ", ""))
+    return ConfigError("<argument>", flag, exc.message)
 
 
 def cmd_cluster_generate(args: argparse.Namespace) -> int:

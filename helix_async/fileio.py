@@ -294,7 +294,8 @@ def int_field(src: str, where: str, value: Any, *, lo: int | None = None, hi: in
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(src, where, f"must be an integer, got {short_repr(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(src, where, f"must be an integer in [{lo}, {hi}], got {short_repr(value)}")
+        bound = f"in [{lo}, {hi}]" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ConfigError(src, where, f"must be an integer {bound}, got {short_repr(value)}")
     return value
 
 

@@ -54,7 +54,7 @@ def _resolve_types(
         else:
             known = ", ".join(sorted(set(extra) | set(DEFAULT_MACHINE_TYPES)))
             raise ConfigError(
-                _ARG, "machine type", f"unknown machine type {t!r} (pass machine_types=; known: {known})"
+                _ARG, "machine type", f"unknown machine type {t!r} (known: {known})"
             )
     return out
 

@@ -24,10 +24,7 @@ __all__ = ["import_helix_ini", "read_machine_profile_ini"]
 
 def _sec(section: str) -> str:
     """``[section]`` for a message: control characters escaped, a hostile long name cut."""
-    shown = section if section.isprintable() else repr(section)[1:-1]
-    if len(shown) > 60:
-        shown = f"{shown[:28]}...{shown[-28:]}"
-    return f"[{shown}]"
+    return f"[{short_repr(section)[1:-1]}]"
 
 
 def read_machine_profile_ini(path: str | os.PathLike[str]) -> MachineProfile:
@@ -119,8 +116,7 @@ def import_helix_ini(
 
     n_where = "[NodeNames].total_compute_nodes"
     n = ini_literal(ini_get(parser, source, "NodeNames", "total_compute_nodes"), source, n_where)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(source, n_where, f"must be an integer >= 1, got {n!r}")
+    n = int_field(source, n_where, n, lo=1)
 
     nodes: list[Node] = []
     machine_types: dict[str, MachineType] = {}

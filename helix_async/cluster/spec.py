@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import ConfigError
-from ..fileio import int_field, name_field, node_ref_field, number_field
+from ..fileio import bool_field, int_field, name_field, node_ref_field, number_field, short_repr, str_field
 from ..ids import SINK, SOURCE, NodeRef, node_order
 
 __all__ = ["DEFAULT_REGION", "MachineType", "MachineProfile", "Node", "Link", "DirectedLink", "ClusterSpec"]
@@ -274,8 +274,7 @@ class ClusterSpec:
             where = f"nodes[{i}]"
             if not isinstance(node, Node):
                 raise ConfigError(src, where, f"expected a Node, got {type(node).__name__}")
-            if isinstance(node.id, bool) or not isinstance(node.id, int):
-                raise ConfigError(src, f"{where}.id", f"must be an integer, got {node.id!r}")
+            int_field(src, f"{where}.id", node.id)
             if node.id in seen_ids:
                 raise ConfigError(
                     src, f"{where}.id", f"duplicate node id {node.id} (also nodes[{seen_ids[node.id]}])"
@@ -285,8 +284,7 @@ class ClusterSpec:
                 raise ConfigError(
                     src, f"{where}.id", f"node ids must be 0..N-1 in order: expected {i}, got {node.id}"
                 )
-            if not isinstance(node.machine_type, str):
-                raise ConfigError(src, f"{where}.type", f"must be a string, got {node.machine_type!r}")
+            str_field(src, f"{where}.type", node.machine_type)
             if node.machine_type not in self.machine_types:
                 from .defaults import DEFAULT_MACHINE_TYPES  # defaults.py imports this module
 
@@ -294,7 +292,7 @@ class ClusterSpec:
                 raise ConfigError(
                     src,
                     f"{where}.type",
-                    f"unknown machine type {node.machine_type!r} (define it under [machine_types]; known: {known})",
+                    f"unknown machine type {short_repr(node.machine_type)} (define it under [machine_types]; known: {known})",
                 )
             name_field(src, f"{where}.region", node.region)
 
@@ -316,10 +314,7 @@ class ClusterSpec:
                 raise ConfigError(src, f"{where}.b", "the source cannot link directly to the sink")
             if link.a == link.b:
                 raise ConfigError(src, f"{where}.b", f"self-loop on node {link.a!r}")
-            if not isinstance(link.bidirectional, bool):
-                raise ConfigError(
-                    src, f"{where}.bidirectional", f"must be true or false, got {link.bidirectional!r}"
-                )
+            bool_field(src, f"{where}.bidirectional", link.bidirectional)
             if link.bidirectional and (isinstance(link.a, str) or isinstance(link.b, str)):
                 raise ConfigError(
                     src,
