@@ -1,8 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 """Compiled twin of helix_async/_codec_py.py (the specification; read it first).
 
-The hot messages (prompt_work, decode_work, activations, token_result) are encoded and decoded
-here: msgpack is written and parsed by hand for their fixed layouts, producing the bytes
+The hot messages (prompt_work, decode_work, activations, token_result, feedback) are encoded and
+decoded here, and sized (``wire_size``: the encoder run with a writer that only counts bytes, so it
+accepts exactly what the encoder accepts; anything else goes to the pure-Python ``wire_size``):
+msgpack is written and parsed by hand for their fixed layouts, producing the bytes
 ``msgpack.packb(..., use_bin_type=True)`` produces (smallest int encoding, float64, fixarray /
 array16 / array32, fixstr / str8 / str16 / str32) and accepting every valid msgpack encoding of
 the fields that ``msgpack.unpackb`` accepts. Decoded messages are built without running the
@@ -22,14 +24,16 @@ fast path were ever stricter than the spec; the test suite compares the two thro
 ``_encode_strict``/``_decode_strict``, which do not fall back). Any other exception is a bug of
 the fast path (or a failing helper, or MemoryError) and propagates: it is never hidden by a
 silent re-encode. Other message types, and limits that do not fit a C long long, go to the
-pure-Python codec directly. Tensors to encode are checked by the same Python helper
+pure-Python codec directly. ``wire_size`` (no limits: its counting writer checks against the
+default ones, and remembers the routes it checked) hands what its fast path rejects to the
+pure-Python ``wire_size``. Tensors to encode are checked by the same Python helper
 (``tensor_to_wire``) in both codecs; received tensor frames are checked here (size against the
 descriptor, span against ``max_frame_bytes``) and wrapped as ``tensor_from_wire`` does
 (``np.ndarray(shape, dtype, buffer=frame)``, no copy; an array numpy refuses is a rejection).
 """
 
 from cpython.object cimport PyObject, PyTypeObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.list cimport PyList_New, PyList_SET_ITEM
@@ -67,6 +71,7 @@ cdef extern from "Python.h":
     object PyBytes_FromStringAndSize(const char* s, Py_ssize_t n)
     object PyLong_FromLongLong(long long v)
     object PyFloat_FromDouble(double v)
+    Py_ssize_t PY_SSIZE_T_MAX
 
 cdef extern from "structmember.h":
     ctypedef struct PyMemberDef:
@@ -94,22 +99,28 @@ cdef type PromptWork_t = _m.PromptWork
 cdef type DecodeWork_t = _m.DecodeWork
 cdef type Activations_t = _m.Activations
 cdef type TokenResult_t = _m.TokenResult
+cdef type Feedback_t = _m.Feedback
 
-cdef Py_ssize_t OFF_PW[9]
-cdef Py_ssize_t OFF_DW[7]
+cdef Py_ssize_t OFF_PW[10]
+cdef Py_ssize_t OFF_DW[8]
 cdef Py_ssize_t OFF_AC[5]
-cdef Py_ssize_t OFF_TR[5]
+cdef Py_ssize_t OFF_TR[6]
+cdef Py_ssize_t OFF_FB[4]
 
 cdef object TAG_PW = _py.TAG_FRAMES[int(_m.MsgType.PROMPT_WORK)]
 cdef object TAG_DW = _py.TAG_FRAMES[int(_m.MsgType.DECODE_WORK)]
 cdef object TAG_AC = _py.TAG_FRAMES[int(_m.MsgType.ACTIVATIONS)]
 cdef object TAG_TR = _py.TAG_FRAMES[int(_m.MsgType.TOKEN_RESULT)]
+cdef object TAG_FB = _py.TAG_FRAMES[int(_m.MsgType.FEEDBACK)]
 cdef int T_PW = _m.MsgType.PROMPT_WORK
 cdef int T_DW = _m.MsgType.DECODE_WORK
 cdef int T_AC = _m.MsgType.ACTIVATIONS
 cdef int T_TR = _m.MsgType.TOKEN_RESULT
+cdef int T_FB = _m.MsgType.FEEDBACK
 
 cdef object _tensor_to_wire = _py.tensor_to_wire
+cdef object _zero_frame = _py.zero_frame
+cdef object _py_wire_size = _py.wire_size
 cdef object _DEFAULT_LIMITS = _py.DEFAULT_LIMITS
 cdef object CodecError = _py.CodecError
 cdef dict _DTYPES = _py.DTYPES
@@ -138,11 +149,15 @@ cdef int _slot_offsets(type cls, tuple expected, Py_ssize_t* out) except -1:
 
 
 _slot_offsets(PromptWork_t, (
-    "request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors"
+    "request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors",
+    "payload_bytes",
 ), OFF_PW)
-_slot_offsets(DecodeWork_t, ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors"), OFF_DW)
+_slot_offsets(DecodeWork_t, (
+    "request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes"
+), OFF_DW)
 _slot_offsets(Activations_t, ("request_id", "stage", "num_tokens", "sent_at", "tensors"), OFF_AC)
-_slot_offsets(TokenResult_t, ("request_id", "token_id", "context_len", "finished", "sent_at"), OFF_TR)
+_slot_offsets(TokenResult_t, ("request_id", "token_id", "context_len", "finished", "sent_at", "route"), OFF_TR)
+_slot_offsets(Feedback_t, ("request_id", "node_id", "delay", "sent_at"), OFF_FB)
 
 
 cdef inline PyObject* _get(object obj, Py_ssize_t off) noexcept:
@@ -233,10 +248,33 @@ cdef inline int o_float(PyObject* o, double* out) noexcept:
 # --- msgpack writer ------------------------------------------------------------------------------
 
 cdef struct Writer:
-    unsigned char* p
+    unsigned char* p  # NULL: a counting writer (wire_size), which only adds up the bytes in n
     Py_ssize_t n
     Py_ssize_t cap
     bint heap
+
+
+cdef inline int int_size(long long v) noexcept:
+    # bytes of msgpack's smallest encoding of v (as w_int writes it)
+    if v >= 0:
+        if v < 128:
+            return 1
+        if v < 256:
+            return 2
+        if v < 65536:
+            return 3
+        return 5 if v < 4294967296LL else 9
+    if v >= -32:
+        return 1
+    if v >= -128:
+        return 2
+    if v >= -32768:
+        return 3
+    return 5 if v >= -2147483648LL else 9
+
+
+cdef inline Py_ssize_t array_header_size(Py_ssize_t n) noexcept:
+    return 1 if n < 16 else (3 if n < 65536 else 5)
 
 
 cdef int w_grow(Writer* w, Py_ssize_t extra) except -1:
@@ -283,6 +321,9 @@ cdef inline void be64(unsigned char* q, unsigned long long x) noexcept:
 
 cdef inline int w_int(Writer* w, long long v) except -1:
     # msgpack's choice: positive fixint, uint8/16/32/64 for v >= 0; negative fixint, int8/16/32/64
+    if w.p == NULL:
+        w.n += int_size(v)
+        return 0
     w_reserve(w, 9)
     cdef unsigned char* q = w.p + w.n
     cdef unsigned long long u = <unsigned long long>v
@@ -330,6 +371,9 @@ cdef inline int w_int(Writer* w, long long v) except -1:
 
 cdef inline int w_double(Writer* w, double d) except -1:
     cdef unsigned long long u
+    if w.p == NULL:
+        w.n += 9
+        return 0
     w_reserve(w, 9)
     memcpy(&u, &d, 8)
     w.p[w.n] = 0xcb
@@ -339,6 +383,9 @@ cdef inline int w_double(Writer* w, double d) except -1:
 
 
 cdef inline int w_byte(Writer* w, unsigned char b) except -1:
+    if w.p == NULL:
+        w.n += 1
+        return 0
     w_reserve(w, 1)
     w.p[w.n] = b
     w.n += 1
@@ -346,6 +393,9 @@ cdef inline int w_byte(Writer* w, unsigned char b) except -1:
 
 
 cdef inline int w_array(Writer* w, Py_ssize_t n) except -1:
+    if w.p == NULL:
+        w.n += array_header_size(n)
+        return 0
     w_reserve(w, 5)
     cdef unsigned char* q = w.p + w.n
     if n < 16:
@@ -363,6 +413,9 @@ cdef inline int w_array(Writer* w, Py_ssize_t n) except -1:
 
 
 cdef int w_str(Writer* w, const char* s, Py_ssize_t n) except -1:
+    if w.p == NULL:
+        w.n += n + (1 if n < 32 else (2 if n < 256 else (3 if n < 65536 else 5)))
+        return 0
     w_reserve(w, n + 5)
     cdef unsigned char* q = w.p + w.n
     if n < 32:
@@ -387,16 +440,33 @@ cdef int w_str(Writer* w, const char* s, Py_ssize_t n) except -1:
 
 # --- encoding the hot messages (return frames, or None to reject) ---------------------------------
 
-cdef int e_route(Writer* w, PyObject* o, CLimits* lim, Py_ssize_t* n_out) except -2:
+# The counting writer (wire_size) remembers the routes it has checked: every message of a request
+# carries the same route tuple, and a tuple of tuples of ints that was a valid route stays one (the
+# entry holds a reference, so its address names that tuple while it is cached). Direct-mapped by
+# address; the limits are checked again on a hit (only the stage count depends on them).
+cdef struct RouteEntry:
+    PyObject* route  # a strong reference, or NULL
+    Py_ssize_t size  # bytes in the payload
+cdef enum:
+    ROUTE_SLOTS = 256
+cdef RouteEntry _ROUTE_SIZES[ROUTE_SLOTS]
+
+
+cdef int e_route(Writer* w, PyObject* o, CLimits* lim, Py_ssize_t min_len, Py_ssize_t* n_out) except -2:
     # -1 = reject; the route's stage tuples: node 0..I32, 0 <= start < end <= I32, contiguous
-    cdef Py_ssize_t n, i
+    cdef Py_ssize_t n, i, begin = w.n
     cdef PyObject* st
     cdef long long node, start, end, prev_end = -1
+    cdef RouteEntry* slot = &_ROUTE_SIZES[(<size_t>o >> 4) % ROUTE_SLOTS]
     if o == NULL or not c_tuple_check(o):
         return -1
     n = c_tuple_size(o)
-    if n < 1 or n > lim.max_route:
+    if n < min_len or n > lim.max_route:
         return -1
+    if w.p == NULL and slot.route == o:
+        w.n += slot.size
+        n_out[0] = n
+        return 0
     w_array(w, n)
     for i in range(n):
         st = c_tuple_item(o, i)
@@ -409,14 +479,20 @@ cdef int e_route(Writer* w, PyObject* o, CLimits* lim, Py_ssize_t* n_out) except
                 or (i > 0 and start != prev_end)):
             return -1
         prev_end = end
-        w_reserve(w, 16)
-        w.p[w.n] = 0x93
-        w.n += 1
+        w_byte(w, 0x93)
         w_int(w, node)
         w_int(w, start)
         w_int(w, end)
+    if w.p == NULL and n > 0:
+        Py_XDECREF(slot.route)
+        Py_INCREF(<object>o)
+        slot.route = o
+        slot.size = w.n - begin
     n_out[0] = n
     return 0
+
+
+cdef list _NO_FRAMES = []  # shared, never mutated
 
 
 cdef object e_tensors(Writer* w, PyObject* o, CLimits* lim, long long min_count, str name, object limits):
@@ -430,7 +506,7 @@ cdef object e_tensors(Writer* w, PyObject* o, CLimits* lim, long long min_count,
         return None
     w_array(w, n)
     if n == 0:
-        return []
+        return _NO_FRAMES
     if limits is None:
         limits = _DEFAULT_LIMITS
     tensors = <tuple>o
@@ -448,11 +524,10 @@ cdef object e_tensors(Writer* w, PyObject* o, CLimits* lim, long long min_count,
     return frames
 
 
-cdef object _frames(object tag, Writer* w, CLimits* lim, list tensor_frames):
+cdef object _frames(object tag, Writer* w, list tensor_frames, long long payload_bytes):
+    # [tag, payload, tensor frames..., the modelled payload's zero frame when payload_bytes > 0]
     cdef Py_ssize_t nt = len(tensor_frames), i
-    if w.n > lim.max_frame:
-        return None
-    out = PyList_New(2 + nt)
+    out = PyList_New(2 + nt + (1 if payload_bytes > 0 else 0))
     Py_INCREF(tag)
     PyList_SET_ITEM(out, 0, tag)
     payload = PyBytes_FromStringAndSize(<char*>w.p, w.n)
@@ -462,18 +537,32 @@ cdef object _frames(object tag, Writer* w, CLimits* lim, list tensor_frames):
         f = tensor_frames[i]
         Py_INCREF(f)
         PyList_SET_ITEM(out, 2 + i, f)
+    if payload_bytes > 0:
+        f = _zero_frame(payload_bytes)
+        Py_INCREF(f)
+        PyList_SET_ITEM(out, 2 + nt, f)
     return out
 
 
-cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits):
+cdef inline int e_payload_bytes(PyObject* o, CLimits* lim, long long* out) noexcept:
+    # -1 = reject: payload_bytes is 0, or 1..max_frame_bytes
+    if o_int(o, 0, I64_MAX, out) < 0 or (out[0] > 0 and out[0] > lim.max_frame):
+        return -1
+    return 0
+
+
+# Each enc_* writes the payload of a valid message to w (a counting writer: only its size) and
+# returns its tensor frames, with its modelled payload's size in payload_bytes; None to reject.
+
+cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
     cdef long long request_id, stage, context_len, token_id
     cdef double sent_at
     cdef Py_ssize_t nroute
     if (o_int(_get(msg, OFF_DW[0]), 0, I64_MAX, &request_id) < 0):
         return None
-    w_byte(w, 0x97)
+    w_byte(w, 0x98)
     w_int(w, request_id)
-    if e_route(w, _get(msg, OFF_DW[1]), lim, &nroute) < 0:
+    if e_route(w, _get(msg, OFF_DW[1]), lim, 1, &nroute) < 0:
         return None
     if (o_int(_get(msg, OFF_DW[2]), 0, I32_MAX, &stage) < 0
             or o_int(_get(msg, OFF_DW[3]), 1, I32_MAX, &context_len) < 0
@@ -485,12 +574,16 @@ cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits):
     w_int(w, token_id)
     w_double(w, sent_at)
     frames = e_tensors(w, _get(msg, OFF_DW[6]), lim, 0, "decode_work", limits)
-    if frames is None or stage >= nroute or (token_id >= 0) == (len(frames) > 0):
+    if frames is None or e_payload_bytes(_get(msg, OFF_DW[7]), lim, payload_bytes) < 0:
         return None
-    return _frames(TAG_DW, w, lim, frames)
+    w_int(w, payload_bytes[0])
+    # exactly one of a token id, tensors, a modelled payload
+    if stage >= nroute or (token_id >= 0) + (len(frames) > 0) + (payload_bytes[0] > 0) != 1:
+        return None
+    return frames
 
 
-cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits):
+cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
     cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok
     cdef double sent_at
     cdef Py_ssize_t nroute, nids, i
@@ -498,10 +591,10 @@ cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits):
     if (o_int(_get(msg, OFF_PW[0]), 0, I64_MAX, &request_id) < 0
             or o_int(_get(msg, OFF_PW[1]), 0, I64_MAX, &query_id) < 0):
         return None
-    w_byte(w, 0x99)
+    w_byte(w, 0x9a)
     w_int(w, request_id)
     w_int(w, query_id)
-    if e_route(w, _get(msg, OFF_PW[2]), lim, &nroute) < 0:
+    if e_route(w, _get(msg, OFF_PW[2]), lim, 1, &nroute) < 0:
         return None
     if (o_int(_get(msg, OFF_PW[3]), 0, I32_MAX, &stage) < 0
             or o_int(_get(msg, OFF_PW[4]), 1, I32_MAX, &num_tokens) < 0):
@@ -524,14 +617,14 @@ cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits):
     w_int(w, max_tokens)
     w_double(w, sent_at)
     frames = e_tensors(w, _get(msg, OFF_PW[8]), lim, 0, "prompt_work", limits)
-    if frames is None or stage >= nroute:
+    if frames is None or e_payload_bytes(_get(msg, OFF_PW[9]), lim, payload_bytes) < 0:
         return None
-    if nids > 0:
-        if len(frames) > 0 or nids != num_tokens:
-            return None
-    elif len(frames) == 0:
+    w_int(w, payload_bytes[0])
+    # exactly one of token ids (num_tokens of them), tensors, a modelled payload
+    if (stage >= nroute or (nids > 0 and nids != num_tokens)
+            or (nids > 0) + (len(frames) > 0) + (payload_bytes[0] > 0) != 1):
         return None
-    return _frames(TAG_PW, w, lim, frames)
+    return frames
 
 
 cdef object enc_activations(object msg, Writer* w, CLimits* lim, object limits):
@@ -547,15 +640,13 @@ cdef object enc_activations(object msg, Writer* w, CLimits* lim, object limits):
     w_int(w, stage)
     w_int(w, num_tokens)
     w_double(w, sent_at)
-    frames = e_tensors(w, _get(msg, OFF_AC[4]), lim, 1, "activations", limits)
-    if frames is None:
-        return None
-    return _frames(TAG_AC, w, lim, frames)
+    return e_tensors(w, _get(msg, OFF_AC[4]), lim, 1, "activations", limits)
 
 
 cdef object enc_token_result(object msg, Writer* w, CLimits* lim):
     cdef long long request_id, token_id, context_len
     cdef double sent_at
+    cdef Py_ssize_t nroute
     cdef PyObject* fin = _get(msg, OFF_TR[3])
     if (o_int(_get(msg, OFF_TR[0]), 0, I64_MAX, &request_id) < 0
             or o_int(_get(msg, OFF_TR[1]), 0, I32_MAX, &token_id) < 0
@@ -563,13 +654,48 @@ cdef object enc_token_result(object msg, Writer* w, CLimits* lim):
             or (fin != Py_True and fin != Py_False)
             or o_float(_get(msg, OFF_TR[4]), &sent_at) < 0):
         return None
-    w_byte(w, 0x95)
+    w_byte(w, 0x96)
     w_int(w, request_id)
     w_int(w, token_id)
     w_int(w, context_len)
     w_byte(w, 0xc3 if fin == Py_True else 0xc2)
     w_double(w, sent_at)
-    return _frames(TAG_TR, w, lim, [])
+    if e_route(w, _get(msg, OFF_TR[5]), lim, 0, &nroute) < 0:
+        return None
+    return _NO_FRAMES
+
+
+cdef object enc_feedback(object msg, Writer* w):
+    cdef long long request_id, node_id
+    cdef double delay, sent_at
+    if (o_int(_get(msg, OFF_FB[0]), 0, I64_MAX, &request_id) < 0
+            or o_int(_get(msg, OFF_FB[1]), 0, I32_MAX, &node_id) < 0
+            or o_float(_get(msg, OFF_FB[2]), &delay) < 0
+            or delay < 0
+            or o_float(_get(msg, OFF_FB[3]), &sent_at) < 0):
+        return None
+    w_byte(w, 0x94)
+    w_int(w, request_id)
+    w_int(w, node_id)
+    w_double(w, delay)
+    w_double(w, sent_at)
+    return _NO_FRAMES
+
+
+cdef object _encode_body(type t, object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
+    # the tensor frames of a hot message (payload in w), None to reject; _COLD for other types
+    payload_bytes[0] = 0
+    if t is DecodeWork_t:
+        return enc_decode_work(msg, w, lim, limits, payload_bytes)
+    if t is TokenResult_t:
+        return enc_token_result(msg, w, lim)
+    if t is PromptWork_t:
+        return enc_prompt_work(msg, w, lim, limits, payload_bytes)
+    if t is Feedback_t:
+        return enc_feedback(msg, w)
+    if t is Activations_t:
+        return enc_activations(msg, w, lim, limits)
+    return _COLD
 
 
 cdef object _fast_encode(object msg, object limits):
@@ -577,7 +703,9 @@ cdef object _fast_encode(object msg, object limits):
     cdef CLimits lim
     cdef unsigned char stack[STACK_BYTES]
     cdef Writer w
-    if t is not DecodeWork_t and t is not PromptWork_t and t is not TokenResult_t and t is not Activations_t:
+    cdef long long payload_bytes
+    if (t is not DecodeWork_t and t is not PromptWork_t and t is not TokenResult_t and t is not Activations_t
+            and t is not Feedback_t):
         return _COLD
     if _limits(limits, &lim):
         return _COLD
@@ -586,13 +714,20 @@ cdef object _fast_encode(object msg, object limits):
     w.cap = STACK_BYTES
     w.heap = False
     try:
+        frames = _encode_body(t, msg, &w, &lim, limits, &payload_bytes)
+        if frames is None or w.n > lim.max_frame:
+            return None
         if t is DecodeWork_t:
-            return enc_decode_work(msg, &w, &lim, limits)
-        if t is TokenResult_t:
-            return enc_token_result(msg, &w, &lim)
-        if t is PromptWork_t:
-            return enc_prompt_work(msg, &w, &lim, limits)
-        return enc_activations(msg, &w, &lim, limits)
+            tag = TAG_DW
+        elif t is TokenResult_t:
+            tag = TAG_TR
+        elif t is PromptWork_t:
+            tag = TAG_PW
+        elif t is Feedback_t:
+            tag = TAG_FB
+        else:
+            tag = TAG_AC
+        return _frames(tag, &w, frames, payload_bytes)
     finally:
         if w.heap:
             free(w.p)
@@ -619,6 +754,49 @@ def _encode_strict(msg, limits=None):
     if r is None:
         raise CodecError(type(msg).__name__, "message", "rejected by the compiled encoder")
     return r
+
+
+cdef long long _fast_wire_size(object msg) except -3:
+    # bytes of the frames encode(msg) makes: the encoder's checks with a counting writer (default
+    # limits); -1 = rejected (invalid, or beyond the default limits), -2 = not a hot message
+    cdef Writer w
+    cdef long long payload_bytes, n
+    cdef Py_ssize_t i
+    w.p = NULL
+    w.n = 0
+    w.cap = PY_SSIZE_T_MAX
+    w.heap = False
+    frames = _encode_body(type(msg), msg, &w, &DEFAULT_C, None, &payload_bytes)
+    if frames is None:
+        return -1
+    if frames is _COLD:
+        return -2
+    n = 1 + w.n + payload_bytes
+    for i in range(len(<list>frames)):
+        n += len((<list>frames)[i])  # 1-D byte memoryviews, or b""
+    return n
+
+
+def wire_size(msg):
+    """Bytes of ``encode(msg)``'s frames, without encoding (see helix_async.codec.wire_size)."""
+    cdef long long n
+    try:
+        n = _fast_wire_size(msg)
+    except CodecError:  # a tensor the shared helper refuses: the pure-Python twin decides
+        n = -1
+    if n < 0:
+        return _py_wire_size(msg)
+    return n
+
+
+def _wire_size_strict(msg):
+    """Compiled wire_size without the fallback (tests): CodecError when its fast path rejects ``msg``."""
+    n = _fast_wire_size(msg)
+    if n == -2:
+        return _py_wire_size(msg)
+    if n == -1:
+        raise CodecError(type(msg).__name__, "message", "rejected by the compiled wire_size")
+    return n
 
 
 # --- msgpack reader (0 = ok, -1 = reject: wrong type, truncated, out of range) ---------------------
@@ -808,11 +986,11 @@ cdef dict _ROUTES = {}
 cdef Py_ssize_t ROUTES_MAX = 4096  # then the cache starts over (bounds memory on a long run)
 
 
-cdef int d_route_scan(Reader* r, CLimits* lim, Py_ssize_t* n_out) noexcept:
+cdef int d_route_scan(Reader* r, CLimits* lim, Py_ssize_t min_len, Py_ssize_t* n_out) noexcept:
     # validate a route without building it: 0 = ok (r moved past it), -1 = reject
     cdef Py_ssize_t n, i, k
     cdef long long node, start, end, prev_end = -1
-    if r_array(r, &n) < 0 or n < 1 or n > lim.max_route:
+    if r_array(r, &n) < 0 or n < min_len or n > lim.max_route:
         return -1
     for i in range(n):
         if (r_array(r, &k) < 0 or k != 3
@@ -827,12 +1005,12 @@ cdef int d_route_scan(Reader* r, CLimits* lim, Py_ssize_t* n_out) noexcept:
     return 0
 
 
-cdef object d_route(Reader* r, CLimits* lim):
-    # tuple of (node, start, end) tuples, or None to reject
+cdef object d_route(Reader* r, CLimits* lim, Py_ssize_t min_len):
+    # tuple of (node, start, end) tuples (min_len.. of them), or None to reject
     cdef Py_ssize_t n, i, k, begin = r.i
     cdef long long node, start, end
     cdef Reader again
-    if d_route_scan(r, lim, &n) < 0:
+    if d_route_scan(r, lim, min_len, &n) < 0:
         return None
     key = PyBytes_FromStringAndSize(<const char*>(r.p + begin), r.i - begin)
     route = _ROUTES.get(key)
@@ -941,13 +1119,45 @@ cdef object d_tensors(object descs, object frames, Py_ssize_t nfr, CLimits* lim)
     return out
 
 
+cdef inline int r_payload_bytes(Reader* r, CLimits* lim, long long* out) noexcept:
+    # payload_bytes: 0, or 1..max_frame_bytes
+    if r_int(r, 0, I64_MAX, out) < 0 or (out[0] > 0 and out[0] > lim.max_frame):
+        return -1
+    return 0
+
+
+cdef int d_modelled_frame(object frames, Py_ssize_t nfr, long long payload_bytes) except -2:
+    # frame 2, the modelled payload of a message without tensors: payload_bytes bytes (content
+    # not read); 0 = ok, -1 = reject
+    cdef Py_buffer view
+    cdef Py_ssize_t nbytes
+    if nfr != 3:
+        return -1
+    try:
+        PyObject_GetBuffer(frames[2], &view, PyBUF_SIMPLE)
+    except Exception:
+        return -1
+    nbytes = view.len
+    PyBuffer_Release(&view)
+    return 0 if nbytes == payload_bytes else -1
+
+
+cdef object d_payload(object descs, object frames, Py_ssize_t nfr, CLimits* lim, long long payload_bytes):
+    # the tensors (empty for a modelled payload, which must come alone), or None to reject
+    if payload_bytes > 0:
+        if len(descs) > 0 or d_modelled_frame(frames, nfr, payload_bytes) < 0:
+            return None
+        return ()
+    return d_tensors(descs, frames, nfr, lim)
+
+
 cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n
-    cdef long long request_id, stage, context_len, token_id
+    cdef long long request_id, stage, context_len, token_id, payload_bytes
     cdef double sent_at
-    if r_array(r, &n) < 0 or n != 7 or r_int(r, 0, I64_MAX, &request_id) < 0:
+    if r_array(r, &n) < 0 or n != 8 or r_int(r, 0, I64_MAX, &request_id) < 0:
         return None
-    route = d_route(r, lim)
+    route = d_route(r, lim, 1)
     if (route is None
             or r_int(r, 0, I32_MAX, &stage) < 0
             or r_int(r, 1, I32_MAX, &context_len) < 0
@@ -955,10 +1165,11 @@ cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
             or r_float(r, &sent_at) < 0):
         return None
     descs = d_descriptors(r, lim, 0)
-    if (descs is None or r.i != r.n or stage >= len(<tuple>route)
-            or (token_id >= 0) == (len(descs) > 0)):
+    if (descs is None or r_payload_bytes(r, lim, &payload_bytes) < 0 or r.i != r.n
+            or stage >= len(<tuple>route)
+            or (token_id >= 0) + (len(descs) > 0) + (payload_bytes > 0) != 1):
         return None
-    tensors = d_tensors(descs, frames, nfr, lim)
+    tensors = d_payload(descs, frames, nfr, lim, payload_bytes)
     if tensors is None:
         return None
     msg = PyType_GenericAlloc(<PyTypeObject*>DecodeWork_t, 0)
@@ -969,18 +1180,19 @@ cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     _set(msg, OFF_DW[4], PyLong_FromLongLong(token_id))
     _set(msg, OFF_DW[5], PyFloat_FromDouble(sent_at))
     _set(msg, OFF_DW[6], tensors)
+    _set(msg, OFF_DW[7], PyLong_FromLongLong(payload_bytes))
     return msg
 
 
 cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n, nids, i
-    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok
+    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, payload_bytes
     cdef double sent_at
-    if (r_array(r, &n) < 0 or n != 9
+    if (r_array(r, &n) < 0 or n != 10
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I64_MAX, &query_id) < 0):
         return None
-    route = d_route(r, lim)
+    route = d_route(r, lim, 1)
     if (route is None
             or r_int(r, 0, I32_MAX, &stage) < 0
             or r_int(r, 1, I32_MAX, &num_tokens) < 0
@@ -998,14 +1210,11 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     if r_int(r, 1, I32_MAX, &max_tokens) < 0 or r_float(r, &sent_at) < 0:
         return None
     descs = d_descriptors(r, lim, 0)
-    if descs is None or r.i != r.n or stage >= len(<tuple>route):
+    if (descs is None or r_payload_bytes(r, lim, &payload_bytes) < 0 or r.i != r.n
+            or stage >= len(<tuple>route)
+            or (nids > 0) + (len(descs) > 0) + (payload_bytes > 0) != 1):
         return None
-    if nids > 0:
-        if len(descs) > 0 or nids != num_tokens:
-            return None
-    elif len(descs) == 0:
-        return None
-    tensors = d_tensors(descs, frames, nfr, lim)
+    tensors = d_payload(descs, frames, nfr, lim, payload_bytes)
     if tensors is None:
         return None
     msg = PyType_GenericAlloc(<PyTypeObject*>PromptWork_t, 0)
@@ -1018,6 +1227,7 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     _set(msg, OFF_PW[6], PyLong_FromLongLong(max_tokens))
     _set(msg, OFF_PW[7], PyFloat_FromDouble(sent_at))
     _set(msg, OFF_PW[8], tensors)
+    _set(msg, OFF_PW[9], PyLong_FromLongLong(payload_bytes))
     return msg
 
 
@@ -1046,12 +1256,12 @@ cdef object dec_activations(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     return msg
 
 
-cdef object dec_token_result(Reader* r, Py_ssize_t nfr):
+cdef object dec_token_result(Reader* r, CLimits* lim, Py_ssize_t nfr):
     cdef Py_ssize_t n
     cdef long long request_id, token_id, context_len
     cdef double sent_at
     cdef unsigned char fin
-    if (nfr != 2 or r_array(r, &n) < 0 or n != 5
+    if (nfr != 2 or r_array(r, &n) < 0 or n != 6
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I32_MAX, &token_id) < 0
             or r_int(r, 1, I32_MAX, &context_len) < 0
@@ -1061,7 +1271,10 @@ cdef object dec_token_result(Reader* r, Py_ssize_t nfr):
     if fin != 0xc2 and fin != 0xc3:
         return None
     r.i += 1
-    if r_float(r, &sent_at) < 0 or r.i != r.n:
+    if r_float(r, &sent_at) < 0:
+        return None
+    route = d_route(r, lim, 0)
+    if route is None or r.i != r.n:
         return None
     msg = PyType_GenericAlloc(<PyTypeObject*>TokenResult_t, 0)
     _set(msg, OFF_TR[0], PyLong_FromLongLong(request_id))
@@ -1069,6 +1282,27 @@ cdef object dec_token_result(Reader* r, Py_ssize_t nfr):
     _set(msg, OFF_TR[2], PyLong_FromLongLong(context_len))
     _set(msg, OFF_TR[3], <object>(Py_True if fin == 0xc3 else Py_False))
     _set(msg, OFF_TR[4], PyFloat_FromDouble(sent_at))
+    _set(msg, OFF_TR[5], route)
+    return msg
+
+
+cdef object dec_feedback(Reader* r, Py_ssize_t nfr):
+    cdef Py_ssize_t n
+    cdef long long request_id, node_id
+    cdef double delay, sent_at
+    if (nfr != 2 or r_array(r, &n) < 0 or n != 4
+            or r_int(r, 0, I64_MAX, &request_id) < 0
+            or r_int(r, 0, I32_MAX, &node_id) < 0
+            or r_float(r, &delay) < 0
+            or delay < 0
+            or r_float(r, &sent_at) < 0
+            or r.i != r.n):
+        return None
+    msg = PyType_GenericAlloc(<PyTypeObject*>Feedback_t, 0)
+    _set(msg, OFF_FB[0], PyLong_FromLongLong(request_id))
+    _set(msg, OFF_FB[1], PyLong_FromLongLong(node_id))
+    _set(msg, OFF_FB[2], PyFloat_FromDouble(delay))
+    _set(msg, OFF_FB[3], PyFloat_FromDouble(sent_at))
     return msg
 
 
@@ -1107,7 +1341,7 @@ cdef object _fast_decode(object frames, object limits):
     tag = p[0] if n == 1 else -1
     if held:
         PyBuffer_Release(&view)
-    if tag != T_DW and tag != T_TR and tag != T_PW and tag != T_AC:
+    if tag != T_DW and tag != T_TR and tag != T_PW and tag != T_AC and tag != T_FB:
         return _COLD if tag >= 0 else None
     if _limits(limits, &lim):
         return _COLD
@@ -1123,9 +1357,11 @@ cdef object _fast_decode(object frames, object limits):
         if tag == T_DW:
             return dec_decode_work(&r, &lim, frames, nfr)
         if tag == T_TR:
-            return dec_token_result(&r, nfr)
+            return dec_token_result(&r, &lim, nfr)
         if tag == T_PW:
             return dec_prompt_work(&r, &lim, frames, nfr)
+        if tag == T_FB:
+            return dec_feedback(&r, nfr)
         return dec_activations(&r, &lim, frames, nfr)
     finally:
         if held:

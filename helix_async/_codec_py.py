@@ -7,7 +7,15 @@ Wire format of one message, a list of frames (bytes-like objects):
   map. Ints use msgpack's smallest encoding, floats are float64, tuples are arrays, strings str;
 * frames 2..: for messages with a ``tensors`` field, one raw frame per tensor (its C-contiguous
   little-endian buffer, no header, never copied); the payload's ``tensors`` field holds one
-  descriptor ``[dtype name, [dim, ...]]`` per tensor, in frame order.
+  descriptor ``[dtype name, [dim, ...]]`` per tensor, in frame order;
+* modelled payload frame: a work message with ``payload_bytes`` > 0 (a payload it stands for but
+  does not carry, see ``helix_async.messages``) has one more frame after its tensor frames (it has
+  none: the rules below) of exactly ``payload_bytes`` bytes, written as zeros. The payload's own
+  ``payload_bytes`` field announces it, and the decoder checks the frame's length against it and
+  does not read its content; decoding gives ``payload_bytes`` back, not a tensor.
+
+So the wire size of a message, the sum of its frames' byte lengths, is 1 + the msgpack payload +
+its tensors' bytes + ``payload_bytes``: :func:`wire_size` computes it without encoding.
 
 Field layouts (ints are checked against the ranges below, I32 = 2**31 - 1, I64 = 2**63 - 1):
 
@@ -18,24 +26,29 @@ assign_layers           [node_id, model, start, end, plan_id 0..I64,
                         next_hops [[node, address, start, end]...], prev_nodes [node...]]
 prompt_work             [request_id, query_id, route [[node, start, end]...], stage,
                         num_tokens 1..I32, token_ids [0..I32...], max_tokens 1..I32,
-                        sent_at float, tensors [[dtype, shape]...]]
+                        sent_at float, tensors [[dtype, shape]...], payload_bytes]
 decode_work             [request_id, route, stage, context_len 1..I32, token_id -1..I32,
-                        sent_at, tensors]
+                        sent_at, tensors, payload_bytes]
 activations             [request_id, stage, num_tokens 0..I32, sent_at, tensors (>= 1)]
 token_result            [request_id, token_id 0..I32, context_len 1..I32, finished bool,
-                        sent_at]
+                        sent_at, route (may be empty)]
 heartbeat               [node_id, seq 0..I64, now float]
 cancel                  [request_id, reason]
 error                   [request_id -1..I64, code 0..I32, text]
 shutdown                [reason]
+feedback                [request_id, node_id, delay float >= 0, sent_at]
 ======================  ==================================================================
 
 Unless given above: request/query ids are 0..I64; node ids, layer indices and stage indices
-0..I32; floats finite; strings valid UTF-8. A route (``helix_async.ids.Route``, what the router
-returns) has 1..``Limits.max_route_stages`` compute stages, each with start < end, stage i starting
-where stage i-1 ends, and ``stage < len(route)``; the sink after the last stage is implicit.
-Cross-field rules: prompt_work carries token ids (exactly ``num_tokens`` of them) xor tensors;
-decode_work carries a token id >= 0 xor tensors (token_id -1); assign_layers has start < end.
+0..I32; floats finite; strings valid UTF-8; ``payload_bytes`` is 0 (none) or
+1..``Limits.max_frame_bytes`` (and <= I64). A route (``helix_async.ids.Route``, what the router
+returns) has 1..``Limits.max_route_stages`` compute stages (token_result: 0.. of them), each with
+start < end, stage i starting where stage i-1 ends, and ``stage < len(route)``; the sink after the
+last stage is implicit.
+Cross-field rules: prompt_work carries exactly one of token ids (exactly ``num_tokens`` of
+them), tensors and a modelled payload (``payload_bytes`` > 0); decode_work exactly one of a
+token id >= 0, tensors and a modelled payload (token_id -1 with either of the last two);
+assign_layers has start < end.
 
 Encoding validates the same rules (a message that encodes always decodes to an equal one).
 Decoding validates everything (frame count, tag, sizes, msgpack well-formedness and trailing
@@ -52,7 +65,7 @@ header, never read. So one item read costs one byte of payload at least, nothing
 nothing the layout does not hold is built: a hostile frame fails at the first item that breaks the
 layout. Errors come in that order: payload size, top-level header and field count, then each
 field in order (its type, size, values, and msgpack well-formedness up to that point), trailing
-bytes, tensor frames, then the cross-field rules.
+bytes, tensor frames and the modelled payload frame, then the cross-field rules.
 
 Tensors: supported dtypes are in ``DTYPES`` (bfloat16 is not: numpy has no such dtype; view such
 a torch tensor as int16 first). Encoding needs C-contiguous tensors and raises otherwise (the
@@ -66,6 +79,7 @@ are numpy arrays over the received frames' own buffers: read-only for ``bytes`` 
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -82,6 +96,7 @@ from .messages import (
     Cancel,
     DecodeWork,
     Error,
+    Feedback,
     Heartbeat,
     Message,
     MsgType,
@@ -149,7 +164,8 @@ class CodecError(HelixError, ValueError):
 class Limits:
     """Size limits enforced by encode and decode (a peer cannot make a node allocate more).
 
-    max_frame_bytes: largest payload or tensor frame, bytes. max_route_stages: longest route.
+    max_frame_bytes: largest payload, tensor or modelled payload frame, bytes.
+    max_route_stages: longest route.
     max_tensors: most tensors in one message. max_ndim: most dimensions of one tensor.
     """
 
@@ -349,7 +365,54 @@ class _Reader:
 
 
 # --- field kinds: to_wire(value) validates a message's value and returns what msgpack packs;
-# read(reader) reads the field from the payload, validates it and returns the message's value -----
+# read(reader) reads the field from the payload, validates it and returns the message's value;
+# size(value) is the bytes the value takes in the payload (plus its frames), without validating it --
+
+#: msgpack size of a non-negative int by its bit length (fixint, uint8/16/32/64)
+_UINT_SIZES = (1,) * 8 + (2,) + (3,) * 8 + (5,) * 16 + (9,) * 32
+
+
+def _int_size(v: int) -> int:
+    """Bytes msgpack takes for the int ``v`` (its smallest encoding)."""
+    if v >= 0:
+        return _UINT_SIZES[v.bit_length()]
+    if v >= -32:
+        return 1
+    if v >= -128:
+        return 2
+    if v >= -32768:
+        return 3
+    return 5 if v >= -2147483648 else 9
+
+
+def _array_size(n: int) -> int:
+    """Bytes of a msgpack array header of ``n`` items (fixarray, array16, array32)."""
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
+def _str_size(v: str) -> int:
+    """Bytes msgpack takes for the str ``v`` (header and UTF-8 data)."""
+    n = len(v) if v.isascii() else len(v.encode("utf-8"))
+    return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+
+
+#: id(route) -> (route, its payload size): every message of a request carries the same route tuple,
+#: so its size is computed once (the entry keeps the route alive: an id is not reused meanwhile)
+_ROUTE_SIZES: dict[int, tuple[object, int]] = {}
+_ROUTE_SIZES_MAX = 4096  # then the cache starts over
+
+
+def _route_size(route: tuple) -> int:
+    e = _ROUTE_SIZES.get(id(route))
+    if e is not None and e[0] is route:
+        return e[1]
+    n = _array_size(len(route))
+    for node, start, end in route:
+        n += 1 + _int_size(node) + _int_size(start) + _int_size(end)
+    if len(_ROUTE_SIZES) >= _ROUTE_SIZES_MAX:
+        _ROUTE_SIZES.clear()
+    _ROUTE_SIZES[id(route)] = (route, n)
+    return n
 
 
 def _check_int(ctx: _Ctx, v: object, where: str, lo: int, hi: int) -> int:
@@ -402,9 +465,24 @@ class _Int:
     def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
         return _check_int(ctx, rd.item(), where, self.lo, self.hi)
 
+    def size(self, v: Any) -> int:
+        return _int_size(v)
+
 
 class _Float:
-    __slots__ = ()
+    """A finite float (an int is accepted on encode and sent as a float); ``nonneg``: >= 0 too."""
+
+    __slots__ = ("nonneg",)
+
+    def __init__(self, nonneg: bool = False) -> None:
+        self.nonneg = nonneg
+
+    def _check(self, ctx: _Ctx, f: float, where: str) -> float:
+        if not math.isfinite(f):
+            raise ctx.error(where, f"must be finite, got {f}")
+        if self.nonneg and f < 0:
+            raise ctx.error(where, f"must be >= 0, got {f}")
+        return f
 
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -413,17 +491,16 @@ class _Float:
             f = float(v)
         except OverflowError:
             raise ctx.error(where, f"must be finite, got {v}") from None
-        if not math.isfinite(f):
-            raise ctx.error(where, f"must be finite, got {f}")
-        return f
+        return self._check(ctx, f, where)
 
     def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
         v = rd.item()
         if type(v) is not float:
             raise ctx.error(where, f"must be a float, got {_tname(v)}")
-        if not math.isfinite(v):
-            raise ctx.error(where, f"must be finite, got {v}")
-        return v
+        return self._check(ctx, v, where)
+
+    def size(self, v: Any) -> int:
+        return 9  # float64
 
 
 class _Bool:
@@ -437,6 +514,9 @@ class _Bool:
     def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
         return self.to_wire(ctx, rd.item(), where)
 
+    def size(self, v: Any) -> int:
+        return 1
+
 
 class _Str:
     __slots__ = ()
@@ -446,6 +526,9 @@ class _Str:
 
     def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
         return _check_str(ctx, rd.item(), where)
+
+    def size(self, v: Any) -> int:
+        return _str_size(v)
 
 
 class _Ints:
@@ -474,6 +557,9 @@ class _Ints:
             out.append(x)
         return tuple(out)
 
+    def size(self, v: Any) -> int:
+        return _array_size(len(v)) + sum(map(_int_size, v))
+
 
 class _Strs:
     __slots__ = ()
@@ -488,6 +574,9 @@ class _Strs:
         n = rd.array(where, 0, None)
         return tuple(_check_str(ctx, rd.item(), f"{where}[{i}]") for i in range(n))
 
+    def size(self, v: Any) -> int:
+        return _array_size(len(v)) + sum(map(_str_size, v))
+
 
 def _check_range(ctx: _Ctx, where: str, start: int, end: int) -> None:
     if end <= start:
@@ -495,10 +584,15 @@ def _check_range(ctx: _Ctx, where: str, start: int, end: int) -> None:
 
 
 class _Route:
-    __slots__ = ()
+    """A route: ``min_len``..max_route_stages contiguous stages (node, start, end)."""
+
+    __slots__ = ("min_len",)
+
+    def __init__(self, min_len: int = 1) -> None:
+        self.min_len = min_len
 
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
-        t = _check_tuple(ctx, v, where, 1, ctx.limits.max_route_stages)
+        t = _check_tuple(ctx, v, where, self.min_len, ctx.limits.max_route_stages)
         prev_end = None
         for i, st in enumerate(t):
             w = f"{where}[{i}]"
@@ -513,7 +607,7 @@ class _Route:
         return t
 
     def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
-        n = rd.array(where, 1, ctx.limits.max_route_stages)
+        n = rd.array(where, self.min_len, ctx.limits.max_route_stages)
         out = []
         prev_end = None
         for i in range(n):
@@ -528,6 +622,9 @@ class _Route:
             prev_end = end
             out.append((node, start, end))
         return tuple(out)
+
+    def size(self, v: Any) -> int:
+        return _route_size(v)
 
 
 class _Peers:
@@ -558,6 +655,46 @@ class _Peers:
             _check_range(ctx, w, start, end)
             out.append((node, address, start, end))
         return tuple(out)
+
+    def size(self, v: Any) -> int:
+        n = _array_size(len(v))
+        for node, address, start, end in v:
+            n += 1 + _int_size(node) + _str_size(address) + _int_size(start) + _int_size(end)
+        return n
+
+
+class _PayloadBytes:
+    """``payload_bytes``: 0 (no modelled payload) or 1..max_frame_bytes (and <= I64)."""
+
+    __slots__ = ()
+
+    def _check(self, ctx: _Ctx, v: object, where: str) -> int:
+        n = _check_int(ctx, v, where, 0, I64_MAX)
+        limit = ctx.limits.max_frame_bytes
+        if n and n > limit:
+            raise ctx.error(where, f"is {n} bytes, more than max_frame_bytes={limit}")
+        return n
+
+    def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
+        return self._check(ctx, v, where)
+
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        return self._check(ctx, rd.item(), where)
+
+    def size(self, v: Any) -> int:
+        return _int_size(v) + v  # the field, and the modelled payload's frame when v > 0
+
+
+_ZEROS = b""
+
+
+def zero_frame(n: int) -> bytes | memoryview:
+    """The frame of a modelled payload: ``n`` zero bytes, a read-only view of one shared buffer
+    (which grows to the largest ``n`` asked for, rounded up to a power of two)."""
+    global _ZEROS
+    if n > len(_ZEROS):
+        _ZEROS = bytes(max(4096, 1 << (n - 1).bit_length()))  # calloc: untouched pages stay unmapped
+    return memoryview(_ZEROS)[:n]
 
 
 def tensor_span(itemsize: int, shape: tuple[int, ...]) -> int:
@@ -702,15 +839,47 @@ class _Tensors:
             descs.append((name, shape))
         return descs
 
+    def size(self, v: Any) -> int:
+        return _tensors_size(v)
 
-def _tensors_from_frames(ctx: _Ctx, descs: list[tuple[str, tuple[int, ...]]]) -> tuple[np.ndarray, ...]:
-    """The tensors of a decoded message: frame ``2 + i`` checked against descriptor ``i`` and viewed."""
+
+#: numpy dtype -> bytes of the descriptor's fixarray header and dtype name
+_DESC_SIZES: dict[np.dtype, int] = {dt: 1 + _str_size(name) for dt, name in _NAME_BY_DTYPE.items()}
+
+
+def _tensors_size(ts: tuple) -> int:
+    """Bytes of the descriptors of ``ts`` in the payload plus their frames."""
+    n = _array_size(len(ts))
+    for t in ts:
+        arr: Any = t if type(t) is np.ndarray else as_ndarray(t)
+        shape = arr.shape
+        n += _DESC_SIZES[arr.dtype] + _array_size(len(shape)) + sum(map(_int_size, shape)) + arr.nbytes
+    return n
+
+
+def _tensors_from_frames(
+    ctx: _Ctx, descs: list[tuple[str, tuple[int, ...]]], payload_bytes: int = 0
+) -> tuple[np.ndarray, ...]:
+    """The tensors of a decoded message: frame ``2 + i`` checked against descriptor ``i`` and viewed;
+    with ``payload_bytes`` > 0, the modelled payload's frame after them checked for its length."""
     frames = ctx.frames
-    if len(frames) != 2 + len(descs):
-        raise ctx.error("frames", f"expected {2 + len(descs)} frames (tag, payload, {len(descs)} tensors), got {len(frames)}")
-    return tuple(
-        tensor_from_wire(name, shape, frames[2 + i], ctx.name, i, ctx.limits) for i, (name, shape) in enumerate(descs)
-    )
+    nt = len(descs)
+    if payload_bytes:
+        if len(frames) != 3 + nt:
+            raise ctx.error(
+                "frames",
+                f"expected {3 + nt} frames (tag, payload, {nt} tensors, modelled payload of {payload_bytes} bytes), "
+                f"got {len(frames)}",
+            )
+    elif len(frames) != 2 + nt:
+        raise ctx.error("frames", f"expected {2 + nt} frames (tag, payload, {nt} tensors), got {len(frames)}")
+    out = tuple(tensor_from_wire(name, shape, frames[2 + i], ctx.name, i, ctx.limits) for i, (name, shape) in enumerate(descs))
+    if payload_bytes:
+        where = f"frame {2 + nt} (payload_bytes)"
+        n = _view(frames[2 + nt], ctx.name, where).nbytes
+        if n != payload_bytes:
+            raise ctx.error(where, f"has {n} bytes, expected payload_bytes={payload_bytes}")
+    return out
 
 
 # --- per-message layouts and cross-field rules ----------------------------------------------------
@@ -727,24 +896,38 @@ def _check_stage_index(ctx: _Ctx, v: dict) -> None:
         raise ctx.error("stage", f"must be < len(route) = {len(v['route'])}, got {v['stage']}")
 
 
+def _check_one_payload(ctx: _Ctx, v: dict) -> None:
+    if v["tensors"] and v["payload_bytes"]:
+        raise ctx.error("payload_bytes", "must be 0 when tensors are given (real xor modelled payload)")
+
+
 def _rules_prompt(ctx: _Ctx, v: dict) -> None:
     _check_stage_index(ctx, v)
-    ids, tensors = v["token_ids"], v["tensors"]
+    ids, tensors, modelled = v["token_ids"], v["tensors"], v["payload_bytes"]
     if ids:
         if tensors:
             raise ctx.error("tensors", "must be empty when token_ids are given (token ids xor hidden states)")
+        if modelled:
+            raise ctx.error("payload_bytes", "must be 0 when token_ids are given (real xor modelled payload)")
         if len(ids) != v["num_tokens"]:
             raise ctx.error("token_ids", f"has {len(ids)} ids but num_tokens is {v['num_tokens']}")
-    elif not tensors:
-        raise ctx.error("token_ids", "is empty and no tensors are given (need token ids xor hidden states)")
+    elif not tensors and not modelled:
+        raise ctx.error(
+            "token_ids", "is empty and no tensors nor payload_bytes are given (need token ids xor hidden states)"
+        )
+    _check_one_payload(ctx, v)
 
 
 def _rules_decode(ctx: _Ctx, v: dict) -> None:
     _check_stage_index(ctx, v)
-    if v["token_id"] >= 0 and v["tensors"]:
-        raise ctx.error("tensors", "must be empty when token_id >= 0 (token id xor hidden state)")
-    if v["token_id"] < 0 and not v["tensors"]:
-        raise ctx.error("token_id", "is -1 but no tensors are given (token id xor hidden state)")
+    if v["token_id"] >= 0:
+        if v["tensors"]:
+            raise ctx.error("tensors", "must be empty when token_id >= 0 (token id xor hidden state)")
+        if v["payload_bytes"]:
+            raise ctx.error("payload_bytes", "must be 0 when token_id >= 0 (real xor modelled payload)")
+    elif not v["tensors"] and not v["payload_bytes"]:
+        raise ctx.error("token_id", "is -1 but no tensors nor payload_bytes are given (token id xor hidden state)")
+    _check_one_payload(ctx, v)
 
 
 def _rules_assign(ctx: _Ctx, v: dict) -> None:
@@ -752,7 +935,7 @@ def _rules_assign(ctx: _Ctx, v: dict) -> None:
 
 
 class _Layout:
-    __slots__ = ("cls", "name", "specs", "rules", "has_tensors")
+    __slots__ = ("cls", "name", "specs", "rules", "has_tensors", "has_payload_bytes")
 
     def __init__(self, cls: type, specs: dict[str, Any], rules: Any = None) -> None:
         assert tuple(specs) == cls.FIELDS, (cls, tuple(specs))  # type: ignore[attr-defined]
@@ -761,6 +944,7 @@ class _Layout:
         self.specs = tuple(specs.items())
         self.rules = rules
         self.has_tensors = "tensors" in specs
+        self.has_payload_bytes = "payload_bytes" in specs
 
 
 LAYOUTS: dict[int, _Layout] = {
@@ -803,6 +987,7 @@ LAYOUTS: dict[int, _Layout] = {
                 "max_tokens": _POS32,
                 "sent_at": _F,
                 "tensors": _Tensors(0),
+                "payload_bytes": _PayloadBytes(),
             },
             _rules_prompt,
         ),
@@ -816,6 +1001,7 @@ LAYOUTS: dict[int, _Layout] = {
                 "token_id": _Int(-1, I32_MAX),
                 "sent_at": _F,
                 "tensors": _Tensors(0),
+                "payload_bytes": _PayloadBytes(),
             },
             _rules_decode,
         ),
@@ -825,12 +1011,20 @@ LAYOUTS: dict[int, _Layout] = {
         ),
         _Layout(
             TokenResult,
-            {"request_id": _ID, "token_id": _I32, "context_len": _POS32, "finished": _Bool(), "sent_at": _F},
+            {
+                "request_id": _ID,
+                "token_id": _I32,
+                "context_len": _POS32,
+                "finished": _Bool(),
+                "sent_at": _F,
+                "route": _Route(0),
+            },
         ),
         _Layout(Heartbeat, {"node_id": _I32, "seq": _ID, "now": _F}),
         _Layout(Cancel, {"request_id": _ID, "reason": _S}),
         _Layout(Error, {"request_id": _Int(-1, I64_MAX), "code": _I32, "text": _S}),
         _Layout(Shutdown, {"reason": _S}),
+        _Layout(Feedback, {"request_id": _ID, "node_id": _I32, "delay": _Float(nonneg=True), "sent_at": _F}),
     )
 }
 assert set(LAYOUTS) == {int(t) for t in MESSAGE_TYPES}
@@ -874,6 +1068,8 @@ def encode(msg: Message, limits: Limits | None = None) -> list[bytes | memoryvie
         raise ctx.error(
             "frame 1 (payload)", f"has {len(payload)} bytes, more than max_frame_bytes={ctx.limits.max_frame_bytes}"
         )
+    if lay.has_payload_bytes and values["payload_bytes"]:
+        ctx.frames.append(zero_frame(values["payload_bytes"]))
     return [TAG_FRAMES[lay.cls.TAG], payload, *ctx.frames]  # type: ignore[attr-defined]
 
 
@@ -915,10 +1111,118 @@ def decode(frames: list | tuple, limits: Limits | None = None) -> Message:
     if rd.pos != rd.end:
         raise ctx.error(_PAYLOAD, "trailing bytes after the msgpack array")
     if lay.has_tensors:
-        values["tensors"] = _tensors_from_frames(ctx, values["tensors"])
+        values["tensors"] = _tensors_from_frames(ctx, values["tensors"], values.get("payload_bytes", 0))
     if lay.rules is not None:
         lay.rules(ctx, values)
     return lay.cls(**values)
+
+
+# --- wire size: the bytes of encode(msg), computed from the field values ------------------------------
+
+_U = _UINT_SIZES
+_RS = _ROUTE_SIZES
+
+
+def _size_fields(lay: _Layout, msg: Any) -> int:
+    n = 1 + _array_size(len(lay.specs))  # tag frame, payload's array header
+    for name, spec in lay.specs:
+        n += spec.size(getattr(msg, name))
+    return n
+
+
+# The hot messages, written out (the simulator sizes every message it moves). Non-negative ints are
+# sized by their bit length; a route by the cache (inlined); constants: tag byte, fixarray header,
+# float64 fields (9 bytes), the header of an empty tensors array, a bool.
+
+
+def _size_prompt_work(m: Any) -> int:
+    r = m.route
+    e = _RS.get(id(r))
+    n = e[1] if e is not None and e[0] is r else _route_size(r)
+    ids, t, p = m.token_ids, m.tensors, m.payload_bytes
+    if ids:
+        n += _array_size(len(ids)) + sum(map(_int_size, ids)) - 1
+    if t:
+        n += _tensors_size(t) - 1
+    return (
+        n
+        + 13
+        + _U[m.request_id.bit_length()]
+        + _U[m.query_id.bit_length()]
+        + _U[m.stage.bit_length()]
+        + _U[m.num_tokens.bit_length()]
+        + _U[m.max_tokens.bit_length()]
+        + _U[p.bit_length()]
+        + p
+    )
+
+
+def _size_decode_work(m: Any) -> int:
+    r = m.route
+    e = _RS.get(id(r))
+    n = e[1] if e is not None and e[0] is r else _route_size(r)
+    tok, t, p = m.token_id, m.tensors, m.payload_bytes
+    if t:
+        n += _tensors_size(t) - 1
+    return (
+        n
+        + 12
+        + _U[m.request_id.bit_length()]
+        + _U[m.stage.bit_length()]
+        + _U[m.context_len.bit_length()]
+        + (_U[tok.bit_length()] if tok >= 0 else _int_size(tok))
+        + _U[p.bit_length()]
+        + p
+    )
+
+
+def _size_token_result(m: Any) -> int:
+    r = m.route
+    e = _RS.get(id(r))
+    n = e[1] if e is not None and e[0] is r else _route_size(r)
+    return n + 12 + _U[m.request_id.bit_length()] + _U[m.token_id.bit_length()] + _U[m.context_len.bit_length()]
+
+
+def _size_feedback(m: Any) -> int:
+    return 20 + _U[m.request_id.bit_length()] + _U[m.node_id.bit_length()]
+
+
+def _size_activations(m: Any) -> int:
+    return (
+        11
+        + _U[m.request_id.bit_length()]
+        + _U[m.stage.bit_length()]
+        + _U[m.num_tokens.bit_length()]
+        + _tensors_size(m.tensors)
+    )
+
+
+_SIZERS: dict[type, Any] = {
+    PromptWork: _size_prompt_work,
+    DecodeWork: _size_decode_work,
+    TokenResult: _size_token_result,
+    Feedback: _size_feedback,
+    Activations: _size_activations,
+}
+for _lay in LAYOUTS.values():
+    _SIZERS.setdefault(_lay.cls, functools.partial(_size_fields, _lay))
+del _lay
+
+
+def wire_size(msg: Message) -> int:
+    """Bytes ``encode(msg)`` produces, summed over its frames (each frame's byte length: the tag
+    byte, the msgpack payload, tensor frames, the modelled payload's ``payload_bytes``), computed
+    from the field values without encoding (no allocation for messages without tensors).
+
+    Exact for every message ``encode`` accepts. It does not validate: for a message ``encode``
+    refuses it returns some size, or raises the ``CodecError`` that ``encode`` raises (when the
+    sizing itself fails, on a non-message or a value of the wrong type, it reruns ``encode``).
+    """
+    try:
+        return _SIZERS[type(msg)](msg)
+    except Exception:
+        pass
+    return sum(memoryview(f).nbytes for f in encode(msg))
 
 
 __all__ = [
@@ -935,4 +1239,6 @@ __all__ = [
     "tensor_from_wire",
     "tensor_span",
     "tensor_to_wire",
+    "wire_size",
+    "zero_frame",
 ]

@@ -16,6 +16,12 @@ Conventions for every message:
   when torch is loaded) and travel as separate raw frames; decoding returns numpy arrays that
   share memory with the received frames. Messages holding tensors compare tensors by dtype,
   shape and bytes, and are not hashable.
+* modelled payloads: a work message may stand for a payload it does not carry (the simulator, or
+  a cost-model executor emulating a real model): ``payload_bytes > 0`` in place of its hidden
+  states or token ids gives that payload's size. Encoded, such a message carries one frame of
+  ``payload_bytes`` zero bytes in their place (a real network moves the bytes a real run would);
+  decoded, it has ``payload_bytes`` again and no tensors. ``codec.wire_size(msg)`` gives the bytes
+  a message takes on the wire without encoding it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class MsgType(IntEnum):
     CANCEL = 8
     ERROR = 9
     SHUTDOWN = 10
+    FEEDBACK = 11
 
 
 class ErrorCode(IntEnum):
@@ -169,6 +176,10 @@ class PromptWork(_Message):
     else empty and ``tensors`` holds the hidden states (for example one (num_tokens, hidden) array).
     max_tokens: most output tokens to generate (excluding the prompt).
     sent_at: loop time (s) when the sender handed the message to its transport.
+    payload_bytes: 0, or the size in bytes of a *modelled* payload (see the module docstring) that
+    stands for the hidden states (empty ``tensors``) or, at the first stage, the token ids (empty
+    ``token_ids``; ``num_tokens`` still counts them). Exactly one of token_ids, tensors and
+    payload_bytes is given.
     """
 
     TAG: ClassVar[MsgType] = MsgType.PROMPT_WORK
@@ -182,6 +193,7 @@ class PromptWork(_Message):
     max_tokens: int
     sent_at: float
     tensors: tuple[Tensor, ...] = ()
+    payload_bytes: int = 0
 
     __eq__ = _eq_with_tensors
 
@@ -193,8 +205,11 @@ class DecodeWork(_Message):
     route, stage: as in PromptWork. context_len: tokens in the sequence including this step's
     input token (its position is context_len - 1), so the first decode after an n-token prompt
     has context_len n + 1. token_id: the input token when the receiver runs the first layers,
-    else -1 and ``tensors`` holds the hidden state (exactly one of the two).
+    else -1 and ``tensors`` holds the hidden state.
     sent_at: loop time (s) when the sender handed the message to its transport.
+    payload_bytes: 0, or the size in bytes of a *modelled* payload (see the module docstring) that
+    stands for the hidden state (empty ``tensors``) or, at the first stage, the token id (token_id
+    -1). Exactly one of a token id >= 0, tensors and payload_bytes is given.
     """
 
     TAG: ClassVar[MsgType] = MsgType.DECODE_WORK
@@ -206,6 +221,7 @@ class DecodeWork(_Message):
     token_id: int
     sent_at: float
     tensors: tuple[Tensor, ...] = ()
+    payload_bytes: int = 0
 
     __eq__ = _eq_with_tensors
 
@@ -237,6 +253,9 @@ class TokenResult(_Message):
     context_len: context length of the step that produced the token (the prompt length for the
     first token, then the decode's context_len). finished: the worker stopped the request (EOS);
     the host also stops it at max_tokens. sent_at: sender's loop time (s).
+    route: the route the step took (as in PromptWork), or empty. Per-hop schedulers (Swarm,
+    Random, shortest queue) pick each next hop at the sending node, so only the last stage knows
+    the whole route: it fills it in, and the host stamps it on the request's later decodes.
     """
 
     TAG: ClassVar[MsgType] = MsgType.TOKEN_RESULT
@@ -246,6 +265,7 @@ class TokenResult(_Message):
     context_len: int
     finished: bool
     sent_at: float
+    route: Route = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,8 +311,36 @@ class Shutdown(_Message):
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Feedback(_Message):
+    """Receiver of a hop → its sender (the Swarm scheduler): how long the hop took.
+
+    request_id: the request whose work made the hop. node_id: the node that measured (the
+    receiver). delay: seconds from the sender's send (the work's ``sent_at``) to the work being
+    ready to forward at the receiver (finite, >= 0); the sender folds it into its estimate (EMA)
+    for that next hop. sent_at: the receiver's loop time (s) when it sent this message.
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.FEEDBACK
+    NAME: ClassVar[str] = "feedback"
+    request_id: int
+    node_id: int
+    delay: float
+    sent_at: float
+
+
 Message = (
-    Register | AssignLayers | PromptWork | DecodeWork | Activations | TokenResult | Heartbeat | Cancel | Error | Shutdown
+    Register
+    | AssignLayers
+    | PromptWork
+    | DecodeWork
+    | Activations
+    | TokenResult
+    | Heartbeat
+    | Cancel
+    | Error
+    | Shutdown
+    | Feedback
 )
 
 #: Message class per tag.
@@ -309,6 +357,7 @@ MESSAGE_TYPES: dict[MsgType, type[_Message]] = {
         Cancel,
         Error,
         Shutdown,
+        Feedback,
     )
 }
 
@@ -324,6 +373,7 @@ __all__ = [
     "DecodeWork",
     "Error",
     "ErrorCode",
+    "Feedback",
     "Heartbeat",
     "Message",
     "MsgType",

@@ -31,6 +31,9 @@ from helix_async.codec import (
     encode,
     encode_c,
     encode_py,
+    wire_size,
+    wire_size_c,
+    wire_size_py,
 )
 from helix_async.errors import HelixError
 from helix_async.ids import SINK, SOURCE
@@ -42,6 +45,7 @@ from helix_async.messages import (
     DecodeWork,
     Error,
     ErrorCode,
+    Feedback,
     Heartbeat,
     MsgType,
     PromptWork,
@@ -58,6 +62,7 @@ if COMPILED:
 
     encode_strict = _cmod._encode_strict
     decode_strict = _cmod._decode_strict
+    wire_size_strict = _cmod._wire_size_strict
 
 IMPLS = [pytest.param((encode_py, decode_py), id="py")]
 if encode_c is not None:
@@ -91,15 +96,27 @@ WIRE_LAYOUTS = {
     2: ("assign_layers", ("node_id", "model", "start", "end", "plan_id", "next_hops", "prev_nodes")),
     3: (
         "prompt_work",
-        ("request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors"),
+        (
+            "request_id",
+            "query_id",
+            "route",
+            "stage",
+            "num_tokens",
+            "token_ids",
+            "max_tokens",
+            "sent_at",
+            "tensors",
+            "payload_bytes",
+        ),
     ),
-    4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors")),
+    4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes")),
     5: ("activations", ("request_id", "stage", "num_tokens", "sent_at", "tensors")),
-    6: ("token_result", ("request_id", "token_id", "context_len", "finished", "sent_at")),
+    6: ("token_result", ("request_id", "token_id", "context_len", "finished", "sent_at", "route")),
     7: ("heartbeat", ("node_id", "seq", "now")),
     8: ("cancel", ("request_id", "reason")),
     9: ("error", ("request_id", "code", "text")),
     10: ("shutdown", ("reason",)),
+    11: ("feedback", ("request_id", "node_id", "delay", "sent_at")),
 }
 
 
@@ -152,6 +169,8 @@ ids = ints(0, I64)
 i32 = ints(0, I32)
 pos32 = ints(1, I32)
 floats = st.floats(allow_nan=False, allow_infinity=False)
+#: modelled payload sizes (encode writes that many zero bytes: kept small enough to copy in tests)
+payload_sizes = ints(1, 1 << 18)
 texts = st.text(max_size=40) | st.sampled_from(["", "x" * 31, "y" * 32, "z" * 255, "w" * 256, "é" * 70000])
 
 
@@ -182,33 +201,35 @@ def tensors(draw, min_count: int = 0, max_count: int = 3) -> tuple:
 @st.composite
 def prompt_work(draw) -> PromptWork:
     route = draw(routes())
-    with_ids = draw(st.booleans())
-    ids_ = tuple(draw(st.lists(ints(0, I32), min_size=1, max_size=40))) if with_ids else ()
+    carries = draw(st.sampled_from(["ids", "tensors", "modelled"]))  # exactly one of the three
+    ids_ = tuple(draw(st.lists(ints(0, I32), min_size=1, max_size=40))) if carries == "ids" else ()
     return PromptWork(
         request_id=draw(ids),
         query_id=draw(ids),
         route=route,
         stage=draw(st.integers(0, len(route) - 1)),
-        num_tokens=len(ids_) if with_ids else draw(pos32),
+        num_tokens=len(ids_) if ids_ else draw(pos32),
         token_ids=ids_,
         max_tokens=draw(pos32),
         sent_at=draw(floats),
-        tensors=() if with_ids else draw(tensors(min_count=1)),
+        tensors=draw(tensors(min_count=1)) if carries == "tensors" else (),
+        payload_bytes=draw(payload_sizes) if carries == "modelled" else 0,
     )
 
 
 @st.composite
 def decode_work(draw) -> DecodeWork:
     route = draw(routes())
-    with_token = draw(st.booleans())
+    carries = draw(st.sampled_from(["token", "tensors", "modelled"]))
     return DecodeWork(
         request_id=draw(ids),
         route=route,
         stage=draw(st.integers(0, len(route) - 1)),
         context_len=draw(pos32),
-        token_id=draw(i32) if with_token else -1,
+        token_id=draw(i32) if carries == "token" else -1,
         sent_at=draw(floats),
-        tensors=() if with_token else draw(tensors(min_count=1)),
+        tensors=draw(tensors(min_count=1)) if carries == "tensors" else (),
+        payload_bytes=draw(payload_sizes) if carries == "modelled" else 0,
     )
 
 
@@ -216,7 +237,16 @@ activations = st.builds(
     Activations, request_id=ids, stage=i32, num_tokens=i32, sent_at=floats, tensors=tensors(min_count=1)
 )
 token_result = st.builds(
-    TokenResult, request_id=ids, token_id=i32, context_len=pos32, finished=st.booleans(), sent_at=floats
+    TokenResult,
+    request_id=ids,
+    token_id=i32,
+    context_len=pos32,
+    finished=st.booleans(),
+    sent_at=floats,
+    route=st.just(()) | routes(),
+)
+feedback = st.builds(
+    Feedback, request_id=ids, node_id=i32, delay=st.floats(min_value=0.0, allow_infinity=False), sent_at=floats
 )
 
 
@@ -263,8 +293,9 @@ STRATEGIES = {
     "cancel": cancel,
     "error": error,
     "shutdown": shutdown,
+    "feedback": feedback,
 }
-HOT = ["prompt_work", "decode_work", "activations", "token_result"]
+HOT = ["prompt_work", "decode_work", "activations", "token_result", "feedback"]
 any_message = st.one_of(*STRATEGIES.values())
 
 
@@ -280,6 +311,7 @@ def _minimal_kwargs(cls: type) -> dict:
         Cancel: dict(request_id=0),
         Error: dict(request_id=-1, code=ErrorCode.INTERNAL, text="t"),
         Shutdown: dict(),
+        Feedback: dict(request_id=0, node_id=1, delay=0.0, sent_at=0.0),
     }[cls]
 
 
@@ -315,8 +347,8 @@ def test_payload_is_the_msgpack_array_of_the_fields(impl) -> None:
     m = DecodeWork(request_id=300, route=ROUTE6, stage=2, context_len=70000, token_id=5, sent_at=1.5)
     frames = enc(m)
     assert frames[0] == b"\x04"
-    assert frames[1] == msgpack.packb([300, ROUTE6, 2, 70000, 5, 1.5, []], use_bin_type=True)
-    assert msgpack.unpackb(frames[1]) == [300, [list(s) for s in ROUTE6], 2, 70000, 5, 1.5, []]
+    assert frames[1] == msgpack.packb([300, ROUTE6, 2, 70000, 5, 1.5, [], 0], use_bin_type=True)
+    assert msgpack.unpackb(frames[1]) == [300, [list(s) for s in ROUTE6], 2, 70000, 5, 1.5, [], 0]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -728,26 +760,28 @@ HOSTILE = [
         (f"{name}: array of tiny maps", tag, _tiny_maps(_N), rf"^{name}: {_PAYLOAD}: expected an array of {len(fields)} fields \(.*\), got {_N}$")
         for tag, (name, fields) in WIRE_LAYOUTS.items()
     ],
-    ("top level declares 4G items", 6, b"\xdd\xff\xff\xff\xff", rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 4294967295$"),
+    ("top level declares 4G items", 6, b"\xdd\xff\xff\xff\xff", rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 4294967295$"),
     ("top level is a huge map", 6, b"\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N, rf"^token_result: {_PAYLOAD}: must be a msgpack array, got dict$"),
-    ("first field is a huge array", 6, b"\x95" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64, r"^token_result: request_id: must be an int, got tuple$"),
+    ("first field is a huge array", 6, b"\x96" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64 + b"\x90", r"^token_result: request_id: must be an int, got tuple$"),
     ("a field is a huge map", 7, b"\x93\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N + b"\x01" + _F64, r"^heartbeat: node_id: must be an int, got dict$"),
-    ("token ids of tiny maps", 3, b"\x99\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
-    ("token ids declare 4G items", 3, b"\x99\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
+    ("token ids of tiny maps", 3, b"\x9a\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90\x00", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
+    ("token ids declare 4G items", 3, b"\x9a\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
     ("capabilities of tiny maps", 1, b"\x97\x00\xa1n\xa1t\xa1a\x01\x01" + _tiny_maps(_N), r"^register: capabilities\[0\]: must be a str, got dict$"),
     ("next hops of empty arrays", 2, b"\x97\x01\xa1m\x00\x04\x00" + _array32(_N) + b"\x90" * _N + b"\x90", r"^assign_layers: next_hops\[0\]: must have at least 4 items, got 0$"),
     ("prev nodes of empty maps", 2, b"\x97\x01\xa1m\x00\x04\x00\x90" + _array32(_N) + b"\x80" * _N, r"^assign_layers: prev_nodes\[0\]: must be an int, got dict$"),
-    ("route of 4G stages", 4, b"\x97\x01\xdd\xff\xff\xff\xff" + b"\x93\x01\x00\x04" * 16, r"^decode_work: route: must have at most 64 items, got 4294967295$"),
+    ("route of 4G stages", 4, b"\x98\x01\xdd\xff\xff\xff\xff" + b"\x93\x01\x00\x04" * 16, r"^decode_work: route: must have at most 64 items, got 4294967295$"),
     ("tensors of tiny maps", 5, b"\x95\x01\x00\x01" + _F64 + _tiny_maps(_N), r"^activations: tensors: must have at most 8 items, got 262144$"),
     ("a shape of many dims", 5, b"\x95\x01\x00\x01" + _F64 + b"\x91\x92\xa5uint8" + _array32(_N) + b"\x01" * _N, rf"^activations: tensors\[0\]\.shape: must have at most 8 items, got {_N}$"),
     ("deep nesting", 10, b"\x91" * _N + b"\xc0", r"^shutdown: reason: must be a str, got tuple$"),
-    ("deep nesting in a route", 4, b"\x97\x01" + b"\x91" * _N + b"\x01", r"^decode_work: route\[0\]: must have at least 3 items, got 1$"),
+    ("deep nesting in a route", 4, b"\x98\x01" + b"\x91" * _N + b"\x01", r"^decode_work: route\[0\]: must have at least 3 items, got 1$"),
     ("a str declares 4 GiB", 8, b"\x92\x01" + _STR4G + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
     ("a bin declares 4 GiB", 8, b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
     ("an ext declares 4 GiB", 8, b"\x92\x01\xc9\xff\xff\xff\xff\x01" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
-    ("one field too few", 6, b"\x94\x01\x02\x03\xc2", rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 4$"),
-    ("one field too many", 6, b"\x96\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: expected an array of 5 fields \(.*\), got 6$"),
-    ("a huge field after the last", 6, b"\x95\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: trailing bytes after the msgpack array$"),
+    ("one field too few", 6, b"\x95\x01\x02\x03\xc2" + _F64, rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 5$"),
+    ("one field too many", 6, b"\x97\x01\x02\x03\xc2" + _F64 + b"\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 7$"),
+    ("a huge field after the last", 6, b"\x96\x01\x02\x03\xc2" + _F64 + b"\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: trailing bytes after the msgpack array$"),
+    ("a route of tiny maps", 6, b"\x96\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), r"^token_result: route: must have at most 64 items, got 262144$"),
+    ("a modelled payload declares 2**63 bytes", 4, b"\x98\x01" + _ROUTE1 + b"\x00\x02\xff" + _F64 + b"\x90\xcf\x7f" + b"\xff" * 7, r"^decode_work: payload_bytes: is 9223372036854775807 bytes, more than max_frame_bytes=67108864$"),
 ]
 
 #: What a rejection may allocate (bytes, traced by tracemalloc): the error and its traceback. Any
@@ -814,16 +848,23 @@ _TR = TokenResult(request_id=1, token_id=2, context_len=3, finished=False, sent_
         ([b"\x00", b"\x90"], r"unknown message type tag 0"),
         ([b"\x06\x00", b"\x90"], r"^\?: frame 0 \(tag\): must be exactly 1 byte, got 2$"),
         ([b"\x06"], r"^\?: frames: expected at least 2 frames"),
-        ([b"\x06", b"\x94\x01\x02\x03\xc2"], r"^token_result: frame 1 \(payload\): expected an array of 5 fields \(request_id, token_id, context_len, finished, sent_at\), got 4$"),
+        ([b"\x06", b"\x94\x01\x02\x03\xc2"], r"^token_result: frame 1 \(payload\): expected an array of 6 fields \(request_id, token_id, context_len, finished, sent_at, route\), got 4$"),
         ([b"\x06", b"\x81\xa1a\x01"], r"token_result: frame 1 \(payload\): must be a msgpack array, got dict"),
-        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x00"], r"token_result: frame 1 \(payload\): trailing bytes"),
-        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb?\xe0"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
-        ([b"\x06", b"\x95\xc3\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: request_id: must be an int, got bool$"),
-        ([b"\x06", b"\x95\x01\x02\x03\x01\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: finished: must be a bool, got int$"),
-        ([b"\x06", b"\x95\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^token_result: request_id: must be >= 0, got -1$"),
-        ([b"\x06", b"\x95\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"request_id: must be <= 9223372036854775807"),
-        ([b"\x06", b"\x95\x01\x02\x03\xc2\x01"], r"^token_result: sent_at: must be a float, got int$"),
-        ([b"\x06", b"\x95\x01\x02\x03\xc2\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00"], r"sent_at: must be finite, got nan"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x00"], r"token_result: frame 1 \(payload\): trailing bytes"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
+        ([b"\x06", b"\x96\xc3\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be an int, got bool$"),
+        ([b"\x06", b"\x96\x01\x02\x03\x01\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: finished: must be a bool, got int$"),
+        ([b"\x06", b"\x96\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be >= 0, got -1$"),
+        ([b"\x06", b"\x96\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"request_id: must be <= 9223372036854775807"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\x01\x90"], r"^token_result: sent_at: must be a float, got int$"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00\x90"], r"sent_at: must be finite, got nan"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x91\x93\x01\x04\x04"], r"^token_result: route\[0\]: layer range must have start < end, got \[4, 4\)$"),
+        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\xc0"], r"^token_result: route: must be a tuple \(msgpack array\), got NoneType$"),
+        ([b"\x0b", b"\x94\x01\x02\xcb\xbf\xf0\x00\x00\x00\x00\x00\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be >= 0, got -1\.0$"),
+        ([b"\x0b", b"\x94\x01\x02\xcb\x7f\xf0\x00\x00\x00\x00\x00\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be finite, got inf$"),
+        ([b"\x0b", b"\x94\x01\x02\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be a float, got int$"),
+        ([b"\x0b", b"\x94\x01\x02\xca\x00\x00\x00\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00", b""], r"^feedback: frames: expected 2 frames \(tag, payload\), got 3$"),
         ([b"\x06", b""], r"token_result: frame 1 \(payload\): is empty"),
         ([b"\x06", b"\x90", b""], r"^token_result: frames: expected 2 frames \(tag, payload\), got 3$"),
         ([b"\x06", "text"], r"frame 1 \(payload\): must be a bytes-like object, got str"),
@@ -868,7 +909,7 @@ def test_route_and_cross_field_errors(impl) -> None:
         (dict(route=tuple((i, i, i + 1) for i in range(65))), r"route: must have at most 64 items, got 65"),
         (dict(route=[(1, 0, 5)]), r"route: must be a tuple \(msgpack array\), got list"),
         (dict(route=((True, 0, 5),)), r"route\[0\].node: must be an int, got bool"),
-        (dict(token_id=-1), r"token_id: is -1 but no tensors are given"),
+        (dict(token_id=-1), r"^decode_work: token_id: is -1 but no tensors nor payload_bytes are given \(token id xor hidden state\)$"),
         (dict(token_id=-2), r"token_id: must be >= -1, got -2"),
         (dict(request_id=2**63), r"request_id: must be <= 9223372036854775807"),
         (dict(sent_at=math.inf), r"sent_at: must be finite"),
@@ -892,7 +933,7 @@ def test_route_and_cross_field_errors(impl) -> None:
         enc(p)
     with pytest.raises(CodecError, match=r"token_ids: must be a tuple \(msgpack array\), got list"):
         enc(dataclasses.replace(p, token_ids=[1, 2, 3]))
-    with pytest.raises(CodecError, match=r"token_ids: is empty and no tensors are given"):
+    with pytest.raises(CodecError, match=r"^prompt_work: token_ids: is empty and no tensors nor payload_bytes are given"):
         enc(dataclasses.replace(p, token_ids=()))
     with pytest.raises(CodecError, match=r"^assign_layers: end: layer range must have start < end, got \[4, 4\)$"):
         enc(AssignLayers(node_id=1, model="m", start=4, end=4, plan_id=0, next_hops=()))
@@ -989,8 +1030,8 @@ def test_empty_tensor_with_huge_dimensions_is_a_codec_error(impl, limits) -> Non
         dec(_activations_frames(_HUGE_EMPTY), limits)
     route = ((1, 0, 2),)
     work = [
-        [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]]]), b""],
-        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]]]), bytearray()],
+        [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]], 0]), b""],
+        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0]), bytearray()],
     ]
     for frames in work:
         # under 2**80 the span check passes (span < 2**80) and numpy's refusal is the error
@@ -1218,3 +1259,282 @@ def test_the_wire_refuses_routes_that_are_not_routes(impl) -> None:
         values[1] = [list(st) for st in route]
         with pytest.raises(CodecError, match=pattern):
             dec([frames[0], msgpack.packb(values)])
+
+
+# --- modelled payloads -------------------------------------------------------------------------------
+
+_MODELLED_DW = DecodeWork(request_id=1, route=ROUTE6, stage=3, context_len=9, token_id=-1, sent_at=0.5, payload_bytes=16384)
+_MODELLED_PW = PromptWork(
+    request_id=1, query_id=2, route=ROUTE6, stage=0, num_tokens=40, token_ids=(), max_tokens=5, sent_at=0.5, payload_bytes=160
+)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_modelled_payload_travels_as_one_frame_of_zeros(impl) -> None:
+    enc, dec = impl
+    for m in (_MODELLED_DW, _MODELLED_PW, dataclasses.replace(_MODELLED_PW, stage=2, payload_bytes=40 * 16384)):
+        frames = enc(m)
+        assert len(frames) == 3 and bytes(frames[2]) == bytes(m.payload_bytes)
+        assert msgpack.unpackb(frames[1])[-2:] == [[], m.payload_bytes]  # no tensors, the size announced
+        back = dec(_frame_bytes(frames))
+        assert back == m and back.tensors == () and back.payload_bytes == m.payload_bytes
+        # the frame's content is not read: any bytes of the announced length stand for the payload
+        assert dec([frames[0], frames[1], b"\xff" * m.payload_bytes]) == m
+        assert dec([frames[0], frames[1], bytearray(m.payload_bytes)]) == m
+        # without a modelled payload, nothing changes: payload_bytes 0 is the last field
+        assert msgpack.unpackb(enc(_minimal_message(m.NAME))[1])[-1] == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_modelled_payload_rules(impl) -> None:
+    enc, dec = impl
+    h = (np.zeros((1, 8), np.float16),)
+    cases = [
+        (dataclasses.replace(_MODELLED_DW, tensors=h), r"^decode_work: payload_bytes: must be 0 when tensors are given \(real xor modelled payload\)$"),
+        (dataclasses.replace(_MODELLED_DW, token_id=5), r"^decode_work: payload_bytes: must be 0 when token_id >= 0 \(real xor modelled payload\)$"),
+        (dataclasses.replace(_MODELLED_DW, payload_bytes=-1), r"^decode_work: payload_bytes: must be >= 0, got -1$"),
+        (dataclasses.replace(_MODELLED_DW, payload_bytes=True), r"^decode_work: payload_bytes: must be an int, got bool$"),
+        (dataclasses.replace(_MODELLED_DW, payload_bytes=(64 << 20) + 1), r"^decode_work: payload_bytes: is 67108865 bytes, more than max_frame_bytes=67108864$"),
+        (dataclasses.replace(_MODELLED_PW, tensors=h), r"^prompt_work: payload_bytes: must be 0 when tensors are given \(real xor modelled payload\)$"),
+        (dataclasses.replace(_MODELLED_PW, token_ids=(1,) * 40), r"^prompt_work: payload_bytes: must be 0 when token_ids are given \(real xor modelled payload\)$"),
+        (dataclasses.replace(_MODELLED_PW, payload_bytes=2**63), r"^prompt_work: payload_bytes: must be <= 9223372036854775807, got 9223372036854775808$"),
+    ]
+    for m, pattern in cases:
+        with pytest.raises(CodecError, match=pattern):
+            enc(m)
+    # the bound is the frame limit, as for tensors
+    small = Limits(max_frame_bytes=1000)
+    with pytest.raises(CodecError, match=r"^decode_work: payload_bytes: is 16384 bytes, more than max_frame_bytes=1000$"):
+        enc(_MODELLED_DW, small)
+    with pytest.raises(CodecError, match=r"^decode_work: payload_bytes: is 16384 bytes, more than max_frame_bytes=1000$"):
+        dec(enc(_MODELLED_DW), small)
+    assert dec(enc(dataclasses.replace(_MODELLED_DW, payload_bytes=1000), small), small).payload_bytes == 1000
+    # the decoder applies the same rules to what it receives
+    values, frames = _wire(_MODELLED_DW)
+    values[6] = [["float16", [1, 8]]]
+    with pytest.raises(CodecError, match=r"^decode_work: frames: expected 4 frames \(tag, payload, 1 tensors, modelled payload of 16384 bytes\), got 3$"):
+        dec([frames[0], msgpack.packb(values), frames[2]])
+    with pytest.raises(CodecError, match=r"^decode_work: payload_bytes: must be 0 when tensors are given"):
+        dec([frames[0], msgpack.packb(values), bytes(h[0]), frames[2]])
+    values, frames = _wire(_MODELLED_PW)
+    values[5] = list(range(40))
+    with pytest.raises(CodecError, match=r"^prompt_work: payload_bytes: must be 0 when token_ids are given"):
+        dec([frames[0], msgpack.packb(values), frames[2]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_modelled_payload_frame_errors(impl) -> None:
+    _, dec = impl
+    frames = encode_py(_MODELLED_DW)
+    cases = [
+        (frames[:2], r"^decode_work: frames: expected 3 frames \(tag, payload, 0 tensors, modelled payload of 16384 bytes\), got 2$"),
+        ([*frames, b""], r"^decode_work: frames: expected 3 frames \(tag, payload, 0 tensors, modelled payload of 16384 bytes\), got 4$"),
+        ([frames[0], frames[1], bytes(16383)], r"^decode_work: frame 2 \(payload_bytes\): has 16383 bytes, expected payload_bytes=16384$"),
+        ([frames[0], frames[1], bytes(16385)], r"^decode_work: frame 2 \(payload_bytes\): has 16385 bytes, expected payload_bytes=16384$"),
+        ([frames[0], frames[1], "x" * 16384], r"^decode_work: frame 2 \(payload_bytes\): must be a bytes-like object, got str$"),
+        ([frames[0], frames[1], np.zeros(32768, np.uint8)[::2]], r"^decode_work: frame 2 \(payload_bytes\): must be a C-contiguous buffer$"),
+    ]
+    for bad, pattern in cases:
+        with pytest.raises(CodecError, match=pattern):
+            dec(bad)
+        if COMPILED:
+            with pytest.raises(CodecError):
+                decode_strict(bad)
+    # a zero-payload message sent with a stray frame is refused as before
+    plain = encode_py(_minimal_message("decode_work"))
+    with pytest.raises(CodecError, match=r"^decode_work: frames: expected 2 frames \(tag, payload, 0 tensors\), got 3$"):
+        dec([*plain, b""])
+
+
+def test_zero_frames_are_shared_read_only_zeros() -> None:
+    a, b = _codec_py.zero_frame(10), _codec_py.zero_frame(5000)
+    assert bytes(a) == bytes(10) and bytes(b) == bytes(5000) and a.readonly and b.readonly
+    assert len(_codec_py.zero_frame(0)) == 0
+
+
+# --- token_result routes, feedback ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_result_carries_the_route_or_none(impl) -> None:
+    enc, dec = impl
+    for route in ((), ROUTE6, ((4, 0, 80),)):
+        m = dataclasses.replace(_TR, route=route)
+        back = dec(_frame_bytes(enc(m)))
+        assert back == m and back.route == route and hash(back) == hash(m)
+    bad = [
+        (((1, 0, 4), (2, 3, 6)), r"^token_result: route\[1\]: must start at layer 4 where stage 0 ends, got 3$"),
+        (((1, 4, 4),), r"^token_result: route\[0\]: layer range must have start < end, got \[4, 4\)$"),
+        (((SINK, 0, 4),), r"^token_result: route\[0\]\.node: must be an int, got str$"),
+        ([(1, 0, 4)], r"^token_result: route: must be a tuple \(msgpack array\), got list$"),
+        (tuple((i, i, i + 1) for i in range(65)), r"^token_result: route: must have at most 64 items, got 65$"),
+    ]
+    for route, pattern in bad:
+        with pytest.raises(CodecError, match=pattern):
+            enc(dataclasses.replace(_TR, route=route))
+        if type(route) is list:  # a tuple on the wire
+            continue
+        values, frames = _wire(_TR)
+        values[5] = [list(s) for s in route]
+        with pytest.raises(CodecError, match=pattern):
+            dec([frames[0], msgpack.packb(values)])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_feedback_round_trip_and_rules(impl) -> None:
+    enc, dec = impl
+    m = Feedback(request_id=7, node_id=3, delay=0.0125, sent_at=12.5)
+    frames = enc(m)
+    assert frames[0] == b"\x0b" and msgpack.unpackb(frames[1]) == [7, 3, 0.0125, 12.5]
+    assert dec(_frame_bytes(frames)) == m and hash(m) == hash(dec(frames))
+    assert dec(enc(dataclasses.replace(m, delay=0))).delay == 0.0  # an int is sent as a float
+    cases = [
+        (dict(delay=-0.001), r"^feedback: delay: must be >= 0, got -0\.001$"),
+        (dict(delay=math.nan), r"^feedback: delay: must be finite, got nan$"),
+        (dict(delay=math.inf), r"^feedback: delay: must be finite, got inf$"),
+        (dict(delay=-1), r"^feedback: delay: must be >= 0, got -1\.0$"),
+        (dict(delay="1"), r"^feedback: delay: must be a float, got str$"),
+        (dict(node_id=-1), r"^feedback: node_id: must be >= 0, got -1$"),
+        (dict(request_id=2**63), r"^feedback: request_id: must be <= 9223372036854775807"),
+        (dict(sent_at=math.inf), r"^feedback: sent_at: must be finite, got inf$"),
+    ]
+    for change, pattern in cases:
+        with pytest.raises(CodecError, match=pattern):
+            enc(dataclasses.replace(m, **change))
+
+
+# --- wire size -------------------------------------------------------------------------------------
+
+SIZERS = [pytest.param(wire_size_py, id="py")]
+if wire_size_c is not None:
+    SIZERS.append(pytest.param(wire_size_c, id="c"))
+
+
+def _frames_size(frames: list) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def test_import_site_picks_the_compiled_wire_size_unless_disabled() -> None:
+    assert wire_size is (wire_size_py if wire_size_c is None else wire_size_c)
+
+
+@pytest.mark.parametrize("size", SIZERS)
+def test_wire_size_is_the_encoded_size(size) -> None:
+    @settings(max_examples=400)
+    @given(any_message)
+    def check(msg) -> None:
+        n = size(msg)
+        assert type(n) is int
+        assert n == _frames_size(encode_py(msg))
+        if COMPILED:
+            assert n == _frames_size(encode_c(msg))
+            assert wire_size_strict(msg) == n  # the compiled fast path itself, no fallback
+
+    check()
+
+
+@pytest.mark.parametrize("size", SIZERS)
+def test_wire_size_at_the_msgpack_format_boundaries(size) -> None:
+    # every int, str and array width, both sides of each boundary
+    int_edges = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, I32, I64]
+    for v in int_edges:
+        msgs = [
+            DecodeWork(request_id=v, route=((min(v, I32), 0, 1),), stage=0, context_len=max(1, min(v, I32)), token_id=min(v, I32), sent_at=0.0),
+            Error(request_id=v, code=min(v, I32), text=""),
+            Heartbeat(node_id=min(v, I32), seq=v, now=float(v)),
+            dataclasses.replace(_MODELLED_DW, request_id=v, payload_bytes=max(1, min(v, 1 << 17))),
+        ]
+        for m in msgs:
+            assert size(m) == _frames_size(encode_py(m)), m
+    # no field holds an int below -1, but the int sizing knows every msgpack width
+    for v in [*int_edges, 2**64 - 1, -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]:
+        assert _codec_py._int_size(v) == len(msgpack.packb(v)), v
+    for n in (0, 31, 32, 255, 256, 65535, 65536):
+        for text in ("a" * n, "é" * (n // 2), "😀" * (n // 4)):
+            m = Cancel(request_id=1, reason=text)
+            assert size(m) == _frames_size(encode_py(m))
+    for n in (0, 15, 16, 65535, 65536):
+        m = PromptWork(request_id=1, query_id=1, route=((1, 0, 4),), stage=0, num_tokens=max(n, 1), token_ids=tuple(range(n)) or (), max_tokens=1, sent_at=0.0, payload_bytes=0 if n else 1)
+        assert size(m) == _frames_size(encode_py(m))
+        m = Register(node_id=0, name="n", machine_type="t", address="a", num_gpus=1, gpu_memory_bytes=1, capabilities=("x",) * n)
+        assert size(m) == _frames_size(encode_py(m))
+    for n in (1, 15, 16, 64):
+        route = tuple((i, i, i + 1) for i in range(n))
+        for m in (dataclasses.replace(_MODELLED_DW, route=route, stage=0), dataclasses.replace(_TR, route=route)):
+            assert size(m) == _frames_size(encode_py(m))
+
+
+@pytest.mark.parametrize("size", SIZERS)
+def test_wire_size_needs_no_encoding(size) -> None:
+    # a payload beyond any frame limit, a route beyond the default limits: still exact, never built
+    m = dataclasses.replace(_MODELLED_DW, payload_bytes=2**40)
+    assert size(m) == size(dataclasses.replace(_MODELLED_DW, payload_bytes=1)) - 1 + 2**40 + 8
+    long_route = tuple((i, i, i + 1) for i in range(100))
+    m = dataclasses.replace(_MODELLED_DW, route=long_route)
+    assert size(m) == _frames_size(encode_py(m, Limits(max_route_stages=100)))
+    # torch tensors and numpy arrays alike
+    h = np.ones((3, 5), np.float32)
+    m = Activations(request_id=1, stage=0, num_tokens=3, sent_at=0.0, tensors=(h, np.zeros((0, 7), np.int8)))
+    assert size(m) == _frames_size(encode_py(m)) == 1 + len(encode_py(m)[1]) + 60
+
+
+@pytest.mark.parametrize("size", SIZERS)
+def test_wire_size_of_what_is_not_a_message(size) -> None:
+    with pytest.raises(CodecError, match=r"cannot encode dict: not a message type"):
+        size({"request_id": 1})
+    with pytest.raises(CodecError, match=r"^decode_work: route: must be a tuple \(msgpack array\), got str$"):
+        size(dataclasses.replace(_MODELLED_DW, route="abc"))
+    with pytest.raises(CodecError, match=r"^activations: tensors\[0\]: must be a numpy array"):
+        size(Activations(request_id=1, stage=0, num_tokens=1, sent_at=0.0, tensors=([1.0],)))
+
+
+@needs_c
+@pytest.mark.parametrize("name", HOT)
+def test_compiled_wire_size_agrees_on_invalid_messages(name) -> None:
+    fields = MESSAGE_TYPES[MsgType[name.upper()]].FIELDS
+
+    @settings(max_examples=150)
+    @given(STRATEGIES[name], st.sampled_from(fields), _JUNK)
+    def check(msg, field, value) -> None:
+        bad = dataclasses.replace(msg, **{field: value})
+        assert _outcome(wire_size_c, bad) == _outcome(wire_size_py, bad)
+        enc = _outcome(encode_py, bad)
+        if enc[0] == "ok":  # what encodes is sized exactly; the fast path takes exactly that
+            assert _outcome(wire_size_c, bad) == ("ok", _frames_size(enc[1]))
+            assert wire_size_strict(bad) == _frames_size(enc[1])
+        else:
+            with pytest.raises(CodecError):
+                wire_size_strict(bad)
+
+    check()
+
+
+@needs_c
+def test_compiled_wire_size_remembers_routes_soundly() -> None:
+    # the counting writer caches checked routes by address: shared, evicted and reused routes
+    rng = random.Random(5)
+    routes_ = []
+    for _ in range(1500):
+        n = rng.randint(1, 24)
+        cuts = sorted(rng.sample(range(1, 80), n - 1))
+        bounds = [0, *cuts, 80]
+        routes_.append(tuple((rng.randint(0, 300), a, b) for a, b in itertools.pairwise(bounds)))
+    for _ in range(3):
+        for route in rng.sample(routes_, len(routes_)):
+            msgs = [
+                dataclasses.replace(_TR, route=route),
+                dataclasses.replace(_MODELLED_DW, route=route, stage=len(route) - 1),
+                dataclasses.replace(_MODELLED_PW, route=route, stage=0),
+            ]
+            for m in msgs:
+                assert wire_size_strict(m) == _frames_size(encode_py(m))
+            # a cached route still goes through the checks that depend on the message
+            with pytest.raises(CodecError):
+                wire_size_strict(dataclasses.replace(_MODELLED_DW, route=route, stage=len(route)))
+    # a route beyond the default limits is never taken from the cache
+    long_route = tuple((i, i, i + 1) for i in range(65))
+    with pytest.raises(CodecError):
+        wire_size_strict(dataclasses.replace(_TR, route=long_route))
+    assert wire_size_c(dataclasses.replace(_TR, route=long_route)) == _frames_size(
+        encode_py(dataclasses.replace(_TR, route=long_route), Limits(max_route_stages=65))
+    )
