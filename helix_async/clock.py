@@ -13,7 +13,8 @@ unspecified epoch; on a virtual loop it starts at the loop's ``start`` (0.0 by d
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Clock", "LoopClock"]
 
@@ -40,6 +41,17 @@ class Clock(Protocol):
         """
         ...
 
+    def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> Any:
+        """Run the plain callback ``fn(*args)`` at loop time ``when``; returns a handle with
+        ``cancel()``.  The host's and worker's hot path (network deliveries, batch completions)
+        uses callbacks rather than coroutine wake-ups: a callback costs a fraction of a task step.
+        """
+        ...
+
+    def call_soon(self, fn: Callable[..., object], *args: Any) -> Any:
+        """Run ``fn(*args)`` once everything already due now has run; returns a handle."""
+        ...
+
 
 def _wake(fut: asyncio.Future[None]) -> None:
     # A cancelled sleeper's future may already be done when its timer fires.
@@ -58,10 +70,19 @@ class LoopClock:
     ``VirtualTimeLoop.run_until`` steps); its ``sleep*`` methods must run on that loop.
     """
 
-    __slots__ = ("_loop",)
+    __slots__ = ("_loop", "now", "call_at", "call_soon")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop
+        # A bound clock resolves its scheduling methods once (hot path); an unbound one per call.
+        if loop is not None:
+            self.now = loop.time
+            self.call_at = getattr(loop, "call_at_plain", None) or loop.call_at
+            self.call_soon = getattr(loop, "call_soon_plain", None) or loop.call_soon
+        else:
+            self.now = self._now
+            self.call_at = self._call_at
+            self.call_soon = self._call_soon
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -75,7 +96,7 @@ class LoopClock:
             raise RuntimeError(f"LoopClock is bound to {self._loop!r} but runs on {running!r}")
         return running
 
-    def now(self) -> float:
+    def _now(self) -> float:
         """Current loop time, in seconds (``loop.time()``)."""
         if self._loop is not None:
             return self._loop.time()
@@ -122,6 +143,23 @@ class LoopClock:
                 handle.cancel()
             if loop.time() >= deadline:
                 return
+
+    def _call_at(self, when: float, fn: Callable[..., object], *args: Any) -> Any:
+        """``loop.call_at(when, fn, *args)``; on a :class:`~helix_async.vloop.VirtualTimeLoop` its
+        bare-callback variant ``call_at_plain`` (exceptions stop the simulation)."""
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        plain = getattr(loop, "call_at_plain", None)
+        if plain is not None:
+            return plain(when, fn, *args)
+        return loop.call_at(when, fn, *args)
+
+    def _call_soon(self, fn: Callable[..., object], *args: Any) -> Any:
+        """``loop.call_soon(fn, *args)`` (``call_soon_plain`` on a virtual loop)."""
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        plain = getattr(loop, "call_soon_plain", None)
+        if plain is not None:
+            return plain(fn, *args)
+        return loop.call_soon(fn, *args)
 
     def __repr__(self) -> str:
         return f"LoopClock(loop={self._loop!r})"

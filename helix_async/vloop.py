@@ -214,6 +214,49 @@ class _Timer(events.TimerHandle):
         self._args = None  # type: ignore[assignment]
 
 
+class _Plain:
+    """A bare callback for :meth:`VirtualTimeLoop.call_at_plain`: no context, no asyncio Handle.
+
+    Quacks like the loop's timer handles where ``_run_once`` and the heap compaction look
+    (``_cancelled``, ``_scheduled``, ``_run``).  An exception stops the loop and is re-raised by
+    the ``run_*`` call that was driving it: a simulation must not carry on past a failed callback.
+    """
+
+    __slots__ = ("_loop", "_fn", "_args", "_cancelled", "_scheduled", "_when")
+
+    def __init__(self, loop: VirtualTimeLoop, when: float, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self._loop = loop
+        self._when = when
+        self._fn = fn
+        self._args = args
+        self._cancelled = False
+        self._scheduled = False
+
+    def when(self) -> float:
+        return self._when
+
+    def cancel(self) -> None:
+        if self._cancelled:
+            return
+        if self._scheduled:
+            self._loop._timer_cancelled_count += 1
+        self._cancelled = True
+        self._fn = None  # type: ignore[assignment]
+        self._args = ()
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _run(self) -> None:
+        try:
+            self._fn(*self._args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driving run_* call
+            loop = self._loop
+            if loop._plain_error is None:
+                loop._plain_error = exc
+            loop.stop()
+
+
 class VirtualTimeLoop(base_events.BaseEventLoop):
     """asyncio event loop on a virtual clock (seconds, starting at ``start``).
 
@@ -231,7 +274,7 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         # BaseEventLoop internals this class relies on; typeshed does not declare them.
         _ready: collections.deque[events.Handle]
         _closed: bool
-        _scheduled: list[tuple[float, int, _Timer]]
+        _scheduled: list[tuple[float, int, _Timer | _Plain]]
         _timer_cancelled_count: int
         _stopping: bool
         _debug: bool
@@ -262,6 +305,7 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         # entries are pruned whenever the list doubles: O(1) amortized per task.
         self._task_refs: list[weakref.ref[asyncio.Task[Any]]] = []
         self._task_refs_prune_at = 64
+        self._plain_error: BaseException | None = None
 
     # ------------------------------------------------------------------ clock and timers
 
@@ -338,6 +382,26 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         timer._scheduled = True
         return timer
 
+    def call_at_plain(self, when: float, fn: Callable[..., object], *args: Any) -> _Plain:
+        """Schedule the bare callback ``fn(*args)`` at virtual time ``when`` (seconds); same order as
+        :meth:`call_at` (FIFO among equal times, a past ``when`` means now).
+
+        The simulator's hot path: no ``contextvars`` copy, no asyncio handle, about a fifth of the
+        cost of ``call_at``.  The returned handle has ``cancel()``.  An exception raised by ``fn``
+        stops the loop and propagates out of the ``run_*`` call driving it (instead of being
+        logged by the loop's exception handler).  ``when`` must be a float (not checked: hot path).
+        """
+        now = self._now
+        h = _Plain(self, when, fn, args)
+        self._seq += 1
+        heapq.heappush(self._scheduled, (when if when > now else now, self._seq, h))
+        h._scheduled = True
+        return h
+
+    def call_soon_plain(self, fn: Callable[..., object], *args: Any) -> _Plain:
+        """``call_at_plain(time(), fn, *args)``: runs after everything already due now."""
+        return self.call_at_plain(self._now, fn, *args)
+
     def next_timer_at(self) -> float | None:
         """Virtual time (seconds) the earliest live timer fires at, or None if none is scheduled."""
         sched = self._scheduled
@@ -401,11 +465,15 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         self._deadline = deadline
         self._idle_ok = idle_ok
         self._deadline_reached = False
+        self._plain_error = None
         try:
             self.run_forever()
         finally:
             self._deadline = None
             self._idle_ok = False
+        err, self._plain_error = self._plain_error, None
+        if err is not None:
+            raise err
 
     def _reach_deadline(self, deadline: float) -> None:
         if deadline > self._now:
@@ -464,6 +532,43 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
                         self._timer_cancelled_count -= 1
                         heappop(sched)[2]._scheduled = False
 
+            if not ready and not self._stopping and sched and sched[0][2].__class__ is _Plain and not self._debug:
+                # Fast path for bare callbacks (call_at_plain), the simulator's events: while nothing
+                # else is ready, run the earliest one straight off the heap, jumping the clock to it
+                # as the idle branch below would.  Same order as the general path: the heap keys
+                # (when, seq) give FIFO among equal times.  It hands over to the general path as soon
+                # as a callback makes something ready (call_soon, a future's callbacks).
+                deadline = self._deadline
+                ran = 0
+                try:
+                    while sched:
+                        entry = sched[0]
+                        h = entry[2]
+                        if h.__class__ is not _Plain:
+                            break
+                        when = entry[0]
+                        if when == inf or (deadline is not None and when >= deadline):
+                            break
+                        heappop(sched)
+                        h._scheduled = False
+                        if h._cancelled:
+                            self._timer_cancelled_count -= 1
+                            continue
+                        if when > self._now:
+                            self._now = when
+                        ran += 1
+                        h._fn(*h._args)
+                        if ready or self._stopping:
+                            break
+                except BaseException as exc:  # noqa: BLE001 - re-raised by _run
+                    if self._plain_error is None:
+                        self._plain_error = exc
+                    self._stopping = True
+                self._callbacks_run += ran
+                if self._stopping:
+                    return
+                continue
+
             if not ready and not self._stopping:
                 # Idle: every coroutine is blocked, so the next thing that can happen is the
                 # earliest timer.  Jump there instead of sleeping.
@@ -487,7 +592,7 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
                 if timer._cancelled:
                     self._timer_cancelled_count -= 1
                 else:
-                    ready.append(timer)
+                    ready.append(timer)  # type: ignore[arg-type]  # _Plain quacks like a Handle
 
             # Run only the callbacks ready now; those they schedule run next iteration (as asyncio).
             ntodo = len(ready)
