@@ -6,6 +6,7 @@ Needs matplotlib (``pip install 'helix_async[plots]'``); it is imported only whe
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 from .extras import require
@@ -36,13 +37,22 @@ def _lanes(placement: Placement, nodes: list[int]) -> dict[int, int]:
     return out
 
 
-def plot_placement(placement: Placement, flow_plan: FlowPlan | None, path: str | Path) -> Path:
+def plot_placement(
+    placement: Placement,
+    flow_plan: FlowPlan | None,
+    path: str | Path,
+    *,
+    utilisation: Mapping[int, float] | None = None,
+    title: str | None = None,
+) -> Path:
     """Draw a placement and its flow to a PNG at ``path`` (matplotlib, Agg backend).
 
     Nodes are boxes over their layer range (x) on lanes (y), coloured by utilisation (flow/capacity),
     labelled "id type [s,e)"; links are arrows from the end of one box to where the next box is
     entered, width and opacity by flow (zero-flow links dotted grey); the title gives the max flow
     and the max compute throughput. ``flow_plan`` defaults to ``max_flow(placement)``.
+    ``utilisation`` (node -> 0..1) colours the nodes instead, e.g. the busy fraction a simulation
+    measured; ``title`` replaces the default title.
     """
     matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
@@ -101,7 +111,8 @@ def plot_placement(placement: Placement, flow_plan: FlowPlan | None, path: str |
     for i in nodes:
         s, e = placement.layers[i]  # type: ignore[misc]
         y = lanes[i]
-        face = cmap(norm(min(1.0, flow_plan.utilisation(i))))
+        busy = flow_plan.utilisation(i) if utilisation is None else utilisation.get(i, 0.0)
+        face = cmap(norm(min(1.0, busy)))
         ax.add_patch(
             FancyBboxPatch(
                 (s + gap, y - box_h / 2),
@@ -164,14 +175,15 @@ def plot_placement(placement: Placement, flow_plan: FlowPlan | None, path: str |
     ax.set_xticks(list(range(0, L + 1, step)))
     ax.grid(axis="x", color="0.92", zorder=0)
     U = flow_plan.max_compute_throughput
-    title = (
+    default_title = (
         f"{placement.method} placement of {placement.model} on {cl.name}: "
         f"max flow {flow_plan.value:.2f} tok/s, max compute throughput {U:.2f} tok/s"
     )
-    ax.set_title(title, fontsize=10)
+    ax.set_title(default_title if title is None else title, fontsize=10)
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
     sm.set_array([])
-    fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label="utilisation (flow / capacity)")
+    label = "utilisation (flow / capacity)" if utilisation is None else "utilisation (measured busy fraction)"
+    fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label=label)
     try:
         fig.tight_layout()
         buf = io.BytesIO()

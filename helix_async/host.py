@@ -1,0 +1,298 @@
+"""The coordinator: admission, routing, the request lifecycle and statistics (HELIX_SPEC §7-8).
+
+A :class:`Host` knows a ``Clock`` and a ``Transport`` only; the simulator and the runtime give it
+different ones.  Queries come in through :meth:`Host.submit`; the host
+
+1. admits the prompt: MaxFlow routes it at once with IWRR over the planned flows under the KV
+   expectation (``routing.FlowRouter``); a query that cannot be placed now waits in the admission
+   queue and is retried whenever a query finishes (``compat=True`` in offline mode: dropped, as the
+   original did).  Per-hop schedulers (Swarm, Random, Shortest-queue) only choose the first hop
+   here; the workers choose the rest;
+2. sends ``PromptWork`` to the first stage; the last stage answers with a ``TokenResult``;
+3. issues the next iteration (``DecodeWork`` on the same route) until the query has its tokens,
+   then releases its KV expectation.
+
+Token accounting: a query of ``n`` input and ``m`` output tokens is one prompt iteration (which
+yields the first token) and ``m - 1`` decodes.  ``compat=True`` follows the original simulator:
+``m`` decodes after the prompt (one more iteration).
+
+Statistics are kept per iteration, as plain arrays: finish time and latency (finish time minus
+the iteration's creation; a prompt is created when its query arrives, so waiting for admission
+counts) for prompts and decodes separately.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .ids import NodeRef, Route
+from .messages import DecodeWork, Feedback, PromptWork, TokenResult
+from .transport.base import Transport
+
+__all__ = ["Host", "HostStats", "Query"]
+
+
+class Query:
+    """One query's lifecycle on the host."""
+
+    __slots__ = (
+        "qid",
+        "input_len",
+        "output_len",
+        "arrived",
+        "route",
+        "iterations",
+        "decodes_left",
+        "created",
+        "first_token_at",
+        "finished_at",
+        "admitted_at",
+    )
+
+    def __init__(self, qid: int, input_len: int, output_len: int, arrived: float) -> None:
+        self.qid = qid
+        self.input_len = input_len
+        self.output_len = output_len
+        self.arrived = arrived
+        self.route: Route | None = None
+        self.iterations = 0
+        self.decodes_left = 0
+        self.created = arrived  # creation time of the current iteration
+        self.first_token_at = -1.0
+        self.finished_at = -1.0
+        self.admitted_at = -1.0
+
+
+@dataclass
+class HostStats:
+    """Counters of the host."""
+
+    submitted: int = 0
+    admitted: int = 0
+    finished: int = 0
+    rejected: int = 0  # compat offline: dropped at admission, as the original did
+    would_abort: int = 0  # compat online: where the original's scheduler asserted
+    admission_waits: int = 0  # queries that waited in the admission queue
+    bad_messages: int = 0
+
+
+class Host:
+    """The coordinator (see the module doc).
+
+    router: a ``FlowRouter`` (MaxFlow), or None for per-hop scheduling. policy: the per-hop chooser
+    of the source (``routing.baselines``) over ``first_hops`` ((node, start, end) of each of the
+    source's links), for per-hop scheduling. compat: the original's token accounting; with
+    ``drop_rejected`` a query MaxFlow cannot place is dropped instead of queued.
+    activation_bytes is unused by the host (prompts to the first stage carry token ids);
+    token_id_bytes: modelled bytes per prompt token id (int32).
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        transport: Transport,
+        *,
+        router: Any = None,
+        policy: Any = None,
+        first_hops: Sequence[tuple[int, int, int]] = (),
+        compat: bool = False,
+        drop_rejected: bool = False,
+        admission_capacity: int = 1 << 30,
+        token_id_bytes: int = 4,
+    ) -> None:
+        if (router is None) == (policy is None):
+            raise ValueError("give exactly one of router (MaxFlow) and policy (per-hop scheduling)")
+        self._clock = clock
+        self._transport = transport
+        self._router = router
+        self._policy = policy
+        self._first = tuple(first_hops)
+        self._first_nodes = tuple(s[0] for s in self._first)
+        self._compat = compat
+        self._drop = drop_rejected
+        self._tid = int(token_id_bytes)
+        self._queries: dict[int, Query] = {}
+        self._waiting: deque[Query] = deque()
+        self._admission_capacity = admission_capacity
+        self.stats = HostStats()
+        # iteration records: finish time (s) and latency (s)
+        self.prompt_done = array("d")
+        self.prompt_latency = array("d")
+        self.decode_done = array("d")
+        self.decode_latency = array("d")
+        self.tokens_done = array("d")  # finish time of every iteration, weighted in tokens_count
+        self.tokens_count = array("l")
+        self.query_records: list[tuple[int, float, float, float, int, int]] = []
+        self.on_prompt_done: Callable[[Query], None] | None = None
+        self.on_query_done: Callable[[Query], None] | None = None
+        self.on_reject: Callable[[Query], None] | None = None
+
+    def start(self) -> None:
+        self._transport.set_handler(self.on_message)
+
+    async def stop(self) -> None:
+        await self._transport.close()
+
+    # ---- read-outs ------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Queries admitted and not finished."""
+        return len(self._queries)
+
+    @property
+    def waiting(self) -> int:
+        """Queries waiting for admission."""
+        return len(self._waiting)
+
+    @property
+    def router(self) -> Any:
+        return self._router
+
+    def kv_bottleneck(self) -> float:
+        """The KV expectation's bottleneck usage (MaxFlow), else 0."""
+        return 0.0 if self._router is None else float(self._router.kv.bottleneck_usage())
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    def submit(self, qid: int, input_len: int, output_len: int) -> Query | None:
+        """A query arrives now. Returns it (admitted or waiting), or None when it was dropped."""
+        if qid in self._queries:
+            raise ValueError(f"query {qid} is already active")
+        q = Query(qid, int(input_len), int(output_len), self._clock.now())
+        self.stats.submitted += 1
+        if self._waiting:  # FIFO: nobody overtakes a query already waiting
+            return self._wait(q)
+        if self._admit(q):
+            return q
+        if self._drop:
+            self.stats.rejected += 1
+            if self.on_reject is not None:
+                self.on_reject(q)
+            return None
+        if self._compat:
+            self.stats.would_abort += 1
+        return self._wait(q)
+
+    def _wait(self, q: Query) -> Query | None:
+        if len(self._waiting) >= self._admission_capacity:
+            self.stats.rejected += 1
+            return None
+        self.stats.admission_waits += 1
+        self._waiting.append(q)
+        return q
+
+    def _admit(self, q: Query) -> bool:
+        router = self._router
+        if router is not None:
+            route = router.route(q.qid, q.input_len)
+            if route is None:
+                return False
+        else:
+            j = self._policy.choose()
+            route = (self._first[j],)
+        q.route = route
+        q.admitted_at = self._clock.now()
+        q.decodes_left = q.output_len if self._compat else q.output_len - 1
+        self._queries[q.qid] = q
+        self.stats.admitted += 1
+        n = q.input_len
+        self._transport.send(
+            route[0][0],
+            PromptWork(
+                request_id=q.qid,
+                query_id=q.qid,
+                route=route,
+                stage=0,
+                num_tokens=n,
+                token_ids=(),
+                max_tokens=q.decodes_left + 1,
+                sent_at=self._clock.now(),
+                payload_bytes=n * self._tid,
+            ),
+        )
+        return True
+
+    def _retry(self) -> None:
+        waiting = self._waiting
+        while waiting:
+            if not self._admit(waiting[0]):
+                return
+            waiting.popleft()
+
+    # ---- results --------------------------------------------------------------------------------
+
+    def on_message(self, sender: NodeRef, msg: Any) -> None:
+        """Transport handler: token results and scheduler feedback."""
+        t = type(msg)
+        if t is TokenResult:
+            self._token(msg)
+        elif t is Feedback:
+            if self._policy is not None and msg.node_id in self._first_nodes:
+                self._policy.observe(self._first_nodes.index(msg.node_id), msg.delay)
+        else:
+            self.stats.bad_messages += 1
+
+    def _token(self, msg: TokenResult) -> None:
+        q = self._queries.get(msg.request_id)
+        if q is None:
+            self.stats.bad_messages += 1
+            return
+        now = self._clock.now()
+        lat = now - q.created
+        prompt = q.iterations == 0
+        q.iterations += 1
+        if prompt:
+            self.prompt_done.append(now)
+            self.prompt_latency.append(lat)
+            self.tokens_done.append(now)
+            self.tokens_count.append(q.input_len)
+            q.first_token_at = now
+            if msg.route and self._router is None:
+                q.route = msg.route  # per-hop scheduling: the route the prompt took
+        else:
+            self.decode_done.append(now)
+            self.decode_latency.append(lat)
+            self.tokens_done.append(now)
+            self.tokens_count.append(1)
+        if q.decodes_left > 0:
+            q.decodes_left -= 1
+            q.created = now
+            route = q.route
+            assert route is not None
+            if self._router is not None:
+                self._router.on_decode(route)
+            self._transport.send(
+                route[0][0],
+                DecodeWork(
+                    request_id=q.qid,
+                    route=route,
+                    stage=0,
+                    context_len=q.input_len + q.iterations,
+                    token_id=-1,
+                    sent_at=now,
+                    payload_bytes=self._tid,
+                ),
+            )
+            if prompt and self.on_prompt_done is not None:
+                self.on_prompt_done(q)
+            return
+        # the query is complete
+        q.finished_at = now
+        del self._queries[q.qid]
+        self.stats.finished += 1
+        self.query_records.append((q.qid, q.arrived, q.first_token_at, now, q.input_len, q.output_len))
+        if self._router is not None:
+            self._router.finish(q.qid)
+            if self._waiting:
+                self._retry()
+        if prompt and self.on_prompt_done is not None:
+            self.on_prompt_done(q)
+        if self.on_query_done is not None:
+            self.on_query_done(q)
+

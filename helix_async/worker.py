@@ -1,0 +1,646 @@
+"""The compute node: per-layer queues, batching, KV cache, forwarding (HELIX_SPEC §8.4-8.6).
+
+A :class:`Worker` holds layers ``[a, b)`` of the model.  It knows three interfaces only: a
+``Clock``, a ``Transport`` (messages in and out) and an ``Executor`` (runs a batch); the same
+class serves the simulator (virtual clock, in-memory network, cost model) and the runtime (real
+clock, ZeroMQ, torch).
+
+Execution model (the original's, §8.5): one FIFO queue per local layer; a request whose stage
+starts at layer ``s`` enters queue ``s``.  The node runs one layer at a time: it takes the queue
+of its current layer (or the next non-empty one, cyclically), builds a batch by scanning that
+queue in arrival order and taking each request that still fits the node's limits (prompt requests
+and tokens, decode sequences and context; a request that does not fit is skipped, no
+head-of-line blocking), runs it, moves every request to its next layer's queue (or forwards it
+after its stage's last layer) and moves on to the next layer with work.  Prompts and decodes mix
+in one batch.
+
+KV cache (§8.6), in token x layer entries against the node's capacity:
+
+* default: a request reserves its stage's entries when it enters the node's batch at its stage's
+  first layer (a prompt ``n * k`` for ``k`` stage layers, a decode ``k``); when they do not fit,
+  it waits in its queue (counted in ``kv_waits``) and the next request is tried;
+* ``compat=True`` (the original): entries are taken after each layer runs, whatever the capacity;
+  each time the use passes the capacity is counted in ``kv_overflows``, where the original
+  aborted the run ("Exceed KV-cache capacity!").
+
+Entries are freed when the request's last token has passed this node, or on ``Cancel``.
+
+Forwarding: a request carries its route (``helix_async.ids.Route``).  With a fixed route
+(MaxFlow: the host chose every stage at admission) the next stage is in the message; with a
+per-hop ``policy`` (Swarm, Random, Shortest-queue: §7.3-7.5) a prompt's next hop is chosen here
+when it leaves, appended to its route, and its decodes follow that route later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .executors.base import Batch, Executor
+from .ids import SINK, NodeRef
+from .messages import Cancel, DecodeWork, Feedback, PromptWork, TokenResult
+from .transport.base import Transport
+
+__all__ = ["BatchLimits", "Worker", "WorkerStats"]
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one batch may hold (the node's profiled settings for its layer count, §3.3).
+
+    prompt_requests / prompt_tokens: most prompts and prompt tokens; decode_seqs: most decode
+    sequences; decode_context: most tokens of context summed over the batch's decodes.
+    """
+
+    prompt_requests: int
+    prompt_tokens: int
+    decode_seqs: int
+    decode_context: int
+
+
+class _Item:
+    """A request's current iteration on this node (a prompt or one decode step)."""
+
+    __slots__ = ("rid", "prompt", "tokens", "ctx", "layer", "end", "entry", "stage", "route", "msg", "arrived")
+
+    def __init__(
+        self, rid: int, prompt: bool, tokens: int, ctx: int, layer: int, end: int, stage: int, route: Any, msg: Any
+    ) -> None:
+        self.rid = rid
+        self.prompt = prompt
+        self.tokens = tokens  # tokens this iteration processes (n for a prompt, 1 for a decode)
+        self.ctx = ctx  # tokens already in the KV cache before this iteration
+        self.layer = layer  # next layer to run
+        self.end = end  # the stage's end layer (exclusive)
+        self.entry = layer  # the stage's first layer on this node
+        self.stage = stage
+        self.route = route
+        self.msg = msg
+        self.arrived = 0.0
+
+
+class _Req:
+    """What the node remembers of a request between iterations."""
+
+    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute")
+
+    def __init__(self, last_ctx: int, layers: int, seq: int) -> None:
+        self.kv = 0  # KV entries reserved on this node (default mode)
+        self.last_ctx = last_ctx  # context_len of the request's final iteration
+        self.layers = layers  # layers its stage runs here
+        self.seq = seq  # admission order on this node (the youngest is preempted first)
+        self.recompute = False  # its KV here was preempted: the next iteration recomputes it
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker (read them any time)."""
+
+    batches: int = 0
+    busy_time: float = 0.0
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+    kv_waits: int = 0
+    kv_preemptions: int = 0
+    recomputed_tokens: int = 0
+    kv_overflows: int = 0
+    kv_peak: int = 0
+    queued_peak: int = 0
+    bad_messages: int = 0
+    forwarded: int = 0
+    link_waits: int = 0
+    prompt_residence: float = 0.0  # seconds prompts spent on this node (queueing + compute)
+    prompts_left: int = 0
+    decode_residence: float = 0.0
+    decodes_left: int = 0
+
+
+class Worker:
+    """One compute node (see the module doc).
+
+    node_id: this node. layers: ``(a, b)``, the layers it holds. num_layers: the model's L.
+    limits: batch limits. kv_capacity: KV entries (token x layer). activation_bytes: bytes of a
+    token's hidden state (the modelled payload of a mid-route message). policy: per-hop next-hop
+    chooser (``choose()`` / ``observe()``, see ``routing.baselines``) over ``out_links``
+    (receivers of this node's links, with their layer ranges in ``next_layers``); None for
+    fixed routes. free_links_only: the policy only takes links with nothing in flight (Random,
+    Shortest-queue); a prompt waits here until one is free. peer_queue_len: the first-layer queue
+    length of a peer (Shortest-queue). compat: the original's semantics (KV taken per layer,
+    overflow counted; the host overhead charged for every request received since the node's
+    first layer last ran). feedback: send ``Feedback`` to the previous hop when a request leaves
+    (Swarm).
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        clock: Clock,
+        transport: Transport,
+        executor: Executor,
+        *,
+        layers: tuple[int, int],
+        num_layers: int,
+        limits: BatchLimits,
+        kv_capacity: int,
+        activation_bytes: int,
+        token_bytes: int = 2,
+        policy: Any = None,
+        out_links: Sequence[NodeRef] = (),
+        next_layers: dict[NodeRef, tuple[int, int]] | None = None,
+        free_links_only: bool = False,
+        peer_queue_len: Callable[[NodeRef], int] | None = None,
+        compat: bool = False,
+        feedback: bool = False,
+    ) -> None:
+        a, b = layers
+        if not 0 <= a < b <= num_layers:
+            raise ValueError(f"node {node_id}: layers [{a}, {b}) not within [0, {num_layers})")
+        self.node_id = node_id
+        self._clock = clock
+        self._now = clock.now
+        self._soon = clock.call_soon
+        self._transport = transport
+        self._send = transport.send
+        self._executor = executor
+        self.a, self.b, self.num_layers = a, b, num_layers
+        self.limits = limits
+        self._lim = (limits.prompt_requests, limits.prompt_tokens, limits.decode_seqs, limits.decode_context)
+        self.kv_capacity = int(kv_capacity)
+        self.kv_used = 0
+        self._act = int(activation_bytes)
+        self._tok = int(token_bytes)
+        n = b - a
+        # One FIFO per local layer, with running totals so that a batch that takes the whole
+        # queue (the common case) is decided without looking at its requests.
+        self._q: list[list[_Item]] = [[] for _ in range(n)]
+        self._qp = [0] * n  # prompts
+        self._qpt = [0] * n  # prompt tokens
+        self._qd = [0] * n  # decodes
+        self._qdc = [0] * n  # decode context tokens
+        self._qh = [0] * n  # tokens entering the node at this layer (host-to-GPU copy)
+        self._queued = 0
+        self._odd = 0  # requests on the node (queued or running) whose stage ends before layer b
+        self._cur = 0  # index of the current layer
+        self._busy = False
+        self._kick_pending = False
+        self._host_tokens = 0  # compat: tokens received since the first layer last ran
+        self._reqs: dict[int, _Req] = {}
+        self._seq = 0
+        self._kv_wait: deque[_Item] = deque()  # default mode: prompts waiting for KV
+        self._policy = policy
+        self._out = tuple(out_links)
+        self._next_layers = dict(next_layers or {})
+        self._free_only = free_links_only
+        self._peer_len = peer_queue_len
+        self._link_wait: deque[_Item] = deque()  # prompts waiting for a free out-link
+        self._compat = compat
+        self._feedback = feedback
+        self.stats = WorkerStats()
+        self.stopped = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start receiving work."""
+        self._transport.set_handler(self.on_message)
+        if self._free_only:
+            self._transport.set_idle_handler(self._link_idle)
+
+    async def stop(self) -> None:
+        """Stop receiving; close the transport."""
+        self.stopped = True
+        await self._transport.close()
+
+    # ---- read-outs ------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in this node's layer queues."""
+        return self._queued
+
+    def first_queue_len(self) -> int:
+        """Requests waiting at the node's first layer (what Shortest-queue compares)."""
+        return len(self._q[0])
+
+    def kv_snapshot(self) -> tuple[int, int]:
+        """(used, capacity) KV entries."""
+        return self.kv_used, self.kv_capacity
+
+    # ---- inbound --------------------------------------------------------------------------------
+
+    def on_message(self, sender: NodeRef, msg: Any) -> None:
+        """Transport handler: work, cancels and scheduler feedback; anything else is counted."""
+        t = type(msg)
+        if t is DecodeWork:
+            route = msg.route
+            stage = route[msg.stage]
+            req = self._reqs.get(msg.request_id)
+            if req is None or stage[0] != self.node_id:
+                self.stats.bad_messages += 1
+                return
+            item = _Item(msg.request_id, False, 1, msg.context_len - 1, stage[1], stage[2], msg.stage, route, msg)
+            if req.recompute:
+                # its KV here was preempted: this step first recomputes the whole context
+                req.recompute = False
+                self.stats.recomputed_tokens += item.ctx
+                item.prompt = True
+                item.tokens = item.ctx + 1
+                item.ctx = 0
+        elif t is PromptWork:
+            route = msg.route
+            stage = route[msg.stage]
+            if stage[0] != self.node_id:
+                self.stats.bad_messages += 1
+                return
+            n = msg.num_tokens
+            rid = msg.request_id
+            item = _Item(rid, True, n, 0, stage[1], stage[2], msg.stage, route, msg)
+            if rid not in self._reqs:
+                self._seq += 1
+                self._reqs[rid] = _Req(n + msg.max_tokens - 1, stage[2] - stage[1], self._seq)
+        elif t is Feedback:
+            self._observe(msg)
+            return
+        elif t is Cancel:
+            self._cancel(msg.request_id)
+            return
+        else:
+            self.stats.bad_messages += 1
+            return
+        if not self.a <= item.layer < item.end <= self.b:
+            self.stats.bad_messages += 1
+            return
+        item.arrived = self._now()
+        if self._compat:
+            self._host_tokens += item.tokens
+        elif not self._reserve(item):
+            return
+        self._enqueue(item)
+
+    def _reserve(self, item: _Item) -> bool:
+        """Default mode: reserve the KV ``item`` adds here; False when it must wait (it is queued)."""
+        need = item.tokens * (item.end - item.layer)
+        req = self._reqs[item.rid]
+        if item.prompt and (self._kv_wait or self.kv_used + need > self.kv_capacity):
+            # prompts wait in FIFO order; a decode never waits (it would hold KV others need)
+            if self.kv_used + need > self.kv_capacity or self._kv_wait:
+                self.stats.kv_waits += 1
+                self._kv_wait.append(item)
+                return False
+        self.kv_used += need
+        req.kv += need
+        if self.kv_used > self.kv_capacity:
+            self._preempt(item.rid)
+        if self.kv_used > self.stats.kv_peak:
+            self.stats.kv_peak = self.kv_used
+        return True
+
+    def _preempt(self, keep: int) -> None:
+        """Default mode: free the youngest requests' KV until the cache fits again; each recomputes
+        its context on its next step here (vLLM's recompute preemption)."""
+        victims = sorted(
+            ((r.seq, rid) for rid, r in self._reqs.items() if rid != keep and r.kv > 0), reverse=True
+        )
+        for _, rid in victims:
+            if self.kv_used <= self.kv_capacity:
+                break
+            r = self._reqs[rid]
+            self.kv_used -= r.kv
+            r.kv = 0
+            r.recompute = True
+            self.stats.kv_preemptions += 1
+
+    def _enqueue(self, item: _Item) -> None:
+        i = item.layer - self.a
+        self._q[i].append(item)
+        if item.prompt:
+            self._qp[i] += 1
+            self._qpt[i] += item.tokens
+        else:
+            self._qd[i] += 1
+            self._qdc[i] += item.ctx
+        self._qh[i] += item.tokens
+        if item.end != self.b:
+            self._odd += 1
+        self._queued += 1
+        if self._queued > self.stats.queued_peak:
+            self.stats.queued_peak = self._queued
+        if not self._busy and not self._kick_pending:
+            # Start on the next loop turn, so that requests arriving at the same instant share a batch.
+            self._kick_pending = True
+            self._soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_pending = False
+        if not self._busy:
+            self._step()
+
+    # ---- execution ------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """Pick the layer and the batch, and start it (no-op when there is nothing to run)."""
+        queues = self._q
+        n = len(queues)
+        cur = self._cur
+        for _ in range(n):
+            if queues[cur]:
+                break
+            cur += 1
+            if cur == n:
+                cur = 0
+        else:
+            return
+        self._cur = cur
+        q = queues[cur]
+        pmr, pmt, dmt, dmc = self._lim
+        if self._qp[cur] <= pmr and self._qpt[cur] <= pmt and self._qd[cur] <= dmt and self._qdc[cur] <= dmc:
+            # the whole queue fits one batch
+            chosen = q
+            queues[cur] = []
+            p_req, p_tok, d_seq, d_ctx = self._qp[cur], self._qpt[cur], self._qd[cur], self._qdc[cur]
+            host = self._qh[cur]
+            self._qp[cur] = self._qpt[cur] = self._qd[cur] = self._qdc[cur] = self._qh[cur] = 0
+        else:
+            # FIFO with skip (§8.5): take each request that still fits, leave the rest in order
+            p_req = p_tok = d_seq = d_ctx = host = 0
+            chosen = []
+            skipped = []
+            for item in q:
+                if item.prompt:
+                    if p_req + 1 > pmr or p_tok + item.tokens > pmt:
+                        skipped.append(item)
+                        continue
+                    p_req += 1
+                    p_tok += item.tokens
+                else:
+                    if d_seq + 1 > dmt or d_ctx + item.ctx > dmc:
+                        skipped.append(item)
+                        continue
+                    d_seq += 1
+                    d_ctx += item.ctx
+                if item.layer == item.entry:
+                    host += item.tokens
+                chosen.append(item)
+            queues[cur] = skipped
+            self._qp[cur] -= p_req
+            self._qpt[cur] -= p_tok
+            self._qd[cur] -= d_seq
+            self._qdc[cur] -= d_ctx
+            self._qh[cur] -= host
+            if not chosen:  # a single request above the limits: run it alone rather than never
+                chosen = [skipped.pop(0)]
+                it = chosen[0]
+                if it.prompt:
+                    p_req, p_tok = 1, it.tokens
+                    self._qp[cur] -= 1
+                    self._qpt[cur] -= it.tokens
+                else:
+                    d_seq, d_ctx = 1, it.ctx
+                    self._qd[cur] -= 1
+                    self._qdc[cur] -= it.ctx
+                if it.layer == it.entry:
+                    host = it.tokens
+                    self._qh[cur] -= it.tokens
+        self._queued -= len(chosen)
+        if self._compat:
+            # the original charges, on the node's first layer, every request received since
+            if cur == 0:
+                host = self._host_tokens
+                self._host_tokens = 0
+            else:
+                host = 0
+        batch = Batch(self.a + cur, chosen, p_req, p_tok, d_seq, d_ctx, host)
+        batch.started = self._now()
+        self._busy = True
+        self._executor.run(batch, self._done)
+
+    def _done(self, batch: Batch) -> None:
+        """The executor finished ``batch``: advance its requests and start the next batch."""
+        st = self.stats
+        st.batches += 1
+        st.busy_time += self._now() - batch.started
+        st.prompt_tokens += batch.prompt_tokens
+        st.decode_tokens += batch.decode_seqs
+        items = batch.items
+        if self._compat:
+            # the original takes KV after each layer: n entries per prompt, one per decode
+            self.kv_used += batch.prompt_tokens + batch.decode_seqs
+            if self.kv_used > self.kv_capacity:
+                st.kv_overflows += 1
+            if self.kv_used > st.kv_peak:
+                st.kv_peak = self.kv_used
+        layer = batch.layer
+        nxt = layer + 1
+        b = self.b
+        forward: list[_Item] | None = None
+        if nxt < b:
+            i = nxt - self.a
+            for item in items:
+                item.layer = nxt
+            if not self._odd or all(item.end > nxt for item in items):
+                self._q[i].extend(items)
+                self._qp[i] += batch.prompt_requests
+                self._qpt[i] += batch.prompt_tokens
+                self._qd[i] += batch.decode_seqs
+                self._qdc[i] += batch.ctx_tokens
+                self._queued += len(items)
+            else:
+                forward = []
+                for item in items:
+                    if nxt < item.end:
+                        self._enqueue_moved(item)
+                    else:
+                        forward.append(item)
+        else:
+            forward = items
+        self._busy = False
+        self._cur = (layer - self.a + 1) % len(self._q)
+        if forward:
+            for item in forward:
+                self._leave(item)
+        if not self._busy:
+            self._step()
+
+    def _enqueue_moved(self, item: _Item) -> None:
+        i = item.layer - self.a
+        self._q[i].append(item)
+        if item.prompt:
+            self._qp[i] += 1
+            self._qpt[i] += item.tokens
+        else:
+            self._qd[i] += 1
+            self._qdc[i] += item.ctx
+        self._queued += 1
+
+    # ---- outbound -------------------------------------------------------------------------------
+
+    def _leave(self, item: _Item) -> None:
+        """``item`` ran its stage's last layer: send it on, or its token to the host."""
+        now = self._now()
+        st = self.stats
+        st.forwarded += 1
+        if item.end != self.b:
+            self._odd -= 1
+        if item.prompt:
+            st.prompt_residence += now - item.arrived
+            st.prompts_left += 1
+        else:
+            st.decode_residence += now - item.arrived
+            st.decodes_left += 1
+        route = item.route
+        stage = item.stage
+        if self._feedback:
+            prev = SINK if stage == 0 else route[stage - 1][0]
+            self._send(
+                prev,
+                Feedback(request_id=item.rid, node_id=self.node_id, delay=max(0.0, now - item.msg.sent_at), sent_at=now),
+            )
+        if stage + 1 < len(route):
+            self._emit(item, route[stage + 1][0], route, now)
+        elif item.end == self.num_layers:
+            self._emit(item, SINK, route, now)
+        elif self._policy is not None and item.msg.__class__ is PromptWork:
+            if self._link_wait or not self._choose_and_emit(item, now):
+                st.link_waits += 1
+                self._link_wait.append(item)
+        else:
+            st.bad_messages += 1  # a decode with no next stage: its route is broken
+            self._free(item.rid)
+
+    def _choose_and_emit(self, item: _Item, now: float) -> bool:
+        out = self._out
+        if self._free_only:
+            tp = self._transport
+            free = [tp.link_idle(y) for y in out]
+            j = self._policy.choose(free, self._peer_len)
+            if j < 0:
+                return False
+        else:
+            j = self._policy.choose()
+        y = out[j]
+        if y == SINK:
+            self._emit(item, SINK, item.route, now)
+        else:
+            nb = self._next_layers[y][1]
+            self._emit(item, y, (*item.route, (y, item.end, nb)), now)
+        return True
+
+    def _link_idle(self, dest: NodeRef) -> None:
+        """A link went idle: send the prompts that wait for a free link, in order."""
+        wait = self._link_wait
+        now = self._now()
+        while wait:
+            if not self._choose_and_emit(wait[0], now):
+                return
+            wait.popleft()
+
+    def _emit(self, item: _Item, dest: NodeRef, route: Any, now: float) -> None:
+        msg = item.msg
+        if dest == SINK:
+            out: Any = TokenResult(
+                request_id=item.rid,
+                token_id=0,
+                context_len=msg.num_tokens if item.msg.__class__ is PromptWork else item.ctx + 1,
+                finished=False,
+                sent_at=now,
+                route=route,
+            )
+        elif msg.__class__ is PromptWork:
+            out = PromptWork(
+                request_id=item.rid,
+                query_id=msg.query_id,
+                route=route,
+                stage=item.stage + 1,
+                num_tokens=msg.num_tokens,
+                token_ids=(),
+                max_tokens=msg.max_tokens,
+                sent_at=now,
+                payload_bytes=msg.num_tokens * self._act,
+            )
+        else:
+            out = DecodeWork(
+                request_id=item.rid,
+                route=route,
+                stage=item.stage + 1,
+                context_len=msg.context_len,
+                token_id=-1,
+                sent_at=now,
+                payload_bytes=self._act,
+            )
+        self._send(dest, out)
+        req = self._reqs.get(item.rid)
+        if req is not None:
+            ctx_after = msg.num_tokens if msg.__class__ is PromptWork else msg.context_len
+            if ctx_after >= req.last_ctx:
+                self._free(item.rid)
+
+    def _observe(self, fb: Any) -> None:
+        if self._policy is None:
+            return
+        try:
+            j = self._out.index(fb.node_id)
+        except ValueError:
+            self.stats.bad_messages += 1
+            return
+        self._policy.observe(j, fb.delay)
+
+    # ---- KV -------------------------------------------------------------------------------------
+
+    def _free(self, rid: int) -> None:
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return
+        if self._compat:
+            held = req.last_ctx * req.layers
+        else:
+            held = req.kv
+        self.kv_used -= held
+        if not self._compat and self._kv_wait:
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        wait = self._kv_wait
+        while wait:
+            item = wait[0]
+            need = item.tokens * (item.end - item.layer)
+            if self.kv_used + need > self.kv_capacity:
+                return
+            wait.popleft()
+            req = self._reqs.get(item.rid)
+            if req is None:  # cancelled while waiting
+                continue
+            self.kv_used += need
+            req.kv += need
+            if self.kv_used > self.stats.kv_peak:
+                self.stats.kv_peak = self.kv_used
+            self._enqueue(item)
+
+    def _cancel(self, rid: int) -> None:
+        for i, q in enumerate(self._q):
+            kept = [it for it in q if it.rid != rid]
+            if len(kept) != len(q):
+                for it in q:
+                    if it.rid == rid:
+                        if it.prompt:
+                            self._qp[i] -= 1
+                            self._qpt[i] -= it.tokens
+                        else:
+                            self._qd[i] -= 1
+                            self._qdc[i] -= it.ctx
+                        if it.layer == it.entry:
+                            self._qh[i] -= it.tokens
+                        if it.end != self.b:
+                            self._odd -= 1
+                        self._queued -= 1
+                self._q[i] = kept
+        self._kv_wait = deque(it for it in self._kv_wait if it.rid != rid)
+        self._link_wait = deque(it for it in self._link_wait if it.rid != rid)
+        req = self._reqs.get(rid)
+        if req is not None and self._compat:
+            # what it has taken so far is not known per layer: free what it held after its last
+            # completed iteration (its context times its layers here), at most what is in use
+            req.last_ctx = min(req.last_ctx, self.kv_used // max(req.layers, 1))
+        self._free(rid)

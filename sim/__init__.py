@@ -1,0 +1,7 @@
+"""The simulator: the runtime's host and workers on a virtual-time loop (HELIX_SPEC §8, §9).
+
+``simulation`` assembles host, workers and the in-memory network; ``workloads`` makes queries
+(offline lengths, online traces, CSV replay); ``feeders`` submits them; ``runner`` runs one
+simulation; ``report`` computes its figures; ``cli`` is ``python -m sim``.  The runtime
+(``helix_async``) never imports this package.
+"""

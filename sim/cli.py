@@ -1,0 +1,311 @@
+"""``python -m sim run|compare``: simulate plans on the runtime's host and workers in virtual time.
+
+``run`` simulates one plan with one scheduler and workload and writes a JSON report (and plots);
+``compare`` runs several plans and/or schedulers on the same workload and prints one table.
+Defaults follow the original per mode and scheduler (HELIX_SPEC §8.8, §11): offline warm-up 60 s,
+window 600 s, 20 initial queries for MaxFlow and 240 for the per-hop schedulers, KV (0.85, 1.0);
+online warm-up 0, window 1800 s, 700 tokens/s for MaxFlow and 400 for the others, KV (0.9, 0.6).
+Bad flags or files exit 2 with one line naming the flag, file or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from helix_async.cli import EXIT_OK, EXIT_USAGE, _one_line, _Parser
+from helix_async.cluster import load_cluster
+from helix_async.errors import ConfigError, HelixError
+from helix_async.fileio import atomic_write_text, check_output_path
+from helix_async.placement import Placement
+from helix_async.placement.io import (
+    SHIPPED_LAYOUTS,
+    import_helix_solution,
+    load_shipped_layout,
+    read_placement,
+)
+
+from .report import report_json, summary_lines
+from .runner import Workload, run
+from .simulation import SCHEDULERS, SimulationSetup
+from .workloads import ARRIVAL_SERIES, LENGTH_DATASETS, read_trace_csv
+
+__all__ = ["load_plan", "main"]
+
+MODES = ("offline", "online")
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = _finite(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _nonneg(text: str) -> float:
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= v <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must lie in [1, 1000000], got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {text!r}")
+    return v
+
+
+def _kv(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected HWM,RATIO (two numbers), got {text!r}")
+    hwm, ratio = (_finite(p.strip()) for p in parts)
+    if not 0 < hwm <= 1:
+        raise argparse.ArgumentTypeError(f"HWM must lie in (0, 1], got {hwm!r}")
+    if not 0 <= ratio <= 10:
+        raise argparse.ArgumentTypeError(f"RATIO must lie in [0, 10], got {ratio!r}")
+    return hwm, ratio
+
+
+def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
+    """A placement from a plan file, an original layout directory (``*_sol.ini`` +
+    ``simulator_cluster.ini``, on ``cluster``) or a shipped layout name (``ilp``, ``petals``, ...)."""
+    path = Path(plan)
+    if path.is_dir():
+        sols = sorted(path.glob("*_sol.ini")) + sorted(path.glob("*_solution_file.ini"))
+        sims = sorted(path.glob("*simulator_cluster.ini"))
+        if len(sols) != 1 or len(sims) != 1:
+            raise ConfigError(
+                plan, "--plan", "a layout directory must hold one *_sol.ini (or *_solution_file.ini) and one simulator_cluster.ini"
+            )
+        if cluster is None:
+            raise ConfigError(plan, "--cluster", "an original layout directory needs --cluster (the cluster it was planned for)")
+        return import_helix_solution(sols[0], sims[0], load_cluster(cluster), model)
+    if path.exists():
+        p = read_placement(path)
+        if cluster is not None:
+            want = load_cluster(cluster)
+            if want.name != p.cluster.name:
+                raise ConfigError(plan, "--cluster", f"the plan is for cluster {p.cluster.name!r}, not {want.name!r}")
+        return p
+    if plan in SHIPPED_LAYOUTS:
+        return load_shipped_layout(plan)
+    raise ConfigError(
+        plan, "--plan", f"no such file or directory, and not a shipped layout ({', '.join(SHIPPED_LAYOUTS)})"
+    )
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", help="cluster (built-in name, .toml or .ini); required for a layout directory")
+    p.add_argument("--model", default="llama2-70b", help="model (default llama2-70b)")
+    p.add_argument("--mode", choices=MODES, default="offline")
+    p.add_argument("--rate", type=_positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")
+    p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")
+    p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES), default="azure-conv", help="online arrival series")
+    p.add_argument("--duration", type=_positive, help="statistics window, s (default 600 offline, 1800 online)")
+    p.add_argument("--warmup", type=_nonneg, help="warm-up before the window, s (default 60 offline, 0 online)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream (default 0)")
+    p.add_argument("--initial-queries", type=_count, help="offline population (default 20 MaxFlow, 240 others)")
+    p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default 0.85,1.0 offline; 0.9,0.6 online)")
+    p.add_argument("--compat", choices=("helix",), help="reproduce the original simulator's semantics")
+    p.add_argument("--trace", help="replay a CSV trace arrive_time_s,input_tokens,output_tokens (virtual seconds; arrivals before the models are loaded wait until then)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m sim", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="simulate one plan")
+    r.add_argument("--plan", required=True, help="plan file, original layout directory, or shipped layout name")
+    r.add_argument("--scheduler", choices=SCHEDULERS, default="maxflow")
+    _add_workload_flags(r)
+    r.add_argument("--report", help="write report.json (and plots with --plots) into this directory")
+    r.add_argument("--plots", action="store_true", help="with --report: throughput, latency and placement plots")
+    r.add_argument("--watch", type=_positive, help="print the original's watch block every N simulated seconds")
+    r.set_defaults(handler=_cmd_run)
+    c = sub.add_parser("compare", help="several plans and/or schedulers on the same workload, one table")
+    c.add_argument("--plan", action="append", required=True, help="plan (repeat for several)")
+    c.add_argument("--scheduler", action="append", choices=SCHEDULERS, help="scheduler (repeat; default maxflow)")
+    _add_workload_flags(c)
+    c.add_argument("--json", help="also write all reports as one JSON file")
+    c.set_defaults(handler=_cmd_compare)
+    return parser
+
+
+def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, tuple[float, float]]:
+    offline = args.mode == "offline"
+    maxflow = scheduler == "maxflow"
+    trace = None
+    mode = args.mode
+    if args.trace is not None:
+        trace = read_trace_csv(args.trace)
+        mode = "trace"
+    wl = Workload(
+        mode=mode,
+        rate=args.rate if args.rate is not None else (700.0 if maxflow else 400.0),
+        lengths=args.lengths,
+        arrivals=args.arrivals,
+        warmup=args.warmup if args.warmup is not None else (60.0 if offline and trace is None else 0.0),
+        duration=args.duration if args.duration is not None else (600.0 if offline and trace is None else 1800.0),
+        initial=args.initial_queries if args.initial_queries is not None else (20 if maxflow else 240),
+        seed=args.seed,
+        trace=trace,
+    )
+    if mode == "online" and (wl.duration != int(wl.duration) or int(wl.duration) % 3):
+        raise ConfigError("<argument>", "--duration", f"online traces are built in 3-s intervals: give a multiple of 3, got {wl.duration:g}")
+    kv = args.kv if args.kv is not None else ((0.85, 1.0) if offline else (0.9, 0.6))
+    return wl, kv
+
+
+def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, kv: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "plan": plan,
+        "cluster": args.cluster,
+        "model": args.model,
+        "scheduler": scheduler,
+        "mode": wl.mode,
+        "rate": wl.rate if wl.mode == "online" else None,
+        "lengths": wl.lengths,
+        "arrivals": wl.arrivals if wl.mode == "online" else None,
+        "warmup": wl.warmup,
+        "duration": wl.duration,
+        "initial_queries": wl.initial if wl.mode == "offline" else None,
+        "kv": list(kv),
+        "compat": args.compat,
+        "seed": wl.seed,
+        "trace": args.trace,
+    }
+
+
+def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, scheduler: str, **kw: Any) -> Any:
+    wl, kv = _workload(args, scheduler)
+    compat = args.compat == "helix"
+    setup = SimulationSetup(
+        placement,
+        scheduler=scheduler,
+        kv=kv,
+        compat=compat,
+        drop_rejected=compat and wl.mode == "offline",
+        seed=args.seed,
+    )
+    return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress, **kw)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    out_dir = Path(args.report) if args.report else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(str(out_dir), "--report", "exists and is not a directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(out_dir / "report.json", "--report")
+    placement = load_plan(args.plan, args.cluster, args.model)
+    res = _simulate(args, args.plan, placement, args.scheduler, watch_interval=args.watch or 0.0)
+    print("\n".join(summary_lines(res.report)))
+    print(
+        f"[wall {res.wall_s:.1f} s, {res.events} events, {res.events / max(res.wall_s, 1e-9):,.0f} events/s, "
+        f"{res.report['virtual_end'] / max(res.wall_s, 1e-9):,.1f} simulated s per wall s]",
+        file=sys.stderr,
+    )
+    if out_dir is not None:
+        atomic_write_text(out_dir / "report.json", report_json(res.report))
+        if args.plots:
+            from .plots import write_plots
+
+            write_plots(res, out_dir)
+        print(f"report: {out_dir / 'report.json'}")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    schedulers = args.scheduler or ["maxflow"]
+    rows = []
+    reports = []
+    for plan in args.plan:
+        placement = load_plan(plan, args.cluster, args.model)
+        for sched in schedulers:
+            res = _simulate(args, plan, placement, sched)
+            r = res.report
+            reports.append(r)
+            rows.append(
+                (
+                    plan,
+                    sched,
+                    f"{r['plan']['max_flow']:.1f}",
+                    f"{r['decode_throughput']:.1f}",
+                    f"{r['all_tokens']['throughput']:.1f}",
+                    _fmt(r["prompt_latency"]["p50"]),
+                    _fmt(r["prompt_latency"]["p99"]),
+                    _fmt(r["decode_latency"]["p50"]),
+                    _fmt(r["decode_latency"]["p99"]),
+                )
+            )
+    head = ("plan", "scheduler", "max flow", "decode tok/s", "all tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99")
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    if args.json:
+        import json
+
+        check_output_path(Path(args.json), "--json")
+        atomic_write_text(Path(args.json), json.dumps(reports, sort_keys=True, indent=2, allow_nan=False) + "\n")
+    return EXIT_OK
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except HelixError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {_one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry point (``helix-sim``)."""
+    raise SystemExit(main())

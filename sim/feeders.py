@@ -1,0 +1,117 @@
+"""Workloads that feed a :class:`sim.simulation.Simulation` (HELIX_SPEC §8.8).
+
+* :class:`OfflineFeeder` -- a population of queries kept topped up: ``initial`` queries at
+  ``start + 0.1 i``; afterwards, until ``end``, MaxFlow launches one more query 0.1 s after each
+  prompt or query completion while the KV expectation's bottleneck usage is at most ``feed_hwm``
+  (0.8) and no query waits for admission (the original had no admission queue: it dropped what
+  it could not place); the per-hop schedulers replace each finished query (a constant
+  population).
+* :class:`TraceFeeder` -- replays a trace (online: generated from an arrival series; or read
+  from a CSV): each query is submitted at its arrival time.
+
+Lengths come from a seeded :class:`sim.workloads.LengthSampler`; nothing reads the global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from helix_async.host import Query
+
+from .simulation import Simulation
+from .workloads import LengthSampler, TraceEntry
+
+__all__ = ["FEED_GAP_S", "FEED_HWM", "OfflineFeeder", "TraceFeeder"]
+
+#: Delay between a completion and the query it launches, and between initial queries (s).
+FEED_GAP_S = 0.1
+#: Offline MaxFlow feeding stops while the KV expectation's bottleneck usage is above this.
+FEED_HWM = 0.8
+
+
+class OfflineFeeder:
+    """Offline workload (see the module doc). ``end``: last time a completion may launch a query."""
+
+    def __init__(
+        self,
+        sim: Simulation,
+        sampler: LengthSampler,
+        *,
+        initial: int,
+        start: float,
+        end: float,
+        feed_hwm: float = FEED_HWM,
+    ) -> None:
+        if initial < 1:
+            raise ValueError(f"initial queries must be >= 1, got {initial}")
+        self.sim = sim
+        self.sampler = sampler
+        self.initial = initial
+        self.start = start
+        self.end = end
+        self.feed_hwm = feed_hwm
+        self.launched = 0
+        self._maxflow = sim.setup.scheduler == "maxflow"
+        host = sim.host
+        if self._maxflow:
+            host.on_prompt_done = self._completion
+            host.on_query_done = self._completion
+        else:
+            host.on_query_done = self._completion
+
+    def install(self) -> None:
+        at = self.sim.clock.call_at
+        for i in range(self.initial):
+            at(self.start + FEED_GAP_S * i, self._launch)
+
+    def _launch(self) -> None:
+        n, m = self.sampler.sample()
+        qid = self.launched
+        self.launched += 1
+        self.sim.host.submit(qid, n, m)
+
+    def _completion(self, q: Query) -> None:
+        clock = self.sim.clock
+        now = clock.now()
+        if now > self.end:
+            return
+        host = self.sim.host
+        if self._maxflow and host.kv_bottleneck() > self.feed_hwm:
+            return
+        if host.waiting and not self.sim.setup.compat:
+            # queries already wait for admission: the cluster cannot serve more now
+            return
+        clock.call_at(now + FEED_GAP_S, self._launch)
+
+
+class TraceFeeder:
+    """Submits each trace entry at its arrival time; ``done`` once every query has finished."""
+
+    def __init__(self, sim: Simulation, trace: Sequence[TraceEntry]) -> None:
+        if not trace:
+            raise ValueError("the trace holds no queries")
+        self.sim = sim
+        self.trace = list(trace)
+        self.launched = 0
+        sim.host.on_query_done = self._finished
+        self.finished = 0
+
+    def install(self) -> None:
+        """Schedule every arrival; one before ``t0`` (models still loading) is submitted at ``t0``."""
+        at = self.sim.clock.call_at
+        t0 = self.sim.t0
+        for qid, (t, n, m) in enumerate(self.trace):
+            at(max(float(t), t0), self._submit, qid, n, m)
+
+    def _submit(self, qid: int, n: int, m: int) -> None:
+        self.launched += 1
+        self.sim.host.submit(qid, n, m)
+
+    def _finished(self, q: Query) -> None:
+        self.finished += 1
+        if self.finished >= len(self.trace) - self.sim.host.stats.rejected:
+            self.sim.loop.stop()
+
+    @property
+    def done(self) -> bool:
+        return self.finished + self.sim.host.stats.rejected >= len(self.trace)

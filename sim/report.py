@@ -1,0 +1,212 @@
+"""Statistics of a simulation run, as the original computes them (HELIX_SPEC §8.9-8.11).
+
+The window is ``[t0 + warmup, t0 + warmup + duration]`` (inclusive) on the finish time of each
+iteration (the token's arrival back at the host).  Decode throughput is the number of decode
+iterations finished in the window over ``duration``; prompt latency (TTFT) is a prompt's finish
+time minus its query's arrival, decode latency (time per output token) a decode's finish time
+minus its creation (the previous token's arrival).  Percentiles take ``sorted[int(len * p)]``.
+All-token throughput is every token processed (prompt tokens, plus one per decode) over the last
+finish time (absolute, as the original prints it), set beside the plan's max flow.
+
+The JSON report holds no wall-clock figure, so that one seed gives one report, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from helix_async.ids import NodeRef
+
+from .simulation import Simulation
+
+__all__ = ["PERCENTILES", "build_report", "percentiles", "report_json", "summary_lines", "watch_text"]
+
+PERCENTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float | None]:
+    """mean and p5..p99 (``sorted[int(len * p)]``); None when there are no values."""
+    if len(values) == 0:
+        return {"count": 0, "mean": None, **{f"p{round(p * 100)}": None for p in PERCENTILES}}
+    arr = np.sort(np.asarray(values, dtype=float))
+    n = len(arr)
+    out: dict[str, Any] = {"count": n, "mean": float(arr.mean())}
+    for p in PERCENTILES:
+        out[f"p{round(p * 100)}"] = float(arr[min(n - 1, int(n * p))])
+    return out
+
+
+def _in_window(done: Any, values: Any, lo: float, hi: float) -> np.ndarray:
+    d = np.frombuffer(done, dtype=float) if len(done) else np.zeros(0)
+    v = np.frombuffer(values, dtype=float) if len(values) else np.zeros(0)
+    mask = (d >= lo) & (d <= hi)
+    return v[mask]
+
+
+def _ref(node: NodeRef) -> Any:
+    return node if isinstance(node, int) else str(node)
+
+
+def build_report(sim: Simulation, *, warmup: float, duration: float, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures (see the module doc) as plain JSON-able data."""
+    host = sim.host
+    lo = sim.t0 + warmup
+    hi = lo + duration
+    decode_done = np.frombuffer(host.decode_done, dtype=float) if len(host.decode_done) else np.zeros(0)
+    decodes_in_window = int(((decode_done >= lo) & (decode_done <= hi)).sum())
+    prompt_lat = _in_window(host.prompt_done, host.prompt_latency, lo, hi)
+    decode_lat = _in_window(host.decode_done, host.decode_latency, lo, hi)
+    tok_t = np.frombuffer(host.tokens_done, dtype=float) if len(host.tokens_done) else np.zeros(0)
+    tok_n = np.frombuffer(host.tokens_count, dtype=np.int64) if len(host.tokens_count) else np.zeros(0, np.int64)
+    t_last = float(tok_t.max()) if len(tok_t) else 0.0
+    tokens = int(tok_n.sum())
+    win_tokens = int(tok_n[(tok_t >= lo) & (tok_t <= hi)].sum()) if len(tok_t) else 0
+    horizon = max(sim.clock.now() - sim.t0, 1e-12)
+    nodes = []
+    for i, w in sim.workers.items():
+        st = w.stats
+        nodes.append(
+            {
+                "node": i,
+                "type": sim.placement.cluster.machine(i).name,
+                "layers": [w.a, w.b],
+                "utilisation": st.busy_time / horizon,
+                "batches": st.batches,
+                "prompt_tokens": st.prompt_tokens,
+                "decode_tokens": st.decode_tokens,
+                "mean_prompt_residence_s": (st.prompt_residence / st.prompts_left) if st.prompts_left else None,
+                "mean_decode_residence_s": (st.decode_residence / st.decodes_left) if st.decodes_left else None,
+                "queued_peak": st.queued_peak,
+                "kv_capacity": w.kv_capacity,
+                "kv_peak": st.kv_peak,
+                "kv_used_end": w.kv_used,
+                "kv_waits": st.kv_waits,
+                "kv_overflows": st.kv_overflows,
+                "bad_messages": st.bad_messages,
+                "planned_flow": sim.flow.node_flows.get(i, 0.0),
+            }
+        )
+    links = [
+        {**entry, "src": _ref(entry["src"]), "dst": _ref(entry["dst"])} for entry in sim.network.link_stats(horizon)
+    ]
+    hs = host.stats
+    return {
+        "config": config,
+        "plan": {
+            "method": sim.placement.method,
+            "max_flow": sim.max_flow,
+            "max_compute_throughput": sim.max_compute,
+            "t0": sim.t0,
+        },
+        "window": {"start": lo, "end": hi, "duration": duration},
+        "decode_throughput": decodes_in_window / duration,
+        "window_token_throughput": win_tokens / duration,
+        "prompt_latency": percentiles(prompt_lat),
+        "decode_latency": percentiles(decode_lat),
+        "all_tokens": {
+            "tokens": tokens,
+            "last_finish": t_last,
+            "throughput": tokens / t_last if t_last > 0 else 0.0,
+            "max_flow_time": tokens / sim.max_flow if sim.max_flow > 0 else None,
+        },
+        "queries": {
+            "submitted": hs.submitted,
+            "admitted": hs.admitted,
+            "finished": hs.finished,
+            "active_end": host.active,
+            "waiting_end": host.waiting,
+            "rejected": hs.rejected,
+            "would_abort": hs.would_abort,
+            "admission_waits": hs.admission_waits,
+        },
+        "kv": {
+            "overflows": sum(n["kv_overflows"] for n in nodes),
+            "waits": sum(n["kv_waits"] for n in nodes),
+            "expected_bottleneck_end": host.kv_bottleneck(),
+        },
+        "network": {
+            "control_messages": sim.network.control_messages,
+            "dropped": sim.network.dropped,
+            "links": links,
+        },
+        "nodes": nodes,
+        "events": sim.events,
+        "virtual_end": sim.clock.now(),
+    }
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """The report as canonical JSON text (sorted keys, stable float repr)."""
+    return json.dumps(report, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The original's printout (§8.9), plus p50/p99."""
+    w = report["window"]
+    pl, dl = report["prompt_latency"], report["decode_latency"]
+    at = report["all_tokens"]
+    plan = report["plan"]
+
+    def f(x: Any, spec: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        f"Max compute throughput = {plan['max_compute_throughput']}",
+        f"Max flow = {plan['max_flow']}",
+        "# ------------------------------------------------------------- #",
+        f"Simulation Results (time range: {w['start']:g}s - {w['end']:g}s)",
+        f"Avg decode speed: {report['decode_throughput']:.1f} tokens/s",
+        f"Avg prompt latency: {f(pl['mean'])}s (p50 {f(pl['p50'])}s, p99 {f(pl['p99'])}s)",
+        f"Avg decode latency: {f(dl['mean'])}s (p50 {f(dl['p50'])}s, p99 {f(dl['p99'])}s)",
+        "# ------------------------------------------------------------- #",
+        f"Total tokens: {at['tokens']} in {at['last_finish']:.2f}s ({at['throughput']:.2f} tokens/s)",
+    ]
+    if at["max_flow_time"] is not None:
+        lines.append(
+            f"Theoretical optimal: {at['max_flow_time']:.2f}s ({plan['max_flow']:.2f} tokens/s)"
+        )
+    q = report["queries"]
+    lines.append(
+        f"Queries: {q['finished']} finished, {q['active_end']} active, {q['waiting_end']} waiting, "
+        f"{q['rejected']} rejected; KV overflows {report['kv']['overflows']}, waits {report['kv']['waits']}"
+    )
+    return lines
+
+
+def watch_text(sim: Simulation, next_event: float | None) -> str:
+    """The original's periodic watch block (§8.10)."""
+    host = sim.host
+    lines = [
+        "# -------------- Watch -------------- #",
+        f"Last event time = {sim.clock.now()}",
+        f"Next event time = {next_event}",
+        f"[Item] active queries: {host.active}, finished queries {host.stats.finished}.",
+        "[Item] KV-Cache:",
+    ]
+    router = host.router
+    per_layer_free: dict[int, float] = {}
+    per_layer_total: dict[int, float] = {}
+    for i, w in sim.workers.items():
+        used, cap = w.kv_snapshot()
+        pct = round(100 * used / cap) if cap else 0
+        line = f"\tCompute-{i}: {used}/{cap} ({pct}%)"
+        if router is not None:
+            kv = router.kv
+            total = kv.total(i)
+            exp_used = total - kv.available(i)
+            line += f" | {exp_used} / {total} ({round(100 * exp_used / total) if total else 0}%) | {exp_used >= used}"
+        lines.append(line)
+        k = w.b - w.a
+        for layer in range(w.a, w.b):
+            per_layer_free[layer] = per_layer_free.get(layer, 0.0) + (cap - used) / k
+            per_layer_total[layer] = per_layer_total.get(layer, 0.0) + cap / k
+    real = max((1 - per_layer_free[x] / per_layer_total[x]) for x in per_layer_total) if per_layer_total else 0.0
+    lines.append(f"Realtime bottleneck usage: {real}")
+    if router is not None:
+        lines.append(f"Expected bottleneck usage: {host.kv_bottleneck()}")
+    lines.append("# ------------ End Watch ------------ #")
+    return "\n".join(lines)

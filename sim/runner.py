@@ -1,0 +1,146 @@
+"""One simulation run, from a setup and a workload description to a report.
+
+:func:`run` builds the :class:`~sim.simulation.Simulation`, installs the workload, advances the
+virtual-time loop in slices (for the progress bar and the watch printout) and returns the report
+(:func:`sim.report.build_report`).  Defaults per mode follow the original (HELIX_SPEC §8.8-8.9):
+offline warm-up 60 s and duration 600 s, online warm-up 0 and duration 1800 s.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .feeders import OfflineFeeder, TraceFeeder
+from .report import build_report, watch_text
+from .simulation import Simulation, SimulationSetup
+from .workloads import LengthSampler, TraceEntry, generate_online_trace
+
+__all__ = ["RunResult", "Workload", "run"]
+
+#: Online runs stop this long after the last arrival even if queries are still in flight (s).
+ONLINE_DRAIN_LIMIT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is fed to the cluster.
+
+    mode: "offline" or "online" (an arrival series rescaled to ``rate`` tokens/s) or "trace"
+    (``trace`` entries, absolute arrival times). lengths / arrivals: dataset names.
+    warmup, duration: the statistics window after ``t0`` (s). initial: offline population.
+    seed: the workload's RNG seed. trace_offset: added to trace arrival times (online traces are
+    generated from ``t0``).
+    """
+
+    mode: str = "offline"
+    rate: float = 700.0
+    lengths: str = "azure-conv"
+    arrivals: str = "azure-conv"
+    warmup: float = 60.0
+    duration: float = 600.0
+    initial: int = 20
+    seed: int = 0
+    trace: Sequence[TraceEntry] | None = field(default=None, compare=False)
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    sim: Simulation
+    wall_s: float
+    events: int
+
+
+def run(
+    setup: SimulationSetup,
+    workload: Workload,
+    *,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    watch_interval: float = 0.0,
+    watch_out: TextIO | None = None,
+    slice_s: float = 10.0,
+    on_slice: Callable[[Simulation], None] | None = None,
+) -> RunResult:
+    """Simulate ``workload`` on ``setup`` (see the module doc)."""
+    sim = Simulation(setup)
+    t0 = sim.t0
+    wl = workload
+    if wl.mode == "offline":
+        # compat shares one RNG stream between lengths and the random schedulers, as the original
+        sampler = LengthSampler(wl.lengths, random.Random(wl.seed))
+        end = t0 + wl.warmup + wl.duration
+        feeder: Any = OfflineFeeder(sim, sampler, initial=wl.initial, start=t0, end=end)
+        stop_at = end
+    else:
+        if wl.mode == "online":
+            trace: Sequence[TraceEntry] = generate_online_trace(
+                wl.arrivals, wl.lengths, wl.rate, start=t0, duration=int(wl.duration), seed=wl.seed
+            )
+        elif wl.mode == "trace":
+            if not wl.trace:
+                raise ValueError("trace mode needs a trace")
+            trace = wl.trace
+        else:
+            raise ValueError(f"unknown mode {wl.mode!r}")
+        feeder = TraceFeeder(sim, trace)
+        stop_at = max(e[0] for e in trace) + ONLINE_DRAIN_LIMIT_S
+    feeder.install()
+    bar = _progress(progress, stop_at)
+    started = time.perf_counter()
+    watch_next = (math.floor(t0 / watch_interval) + 1) * watch_interval if watch_interval > 0 else math.inf
+    now = 0.0
+    loop = sim.loop
+    try:
+        while now < stop_at:
+            target = min(stop_at, now + slice_s, watch_next)
+            loop.run_until(target)
+            now = loop.time()
+            if on_slice is not None:
+                on_slice(sim)
+            if bar is not None:
+                bar(now, sim.events)
+            if now >= watch_next:
+                print(watch_text(sim, loop.next_timer_at()), file=watch_out or sys.stdout)
+                watch_next += watch_interval
+            if wl.mode != "offline" and feeder.done:
+                break
+            if loop.next_timer_at() is None and not loop._ready:
+                break
+    finally:
+        if bar is not None:
+            bar(None, sim.events)
+    wall = time.perf_counter() - started
+    cfg = dict(config or {})
+    report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=cfg)
+    return RunResult(report, sim, wall, sim.events)
+
+
+def _progress(enabled: bool, stop_at: float) -> Callable[[float | None, int], None] | None:
+    """A tqdm bar over simulated seconds, showing events/s; None when disabled or not installed."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=round(stop_at), unit="sim-s", dynamic_ncols=True, file=sys.stderr, leave=False)
+    state = {"t": 0.0, "wall": time.perf_counter()}
+
+    def update(now: float | None, events: int) -> None:
+        if now is None:
+            bar.close()
+            return
+        step = round(now) - bar.n
+        if step > 0:
+            bar.update(step)
+        el = time.perf_counter() - state["wall"]
+        bar.set_postfix(events=events, ev_per_s=f"{events / el:.0f}" if el > 0 else "-", refresh=False)
+
+    return update

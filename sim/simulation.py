@@ -1,0 +1,246 @@
+"""Assembly: the runtime's host and workers on a virtual-time loop over the in-memory network.
+
+:class:`Simulation` builds, from a placement, one :class:`helix_async.worker.Worker` per used
+node (cost-model executor priced by the node's GPU profile, its batch limits and KV capacity from
+the profiled node settings), the :class:`helix_async.host.Host` with the chosen scheduler, and a
+:class:`helix_async.transport.memory.MemoryNetwork`, all on one
+:class:`helix_async.vloop.VirtualTimeLoop`.  Nothing here schedules or routes: the workload
+(:mod:`sim.feeders`) submits queries to the host and the loop runs.
+
+Start time: as in the original (HELIX_SPEC §8.0), the workload starts at ``t0 = ceil(longest
+model load) + 1`` seconds, a node's load taking ``layers * layer bytes / disk speed``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from helix_async.clock import LoopClock
+from helix_async.cluster import ClusterSpec
+from helix_async.codec import wire_size
+from helix_async.executors.cost_model import CostModelExecutor
+from helix_async.flowplan import FlowPlan
+from helix_async.host import Host
+from helix_async.ids import SINK, SOURCE, NodeRef
+from helix_async.messages import DecodeWork, PromptWork
+from helix_async.model import ModelSpec, ThroughputModel, load_profiles, max_compute_throughput
+from helix_async.placement import Placement
+from helix_async.placement.flow import max_flow
+from helix_async.routing import (
+    FlowRouter,
+    KVTracker,
+    RandomPolicy,
+    ShortestQueuePolicy,
+    SwarmPolicy,
+    node_seed,
+)
+from helix_async.transport.base import HOST
+from helix_async.transport.memory import MemoryNetwork
+from helix_async.vloop import VirtualTimeLoop
+from helix_async.worker import BatchLimits, Worker
+
+__all__ = ["SCHEDULERS", "Simulation", "SimulationSetup", "helix_message_bytes", "reserved_rates"]
+
+SCHEDULERS = ("maxflow", "swarm", "random", "shortest-queue")
+
+#: The original's minimum bandwidth on source/sink hops and on compute hops (B/s), §1.
+TOKEN_SLOW_LINK = 10.0
+ACT_SLOW_LINK = 200.0
+
+
+@dataclass(frozen=True)
+class SimulationSetup:
+    """What a simulation runs: the plan, the scheduler and the semantics.
+
+    kv: (fill limit, expected-output ratio) of the KV expectation (MaxFlow). compat: the
+    original's semantics throughout (see docs/simulator.md). drop_rejected: MaxFlow drops a query
+    it cannot place (compat offline) instead of queueing it. seed: per-node RNG seeds of the
+    random per-hop schedulers derive from it.
+    """
+
+    placement: Placement
+    scheduler: str = "maxflow"
+    kv: tuple[float, float] = (0.85, 1.0)
+    compat: bool = False
+    drop_rejected: bool = False
+    seed: int = 0
+
+
+def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
+    """The original's transfer sizes (§8.3): token ids cost ``token_size`` bytes per token on the
+    source and sink hops, hidden states ``token_size + activation_size`` per token between nodes.
+    A token result is charged one token."""
+    tok = float(model.token_size)
+    mid = float(model.token_size + model.activation_size)
+
+    def size(src: NodeRef, dst: NodeRef, msg: Any) -> float:
+        t = type(msg)
+        if t is DecodeWork:
+            return tok if src == SOURCE else mid
+        if t is PromptWork:
+            return (tok if src == SOURCE else mid) * msg.num_tokens
+        return tok
+
+    return size
+
+
+def wire_bytes(src: NodeRef, dst: NodeRef, msg: Any) -> float:
+    """Bytes of ``msg`` as the codec would put it on the wire (default mode)."""
+    return float(wire_size(msg))
+
+
+def reserved_rates(placement: Placement, flow: FlowPlan) -> dict[tuple[NodeRef, NodeRef], float]:
+    """The original's static per-link bandwidth reservation for MaxFlow (HELIX_SPEC §7.1 step 5).
+
+    A link's byte flow is its planned token flow times its bytes per token; its share of the
+    sender's out-NIC (receiver's in-NIC) is its byte flow over all byte flows leaving the sender
+    (entering the receiver); the rate is ``floor(min(bandwidth, out-NIC * share_out, in-NIC *
+    share_in))``.  A link without flow gets its full bandwidth: MaxFlow never routes on it.
+    """
+    cluster = placement.cluster
+    spec = placement.model_spec
+    tok = spec.token_size
+    mid = spec.token_size + spec.activation_size
+    used: dict[tuple[NodeRef, NodeRef], float] = {}
+    out_sum: dict[NodeRef, float] = {}
+    in_sum: dict[NodeRef, float] = {}
+    for u, v in placement.links:
+        bpt = tok if (u == SOURCE or v == SINK) else mid
+        b = flow.link_flows.get((u, v), 0.0) * bpt
+        used[(u, v)] = b
+        out_sum[u] = out_sum.get(u, 0.0) + b
+        in_sum[v] = in_sum.get(v, 0.0) + b
+    rates: dict[tuple[NodeRef, NodeRef], float] = {}
+    for (u, v), b in used.items():
+        arc = cluster.arc(u, v)
+        assert arc is not None
+        if b <= 0.0:
+            rates[(u, v)] = float(arc.bandwidth)
+            continue
+        out_nic = cluster.coordinator_nic_out if u == SOURCE else cluster.machine(u).nic_out  # type: ignore[arg-type]
+        in_nic = cluster.coordinator_nic_in if v == SINK else cluster.machine(v).nic_in  # type: ignore[arg-type]
+        bw = math.floor(min(arc.bandwidth, out_nic * b / out_sum[u], in_nic * b / in_sum[v]))
+        floor_ok = TOKEN_SLOW_LINK if (u == SOURCE or v == SINK) else ACT_SLOW_LINK
+        rates[(u, v)] = float(max(bw, floor_ok))
+    return rates
+
+
+def load_start_time(placement: Placement) -> float:
+    """``ceil(longest model load) + 1`` seconds (HELIX_SPEC §8.0 step 4)."""
+    spec = placement.model_spec
+    longest = 0.0
+    for node, rng in placement.layers.items():
+        if rng is None:
+            continue
+        m = placement.cluster.machine(node)
+        longest = max(longest, (rng[1] - rng[0]) * spec.param_bytes_per_layer / m.disk)
+    return float(math.ceil(longest) + 1)
+
+
+class Simulation:
+    """Host, workers and network of one placement on a fresh virtual-time loop."""
+
+    def __init__(self, setup: SimulationSetup, tm: ThroughputModel | None = None) -> None:
+        if setup.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {setup.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        self.setup = setup
+        p = setup.placement
+        self.placement = p
+        cluster: ClusterSpec = p.cluster
+        spec = p.model_spec
+        self.model = spec
+        self.tm = tm if tm is not None else ThroughputModel.for_cluster(spec, cluster)
+        self.flow = max_flow(p, self.tm)
+        self.max_flow = self.flow.value
+        self.max_compute = max_compute_throughput(cluster, spec, self.tm)
+        self.t0 = load_start_time(p)
+        self.loop = VirtualTimeLoop()
+        self.clock = LoopClock(self.loop)
+        compat = setup.compat
+        maxflow = setup.scheduler == "maxflow"
+        if compat:
+            size = helix_message_bytes(spec)
+            mode = "reserved" if maxflow else "available"
+        else:
+            size = wire_bytes
+            mode = "fair"
+        self.network = MemoryNetwork(
+            self.clock,
+            cluster,
+            p.links,
+            size,
+            mode=mode,
+            reserved_rates=reserved_rates(p, self.flow) if mode == "reserved" else None,
+        )
+        profiles = load_profiles(spec)
+        layers = {i: r for i, r in p.layers.items() if r is not None and i in set(p.used_nodes())}
+        self.workers: dict[int, Worker] = {}
+        per_hop = not maxflow
+        for i, (a, b) in sorted(layers.items()):
+            k = b - a
+            m = cluster.machine(i)
+            ns = profiles.node_settings(m.gpu)
+            kk = min(k, ns.max_layers)
+            limits = BatchLimits(
+                ns.prompt_limit_requests(kk),
+                ns.prompt_limit_tokens(kk),
+                ns.decode_limit_tokens(kk),
+                ns.decode_limit_context(kk),
+            )
+            kv_cap = ns.kv(k) if k <= ns.max_layers else self.tm.kv_capacity(m.gpu, k)
+            executor = CostModelExecutor(self.clock, profiles.profile(m.gpu), spec.activation_size)
+            out = p.out_links(i)
+            policy = self._policy(i, out) if per_hop else None
+            w = Worker(
+                i,
+                self.clock,
+                self.network.endpoint(i),
+                executor,
+                layers=(a, b),
+                num_layers=spec.num_layers,
+                limits=limits,
+                kv_capacity=kv_cap,
+                activation_bytes=spec.activation_size,
+                token_bytes=spec.token_size,
+                policy=policy,
+                out_links=out,
+                next_layers={y: layers[y] for y in out if isinstance(y, int)},
+                compat=compat,
+                feedback=setup.scheduler == "swarm",
+            )
+            w.start()
+            self.workers[i] = w
+        host_tp = self.network.endpoint(HOST)
+        if maxflow:
+            kv = KVTracker.from_placement(p, kv_fill_limit=setup.kv[0], output_ratio=setup.kv[1], tm=self.tm)
+            router = FlowRouter.from_plan(p, self.flow, kv, tm=self.tm)
+            self.host = Host(self.clock, host_tp, router=router, compat=compat, drop_rejected=setup.drop_rejected)
+        else:
+            first = p.out_links(SOURCE)
+            hops = [(y, 0, layers[y][1]) for y in first]  # type: ignore[index]
+            self.host = Host(
+                self.clock, host_tp, policy=self._policy(SOURCE, first), first_hops=hops, compat=compat  # type: ignore[arg-type]
+            )
+        self.host.start()
+
+    def _policy(self, node: NodeRef, out: list[NodeRef]) -> Any:
+        s = self.setup
+        if s.scheduler == "swarm":
+            return SwarmPolicy(out)
+        if s.scheduler == "random":
+            return RandomPolicy(out, seed=node_seed(s.seed, node))
+        return ShortestQueuePolicy(out, seed=node_seed(s.seed, node))
+
+    @property
+    def events(self) -> int:
+        """Callbacks the loop has run so far (every timer and delivery)."""
+        return self.loop.callbacks_run
+
+    def run_until(self, t: float) -> None:
+        self.loop.run_until(t)
+
+    def close(self) -> None:
+        self.loop.close()
