@@ -75,7 +75,8 @@ class HostStats:
     submitted: int = 0
     admitted: int = 0
     finished: int = 0
-    rejected: int = 0  # compat offline: dropped at admission, as the original did
+    rejected: int = 0  # dropped: compat offline (as the original), infeasible, or the queue full
+    infeasible: int = 0  # no route could ever take the query
     would_abort: int = 0  # compat online: where the original's scheduler asserted
     admission_waits: int = 0  # queries that waited in the admission queue
     bad_messages: int = 0
@@ -86,7 +87,10 @@ class Host:
 
     router: a ``FlowRouter`` (MaxFlow), or None for per-hop scheduling. policy: the per-hop chooser
     of the source (``routing.baselines``) over ``first_hops`` ((node, start, end) of each of the
-    source's links), for per-hop scheduling. compat: the original's token accounting; with
+    source's links), for per-hop scheduling; free_links_only: the policy only takes an idle link
+    (Random, Shortest-queue) and a prompt waits here until one is (counted in ``admission_waits``);
+    peer_queue_len: a node's first-layer queue length (Shortest-queue). compat: the original's
+    token accounting; with
     ``drop_rejected`` a query MaxFlow cannot place is dropped instead of queued.
     activation_bytes is unused by the host (prompts to the first stage carry token ids);
     token_id_bytes: modelled bytes per prompt token id (int32).
@@ -104,6 +108,8 @@ class Host:
         drop_rejected: bool = False,
         admission_capacity: int = 1 << 30,
         token_id_bytes: int = 4,
+        free_links_only: bool = False,
+        peer_queue_len: Callable[[NodeRef], int] | None = None,
     ) -> None:
         if (router is None) == (policy is None):
             raise ValueError("give exactly one of router (MaxFlow) and policy (per-hop scheduling)")
@@ -116,6 +122,8 @@ class Host:
         self._compat = compat
         self._drop = drop_rejected
         self._tid = int(token_id_bytes)
+        self._free_only = free_links_only
+        self._peer_len = peer_queue_len
         self._queries: dict[int, Query] = {}
         self._waiting: deque[Query] = deque()
         self._admission_capacity = admission_capacity
@@ -134,6 +142,13 @@ class Host:
 
     def start(self) -> None:
         self._transport.set_handler(self.on_message)
+        if self._free_only:
+            self._transport.set_idle_handler(self._link_idle)
+
+    def _link_idle(self, dest: NodeRef) -> None:
+        # Random / Shortest-queue: a prompt waits for a free first-hop link
+        if self._waiting:
+            self._retry()
 
     async def stop(self) -> None:
         await self._transport.close()
@@ -166,22 +181,32 @@ class Host:
             raise ValueError(f"query {qid} is already active")
         q = Query(qid, int(input_len), int(output_len), self._clock.now())
         self.stats.submitted += 1
+        if self._router is not None and not self._router.feasible(q.input_len):
+            # no route could ever take it (e.g. longer than every node's prompt limit): waiting
+            # would block the queries behind it forever
+            self.stats.infeasible += 1
+            self._reject(q)
+            return None
         if self._waiting:  # FIFO: nobody overtakes a query already waiting
             return self._wait(q)
         if self._admit(q):
             return q
         if self._drop:
-            self.stats.rejected += 1
-            if self.on_reject is not None:
-                self.on_reject(q)
+            self._reject(q)
             return None
-        if self._compat:
+        if self._compat and self._router is not None:
             self.stats.would_abort += 1
         return self._wait(q)
 
+    def _reject(self, q: Query) -> None:
+        self.stats.rejected += 1
+        if self.on_reject is not None:
+            self.on_reject(q)
+        return None
+
     def _wait(self, q: Query) -> Query | None:
         if len(self._waiting) >= self._admission_capacity:
-            self.stats.rejected += 1
+            self._reject(q)
             return None
         self.stats.admission_waits += 1
         self._waiting.append(q)
@@ -193,6 +218,12 @@ class Host:
             route = router.route(q.qid, q.input_len)
             if route is None:
                 return False
+        elif self._free_only:
+            tp = self._transport
+            j = self._policy.choose([tp.link_idle(y) for y in self._first_nodes], self._peer_len)
+            if j < 0:
+                return False
+            route = (self._first[j],)
         else:
             j = self._policy.choose()
             route = (self._first[j],)
@@ -289,8 +320,8 @@ class Host:
         self.query_records.append((q.qid, q.arrived, q.first_token_at, now, q.input_len, q.output_len))
         if self._router is not None:
             self._router.finish(q.qid)
-            if self._waiting:
-                self._retry()
+        if self._waiting:
+            self._retry()
         if prompt and self.on_prompt_done is not None:
             self.on_prompt_done(q)
         if self.on_query_done is not None:

@@ -567,7 +567,10 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
                 self._callbacks_run += ran
                 if self._stopping:
                     return
-                continue
+                if ran or ready:
+                    continue
+                # nothing ran: the head is due at or after the deadline (or never); the idle
+                # branch below stops there
 
             if not ready and not self._stopping:
                 # Idle: every coroutine is blocked, so the next thing that can happen is the

@@ -85,10 +85,11 @@ class _Item:
 class _Req:
     """What the node remembers of a request between iterations."""
 
-    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute")
+    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute", "ctx_done")
 
     def __init__(self, last_ctx: int, layers: int, seq: int) -> None:
         self.kv = 0  # KV entries reserved on this node (default mode)
+        self.ctx_done = 0  # tokens cached per layer after its last iteration that left this node
         self.last_ctx = last_ctx  # context_len of the request's final iteration
         self.layers = layers  # layers its stage runs here
         self.seq = seq  # admission order on this node (the youngest is preempted first)
@@ -185,6 +186,9 @@ class Worker:
         self._odd = 0  # requests on the node (queued or running) whose stage ends before layer b
         self._cur = 0  # index of the current layer
         self._busy = False
+        self._batch: Batch | None = None  # the batch running now
+        self._purge = False  # a request of the running batch was cancelled
+        self._cancel_debt = 0  # compat: KV the running batch takes for cancelled requests
         self._kick_pending = False
         self._host_tokens = 0  # compat: tokens received since the first layer last ran
         self._reqs: dict[int, _Req] = {}
@@ -236,6 +240,9 @@ class Worker:
         t = type(msg)
         if t is DecodeWork:
             route = msg.route
+            if not 0 <= msg.stage < len(route):
+                self.stats.bad_messages += 1
+                return
             stage = route[msg.stage]
             req = self._reqs.get(msg.request_id)
             if req is None or stage[0] != self.node_id:
@@ -251,8 +258,11 @@ class Worker:
                 item.ctx = 0
         elif t is PromptWork:
             route = msg.route
+            if not 0 <= msg.stage < len(route):
+                self.stats.bad_messages += 1
+                return
             stage = route[msg.stage]
-            if stage[0] != self.node_id:
+            if stage[0] != self.node_id or not self.a <= stage[1] < stage[2] <= self.b:
                 self.stats.bad_messages += 1
                 return
             n = msg.num_tokens
@@ -415,6 +425,7 @@ class Worker:
         batch = Batch(self.a + cur, chosen, p_req, p_tok, d_seq, d_ctx, host)
         batch.started = self._now()
         self._busy = True
+        self._batch = batch
         self._executor.run(batch, self._done)
 
     def _done(self, batch: Batch) -> None:
@@ -424,10 +435,16 @@ class Worker:
         st.busy_time += self._now() - batch.started
         st.prompt_tokens += batch.prompt_tokens
         st.decode_tokens += batch.decode_seqs
+        self._batch = None
         items = batch.items
+        purge = self._purge
+        if purge:  # requests cancelled while this batch ran stop here
+            self._purge = False
+            items = [it for it in items if it.rid in self._reqs]
         if self._compat:
             # the original takes KV after each layer: n entries per prompt, one per decode
-            self.kv_used += batch.prompt_tokens + batch.decode_seqs
+            self.kv_used += batch.prompt_tokens + batch.decode_seqs - self._cancel_debt
+            self._cancel_debt = 0
             if self.kv_used > self.kv_capacity:
                 st.kv_overflows += 1
             if self.kv_used > st.kv_peak:
@@ -440,7 +457,7 @@ class Worker:
             i = nxt - self.a
             for item in items:
                 item.layer = nxt
-            if not self._odd or all(item.end > nxt for item in items):
+            if not purge and (not self._odd or all(item.end > nxt for item in items)):
                 self._q[i].extend(items)
                 self._qp[i] += batch.prompt_requests
                 self._qpt[i] += batch.prompt_tokens
@@ -479,11 +496,13 @@ class Worker:
 
     def _leave(self, item: _Item) -> None:
         """``item`` ran its stage's last layer: send it on, or its token to the host."""
+        if item.end != self.b:
+            self._odd -= 1
+        if item.rid not in self._reqs:  # cancelled while its batch ran
+            return
         now = self._now()
         st = self.stats
         st.forwarded += 1
-        if item.end != self.b:
-            self._odd -= 1
         if item.prompt:
             st.prompt_residence += now - item.arrived
             st.prompts_left += 1
@@ -543,7 +562,7 @@ class Worker:
             out: Any = TokenResult(
                 request_id=item.rid,
                 token_id=0,
-                context_len=msg.num_tokens if item.msg.__class__ is PromptWork else item.ctx + 1,
+                context_len=msg.num_tokens if msg.__class__ is PromptWork else msg.context_len,
                 finished=False,
                 sent_at=now,
                 route=route,
@@ -574,6 +593,7 @@ class Worker:
         req = self._reqs.get(item.rid)
         if req is not None:
             ctx_after = msg.num_tokens if msg.__class__ is PromptWork else msg.context_len
+            req.ctx_done = ctx_after
             if ctx_after >= req.last_ctx:
                 self._free(item.rid)
 
@@ -619,6 +639,7 @@ class Worker:
             self._enqueue(item)
 
     def _cancel(self, rid: int) -> None:
+        queued = [it for q in self._q for it in q if it.rid == rid]
         for i, q in enumerate(self._q):
             kept = [it for it in q if it.rid != rid]
             if len(kept) != len(q):
@@ -639,8 +660,24 @@ class Worker:
         self._kv_wait = deque(it for it in self._kv_wait if it.rid != rid)
         self._link_wait = deque(it for it in self._link_wait if it.rid != rid)
         req = self._reqs.get(rid)
-        if req is not None and self._compat:
-            # what it has taken so far is not known per layer: free what it held after its last
-            # completed iteration (its context times its layers here), at most what is in use
-            req.last_ctx = min(req.last_ctx, self.kv_used // max(req.layers, 1))
+        if req is None:
+            return
+        batch = self._batch
+        running = [] if batch is None else [it for it in batch.items if it.rid == rid]
+        if running:
+            self._purge = True
+        if self._compat:
+            # what it holds here: its cached context on every stage layer, plus what its current
+            # iteration has taken on the layers it has run (the running layer takes nothing:
+            # _done adds the batch's entries, less this debt)
+            held = req.ctx_done * req.layers
+            for it in (*queued, *running):
+                held += it.tokens * (it.layer - it.entry)
+            self._cancel_debt += sum(it.tokens for it in running)
+            self.kv_used -= held
+            self._reqs.pop(rid, None)
+            if not self._busy and self._queued and not self._kick_pending:
+                self._kick_pending = True
+                self._soon(self._kick)
+            return
         self._free(rid)

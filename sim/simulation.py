@@ -179,6 +179,8 @@ class Simulation:
         layers = {i: r for i, r in p.layers.items() if r is not None and i in set(p.used_nodes())}
         self.workers: dict[int, Worker] = {}
         per_hop = not maxflow
+        free_only = setup.scheduler in ("random", "shortest-queue")
+        peer_len = self._peer_queue_len if setup.scheduler == "shortest-queue" else None
         for i, (a, b) in sorted(layers.items()):
             k = b - a
             m = cluster.machine(i)
@@ -208,6 +210,8 @@ class Simulation:
                 policy=policy,
                 out_links=out,
                 next_layers={y: layers[y] for y in out if isinstance(y, int)},
+                free_links_only=free_only,
+                peer_queue_len=peer_len,
                 compat=compat,
                 feedback=setup.scheduler == "swarm",
             )
@@ -220,9 +224,15 @@ class Simulation:
             self.host = Host(self.clock, host_tp, router=router, compat=compat, drop_rejected=setup.drop_rejected)
         else:
             first = p.out_links(SOURCE)
-            hops = [(y, 0, layers[y][1]) for y in first]  # type: ignore[index]
+            hops = [(y, 0, layers[y][1]) for y in first if isinstance(y, int)]
             self.host = Host(
-                self.clock, host_tp, policy=self._policy(SOURCE, first), first_hops=hops, compat=compat  # type: ignore[arg-type]
+                self.clock,
+                host_tp,
+                policy=self._policy(SOURCE, first),
+                first_hops=hops,
+                compat=compat,
+                free_links_only=free_only,
+                peer_queue_len=peer_len,
             )
         self.host.start()
 
@@ -233,6 +243,12 @@ class Simulation:
         if s.scheduler == "random":
             return RandomPolicy(out, seed=node_seed(s.seed, node))
         return ShortestQueuePolicy(out, seed=node_seed(s.seed, node))
+
+    def _peer_queue_len(self, node: NodeRef) -> int:
+        """Shortest-queue's view of a neighbour: its first-layer queue (0 for the sink).  In a
+        simulation every node can look; a distributed runtime would learn it from heartbeats."""
+        w = self.workers.get(node) if isinstance(node, int) else None
+        return 0 if w is None else w.first_queue_len()
 
     @property
     def events(self) -> int:

@@ -1062,3 +1062,93 @@ def test_repeated_runs_are_identical() -> None:
         return log
 
     assert run_virtual(main()) == run_virtual(main())
+
+
+# ---------------------------------------------------------------------- bare callbacks (call_at_plain)
+
+
+def test_plain_callbacks_run_in_time_then_fifo_order() -> None:
+    loop = VirtualTimeLoop()
+    seen: list[tuple[float, str]] = []
+
+    def note(tag: str) -> None:
+        seen.append((loop.time(), tag))
+
+    loop.call_at_plain(2.0, note, "b")
+    loop.call_at_plain(1.0, note, "a")
+    loop.call_at_plain(2.0, note, "c")
+    loop.call_soon_plain(note, "now")
+    loop.run_until(5.0)
+    assert seen == [(0.0, "now"), (1.0, "a"), (2.0, "b"), (2.0, "c")]
+    assert loop.time() == 5.0
+    loop.close()
+
+
+def test_plain_callback_at_or_after_the_deadline_waits() -> None:
+    loop = VirtualTimeLoop()
+    seen: list[float] = []
+    loop.call_at_plain(5.0, lambda: seen.append(loop.time()))
+    loop.run_until(1.0)  # must return: the only callback is due later
+    assert seen == [] and loop.time() == 1.0
+    loop.run_until(5.0)  # half-open: a callback at the deadline stays pending
+    assert seen == []
+    loop.run_until(6.0)
+    assert seen == [5.0]
+    loop.close()
+
+
+def test_plain_callback_cancel_and_past_deadline() -> None:
+    loop = VirtualTimeLoop(start=10.0)
+    seen: list[str] = []
+    h = loop.call_at_plain(11.0, seen.append, "cancelled")
+    loop.call_at_plain(3.0, seen.append, "past")  # a past time means now
+    h.cancel()
+    assert h.cancelled()
+    loop.run_until(20.0)
+    assert seen == ["past"]
+    loop.close()
+
+
+def test_plain_callback_exception_stops_the_run_and_propagates() -> None:
+    loop = VirtualTimeLoop()
+    seen: list[float] = []
+
+    def boom() -> None:
+        raise KeyError("broken")
+
+    loop.call_at_plain(1.0, boom)
+    loop.call_at_plain(2.0, lambda: seen.append(loop.time()))
+    with pytest.raises(KeyError, match="broken"):
+        loop.run_until(10.0)
+    assert loop.time() == 1.0 and seen == []
+    loop.run_until(10.0)  # the rest of the schedule is intact
+    assert seen == [2.0]
+    loop.close()
+
+
+def test_plain_callbacks_interleave_with_tasks() -> None:
+    seen: list[tuple[float, str]] = []
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop)
+        loop.call_at_plain(1.5, lambda: seen.append((loop.time(), "plain")))
+        await asyncio.sleep(1.0)
+        seen.append((loop.time(), "task"))
+        await asyncio.sleep(1.0)
+        seen.append((loop.time(), "task"))
+        return "done"
+
+    assert run_virtual(main()) == "done"
+    assert seen == [(1.0, "task"), (1.5, "plain"), (2.0, "task")]
+
+
+def test_loop_clock_bound_uses_plain_callbacks() -> None:
+    loop = VirtualTimeLoop()
+    clock = LoopClock(loop)
+    seen: list[float] = []
+    clock.call_at(3.0, lambda: seen.append(clock.now()))
+    clock.call_soon(lambda: seen.append(clock.now()))
+    loop.run_until(4.0)
+    assert seen == [0.0, 3.0]
+    loop.close()
