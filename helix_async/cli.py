@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -521,7 +522,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if rc:
         return rc
     print("\n== 3. flow analysis of the plan ==")
-    return main(["flow", str(plan_file)])
+    rc = main(["flow", str(plan_file)])
+    if rc:
+        return rc
+    # The simulator is its own package (the runtime never imports it): run it as a program.
+    window = "60" if args.quick else "600"
+    print(f"\n== 4. simulate the plan (offline MaxFlow, {window}-s window, virtual time) ==")
+    sim_argv = [sys.executable, "-m", "sim", "run", "--plan", str(plan_file), "--duration", window,
+                "--report", str(out / "sim")]
+    if not args.quick:
+        sim_argv.append("--plots")
+    return subprocess.run(sim_argv, check=False).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:

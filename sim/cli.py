@@ -117,7 +117,10 @@ def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
                 raise ConfigError(plan, "--cluster", f"the plan is for cluster {p.cluster.name!r}, not {want.name!r}")
         return p
     if plan in SHIPPED_LAYOUTS:
-        return load_shipped_layout(plan)
+        p = load_shipped_layout(plan)
+        if cluster is not None and load_cluster(cluster).name != p.cluster.name:
+            raise ConfigError(plan, "--cluster", f"the shipped layout is for cluster {p.cluster.name!r}, not {cluster!r}")
+        return p
     raise ConfigError(
         plan, "--plan", f"no such file or directory, and not a shipped layout ({', '.join(SHIPPED_LAYOUTS)})"
     )

@@ -113,12 +113,15 @@ def run(
                 break
             if loop.next_timer_at() is None and not loop._ready:
                 break
+    except BaseException:
+        sim.close()
+        raise
     finally:
         if bar is not None:
             bar(None, sim.events)
     wall = time.perf_counter() - started
-    cfg = dict(config or {})
-    report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=cfg)
+    report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=dict(config or {}))
+    sim.close()  # the loop is done; the host's records stay readable
     return RunResult(report, sim, wall, sim.events)
 
 
