@@ -31,7 +31,7 @@ from typing import Any
 
 from .clock import Clock
 from .ids import NodeRef, Route
-from .messages import DecodeWork, Feedback, PromptWork, TokenResult
+from .messages import Feedback, PromptWork, TokenResult, make_decode_work
 from .transport.base import Transport
 
 __all__ = ["Host", "HostStats", "Query"]
@@ -298,17 +298,9 @@ class Host:
             assert route is not None
             if self._router is not None:
                 self._router.on_decode(route)
+            # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
             self._transport.send(
-                route[0][0],
-                DecodeWork(
-                    request_id=q.qid,
-                    route=route,
-                    stage=0,
-                    context_len=q.input_len + q.iterations,
-                    token_id=-1,
-                    sent_at=now,
-                    payload_bytes=self._tid,
-                ),
+                route[0][0], make_decode_work(q.qid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
             )
             if prompt and self.on_prompt_done is not None:
                 self.on_prompt_done(q)

@@ -27,6 +27,7 @@ Conventions for every message:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -365,7 +366,40 @@ for _cls in MESSAGE_TYPES.values():
     _cls.FIELDS = tuple(f.name for f in fields(_cls))  # type: ignore[arg-type]
 del _cls
 
+
+def positional_constructor(cls: type[_Message]) -> Callable[..., Any]:
+    """A constructor of ``cls`` taking every field positionally, in ``cls.FIELDS`` order.
+
+    For the simulator's hot path, which builds millions of work messages: a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``; this sets the slots directly and
+    is about 2.5 times faster.  No defaults and no validation (neither does ``__init__``); the
+    result equals the keyword-built message (tests/test_messages_fast.py).
+    """
+    names = cls.FIELDS
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    for i, name in enumerate(names):
+        ns[f"_s{i}"] = cls.__dict__[name].__set__  # the slot's member descriptor
+    body = "\n".join(f"    _s{i}(o, {name})" for i, name in enumerate(names))
+    src = f"def make({', '.join(names)}):\n    o = _new(_cls)\n{body}\n    return o\n"
+    exec(src, ns)  # noqa: S102 - generated from the class's own field names, as dataclasses does
+    make = ns["make"]
+    make.__qualname__ = make.__name__ = f"make_{cls.NAME}"
+    make.__doc__ = f"``{cls.__name__}({', '.join(names)})``, positional (see positional_constructor)."
+    return make
+
+
+#: Positional constructors of the messages the simulator builds per hop.
+make_prompt_work = positional_constructor(PromptWork)
+make_decode_work = positional_constructor(DecodeWork)
+make_token_result = positional_constructor(TokenResult)
+make_feedback = positional_constructor(Feedback)
+
 __all__ = [
+    "make_decode_work",
+    "make_feedback",
+    "make_prompt_work",
+    "make_token_result",
+    "positional_constructor",
     "MESSAGE_TYPES",
     "Activations",
     "AssignLayers",

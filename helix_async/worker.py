@@ -41,7 +41,16 @@ from typing import Any
 from .clock import Clock
 from .executors.base import Batch, Executor
 from .ids import SINK, NodeRef
-from .messages import Cancel, DecodeWork, Feedback, PromptWork, TokenResult
+from .messages import (
+    Cancel,
+    DecodeWork,
+    Feedback,
+    PromptWork,
+    make_decode_work,
+    make_feedback,
+    make_prompt_work,
+    make_token_result,
+)
 from .transport.base import Transport
 
 __all__ = ["BatchLimits", "Worker", "WorkerStats"]
@@ -513,10 +522,8 @@ class Worker:
         stage = item.stage
         if self._feedback:
             prev = SINK if stage == 0 else route[stage - 1][0]
-            self._send(
-                prev,
-                Feedback(request_id=item.rid, node_id=self.node_id, delay=max(0.0, now - item.msg.sent_at), sent_at=now),
-            )
+            # (request_id, node_id, delay, sent_at)
+            self._send(prev, make_feedback(item.rid, self.node_id, max(0.0, now - item.msg.sent_at), now))
         if stage + 1 < len(route):
             self._emit(item, route[stage + 1][0], route, now)
         elif item.end == self.num_layers:
@@ -559,36 +566,20 @@ class Worker:
     def _emit(self, item: _Item, dest: NodeRef, route: Any, now: float) -> None:
         msg = item.msg
         if dest == SINK:
-            out: Any = TokenResult(
-                request_id=item.rid,
-                token_id=0,
-                context_len=msg.num_tokens if msg.__class__ is PromptWork else msg.context_len,
-                finished=False,
-                sent_at=now,
-                route=route,
+            # (request_id, token_id, context_len, finished, sent_at, route)
+            out: Any = make_token_result(
+                item.rid, 0, msg.num_tokens if msg.__class__ is PromptWork else msg.context_len, False, now, route
             )
         elif msg.__class__ is PromptWork:
-            out = PromptWork(
-                request_id=item.rid,
-                query_id=msg.query_id,
-                route=route,
-                stage=item.stage + 1,
-                num_tokens=msg.num_tokens,
-                token_ids=(),
-                max_tokens=msg.max_tokens,
-                sent_at=now,
-                payload_bytes=msg.num_tokens * self._act,
+            # (request_id, query_id, route, stage, num_tokens, token_ids, max_tokens, sent_at,
+            #  tensors, payload_bytes): the hidden states are modelled, not carried
+            n = msg.num_tokens
+            out = make_prompt_work(
+                item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act
             )
         else:
-            out = DecodeWork(
-                request_id=item.rid,
-                route=route,
-                stage=item.stage + 1,
-                context_len=msg.context_len,
-                token_id=-1,
-                sent_at=now,
-                payload_bytes=self._act,
-            )
+            # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
+            out = make_decode_work(item.rid, route, item.stage + 1, msg.context_len, -1, now, (), self._act)
         self._send(dest, out)
         req = self._reqs.get(item.rid)
         if req is not None:
