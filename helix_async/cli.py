@@ -553,7 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, level),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    handler = args.handler
+    return dispatch(args.handler, args)
+
+
+def dispatch(handler: Any, args: argparse.Namespace) -> int:
+    """Run a command handler; bad input (HelixError, OSError) becomes one ``error:`` line and
+    exit 2, Ctrl-C exit 130. Shared with ``python -m sim``."""
     try:
         return int(handler(args))
     except HelixError as exc:

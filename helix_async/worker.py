@@ -333,18 +333,11 @@ class Worker:
             self.stats.kv_preemptions += 1
 
     def _enqueue(self, item: _Item) -> None:
-        i = item.layer - self.a
-        self._q[i].append(item)
-        if item.prompt:
-            self._qp[i] += 1
-            self._qpt[i] += item.tokens
-        else:
-            self._qd[i] += 1
-            self._qdc[i] += item.ctx
-        self._qh[i] += item.tokens
+        """A request arriving at the node joins its first layer's queue."""
+        self._enqueue_moved(item)
+        self._qh[item.layer - self.a] += item.tokens
         if item.end != self.b:
             self._odd += 1
-        self._queued += 1
         if self._queued > self.stats.queued_peak:
             self.stats.queued_peak = self._queued
         if not self._busy and not self._kick_pending:
@@ -491,6 +484,7 @@ class Worker:
             self._step()
 
     def _enqueue_moved(self, item: _Item) -> None:
+        """``item`` joins the queue of its (next) layer ``item.layer``."""
         i = item.layer - self.a
         self._q[i].append(item)
         if item.prompt:

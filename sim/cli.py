@@ -11,15 +11,14 @@ Bad flags or files exit 2 with one line naming the flag, file or field.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from helix_async.cli import EXIT_OK, EXIT_USAGE, _one_line, _Parser
+from helix_async.cli import EXIT_OK, EXIT_USAGE, _finite, _nonnegative, _Parser, _positive, dispatch
 from helix_async.cluster import load_cluster
-from helix_async.errors import ConfigError, HelixError
+from helix_async.errors import ConfigError
 from helix_async.fileio import atomic_write_text, check_output_path
 from helix_async.placement import Placement
 from helix_async.placement.io import (
@@ -37,30 +36,6 @@ from .workloads import ARRIVAL_SERIES, LENGTH_DATASETS, read_trace_csv
 __all__ = ["load_plan", "main"]
 
 MODES = ("offline", "online")
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def _positive(text: str) -> float:
-    v = _finite(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return v
-
-
-def _nonneg(text: str) -> float:
-    v = _finite(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
 
 
 def _count(text: str) -> int:
@@ -134,7 +109,7 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")
     p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES), default="azure-conv", help="online arrival series")
     p.add_argument("--duration", type=_positive, help="statistics window, s (default 600 offline, 1800 online)")
-    p.add_argument("--warmup", type=_nonneg, help="warm-up before the window, s (default 60 offline, 0 online)")
+    p.add_argument("--warmup", type=_nonnegative, help="warm-up before the window, s (default 60 offline, 0 online)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream (default 0)")
     p.add_argument("--initial-queries", type=_count, help="offline population (default 20 MaxFlow, 240 others)")
     p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default 0.85,1.0 offline; 0.9,0.6 online)")
@@ -288,6 +263,7 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for bad input, after one ``error:`` line)."""
     parser = _build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -295,18 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code is None:
             return EXIT_OK
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    try:
-        return int(args.handler(args))
-    except HelixError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {_one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return dispatch(args.handler, args)
 
 
 def entry() -> None:

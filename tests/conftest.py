@@ -1,6 +1,12 @@
-"""Test configuration: deterministic hypothesis runs (same examples every run)."""
+"""Test configuration: deterministic hypothesis runs (same examples every run); the shared
+``loop`` fixture (a fresh VirtualTimeLoop, closed afterwards)."""
 
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import HealthCheck, settings
+
+from helix_async.vloop import VirtualTimeLoop
 
 settings.register_profile(
     "helix",
@@ -10,3 +16,12 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("helix")
+
+
+@pytest.fixture
+def loop() -> Iterator[VirtualTimeLoop]:
+    lp = VirtualTimeLoop()
+    try:
+        yield lp
+    finally:
+        lp.close()

@@ -9,7 +9,7 @@ queries through the whole simulator (``sim.simulation``) on a 2-node chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -60,13 +60,6 @@ class RecordingTransport:
         self.closed = True
 
 
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    lp = VirtualTimeLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
 
 
 def chain_router(kv_entries: int = 20) -> Any:

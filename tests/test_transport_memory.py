@@ -7,7 +7,7 @@ Times are read in the receiving handler from the loop's clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -60,13 +60,6 @@ def cluster(
     )
 
 
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    lp = VirtualTimeLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
 
 
 Log = list[tuple[float, NodeRef, Any]]

@@ -26,15 +26,6 @@ from helix_async.errors import HelixError
 from helix_async.vloop import DeadlockError, VirtualTimeIOError, VirtualTimeLoop, run_virtual
 
 
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    lp = VirtualTimeLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
-
-
 def now() -> float:
     return asyncio.get_running_loop().time()
 

@@ -8,7 +8,7 @@ KV counts and messages are worked out by hand in each test.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -87,13 +87,6 @@ class RecordingTransport:
         self.closed = True
 
 
-@pytest.fixture
-def loop() -> Iterator[VirtualTimeLoop]:
-    lp = VirtualTimeLoop()
-    try:
-        yield lp
-    finally:
-        lp.close()
 
 
 class Node:
