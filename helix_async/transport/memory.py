@@ -167,7 +167,13 @@ class MemoryNetwork:
             dur = size / link.rate
             link.free_at = start + dur
             link.busy_time += dur
-            self._at(link.free_at + link.latency, self._deliver, link.dst, src, msg)
+            # deliver straight to the receiver's handler (one callback, no lookup at delivery); a
+            # message in flight when its receiver closes still reaches the handler it was sent to
+            handler = self._handlers.get(link.dst)
+            if handler is None:
+                self._at(link.free_at + link.latency, self._deliver, link.dst, src, msg)
+            else:
+                self._at(link.free_at + link.latency, handler, src, msg)
             return
         link.queue.append((msg, size))
         if len(link.queue) > link.max_queue:
