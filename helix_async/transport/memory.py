@@ -16,7 +16,8 @@ What differs between the three modes is the rate of a transfer (HELIX_SPEC §8.3
     the original's static reservation: each link always sends at
     ``floor(min(bandwidth, out-NIC * share_out, in-NIC * share_in))`` with shares proportional to
     the link's planned byte flow, even while the other links are idle (§7.1 step 5).  The rate
-    being fixed, a send's whole schedule is known when it is queued: one timer per message.
+    being fixed, a send's whole schedule is known when it is queued: one timer per message (two
+    in the other modes: end of serialisation, then delivery).
 ``"available"`` (``--compat helix`` with the per-hop schedulers)
     ``min(out-NIC / #out-links, link bandwidth, receiver in-NIC not yet taken)`` (§7.3), the
     receiver's in-NIC held while serialising.
@@ -60,6 +61,7 @@ class _Link:
         "bytes",
         "busy_time",
         "max_queue",
+        "pending",
     )
 
     def __init__(self, src: NodeRef, dst: NodeRef, bandwidth: float, latency: float) -> None:
@@ -75,6 +77,7 @@ class _Link:
         self.bytes = 0.0
         self.busy_time = 0.0
         self.max_queue = 0
+        self.pending: deque[float] = deque()  # start times of transfers not started yet
 
 
 class MemoryNetwork:
@@ -161,19 +164,25 @@ class MemoryNetwork:
         link.messages += 1
         link.bytes += size
         if self.mode == "reserved":
-            # Fixed rate: the transfer's whole schedule is known now (one timer per message).
+            # The rate is fixed, so the transfer's whole schedule is known now: it starts when
+            # the link's earlier transfers have been serialised -- one timer per message (its
+            # delivery).
             now = self._clock.now()
             start = link.free_at if link.free_at > now else now
             dur = size / link.rate
-            link.free_at = start + dur
+            finish = start + dur
+            link.free_at = finish
             link.busy_time += dur
-            # deliver straight to the receiver's handler (one callback, no lookup at delivery); a
-            # message in flight when its receiver closes still reaches the handler it was sent to
-            handler = self._handlers.get(link.dst)
-            if handler is None:
-                self._at(link.free_at + link.latency, self._deliver, link.dst, src, msg)
-            else:
-                self._at(link.free_at + link.latency, handler, src, msg)
+            pending = link.pending
+            while pending and pending[0] <= now:
+                pending.popleft()
+            if start > now:
+                pending.append(start)
+                if len(pending) > link.max_queue:
+                    link.max_queue = len(pending)
+            self._at(finish + link.latency, self._deliver, dest, src, msg)
+            if src in self._idle_handlers:
+                self._at(finish, self._maybe_idle, link)
             return
         link.queue.append((msg, size))
         if len(link.queue) > link.max_queue:
@@ -230,6 +239,13 @@ class MemoryNetwork:
             idle = self._idle_handlers.get(src)
             if idle is not None:
                 idle(dst)
+
+    def _maybe_idle(self, link: _Link) -> None:
+        # a transfer has been serialised; the link is idle if it was the last one queued
+        if link.free_at <= self._clock.now():
+            idle = self._idle_handlers.get(link.src)
+            if idle is not None:
+                idle(link.dst)
 
     def _deliver(self, dest: NodeRef, src: NodeRef, msg: Any) -> None:
         handler = self._handlers.get(dest)
