@@ -741,6 +741,8 @@ def batch(p_tok: int, d_seq: int, host: int = 0) -> Batch:
 
 
 def test_cost_model_prices_prompt_plus_decode(loop: VirtualTimeLoop) -> None:
+    # Not a speed check: the cost model's *output* is a duration in virtual seconds, priced from
+    # the hand-made profile above (PX/PS, DX/DS); these are its exact values, nothing is timed.
     clock = LoopClock(loop)
     ex = CostModelExecutor(clock, exact_profile(), activation_bytes=0)
     assert isinstance(ex, Executor)
