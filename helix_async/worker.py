@@ -305,10 +305,9 @@ class Worker:
         req = self._reqs[item.rid]
         if item.prompt and (self._kv_wait or self.kv_used + need > self.kv_capacity):
             # prompts wait in FIFO order; a decode never waits (it would hold KV others need)
-            if self.kv_used + need > self.kv_capacity or self._kv_wait:
-                self.stats.kv_waits += 1
-                self._kv_wait.append(item)
-                return False
+            self.stats.kv_waits += 1
+            self._kv_wait.append(item)
+            return False
         self.kv_used += need
         req.kv += need
         if self.kv_used > self.kv_capacity:
