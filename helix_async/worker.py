@@ -38,10 +38,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .clock import Clock
-from .executors.base import Batch, Executor
-from .ids import SINK, NodeRef
-from .messages import (
+# Absolute imports: this file is also compiled as helix_async._ext._worker (see the end).
+from helix_async.clock import Clock
+from helix_async.executors.base import Batch, Executor
+from helix_async.ids import SINK, NodeRef
+from helix_async.messages import (
     Cancel,
     DecodeWork,
     Feedback,
@@ -51,9 +52,9 @@ from .messages import (
     make_prompt_work,
     make_token_result,
 )
-from .transport.base import Transport
+from helix_async.transport.base import Transport
 
-__all__ = ["BatchLimits", "Worker", "WorkerStats"]
+__all__ = ["BatchLimits", "Worker", "WorkerPy", "WorkerStats"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Worker:
         peer_queue_len: Callable[[NodeRef], int] | None = None,
         compat: bool = False,
         feedback: bool = False,
+        fuse: bool = True,
     ) -> None:
         a, b = layers
         if not 0 <= a < b <= num_layers:
@@ -175,6 +177,8 @@ class Worker:
         self._transport = transport
         self._send = transport.send
         self._executor = executor
+        # runs of layers in one executor call when the executor can shorten them (see _step)
+        self._shorten: Callable[[Batch, int], int] | None = getattr(executor, "shorten", None) if fuse else None
         self.a, self.b, self.num_layers = a, b, num_layers
         self.limits = limits
         self._lim = (limits.prompt_requests, limits.prompt_tokens, limits.decode_seqs, limits.decode_context)
@@ -335,6 +339,10 @@ class Worker:
         """A request arriving at the node joins its first layer's queue."""
         self._enqueue_moved(item)
         self._qh[item.layer - self.a] += item.tokens
+        batch = self._batch
+        if batch is not None and batch.layers > 1 and batch.layer < item.layer < batch.layer + batch.layers:
+            # it would join the running batch at its layer: end the run of layers before that one
+            self._shorten(batch, item.layer - batch.layer)  # type: ignore[misc]
         if item.end != self.b:
             self._odd += 1
         if self._queued > self.stats.queued_peak:
@@ -416,6 +424,23 @@ class Worker:
                     host = it.tokens
                     self._qh[cur] -= it.tokens
         self._queued -= len(chosen)
+        # A run of layers: the batch goes on through the next layers while nothing else waits in
+        # their queues and none of its requests leaves the node before them; the node would run it
+        # alone there, layer after layer, anyway.  A request that arrives at one of those layers
+        # before the batch reaches it shortens the run (_enqueue), as it would have joined there.
+        last = cur
+        if self._shorten is not None:
+            last = n - 1
+            if self._odd:
+                for it in chosen:
+                    if it.end - self.a - 1 < last:
+                        last = it.end - self.a - 1
+            j = cur + 1
+            while j <= last:
+                if queues[j]:
+                    last = j - 1
+                    break
+                j += 1
         if self._compat:
             # the original charges, on the node's first layer, every request received since
             if cur == 0:
@@ -424,6 +449,7 @@ class Worker:
             else:
                 host = 0
         batch = Batch(self.a + cur, chosen, p_req, p_tok, d_seq, d_ctx, host)
+        batch.layers = last - cur + 1
         batch.started = self._now()
         self._busy = True
         self._batch = batch
@@ -432,10 +458,11 @@ class Worker:
     def _done(self, batch: Batch) -> None:
         """The executor finished ``batch``: advance its requests and start the next batch."""
         st = self.stats
-        st.batches += 1
+        k = batch.layers
+        st.batches += k
         st.busy_time += self._now() - batch.started
-        st.prompt_tokens += batch.prompt_tokens
-        st.decode_tokens += batch.decode_seqs
+        st.prompt_tokens += batch.prompt_tokens * k
+        st.decode_tokens += batch.decode_seqs * k
         self._batch = None
         items = batch.items
         purge = self._purge
@@ -444,13 +471,16 @@ class Worker:
             items = [it for it in items if it.rid in self._reqs]
         if self._compat:
             # the original takes KV after each layer: n entries per prompt, one per decode
-            self.kv_used += batch.prompt_tokens + batch.decode_seqs - self._cancel_debt
+            per = batch.prompt_tokens + batch.decode_seqs
+            self.kv_used -= self._cancel_debt
             self._cancel_debt = 0
-            if self.kv_used > self.kv_capacity:
-                st.kv_overflows += 1
-            if self.kv_used > st.kv_peak:
-                st.kv_peak = self.kv_used
-        layer = batch.layer
+            for _ in range(k):
+                self.kv_used += per
+                if self.kv_used > self.kv_capacity:
+                    st.kv_overflows += 1
+                if self.kv_used > st.kv_peak:
+                    st.kv_peak = self.kv_used
+        layer = batch.layer + k - 1
         nxt = layer + 1
         b = self.b
         forward: list[_Item] | None = None
@@ -458,7 +488,13 @@ class Worker:
             i = nxt - self.a
             for item in items:
                 item.layer = nxt
-            if not purge and (not self._odd or all(item.end > nxt for item in items)):
+            whole = not purge
+            if whole and self._odd:
+                for item in items:
+                    if item.end <= nxt:
+                        whole = False
+                        break
+            if whole:
                 self._q[i].extend(items)
                 self._qp[i] += batch.prompt_requests
                 self._qpt[i] += batch.prompt_tokens
@@ -650,14 +686,17 @@ class Worker:
         running = [] if batch is None else [it for it in batch.items if it.rid == rid]
         if running:
             self._purge = True
+            if batch is not None and batch.layers > 1:
+                self._shorten(batch, 1)  # type: ignore[misc]  # stop at the end of the running layer
         if self._compat:
             # what it holds here: its cached context on every stage layer, plus what its current
-            # iteration has taken on the layers it has run (the running layer takes nothing:
-            # _done adds the batch's entries, less this debt)
+            # iteration has taken on the layers it has run before the running batch (that batch's
+            # layers take nothing yet: _done adds its entries, less this debt)
             held = req.ctx_done * req.layers
             for it in (*queued, *running):
                 held += it.tokens * (it.layer - it.entry)
-            self._cancel_debt += sum(it.tokens for it in running)
+            k = 1 if batch is None else batch.layers
+            self._cancel_debt += k * sum(it.tokens for it in running)
             self.kv_used -= held
             self._reqs.pop(rid, None)
             if not self._busy and self._queued and not self._kick_pending:
@@ -665,3 +704,17 @@ class Worker:
                 self._soon(self._kick)
             return
         self._free(rid)
+
+
+# The compiled build: setup.py compiles this very file, with the C types of
+# helix_async/_ext/_worker.pxd, into helix_async._ext._worker; it replaces the classes above unless
+# HELIX_NO_EXTENSIONS is set.  ``WorkerPy`` stays the pure-Python class (the specification, and
+# what the agreement tests run the compiled one against).
+WorkerPy = Worker
+if __name__ == "helix_async.worker":
+    from helix_async import _ext
+
+    _compiled = _ext.load("_worker")
+    if _compiled is not None:
+        # (not a plain assignment: Cython refuses to rebind a cdef class name, even here)
+        globals()["Worker"] = _compiled.Worker

@@ -58,7 +58,10 @@ class SimulationSetup:
     kv: (fill limit, expected-output ratio) of the KV expectation (MaxFlow). compat: the
     original's semantics throughout (see docs/simulator.md). drop_rejected: MaxFlow drops a query
     it cannot place (compat offline) instead of queueing it. seed: per-node RNG seeds of the
-    random per-hop schedulers derive from it.
+    random per-hop schedulers derive from it.  fuse_layers: a worker runs a batch through its
+    consecutive layers in one executor call when nothing else waits there (the same layer-by-layer
+    schedule in fewer events, see ``helix_async.worker``); False prices every layer as its own
+    call (for tests and profiling).
     """
 
     placement: Placement
@@ -67,6 +70,7 @@ class SimulationSetup:
     compat: bool = False
     drop_rejected: bool = False
     seed: int = 0
+    fuse_layers: bool = True
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -214,6 +218,7 @@ class Simulation:
                 peer_queue_len=peer_len,
                 compat=compat,
                 feedback=setup.scheduler == "swarm",
+                fuse=setup.fuse_layers,
             )
             w.start()
             self.workers[i] = w

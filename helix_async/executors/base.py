@@ -17,7 +17,8 @@ __all__ = ["Batch", "Executor"]
 
 
 class Batch:
-    """One executor step: ``layer`` (a model layer index) run on ``items``.
+    """One executor step: layers ``layer .. layer + layers - 1`` (a contiguous run of model layers,
+    usually one) run on ``items``.
 
     items: the worker's per-request entries (each has ``prompt`` (bool), ``tokens`` (tokens this
     step processes: the prompt length, or 1 for a decode), ``ctx`` (tokens already in the KV cache)
@@ -25,6 +26,9 @@ class Batch:
     prompt_requests, prompt_tokens, decode_seqs, ctx_tokens: totals over items. host_tokens: tokens whose activations were
     copied from host to GPU before this step (priced by the cost model, HELIX_SPEC §8.4).
     outputs: filled by a real executor (per-item output tensors), unused by the cost model.
+    started: loop time the worker started the batch.  layers: how many consecutive layers the
+    batch runs (the worker sets it before ``run``; an executor that can shorten a running batch
+    lowers it, see :class:`Executor`).
     """
 
     __slots__ = (
@@ -37,6 +41,7 @@ class Batch:
         "host_tokens",
         "outputs",
         "started",
+        "layers",
     )
 
     def __init__(
@@ -58,6 +63,7 @@ class Batch:
         self.host_tokens = host_tokens
         self.outputs: list[Any] | None = None
         self.started = 0.0
+        self.layers = 1
 
 
 @runtime_checkable
@@ -72,3 +78,12 @@ class Executor(Protocol):
         """Seconds ``batch`` is expected to take (exact for the cost model; an estimate for a
         real executor, used for statistics only)."""
         ...
+
+
+# A worker hands an executor a run of several layers (``Batch.layers > 1``) only when the executor
+# also has ``shorten(batch, layers) -> int``: stop the running ``batch`` after its first ``layers``
+# layers, or after the layer running now if that one is later; ``done`` then fires at that layer's
+# end with ``batch.layers`` lowered to the count actually run, which is returned.  With it a run of
+# layers is exactly the node's layer-by-layer schedule (HELIX_SPEC §8.5) in one event: the worker
+# shortens the run when a request arrives at one of its later layers, as that request would have
+# joined the batch there.  It is not part of the Protocol: executors without it run one layer a call.

@@ -7,6 +7,11 @@ from the origin is not a measurement; the original doubles ``f_decode(1)``, the 
 these grids).  When activations were copied from the host before the step, the copy is charged as
 ``tokens * activation_bytes * (1/4e9 + 1/5e9)`` seconds (the original's concat + host-to-GPU copy
 rates).  ``run`` sleeps once per batch: one timer, no coroutine.
+
+A run of ``L`` layers (``Batch.layers``) is priced layer by layer as the node would run it: the
+first layer with the host copy, the others without, each layer's end the previous end plus its
+time (the same float sums as ``L`` one-layer batches), and one timer at the last end.
+``shorten`` moves that timer to an earlier layer's end.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ class CostModelExecutor:
     emulation may slow the cluster down or speed it up).
     """
 
-    __slots__ = ("_clock", "_at", "_timer", "_act", "_scale", "busy_time", "batches")
+    # (the last four: the run of layers now running, for shorten)
+    __slots__ = ("_clock", "_at", "_timer", "_act", "_scale", "busy_time", "batches", "_handle", "_first",
+                 "_rest", "_done")
 
     def __init__(self, clock: Clock, profile: GpuProfile, activation_bytes: int, time_scale: float = 1.0) -> None:
         if not time_scale > 0:
@@ -42,19 +49,60 @@ class CostModelExecutor:
         self._act = float(activation_bytes) * HOST_COPY_S_PER_BYTE
         self._scale = float(time_scale)
         self.busy_time = 0.0
-        self.batches = 0
+        self.batches = 0  # layer steps priced
+        self._handle: object = None
+        self._first = 0.0
+        self._rest = 0.0
+        self._done: Callable[[Batch], None] | None = None
 
     def duration(self, batch: Batch) -> float:
-        t = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
-        if batch.host_tokens:
-            t += batch.host_tokens * self._act
-        return t * self._scale
-
-    def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
-        t = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
+        base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
+        t = base
         if batch.host_tokens:
             t += batch.host_tokens * self._act
         t *= self._scale
-        self.busy_time += t
-        self.batches += 1
-        self._at(self._clock.now() + t, done, batch)
+        rest = base * self._scale
+        for _ in range(batch.layers - 1):
+            t += rest
+        return t
+
+    def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
+        base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
+        t = base
+        if batch.host_tokens:
+            t += batch.host_tokens * self._act
+        t *= self._scale
+        now = self._clock.now()
+        end = now + t
+        n = batch.layers
+        if n > 1:
+            rest = base * self._scale
+            for _ in range(n - 1):
+                end += rest
+            self._first = t
+            self._rest = rest
+            self._done = done
+        self.busy_time += end - now
+        self.batches += n
+        self._handle = self._at(end, done, batch)
+
+    def shorten(self, batch: Batch, layers: int) -> int:
+        """Stop the running ``batch`` after ``max(layers, the layer running now)`` layers; returns
+        that count (``batch.layers`` unchanged when it is not below it)."""
+        n = batch.layers
+        if layers >= n or self._done is None:
+            return n
+        now = self._clock.now()
+        end = batch.started + self._first
+        j = 1
+        while j < layers or end < now:
+            end += self._rest
+            j += 1
+        if j >= n:
+            return n
+        self._handle.cancel()  # type: ignore[attr-defined]
+        self.busy_time -= self._rest * (n - j)
+        self.batches -= n - j
+        batch.layers = j
+        self._handle = self._at(end, self._done, batch)
+        return j

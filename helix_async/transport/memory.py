@@ -34,12 +34,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..clock import Clock
-from ..cluster import ClusterSpec
-from ..ids import SINK, SOURCE, NodeRef
-from .base import HOST, Handler, TransportError
+# Absolute imports: this file is also compiled as helix_async._ext._memory (see the end).
+from helix_async.clock import Clock
+from helix_async.cluster import ClusterSpec
+from helix_async.ids import SINK, SOURCE, NodeRef
+from helix_async.transport.base import HOST, Handler, TransportError
 
-__all__ = ["MODES", "MemoryNetwork", "MemoryTransport", "SizeFn"]
+__all__ = ["MODES", "MemoryNetwork", "MemoryNetworkPy", "MemoryTransport", "SizeFn"]
 
 MODES = ("fair", "reserved", "available")
 
@@ -105,6 +106,7 @@ class MemoryNetwork:
         self._at = clock.call_at
         self._size = size
         self.mode = mode
+        self._reserved = mode == "reserved"
         self._cluster = cluster
         self.links: dict[tuple[NodeRef, NodeRef], _Link] = {}
         self._out_nic: dict[NodeRef, float] = {SOURCE: cluster.coordinator_nic_out}
@@ -163,7 +165,7 @@ class MemoryNetwork:
         size = self._size(src, dest, msg)
         link.messages += 1
         link.bytes += size
-        if self.mode == "reserved":
+        if self._reserved:
             # The rate is fixed, so the transfer's whole schedule is known now: it starts when
             # the link's earlier transfers have been serialised -- one timer per message (its
             # delivery).
@@ -313,3 +315,16 @@ class MemoryTransport:
         self.closed = True
         self.send = self._closed_send
         self._net._set_handler(self._node, None)
+
+
+# The compiled build: setup.py compiles this very file, with the C types of
+# helix_async/_ext/_memory.pxd, into helix_async._ext._memory; it replaces the classes above unless
+# HELIX_NO_EXTENSIONS is set.  ``MemoryNetworkPy`` stays the pure-Python class (the specification).
+MemoryNetworkPy = MemoryNetwork
+if __name__ == "helix_async.transport.memory":
+    from helix_async import _ext
+
+    _compiled = _ext.load("_memory")
+    if _compiled is not None:
+        # (not a plain assignment: Cython refuses to rebind a cdef class name, even here)
+        globals()["MemoryNetwork"] = _compiled.MemoryNetwork
