@@ -1,4 +1,6 @@
-"""Build hook: cythonize ext/*.pyx into helix_async._ext.
+"""Build hook: cythonize ext/*.pyx into helix_async._ext, and compile the simulator's hot pure-Python
+modules (the worker, the in-memory network) unchanged into helix_async._ext with the C types of
+their ``helix_async/_ext/<name>.pxd``.
 
 Everything else about the package lives in pyproject.toml. With HELIX_NO_EXTENSIONS=1 no
 extension is built and the pure-Python twins are used; otherwise a failed compile fails the
@@ -9,6 +11,8 @@ import glob
 import os
 
 from setuptools import Extension, setup
+
+COMPILED_PY = {"_worker": "helix_async/worker.py", "_memory": "helix_async/transport/memory.py"}
 
 
 def _extensions() -> list:
@@ -28,6 +32,11 @@ def _extensions() -> list:
                 include_dirs=["ext"],
                 extra_compile_args=["-O3", "-ffp-contract=off"],
             )
+        )
+    # Python modules compiled as they are: the .py stays the specification and the pure build.
+    for mod, src in COMPILED_PY.items():
+        exts.append(
+            Extension(f"helix_async._ext.{mod}", [src], extra_compile_args=["-O3", "-ffp-contract=off"])
         )
     return cythonize(
         exts,

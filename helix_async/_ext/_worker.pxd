@@ -1,0 +1,49 @@
+# C types for the compiled build of helix_async/worker.py (setup.py compiles that file, unchanged,
+# as helix_async._ext._worker; Cython reads this file by that module name).  The Python file is the
+# specification and the pure-Python build; nothing here changes what it does, only how fast.
+cimport cython
+
+cdef class _Item:
+    cdef public Py_ssize_t rid, tokens, ctx, layer, end, entry, stage
+    cdef public bint prompt
+    cdef public object route, msg
+    cdef public double arrived
+
+cdef class _Req:
+    cdef public Py_ssize_t kv, ctx_done, last_ctx, layers, seq
+    cdef public bint recompute
+
+cdef class Worker:
+    cdef public Py_ssize_t node_id, a, b, num_layers, kv_capacity, kv_used
+    cdef public object stats, limits
+    cdef public bint stopped
+    cdef public object _clock, _now, _soon, _transport, _send, _executor, _shorten, _batch
+    cdef public object _kv_wait, _link_wait, _policy, _peer_len
+    cdef public tuple _lim, _out
+    cdef public Py_ssize_t _act, _tok
+    cdef public list _q, _qp, _qpt, _qd, _qdc, _qh
+    cdef public Py_ssize_t _queued, _odd, _cur, _cancel_debt, _host_tokens, _seq
+    cdef public bint _busy, _purge, _kick_pending, _free_only, _compat, _feedback
+    cdef public dict _reqs, _next_layers
+
+    @cython.locals(item=_Item, req=_Req, stage=tuple, n=Py_ssize_t, rid=Py_ssize_t)
+    cpdef on_message(self, object sender, object msg)
+    @cython.locals(req=_Req, need=Py_ssize_t)
+    cpdef bint _reserve(self, _Item item)
+    @cython.locals(batch=object)
+    cpdef _enqueue(self, _Item item)
+    cpdef _kick(self)
+    @cython.locals(it=_Item, item=_Item, n=Py_ssize_t, cur=Py_ssize_t, p_req=Py_ssize_t,
+                   p_tok=Py_ssize_t, d_seq=Py_ssize_t, d_ctx=Py_ssize_t, host=Py_ssize_t,
+                   pmr=Py_ssize_t, pmt=Py_ssize_t, dmt=Py_ssize_t, dmc=Py_ssize_t,
+                   last=Py_ssize_t, j=Py_ssize_t, queues=list, q=list, chosen=list, skipped=list)
+    cpdef _step(self)
+    @cython.locals(item=_Item, k=Py_ssize_t, layer=Py_ssize_t, nxt=Py_ssize_t, i=Py_ssize_t,
+                   b=Py_ssize_t, per=Py_ssize_t, items=list, forward=list, whole=bint, purge=bint)
+    cpdef _done(self, object batch)
+    @cython.locals(i=Py_ssize_t)
+    cpdef _enqueue_moved(self, _Item item)
+    @cython.locals(stage=Py_ssize_t, now=double)
+    cpdef _leave(self, _Item item)
+    @cython.locals(req=_Req, n=Py_ssize_t, ctx_after=Py_ssize_t)
+    cpdef _emit(self, _Item item, object dest, object route, double now)
