@@ -118,17 +118,8 @@ def drive(cls: type, *, fuse: bool, compat: bool, seed: int) -> tuple[list[Any],
             m = rng.randint(1, 12)
             tp.left[rid] = m - 1
             stage = 1 if route is LATE else 0
-            msg = PromptWork(
-                request_id=rid,
-                query_id=rid,
-                route=route,
-                stage=stage,
-                num_tokens=n,
-                token_ids=(),
-                max_tokens=m,
-                sent_at=t,
-                payload_bytes=4 * n,
-            )
+            msg = PromptWork(request_id=rid, query_id=rid, route=route, stage=stage, num_tokens=n,
+                             token_ids=(), max_tokens=m, sent_at=t, payload_bytes=4 * n)
             loop.call_at(t, w.on_message, SOURCE, msg)
             if rid % 9 == 4:  # a cancel some time later, maybe while it runs
                 loop.call_at(t + rng.uniform(0.0, 3.0), w.on_message, SOURCE, Cancel(request_id=rid))
