@@ -202,6 +202,7 @@ class Worker:
         self._batch: Batch | None = None  # the batch running now
         self._purge = False  # a request of the running batch was cancelled
         self._cancel_debt = 0  # compat: KV the running batch takes for cancelled requests
+        self._credited = 0  # compat: layers of the running run of layers whose KV is taken already
         self._kick_pending = False
         self._host_tokens = 0  # compat: tokens received since the first layer last ran
         self._reqs: dict[int, _Req] = {}
@@ -450,6 +451,7 @@ class Worker:
                 host = 0
         batch = Batch(self.a + cur, chosen, p_req, p_tok, d_seq, d_ctx, host)
         batch.layers = last - cur + 1
+        self._credited = 0
         batch.started = self._now()
         self._busy = True
         self._batch = batch
@@ -474,7 +476,7 @@ class Worker:
             per = batch.prompt_tokens + batch.decode_seqs
             self.kv_used -= self._cancel_debt
             self._cancel_debt = 0
-            for _ in range(k):
+            for _ in range(k - self._credited):
                 self.kv_used += per
                 if self.kv_used > self.kv_capacity:
                     st.kv_overflows += 1
@@ -629,11 +631,30 @@ class Worker:
 
     # ---- KV -------------------------------------------------------------------------------------
 
+    def _settle_run(self) -> None:
+        """Compat, before the KV use falls during a run of layers: take the KV of the run's layers
+        that have finished (layer by layer, their overflow and peak checks came before the fall)
+        and end the run at the layer running now."""
+        batch = self._batch
+        if batch is None or batch.layers - self._credited <= 1:
+            return
+        g = self._shorten(batch, 1)  # type: ignore[misc]
+        per = batch.prompt_tokens + batch.decode_seqs
+        st = self.stats
+        for _ in range(g - 1 - self._credited):
+            self.kv_used += per
+            if self.kv_used > self.kv_capacity:
+                st.kv_overflows += 1
+            if self.kv_used > st.kv_peak:
+                st.kv_peak = self.kv_used
+        self._credited = g - 1
+
     def _free(self, rid: int) -> None:
         req = self._reqs.pop(rid, None)
         if req is None:
             return
         if self._compat:
+            self._settle_run()
             held = req.last_ctx * req.layers
         else:
             held = req.kv
@@ -684,18 +705,23 @@ class Worker:
             return
         batch = self._batch
         running = [] if batch is None else [it for it in batch.items if it.rid == rid]
+        if self._compat:
+            self._settle_run()
         if running:
             self._purge = True
             if batch is not None and batch.layers > 1:
                 self._shorten(batch, 1)  # type: ignore[misc]  # stop at the end of the running layer
         if self._compat:
             # what it holds here: its cached context on every stage layer, plus what its current
-            # iteration has taken on the layers it has run before the running batch (that batch's
-            # layers take nothing yet: _done adds its entries, less this debt)
+            # iteration has taken on the layers it has run (those of the running run of layers
+            # that _settle_run has credited included; the running layer takes nothing yet: _done
+            # adds its entries, less this debt)
             held = req.ctx_done * req.layers
-            for it in (*queued, *running):
+            for it in queued:
                 held += it.tokens * (it.layer - it.entry)
-            k = 1 if batch is None else batch.layers
+            for it in running:
+                held += it.tokens * (it.layer - it.entry + self._credited)
+            k = 1 if batch is None else batch.layers - self._credited
             self._cancel_debt += k * sum(it.tokens for it in running)
             self.kv_used -= held
             self._reqs.pop(rid, None)

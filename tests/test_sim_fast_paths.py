@@ -204,3 +204,34 @@ def test_compiled_simulation_reports_equal_the_pure_ones(monkeypatch, ilp, sched
     compiled = _report(monkeypatch, False, setup, wl)
     pure = _report(monkeypatch, True, setup, wl)
     assert compiled == pure
+
+
+@pytest.mark.parametrize("cls", TWINS, ids=lambda c: c.__module__)
+def test_compat_kv_checks_before_a_fall_during_a_run(cls: type) -> None:
+    # A finished request's KV is freed (by a cancel) while a 100-token prompt runs through the
+    # node's two layers: layer by layer, the first layer's check saw the use above capacity
+    # before the fall; the run of layers must count that overflow and that peak too.
+    out = {}
+    for fuse in (True, False):
+        loop = VirtualTimeLoop()
+        try:
+            clock = LoopClock(loop)
+            tp = LoopBack(loop, clock, random.Random(0))
+            profile = GpuProfile("X", PX, PS, DX, DS, BatchTimer(PX, PS, DX, DS))
+            ex = CostModelExecutor(clock, profile, activation_bytes=64)
+            w = cls(0, clock, tp, ex, layers=(0, 2), num_layers=2, limits=LIMITS, kv_capacity=2050,
+                    activation_bytes=64, compat=True, fuse=fuse)
+            w.start()
+            big = PromptWork(request_id=1, query_id=1, route=((0, 0, 2),), stage=0, num_tokens=1000,
+                             token_ids=(), max_tokens=5, sent_at=0.0, payload_bytes=0)
+            small = PromptWork(request_id=2, query_id=2, route=((0, 0, 2),), stage=0, num_tokens=100,
+                               token_ids=(), max_tokens=5, sent_at=2.0, payload_bytes=0)
+            loop.call_at(0.0, w.on_message, SOURCE, big)
+            loop.call_at(2.0, w.on_message, SOURCE, small)
+            loop.call_at(2.07, w.on_message, SOURCE, Cancel(request_id=1))  # between the layers
+            loop.run_until(10.0)
+            out[fuse] = (w.stats.kv_peak, w.stats.kv_overflows, w.kv_used, tp.sent)
+        finally:
+            loop.close()
+    assert out[False][:3] == (2100, 1, 200)  # 2000 held by request 1, then 100 per layer of request 2
+    assert out[True] == out[False]

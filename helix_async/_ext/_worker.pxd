@@ -22,7 +22,7 @@ cdef class Worker:
     cdef public tuple _lim, _out
     cdef public Py_ssize_t _act, _tok
     cdef public list _q, _qp, _qpt, _qd, _qdc, _qh
-    cdef public Py_ssize_t _queued, _odd, _cur, _cancel_debt, _host_tokens, _seq
+    cdef public Py_ssize_t _queued, _odd, _cur, _cancel_debt, _host_tokens, _seq, _credited
     cdef public bint _busy, _purge, _kick_pending, _free_only, _compat, _feedback
     cdef public dict _reqs, _next_layers
 
@@ -41,6 +41,8 @@ cdef class Worker:
     @cython.locals(item=_Item, k=Py_ssize_t, layer=Py_ssize_t, nxt=Py_ssize_t, i=Py_ssize_t,
                    b=Py_ssize_t, per=Py_ssize_t, items=list, forward=list, whole=bint, purge=bint)
     cpdef _done(self, object batch)
+    @cython.locals(g=Py_ssize_t, per=Py_ssize_t)
+    cpdef _settle_run(self)
     @cython.locals(i=Py_ssize_t)
     cpdef _enqueue_moved(self, _Item item)
     @cython.locals(stage=Py_ssize_t, now=double)
