@@ -473,15 +473,9 @@ class Worker:
             items = [it for it in items if it.rid in self._reqs]
         if self._compat:
             # the original takes KV after each layer: n entries per prompt, one per decode
-            per = batch.prompt_tokens + batch.decode_seqs
             self.kv_used -= self._cancel_debt
             self._cancel_debt = 0
-            for _ in range(k - self._credited):
-                self.kv_used += per
-                if self.kv_used > self.kv_capacity:
-                    st.kv_overflows += 1
-                if self.kv_used > st.kv_peak:
-                    st.kv_peak = self.kv_used
+            self._take_layer_kv(batch, k - self._credited)
         layer = batch.layer + k - 1
         nxt = layer + 1
         b = self.b
@@ -639,15 +633,20 @@ class Worker:
         if batch is None or batch.layers - self._credited <= 1:
             return
         g = self._shorten(batch, 1)  # type: ignore[misc]
+        self._take_layer_kv(batch, g - 1 - self._credited)
+        self._credited = g - 1
+
+    def _take_layer_kv(self, batch: Batch, layers: int) -> None:
+        """Compat: ``batch`` takes its KV for ``layers`` layers, one layer at a time as the original
+        does (n entries per prompt, one per decode), each checked against the capacity."""
         per = batch.prompt_tokens + batch.decode_seqs
         st = self.stats
-        for _ in range(g - 1 - self._credited):
+        for _ in range(layers):
             self.kv_used += per
             if self.kv_used > self.kv_capacity:
                 st.kv_overflows += 1
             if self.kv_used > st.kv_peak:
                 st.kv_peak = self.kv_used
-        self._credited = g - 1
 
     def _free(self, rid: int) -> None:
         req = self._reqs.pop(rid, None)

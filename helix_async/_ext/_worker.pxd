@@ -39,9 +39,9 @@ cdef class Worker:
                    last=Py_ssize_t, j=Py_ssize_t, queues=list, q=list, chosen=list, skipped=list)
     cpdef _step(self)
     @cython.locals(item=_Item, k=Py_ssize_t, layer=Py_ssize_t, nxt=Py_ssize_t, i=Py_ssize_t,
-                   b=Py_ssize_t, per=Py_ssize_t, items=list, forward=list, whole=bint, purge=bint)
+                   b=Py_ssize_t, items=list, forward=list, whole=bint, purge=bint)
     cpdef _done(self, object batch)
-    @cython.locals(g=Py_ssize_t, per=Py_ssize_t)
+    @cython.locals(g=Py_ssize_t)
     cpdef _settle_run(self)
     @cython.locals(i=Py_ssize_t)
     cpdef _enqueue_moved(self, _Item item)

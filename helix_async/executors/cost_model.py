@@ -55,28 +55,26 @@ class CostModelExecutor:
         self._rest = 0.0
         self._done: Callable[[Batch], None] | None = None
 
-    def duration(self, batch: Batch) -> float:
+    def _times(self, batch: Batch) -> tuple[float, float]:
+        """(first layer's time with the host copy, each later layer's time) of ``batch``."""
         base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
         t = base
         if batch.host_tokens:
             t += batch.host_tokens * self._act
-        t *= self._scale
-        rest = base * self._scale
+        return t * self._scale, base * self._scale
+
+    def duration(self, batch: Batch) -> float:
+        t, rest = self._times(batch)
         for _ in range(batch.layers - 1):
             t += rest
         return t
 
     def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
-        base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
-        t = base
-        if batch.host_tokens:
-            t += batch.host_tokens * self._act
-        t *= self._scale
+        t, rest = self._times(batch)
         now = self._clock.now()
         end = now + t
         n = batch.layers
         if n > 1:
-            rest = base * self._scale
             for _ in range(n - 1):
                 end += rest
             self._first = t
