@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import logging
 import math
@@ -44,6 +45,7 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from helix_async import _ext
 from helix_async.errors import HelixError
 
 __all__ = [
@@ -306,6 +308,8 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
         self._task_refs: list[weakref.ref[asyncio.Task[Any]]] = []
         self._task_refs_prune_at = 64
         self._plain_error: BaseException | None = None
+        if _call_at_plain is not None:  # the compiled twin of call_at_plain, bound to this loop
+            self.call_at_plain = functools.partial(_call_at_plain, self)  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ clock and timers
 
@@ -492,6 +496,40 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
             detail += ", ..."
         return DeadlockError(self._now, len(pending), detail)
 
+    def _run_plain(self, sched: list[Any], ready: collections.deque[Any], deadline: float | None) -> int:
+        """The fast path of :meth:`_run_once`: run the bare callbacks at the head of the heap while
+        nothing else is ready, jumping the clock to each; returns how many ran.  An exception is
+        kept in ``_plain_error`` (the first one) and stops the loop.  ``ext/_vloop.pyx`` is its
+        compiled twin."""
+        inf = math.inf
+        heappop = heapq.heappop
+        ran = 0
+        try:
+            while sched:
+                entry = sched[0]
+                h = entry[2]
+                if h.__class__ is not _Plain:
+                    break
+                when = entry[0]
+                if when == inf or (deadline is not None and when >= deadline):
+                    break
+                heappop(sched)
+                h._scheduled = False
+                if h._cancelled:
+                    self._timer_cancelled_count -= 1
+                    continue
+                if when > self._now:
+                    self._now = when
+                ran += 1
+                h._fn(*h._args)
+                if ready or self._stopping:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _run
+            if self._plain_error is None:
+                self._plain_error = exc
+            self._stopping = True
+        return ran
+
     def _run_once(self) -> None:
         """Run loop iterations until a stop is requested (``loop.stop()`` or the deadline).
 
@@ -538,32 +576,10 @@ class VirtualTimeLoop(base_events.BaseEventLoop):
                 # as the idle branch below would.  Same order as the general path: the heap keys
                 # (when, seq) give FIFO among equal times.  It hands over to the general path as soon
                 # as a callback makes something ready (call_soon, a future's callbacks).
-                deadline = self._deadline
-                ran = 0
-                try:
-                    while sched:
-                        entry = sched[0]
-                        h = entry[2]
-                        if h.__class__ is not _Plain:
-                            break
-                        when = entry[0]
-                        if when == inf or (deadline is not None and when >= deadline):
-                            break
-                        heappop(sched)
-                        h._scheduled = False
-                        if h._cancelled:
-                            self._timer_cancelled_count -= 1
-                            continue
-                        if when > self._now:
-                            self._now = when
-                        ran += 1
-                        h._fn(*h._args)
-                        if ready or self._stopping:
-                            break
-                except BaseException as exc:  # noqa: BLE001 - re-raised by _run
-                    if self._plain_error is None:
-                        self._plain_error = exc
-                    self._stopping = True
+                if _run_plain is not None:  # the compiled twin of _run_plain
+                    ran = _run_plain(self, sched, ready, self._deadline)
+                else:
+                    ran = self._run_plain(sched, ready, self._deadline)
                 self._callbacks_run += ran
                 if self._stopping:
                     return
@@ -810,3 +826,15 @@ def _shutdown(loop: VirtualTimeLoop, *, raise_errors: bool) -> None:
             )
     finally:
         loop.close()
+
+
+# The compiled twin of the bare-callback path (ext/_vloop.pyx), unless HELIX_NO_EXTENSIONS is set:
+# its Plain replaces _Plain, and call_at_plain and the fast path of _run_once call into it.
+_PlainPy = _Plain  # the pure class (what the agreement tests switch back to)
+_compiled = _ext.load("_vloop")
+_run_plain: Callable[..., int] | None = None
+_call_at_plain: Callable[..., Any] | None = None
+if _compiled is not None:
+    _Plain = _compiled.Plain  # type: ignore[misc]
+    _run_plain = _compiled.run_plain
+    _call_at_plain = _compiled.call_at_plain

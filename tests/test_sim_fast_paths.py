@@ -7,8 +7,9 @@
   limits that skip, KV waits and preemption (default) or overflows (compat), and cancels: the same
   messages at the same float times and the same counters.
 * Compiled builds: ``helix_async._ext._worker`` and ``._memory`` are helix_async/worker.py and
-  helix_async/transport/memory.py compiled as they are; whole simulations with the compiled and the
-  pure-Python classes give byte-identical reports.
+  helix_async/transport/memory.py compiled as they are, and ``._vloop`` is the compiled twin of the
+  loop's bare-callback path; whole simulations with the compiled and the pure-Python code give
+  byte-identical reports.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import helix_async.vloop as vloop
 import sim.simulation as simulation
 from helix_async.clock import LoopClock
 from helix_async.executors.cost_model import CostModelExecutor
@@ -174,11 +176,14 @@ def _report(monkeypatch: pytest.MonkeyPatch, pure: bool, setup: SimulationSetup,
         if pure:
             m.setattr(simulation, "Worker", WorkerPy)
             m.setattr(simulation, "MemoryNetwork", MemoryNetworkPy)
+            m.setattr(vloop, "_Plain", vloop._PlainPy)
+            m.setattr(vloop, "_run_plain", None)
+            m.setattr(vloop, "_call_at_plain", None)
         return report_json(run(setup, wl).report)
 
 
 @pytest.mark.skipif(
-    Worker is WorkerPy or MemoryNetwork is MemoryNetworkPy,
+    Worker is WorkerPy or MemoryNetwork is MemoryNetworkPy or vloop._Plain is vloop._PlainPy,
     reason="compiled build not present (HELIX_NO_EXTENSIONS)",
 )
 @pytest.mark.parametrize(
