@@ -31,7 +31,7 @@ from typing import Any
 
 from .clock import Clock
 from .ids import NodeRef, Route
-from .messages import Feedback, PromptWork, TokenResult, make_decode_work
+from .messages import Cancel, Error, Feedback, PromptWork, TokenResult, make_decode_work
 from .transport.base import Transport
 
 __all__ = ["Host", "HostStats", "Query"]
@@ -52,6 +52,9 @@ class Query:
         "first_token_at",
         "finished_at",
         "admitted_at",
+        "token_ids",
+        "tokens",
+        "error",
     )
 
     def __init__(self, qid: int, input_len: int, output_len: int, arrived: float) -> None:
@@ -66,6 +69,11 @@ class Query:
         self.first_token_at = -1.0
         self.finished_at = -1.0
         self.admitted_at = -1.0
+        # served for real: the prompt's token ids, and the tokens generated so far (None when the
+        # workers run a cost model and no token ids travel)
+        self.token_ids: tuple[int, ...] | None = None
+        self.tokens: list[int] | None = None
+        self.error = ""  # why the query failed ("" unless it did)
 
 
 @dataclass
@@ -79,6 +87,7 @@ class HostStats:
     infeasible: int = 0  # no route could ever take the query
     would_abort: int = 0  # compat online: where the original's scheduler asserted
     admission_waits: int = 0  # queries that waited in the admission queue
+    failed: int = 0  # admitted queries that a worker reported failed (or that were failed here)
     bad_messages: int = 0
 
 
@@ -139,6 +148,10 @@ class Host:
         self.on_prompt_done: Callable[[Query], None] | None = None
         self.on_query_done: Callable[[Query], None] | None = None
         self.on_reject: Callable[[Query], None] | None = None
+        #: on_token(query, token id, last): every token of a query served with token ids
+        self.on_token: Callable[[Query, int, bool], None] | None = None
+        #: on_fail(query): an admitted query failed (its ``error`` says why)
+        self.on_fail: Callable[[Query], None] | None = None
 
     def start(self) -> None:
         self._transport.set_handler(self.on_message)
@@ -175,11 +188,21 @@ class Host:
 
     # ---- admission ------------------------------------------------------------------------------
 
-    def submit(self, qid: int, input_len: int, output_len: int) -> Query | None:
-        """A query arrives now. Returns it (admitted or waiting), or None when it was dropped."""
+    def submit(
+        self, qid: int, input_len: int, output_len: int, token_ids: tuple[int, ...] | None = None
+    ) -> Query | None:
+        """A query arrives now. Returns it (admitted or waiting), or None when it was dropped.
+
+        token_ids: the prompt (``input_len`` ids) when the workers compute for real; its tokens
+        then come back through ``on_token``.  Without them the prompt is a modelled payload."""
         if qid in self._queries:
             raise ValueError(f"query {qid} is already active")
         q = Query(qid, int(input_len), int(output_len), self._clock.now())
+        if token_ids is not None:
+            if len(token_ids) != q.input_len:
+                raise ValueError(f"query {qid}: {len(token_ids)} token ids for input_len {q.input_len}")
+            q.token_ids = tuple(int(t) for t in token_ids)
+            q.tokens = []
         self.stats.submitted += 1
         if self._router is not None and not self._router.feasible(q.input_len):
             # no route could ever take it (e.g. longer than every node's prompt limit): waiting
@@ -233,6 +256,7 @@ class Host:
         self._queries[q.qid] = q
         self.stats.admitted += 1
         n = q.input_len
+        ids = q.token_ids
         self._transport.send(
             route[0][0],
             PromptWork(
@@ -241,10 +265,10 @@ class Host:
                 route=route,
                 stage=0,
                 num_tokens=n,
-                token_ids=(),
+                token_ids=() if ids is None else ids,
                 max_tokens=q.decodes_left + 1,
                 sent_at=self._clock.now(),
-                payload_bytes=n * self._tid,
+                payload_bytes=n * self._tid if ids is None else 0,
             ),
         )
         return True
@@ -266,8 +290,31 @@ class Host:
         elif t is Feedback:
             if self._policy is not None and msg.node_id in self._first_nodes:
                 self._policy.observe(self._first_nodes.index(msg.node_id), msg.delay)
+        elif t is Error and msg.request_id in self._queries:
+            self.fail(msg.request_id, msg.text or f"error code {msg.code}")
         else:
             self.stats.bad_messages += 1
+
+    def fail(self, qid: int, reason: str) -> bool:
+        """End admitted query ``qid`` as failed (``reason`` for people): its KV expectation is
+        released, the workers on its route are told to drop it, ``on_fail`` is called.  Returns
+        False when no such query is active."""
+        q = self._queries.pop(qid, None)
+        if q is None:
+            return False
+        q.error = reason
+        q.finished_at = self._clock.now()
+        self.stats.failed += 1
+        if q.route:
+            for node in {s[0] for s in q.route}:
+                self._transport.send(node, Cancel(request_id=qid, reason=reason))
+        if self._router is not None:
+            self._router.finish(qid)
+        if self.on_fail is not None:
+            self.on_fail(q)
+        if self._waiting:
+            self._retry()
+        return True
 
     def _token(self, msg: TokenResult) -> None:
         q = self._queries.get(msg.request_id)
@@ -291,6 +338,11 @@ class Host:
             self.decode_latency.append(lat)
             self.tokens_done.append(now)
             self.tokens_count.append(1)
+        tokens = q.tokens
+        if tokens is not None:
+            tokens.append(msg.token_id)
+            if self.on_token is not None:
+                self.on_token(q, msg.token_id, q.decodes_left <= 0)
         if q.decodes_left > 0:
             q.decodes_left -= 1
             q.created = now
@@ -299,9 +351,11 @@ class Host:
             if self._router is not None:
                 self._router.on_decode(route)
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
-            self._transport.send(
-                route[0][0], make_decode_work(q.qid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
-            )
+            if tokens is None:
+                work = make_decode_work(q.qid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
+            else:
+                work = make_decode_work(q.qid, route, 0, q.input_len + q.iterations, msg.token_id, now, (), 0)
+            self._transport.send(route[0][0], work)
             if prompt and self.on_prompt_done is not None:
                 self.on_prompt_done(q)
             return

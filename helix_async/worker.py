@@ -40,11 +40,13 @@ from typing import Any
 
 # Absolute imports: this file is also compiled as helix_async._ext._worker (see the end).
 from helix_async.clock import Clock
-from helix_async.executors.base import Batch, Executor
+from helix_async.executors.base import Batch, ExecFailure, Executor
 from helix_async.ids import SINK, NodeRef
 from helix_async.messages import (
     Cancel,
     DecodeWork,
+    Error,
+    ErrorCode,
     Feedback,
     PromptWork,
     make_decode_work,
@@ -74,7 +76,7 @@ class BatchLimits:
 class _Item:
     """A request's current iteration on this node (a prompt or one decode step)."""
 
-    __slots__ = ("rid", "prompt", "tokens", "ctx", "layer", "end", "entry", "stage", "route", "msg", "arrived")
+    __slots__ = ("rid", "prompt", "tokens", "ctx", "layer", "end", "entry", "stage", "route", "msg", "arrived", "data")
 
     def __init__(
         self, rid: int, prompt: bool, tokens: int, ctx: int, layer: int, end: int, stage: int, route: Any, msg: Any
@@ -90,6 +92,9 @@ class _Item:
         self.route = route
         self.msg = msg
         self.arrived = 0.0
+        # what a computing executor made of it so far: hidden states between layers, the chosen
+        # token after the model's last layer, or an ExecFailure; None under the cost model
+        self.data: Any = None
 
 
 class _Req:
@@ -123,6 +128,7 @@ class WorkerStats:
     bad_messages: int = 0
     forwarded: int = 0
     link_waits: int = 0
+    failed: int = 0  # requests the executor could not compute (reported to the host)
     prompt_residence: float = 0.0  # seconds prompts spent on this node (queueing + compute)
     prompts_left: int = 0
     decode_residence: float = 0.0
@@ -179,6 +185,8 @@ class Worker:
         self._executor = executor
         # runs of layers in one executor call when the executor can shorten them (see _step)
         self._shorten: Callable[[Batch, int], int] | None = getattr(executor, "shorten", None) if fuse else None
+        # an executor that keeps per-request state (a real KV cache) is told when a request is freed
+        self._release: Callable[[int], None] | None = getattr(executor, "release", None)
         self.a, self.b, self.num_layers = a, b, num_layers
         self.limits = limits
         self._lim = (limits.prompt_requests, limits.prompt_tokens, limits.decode_seqs, limits.decode_context)
@@ -334,6 +342,8 @@ class Worker:
             self.kv_used -= r.kv
             r.kv = 0
             r.recompute = True
+            if self._release is not None:
+                self._release(rid)
             self.stats.kv_preemptions += 1
 
     def _enqueue(self, item: _Item) -> None:
@@ -590,21 +600,35 @@ class Worker:
 
     def _emit(self, item: _Item, dest: NodeRef, route: Any, now: float) -> None:
         msg = item.msg
+        data = item.data
+        if data is not None and data.__class__ is ExecFailure:
+            self._fail(item, data.reason)
+            return
         if dest == SINK:
             # (request_id, token_id, context_len, finished, sent_at, route)
             out: Any = make_token_result(
-                item.rid, 0, msg.num_tokens if msg.__class__ is PromptWork else msg.context_len, False, now, route
+                item.rid,
+                0 if data is None else data,
+                msg.num_tokens if msg.__class__ is PromptWork else msg.context_len,
+                False,
+                now,
+                route,
             )
         elif msg.__class__ is PromptWork:
             # (request_id, query_id, route, stage, num_tokens, token_ids, max_tokens, sent_at,
-            #  tensors, payload_bytes): the hidden states are modelled, not carried
+            #  tensors, payload_bytes): the hidden states computed, or modelled
             n = msg.num_tokens
-            out = make_prompt_work(
-                item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act
-            )
-        else:
+            if data is None:
+                out = make_prompt_work(
+                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act
+                )
+            else:
+                out = make_prompt_work(item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (data,), 0)
+        elif data is None:
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
             out = make_decode_work(item.rid, route, item.stage + 1, msg.context_len, -1, now, (), self._act)
+        else:
+            out = make_decode_work(item.rid, route, item.stage + 1, msg.context_len, -1, now, (data,), 0)
         self._send(dest, out)
         req = self._reqs.get(item.rid)
         if req is not None:
@@ -612,6 +636,12 @@ class Worker:
             req.ctx_done = ctx_after
             if ctx_after >= req.last_ctx:
                 self._free(item.rid)
+
+    def _fail(self, item: _Item, reason: str) -> None:
+        """The executor could not compute ``item``: tell the host, and forget the request here."""
+        self.stats.failed += 1
+        self._send(SINK, Error(request_id=item.rid, code=int(ErrorCode.INTERNAL), text=f"node {self.node_id}: {reason}"))
+        self._free(item.rid)
 
     def _observe(self, fb: Any) -> None:
         if self._policy is None:
@@ -652,6 +682,8 @@ class Worker:
         req = self._reqs.pop(rid, None)
         if req is None:
             return
+        if self._release is not None:
+            self._release(rid)
         if self._compat:
             self._settle_run()
             held = req.last_ctx * req.layers
@@ -724,6 +756,8 @@ class Worker:
             self._cancel_debt += k * sum(it.tokens for it in running)
             self.kv_used -= held
             self._reqs.pop(rid, None)
+            if self._release is not None:
+                self._release(rid)
             if not self._busy and self._queued and not self._kick_pending:
                 self._kick_pending = True
                 self._soon(self._kick)

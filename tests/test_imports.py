@@ -1,4 +1,5 @@
-"""What each role imports: the runtime side loads no solver, no plotting and no LP library, and a
+"""What each role imports: the runtime side loads no solver, no plotting, no LP library and no torch
+(only the torch executor does), and a
 missing extra is a one-line error naming the extra to install."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-HEAVY = ("pyscipopt", "cvxpy", "matplotlib")
+HEAVY = ("pyscipopt", "cvxpy", "matplotlib", "torch")
 
 # What a worker or the host imports to serve: wire messages and codec, routing, the clocks, the
 # plan reader and the flow value, and max flow for re-planning flows when a node is lost.
@@ -24,6 +25,9 @@ RUNTIME_MODULES = (
     "helix_async.flowplan",
     "helix_async.placement.io",
     "helix_async.placement.flow",
+    "helix_async.host",
+    "helix_async.worker",
+    "helix_async.executors",
 )
 
 

@@ -6,7 +6,7 @@ cimport cython
 cdef class _Item:
     cdef public Py_ssize_t rid, tokens, ctx, layer, end, entry, stage
     cdef public bint prompt
-    cdef public object route, msg
+    cdef public object route, msg, data
     cdef public double arrived
 
 cdef class _Req:
@@ -17,7 +17,7 @@ cdef class Worker:
     cdef public Py_ssize_t node_id, a, b, num_layers, kv_capacity, kv_used
     cdef public object stats, limits
     cdef public bint stopped
-    cdef public object _clock, _now, _soon, _transport, _send, _executor, _shorten, _batch
+    cdef public object _clock, _now, _soon, _transport, _send, _executor, _shorten, _release, _batch
     cdef public object _kv_wait, _link_wait, _policy, _peer_len
     cdef public tuple _lim, _out
     cdef public Py_ssize_t _act, _tok
@@ -47,5 +47,5 @@ cdef class Worker:
     cpdef _enqueue_moved(self, _Item item)
     @cython.locals(stage=Py_ssize_t, now=double)
     cpdef _leave(self, _Item item)
-    @cython.locals(req=_Req, n=Py_ssize_t, ctx_after=Py_ssize_t)
+    @cython.locals(req=_Req, n=Py_ssize_t, ctx_after=Py_ssize_t, data=object)
     cpdef _emit(self, _Item item, object dest, object route, double now)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Batch", "Executor"]
+__all__ = ["Batch", "ExecFailure", "Executor"]
 
 
 class Batch:
@@ -25,7 +25,9 @@ class Batch:
     and ``msg`` (the work message, whose tensors a real executor reads)).
     prompt_requests, prompt_tokens, decode_seqs, ctx_tokens: totals over items. host_tokens: tokens whose activations were
     copied from host to GPU before this step (priced by the cost model, HELIX_SPEC §8.4).
-    outputs: filled by a real executor (per-item output tensors), unused by the cost model.
+    outputs: unused (a computing executor keeps each request's results on its item's ``data``:
+    hidden states between layers, the chosen token id after the model's last layer, or an
+    :class:`ExecFailure`; the worker sends them on).
     started: loop time the worker started the batch.  layers: how many consecutive layers the
     batch runs (the worker sets it before ``run``; an executor that can shorten a running batch
     lowers it, see :class:`Executor`).
@@ -64,6 +66,19 @@ class Batch:
         self.outputs: list[Any] | None = None
         self.started = 0.0
         self.layers = 1
+
+
+class ExecFailure:
+    """Why an executor could not compute one request (it sets the request's item ``data`` to
+    this; the worker then reports the request failed to the host and frees it)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"ExecFailure({self.reason!r})"
 
 
 @runtime_checkable

@@ -1,0 +1,236 @@
+"""The torch executor: really runs a worker's layers of a LLaMA model (CPU or CUDA).
+
+The worker hands it the same batches it hands the cost model (one layer, HELIX_SPEC §8.5) and it
+computes them with :mod:`helix_async.executors.llama`:
+
+* a request entering the node's stage at layer 0 brings token ids (``PromptWork.token_ids``, a
+  decode's ``token_id``), embedded here; entering later, the hidden states of the previous stage
+  (the message's first tensor, (tokens, hidden));
+* between layers of the stage the hidden states stay on the item (``item.data``);
+* after the model's last layer the final norm and LM head run on each request's last position and
+  a token is chosen (greedy, or temperature / top-p from a seeded generator per request), which
+  ``item.data`` then holds;
+* every request keeps a KV cache per layer here (:class:`~helix_async.executors.llama.SeqCache`);
+  the worker frees it through :meth:`TorchExecutor.release` when its KV accounting frees the
+  request (finished, cancelled or preempted).
+
+A request whose input is unusable (a tensor of the wrong shape, a token id outside the
+vocabulary) fails alone: its ``item.data`` becomes an :class:`ExecFailure` and the worker reports
+it to the host; the others in the batch run on.
+
+``run`` does not block the event loop: by default the batch is computed on one helper thread and
+``done`` is posted back to the loop (torch releases the GIL in its kernels, so the loop keeps
+moving messages meanwhile).  ``threaded=False`` computes inline and calls ``done`` on the next loop
+turn: for the virtual-time loop, which refuses threads, and for tests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..clock import Clock
+from ..messages import PromptWork
+from .base import Batch, ExecFailure
+from .llama import SeqCache, StageWeights
+
+__all__ = ["ExecFailure", "Sampling", "TorchExecutor"]
+
+
+class Sampling:
+    """How the last stage chooses a request's tokens: greedy when ``temperature == 0``; otherwise
+    softmax at ``temperature`` restricted to the smallest set of tokens whose probability reaches
+    ``top_p``, drawn from a generator seeded with ``seed``."""
+
+    __slots__ = ("temperature", "top_p", "gen")
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.gen = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """A token from one position's logits (vocab,), float32."""
+        if self.gen is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(p, 0) - p < self.top_p  # tokens before which the mass is below top_p
+            p = p * keep
+            return int(idx[torch.multinomial(p / p.sum(), 1, generator=self.gen)])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+GREEDY = Sampling()
+
+
+class TorchExecutor:
+    """Runs batches of a worker on ``stage`` (see the module doc).
+
+    clock: the worker's clock (``done`` is scheduled on its loop). threaded: compute on a helper
+    thread (real time) or inline (virtual time, tests). threads: torch intra-op threads for this
+    process (None: leave torch's setting).
+    """
+
+    def __init__(self, clock: Clock, stage: StageWeights, *, threaded: bool = True, threads: int | None = None) -> None:
+        self._clock = clock
+        self.stage = stage
+        self.num_layers = stage.config.num_layers
+        self.hidden = stage.config.hidden_size
+        self.vocab = stage.config.vocab_size
+        self._caches: dict[int, SeqCache] = {}
+        self._sampling: dict[int, Sampling] = {}
+        self._threaded = threaded
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: Any = None
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.busy_time = 0.0  # wall seconds spent computing (statistics only)
+        self.batches = 0
+        self.failures = 0
+        self._last = 0.0  # the last batch's wall time (duration's estimate)
+
+    # ---- the Executor interface -----------------------------------------------------------------
+
+    def duration(self, batch: Batch) -> float:
+        """An estimate only (the last batch's measured time)."""
+        return self._last
+
+    def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
+        caches = []
+        for it in batch.items:
+            c = self._caches.get(it.rid)
+            if c is None:
+                c = self._caches[it.rid] = SeqCache()
+            caches.append(c)
+        if not self._threaded:
+            self._compute(batch, caches)
+            self._clock.call_soon(done, batch)
+            return
+        if self._pool is None:
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="helix-torch")
+        loop = self._loop
+        fut = self._pool.submit(self._compute, batch, caches)
+        fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(done, batch))
+
+    # ---- what the worker tells it ---------------------------------------------------------------
+
+    def release(self, rid: int) -> None:
+        """The worker freed request ``rid`` here: drop its KV cache (and sampling state)."""
+        self._caches.pop(rid, None)
+        self._sampling.pop(rid, None)
+
+    def set_sampling(self, rid: int, sampling: Sampling) -> None:
+        self._sampling[rid] = sampling
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    @property
+    def cached_requests(self) -> int:
+        return len(self._caches)
+
+    # ---- compute --------------------------------------------------------------------------------
+
+    def _input(self, item: Any, layer: int) -> torch.Tensor | ExecFailure:
+        """The hidden states ``item`` enters this stage with (tokens, hidden)."""
+        st = self.stage
+        msg = item.msg
+        n = item.tokens
+        if layer == 0:
+            if msg.__class__ is PromptWork:
+                ids = list(msg.token_ids)
+                if len(ids) != n:
+                    return ExecFailure(
+                        f"prompt carries {len(ids)} token ids for {n} tokens (a preempted request cannot be recomputed here)"
+                    )
+            else:
+                ids = [msg.token_id]
+                if n != 1:
+                    return ExecFailure("a preempted decode cannot be recomputed from one token id")
+            if any(not 0 <= t < self.vocab for t in ids):
+                return ExecFailure(f"token id outside the vocabulary [0, {self.vocab})")
+            return st.embed_tokens(ids)
+        if not msg.tensors:
+            return ExecFailure(f"work entering layer {layer} carries no hidden states")
+        t = msg.tensors[0]
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind != "f":
+                return ExecFailure(f"hidden states of dtype {t.dtype}, expected floating point")
+            t = torch.from_numpy(np.array(t))  # a copy: decoded frames are read-only
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, self.hidden):
+            return ExecFailure(
+                f"hidden states of shape {tuple(getattr(t, 'shape', ()))}, expected ({n}, {self.hidden})"
+            )
+        return t.to(dtype=st.dtype, device=st.device)
+
+    def _compute(self, batch: Batch, caches: list[SeqCache]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._compute_batch(batch, caches)
+        except Exception as e:  # a bug or an out-of-memory: this batch's requests fail, the node lives
+            self.failures += 1
+            for it in batch.items:
+                it.data = ExecFailure(f"{type(e).__name__}: {e}")
+        self._last = time.perf_counter() - t0
+        self.busy_time += self._last
+        self.batches += 1
+
+    @torch.inference_mode()
+    def _compute_batch(self, batch: Batch, caches: list[SeqCache]) -> None:
+        st = self.stage
+        first = batch.layer
+        last = first + batch.layers
+        xs: list[torch.Tensor] = []
+        live: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        live_caches: list[SeqCache] = []
+        reserve: list[int] = []
+        for it, cache in zip(batch.items, caches, strict=True):
+            data = it.data
+            if data is None:
+                data = self._input(it, first)
+            if isinstance(data, ExecFailure):
+                it.data = data
+                continue
+            xs.append(data)
+            live.append(it)
+            spans.append((it.ctx, it.tokens))
+            live_caches.append(cache)
+            msg = it.msg
+            reserve.append(msg.num_tokens + msg.max_tokens if msg.__class__ is PromptWork else it.ctx + 1)
+        if not live:
+            return
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        for layer in range(first, last):
+            x = st.layer(layer, x, spans, live_caches, reserve)
+        if last == self.num_layers:
+            # each request's last position chooses its next token
+            ends = []
+            off = 0
+            for _, n in spans:
+                off += n
+                ends.append(off - 1)
+            logits = st.logits(x[ends])
+            for j, it in enumerate(live):
+                it.data = self._sampling.get(it.rid, GREEDY).choose(logits[j])
+            return
+        off = 0
+        for it, (_, n) in zip(live, spans, strict=True):
+            it.data = x[off : off + n]
+            off += n

@@ -1,0 +1,242 @@
+"""The torch executor against Hugging Face ``transformers`` (the oracle), on the virtual loop.
+
+A tiny LLaMA is made with ``transformers`` (random init, ``save_pretrained`` into a temp dir); three
+workers each load their layer range of that checkpoint and serve it through the same host and
+worker classes as the simulator, over the in-memory network.  Every request's tokens must equal
+``generate``'s greedy tokens for the same prompt on the same weights.  (The runtime test does the
+same over ZeroMQ in separate processes.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from helix_async.clock import LoopClock  # noqa: E402
+from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
+from helix_async.cluster.spec import ClusterSpec, Link, Node  # noqa: E402
+from helix_async.executors.base import Batch, ExecFailure  # noqa: E402
+from helix_async.executors.llama import LlamaConfig, ModelLoadError, SeqCache, dummy_stage, load_stage  # noqa: E402
+from helix_async.executors.torch import Sampling, TorchExecutor  # noqa: E402
+from helix_async.host import Host  # noqa: E402
+from helix_async.ids import SINK, SOURCE, NodeRef  # noqa: E402
+from helix_async.messages import DecodeWork, PromptWork  # noqa: E402
+from helix_async.routing import FlowRouter, KVTracker  # noqa: E402
+from helix_async.transport import HOST  # noqa: E402
+from helix_async.transport.memory import MemoryNetwork  # noqa: E402
+from helix_async.vloop import VirtualTimeLoop  # noqa: E402
+from helix_async.worker import BatchLimits, Worker  # noqa: E402
+
+LAYERS = 6
+STAGES = [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Any]]:
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(1234)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(d)
+    yield d, model
+
+
+def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+class Delayed:
+    """The torch executor computed inline, its ``done`` 10 ms of virtual time later (so that
+    requests pile up and batches mix prompts and decodes); records each batch's make-up."""
+
+    def __init__(self, clock: LoopClock, inner: TorchExecutor, log: list[tuple[int, int, int]]) -> None:
+        self.clock = clock
+        self.inner = inner
+        self.log = log
+        self.release = inner.release
+
+    def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
+        self.log.append((batch.layer, batch.prompt_requests, batch.decode_seqs))
+        self.inner.run(batch, lambda b: self.clock.call_at(self.clock.now() + 0.01, done, b))
+
+    def duration(self, batch: Batch) -> float:
+        return 0.01
+
+
+def chain(loop: VirtualTimeLoop, ckpt: Path, dtype: str = "float32") -> tuple[Host, list[Worker], list[Any]]:
+    clock = LoopClock(loop)
+    t = DEFAULT_MACHINE_TYPES["A100"]
+    nodes = tuple(Node(i, "A100") for i in range(3))
+    arcs: list[tuple[NodeRef, NodeRef]] = [(SOURCE, 0), (0, 1), (1, 2), (2, SINK)]
+    spec = ClusterSpec("tiny", {"A100": t}, nodes, tuple(Link(a, b, 1e9, 0.002, False) for a, b in arcs))
+    net = MemoryNetwork(clock, spec, arcs, lambda s, d, m: 0.0)
+    ranges = dict(enumerate(STAGES))
+    kv = KVTracker({i: 10**6 for i in ranges}, ranges, kv_fill_limit=1.0, output_ratio=0.0, avg_output_len=0,
+                   num_layers=LAYERS)
+    links: dict[NodeRef, list[tuple[NodeRef, float]]] = {SOURCE: [(0, 1.0)], 0: [(1, 1.0)], 1: [(2, 1.0)], 2: [(SINK, 1.0)]}
+    router = FlowRouter(ranges, links, {i: 1000 for i in ranges}, kv, LAYERS)
+    workers = []
+    execs = []
+    for i, (a, b) in ranges.items():
+        ex = TorchExecutor(clock, load_stage(ckpt, a, b, dtype=dtype), threaded=False)
+        log: list[tuple[int, int, int]] = []
+        w = Worker(i, clock, net.endpoint(i), Delayed(clock, ex, log), layers=(a, b), num_layers=LAYERS,
+                   limits=BatchLimits(8, 512, 16, 10**6), kv_capacity=10**7, activation_bytes=128)
+        w.start()
+        workers.append(w)
+        execs.append((ex, log))
+    host = Host(clock, net.endpoint(HOST), router=router)
+    host.start()
+    return host, workers, execs
+
+
+def test_three_workers_produce_hf_greedy_tokens_with_mixed_batches(
+    loop: VirtualTimeLoop, checkpoint: tuple[Path, Any]
+) -> None:
+    ckpt, model = checkpoint
+    host, workers, execs = chain(loop, ckpt)
+    got: dict[int, list[int]] = {}
+    done: list[int] = []
+    host.on_token = lambda q, tok, last: got.setdefault(q.qid, []).append(tok)
+    host.on_query_done = lambda q: done.append(q.qid)
+    lengths = [1, 2, 5, 17, 33, 64, 9, 3]
+    prompts = {i: [(7 * i + 13 * j + 1) % 256 for j in range(n)] for i, n in enumerate(lengths)}
+    outs = {i: 6 + (i % 3) * 5 for i in prompts}
+    for i, p in prompts.items():
+        loop.run_until(0.013 * i)  # staggered: later prompts meet earlier requests' decodes
+        assert host.submit(i, len(p), outs[i], tuple(p)) is not None
+    loop.run_until(60.0)
+    assert sorted(done) == sorted(prompts)
+    for i, p in prompts.items():
+        assert got[i] == hf_greedy(model, p, outs[i]), f"query {i} (prompt of {len(p)} tokens)"
+    # prompts and decodes did share batches, and every KV cache was released
+    mixed = [e for _, log in execs for e in log if e[1] and e[2]]
+    assert mixed
+    assert all(ex.cached_requests == 0 for ex, _ in execs)
+    assert all(w.kv_used == 0 for w in workers)
+    assert host.stats.failed == 0 and host.stats.finished == len(prompts)
+
+
+def test_a_bad_token_id_fails_only_its_request(loop: VirtualTimeLoop, checkpoint: tuple[Path, Any]) -> None:
+    ckpt, model = checkpoint
+    host, workers, execs = chain(loop, ckpt)
+    failed: list[tuple[int, str]] = []
+    host.on_fail = lambda q: failed.append((q.qid, q.error))
+    got: dict[int, list[int]] = {}
+    host.on_token = lambda q, tok, last: got.setdefault(q.qid, []).append(tok)
+    host.submit(0, 3, 4, (5, 6, 7))
+    host.submit(1, 2, 4, (5, 999))  # outside the 256-token vocabulary
+    loop.run_until(30.0)
+    assert failed and failed[0][0] == 1 and "vocabulary" in failed[0][1] and "node 0" in failed[0][1]
+    assert got[0] == hf_greedy(model, [5, 6, 7], 4) and 1 not in got
+    assert host.stats.failed == 1 and host.stats.finished == 1 and host.active == 0
+    assert workers[0].stats.failed == 1
+    assert all(ex.cached_requests == 0 for ex, _ in execs)
+
+
+def test_wrong_hidden_state_shape_fails_the_request_not_the_worker(loop: VirtualTimeLoop, checkpoint: tuple[Path, Any]) -> None:
+    ckpt, _ = checkpoint
+    clock = LoopClock(loop)
+    ex = TorchExecutor(clock, load_stage(ckpt, 2, 4), threaded=False)
+    msg = PromptWork(request_id=1, query_id=1, route=((0, 0, 2), (1, 2, 4)), stage=1, num_tokens=3, token_ids=(),
+                     max_tokens=2, sent_at=0.0, tensors=(torch.zeros(3, 7),))
+
+    class It:
+        rid, tokens, ctx, prompt, data = 1, 3, 0, True, None
+
+    it = It()
+    it.msg = msg  # type: ignore[attr-defined]
+    batch = Batch(2, [it], 1, 3, 0, 0, 0)
+    seen: list[Batch] = []
+    ex.run(batch, seen.append)
+    loop.run_until(1.0)
+    assert seen == [batch] and isinstance(it.data, ExecFailure) and "(3, 64)" in it.data.reason
+
+
+def test_float64_and_dummy_weights(checkpoint: tuple[Path, Any]) -> None:
+    ckpt, model = checkpoint
+    st = load_stage(ckpt, 0, LAYERS, dtype="float64")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        ref = model.double()(torch.tensor([ids])).logits[0, -1]
+        model.float()
+        cache = SeqCache()
+        x = st.embed_tokens(ids)
+        for i in range(LAYERS):
+            x = st.layer(i, x, [(0, len(ids))], [cache], [16])
+        ours = st.logits(x[-1:])[0]
+    assert float((ref.float() - ours).abs().max()) < 1e-5
+    cfg = LlamaConfig.from_dir(ckpt)
+    a = dummy_stage(cfg, 2, 4, seed=3)
+    b = dummy_stage(cfg, 2, 4, seed=3)
+    c = dummy_stage(cfg, 2, 4, seed=4)
+    assert torch.equal(a.layers[3].q, b.layers[3].q) and not torch.equal(a.layers[3].q, c.layers[3].q)
+    assert a.embed is None and a.lm_head is None
+    assert dummy_stage(cfg, 4, 6).lm_head is not None and dummy_stage(cfg, 0, 1).embed is not None
+
+
+def test_sampling_is_seeded_and_top_p_restricts() -> None:
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    a = [Sampling(1.0, 1.0, seed=7).choose(logits) for _ in range(1)]
+    s1, s2 = Sampling(1.0, 1.0, seed=7), Sampling(1.0, 1.0, seed=7)
+    assert [s1.choose(logits) for _ in range(20)] == [s2.choose(logits) for _ in range(20)]
+    narrow = Sampling(1.0, 0.3, seed=1)
+    assert {narrow.choose(logits) for _ in range(50)} == {1}
+    assert Sampling().choose(logits) == 1 and a[0] in range(4)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(1.0, 0.0)
+
+
+def test_bad_checkpoints_name_the_file_and_field(tmp_path: Path, checkpoint: tuple[Path, Any]) -> None:
+    with pytest.raises(ModelLoadError, match="config.json: no such file"):
+        LlamaConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ModelLoadError, match="missing field 'num_attention_heads'"):
+        LlamaConfig.from_dir(tmp_path)
+    ckpt, _ = checkpoint
+    with pytest.raises(ModelLoadError, match=r"layers \[4, 9\)"):
+        load_stage(ckpt, 4, 9)
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        load_stage(tmp_path, 0, 2)
+
+
+def test_decode_messages_carry_token_ids_and_hidden_states(loop: VirtualTimeLoop, checkpoint: tuple[Path, Any]) -> None:
+    """What travels: token ids into the first stage, hidden states (tokens, hidden) between
+    stages, token ids back (seen on a recording of the network's sends)."""
+    ckpt, _ = checkpoint
+    host, workers, _ = chain(loop, ckpt)
+    seen: list[tuple[str, Any]] = []
+    for w in workers:
+        send = w._send
+
+        def rec(dest: NodeRef, msg: Any, send: Any = send, node: int = w.node_id) -> None:
+            seen.append((f"{node}->{dest}", msg))
+            send(dest, msg)
+
+        w._send = rec
+    host.submit(0, 4, 2, (1, 2, 3, 4))
+    loop.run_until(10.0)
+    kinds = [(k, type(m).__name__, tuple(m.tensors[0].shape) if getattr(m, "tensors", ()) else None) for k, m in seen]
+    assert ("0->1", "PromptWork", (4, 64)) in kinds and ("1->2", "DecodeWork", (1, 64)) in kinds
+    assert any(k == f"2->{SINK}" and t == "TokenResult" for k, t, _ in kinds)
+    assert all(not isinstance(m, DecodeWork) or m.payload_bytes == 0 for _, m in seen)
