@@ -1,0 +1,414 @@
+"""The ZeroMQ transport: the real network under the :class:`~helix_async.transport.base.Transport`
+interface (pyzmq's asyncio API; the only module that imports ``zmq``).
+
+Sockets.  Every endpoint binds one ROUTER, its inbox (``bind``: an ephemeral port by default; the
+address it got is :attr:`ZmqTransport.address`), and connects one DEALER per peer it sends to, its
+outbox, whose ZeroMQ identity is the endpoint's name (:attr:`ZmqTransport.name`): ``host`` for the
+coordinator, the node id for an assigned worker, any other string before that.  The inbox maps a
+sender's identity to the ``NodeRef`` its handler sees (``host`` is ``SOURCE``, digits a node id,
+other names as given to :meth:`ZmqTransport.name_peer`, else the name itself).  Work goes worker to
+worker directly; only what concerns the host goes to the host.
+
+Frames of a DEALER -> ROUTER link (after the identity frame ROUTER adds)::
+
+    data       [b"D", epoch (8 bytes), seq (8 bytes, little-endian), *codec frames]
+    heartbeat  [b"H", epoch, seq of the oldest message not yet acknowledged (or the next one)]
+
+and back, on the same connection, ROUTER -> DEALER::
+
+    ack        [b"A", epoch, next expected seq]     (cumulative; answers data and heartbeats)
+
+Nothing is lost silently.  Messages of a link are numbered from 0 per sender ``epoch`` (random per
+transport, so a restarted peer starts a new sequence); the receiver delivers them in order exactly
+once (a duplicate is acknowledged again and dropped, a message after a gap waits for the retry);
+the sender keeps every unacknowledged message and resends all of them, in order, when the oldest
+has waited ``retry_after_s``.  Heartbeats go every ``heartbeat_s`` on every outbox; a peer from
+which no acknowledgement has come for ``dead_after_s`` (1.5 s: with the heartbeat period, a silent peer is reported within
+2 s) is reported through ``on_peer_lost`` (once; ``on_peer_back`` if it answers again).  A frame that is malformed or a message that does not
+decode is dropped and counted (``stats``, ``drops``), never raised.
+
+Timing reads the clock abstraction (``LoopClock`` on the running loop); nothing here schedules work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..clock import Clock
+from ..codec import DropCounter, decode_or_drop, encode
+from ..ids import SINK, SOURCE, NodeRef
+from .base import Handler, TransportError
+
+__all__ = ["HOST_NAME", "ZmqStats", "ZmqTransport"]
+
+#: The coordinator's identity on the wire.
+HOST_NAME = "host"
+
+_DATA, _HEARTBEAT, _ACK = b"D", b"H", b"A"
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+@dataclass
+class ZmqStats:
+    """Counters of one endpoint."""
+
+    sent: int = 0  # messages handed to send (first transmissions)
+    delivered: int = 0  # messages handed to the handler
+    retried: int = 0  # retransmissions
+    duplicates: int = 0  # received again after delivery (dropped)
+    out_of_order: int = 0  # received after a gap (dropped; the retry brings them in order)
+    bad_frames: int = 0  # malformed link frames (wrong kind, sizes, unknown epoch on an ack)
+    handler_errors: int = 0  # the handler raised (logged and counted; the transport goes on)
+    unsent_at_close: int = 0  # messages still unacknowledged when the transport closed
+    peers_lost: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)  # bad frames by reason
+
+
+class _Out:
+    """An outbox: the DEALER to one peer and what it has not had acknowledged."""
+
+    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "task")
+
+    def __init__(self, peer: NodeRef, address: str, sock: Any, now: float) -> None:
+        self.peer = peer
+        self.address = address
+        self.sock = sock
+        self.seq = 0
+        self.unacked: deque[tuple[int, list[Any], float]] = deque()
+        self.last_heard = now
+        self.alive = True
+        self.task: asyncio.Task[None] | None = None
+
+
+class ZmqTransport:
+    """One node's endpoint over ZeroMQ (see the module doc).
+
+    node: this endpoint's ``NodeRef`` (``SOURCE`` for the host). clock: the loop's clock.
+    name: identity on the wire (default: ``host`` for the host, else the node id).
+    bind: the inbox's address (``tcp://127.0.0.1:*``: loopback, an ephemeral port).
+    """
+
+    def __init__(
+        self,
+        node: NodeRef,
+        clock: Clock,
+        *,
+        name: str | None = None,
+        bind: str = "tcp://127.0.0.1:*",
+        heartbeat_s: float = 0.25,
+        dead_after_s: float = 1.5,
+        retry_after_s: float = 0.5,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
+            raise ValueError("need heartbeat_s > 0, dead_after_s > heartbeat_s and retry_after_s > 0")
+        self._node = node
+        self._clock = clock
+        self.name = name if name is not None else (HOST_NAME if node in (SOURCE, SINK) else str(node))
+        self._bind = bind
+        self._hb = heartbeat_s
+        self._dead = dead_after_s
+        self._retry = retry_after_s
+        self._own_ctx = context is None
+        self._ctx = context if context is not None else zmq.asyncio.Context()
+        self._epoch = os.urandom(8)
+        self._router: Any = None
+        self.address = ""
+        self._outs: dict[NodeRef, _Out] = {}
+        self._inbound: dict[bytes, list[Any]] = {}  # identity -> [epoch, next expected seq]
+        self._names: dict[bytes, NodeRef] = {HOST_NAME.encode(): SOURCE}
+        self._handler: Handler | None = None
+        self._idle: Callable[[NodeRef], None] | None = None
+        self._acks: set[bytes] = set()
+        self._ack_pending = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+        self.stats = ZmqStats()
+        self.drops = DropCounter()  # messages whose codec frames did not decode
+        #: on_peer_lost(peer): no acknowledgement from ``peer`` for ``dead_after_s``
+        self.on_peer_lost: Callable[[NodeRef], None] | None = None
+        #: on_peer_back(peer): a peer reported lost answered again
+        self.on_peer_back: Callable[[NodeRef], None] | None = None
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    @property
+    def node(self) -> NodeRef:
+        return self._node
+
+    async def start(self) -> str:
+        """Bind the inbox and start the receive and heartbeat loops; returns the inbox address."""
+        if self._router is not None:
+            return self.address
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        try:
+            sock.bind(self._bind)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise TransportError(f"cannot bind {self._bind}: {e}") from None
+        self._router = sock
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._recv_inbox(), name=f"zmq-inbox-{self.name}"))
+        self._tasks.append(loop.create_task(self._watch(), name=f"zmq-watch-{self.name}"))
+        return self.address
+
+    def connect(self, peer: NodeRef, address: str) -> None:
+        """Open (or move) the outbox to ``peer``'s inbox at ``address``."""
+        if self._router is None:
+            raise TransportError("start() the transport before connecting peers")
+        if peer == SINK:
+            peer = SOURCE
+        old = self._outs.get(peer)
+        if old is not None:
+            if old.address == address:
+                return
+            self._close_out(old)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(address)
+        out = _Out(peer, address, sock, self._clock.now())
+        self._outs[peer] = out
+        out.task = asyncio.get_running_loop().create_task(self._recv_acks(out), name=f"zmq-acks-{self.name}-{peer}")
+        for _, packet, _ in out.unacked:
+            self._transmit(out, packet)
+
+    def name_peer(self, name: str, node: NodeRef) -> None:
+        """Messages from identity ``name`` are delivered as from ``node``."""
+        self._names[name.encode()] = node
+
+    def peers(self) -> list[NodeRef]:
+        return list(self._outs)
+
+    def disconnect(self, peer: NodeRef) -> int:
+        """Close the outbox to ``peer``; returns how many of its messages were never acknowledged."""
+        out = self._outs.pop(SOURCE if peer == SINK else peer, None)
+        if out is None:
+            return 0
+        self._close_out(out)
+        return len(out.unacked)
+
+    # ---- the Transport interface ----------------------------------------------------------------
+
+    def set_handler(self, handler: Handler) -> None:
+        self._handler = handler
+
+    def set_idle_handler(self, handler: Callable[[NodeRef], None]) -> None:
+        self._idle = handler
+
+    def send(self, dest: NodeRef, msg: Any) -> None:
+        if self.closed:
+            raise TransportError(f"{self.name}: transport is closed")
+        out = self._outs.get(SOURCE if dest == SINK else dest)
+        if out is None:
+            raise TransportError(f"{self.name}: no link to {dest!r}")
+        packet = [_DATA, self._epoch, _u64(out.seq), *encode(msg)]
+        out.unacked.append((out.seq, packet, self._clock.now()))
+        out.seq += 1
+        self.stats.sent += 1
+        self._transmit(out, packet)
+
+    def link_idle(self, dest: NodeRef) -> bool:
+        out = self._outs.get(SOURCE if dest == SINK else dest)
+        return out is None or not out.unacked
+
+    def unacked(self, dest: NodeRef) -> int:
+        out = self._outs.get(SOURCE if dest == SINK else dest)
+        return 0 if out is None else len(out.unacked)
+
+    def alive(self, peer: NodeRef) -> bool:
+        out = self._outs.get(SOURCE if peer == SINK else peer)
+        return out is not None and out.alive
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for out in list(self._outs.values()):
+            self.stats.unsent_at_close += len(out.unacked)
+            self._close_out(out)
+        self._outs.clear()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._router is not None:
+            self._router.close(0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _close_out(self, out: _Out) -> None:
+        if out.task is not None:
+            out.task.cancel()
+        out.sock.close(0)
+
+    def _transmit(self, out: _Out, packet: list[Any]) -> None:
+        # Non-blocking: the DEALER queues it (no high-water mark) until the peer is connected.
+        f = out.sock.send_multipart(packet, flags=zmq.NOBLOCK, copy=False)
+        if f.done() and f.exception() is not None:
+            self._bad("send failed")  # left unacknowledged: the retry sends it again
+
+    def _bad(self, reason: str) -> None:
+        st = self.stats
+        st.bad_frames += 1
+        st.by_reason[reason] = st.by_reason.get(reason, 0) + 1
+
+    def _sender(self, ident: bytes) -> NodeRef:
+        ref = self._names.get(ident)
+        if ref is not None:
+            return ref
+        try:
+            text = ident.decode()
+        except UnicodeDecodeError:
+            return repr(ident)
+        return int(text) if text.isascii() and text.isdigit() and len(text) < 18 else text
+
+    async def _recv_inbox(self) -> None:
+        sock = self._router
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                if self.closed:
+                    return
+                self._bad("recv failed")
+                continue
+            self._on_inbox(frames)
+
+    def _on_inbox(self, frames: list[Any]) -> None:
+        if len(frames) < 4:
+            self._bad("short frame list")
+            return
+        ident = frames[0].bytes
+        kind = frames[1].bytes
+        epoch = frames[2].bytes
+        seq_b = frames[3].bytes
+        if len(epoch) != 8 or len(seq_b) != 8:
+            self._bad("bad epoch or seq size")
+            return
+        seq = int.from_bytes(seq_b, "little")
+        st = self._inbound.get(ident)
+        if kind == _HEARTBEAT:
+            if len(frames) != 4:
+                self._bad("heartbeat frames")
+                return
+            if st is None or st[0] != epoch:
+                # a new sender (or a restarted one): its sequence continues from what it still holds
+                self._inbound[ident] = st = [epoch, seq]
+        elif kind == _DATA:
+            if st is None or st[0] != epoch:
+                self._inbound[ident] = st = [epoch, seq]
+            if seq == st[1]:
+                st[1] = seq + 1
+                msg = decode_or_drop([f.buffer for f in frames[4:]], self.drops)
+                if msg is not None:
+                    self.stats.delivered += 1
+                    self._deliver(self._sender(ident), msg)
+            elif seq < st[1]:
+                self.stats.duplicates += 1
+            else:
+                self.stats.out_of_order += 1
+        else:
+            self._bad("unknown frame kind")
+            return
+        self._acks.add(ident)
+        if not self._ack_pending:
+            self._ack_pending = True
+            self._clock.call_soon(self._flush_acks)
+
+    def _deliver(self, sender: NodeRef, msg: Any) -> None:
+        h = self._handler
+        if h is None:
+            self._bad("no handler")
+            return
+        try:
+            h(sender, msg)
+        except Exception:  # the node's bug must not take the transport down; counted and logged
+            import logging
+
+            self.stats.handler_errors += 1
+            logging.getLogger("helix_async.transport").exception("handler failed on %s from %r", type(msg).__name__, sender)
+
+    def _flush_acks(self) -> None:
+        self._ack_pending = False
+        if self.closed:
+            return
+        for ident in self._acks:
+            st = self._inbound.get(ident)
+            if st is None:
+                continue
+            f = self._router.send_multipart([ident, _ACK, st[0], _u64(st[1])], flags=zmq.NOBLOCK)
+            if f.done() and f.exception() is not None:
+                self._bad("ack send failed")
+        self._acks.clear()
+
+    async def _recv_acks(self, out: _Out) -> None:
+        sock = out.sock
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            if len(frames) != 3 or frames[0] != _ACK or len(frames[1]) != 8 or len(frames[2]) != 8:
+                self._bad("malformed ack")
+                continue
+            if frames[1] != self._epoch:
+                self._bad("ack for another epoch")
+                continue
+            upto = int.from_bytes(frames[2], "little")
+            out.last_heard = self._clock.now()
+            if not out.alive:
+                out.alive = True
+                if self.on_peer_back is not None:
+                    self.on_peer_back(out.peer)
+            q = out.unacked
+            had = bool(q)
+            while q and q[0][0] < upto:
+                q.popleft()
+            if had and not q and self._idle is not None:
+                self._idle(out.peer)
+
+    async def _watch(self) -> None:
+        clock = self._clock
+        while True:
+            await clock.sleep(self._hb)
+            now = clock.now()
+            for out in list(self._outs.values()):
+                first = out.unacked[0][0] if out.unacked else out.seq
+                f = out.sock.send_multipart([_HEARTBEAT, self._epoch, _u64(first)], flags=zmq.NOBLOCK)
+                if f.done() and f.exception() is not None:
+                    self._bad("heartbeat send failed")
+                if out.unacked and now - out.unacked[0][2] >= self._retry:
+                    # go back N: resend everything unacknowledged, in order
+                    for i, (seq, packet, _) in enumerate(out.unacked):
+                        out.unacked[i] = (seq, packet, now)
+                        self.stats.retried += 1
+                        self._transmit(out, packet)
+                if out.alive and now - out.last_heard > self._dead:
+                    out.alive = False
+                    self.stats.peers_lost += 1
+                    if self.on_peer_lost is not None:
+                        self.on_peer_lost(out.peer)

@@ -1,0 +1,215 @@
+"""The ZeroMQ transport on loopback, on a real event loop (uvloop where installed): ordered delivery
+with sender names, acknowledgements and idleness, tensors, retries across a restarted peer,
+duplicate and malformed frames dropped and counted, and a silent peer reported within 2 s."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from helix_async.clock import LoopClock
+from helix_async.ids import SINK, SOURCE, NodeRef
+from helix_async.messages import Cancel, DecodeWork, Heartbeat
+from helix_async.transport.base import Transport, TransportError
+from helix_async.transport.zmq import ZmqTransport
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
+    uvloop = None
+
+
+def run(coro: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(coro(), timeout)
+
+    if uvloop is not None:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+class Inbox:
+    def __init__(self, tp: ZmqTransport) -> None:
+        self.got: list[tuple[NodeRef, Any]] = []
+        tp.set_handler(lambda s, m: self.got.append((s, m)))
+
+
+def test_ordered_delivery_names_acks_and_idle() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        host = ZmqTransport(SOURCE, clock)
+        w = ZmqTransport(3, clock)
+        assert isinstance(host, Transport)
+        await host.start()
+        await w.start()
+        assert host.address.startswith("tcp://127.0.0.1:") and not host.address.endswith(":*")
+        hin, win = Inbox(host), Inbox(w)
+        idle: list[NodeRef] = []
+        host.set_idle_handler(idle.append)
+        host.connect(3, w.address)
+        w.connect(SOURCE, host.address)
+        for i in range(50):
+            host.send(3, Cancel(request_id=i, reason="x"))
+        assert not host.link_idle(3)
+        await until(lambda: len(win.got) == 50)
+        assert [m.request_id for _, m in win.got] == list(range(50))
+        assert {s for s, _ in win.got} == {SOURCE}
+        await until(lambda: host.link_idle(3))
+        assert idle == [3]
+        w.send(SINK, Heartbeat(node_id=3, seq=1, now=0.0))  # SINK and SOURCE are both the host
+        await until(lambda: len(hin.got) == 1)
+        assert hin.got[0][0] == 3
+        with pytest.raises(TransportError, match="no link to 9"):
+            host.send(9, Cancel(request_id=0))
+        await host.close()
+        await w.close()
+        assert host.stats.unsent_at_close == 0 and w.drops.total == 0
+        with pytest.raises(TransportError, match="closed"):
+            host.send(3, Cancel(request_id=0))
+
+    run(main)
+
+
+def test_tensors_travel_as_frames_and_names_map() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        a = ZmqTransport(0, clock, name="w-abc")
+        b = ZmqTransport(1, clock)
+        await a.start()
+        await b.start()
+        bin_ = Inbox(b)
+        b.name_peer("w-abc", 0)
+        a.connect(1, b.address)
+        h = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+        a.send(1, DecodeWork(request_id=5, route=((0, 0, 2), (1, 2, 4)), stage=1, context_len=9, token_id=-1,
+                             sent_at=1.5, tensors=(h,)))
+        await until(lambda: len(bin_.got) == 1)
+        sender, msg = bin_.got[0]
+        assert sender == 0 and np.array_equal(msg.tensors[0], h) and msg.context_len == 9
+        await a.close()
+        await b.close()
+
+    run(main)
+
+
+def test_messages_sent_to_a_restarted_peer_arrive_once_in_order() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        a = ZmqTransport(0, clock, retry_after_s=0.2, heartbeat_s=0.05, dead_after_s=1.0)
+        b = ZmqTransport(1, clock)
+        await a.start()
+        addr = await b.start()
+        a.connect(1, addr)
+        await b.close()  # the peer goes away before anything is sent
+        for i in range(5):
+            a.send(1, Cancel(request_id=i))
+        await asyncio.sleep(0.3)
+        b2 = ZmqTransport(1, clock, bind=addr)  # comes back on the same address
+        await b2.start()
+        inbox = Inbox(b2)
+        await until(lambda: len(inbox.got) == 5 and a.link_idle(1))
+        await asyncio.sleep(0.3)  # later retries or heartbeats deliver nothing twice
+        assert [m.request_id for _, m in inbox.got] == list(range(5))
+        assert a.stats.retried >= 5
+        await a.close()
+        await b2.close()
+
+    run(main)
+
+
+def test_duplicates_and_malformed_frames_are_dropped_and_counted() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        b = ZmqTransport(1, clock)
+        await b.start()
+        inbox = Inbox(b)
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.IDENTITY, b"7")
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(b.address)
+        from helix_async.codec import encode
+
+        epoch = os.urandom(8)
+        good = [b"D", epoch, (0).to_bytes(8, "little"), *encode(Cancel(request_id=1))]
+        await raw.send_multipart(good)
+        await raw.send_multipart(good)  # a duplicate
+        await raw.send_multipart([b"D"])  # too short
+        await raw.send_multipart([b"Z", epoch, bytes(8), b"x"])  # unknown kind
+        await raw.send_multipart([b"D", b"short", bytes(8), b"x"])  # bad epoch size
+        await raw.send_multipart([b"D", epoch, (1).to_bytes(8, "little"), b"\x03", b"\xc1"])  # bad codec
+        await raw.send_multipart([b"D", epoch, (5).to_bytes(8, "little"), *encode(Cancel(request_id=9))])  # gap
+        await raw.send_multipart([b"D", epoch, (2).to_bytes(8, "little"), *encode(Cancel(request_id=2))])
+        await until(lambda: len(inbox.got) == 2)
+        await until(lambda: b.stats.bad_frames == 3 and b.drops.total == 1)
+        assert [(s, m.request_id) for s, m in inbox.got] == [(7, 1), (7, 2)]
+        assert b.stats.duplicates == 1 and b.stats.out_of_order == 1
+        # acknowledgements came back: cumulative, up to the next expected sequence number
+        acks = []
+        while await raw.poll(200):
+            acks.append(await raw.recv_multipart())
+        assert acks and all(f[0] == b"A" and f[1] == epoch for f in acks)
+        assert int.from_bytes(acks[-1][2], "little") == 3
+        raw.close(0)
+        ctx.term()
+        await b.close()
+
+    run(main)
+
+
+def test_a_peer_that_stops_answering_is_reported_within_two_seconds() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        host = ZmqTransport(SOURCE, clock)  # default timings
+        w = ZmqTransport(4, clock)
+        await host.start()
+        await w.start()
+        host.connect(4, w.address)
+        lost: list[tuple[NodeRef, float]] = []
+        back: list[NodeRef] = []
+        host.on_peer_lost = lambda p: lost.append((p, clock.now()))
+        host.on_peer_back = back.append
+        await asyncio.sleep(0.6)
+        assert host.alive(4) and not lost
+        t_stop = clock.now()
+        await w.close()
+        await until(lambda: bool(lost), timeout=4.0)
+        assert lost[0][0] == 4 and lost[0][1] - t_stop <= 2.0
+        assert not host.alive(4) and host.stats.peers_lost == 1
+        w2 = ZmqTransport(4, clock, bind=w.address)
+        await w2.start()
+        await until(lambda: back == [4], timeout=4.0)
+        await host.close()
+        await w2.close()
+
+    run(main)
+
+
+def test_bind_errors_are_clear() -> None:
+    async def main() -> None:
+        clock = LoopClock()
+        a = ZmqTransport(0, clock)
+        addr = await a.start()
+        b = ZmqTransport(1, clock, bind=addr)
+        with pytest.raises(TransportError, match="cannot bind"):
+            await b.start()
+        await b.close()
+        await a.close()
+
+    run(main)
