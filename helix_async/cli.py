@@ -217,6 +217,20 @@ def _build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--links", action="store_true", help="list every link's flow")
     fl.set_defaults(handler=cmd_flow)
 
+    pr = sub.add_parser("profile", help="measure per-layer batch times with the torch executor (profile format)")
+    pr.add_argument("--model", default="tiny-llama", help="model (default %(default)s)")
+    pr.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
+    pr.add_argument("--gpu", default=None, help="machine type to name the profile after (default: CPU or CUDA)")
+    pr.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    pr.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default %(default)s)")
+    pr.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per point; the median is kept")
+    pr.add_argument("--kv-bytes", type=_positive, default=256 * 2**20, help="KV budget of the machine type, bytes")
+    pr.add_argument("--prompt-max-requests", type=_positive_int, default=4)
+    pr.add_argument("--prompt-max-tokens", type=_positive_int, default=512)
+    pr.add_argument("--decode-max-tokens", type=_positive_int, default=64)
+    pr.add_argument("--out", default=None, help="directory to write (default out/profile/<model>)")
+    pr.set_defaults(handler=cmd_profile)
+
     demo = sub.add_parser("demo", help="the main job on the built-in default (single24, LLaMA-2 70B)")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
     demo.add_argument("--out", default=None, help="directory for the demo's files (default out/demo)")
@@ -502,6 +516,38 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
         plot_placement(placement, flow, args.plot)
         print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("torch", "torch")
+    from .executors.profiling import DECODE_GRID, PROMPT_GRID, measure, node_settings_rows, write_profile
+    from .model import get_model
+
+    spec = get_model(args.model)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ConfigError("<argument>", "--device", f"unknown device {args.device!r}; use cpu or cuda")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("<argument>", "--device", "CUDA is not available on this machine")
+    gpu = args.gpu or ("CPU" if args.device == "cpu" else "CUDA")
+    grid_p = [n for n in PROMPT_GRID if n <= args.prompt_max_tokens] or [args.prompt_max_tokens]
+    grid_d = [n for n in DECODE_GRID if n <= args.decode_max_tokens] or [args.decode_max_tokens]
+    print(f"profiling one layer of {spec.name} on {args.device} ({args.dtype}, {args.threads} thread(s), "
+          f"median of {args.repeats})")
+    res = measure(spec, gpu=gpu, device=args.device, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
+                  prompt_grid=grid_p, decode_grid=grid_d)
+    for kind, rows in (("prompt tokens", res.prompt), ("decode seqs", res.decode)):
+        print(f"  {kind:14s} " + "  ".join(f"{x}:{s * 1e3:.3f}ms" for x, s in rows))
+    settings = node_settings_rows(spec, gpu, kv_bytes=int(args.kv_bytes), prompt_max_requests=args.prompt_max_requests,
+                                  prompt_max_tokens=args.prompt_max_tokens, decode_max_tokens=args.decode_max_tokens)
+    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "profile" / spec.key
+    for path in write_profile(res, out, settings):
+        print(f"wrote {path}")
     return EXIT_OK
 
 

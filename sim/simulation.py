@@ -29,9 +29,8 @@ from helix_async.messages import DecodeWork, PromptWork
 from helix_async.model import ModelSpec, ThroughputModel, load_profiles, max_compute_throughput
 from helix_async.placement import Placement
 from helix_async.placement.flow import max_flow
+from helix_async.roles import flow_router, worker_roles
 from helix_async.routing import (
-    FlowRouter,
-    KVTracker,
     RandomPolicy,
     ShortestQueuePolicy,
     SwarmPolicy,
@@ -40,7 +39,7 @@ from helix_async.routing import (
 from helix_async.transport.base import HOST
 from helix_async.transport.memory import MemoryNetwork
 from helix_async.vloop import VirtualTimeLoop
-from helix_async.worker import BatchLimits, Worker
+from helix_async.worker import Worker
 
 __all__ = ["SCHEDULERS", "Simulation", "SimulationSetup", "helix_message_bytes", "reserved_rates"]
 
@@ -179,41 +178,31 @@ class Simulation:
             mode=mode,
             reserved_rates=reserved_rates(p, self.flow) if mode == "reserved" else None,
         )
-        profiles = load_profiles(spec)
-        layers = {i: r for i, r in p.layers.items() if r is not None and i in set(p.used_nodes())}
+        roles = worker_roles(p, self.tm)
+        layers = {i: r.layers for i, r in roles.items()}
         self.workers: dict[int, Worker] = {}
         per_hop = not maxflow
         free_only = setup.scheduler in ("random", "shortest-queue")
         peer_len = self._peer_queue_len if setup.scheduler == "shortest-queue" else None
-        for i, (a, b) in sorted(layers.items()):
-            k = b - a
-            m = cluster.machine(i)
-            ns = profiles.node_settings(m.gpu)
-            kk = min(k, ns.max_layers)
-            limits = BatchLimits(
-                ns.prompt_limit_requests(kk),
-                ns.prompt_limit_tokens(kk),
-                ns.decode_limit_tokens(kk),
-                ns.decode_limit_context(kk),
-            )
-            kv_cap = ns.kv(k) if k <= ns.max_layers else self.tm.kv_capacity(m.gpu, k)
-            executor = CostModelExecutor(self.clock, profiles.profile(m.gpu), spec.activation_size)
-            out = p.out_links(i)
+        profiles = load_profiles(spec)
+        for i, role in roles.items():
+            executor = CostModelExecutor(self.clock, profiles.profile(role.gpu), spec.activation_size)
+            out = list(role.out_links)
             policy = self._policy(i, out) if per_hop else None
             w = Worker(
                 i,
                 self.clock,
                 self.network.endpoint(i),
                 executor,
-                layers=(a, b),
+                layers=role.layers,
                 num_layers=spec.num_layers,
-                limits=limits,
-                kv_capacity=kv_cap,
+                limits=role.limits,
+                kv_capacity=role.kv_capacity,
                 activation_bytes=spec.activation_size,
                 token_bytes=spec.token_size,
                 policy=policy,
                 out_links=out,
-                next_layers={y: layers[y] for y in out if isinstance(y, int)},
+                next_layers=role.next_layers,
                 free_links_only=free_only,
                 peer_queue_len=peer_len,
                 compat=compat,
@@ -224,8 +213,7 @@ class Simulation:
             self.workers[i] = w
         host_tp = self.network.endpoint(HOST)
         if maxflow:
-            kv = KVTracker.from_placement(p, kv_fill_limit=setup.kv[0], output_ratio=setup.kv[1], tm=self.tm)
-            router = FlowRouter.from_plan(p, self.flow, kv, tm=self.tm)
+            router = flow_router(p, self.flow, setup.kv, self.tm)
             self.host = Host(self.clock, host_tp, router=router, compat=compat, drop_rejected=setup.drop_rejected)
         else:
             first = p.out_links(SOURCE)

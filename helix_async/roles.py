@@ -1,0 +1,75 @@
+"""What a plan asks of each node: the one place that turns a :class:`Placement` into worker roles
+and the host's router, for the simulator (``sim.simulation``) and the runtime alike.
+
+A worker's role: its layers, its batch limits and KV capacity from the profiled node settings of
+its machine type for that many layers (HELIX_SPEC §3.3; a node holding more layers than the
+settings list gets the throughput model's KV capacity and the limits of the largest listed count),
+and its out-links with the layer ranges of their receivers.  The host's router: MaxFlow's
+:class:`~helix_async.routing.FlowRouter` over the plan's flows with the KV expectation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .flowplan import FlowPlan
+from .ids import NodeRef
+from .model import ModelSpec, ProfileSet, ThroughputModel, load_profiles
+from .placement import Placement
+from .routing import FlowRouter, KVTracker
+from .worker import BatchLimits
+
+__all__ = ["WorkerRole", "flow_router", "worker_roles"]
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """One compute node's part in a plan."""
+
+    node_id: int
+    gpu: str
+    layers: tuple[int, int]
+    limits: BatchLimits
+    kv_capacity: int
+    out_links: tuple[NodeRef, ...]
+    next_layers: dict[NodeRef, tuple[int, int]] = field(default_factory=dict)
+
+
+def worker_roles(
+    placement: Placement, tm: ThroughputModel | None = None, profiles: ProfileSet | None = None
+) -> dict[int, WorkerRole]:
+    """The role of every node the plan uses, by node id."""
+    spec: ModelSpec = placement.model_spec
+    cluster = placement.cluster
+    tm = tm if tm is not None else ThroughputModel.for_cluster(spec, cluster)
+    profiles = profiles if profiles is not None else load_profiles(spec)
+    used = set(placement.used_nodes())
+    layers = {i: r for i, r in placement.layers.items() if r is not None and i in used}
+    roles = {}
+    for i, (a, b) in sorted(layers.items()):
+        k = b - a
+        gpu = cluster.machine(i).gpu
+        ns = profiles.node_settings(gpu)
+        kk = min(k, ns.max_layers)
+        limits = BatchLimits(
+            ns.prompt_limit_requests(kk),
+            ns.prompt_limit_tokens(kk),
+            ns.decode_limit_tokens(kk),
+            ns.decode_limit_context(kk),
+        )
+        kv_cap = ns.kv(k) if k <= ns.max_layers else tm.kv_capacity(gpu, k)
+        out = tuple(placement.out_links(i))
+        roles[i] = WorkerRole(
+            i, gpu, (a, b), limits, int(kv_cap), out, {y: layers[y] for y in out if isinstance(y, int)}
+        )
+    return roles
+
+
+def flow_router(
+    placement: Placement, flow: FlowPlan, kv: tuple[float, float] = (0.85, 1.0), tm: ThroughputModel | None = None
+) -> Any:
+    """MaxFlow's router (a ``FlowRouter``) over ``flow`` with the KV expectation ``kv`` = (fill limit, output ratio)."""
+    tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
+    tracker = KVTracker.from_placement(placement, kv_fill_limit=kv[0], output_ratio=kv[1], tm=tm)
+    return FlowRouter.from_plan(placement, flow, tracker, tm=tm)
