@@ -226,10 +226,14 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per point; the median is kept")
     pr.add_argument("--kv-bytes", type=_positive, default=256 * 2**20, help="KV budget of the machine type, bytes")
     pr.add_argument("--prompt-max-requests", type=_positive_int, default=4)
-    pr.add_argument("--prompt-max-tokens", type=_positive_int, default=512)
-    pr.add_argument("--decode-max-tokens", type=_positive_int, default=64)
+    pr.add_argument("--prompt-max-tokens", type=_positive_int, default=2048)
+    pr.add_argument("--decode-max-tokens", type=_positive_int, default=128)
     pr.add_argument("--out", default=None, help="directory to write (default out/profile/<model>)")
     pr.set_defaults(handler=cmd_profile)
+
+    from .runtime.commands import add_parsers
+
+    add_parsers(sub, _positive_int, _positive, _pair)
 
     demo = sub.add_parser("demo", help="the main job on the built-in default (single24, LLaMA-2 70B)")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")

@@ -108,7 +108,13 @@ def _tiny_llama() -> ModelSpec:
         token_size=4,
         activation_size=hidden * bytes_per,
         kv_bytes_per_token_per_layer=2 * kv_dim * bytes_per,
-        gpus=(),
+        # measured on this project's 2-core development machine with `python -m helix_async profile`
+        # (data/profiles/tiny_llama/, see data/PROVENANCE.md): one CPU worker process holds it all
+        gpus=("CPU",),
+        typical_layers_a={"CPU": layers},
+        typical_layers_b={"CPU": layers},
+        normalized_perf_initial={"CPU": 1.0},
+        max_num_layers={"CPU": layers},
         hf_name="(synthetic, random weights)",
     )
 

@@ -20,7 +20,7 @@ from .placement import Placement
 from .routing import FlowRouter, KVTracker
 from .worker import BatchLimits
 
-__all__ = ["WorkerRole", "flow_router", "worker_roles"]
+__all__ = ["WorkerRole", "flow_router", "node_limits", "worker_roles"]
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,29 @@ def worker_roles(
     for i, (a, b) in sorted(layers.items()):
         k = b - a
         gpu = cluster.machine(i).gpu
-        ns = profiles.node_settings(gpu)
-        kk = min(k, ns.max_layers)
-        limits = BatchLimits(
-            ns.prompt_limit_requests(kk),
-            ns.prompt_limit_tokens(kk),
-            ns.decode_limit_tokens(kk),
-            ns.decode_limit_context(kk),
-        )
-        kv_cap = ns.kv(k) if k <= ns.max_layers else tm.kv_capacity(gpu, k)
+        limits, kv_cap = node_limits(profiles, gpu, k)
+        if kv_cap < 0:
+            kv_cap = tm.kv_capacity(gpu, k)
         out = tuple(placement.out_links(i))
         roles[i] = WorkerRole(
             i, gpu, (a, b), limits, int(kv_cap), out, {y: layers[y] for y in out if isinstance(y, int)}
         )
     return roles
+
+
+def node_limits(profiles: ProfileSet, gpu: str, k: int) -> tuple[BatchLimits, int]:
+    """Batch limits and KV capacity (token x layer entries) of a ``gpu`` node holding ``k`` layers,
+    from the profiled node settings; the KV capacity is -1 when ``k`` is above the settings' range
+    (the caller then asks the throughput model)."""
+    ns = profiles.node_settings(gpu)
+    kk = min(k, ns.max_layers)
+    limits = BatchLimits(
+        ns.prompt_limit_requests(kk),
+        ns.prompt_limit_tokens(kk),
+        ns.decode_limit_tokens(kk),
+        ns.decode_limit_context(kk),
+    )
+    return limits, (ns.kv(k) if k <= ns.max_layers else -1)
 
 
 def flow_router(

@@ -65,5 +65,6 @@ BUILTIN_CLUSTERS: tuple[str, ...] = (
     "dist_a100",
     "dist_l4",
     "dist_t4",
+    "tiny3",
 )
 

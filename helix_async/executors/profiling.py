@@ -30,8 +30,8 @@ from .llama import LlamaConfig, SeqCache, dummy_stage
 
 __all__ = ["ProfileResult", "llama_config", "measure", "write_profile"]
 
-PROMPT_GRID = (16, 32, 64, 128, 256, 512)
-DECODE_GRID = (1, 2, 4, 8, 16, 32, 64)
+PROMPT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
+DECODE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:

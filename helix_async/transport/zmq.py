@@ -190,6 +190,12 @@ class ZmqTransport:
         for _, packet, _ in out.unacked:
             self._transmit(out, packet)
 
+    def rename(self, node: NodeRef, name: str) -> None:
+        """This endpoint becomes ``node`` named ``name`` (an assigned worker): outboxes connected from
+        now on carry the new name; the open ones keep theirs (their peers know it)."""
+        self._node = node
+        self.name = name
+
     def name_peer(self, name: str, node: NodeRef) -> None:
         """Messages from identity ``name`` are delivered as from ``node``."""
         self._names[name.encode()] = node

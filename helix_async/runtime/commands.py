@@ -1,0 +1,174 @@
+"""The runtime's command-line entry points: ``host`` and ``worker`` (``python -m helix_async``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+log = logging.getLogger("helix_async.runtime")
+
+
+def _run(coro: Any) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))
+    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
+        return int(asyncio.run(coro))
+
+
+def _percentile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * p))] if s else float("nan")
+
+
+def summary_line(served: int, workers: int, tokens: int, span: float, ttft: list[float], tpot: list[float]) -> str:
+    rate = tokens / span if span > 0 else 0.0
+    return (
+        f"served {served} requests on {workers} workers: {rate:.1f} tokens/s, "
+        f"TTFT p50 {_percentile(ttft, 0.5):.3f} s, per-token p50 {_percentile(tpot, 0.5):.4f} s"
+    )
+
+
+async def _host_main(args: argparse.Namespace) -> int:
+    from ..placement.io import read_flow, read_placement
+    from .host_main import HostServer
+
+    placement = read_placement(args.plan)
+    flow = read_flow(args.plan)
+    trace = None
+    if args.trace:
+        from ..workloads import read_trace_csv
+
+        trace = read_trace_csv(args.trace)
+    server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity)
+    address = await server.start()
+    print(f"host listening on {address}", flush=True)
+    if args.address_file:
+        Path(args.address_file).write_text(address + "\n")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready = loop.create_task(server.wait_ready())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        print("stopped before the workers were ready", flush=True)
+        await server.shutdown("host stopped", grace=0.0)
+        return 0
+    print(f"all {len(server.nodes)} workers ready", flush=True)
+    if trace is None:
+        await stopped
+        await server.shutdown("host stopped (signal)", grace=args.grace)
+        return 0
+    replay = loop.create_task(replay_trace(server, trace, seed=args.seed))
+    await asyncio.wait({replay, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not replay.done():
+        await server.shutdown("host stopped (signal)", grace=args.grace)
+        await asyncio.gather(replay, return_exceptions=True)
+    else:
+        await server.shutdown("trace done", grace=args.grace)
+    print(replay.result() if replay.done() and not replay.cancelled() and replay.exception() is None else "replay cut short",
+          flush=True)
+    return 0
+
+
+async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0) -> str:
+    """Submit every trace entry at its arrival time (relative to now) with seeded random prompt token
+    ids; returns the summary line once all have finished or failed."""
+    from .host_main import RequestFailed
+
+    rng = random.Random(seed)
+    vocab = server.model.vocab_size
+    clock = server.clock
+    t0 = clock.now()
+    failed = 0
+    tokens = 0
+
+    async def one(t: float, n: int, m: int) -> None:
+        nonlocal failed, tokens
+        await clock.sleep_until(t0 + t)
+        prompt = [rng.randrange(vocab) for _ in range(n)]
+        try:
+            async for _ in server.generate(prompt, m):
+                tokens += 1
+        except RequestFailed as e:
+            failed += 1
+            log.warning("request failed: %s", e)
+
+    await asyncio.gather(*(one(float(t), int(n), int(m)) for t, n, m in trace))
+    span = clock.now() - t0
+    host = server.host
+    line = summary_line(len(trace) - failed, len(server.nodes), tokens, span, list(host.prompt_latency),
+                        list(host.decode_latency))
+    if failed:
+        line += f" ({failed} failed)"
+    return line
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    return _run(_host_main(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker_main import WorkerOptions, WorkerServer
+
+    opts = WorkerOptions(
+        connect=args.connect,
+        node_id=args.node_id,
+        executor=args.executor,
+        device=args.device,
+        machine_type=args.machine_type or "",
+        checkpoint=args.checkpoint or "",
+        dtype=args.dtype,
+        seed=args.seed,
+        bind=args.bind,
+        threads=args.threads,
+        time_scale=args.time_scale,
+        memory_bytes=int(args.memory_bytes or 0),
+    )
+    if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
+        raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
+    server = WorkerServer(opts)
+    rc = _run(server.run())
+    if server.exit_reason:
+        print(f"worker: {server.exit_reason}", file=sys.stderr, flush=True)
+    return rc
+
+
+def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
+    h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
+    h.add_argument("--plan", required=True, help="plan file (from `plan`)")
+    h.add_argument("--listen", default="tcp://127.0.0.1:*", help="inbox address (default %(default)s: an ephemeral port)")
+    h.add_argument("--address-file", default=None, help="write the bound address here (for scripts)")
+    h.add_argument("--trace", default=None, help="replay this trace CSV (arrive_time_s,input_tokens,output_tokens), then stop")
+    h.add_argument("--seed", type=int, default=0, help="seed of the replayed prompts' token ids")
+    h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
+    h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
+    h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
+    h.set_defaults(handler=cmd_host)
+
+    w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)")
+    w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")
+    w.add_argument("--node-id", type=int, default=-1, help="the plan node to serve (default: any free one of this type)")
+    w.add_argument("--executor", default="torch", help="torch or cost-model (default %(default)s)")
+    w.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
+    w.add_argument("--machine-type", default=None, help="machine type (default CPU, or CUDA on a GPU)")
+    w.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint directory (default: seeded dummy weights)")
+    w.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    w.add_argument("--seed", type=int, default=0, help="seed of the dummy weights")
+    w.add_argument("--bind", default="tcp://127.0.0.1:*", help="inbox address (default %(default)s)")
+    w.add_argument("--threads", type=positive_int, default=1, help="torch threads (default %(default)s)")
+    w.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: slow every modelled duration by K")
+    w.add_argument("--memory-bytes", type=positive, default=None, help="what the device may hold (refuse larger layer ranges)")
+    w.set_defaults(handler=cmd_worker)

@@ -1,0 +1,377 @@
+"""``python -m helix_async host``: the coordinator of a real cluster.
+
+:class:`HostServer` binds the host's inbox (``--listen``), takes worker registrations and gives
+each a node of the plan (the node id a worker asks for, else the first free node of its machine
+type), and once every node the plan uses has registered sends each its ``AssignLayers`` (layer
+range, model, next hops with their addresses).  When all have declared themselves ready it runs
+the very :class:`~helix_async.host.Host` the simulator runs, on the real clock, over ZeroMQ:
+MaxFlow routes each request at admission, work goes worker to worker, tokens come back here.
+
+Requests come from the async Python API (:meth:`HostServer.generate`: prompt token ids in, tokens
+out as they are produced) or from a trace replayed on the real clock (:meth:`HostServer.replay`).
+
+Failures: a worker that stops answering (the transport's heartbeats, within 2 s) fails every
+request whose route crosses it, with a reason naming the node; requests on other routes go on.  New
+requests routed over a lost node fail at once (re-planning around it is the faults issue).
+``shutdown`` lets in-flight requests finish for a grace period, cancels the rest, tells every
+worker to stop and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..clock import LoopClock
+from ..errors import HelixError
+from ..flowplan import FlowPlan
+from ..host import Host, Query
+from ..ids import SOURCE, NodeRef
+from ..messages import AssignLayers, DecodeWork, Error, ErrorCode, Heartbeat, PromptWork, Register, Shutdown
+from ..placement import Placement
+from ..placement.flow import max_flow
+from ..roles import flow_router
+from ..transport.base import Handler
+from ..transport.zmq import ZmqTransport
+
+__all__ = ["HostServer", "RequestFailed"]
+
+log = logging.getLogger("helix_async.host")
+
+
+class RequestFailed(HelixError, RuntimeError):
+    """A request the cluster could not serve (the message says why)."""
+
+
+@dataclass
+class _NodeState:
+    node: int
+    gpu: str
+    layers: tuple[int, int]
+    name: str = ""
+    address: str = ""
+    ready: bool = False
+    lost: bool = False
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass
+class HostCounters:
+    registrations: int = 0
+    refused: int = 0
+    workers_lost: int = 0
+    bad_messages: int = 0
+    failed_on_lost_worker: int = 0
+    cancelled_at_shutdown: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+class _Guard:
+    """The host's transport, refusing work for lost workers: the request fails instead of waiting
+    on a node that will not answer."""
+
+    def __init__(self, server: HostServer, tp: ZmqTransport) -> None:
+        self._server = server
+        self._tp = tp
+
+    @property
+    def node(self) -> NodeRef:
+        return SOURCE
+
+    def set_handler(self, handler: Handler) -> None:  # the server dispatches
+        pass
+
+    def set_idle_handler(self, handler: Callable[[NodeRef], None]) -> None:
+        self._tp.set_idle_handler(handler)
+
+    def link_idle(self, dest: NodeRef) -> bool:
+        return self._tp.link_idle(dest)
+
+    def send(self, dest: NodeRef, msg: Any) -> None:
+        st = self._server.nodes.get(dest) if isinstance(dest, int) else None
+        if st is not None and st.lost and type(msg) in (PromptWork, DecodeWork):
+            rid = msg.request_id
+            self._server.clock.call_soon(self._server._fail, rid, f"worker {dest} is lost")
+            return
+        self._tp.send(dest, msg)  # cancels still go: a worker that answers again frees that KV
+
+    async def close(self) -> None:
+        await self._tp.close()
+
+
+class HostServer:
+    """The host process's state and API (see the module doc).
+
+    placement, flow: the plan (flow: its max flow, computed when None). listen: the inbox address.
+    kv: the KV expectation (fill limit, output ratio). admission_capacity: most queries waiting for
+    admission (beyond: rejected).
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        flow: FlowPlan | None = None,
+        *,
+        listen: str = "tcp://127.0.0.1:*",
+        kv: tuple[float, float] = (0.9, 0.6),
+        admission_capacity: int = 4096,
+    ) -> None:
+        self.placement = placement
+        self.model = placement.model_spec
+        self.flow = flow if flow is not None else max_flow(placement)
+        self.clock = LoopClock()
+        self.tp = ZmqTransport(SOURCE, self.clock, bind=listen)
+        self.nodes: dict[int, _NodeState] = {}
+        for i in placement.used_nodes():
+            r = placement.layers[i]
+            assert r is not None
+            self.nodes[i] = _NodeState(i, placement.cluster.machine(i).gpu, r)
+        self._names: dict[str, int] = {}
+        self.counters = HostCounters()
+        self.host: Host | None = None
+        self._kv = kv
+        self._capacity = admission_capacity
+        self._assigned = False
+        self._ready: asyncio.Event | None = None
+        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._qids = itertools.count()
+        self._closing = False
+        self.on_query_done: Callable[[Query], None] | None = None
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Bind the inbox; returns its address (what workers ``--connect`` to)."""
+        self._ready = asyncio.Event()
+        address = await self.tp.start()
+        self.tp.set_handler(self._on_message)
+        self.tp.on_peer_lost = self._peer_lost
+        self.tp.on_peer_back = self._peer_back
+        return address
+
+    @property
+    def address(self) -> str:
+        return self.tp.address
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until every node of the plan has registered, loaded its layers and said so."""
+        assert self._ready is not None, "start() first"
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready is not None and self._ready.is_set()
+
+    async def shutdown(self, reason: str = "host shutting down", grace: float = 5.0) -> None:
+        """Stop admitting; let in-flight requests finish for ``grace`` seconds, cancel the rest;
+        tell every worker to stop; close."""
+        if self._closing:
+            return
+        self._closing = True
+        host = self.host
+        if host is not None:
+            deadline = self.clock.now() + grace
+            while host.active + host.waiting and self.clock.now() < deadline:
+                await asyncio.sleep(0.02)
+            for qid in list(host._queries):
+                self.counters.cancelled_at_shutdown += 1
+                host.fail(qid, f"cancelled: {reason}")
+            for q in list(host._waiting):
+                self.counters.cancelled_at_shutdown += 1
+                self._finish_stream(q.qid, RequestFailed(f"cancelled: {reason}"))
+            host._waiting.clear()
+        for st in self.nodes.values():
+            if st.address and not st.lost:
+                self.tp.send(st.node, Shutdown(reason=reason))
+        for _ in range(100):  # until the workers have the message (or 1 s)
+            if all(self.tp.link_idle(n) for n, st in self.nodes.items() if st.address and not st.lost):
+                break
+            await asyncio.sleep(0.01)
+        await self.tp.close()
+
+    # ---- registration ---------------------------------------------------------------------------
+
+    def _on_message(self, sender: NodeRef, msg: Any) -> None:
+        t = type(msg)
+        if t is Register:
+            self._register(sender, msg)
+        elif t is Heartbeat:
+            pass
+        elif t is Error and msg.request_id < 0:
+            node = self._names.get(msg.name) if hasattr(msg, "name") else None
+            log.error("worker %r reports: %s", sender if node is None else node, msg.text)
+            self.counters.log.append(f"worker {sender!r}: {msg.text}")
+        elif self.host is not None:
+            self.host.on_message(sender, msg)
+        else:
+            self.counters.bad_messages += 1
+
+    def _refuse(self, msg: Register, why: str) -> None:
+        self.counters.refused += 1
+        log.warning("refused worker %s (%s): %s", msg.name, msg.address, why)
+        self.tp.connect(msg.name, msg.address)
+        self.tp.send(msg.name, Error(request_id=-1, code=int(ErrorCode.NOT_ASSIGNED), text=why))
+
+    def _register(self, sender: NodeRef, msg: Register) -> None:
+        self.counters.registrations += 1
+        if "ready" in msg.capabilities:
+            node = self._names.get(msg.name)
+            if node is None or node != msg.node_id:
+                self.counters.bad_messages += 1
+                return
+            self.nodes[node].ready = True
+            log.info("node %d ready (%s)", node, msg.name)
+            if all(st.ready for st in self.nodes.values()):
+                self._serve()
+            return
+        if msg.name in self._names:  # the same worker again (a retried registration)
+            return
+        if self._assigned:
+            self._refuse(msg, "the plan's nodes are all assigned")
+            return
+        gpu = msg.machine_type.lower()
+        if msg.node_id >= 0:
+            st = self.nodes.get(msg.node_id)
+            if st is None:
+                self._refuse(msg, f"node {msg.node_id} is not in the plan (its nodes: {sorted(self.nodes)})")
+                return
+            if st.name:
+                self._refuse(msg, f"node {msg.node_id} is taken by {st.name}")
+                return
+            if st.gpu.lower() != gpu:
+                self._refuse(msg, f"node {msg.node_id} is a {st.gpu} in the plan, the worker is a {msg.machine_type}")
+                return
+        else:
+            free = [s for s in self.nodes.values() if not s.name and s.gpu.lower() == gpu]
+            if not free:
+                self._refuse(msg, f"no free {msg.machine_type} node in the plan")
+                return
+            st = free[0]
+        st.name = msg.name
+        st.address = msg.address
+        st.capabilities = msg.capabilities
+        self._names[msg.name] = st.node
+        self.tp.name_peer(msg.name, st.node)
+        self.tp.connect(st.node, msg.address)
+        log.info("worker %s (%s) is node %d [%d, %d)", msg.name, msg.address, st.node, *st.layers)
+        if all(s.name for s in self.nodes.values()):
+            self._assign()
+
+    def _assign(self) -> None:
+        self._assigned = True
+        p = self.placement
+        for i, st in self.nodes.items():
+            hops = []
+            for y in p.out_links(i):
+                # (a last stage returns its tokens to the host it registered with: not a hop here)
+                if isinstance(y, int) and y in self.nodes:
+                    ys = self.nodes[y]
+                    hops.append((y, ys.address, ys.layers[0], ys.layers[1]))
+            prev = tuple(x for x in p.in_links(i) if isinstance(x, int))
+            self.tp.send(
+                i,
+                AssignLayers(node_id=i, model=self.model.name, start=st.layers[0], end=st.layers[1], plan_id=1,
+                             next_hops=tuple(hops), prev_nodes=prev),
+            )
+
+    def _serve(self) -> None:
+        router = flow_router(self.placement, self.flow, self._kv)
+        host = Host(self.clock, _Guard(self, self.tp), router=router, admission_capacity=self._capacity)
+        host.on_token = self._on_token
+        host.on_fail = self._on_fail
+        host.on_reject = self._on_reject
+        host.on_query_done = self._on_done
+        self.host = host
+        assert self._ready is not None
+        self._ready.set()
+        log.info("all %d nodes ready: serving", len(self.nodes))
+
+    # ---- failures -------------------------------------------------------------------------------
+
+    def _peer_lost(self, peer: NodeRef) -> None:
+        if not isinstance(peer, int) or peer not in self.nodes:
+            return
+        st = self.nodes[peer]
+        st.lost = True
+        self.counters.workers_lost += 1
+        log.error("worker %d (%s) stopped answering", peer, st.name)
+        host = self.host
+        if host is None:
+            return
+        for q in list(host._queries.values()):
+            if q.route and any(s[0] == peer for s in q.route):
+                self.counters.failed_on_lost_worker += 1
+                host.fail(q.qid, f"worker {peer} is lost")
+
+    def _peer_back(self, peer: NodeRef) -> None:
+        if isinstance(peer, int) and peer in self.nodes and self.nodes[peer].lost:
+            # (a stall, not a crash: its failed requests' cancels reach it now, new work may go to it)
+            self.nodes[peer].lost = False
+            log.warning("worker %d answers again; back in service", peer)
+
+    def _fail(self, qid: int, reason: str) -> None:
+        if self.host is not None:
+            self.host.fail(qid, reason)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _on_token(self, q: Query, token: int, last: bool) -> None:
+        s = self._streams.get(q.qid)
+        if s is not None:
+            s.put_nowait(token)
+
+    def _finish_stream(self, qid: int, end: Any) -> None:
+        s = self._streams.get(qid)
+        if s is not None:
+            s.put_nowait(end)
+
+    def _on_done(self, q: Query) -> None:
+        self._finish_stream(q.qid, None)
+        if self.on_query_done is not None:
+            self.on_query_done(q)
+
+    def _on_fail(self, q: Query) -> None:
+        self._finish_stream(q.qid, RequestFailed(q.error))
+
+    def _on_reject(self, q: Query) -> None:
+        self._finish_stream(q.qid, RequestFailed("rejected: the admission queue is full or no route can take it"))
+
+    async def generate(self, prompt: Sequence[int], max_tokens: int, *, qid: int | None = None) -> AsyncIterator[int]:
+        """Serve one request: yields its ``max_tokens`` tokens as they come (greedy).  Raises
+        :class:`RequestFailed` when the cluster cannot serve it."""
+        if self.host is None or self._closing:
+            raise RequestFailed("the host is not serving")
+        if not prompt:
+            raise ValueError("empty prompt")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        vocab = self.model.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        q_id = next(self._qids) if qid is None else qid
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[q_id] = stream
+        try:
+            if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt)) is None:
+                raise RequestFailed("rejected: the admission queue is full or no route can take it")
+            got = 0
+            while True:
+                item = await stream.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                got += 1
+                yield item
+        finally:
+            self._streams.pop(q_id, None)
+            if self.host is not None and q_id in self.host._queries:
+                self.host.fail(q_id, "cancelled by the client")  # the caller stopped reading
+
+    async def complete(self, prompt: Sequence[int], max_tokens: int) -> list[int]:
+        """All the tokens of one request (see :meth:`generate`)."""
+        return [t async for t in self.generate(prompt, max_tokens)]

@@ -1,0 +1,305 @@
+"""``python -m helix_async worker``: one compute node of a real cluster.
+
+The process binds its inbox on an ephemeral port, connects to the host and registers (its node id
+if given, its machine type, its inbox address, its executor).  The host answers with
+``AssignLayers`` once every node of the plan has registered: the layer range, the plan's model and
+the addresses of the next hops.  The worker then builds its executor (``torch``: the model's layers
+from a Hugging Face checkpoint or seeded dummy weights; ``cost-model``: the simulator's executor on
+the real clock, slowed by ``time_scale``), connects to its next hops, declares itself ready, and
+runs the very :class:`~helix_async.worker.Worker` the simulator runs until the host says
+``Shutdown`` or the process gets SIGINT/SIGTERM.
+
+Start order does not matter: the transport keeps (and retries) the registration until the host is
+there.  A refusal by the host, a model that does not load or does not fit: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..clock import LoopClock
+from ..errors import ConfigError, HelixError
+from ..ids import SINK, SOURCE, NodeRef
+from ..messages import (
+    AssignLayers,
+    Cancel,
+    DecodeWork,
+    Error,
+    ErrorCode,
+    Feedback,
+    PromptWork,
+    Register,
+    Shutdown,
+)
+from ..model import get_model, load_profiles
+from ..roles import node_limits
+from ..transport.zmq import ZmqTransport
+from ..worker import Worker
+
+__all__ = ["EXECUTORS", "WorkerOptions", "WorkerServer", "run_worker"]
+
+log = logging.getLogger("helix_async.worker")
+
+EXECUTORS = ("torch", "cost-model")
+
+
+class WorkerExit(HelixError, RuntimeError):
+    """The worker cannot serve (refused by the host, a model that does not load): exit 2."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What ``python -m helix_async worker`` is told (see its --help)."""
+
+    connect: str
+    node_id: int = -1
+    executor: str = "torch"
+    device: str = "cpu"
+    machine_type: str = ""
+    checkpoint: str = ""
+    dtype: str = "float32"
+    seed: int = 0
+    bind: str = "tcp://127.0.0.1:*"
+    threads: int = 1
+    time_scale: float = 1.0
+    memory_bytes: int = 0  # what the device may hold (0: no check)
+
+    def check(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError("<argument>", "--executor", f"unknown executor {self.executor!r}; known: {', '.join(EXECUTORS)}")
+        if self.executor == "cost-model" and not self.machine_type:
+            raise ConfigError("<argument>", "--machine-type", "the cost-model executor needs the machine type it emulates")
+        if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("<argument>", "--connect", f"expected a ZeroMQ address like tcp://HOST:PORT, got {self.connect!r}")
+        if not self.time_scale > 0:
+            raise ConfigError("<argument>", "--time-scale", "must be > 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError("<argument>", "--device", f"unknown device {self.device!r}; use cpu or cuda")
+
+    @property
+    def gpu(self) -> str:
+        return self.machine_type or ("CPU" if self.device == "cpu" else "CUDA")
+
+
+class WorkerServer:
+    """One worker process's life (see the module doc)."""
+
+    def __init__(self, opts: WorkerOptions) -> None:
+        opts.check()
+        self.opts = opts
+        self.clock = LoopClock()
+        self.name = f"w-{uuid.uuid4().hex[:12]}"
+        self.tp = ZmqTransport(opts.node_id if opts.node_id >= 0 else self.name, self.clock, name=self.name, bind=opts.bind)
+        self.worker: Worker | None = None
+        self.executor: Any = None
+        self.node_id = opts.node_id
+        self._assigned: asyncio.Future[AssignLayers] | None = None
+        self._stop: asyncio.Event | None = None
+        self.exit_reason = ""
+        self.bad_messages = 0
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._assigned = loop.create_future()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        if self.opts.executor == "torch":
+            # import torch before registering: slow the first time, and a missing extra is a
+            # one-line error before anything has started
+            from ..extras import require
+
+            require("torch", "torch")
+        try:
+            await self.tp.start()
+            self.tp.set_handler(self._on_control)
+            self.tp.connect(SOURCE, self.opts.connect)
+            self.tp.on_peer_lost = self._peer_lost
+            self._register(ready=False)
+            log.info("worker %s registering with %s (inbox %s)", self.name, self.opts.connect, self.tp.address)
+            stop_wait = loop.create_task(self._stop.wait())
+            waits: set[asyncio.Future[Any]] = {self._assigned, stop_wait}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if self._assigned.done():
+                await self._start_serving(self._assigned.result())
+                await self._stop.wait()
+            stop_wait.cancel()
+            return 0
+        finally:
+            await self._close()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("worker %s: signal %s, stopping", self.name, signal.Signals(sig).name)
+        self.exit_reason = f"signal {signal.Signals(sig).name}"
+        assert self._stop is not None
+        self._stop.set()
+
+    async def _close(self) -> None:
+        # let the last messages (tokens, the shutdown echo) be acknowledged, briefly
+        for _ in range(50):
+            if all(self.tp.link_idle(p) for p in self.tp.peers()):
+                break
+            await asyncio.sleep(0.01)
+        if self.worker is not None:
+            self.worker.stopped = True
+        await self.tp.close()
+        if self.executor is not None and hasattr(self.executor, "close"):
+            self.executor.close()
+
+    def _register(self, ready: bool) -> None:
+        caps = (self.opts.executor, self.opts.device) + (("ready",) if ready else ())
+        self.tp.send(
+            SINK,
+            Register(
+                node_id=self.node_id,
+                name=self.name,
+                machine_type=self.opts.gpu,
+                address=self.tp.address,
+                num_gpus=1,
+                gpu_memory_bytes=max(0, self.opts.memory_bytes),
+                capabilities=caps,
+            ),
+        )
+
+    def _peer_lost(self, peer: NodeRef) -> None:
+        log.warning("worker %s: peer %r stopped answering", self.name, peer)
+
+    # ---- messages -------------------------------------------------------------------------------
+
+    def _on_control(self, sender: NodeRef, msg: Any) -> None:
+        t = type(msg)
+        if t in (PromptWork, DecodeWork, Cancel, Feedback):
+            if self.worker is not None:
+                self.worker.on_message(sender, msg)
+            else:
+                self.bad_messages += 1
+            return
+        if t is AssignLayers and sender == SOURCE:
+            assert self._assigned is not None
+            if self._assigned.done():
+                log.warning("worker %s: a second assignment is ignored (re-planning is not supported)", self.name)
+                return
+            self._assigned.set_result(msg)
+            return
+        if t is Error and sender == SOURCE:
+            self.exit_reason = f"refused by the host: {msg.text}"
+            if self._assigned is not None and not self._assigned.done():
+                self._assigned.set_exception(WorkerExit(self.exit_reason))
+            return
+        if t is Shutdown and sender == SOURCE:
+            log.info("worker %s: host says shut down (%s)", self.name, msg.reason)
+            self.exit_reason = f"shutdown: {msg.reason}"
+            assert self._stop is not None
+            self._stop.set()
+            return
+        self.bad_messages += 1
+
+    # ---- serving --------------------------------------------------------------------------------
+
+    async def _start_serving(self, a: AssignLayers) -> None:
+        opts = self.opts
+        spec = get_model(a.model)
+        k = a.end - a.start
+        self.node_id = a.node_id
+        self.tp.rename(a.node_id, str(a.node_id))
+        profiles = load_profiles(spec)
+        limits, kv_cap = node_limits(profiles, opts.gpu, k)
+        if kv_cap < 0:
+            kv_cap = profiles.node_settings(opts.gpu).kv(profiles.node_settings(opts.gpu).max_layers)
+        if opts.executor == "torch":
+            # loading may take a while: off the loop, which keeps answering heartbeats meanwhile
+            try:
+                self.executor = await asyncio.get_running_loop().run_in_executor(
+                    None, self._torch_executor, spec, a.start, a.end
+                )
+            except WorkerExit as e:
+                self.tp.send(SINK, Error(request_id=-1, code=int(ErrorCode.OUT_OF_MEMORY), text=f"node {a.node_id}: {e}"))
+                raise
+        else:
+            from ..executors.cost_model import CostModelExecutor
+
+            self.executor = CostModelExecutor(self.clock, profiles.profile(opts.gpu), spec.activation_size, opts.time_scale)
+        out: list[NodeRef] = [SINK] if a.end == spec.num_layers else []
+        for node, address, _s, _e in a.next_hops:
+            self.tp.connect(node, address)
+            out.append(node)
+        w = Worker(
+            a.node_id,
+            self.clock,
+            self.tp,
+            self.executor,
+            layers=(a.start, a.end),
+            num_layers=spec.num_layers,
+            limits=limits,
+            kv_capacity=kv_cap,
+            activation_bytes=spec.activation_size,
+            token_bytes=spec.token_size,
+            out_links=out,
+            next_layers={n: (s, e) for n, _, s, e in a.next_hops if n >= 0},
+        )
+        self.worker = w
+        # the worker's handler is our dispatcher (control messages too): not w.start()
+        self._register(ready=True)
+        log.info("worker %s is node %d: layers [%d, %d) of %s, %s executor, ready", self.name, a.node_id, a.start,
+                 a.end, spec.name, opts.executor)
+
+    def _torch_executor(self, spec: Any, start: int, end: int) -> Any:
+        from ..extras import require
+
+        require("torch", "torch")
+        from ..executors.llama import ModelLoadError, dummy_stage, load_stage, stage_bytes, torch_dtype
+        from ..executors.profiling import llama_config
+        from ..executors.torch import TorchExecutor
+
+        opts = self.opts
+        try:
+            if opts.checkpoint:
+                from ..executors.llama import LlamaConfig
+
+                cfg = LlamaConfig.from_dir(opts.checkpoint)
+            else:
+                cfg = llama_config(spec)
+            if cfg.num_layers != spec.num_layers:
+                raise ModelLoadError(f"{opts.checkpoint}: {cfg.num_layers} layers, the plan's {spec.name} has {spec.num_layers}")
+            need = stage_bytes(cfg, start, end, torch_dtype(opts.dtype).itemsize)
+            if opts.memory_bytes and need > opts.memory_bytes:
+                raise ModelLoadError(
+                    f"layers [{start}, {end}) need {need} bytes of weights; the device holds {opts.memory_bytes}"
+                )
+            if opts.device.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ModelLoadError("--device cuda: CUDA is not available on this machine")
+                free, _total = torch.cuda.mem_get_info()
+                if need > free:
+                    raise ModelLoadError(f"layers [{start}, {end}) need {need} bytes; the GPU has {free} free")
+            if opts.checkpoint:
+                stage = load_stage(opts.checkpoint, start, end, dtype=opts.dtype, device=opts.device)
+            else:
+                stage = dummy_stage(cfg, start, end, seed=opts.seed, dtype=opts.dtype, device=opts.device)
+        except ModelLoadError as e:
+            raise WorkerExit(str(e)) from None
+        return TorchExecutor(self.clock, stage, threaded=True, threads=opts.threads)
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    """Run a worker process to its end; returns the exit status."""
+    server = WorkerServer(opts)
+    try:
+        import uvloop
+
+        return uvloop.run(server.run())
+    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
+        return asyncio.run(server.run())
+

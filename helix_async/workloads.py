@@ -1,0 +1,376 @@
+"""Workloads (the simulator's and the runtime host's): request-length samplers, the online arrival trace, trace CSV files.
+
+Data: ``helix_async/data/traces/`` (Azure LLM inference traces, Alpaca and ShareGPT lengths as
+shipped with the public Helix-ASPLOS25 repository, Apache-2.0). Algorithms: HELIX_SPEC §9; the
+offline and online feeders that use them: HELIX_SPEC §8.8.
+
+The generators reproduce the original ``simulator/trace_generator`` draw for draw: with the same
+seed they return the very queries (arrival times equal as floats) the original code wrote to
+``helix_async/data/traces/generated/``. The original seeds Python's *global* RNG; here every
+sampler owns a ``random.Random`` (or shares one the caller passes in), so nothing else in the
+process can shift the stream.
+
+Units: seconds, tokens, requests/s, tokens/s.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import math
+import operator
+import os
+import random
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from helix_async import fileio
+from helix_async.errors import ConfigError
+
+__all__ = [
+    "LENGTH_DATASETS",
+    "ARRIVAL_SERIES",
+    "TRACE_HEADER",
+    "MAX_TOKENS_PER_QUERY",
+    "ARRIVAL_INTERVAL_S",
+    "TraceEntry",
+    "load_lengths",
+    "load_arrivals",
+    "LengthSampler",
+    "ArrivalRateSampler",
+    "generate_online_trace",
+    "read_trace_csv",
+    "write_trace_csv",
+]
+
+_TRACES = resources.files("helix_async") / "data" / "traces"
+
+# Dataset name (as given to --lengths) -> file in helix_async/data/traces/.
+LENGTH_DATASETS: Mapping[str, str] = MappingProxyType(
+    {
+        "azure-conv": "lengths_azure_conv.csv",
+        "azure-code": "lengths_azure_code.csv",
+        "alpaca": "lengths_alpaca.csv",
+        "sharegpt": "lengths_sharegpt.csv",
+    }
+)
+
+# Arrival series name (as given to --arrivals) -> file; requests per 3-second interval, 1 hour.
+ARRIVAL_SERIES: Mapping[str, str] = MappingProxyType(
+    {
+        "azure-conv": "arrival_rate_azure_conv.csv",
+        "azure-code": "arrival_rate_azure_code.csv",
+    }
+)
+
+ARRIVAL_INTERVAL_S = 3  # width of one arrival-series interval (HELIX_SPEC §9)
+TRACE_HEADER = ("arrive_time_s", "input_tokens", "output_tokens")
+MAX_TOKENS_PER_QUERY = 1_000_000  # bound on input_tokens / output_tokens read from a trace file
+
+IntArray = npt.NDArray[np.int64]
+Seed = int | random.Random
+
+
+class TraceEntry(NamedTuple):
+    """One query of a trace: arrival time (seconds) and its prompt and output lengths (tokens)."""
+
+    arrive_time_s: float
+    input_tokens: int
+    output_tokens: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped data
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_columns(name: str, columns: tuple[str, ...]) -> list[IntArray]:
+    """Integer columns ``columns`` of the shipped CSV ``name``, as read-only arrays."""
+    rows = list(csv.DictReader(io.StringIO((_TRACES / name).read_text(encoding="utf-8"), newline="")))
+    out = []
+    for col in columns:
+        arr = np.array([int(r[col]) for r in rows], dtype=np.int64)
+        arr.flags.writeable = False  # shared through the cache
+        out.append(arr)
+    return out
+
+
+def _unknown(kind: str, names: Iterable[str], got: object) -> str:
+    return f"unknown {kind} {fileio.short_repr(got)} (known: {', '.join(names)})"
+
+
+def load_lengths(name: str) -> tuple[IntArray, IntArray]:
+    """``(input_tokens, output_tokens)`` of the length dataset ``name``, paired by index.
+
+    Arrays are read-only and cached. An unknown name is a ConfigError naming ``--lengths``.
+    """
+    if not isinstance(name, str) or name not in LENGTH_DATASETS:
+        raise ConfigError("<argument>", "--lengths", _unknown("length dataset", LENGTH_DATASETS, name))
+    return _load_lengths(name)
+
+
+@functools.cache
+def _load_lengths(name: str) -> tuple[IntArray, IntArray]:
+    inp, out = _read_columns(LENGTH_DATASETS[name], ("input_tokens", "output_tokens"))
+    return inp, out
+
+
+def load_arrivals(name: str) -> IntArray:
+    """Requests per 3-second interval of the arrival series ``name`` (1200 entries, read-only, cached).
+
+    An unknown name is a ConfigError naming ``--arrivals``.
+    """
+    if not isinstance(name, str) or name not in ARRIVAL_SERIES:
+        raise ConfigError("<argument>", "--arrivals", _unknown("arrival series", ARRIVAL_SERIES, name))
+    return _load_arrivals(name)
+
+
+@functools.cache
+def _load_arrivals(name: str) -> IntArray:
+    (counts,) = _read_columns(ARRIVAL_SERIES[name], ("requests_in_interval",))
+    return counts
+
+
+def _rng(seed: Seed) -> random.Random:
+    if isinstance(seed, random.Random):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a random.Random, got {type(seed).__name__}")
+    return random.Random(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers (HELIX_SPEC §9)
+# --------------------------------------------------------------------------------------------------
+
+
+class LengthSampler:
+    """Draws (input_tokens, output_tokens) pairs uniformly from a length dataset (HELIX_SPEC §9).
+
+    ``seed``: an int (a private ``random.Random(seed)``, the original's ``random.seed(seed)``) or
+    a ``random.Random`` to share with other samplers (one stream, as the original's global RNG).
+    Each :meth:`sample` is one ``randint(0, n - 1)`` on that stream, nothing else.
+    """
+
+    def __init__(self, dataset: str = "azure-conv", seed: Seed = 0) -> None:
+        self.dataset = dataset
+        inp, out = load_lengths(dataset)
+        # Python ints: sample() runs once per query and np.int64 would leak into traces.
+        self._input: list[int] = inp.tolist()
+        self._output: list[int] = out.tolist()
+        self._n = len(self._input)
+        self.rng = _rng(seed)
+        # Exact integer sums, one correctly rounded division each (Azure conv: 995.5277661043406).
+        self.average_input = sum(self._input) / self._n
+        self.average_output = sum(self._output) / self._n
+
+    @property
+    def average_length(self) -> float:
+        """Mean input plus mean output length of the dataset, tokens per query."""
+        return self.average_input + self.average_output
+
+    def __len__(self) -> int:
+        return self._n
+
+    def sample(self) -> tuple[int, int]:
+        """One (input_tokens, output_tokens) pair."""
+        i = self.rng.randint(0, self._n - 1)
+        return self._input[i], self._output[i]
+
+
+class ArrivalRateSampler:
+    """Draws request counts per 3-second interval from an arrival series rescaled to a target rate.
+
+    Every entry is multiplied by ``3 * target_req_per_s / mean(series)``, so the series' mean
+    becomes the target's count per interval; :meth:`sample` is the entry at ``randint(0, n - 1)``
+    (a float: rounding with carry happens in :func:`generate_online_trace`). HELIX_SPEC §9.
+    """
+
+    def __init__(self, series: str = "azure-conv", target_req_per_s: float = 1.0, seed: Seed = 0) -> None:
+        self.series = series
+        counts: list[int] = load_arrivals(series).tolist()
+        mean = sum(counts) / len(counts)
+        # The factor first, then one product per entry: this order reproduces the reference traces.
+        factor = ARRIVAL_INTERVAL_S * target_req_per_s / mean
+        self._scaled = [c * factor for c in counts]
+        self.rng = _rng(seed)
+
+    def sample(self) -> float:
+        """Expected requests in one 3-second interval (rescaled)."""
+        return self._scaled[self.rng.randint(0, len(self._scaled) - 1)]
+
+
+def _as_finite(value: object) -> float | None:
+    """``value`` as a finite float, or None (bools, strings, NaN, inf and ints past float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return None
+    return as_float if math.isfinite(as_float) else None
+
+
+def generate_online_trace(
+    arrivals: str = "azure-conv",
+    lengths: str = "azure-conv",
+    token_rate: float = 700.0,
+    start: float = 0.0,
+    duration: float = 1800,
+    seed: Seed = 0,
+) -> list[TraceEntry]:
+    """Queries arriving over ``[start, start + duration)`` at about ``token_rate`` tokens/s.
+
+    ``token_rate``: target of Σ(input+output) per second; ``start``, ``duration``: seconds,
+    ``duration`` a positive multiple of 3. Reproduces the original ``TraceGenerator`` (HELIX_SPEC
+    §9) exactly: with ``seed=0`` and AzureConv arrivals and lengths it returns the queries in
+    ``helix_async/data/traces/generated/``. Sorted by arrival time.
+
+    ``seed`` as in :class:`LengthSampler`; an int gives one private stream shared by the arrival
+    and the length draws (the original reseeds the global RNG once per sampler it builds, and
+    the last reseed wins, so both draw from one stream started at ``seed``).
+    """
+    rate = _as_finite(token_rate)
+    if rate is None or rate <= 0:
+        got = fileio.short_repr(token_rate)
+        raise ConfigError("<argument>", "--token-rate", f"must be a finite number > 0 (tokens/s), got {got}")
+    begin = _as_finite(start)
+    if begin is None or begin < 0:
+        got = fileio.short_repr(start)
+        raise ConfigError("<argument>", "--start", f"must be a finite number >= 0 (seconds), got {got}")
+    # 1800.0 is taken as 1800; what the loop needs is the count of 3-s intervals
+    whole = _as_finite(duration)
+    intervals = 0
+    if whole is not None and whole.is_integer() and whole > 0 and int(whole) % ARRIVAL_INTERVAL_S == 0:
+        intervals = int(whole) // ARRIVAL_INTERVAL_S
+    if not intervals:
+        raise ConfigError(
+            "<argument>", "--duration",
+            f"must be a positive multiple of {ARRIVAL_INTERVAL_S} seconds (the arrival series' interval), "
+            f"got {fileio.short_repr(duration)}",
+        )
+    rng = _rng(seed)
+    length_sampler = LengthSampler(lengths, rng)
+    arrival_sampler = ArrivalRateSampler(arrivals, rate / length_sampler.average_length, rng)
+
+    trace: list[TraceEntry] = []
+    carry = 0.0
+    for q in range(intervals):
+        # Per interval, on the one stream: one arrival draw, k uniform times, then one length draw
+        # per time in sorted order. Rounding with carry keeps the long-run count unbiased.
+        raw = arrival_sampler.sample()
+        k = round(raw + carry)
+        carry = raw + carry - k
+        # (start + 3q) + 3u, in this order, so times equal the original's to the last bit.
+        base = begin + ARRIVAL_INTERVAL_S * q
+        times = sorted(base + ARRIVAL_INTERVAL_S * rng.random() for _ in range(k))
+        for t in times:
+            inp, out = length_sampler.sample()
+            trace.append(TraceEntry(t, inp, out))
+    return trace
+
+
+# --------------------------------------------------------------------------------------------------
+# Trace files
+# --------------------------------------------------------------------------------------------------
+
+
+def _int_cell(src: str, lineno: int, column: str, text: str) -> int:
+    try:
+        value = int(text)  # refuses "12.5" and "1e3": a length is a whole number of tokens
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TOKENS_PER_QUERY:
+        raise ConfigError(
+            src, f"line {lineno}",
+            f"column {column} must be an integer in [1, {MAX_TOKENS_PER_QUERY}], "
+            f"got {fileio.short_repr(text)}",
+        )
+    return value
+
+
+def read_trace_csv(path: str | os.PathLike[str]) -> list[TraceEntry]:
+    """The queries of a trace file ``arrive_time_s,input_tokens,output_tokens``, in file order.
+
+    Times are finite seconds >= 0 and must not decrease from row to row (the file is not
+    re-sorted); lengths are integers in [1, 1_000_000]. Blank lines are skipped. Anything else
+    (missing file, wrong header, a bad cell, no rows) is a ConfigError naming the file and line.
+    """
+    src = str(path)
+    text = fileio.read_text(path, "trace file")
+    lines = text.removeprefix("\ufeff").splitlines()
+    header = tuple(cell.strip() for cell in lines[0].split(",")) if lines else ()
+    if header != TRACE_HEADER:
+        shown = fileio.short_repr(lines[0]) if lines else "an empty file"
+        raise ConfigError(src, "line 1", f"header must be {','.join(TRACE_HEADER)}, got {shown}")
+
+    trace: list[TraceEntry] = []
+    prev_time = -math.inf
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != len(TRACE_HEADER):
+            raise ConfigError(
+                src, f"line {lineno}",
+                f"expected {len(TRACE_HEADER)} columns, got {len(cells)}: {fileio.short_repr(line)}",
+            )
+        try:
+            t = float(cells[0])
+        except ValueError:
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            raise ConfigError(
+                src, f"line {lineno}",
+                "column arrive_time_s must be a finite number >= 0 (seconds), "
+                f"got {fileio.short_repr(cells[0])}",
+            )
+        if t < prev_time:
+            raise ConfigError(
+                src, f"line {lineno}",
+                f"column arrive_time_s: {cells[0]} is earlier than the previous row's {prev_time!r}; "
+                "rows must be in non-decreasing time order",
+            )
+        prev_time = t
+        inp = _int_cell(src, lineno, "input_tokens", cells[1])
+        out = _int_cell(src, lineno, "output_tokens", cells[2])
+        trace.append(TraceEntry(t, inp, out))
+    if not trace:
+        # named at the line where the first query was expected
+        raise ConfigError(src, f"line {len(lines) + 1}", "the trace holds no queries (only a header)")
+    return trace
+
+
+def write_trace_csv(path: str | os.PathLike[str], trace: Iterable[tuple[float, int, int]]) -> Path:
+    """Write ``trace`` as ``arrive_time_s,input_tokens,output_tokens`` (atomic replace).
+
+    Times are written with ``repr`` so that :func:`read_trace_csv` gives back the same floats.
+    Lines end in ``\\n`` (the original's files end in ``\\r\\n``; the reader takes both).
+    Only what the reader accepts is written: ValueError for an empty trace, a time that is not
+    finite, negative or smaller than the one before, or a length outside [1, 1_000_000].
+    """
+    buf = io.StringIO()
+    buf.write(",".join(TRACE_HEADER) + "\n")
+    prev = -math.inf
+    count = 0
+    for i, (t, inp, out) in enumerate(trace):
+        t, inp, out = float(t), operator.index(inp), operator.index(out)
+        if not (math.isfinite(t) and t >= prev and t >= 0):
+            raise ValueError(
+                f"trace[{i}]: arrival time {t!r} is not finite, negative or earlier than the one before"
+            )
+        if not (1 <= inp <= MAX_TOKENS_PER_QUERY and 1 <= out <= MAX_TOKENS_PER_QUERY):
+            raise ValueError(f"trace[{i}]: lengths ({inp}, {out}) outside [1, {MAX_TOKENS_PER_QUERY}]")
+        prev = t
+        count += 1
+        buf.write(f"{t!r},{inp},{out}\n")
+    if not count:
+        raise ValueError("empty trace: a trace file holds at least one query")
+    return fileio.atomic_write_text(path, buf.getvalue(), "trace file")

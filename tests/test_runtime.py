@@ -1,0 +1,250 @@
+"""The serving runtime on loopback: worker processes (``python -m helix_async worker``) around a host.
+
+* the oracle: a tiny LLaMA made by ``transformers`` (random init, ``save_pretrained``) with the
+  shape of our ``tiny-llama`` model, served by 3 torch worker processes loading their layers from
+  that checkpoint, gives exactly ``generate``'s greedy tokens for prompts of 1-64 tokens, with
+  several requests in flight at once;
+* start order: workers may start before the host;
+* a worker killed mid-run fails only the requests whose route crosses it, with a reason naming it;
+* bad input (plan, executor, port in use, a model that does not fit): exit 2 with one line.
+
+Every process started is killed at the end; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from helix_async.cluster import load_cluster  # noqa: E402
+from helix_async.model import get_model  # noqa: E402
+from helix_async.placement import Placement  # noqa: E402
+from helix_async.placement.flow import max_flow  # noqa: E402
+from helix_async.placement.io import write_placement  # noqa: E402
+from helix_async.runtime.host_main import HostServer, RequestFailed  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(coro: Any, timeout: float = 120.0) -> Any:
+    import uvloop
+
+    async def main() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return uvloop.run(main())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    spec = get_model("tiny-llama")
+    cfg = transformers.LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(99)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny-llama-ckpt")
+    model.save_pretrained(d)
+    return d, model
+
+
+def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+def plan_file(tmp: Path, layers: dict[int, tuple[int, int]]) -> tuple[Path, Placement]:
+    p = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", layers)
+    f = tmp / "plan.toml"
+    write_placement(p, f, flow=max_flow(p))
+    return f, p
+
+
+class Procs:
+    """Processes started by a test, all killed at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
+        p = subprocess.Popen([sys.executable, "-m", "helix_async", *args], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(p)
+        return p
+
+    def worker(self, address: str, *extra: str) -> subprocess.Popen[str]:
+        return self.start("worker", "--connect", address, *extra)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_three_worker_processes_give_hf_greedy_tokens(tmp_path: Path, checkpoint: tuple[Path, Any], procs: Procs) -> None:
+    ckpt, model = checkpoint
+    _, placement = plan_file(tmp_path, {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    lengths = [1, 2, 7, 16, 31, 64]
+    prompts = [[(37 * i + 11 * j + 5) % 2048 for j in range(n)] for i, n in enumerate(lengths)]
+    outs = [5 + 3 * (i % 3) for i in range(len(prompts))]
+
+    async def main() -> tuple[list[list[int]], list[int]]:
+        server = HostServer(placement)
+        address = await server.start()
+        workers = [procs.worker(address, "--checkpoint", str(ckpt)) for _ in range(3)]
+        await server.wait_ready(60)
+
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.02 * i)  # staggered: prompts meet other requests' decodes
+            return await server.complete(prompts[i], outs[i])
+
+        got = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        await server.shutdown("test done")
+        codes = []
+        for w in workers:
+            codes.append(await asyncio.get_running_loop().run_in_executor(None, w.wait, 30))
+        return list(got), codes
+
+    got, codes = run(main())
+    for i, p in enumerate(prompts):
+        assert got[i] == hf_greedy(model, p, outs[i]), f"prompt of {len(p)} tokens"
+    assert codes == [0, 0, 0]
+
+
+def test_workers_may_start_before_the_host(tmp_path: Path, procs: Procs) -> None:
+    plan, _ = plan_file(tmp_path, {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    address = f"tcp://127.0.0.1:{free_port()}"
+    workers = [procs.worker(address, "--node-id", str(i)) for i in (2, 0, 1)]
+    time.sleep(1.0)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrive_time_s,input_tokens,output_tokens\n0.0,4,3\n0.01,9,2\n")
+    host = procs.start("host", "--plan", str(plan), "--listen", address, "--trace", str(trace))
+    out, err = host.communicate(timeout=90)
+    assert host.returncode == 0, err
+    assert "served 2 requests on 3 workers" in out.splitlines()[-1]
+    assert [w.wait(timeout=30) for w in workers] == [0, 0, 0]
+
+
+def test_a_killed_worker_fails_only_its_requests(tmp_path: Path, procs: Procs) -> None:
+    # node 0 holds the whole model; nodes 1 and 2 make a second pipeline; node 2 is killed
+    _, placement = plan_file(tmp_path, {0: (0, 8), 1: (0, 4), 2: (4, 8)})
+
+    async def main() -> tuple[list[str], int, float]:
+        server = HostServer(placement)
+        address = await server.start()
+        ws = {i: procs.worker(address, "--node-id", str(i)) for i in range(3)}
+        await server.wait_ready(60)
+        results: list[str] = []
+        t_kill = 0.0
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(0.05 * i)
+            try:
+                toks = await server.complete([1 + i, 2, 3], 40)
+                results.append(f"ok {len(toks)}")
+            except RequestFailed as e:
+                results.append(f"failed {e}")
+
+        async def killer() -> None:
+            nonlocal t_kill
+            await asyncio.sleep(0.6)
+            ws[2].send_signal(signal.SIGKILL)
+            t_kill = server.clock.now()
+
+        await asyncio.gather(killer(), *(one(i) for i in range(16)))
+        detected = server.counters.workers_lost
+        await server.shutdown("test done", grace=1.0)
+        return results, detected, t_kill
+
+    results, lost, _ = run(main())
+    assert lost == 1 and len(results) == 16
+    failed = [r for r in results if r.startswith("failed")]
+    assert failed and all("worker 2 is lost" in r for r in failed)
+    assert any(r == "ok 40" for r in results)
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, procs: Procs) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is not = a plan\n")
+    p = procs.start("host", "--plan", str(bad))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1 and "bad.toml" in err
+    p = procs.start("worker", "--connect", "tcp://127.0.0.1:1", "--executor", "vllm-next")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "unknown executor 'vllm-next'" in err and len(err.strip().splitlines()) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        plan, _ = plan_file(tmp_path, {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+        p = procs.start("host", "--plan", str(plan), "--listen", f"tcp://127.0.0.1:{port}")
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "cannot bind" in err and len(err.strip().splitlines()) == 1
+
+    # a worker whose layers do not fit its device: refused before it serves, the host not ready
+    async def main() -> tuple[int, str, bool]:
+        _, placement = plan_file(tmp_path, {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+        server = HostServer(placement)
+        address = await server.start()
+        small = procs.worker(address, "--node-id", "0", "--memory-bytes", "1000")
+        others = [procs.worker(address, "--node-id", str(i)) for i in (1, 2)]
+        loop = asyncio.get_running_loop()
+        code = await loop.run_in_executor(None, small.wait, 60)
+        _, err = small.communicate()
+        await asyncio.sleep(0.5)
+        ready = server.ready
+        await server.shutdown("test done", grace=0.0)
+        for o in others:
+            await loop.run_in_executor(None, o.wait, 30)
+        return code, err, ready
+
+    code, err, ready = run(main())
+    assert code == 2 and "need" in err and "the device holds 1000" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not ready
