@@ -235,7 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, _positive_int, _positive, _pair)
 
-    demo = sub.add_parser("demo", help="the main job on the built-in default (single24, LLaMA-2 70B)")
+    demo = sub.add_parser("demo", help="the main job: plan and simulate single24 (LLaMA-2 70B), serve the tiny model")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
     demo.add_argument("--out", default=None, help="directory for the demo's files (default out/demo)")
     demo.set_defaults(handler=cmd_demo)
@@ -582,7 +582,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--report", str(out / "sim")]
     if not args.quick:
         sim_argv.append("--plots")
-    return subprocess.run(sim_argv, check=False).returncode
+    rc = subprocess.run(sim_argv, check=False).returncode
+    if rc:
+        return rc
+    print("\n== 5. serve the tiny LLaMA for real: a host and 3 torch workers as processes on loopback ==")
+    from .runtime.demo import serve_tiny
+
+    return serve_tiny(out / "serve", requests=8 if args.quick else 24)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

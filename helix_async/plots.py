@@ -1,4 +1,5 @@
-"""Pictures of plans: a placement drawn over its layers, coloured by the flow through each node.
+"""Pictures of plans and runs: a placement drawn over its layers, coloured by the flow through each
+node; throughput over time and latency histograms of a run (simulated or served).
 
 Needs matplotlib (``pip install 'helix_async[plots]'``); it is imported only when a plot is drawn.
 """
@@ -6,8 +7,9 @@ Needs matplotlib (``pip install 'helix_async[plots]'``); it is imported only whe
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .extras import require
 from .fileio import atomic_write_bytes
@@ -16,7 +18,7 @@ from .ids import SINK, SOURCE, NodeRef
 from .placement.core import Placement
 from .placement.flow import max_flow
 
-__all__ = ["plot_placement"]
+__all__ = ["plot_latency", "plot_placement", "plot_throughput"]
 
 
 def _lanes(placement: Placement, nodes: list[int]) -> dict[int, int]:
@@ -191,3 +193,87 @@ def plot_placement(
     finally:
         plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue(), "plot")
+
+
+def _pyplot() -> tuple[Any, Any]:
+    matplotlib = require("matplotlib", "plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return matplotlib, plt
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue(), "plot")
+
+
+def plot_throughput(
+    token_times: Sequence[float],
+    token_counts: Sequence[int],
+    decode_times: Sequence[float],
+    path: str | Path,
+    *,
+    max_flow: float | None = None,
+    window: tuple[float, float] | None = None,
+    title: str = "throughput over time",
+    time_label: str = "time (s)",
+) -> Path:
+    """Tokens per 1-s bin over time: all tokens (each finished iteration weighted by its tokens) and
+    decode tokens; the max flow and the statistics window when given."""
+    import numpy as np
+
+    _, plt = _pyplot()
+    t = np.asarray(token_times, dtype=float)
+    n = np.asarray(token_counts, dtype=float)
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=110)
+    if len(t):
+        edges = np.arange(0.0, np.ceil(t.max()) + 1.0)
+        per_s, _ = np.histogram(t, bins=edges, weights=n)
+        ax.plot(edges[:-1], per_s, lw=0.6, label="all tokens (per 1-s bin)")
+        dec, _ = np.histogram(np.asarray(decode_times, dtype=float), bins=edges)
+        ax.plot(edges[:-1], dec, lw=0.6, label="decode tokens")
+    if max_flow is not None:
+        ax.axhline(max_flow, color="tab:red", ls="--", lw=1, label=f"max flow {max_flow:.1f}")
+    if window is not None:
+        ax.axvspan(window[0], window[1], color="0.9", zorder=0, label="statistics window")
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, plt, Path(path))
+
+
+def plot_latency(
+    prompt_latency: Sequence[float],
+    decode_latency: Sequence[float],
+    path: str | Path,
+    *,
+    stats: Mapping[str, Mapping[str, float]] | None = None,
+) -> Path:
+    """Histograms of prompt latency (TTFT) and decode latency (per token); ``stats`` may hold
+    ``{"prompt": {"mean": .., "p99": ..}, "decode": {...}}`` to mark."""
+    import numpy as np
+
+    _, plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for ax, key, lat, label in (
+        (axes[0], "prompt", prompt_latency, "prompt latency (TTFT), s"),
+        (axes[1], "decode", decode_latency, "decode latency (per token), s"),
+    ):
+        arr = np.asarray(lat, dtype=float)
+        if len(arr):
+            ax.hist(arr, bins=50, color="tab:blue", alpha=0.8)
+            st = (stats or {}).get(key)
+            if st:
+                ax.axvline(st["mean"], color="k", lw=1, label=f"mean {st['mean']:.3f}")
+                ax.axvline(st["p99"], color="tab:red", lw=1, ls="--", label=f"p99 {st['p99']:.3f}")
+                ax.legend(fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("iterations")
+    return _save(fig, plt, Path(path))

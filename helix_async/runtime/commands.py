@@ -7,7 +7,6 @@ import asyncio
 import logging
 import random
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,8 @@ async def _host_main(args: argparse.Namespace) -> int:
         from ..workloads import read_trace_csv
 
         trace = read_trace_csv(args.trace)
-    server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity)
+    server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
+                        log_dir=args.log_dir)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
     if args.address_file:
@@ -78,6 +78,8 @@ async def _host_main(args: argparse.Namespace) -> int:
         await asyncio.gather(replay, return_exceptions=True)
     else:
         await server.shutdown("trace done", grace=args.grace)
+    for f in server.log_files:
+        print(f"log written to {f}", flush=True)
     print(replay.result() if replay.done() and not replay.cancelled() and replay.exception() is None else "replay cut short",
           flush=True)
     return 0
@@ -120,6 +122,30 @@ def cmd_host(args: argparse.Namespace) -> int:
     return _run(_host_main(args))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..runlog import read_events, summarise
+
+    d = Path(args.dir)
+    events = read_events(d / "events.txt")
+    s = summarise(events, args.warmup, args.finish)
+    for line in s.lines():
+        print(line)
+    if args.plots:
+        from ..plots import plot_latency, plot_throughput
+
+        tt = [e[0] for e in events if e[2] == "in"]
+        counts = [e[5] for e in events if e[2] == "in"]
+        dt = [e[0] for e in events if e[2] == "in" and e[3] == "decode"]
+        stats = {k: s.stats(k) for k in ("prompt", "decode") if (s.prompt_latency if k == "prompt" else s.decode_latency)}
+        for p in (
+            plot_throughput(tt, counts, dt, d / "throughput.png", window=(args.warmup, args.finish),
+                            title=f"served run {d.name}: throughput over time"),
+            plot_latency(s.prompt_latency, s.decode_latency, d / "latency.png", stats=stats),
+        ):
+            print(f"plot written to {p}")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker_main import WorkerOptions, WorkerServer
 
@@ -141,8 +167,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
     server = WorkerServer(opts)
     rc = _run(server.run())
-    if server.exit_reason:
-        print(f"worker: {server.exit_reason}", file=sys.stderr, flush=True)
+    log.info("worker exits: %s", server.exit_reason or "done")
     return rc
 
 
@@ -156,7 +181,15 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
     h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
     h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
+    h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
     h.set_defaults(handler=cmd_host)
+
+    r = sub.add_parser("report", help="throughput and latency of a served run's logs (the original parser's definitions)")
+    r.add_argument("dir", help="a host's --log-dir")
+    r.add_argument("--warmup", type=float, default=60.0, help="window start, s (default %(default)s, as the original)")
+    r.add_argument("--finish", type=float, default=300.0, help="window end, s (default %(default)s, as the original)")
+    r.add_argument("--plots", action="store_true", help="also write throughput.png and latency.png into DIR")
+    r.set_defaults(handler=cmd_report)
 
     w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)")
     w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")

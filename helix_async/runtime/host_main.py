@@ -35,6 +35,7 @@ from ..messages import AssignLayers, DecodeWork, Error, ErrorCode, Heartbeat, Pr
 from ..placement import Placement
 from ..placement.flow import max_flow
 from ..roles import flow_router
+from ..runlog import RunLog
 from ..transport.base import Handler
 from ..transport.zmq import ZmqTransport
 
@@ -119,6 +120,7 @@ class HostServer:
         listen: str = "tcp://127.0.0.1:*",
         kv: tuple[float, float] = (0.9, 0.6),
         admission_capacity: int = 4096,
+        log_dir: str | None = None,
     ) -> None:
         self.placement = placement
         self.model = placement.model_spec
@@ -141,6 +143,9 @@ class HostServer:
         self._qids = itertools.count()
         self._closing = False
         self.on_query_done: Callable[[Query], None] | None = None
+        self.log_dir = log_dir
+        self.runlog: RunLog | None = None
+        self.log_files: list[Any] = []
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -192,6 +197,8 @@ class HostServer:
                 break
             await asyncio.sleep(0.01)
         await self.tp.close()
+        if self.log_dir and self.runlog is not None:
+            self.log_files = self.runlog.write(self.log_dir)
 
     # ---- registration ---------------------------------------------------------------------------
 
@@ -286,6 +293,7 @@ class HostServer:
         host.on_reject = self._on_reject
         host.on_query_done = self._on_done
         self.host = host
+        self.runlog = RunLog(self.clock.now())
         assert self._ready is not None
         self._ready.set()
         log.info("all %d nodes ready: serving", len(self.nodes))
@@ -320,6 +328,8 @@ class HostServer:
     # ---- requests -------------------------------------------------------------------------------
 
     def _on_token(self, q: Query, token: int, last: bool) -> None:
+        if self.runlog is not None:
+            self.runlog.token(q.qid, self.clock.now())
         s = self._streams.get(q.qid)
         if s is not None:
             s.put_nowait(token)
@@ -330,11 +340,15 @@ class HostServer:
             s.put_nowait(end)
 
     def _on_done(self, q: Query) -> None:
+        if self.runlog is not None:
+            self.runlog.finished(q.qid, q.route)
         self._finish_stream(q.qid, None)
         if self.on_query_done is not None:
             self.on_query_done(q)
 
     def _on_fail(self, q: Query) -> None:
+        if self.runlog is not None:
+            self.runlog.finished(q.qid, q.route, q.error)
         self._finish_stream(q.qid, RequestFailed(q.error))
 
     def _on_reject(self, q: Query) -> None:
@@ -355,6 +369,8 @@ class HostServer:
         q_id = next(self._qids) if qid is None else qid
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[q_id] = stream
+        if self.runlog is not None:
+            self.runlog.submitted(q_id, len(prompt), max_tokens, self.clock.now())
         try:
             if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt)) is None:
                 raise RequestFailed("rejected: the admission queue is full or no route can take it")
