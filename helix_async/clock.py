@@ -13,10 +13,11 @@ unspecified epoch; on a virtual loop it starts at the loop's ``start`` (0.0 by d
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Clock", "LoopClock"]
+__all__ = ["Clock", "LoopClock", "MonotonicClock"]
 
 
 @runtime_checkable
@@ -163,3 +164,45 @@ class LoopClock:
 
     def __repr__(self) -> str:
         return f"LoopClock(loop={self._loop!r})"
+
+
+class MonotonicClock:
+    """:class:`Clock` for real time on the running loop, with a high-resolution ``now()``.
+
+    ``now()`` is ``time.monotonic()`` (sub-microsecond on Linux) rather than ``loop.time()``:
+    uvloop's ``time()`` is libuv's cached millisecond clock, too coarse for per-token latencies of
+    a fast model.  Timers are the loop's, set with ``call_later(when - now())`` (uvloop still
+    rounds their delays to whole milliseconds); ``sleep_until`` returns only once ``now()`` has
+    reached the deadline.  The serving runtime's host and workers use it; the simulator uses
+    :class:`LoopClock` on a :class:`~helix_async.vloop.VirtualTimeLoop`.
+    """
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = time.monotonic
+
+    def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> Any:
+        return asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()), fn, *args)
+
+    def call_soon(self, fn: Callable[..., object], *args: Any) -> Any:
+        return asyncio.get_running_loop().call_soon(fn, *args)
+
+    async def sleep(self, delay: float) -> None:
+        if delay != delay:
+            raise ValueError("delay must not be NaN")
+        await asyncio.sleep(delay)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline != deadline:
+            raise ValueError("deadline must not be NaN")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            await asyncio.sleep(0)
+            return
+        while left > 0:
+            await asyncio.sleep(left)
+            left = deadline - time.monotonic()
+
+    def __repr__(self) -> str:
+        return "MonotonicClock()"

@@ -194,7 +194,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)")
     w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")
     w.add_argument("--node-id", type=int, default=-1, help="the plan node to serve (default: any free one of this type)")
-    w.add_argument("--executor", default="torch", help="torch or cost-model (default %(default)s)")
+    w.add_argument("--executor", default="torch", help="torch, cost-model or null (no cost: overhead benchmarks) (default %(default)s)")
     w.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
     w.add_argument("--machine-type", default=None, help="machine type (default CPU, or CUDA on a GPU)")
     w.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint directory (default: seeded dummy weights)")

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..clock import LoopClock
+from ..clock import MonotonicClock
 from ..errors import HelixError
 from ..flowplan import FlowPlan
 from ..host import Host, Query
@@ -125,7 +125,7 @@ class HostServer:
         self.placement = placement
         self.model = placement.model_spec
         self.flow = flow if flow is not None else max_flow(placement)
-        self.clock = LoopClock()
+        self.clock = MonotonicClock()
         self.tp = ZmqTransport(SOURCE, self.clock, bind=listen)
         self.nodes: dict[int, _NodeState] = {}
         for i in placement.used_nodes():

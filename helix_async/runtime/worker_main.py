@@ -5,7 +5,8 @@ if given, its machine type, its inbox address, its executor).  The host answers 
 ``AssignLayers`` once every node of the plan has registered: the layer range, the plan's model and
 the addresses of the next hops.  The worker then builds its executor (``torch``: the model's layers
 from a Hugging Face checkpoint or seeded dummy weights; ``cost-model``: the simulator's executor on
-the real clock, slowed by ``time_scale``), connects to its next hops, declares itself ready, and
+the real clock, slowed by ``time_scale``; ``null``: no cost, to measure the runtime's own overhead),
+connects to its next hops, declares itself ready, and
 runs the very :class:`~helix_async.worker.Worker` the simulator runs until the host says
 ``Shutdown`` or the process gets SIGINT/SIGTERM.
 
@@ -22,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..clock import LoopClock
+from ..clock import MonotonicClock
 from ..errors import ConfigError, HelixError
 from ..ids import SINK, SOURCE, NodeRef
 from ..messages import (
@@ -45,7 +46,7 @@ __all__ = ["EXECUTORS", "WorkerOptions", "WorkerServer", "run_worker"]
 
 log = logging.getLogger("helix_async.worker")
 
-EXECUTORS = ("torch", "cost-model")
+EXECUTORS = ("torch", "cost-model", "null")
 
 
 class WorkerExit(HelixError, RuntimeError):
@@ -92,7 +93,7 @@ class WorkerServer:
     def __init__(self, opts: WorkerOptions) -> None:
         opts.check()
         self.opts = opts
-        self.clock = LoopClock()
+        self.clock = MonotonicClock()
         self.name = f"w-{uuid.uuid4().hex[:12]}"
         self.tp = ZmqTransport(opts.node_id if opts.node_id >= 0 else self.name, self.clock, name=self.name, bind=opts.bind)
         self.worker: Worker | None = None
@@ -225,6 +226,10 @@ class WorkerServer:
             except WorkerExit as e:
                 self.tp.send(SINK, Error(request_id=-1, code=int(ErrorCode.OUT_OF_MEMORY), text=f"node {a.node_id}: {e}"))
                 raise
+        elif opts.executor == "null":
+            from ..executors.null import NullExecutor
+
+            self.executor = NullExecutor(self.clock)
         else:
             from ..executors.cost_model import CostModelExecutor
 
