@@ -240,3 +240,40 @@ def test_decode_messages_carry_token_ids_and_hidden_states(loop: VirtualTimeLoop
     assert ("0->1", "PromptWork", (4, 64)) in kinds and ("1->2", "DecodeWork", (1, 64)) in kinds
     assert any(k == f"2->{SINK}" and t == "TokenResult" for k, t, _ in kinds)
     assert all(not isinstance(m, DecodeWork) or m.payload_bytes == 0 for _, m in seen)
+
+
+def test_a_shortened_run_of_layers_stops_where_it_says(checkpoint: tuple[Path, Any]) -> None:
+    """Threaded, a run of 4 layers cut short right after it starts: ``done`` comes with
+    ``batch.layers`` lowered to what ``shorten`` returned, and the hidden states are those of
+    exactly that many layers."""
+    import asyncio
+
+    ckpt, _ = checkpoint
+    st = load_stage(ckpt, 0, 4)
+    ids = (3, 1, 4, 1, 5)
+    msg = PromptWork(request_id=1, query_id=1, route=((0, 0, 4), (1, 4, 6)), stage=0, num_tokens=5, token_ids=ids,
+                     max_tokens=2, sent_at=0.0)
+
+    class It:
+        rid, tokens, ctx, prompt, data = 1, 5, 0, True, None
+
+    async def main() -> tuple[int, int, Any]:
+        ex = TorchExecutor(LoopClock(), st, threaded=True)
+        it = It()
+        it.msg = msg  # type: ignore[attr-defined]
+        batch = Batch(0, [it], 1, 5, 0, 0, 0)
+        batch.layers = 4
+        fut: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
+        ex.run(batch, fut.set_result)
+        k = ex.shorten(batch, 1)
+        await asyncio.wait_for(fut, 30)
+        ex.close()
+        return k, batch.layers, it.data
+
+    k, layers, data = asyncio.run(main())
+    assert 1 <= k <= 4 and layers == k
+    with torch.no_grad():
+        x = st.embed_tokens(list(ids))
+        for i in range(k):
+            x = st.layer(i, x, [(0, 5)], [SeqCache()], [8])
+    assert torch.equal(data, x)

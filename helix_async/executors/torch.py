@@ -6,7 +6,9 @@ computes them with :mod:`helix_async.executors.llama`:
 * a request entering the node's stage at layer 0 brings token ids (``PromptWork.token_ids``, a
   decode's ``token_id``), embedded here; entering later, the hidden states of the previous stage
   (the message's first tensor, (tokens, hidden));
-* between layers of the stage the hidden states stay on the item (``item.data``);
+* between layers of the stage the hidden states stay on the item (``item.data``); a batch may run
+  several consecutive layers in one call (the worker's runs of layers), which :meth:`shorten`
+  cuts short when a request arrives at one of them, as the cost model's runs are;
 * after the model's last layer the final norm and LM head run on each request's last position and
   a token is chosen (greedy, or temperature / top-p from a seeded generator per request), which
   ``item.data`` then holds;
@@ -27,6 +29,7 @@ turn: for the virtual-time loop, which refuses threads, and for tests.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,6 +98,10 @@ class TorchExecutor:
         self._loop: Any = None
         if threads is not None:
             torch.set_num_threads(int(threads))
+        # the run of layers now computing (see shorten): its layer limit and the layers started
+        self._lock = threading.Lock()
+        self._limit = 0
+        self._started = 0
         self.busy_time = 0.0  # wall seconds spent computing (statistics only)
         self.batches = 0
         self.failures = 0
@@ -107,6 +114,9 @@ class TorchExecutor:
         return self._last
 
     def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
+        with self._lock:
+            self._limit = batch.layers
+            self._started = 0
         caches = []
         for it in batch.items:
             c = self._caches.get(it.rid)
@@ -125,6 +135,18 @@ class TorchExecutor:
         loop = self._loop
         fut = self._pool.submit(self._compute, batch, caches)
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(done, batch))
+
+    def shorten(self, batch: Batch, layers: int) -> int:
+        """Stop the running run of layers after its first ``layers`` layers, or after the one
+        computing now if that is later; returns the count it will have run (``batch.layers``)."""
+        with self._lock:
+            n = batch.layers
+            k = max(layers, self._started)
+            if k >= n:
+                return n
+            self._limit = k
+            batch.layers = k
+            return k
 
     # ---- what the worker tells it ---------------------------------------------------------------
 
@@ -217,8 +239,16 @@ class TorchExecutor:
         if not live:
             return
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        lock = self._lock
+        ran = 0
         for layer in range(first, last):
+            with lock:  # a shortened run stops here
+                if ran >= self._limit:
+                    break
+                ran += 1
+                self._started = ran
             x = st.layer(layer, x, spans, live_caches, reserve)
+        last = first + ran
         if last == self.num_layers:
             # each request's last position chooses its next token
             ends = []

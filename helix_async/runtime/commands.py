@@ -49,7 +49,7 @@ async def _host_main(args: argparse.Namespace) -> int:
 
         trace = read_trace_csv(args.trace)
     server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
-                        log_dir=args.log_dir)
+                        log_dir=args.log_dir, emulate_time_scale=args.emulate)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
     if args.address_file:
@@ -162,6 +162,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_bytes or 0),
+        plan=args.plan or "",
     )
     if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
         raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
@@ -182,6 +183,8 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
     h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
     h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
+    h.add_argument("--emulate", type=positive, default=None, metavar="K",
+                   help="cost-model emulation: hold the host's messages back by its links' modelled times x K")
     h.set_defaults(handler=cmd_host)
 
     r = sub.add_parser("report", help="throughput and latency of a served run's logs (the original parser's definitions)")
@@ -204,4 +207,5 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w.add_argument("--threads", type=positive_int, default=1, help="torch threads (default %(default)s)")
     w.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: slow every modelled duration by K")
     w.add_argument("--memory-bytes", type=positive, default=None, help="what the device may hold (refuse larger layer ranges)")
+    w.add_argument("--plan", default=None, help="cost-model: emulate this plan's links out of the node (scaled by --time-scale)")
     w.set_defaults(handler=cmd_worker)

@@ -109,7 +109,9 @@ class HostServer:
 
     placement, flow: the plan (flow: its max flow, computed when None). listen: the inbox address.
     kv: the KV expectation (fill limit, output ratio). admission_capacity: most queries waiting for
-    admission (beyond: rejected).
+    admission (beyond: rejected). emulate_time_scale: the cost-model emulation (workers that price
+    batches instead of computing them): hold the host's messages back by its links' modelled
+    transfer times, slowed by this factor.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class HostServer:
         kv: tuple[float, float] = (0.9, 0.6),
         admission_capacity: int = 4096,
         log_dir: str | None = None,
+        emulate_time_scale: float | None = None,
     ) -> None:
         self.placement = placement
         self.model = placement.model_spec
@@ -144,6 +147,7 @@ class HostServer:
         self._closing = False
         self.on_query_done: Callable[[Query], None] | None = None
         self.log_dir = log_dir
+        self.emulate_time_scale = emulate_time_scale
         self.runlog: RunLog | None = None
         self.log_files: list[Any] = []
 
@@ -287,7 +291,14 @@ class HostServer:
 
     def _serve(self) -> None:
         router = flow_router(self.placement, self.flow, self._kv)
-        host = Host(self.clock, _Guard(self, self.tp), router=router, admission_capacity=self._capacity)
+        transport: Any = _Guard(self, self.tp)
+        if self.emulate_time_scale is not None:
+            # the cost-model emulation: the coordinator's links as the cluster file has them
+            from ..transport.emulated import EmulatedLinks, links_from
+
+            links = links_from(self.placement.cluster, SOURCE)
+            transport = EmulatedLinks(transport, self.clock, links, self.emulate_time_scale)
+        host = Host(self.clock, transport, router=router, admission_capacity=self._capacity)
         host.on_token = self._on_token
         host.on_fail = self._on_fail
         host.on_reject = self._on_reject

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import signal
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ class WorkerOptions:
     threads: int = 1
     time_scale: float = 1.0
     memory_bytes: int = 0  # what the device may hold (0: no check)
+    plan: str = ""  # cost-model: emulate this plan's links out of the node
 
     def check(self) -> None:
         if self.executor not in EXECUTORS:
@@ -90,9 +92,12 @@ class WorkerOptions:
 class WorkerServer:
     """One worker process's life (see the module doc)."""
 
-    def __init__(self, opts: WorkerOptions) -> None:
+    def __init__(self, opts: WorkerOptions, *, links: Mapping[NodeRef, tuple[float, float]] | None = None) -> None:
+        """links: emulate these out-links (``{dest: (bandwidth, latency)}``, scaled by the time
+        scale) under the cost model; default: those of ``opts.plan``'s cluster when it is given."""
         opts.check()
         self.opts = opts
+        self.links = links
         self.clock = MonotonicClock()
         self.name = f"w-{uuid.uuid4().hex[:12]}"
         self.tp = ZmqTransport(opts.node_id if opts.node_id >= 0 else self.name, self.clock, name=self.name, bind=opts.bind)
@@ -238,10 +243,20 @@ class WorkerServer:
         for node, address, _s, _e in a.next_hops:
             self.tp.connect(node, address)
             out.append(node)
+        transport: Any = self.tp
+        if opts.executor == "cost-model" and (self.links is not None or opts.plan):
+            from ..transport.emulated import EmulatedLinks, links_from
+
+            links = self.links
+            if links is None:
+                from ..placement.io import read_placement
+
+                links = links_from(read_placement(opts.plan).cluster, a.node_id)
+            transport = EmulatedLinks(self.tp, self.clock, links, opts.time_scale)
         w = Worker(
             a.node_id,
             self.clock,
-            self.tp,
+            transport,
             self.executor,
             layers=(a.start, a.end),
             num_layers=spec.num_layers,
