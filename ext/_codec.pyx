@@ -101,7 +101,7 @@ cdef type Activations_t = _m.Activations
 cdef type TokenResult_t = _m.TokenResult
 cdef type Feedback_t = _m.Feedback
 
-cdef Py_ssize_t OFF_PW[10]
+cdef Py_ssize_t OFF_PW[13]
 cdef Py_ssize_t OFF_DW[8]
 cdef Py_ssize_t OFF_AC[5]
 cdef Py_ssize_t OFF_TR[6]
@@ -150,7 +150,7 @@ cdef int _slot_offsets(type cls, tuple expected, Py_ssize_t* out) except -1:
 
 _slot_offsets(PromptWork_t, (
     "request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors",
-    "payload_bytes",
+    "payload_bytes", "temperature", "top_p", "seed",
 ), OFF_PW)
 _slot_offsets(DecodeWork_t, (
     "request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes"
@@ -584,14 +584,14 @@ cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits, 
 
 
 cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
-    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok
-    cdef double sent_at
+    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, seed
+    cdef double sent_at, temperature, top_p
     cdef Py_ssize_t nroute, nids, i
     cdef PyObject* ids
     if (o_int(_get(msg, OFF_PW[0]), 0, I64_MAX, &request_id) < 0
             or o_int(_get(msg, OFF_PW[1]), 0, I64_MAX, &query_id) < 0):
         return None
-    w_byte(w, 0x9a)
+    w_byte(w, 0x9d)
     w_int(w, request_id)
     w_int(w, query_id)
     if e_route(w, _get(msg, OFF_PW[2]), lim, 1, &nroute) < 0:
@@ -620,6 +620,13 @@ cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, 
     if frames is None or e_payload_bytes(_get(msg, OFF_PW[9]), lim, payload_bytes) < 0:
         return None
     w_int(w, payload_bytes[0])
+    if (o_float(_get(msg, OFF_PW[10]), &temperature) < 0 or temperature < 0
+            or o_float(_get(msg, OFF_PW[11]), &top_p) < 0 or not (0 < top_p <= 1)
+            or o_int(_get(msg, OFF_PW[12]), 0, I64_MAX, &seed) < 0):
+        return None
+    w_double(w, temperature)
+    w_double(w, top_p)
+    w_int(w, seed)
     # exactly one of token ids (num_tokens of them), tensors, a modelled payload
     if (stage >= nroute or (nids > 0 and nids != num_tokens)
             or (nids > 0) + (len(frames) > 0) + (payload_bytes[0] > 0) != 1):
@@ -1186,9 +1193,9 @@ cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
 
 cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n, nids, i
-    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, payload_bytes
-    cdef double sent_at
-    if (r_array(r, &n) < 0 or n != 10
+    cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, payload_bytes, seed
+    cdef double sent_at, temperature, top_p
+    if (r_array(r, &n) < 0 or n != 13
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I64_MAX, &query_id) < 0):
         return None
@@ -1210,7 +1217,11 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     if r_int(r, 1, I32_MAX, &max_tokens) < 0 or r_float(r, &sent_at) < 0:
         return None
     descs = d_descriptors(r, lim, 0)
-    if (descs is None or r_payload_bytes(r, lim, &payload_bytes) < 0 or r.i != r.n
+    if (descs is None or r_payload_bytes(r, lim, &payload_bytes) < 0
+            or r_float(r, &temperature) < 0 or temperature < 0
+            or r_float(r, &top_p) < 0 or not (0 < top_p <= 1)
+            or r_int(r, 0, I64_MAX, &seed) < 0
+            or r.i != r.n
             or stage >= len(<tuple>route)
             or (nids > 0) + (len(descs) > 0) + (payload_bytes > 0) != 1):
         return None
@@ -1228,6 +1239,9 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     _set(msg, OFF_PW[7], PyFloat_FromDouble(sent_at))
     _set(msg, OFF_PW[8], tensors)
     _set(msg, OFF_PW[9], PyLong_FromLongLong(payload_bytes))
+    _set(msg, OFF_PW[10], PyFloat_FromDouble(temperature))
+    _set(msg, OFF_PW[11], PyFloat_FromDouble(top_p))
+    _set(msg, OFF_PW[12], PyLong_FromLongLong(seed))
     return msg
 
 

@@ -26,7 +26,8 @@ assign_layers           [node_id, model, start, end, plan_id 0..I64,
                         next_hops [[node, address, start, end]...], prev_nodes [node...]]
 prompt_work             [request_id, query_id, route [[node, start, end]...], stage,
                         num_tokens 1..I32, token_ids [0..I32...], max_tokens 1..I32,
-                        sent_at float, tensors [[dtype, shape]...], payload_bytes]
+                        sent_at float, tensors [[dtype, shape]...], payload_bytes,
+                        temperature float >= 0, top_p float in (0, 1], seed 0..I64]
 decode_work             [request_id, route, stage, context_len 1..I32, token_id -1..I32,
                         sent_at, tensors, payload_bytes]
 activations             [request_id, stage, num_tokens 0..I32, sent_at, tensors (>= 1)]
@@ -470,18 +471,22 @@ class _Int:
 
 
 class _Float:
-    """A finite float (an int is accepted on encode and sent as a float); ``nonneg``: >= 0 too."""
+    """A finite float (an int is accepted on encode and sent as a float); ``nonneg``: >= 0 too;
+    ``prob``: in (0, 1]."""
 
-    __slots__ = ("nonneg",)
+    __slots__ = ("nonneg", "prob")
 
-    def __init__(self, nonneg: bool = False) -> None:
+    def __init__(self, nonneg: bool = False, prob: bool = False) -> None:
         self.nonneg = nonneg
+        self.prob = prob
 
     def _check(self, ctx: _Ctx, f: float, where: str) -> float:
         if not math.isfinite(f):
             raise ctx.error(where, f"must be finite, got {f}")
         if self.nonneg and f < 0:
             raise ctx.error(where, f"must be >= 0, got {f}")
+        if self.prob and not 0 < f <= 1:
+            raise ctx.error(where, f"must be in (0, 1], got {f}")
         return f
 
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
@@ -988,6 +993,9 @@ LAYOUTS: dict[int, _Layout] = {
                 "sent_at": _F,
                 "tensors": _Tensors(0),
                 "payload_bytes": _PayloadBytes(),
+                "temperature": _Float(nonneg=True),
+                "top_p": _Float(prob=True),
+                "seed": _ID,
             },
             _rules_prompt,
         ),
@@ -1146,13 +1154,14 @@ def _size_prompt_work(m: Any) -> int:
         n += _tensors_size(t) - 1
     return (
         n
-        + 13
+        + 31  # (+ two float64 fields of 9 bytes: temperature, top_p)
         + _U[m.request_id.bit_length()]
         + _U[m.query_id.bit_length()]
         + _U[m.stage.bit_length()]
         + _U[m.num_tokens.bit_length()]
         + _U[m.max_tokens.bit_length()]
         + _U[p.bit_length()]
+        + _U[m.seed.bit_length()]
         + p
     )
 

@@ -55,6 +55,7 @@ class Query:
         "token_ids",
         "tokens",
         "error",
+        "sampling",
     )
 
     def __init__(self, qid: int, input_len: int, output_len: int, arrived: float) -> None:
@@ -74,6 +75,7 @@ class Query:
         self.token_ids: tuple[int, ...] | None = None
         self.tokens: list[int] | None = None
         self.error = ""  # why the query failed ("" unless it did)
+        self.sampling = (0.0, 1.0, 0)  # (temperature, top_p, seed): greedy unless temperature > 0
 
 
 @dataclass
@@ -189,12 +191,18 @@ class Host:
     # ---- admission ------------------------------------------------------------------------------
 
     def submit(
-        self, qid: int, input_len: int, output_len: int, token_ids: tuple[int, ...] | None = None
+        self,
+        qid: int,
+        input_len: int,
+        output_len: int,
+        token_ids: tuple[int, ...] | None = None,
+        sampling: tuple[float, float, int] | None = None,
     ) -> Query | None:
         """A query arrives now. Returns it (admitted or waiting), or None when it was dropped.
 
         token_ids: the prompt (``input_len`` ids) when the workers compute for real; its tokens
-        then come back through ``on_token``.  Without them the prompt is a modelled payload."""
+        then come back through ``on_token``.  Without them the prompt is a modelled payload.
+        sampling: (temperature, top_p, seed) for the last stage (default greedy)."""
         if qid in self._queries:
             raise ValueError(f"query {qid} is already active")
         q = Query(qid, int(input_len), int(output_len), self._clock.now())
@@ -203,6 +211,8 @@ class Host:
                 raise ValueError(f"query {qid}: {len(token_ids)} token ids for input_len {q.input_len}")
             q.token_ids = tuple(int(t) for t in token_ids)
             q.tokens = []
+        if sampling is not None:
+            q.sampling = (float(sampling[0]), float(sampling[1]), int(sampling[2]))
         self.stats.submitted += 1
         if self._router is not None and not self._router.feasible(q.input_len):
             # no route could ever take it (e.g. longer than every node's prompt limit): waiting
@@ -269,6 +279,9 @@ class Host:
                 max_tokens=q.decodes_left + 1,
                 sent_at=self._clock.now(),
                 payload_bytes=n * self._tid if ids is None else 0,
+                temperature=q.sampling[0],
+                top_p=q.sampling[1],
+                seed=q.sampling[2],
             ),
         )
         return True

@@ -181,6 +181,9 @@ class PromptWork(_Message):
     stands for the hidden states (empty ``tensors``) or, at the first stage, the token ids (empty
     ``token_ids``; ``num_tokens`` still counts them). Exactly one of token_ids, tensors and
     payload_bytes is given.
+    temperature, top_p, seed: how the last stage chooses the request's tokens: greedy when
+    temperature is 0; otherwise softmax at that temperature over the smallest set of tokens whose
+    probability reaches top_p (0 < top_p <= 1), drawn with a generator seeded by seed.
     """
 
     TAG: ClassVar[MsgType] = MsgType.PROMPT_WORK
@@ -195,6 +198,9 @@ class PromptWork(_Message):
     sent_at: float
     tensors: tuple[Tensor, ...] = ()
     payload_bytes: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
     __eq__ = _eq_with_tensors
 

@@ -616,14 +616,19 @@ class Worker:
             )
         elif msg.__class__ is PromptWork:
             # (request_id, query_id, route, stage, num_tokens, token_ids, max_tokens, sent_at,
-            #  tensors, payload_bytes): the hidden states computed, or modelled
+            #  tensors, payload_bytes, temperature, top_p, seed): the hidden states computed, or
+            #  modelled; the sampling parameters travel on to the last stage
             n = msg.num_tokens
             if data is None:
                 out = make_prompt_work(
-                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act
+                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act,
+                    msg.temperature, msg.top_p, msg.seed,
                 )
             else:
-                out = make_prompt_work(item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (data,), 0)
+                out = make_prompt_work(
+                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (data,), 0,
+                    msg.temperature, msg.top_p, msg.seed,
+                )
         elif data is None:
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
             out = make_decode_work(item.rid, route, item.stage + 1, msg.context_len, -1, now, (), self._act)

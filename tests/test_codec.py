@@ -107,6 +107,9 @@ WIRE_LAYOUTS = {
             "sent_at",
             "tensors",
             "payload_bytes",
+            "temperature",
+            "top_p",
+            "seed",
         ),
     ),
     4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes")),
@@ -214,6 +217,9 @@ def prompt_work(draw) -> PromptWork:
         sent_at=draw(floats),
         tensors=draw(tensors(min_count=1)) if carries == "tensors" else (),
         payload_bytes=draw(payload_sizes) if carries == "modelled" else 0,
+        temperature=draw(st.sampled_from([0.0, 0.7, 1.0, 2.5])),
+        top_p=draw(st.sampled_from([1.0, 0.9, 0.5, 1e-3])),
+        seed=draw(ids),
     )
 
 
@@ -764,8 +770,8 @@ HOSTILE = [
     ("top level is a huge map", 6, b"\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N, rf"^token_result: {_PAYLOAD}: must be a msgpack array, got dict$"),
     ("first field is a huge array", 6, b"\x96" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64 + b"\x90", r"^token_result: request_id: must be an int, got tuple$"),
     ("a field is a huge map", 7, b"\x93\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N + b"\x01" + _F64, r"^heartbeat: node_id: must be an int, got dict$"),
-    ("token ids of tiny maps", 3, b"\x9a\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90\x00", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
-    ("token ids declare 4G items", 3, b"\x9a\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
+    ("token ids of tiny maps", 3, b"\x9d\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90\x00", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
+    ("token ids declare 4G items", 3, b"\x9d\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
     ("capabilities of tiny maps", 1, b"\x97\x00\xa1n\xa1t\xa1a\x01\x01" + _tiny_maps(_N), r"^register: capabilities\[0\]: must be a str, got dict$"),
     ("next hops of empty arrays", 2, b"\x97\x01\xa1m\x00\x04\x00" + _array32(_N) + b"\x90" * _N + b"\x90", r"^assign_layers: next_hops\[0\]: must have at least 4 items, got 0$"),
     ("prev nodes of empty maps", 2, b"\x97\x01\xa1m\x00\x04\x00\x90" + _array32(_N) + b"\x80" * _N, r"^assign_layers: prev_nodes\[0\]: must be an int, got dict$"),
@@ -1031,7 +1037,7 @@ def test_empty_tensor_with_huge_dimensions_is_a_codec_error(impl, limits) -> Non
     route = ((1, 0, 2),)
     work = [
         [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]], 0]), b""],
-        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0]), bytearray()],
+        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0, 0.0, 1.0, 0]), bytearray()],
     ]
     for frames in work:
         # under 2**80 the span check passes (span < 2**80) and numpy's refusal is the error
@@ -1275,14 +1281,16 @@ def test_modelled_payload_travels_as_one_frame_of_zeros(impl) -> None:
     for m in (_MODELLED_DW, _MODELLED_PW, dataclasses.replace(_MODELLED_PW, stage=2, payload_bytes=40 * 16384)):
         frames = enc(m)
         assert len(frames) == 3 and bytes(frames[2]) == bytes(m.payload_bytes)
-        assert msgpack.unpackb(frames[1])[-2:] == [[], m.payload_bytes]  # no tensors, the size announced
+        fields = msgpack.unpackb(frames[1])
+        at = m.FIELDS.index("tensors")
+        assert fields[at : at + 2] == [[], m.payload_bytes]  # no tensors, the size announced
         back = dec(_frame_bytes(frames))
         assert back == m and back.tensors == () and back.payload_bytes == m.payload_bytes
         # the frame's content is not read: any bytes of the announced length stand for the payload
         assert dec([frames[0], frames[1], b"\xff" * m.payload_bytes]) == m
         assert dec([frames[0], frames[1], bytearray(m.payload_bytes)]) == m
-        # without a modelled payload, nothing changes: payload_bytes 0 is the last field
-        assert msgpack.unpackb(enc(_minimal_message(m.NAME))[1])[-1] == 0
+        # without a modelled payload, nothing changes: payload_bytes is 0
+        assert msgpack.unpackb(enc(_minimal_message(m.NAME))[1])[m.FIELDS.index("payload_bytes")] == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -1538,3 +1546,20 @@ def test_compiled_wire_size_remembers_routes_soundly() -> None:
     assert wire_size_c(dataclasses.replace(_TR, route=long_route)) == _frames_size(
         encode_py(dataclasses.replace(_TR, route=long_route), Limits(max_route_stages=65))
     )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sampling_parameters_travel_and_are_checked(impl) -> None:
+    enc, dec = impl
+    m = dataclasses.replace(_MODELLED_PW, temperature=0.8, top_p=0.95, seed=12345)
+    back = dec(_frame_bytes(enc(m)))
+    assert (back.temperature, back.top_p, back.seed) == (0.8, 0.95, 12345)
+    assert wire_size(m) == sum(len(bytes(f)) for f in enc(m))
+    for bad, why in (
+        (dataclasses.replace(m, temperature=-0.1), r"^prompt_work: temperature: must be >= 0, got -0.1$"),
+        (dataclasses.replace(m, top_p=0.0), r"^prompt_work: top_p: must be in \(0, 1\], got 0.0$"),
+        (dataclasses.replace(m, top_p=1.5), r"^prompt_work: top_p: must be in \(0, 1\], got 1.5$"),
+        (dataclasses.replace(m, seed=-1), r"^prompt_work: seed: must be >= 0, got -1$"),
+    ):
+        with pytest.raises(CodecError, match=why):
+            enc(bad)

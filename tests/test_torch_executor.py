@@ -277,3 +277,21 @@ def test_a_shortened_run_of_layers_stops_where_it_says(checkpoint: tuple[Path, A
         for i in range(k):
             x = st.layer(i, x, [(0, 5)], [SeqCache()], [8])
     assert torch.equal(data, x)
+
+
+def test_sampled_tokens_follow_the_seed(loop: VirtualTimeLoop, checkpoint: tuple[Path, Any]) -> None:
+    """temperature/top_p/seed travel with the prompt to the last stage: the same seed gives the same
+    tokens, another seed other tokens, and greedy is unchanged."""
+    ckpt, model = checkpoint
+    host, _, execs = chain(loop, ckpt)
+    got: dict[int, list[int]] = {}
+    host.on_token = lambda q, tok, last: got.setdefault(q.qid, []).append(tok)
+    prompt = (9, 8, 7, 6)
+    host.submit(0, 4, 12, prompt, (1.5, 0.95, 7))
+    host.submit(1, 4, 12, prompt, (1.5, 0.95, 7))
+    host.submit(2, 4, 12, prompt, (1.5, 0.95, 8))
+    host.submit(3, 4, 12, prompt)
+    loop.run_until(30.0)
+    assert got[0] == got[1] and got[0] != got[2]
+    assert got[3] == hf_greedy(model, list(prompt), 12) != got[0]
+    assert all(ex.cached_requests == 0 and not ex._sampling for ex, _ in execs)

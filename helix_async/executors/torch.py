@@ -230,11 +230,13 @@ class TorchExecutor:
             if isinstance(data, ExecFailure):
                 it.data = data
                 continue
+            msg = it.msg
+            if msg.__class__ is PromptWork and msg.temperature > 0 and it.rid not in self._sampling:
+                self._sampling[it.rid] = Sampling(msg.temperature, msg.top_p, msg.seed)
             xs.append(data)
             live.append(it)
             spans.append((it.ctx, it.tokens))
             live_caches.append(cache)
-            msg = it.msg
             reserve.append(msg.num_tokens + msg.max_tokens if msg.__class__ is PromptWork else it.ctx + 1)
         if not live:
             return

@@ -365,8 +365,18 @@ class HostServer:
     def _on_reject(self, q: Query) -> None:
         self._finish_stream(q.qid, RequestFailed("rejected: the admission queue is full or no route can take it"))
 
-    async def generate(self, prompt: Sequence[int], max_tokens: int, *, qid: int | None = None) -> AsyncIterator[int]:
-        """Serve one request: yields its ``max_tokens`` tokens as they come (greedy).  Raises
+    async def generate(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        qid: int | None = None,
+    ) -> AsyncIterator[int]:
+        """Serve one request: yields its ``max_tokens`` tokens as they come (greedy, or sampled at
+        ``temperature`` within ``top_p`` from a generator seeded by ``seed``).  Raises
         :class:`RequestFailed` when the cluster cannot serve it."""
         if self.host is None or self._closing:
             raise RequestFailed("the host is not serving")
@@ -374,6 +384,8 @@ class HostServer:
             raise ValueError("empty prompt")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not (temperature >= 0 and 0 < top_p <= 1 and seed >= 0):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and seed >= 0")
         vocab = self.model.vocab_size
         if any(not 0 <= int(t) < vocab for t in prompt):
             raise ValueError(f"token ids must be in [0, {vocab})")
@@ -383,7 +395,8 @@ class HostServer:
         if self.runlog is not None:
             self.runlog.submitted(q_id, len(prompt), max_tokens, self.clock.now())
         try:
-            if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt)) is None:
+            sampling = (float(temperature), float(top_p), int(seed))
+            if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt), sampling) is None:
                 raise RequestFailed("rejected: the admission queue is full or no route can take it")
             got = 0
             while True:
@@ -399,6 +412,6 @@ class HostServer:
             if self.host is not None and q_id in self.host._queries:
                 self.host.fail(q_id, "cancelled by the client")  # the caller stopped reading
 
-    async def complete(self, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    async def complete(self, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> list[int]:
         """All the tokens of one request (see :meth:`generate`)."""
-        return [t async for t in self.generate(prompt, max_tokens)]
+        return [t async for t in self.generate(prompt, max_tokens, **sampling)]
