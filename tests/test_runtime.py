@@ -248,3 +248,30 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, procs: Procs) -> None:
     assert code == 2 and "need" in err and "the device holds 1000" in err
     assert len(err.strip().splitlines()) == 1
     assert not ready
+
+
+def test_sigterm_stops_the_cluster_cleanly(tmp_path: Path, procs: Procs) -> None:
+    """SIGTERM to a busy host: in-flight requests finish or are cancelled, the workers are told to
+    stop, the logs are written, and every process exits 0."""
+    plan, _ = plan_file(tmp_path, {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    addr = tmp_path / "addr"
+    logs = tmp_path / "logs"
+    host = procs.start("host", "--plan", str(plan), "--address-file", str(addr), "--mode", "offline",
+                       "--initial", "3", "--duration", "600", "--lengths", "alpaca", "--log-dir", str(logs),
+                       "--grace", "0.5")
+    for _ in range(300):
+        if addr.exists() and addr.read_text().strip():
+            break
+        time.sleep(0.05)
+    workers = [procs.worker(addr.read_text().strip()) for _ in range(3)]
+    assert host.stdout is not None
+    assert "listening" in host.stdout.readline()
+    assert "ready" in host.stdout.readline()  # all 3 workers ready: requests are flowing
+    time.sleep(2.0)
+    host.send_signal(signal.SIGTERM)
+    out, err = host.communicate(timeout=60)
+    assert host.returncode == 0, err
+    assert "stopping" in out and "served" in out.splitlines()[-1]
+    assert [w.wait(timeout=30) for w in workers] == [0, 0, 0]
+    events = (logs / "events.txt").read_text().splitlines()
+    assert len(events) > 10 and (logs / "requests.jsonl").exists()

@@ -43,11 +43,18 @@ async def _host_main(args: argparse.Namespace) -> int:
 
     placement = read_placement(args.plan)
     flow = read_flow(args.plan)
-    trace = None
+    trace: list[Any] | None = None
     if args.trace:
         from ..workloads import read_trace_csv
 
         trace = read_trace_csv(args.trace)
+    elif args.mode == "online":
+        from ..workloads import generate_online_trace
+
+        if args.duration % 3:
+            raise ConfigError("<argument>", "--duration", "online traces are built in 3-s steps: give a multiple of 3")
+        trace = generate_online_trace(args.arrivals, args.lengths, args.rate, start=0.0, duration=int(args.duration),
+                                      seed=args.seed)
     server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
                         log_dir=args.log_dir, emulate_time_scale=args.emulate)
     address = await server.start()
@@ -67,13 +74,20 @@ async def _host_main(args: argparse.Namespace) -> int:
         await server.shutdown("host stopped", grace=0.0)
         return 0
     print(f"all {len(server.nodes)} workers ready", flush=True)
-    if trace is None:
+    if trace is None and args.mode != "offline":
         await stopped
         await server.shutdown("host stopped (signal)", grace=args.grace)
+        for f in server.log_files:
+            print(f"log written to {f}", flush=True)
         return 0
-    replay = loop.create_task(replay_trace(server, trace, seed=args.seed))
+    if trace is None:
+        work = offline(server, args.initial, args.duration, args.lengths, seed=args.seed)
+    else:
+        work = replay_trace(server, trace, seed=args.seed)
+    replay = loop.create_task(work)
     await asyncio.wait({replay, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not replay.done():
+        print("stopping: in-flight requests finish or are cancelled", flush=True)
         await server.shutdown("host stopped (signal)", grace=args.grace)
         await asyncio.gather(replay, return_exceptions=True)
     else:
@@ -116,6 +130,39 @@ async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0) -> str:
     if failed:
         line += f" ({failed} failed)"
     return line
+
+
+async def offline(server: Any, initial: int, duration: float, lengths: str, *, seed: int = 0) -> str:
+    """A constant population: ``initial`` requests (lengths from the ``lengths`` dataset, seeded),
+    each replaced when it ends, until ``duration`` seconds have passed; returns the summary line."""
+    from ..workloads import LengthSampler
+    from .host_main import RequestFailed
+
+    sampler = LengthSampler(lengths, seed)
+    rng = random.Random(seed)
+    vocab = server.model.vocab_size
+    clock = server.clock
+    t0 = clock.now()
+    served = failed = tokens = 0
+
+    async def lane() -> None:
+        nonlocal served, failed, tokens
+        while clock.now() - t0 < duration and not server.closing:
+            n, m = sampler.sample()
+            try:
+                async for _ in server.generate([rng.randrange(vocab) for _ in range(n)], m):
+                    tokens += 1
+                served += 1
+            except RequestFailed as e:
+                failed += 1
+                log.warning("request failed: %s", e)
+                await clock.sleep(0.1)
+
+    await asyncio.gather(*(lane() for _ in range(initial)))
+    host = server.host
+    line = summary_line(served, len(server.nodes), tokens, clock.now() - t0, list(host.prompt_latency),
+                        list(host.decode_latency))
+    return line + (f" ({failed} failed)" if failed else "")
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -178,7 +225,15 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--listen", default="tcp://127.0.0.1:*", help="inbox address (default %(default)s: an ephemeral port)")
     h.add_argument("--address-file", default=None, help="write the bound address here (for scripts)")
     h.add_argument("--trace", default=None, help="replay this trace CSV (arrive_time_s,input_tokens,output_tokens), then stop")
-    h.add_argument("--seed", type=int, default=0, help="seed of the replayed prompts' token ids")
+    h.add_argument("--mode", choices=["serve", "offline", "online"], default="serve",
+                   help="serve (until a signal; the default), offline (a constant population) or online "
+                   "(a generated arrival trace); --trace replays a CSV instead")
+    h.add_argument("--initial", type=positive_int, default=4, help="offline: requests in flight")
+    h.add_argument("--duration", type=positive, default=60.0, help="offline/online: seconds of load")
+    h.add_argument("--rate", type=positive, default=700.0, help="online: tokens/s (input + output)")
+    h.add_argument("--lengths", default="azure-conv", help="offline/online: length dataset (as in `python -m sim`)")
+    h.add_argument("--arrivals", default="azure-conv", help="online: arrival series")
+    h.add_argument("--seed", type=int, default=0, help="seed of the workload and of the prompts' token ids")
     h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
     h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
     h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")

@@ -172,6 +172,11 @@ class HostServer:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     @property
+    def closing(self) -> bool:
+        """Shutting down (or shut): no new request is taken."""
+        return self._closing
+
+    @property
     def ready(self) -> bool:
         return self._ready is not None and self._ready.is_set()
 
