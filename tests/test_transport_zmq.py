@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -147,15 +148,19 @@ def test_duplicates_and_malformed_frames_are_dropped_and_counted() -> None:
         from helix_async.codec import encode
 
         epoch = os.urandom(8)
-        good = [b"D", epoch, (0).to_bytes(8, "little"), *encode(Cancel(request_id=1))]
+
+        def hdr(kind: bytes, seq: int, ep: bytes = epoch) -> bytes:
+            return struct.pack("<c8sQ", kind, ep, seq)
+
+        good = [hdr(b"D", 0), *encode(Cancel(request_id=1))]
         await raw.send_multipart(good)
         await raw.send_multipart(good)  # a duplicate
-        await raw.send_multipart([b"D"])  # too short
-        await raw.send_multipart([b"Z", epoch, bytes(8), b"x"])  # unknown kind
-        await raw.send_multipart([b"D", b"short", bytes(8), b"x"])  # bad epoch size
-        await raw.send_multipart([b"D", epoch, (1).to_bytes(8, "little"), b"\x03", b"\xc1"])  # bad codec
-        await raw.send_multipart([b"D", epoch, (5).to_bytes(8, "little"), *encode(Cancel(request_id=9))])  # gap
-        await raw.send_multipart([b"D", epoch, (2).to_bytes(8, "little"), *encode(Cancel(request_id=2))])
+        await raw.send_multipart([b"D"])  # no header
+        await raw.send_multipart([hdr(b"Z", 0), b"x"])  # unknown kind
+        await raw.send_multipart([b"D" + b"short" + bytes(8), b"x"])  # a header of the wrong size
+        await raw.send_multipart([hdr(b"D", 1), b"\x03", b"\xc1"])  # bad codec
+        await raw.send_multipart([hdr(b"D", 5), *encode(Cancel(request_id=9))])  # gap
+        await raw.send_multipart([hdr(b"D", 2), *encode(Cancel(request_id=2))])
         await until(lambda: len(inbox.got) == 2)
         await until(lambda: b.stats.bad_frames == 3 and b.drops.total == 1)
         assert [(s, m.request_id) for s, m in inbox.got] == [(7, 1), (7, 2)]
@@ -164,8 +169,8 @@ def test_duplicates_and_malformed_frames_are_dropped_and_counted() -> None:
         acks = []
         while await raw.poll(200):
             acks.append(await raw.recv_multipart())
-        assert acks and all(f[0] == b"A" and f[1] == epoch for f in acks)
-        assert int.from_bytes(acks[-1][2], "little") == 3
+        assert acks and all(len(f) == 1 and f[0][:1] == b"A" and f[0][1:9] == epoch for f in acks)
+        assert struct.unpack("<c8sQ", acks[-1][0])[2] == 3
         raw.close(0)
         ctx.term()
         await b.close()

@@ -1,5 +1,5 @@
 """The ZeroMQ transport: the real network under the :class:`~helix_async.transport.base.Transport`
-interface (pyzmq's asyncio API; the only module that imports ``zmq``).
+interface (pyzmq sockets read from the asyncio loop; the only module that imports ``zmq``).
 
 Sockets.  Every endpoint binds one ROUTER, its inbox (``bind``: an ephemeral port by default; the
 address it got is :attr:`ZmqTransport.address`), and connects one DEALER per peer it sends to, its
@@ -9,14 +9,18 @@ sender's identity to the ``NodeRef`` its handler sees (``host`` is ``SOURCE``, d
 other names as given to :meth:`ZmqTransport.name_peer`, else the name itself).  Work goes worker to
 worker directly; only what concerns the host goes to the host.
 
-Frames of a DEALER -> ROUTER link (after the identity frame ROUTER adds)::
+Every link message starts with one 17-byte header frame: a kind byte, the sender's epoch (8
+bytes) and a sequence number (8 bytes, little-endian).  DEALER -> ROUTER (after the identity frame
+ROUTER adds)::
 
-    data       [b"D", epoch (8 bytes), seq (8 bytes, little-endian), *codec frames]
-    heartbeat  [b"H", epoch, seq of the oldest message not yet acknowledged (or the next one)]
+    data       [b"D" epoch seq, *codec frames]
+    heartbeat  [b"H" epoch seq]      seq: the oldest message not yet acknowledged (or the next one)
 
 and back, on the same connection, ROUTER -> DEALER::
 
-    ack        [b"A", epoch, next expected seq]     (cumulative; answers data and heartbeats)
+    ack        [b"A" epoch seq]      seq: the next one expected (cumulative; answers data and heartbeats)
+
+(One header frame rather than three: ZeroMQ's cost per message part dominates small messages.)
 
 Nothing is lost silently.  Messages of a link are numbered from 0 per sender ``epoch`` (random per
 transport, so a restarted peer starts a new sequence); the receiver delivers them in order exactly
@@ -33,14 +37,15 @@ Timing reads the clock abstraction (``LoopClock`` on the running loop); nothing 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from ..clock import Clock
 from ..codec import DropCounter, decode_or_drop, encode
@@ -53,10 +58,9 @@ __all__ = ["HOST_NAME", "ZmqStats", "ZmqTransport"]
 HOST_NAME = "host"
 
 _DATA, _HEARTBEAT, _ACK = b"D", b"H", b"A"
-
-
-def _u64(n: int) -> bytes:
-    return n.to_bytes(8, "little")
+_HEADER = struct.Struct("<c8sQ")  # kind, epoch, seq: 17 bytes
+_pack = _HEADER.pack
+_unpack = _HEADER.unpack
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ZmqStats:
 class _Out:
     """An outbox: the DEALER to one peer and what it has not had acknowledged."""
 
-    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "task")
+    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive")
 
     def __init__(self, peer: NodeRef, address: str, sock: Any, now: float) -> None:
         self.peer = peer
@@ -88,7 +92,6 @@ class _Out:
         self.unacked: deque[tuple[int, list[Any], float]] = deque()
         self.last_heard = now
         self.alive = True
-        self.task: asyncio.Task[None] | None = None
 
 
 class ZmqTransport:
@@ -109,7 +112,7 @@ class ZmqTransport:
         heartbeat_s: float = 0.25,
         dead_after_s: float = 1.5,
         retry_after_s: float = 0.5,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context[Any] | None = None,
     ) -> None:
         if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
             raise ValueError("need heartbeat_s > 0, dead_after_s > heartbeat_s and retry_after_s > 0")
@@ -121,7 +124,7 @@ class ZmqTransport:
         self._dead = dead_after_s
         self._retry = retry_after_s
         self._own_ctx = context is None
-        self._ctx = context if context is not None else zmq.asyncio.Context()
+        self._ctx = context if context is not None else zmq.Context()
         self._epoch = os.urandom(8)
         self._router: Any = None
         self.address = ""
@@ -133,6 +136,9 @@ class ZmqTransport:
         self._acks: set[bytes] = set()
         self._ack_pending = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drains: set[Any] = set()  # sockets to drain on the next loop turn
+        self._drain_pending = False
         self.closed = False
         self.stats = ZmqStats()
         self.drops = DropCounter()  # messages whose codec frames did not decode
@@ -162,8 +168,9 @@ class ZmqTransport:
             raise TransportError(f"cannot bind {self._bind}: {e}") from None
         self._router = sock
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._recv_inbox(), name=f"zmq-inbox-{self.name}"))
+        loop = self._loop = asyncio.get_running_loop()
+        self._readers: dict[Any, Callable[[list[bytes]], None]] = {}
+        self._watch_socket(sock, self._on_inbox)
         self._tasks.append(loop.create_task(self._watch(), name=f"zmq-watch-{self.name}"))
         return self.address
 
@@ -186,7 +193,7 @@ class ZmqTransport:
         sock.connect(address)
         out = _Out(peer, address, sock, self._clock.now())
         self._outs[peer] = out
-        out.task = asyncio.get_running_loop().create_task(self._recv_acks(out), name=f"zmq-acks-{self.name}-{peer}")
+        self._watch_socket(sock, functools.partial(self._on_ack, out))
         for _, packet, _ in out.unacked:
             self._transmit(out, packet)
 
@@ -225,7 +232,7 @@ class ZmqTransport:
         out = self._outs.get(SOURCE if dest == SINK else dest)
         if out is None:
             raise TransportError(f"{self.name}: no link to {dest!r}")
-        packet = [_DATA, self._epoch, _u64(out.seq), *encode(msg)]
+        packet = [_pack(_DATA, self._epoch, out.seq), *encode(msg)]
         out.unacked.append((out.seq, packet, self._clock.now()))
         out.seq += 1
         self.stats.sent += 1
@@ -256,6 +263,7 @@ class ZmqTransport:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._router is not None:
+            self._unwatch_socket(self._router)
             self._router.close(0)
         if self._own_ctx:
             self._ctx.term()
@@ -263,15 +271,65 @@ class ZmqTransport:
     # ---- internals ------------------------------------------------------------------------------
 
     def _close_out(self, out: _Out) -> None:
-        if out.task is not None:
-            out.task.cancel()
+        self._unwatch_socket(out.sock)
         out.sock.close(0)
+
+    # Sockets are plain (synchronous) ZeroMQ sockets read from the loop: their file descriptor
+    # signals, edge-triggered, that ZMQ_EVENTS may have changed; a reader then takes every message
+    # ready.  A send on a socket can consume that edge, so after sending on a socket that also
+    # receives, it is drained on the next loop turn (once per turn, whatever the sends).  This
+    # costs a fraction of pyzmq's asyncio wrapper per message (bench/bench_runtime.py).
+
+    def _watch_socket(self, sock: Any, handler: Callable[[list[bytes]], None]) -> None:
+        assert self._loop is not None
+        self._readers[sock] = handler
+        self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain, sock)
+
+    def _unwatch_socket(self, sock: Any) -> None:
+        if self._readers.pop(sock, None) is not None and self._loop is not None:
+            self._loop.remove_reader(sock.getsockopt(zmq.FD))
+        self._drains.discard(sock)
+
+    def _drain(self, sock: Any) -> None:
+        handler = self._readers.get(sock)
+        if handler is None:
+            return
+        for _ in range(1000):  # then yield to the loop; the rest on the next turn
+            try:
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                if not self.closed:
+                    self._bad("recv failed")
+                return
+            handler(frames)
+            if sock not in self._readers:  # closed by the handler
+                return
+        self._drain_soon(sock)
+
+    def _drain_soon(self, sock: Any) -> None:
+        self._drains.add(sock)
+        if not self._drain_pending:
+            self._drain_pending = True
+            self._clock.call_soon(self._drain_all)
+
+    def _drain_all(self) -> None:
+        self._drain_pending = False
+        socks = list(self._drains)
+        self._drains.clear()
+        for sock in socks:
+            self._drain(sock)
 
     def _transmit(self, out: _Out, packet: list[Any]) -> None:
         # Non-blocking: the DEALER queues it (no high-water mark) until the peer is connected.
-        f = out.sock.send_multipart(packet, flags=zmq.NOBLOCK, copy=False)
-        if f.done() and f.exception() is not None:
+        try:
+            out.sock.send_multipart(packet, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
             self._bad("send failed")  # left unacknowledged: the retry sends it again
+        self._drain_soon(out.sock)
 
     def _bad(self, reason: str) -> None:
         st = self.stats
@@ -288,35 +346,15 @@ class ZmqTransport:
             return repr(ident)
         return int(text) if text.isascii() and text.isdigit() and len(text) < 18 else text
 
-    async def _recv_inbox(self) -> None:
-        sock = self._router
-        while True:
-            try:
-                frames = await sock.recv_multipart(copy=False)
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError:
-                if self.closed:
-                    return
-                self._bad("recv failed")
-                continue
-            self._on_inbox(frames)
-
-    def _on_inbox(self, frames: list[Any]) -> None:
-        if len(frames) < 4:
-            self._bad("short frame list")
+    def _on_inbox(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or len(frames[1]) != 17:
+            self._bad("missing or malformed header frame")
             return
-        ident = frames[0].bytes
-        kind = frames[1].bytes
-        epoch = frames[2].bytes
-        seq_b = frames[3].bytes
-        if len(epoch) != 8 or len(seq_b) != 8:
-            self._bad("bad epoch or seq size")
-            return
-        seq = int.from_bytes(seq_b, "little")
+        ident = frames[0]
+        kind, epoch, seq = _unpack(frames[1])
         st = self._inbound.get(ident)
         if kind == _HEARTBEAT:
-            if len(frames) != 4:
+            if len(frames) != 2:
                 self._bad("heartbeat frames")
                 return
             if st is None or st[0] != epoch:
@@ -327,7 +365,7 @@ class ZmqTransport:
                 self._inbound[ident] = st = [epoch, seq]
             if seq == st[1]:
                 st[1] = seq + 1
-                msg = decode_or_drop([f.buffer for f in frames[4:]], self.drops)
+                msg = decode_or_drop(frames[2:], self.drops)
                 if msg is not None:
                     self.stats.delivered += 1
                     self._deliver(self._sender(ident), msg)
@@ -364,38 +402,35 @@ class ZmqTransport:
             st = self._inbound.get(ident)
             if st is None:
                 continue
-            f = self._router.send_multipart([ident, _ACK, st[0], _u64(st[1])], flags=zmq.NOBLOCK)
-            if f.done() and f.exception() is not None:
+            try:
+                self._router.send_multipart([ident, _pack(_ACK, st[0], st[1])], zmq.NOBLOCK)
+            except zmq.ZMQError:
                 self._bad("ack send failed")
         self._acks.clear()
+        self._drain_soon(self._router)
 
-    async def _recv_acks(self, out: _Out) -> None:
-        sock = out.sock
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError:
-                return
-            if len(frames) != 3 or frames[0] != _ACK or len(frames[1]) != 8 or len(frames[2]) != 8:
-                self._bad("malformed ack")
-                continue
-            if frames[1] != self._epoch:
-                self._bad("ack for another epoch")
-                continue
-            upto = int.from_bytes(frames[2], "little")
-            out.last_heard = self._clock.now()
-            if not out.alive:
-                out.alive = True
-                if self.on_peer_back is not None:
-                    self.on_peer_back(out.peer)
-            q = out.unacked
-            had = bool(q)
-            while q and q[0][0] < upto:
-                q.popleft()
-            if had and not q and self._idle is not None:
-                self._idle(out.peer)
+    def _on_ack(self, out: _Out, frames: list[bytes]) -> None:
+        if len(frames) != 1 or len(frames[0]) != 17:
+            self._bad("malformed ack")
+            return
+        kind, epoch, upto = _unpack(frames[0])
+        if kind != _ACK:
+            self._bad("malformed ack")
+            return
+        if epoch != self._epoch:
+            self._bad("ack for another epoch")
+            return
+        out.last_heard = self._clock.now()
+        if not out.alive:
+            out.alive = True
+            if self.on_peer_back is not None:
+                self.on_peer_back(out.peer)
+        q = out.unacked
+        had = bool(q)
+        while q and q[0][0] < upto:
+            q.popleft()
+        if had and not q and self._idle is not None:
+            self._idle(out.peer)
 
     async def _watch(self) -> None:
         clock = self._clock
@@ -404,9 +439,11 @@ class ZmqTransport:
             now = clock.now()
             for out in list(self._outs.values()):
                 first = out.unacked[0][0] if out.unacked else out.seq
-                f = out.sock.send_multipart([_HEARTBEAT, self._epoch, _u64(first)], flags=zmq.NOBLOCK)
-                if f.done() and f.exception() is not None:
+                try:
+                    out.sock.send_multipart([_pack(_HEARTBEAT, self._epoch, first)], zmq.NOBLOCK)
+                except zmq.ZMQError:
                     self._bad("heartbeat send failed")
+                self._drain_soon(out.sock)
                 if out.unacked and now - out.unacked[0][2] >= self._retry:
                     # go back N: resend everything unacknowledged, in order
                     for i, (seq, packet, _) in enumerate(out.unacked):
