@@ -29,6 +29,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
+
 from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.model import get_model  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
@@ -52,30 +54,12 @@ def run(coro: Any, timeout: float = 120.0) -> Any:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    spec = get_model("tiny-llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(99)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    spec = get_model("tiny-llama")  # the plan's model: the checkpoint has its shape
     d = tmp_path_factory.mktemp("tiny-llama-ckpt")
-    model.save_pretrained(d)
+    model = make_checkpoint(d, 99, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                            intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads)
     return d, model
-
-
-def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(prompt):]]
 
 
 def plan_file(tmp: Path, layers: dict[int, tuple[int, int]]) -> tuple[Path, Placement]:

@@ -18,6 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
+
 from helix_async.clock import LoopClock  # noqa: E402
 from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
 from helix_async.cluster.spec import ClusterSpec, Link, Node  # noqa: E402
@@ -39,29 +41,10 @@ STAGES = [(0, 2), (2, 4), (4, 6)]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Any]]:
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(1234)
-    model = transformers.LlamaForCausalLM(cfg).eval()
     d = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(d)
+    model = make_checkpoint(d, 1234, vocab_size=256, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
     yield d, model
-
-
-def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(prompt):]]
 
 
 class Delayed:
