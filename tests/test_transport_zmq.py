@@ -152,15 +152,19 @@ def test_duplicates_and_malformed_frames_are_dropped_and_counted() -> None:
         def hdr(kind: bytes, seq: int, ep: bytes = epoch) -> bytes:
             return struct.pack("<c8sQ", kind, ep, seq)
 
-        good = [hdr(b"D", 0), *encode(Cancel(request_id=1))]
+        def data(seq: int, msg: Any) -> list[bytes]:
+            tag, fields, *rest = encode(msg)
+            return [hdr(b"D", seq) + bytes(tag) + bytes(fields), *rest]
+
+        good = data(0, Cancel(request_id=1))
         await raw.send_multipart(good)
         await raw.send_multipart(good)  # a duplicate
         await raw.send_multipart([b"D"])  # no header
         await raw.send_multipart([hdr(b"Z", 0), b"x"])  # unknown kind
-        await raw.send_multipart([b"D" + b"short" + bytes(8), b"x"])  # a header of the wrong size
-        await raw.send_multipart([hdr(b"D", 1), b"\x03", b"\xc1"])  # bad codec
-        await raw.send_multipart([hdr(b"D", 5), *encode(Cancel(request_id=9))])  # gap
-        await raw.send_multipart([hdr(b"D", 2), *encode(Cancel(request_id=2))])
+        await raw.send_multipart([b"D" + b"short", b"x"])  # a header too short
+        await raw.send_multipart([hdr(b"D", 1) + b"\x03\xc1"])  # bad codec
+        await raw.send_multipart(data(5, Cancel(request_id=9)))  # gap
+        await raw.send_multipart(data(2, Cancel(request_id=2)))
         await until(lambda: len(inbox.got) == 2)
         await until(lambda: b.stats.bad_frames == 3 and b.drops.total == 1)
         assert [(s, m.request_id) for s, m in inbox.got] == [(7, 1), (7, 2)]

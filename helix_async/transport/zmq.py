@@ -9,30 +9,34 @@ sender's identity to the ``NodeRef`` its handler sees (``host`` is ``SOURCE``, d
 other names as given to :meth:`ZmqTransport.name_peer`, else the name itself).  Work goes worker to
 worker directly; only what concerns the host goes to the host.
 
-Every link message starts with one 17-byte header frame: a kind byte, the sender's epoch (8
-bytes) and a sequence number (8 bytes, little-endian).  DEALER -> ROUTER (after the identity frame
-ROUTER adds)::
+Every link message starts with a 17-byte header: a kind byte, the sender's epoch (8 bytes) and a
+sequence number (8 bytes, little-endian).  DEALER -> ROUTER (after the identity frame ROUTER
+adds)::
 
-    data       [b"D" epoch seq, *codec frames]
+    data       [b"D" epoch seq + codec tag + codec fields, *codec tensor frames]
     heartbeat  [b"H" epoch seq]      seq: the oldest message not yet acknowledged (or the next one)
 
 and back, on the same connection, ROUTER -> DEALER::
 
     ack        [b"A" epoch seq]      seq: the next one expected (cumulative; answers data and heartbeats)
 
-(One header frame rather than three: ZeroMQ's cost per message part dominates small messages.)
+(A small message is one frame: ZeroMQ's cost per message part dominates small messages; tensors
+stay frames of their own, sent without a copy.)
 
 Nothing is lost silently.  Messages of a link are numbered from 0 per sender ``epoch`` (random per
 transport, so a restarted peer starts a new sequence); the receiver delivers them in order exactly
-once (a duplicate is acknowledged again and dropped, a message after a gap waits for the retry);
-acknowledgements are cumulative and go out together on the next loop turn (or ``ack_delay_s``
-later; on uvloop a timer costs far more latency than it saves, measured); the sender keeps every unacknowledged message and resends
-all of them, in order, when the oldest has waited ``retry_after_s``.  Heartbeats go every ``heartbeat_s`` on every outbox; a peer from
-which no acknowledgement has come for ``dead_after_s`` (1.5 s: with the heartbeat period, a silent peer is reported within
-2 s) is reported through ``on_peer_lost`` (once; ``on_peer_back`` if it answers again).  A frame that is malformed or a message that does not
-decode is dropped and counted (``stats``, ``drops``), never raised.
+once (a duplicate is acknowledged again and dropped, a message after a gap waits for the retry).
+Acknowledgements are cumulative and lazy: one answers each heartbeat and every ``ack_every``-th
+message, so none lies on the path of the work it acknowledges.  The sender keeps every
+unacknowledged message and resends all of them, in order, when the oldest has waited
+``retry_after_s`` (1 s, at least two heartbeats); ``link_idle`` is therefore conservative (a link
+counts as busy until its messages are acknowledged).  Heartbeats go every ``heartbeat_s`` on every
+outbox; a peer from which no acknowledgement has come for ``dead_after_s`` (1.5 s: with the
+heartbeat period, a silent peer is reported within 2 s) is reported through ``on_peer_lost``
+(once; ``on_peer_back`` if it answers again).  A frame that is malformed or a message that does
+not decode is dropped and counted (``stats``, ``drops``), never raised.
 
-Timing reads the clock abstraction (``LoopClock`` on the running loop); nothing here schedules work.
+Timing reads the clock abstraction (the runtime's ``MonotonicClock``); nothing here schedules work.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ _DATA, _HEARTBEAT, _ACK = b"D", b"H", b"A"
 _HEADER = struct.Struct("<c8sQ")  # kind, epoch, seq: 17 bytes
 _pack = _HEADER.pack
 _unpack = _HEADER.unpack
+_unpack_from = _HEADER.unpack_from
 
 
 @dataclass
@@ -112,8 +117,8 @@ class ZmqTransport:
         bind: str = "tcp://127.0.0.1:*",
         heartbeat_s: float = 0.25,
         dead_after_s: float = 1.5,
-        retry_after_s: float = 0.5,
-        ack_delay_s: float = 0.0,
+        retry_after_s: float = 1.0,
+        ack_every: int = 32,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
@@ -125,16 +130,16 @@ class ZmqTransport:
         self._hb = heartbeat_s
         self._dead = dead_after_s
         self._retry = retry_after_s
-        if not 0 <= ack_delay_s < retry_after_s:
-            raise ValueError("need 0 <= ack_delay_s < retry_after_s")
-        self._ack_delay = ack_delay_s
+        if ack_every < 1 or retry_after_s < 2 * heartbeat_s:
+            raise ValueError("need ack_every >= 1 and retry_after_s >= 2 * heartbeat_s")
+        self._ack_every = int(ack_every)
         self._own_ctx = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._epoch = os.urandom(8)
         self._router: Any = None
         self.address = ""
         self._outs: dict[NodeRef, _Out] = {}
-        self._inbound: dict[bytes, list[Any]] = {}  # identity -> [epoch, next expected seq]
+        self._inbound: dict[bytes, list[Any]] = {}  # identity -> [epoch, next expected seq, delivered since the last ack]
         self._names: dict[bytes, NodeRef] = {HOST_NAME.encode(): SOURCE}
         self._handler: Handler | None = None
         self._idle: Callable[[NodeRef], None] | None = None
@@ -237,7 +242,10 @@ class ZmqTransport:
         out = self._outs.get(SOURCE if dest == SINK else dest)
         if out is None:
             raise TransportError(f"{self.name}: no link to {dest!r}")
-        packet = [_pack(_DATA, self._epoch, out.seq), *encode(msg)]
+        frames = encode(msg)
+        # the header, the codec's tag and its fields in one frame; tensors (or a modelled payload)
+        # follow as frames of their own, not copied
+        packet = [b"".join((_pack(_DATA, self._epoch, out.seq), frames[0], frames[1])), *frames[2:]]
         out.unacked.append((out.seq, packet, self._clock.now()))
         out.seq += 1
         self.stats.sent += 1
@@ -352,43 +360,44 @@ class ZmqTransport:
         return int(text) if text.isascii() and text.isdigit() and len(text) < 18 else text
 
     def _on_inbox(self, frames: list[bytes]) -> None:
-        if len(frames) < 2 or len(frames[1]) != 17:
+        if len(frames) < 2 or len(frames[1]) < 17:
             self._bad("missing or malformed header frame")
             return
         ident = frames[0]
-        kind, epoch, seq = _unpack(frames[1])
+        head = frames[1]
+        kind, epoch, seq = _unpack_from(head)
         st = self._inbound.get(ident)
-        if kind == _HEARTBEAT:
-            if len(frames) != 2:
-                self._bad("heartbeat frames")
-                return
+        if kind == _DATA:
             if st is None or st[0] != epoch:
                 # a new sender (or a restarted one): its sequence continues from what it still holds
-                self._inbound[ident] = st = [epoch, seq]
-        elif kind == _DATA:
-            if st is None or st[0] != epoch:
-                self._inbound[ident] = st = [epoch, seq]
+                self._inbound[ident] = st = [epoch, seq, 0]
             if seq == st[1]:
                 st[1] = seq + 1
-                msg = decode_or_drop(frames[2:], self.drops)
+                mv = memoryview(head)
+                msg = decode_or_drop([mv[17:18], mv[18:], *frames[2:]], self.drops)
                 if msg is not None:
                     self.stats.delivered += 1
                     self._deliver(self._sender(ident), msg)
+                st[2] += 1
+                if st[2] < self._ack_every:
+                    return  # acknowledged with the next heartbeat (or the ack_every-th message)
             elif seq < st[1]:
-                self.stats.duplicates += 1
+                self.stats.duplicates += 1  # a retry: acknowledge now, so that it stops
             else:
                 self.stats.out_of_order += 1
+        elif kind == _HEARTBEAT:
+            if len(frames) != 2 or len(head) != 17:
+                self._bad("heartbeat frames")
+                return
+            if st is None or st[0] != epoch:
+                self._inbound[ident] = st = [epoch, seq, 0]
         else:
             self._bad("unknown frame kind")
             return
         self._acks.add(ident)
         if not self._ack_pending:
-            # acknowledgements go out together on the next loop turn (or ack_delay_s later)
             self._ack_pending = True
-            if self._ack_delay > 0:
-                self._clock.call_at(self._clock.now() + self._ack_delay, self._flush_acks)
-            else:
-                self._clock.call_soon(self._flush_acks)
+            self._clock.call_soon(self._flush_acks)
 
     def _deliver(self, sender: NodeRef, msg: Any) -> None:
         h = self._handler
@@ -411,6 +420,7 @@ class ZmqTransport:
             st = self._inbound.get(ident)
             if st is None:
                 continue
+            st[2] = 0
             try:
                 self._router.send_multipart([ident, _pack(_ACK, st[0], st[1])], zmq.NOBLOCK)
             except zmq.ZMQError:
