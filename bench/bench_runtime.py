@@ -7,7 +7,8 @@ Run: ``python bench/bench_runtime.py [--quick]``.  One run prints, side by side:
    request at a time generates ``steps`` tokens; each decode step crosses 5 links (host, 4
    workers, host), so its latency / 5 is the cost of one hop: transport (ZeroMQ on uvloop, the
    wire codec, acknowledgements), the worker's batching and the host's bookkeeping.  Against the
-   original prototype's C++ path, which printed 562 us per hop (the runtime issue's figure).
+   original prototype's C++ path, which printed 562 us per hop (the runtime issue's figure).  Once
+   over TCP on loopback (what spans machines), once over ``ipc://`` endpoints (one machine).
 2. **Tiny model tokens/s** (seeded dummy weights, float32, one torch thread per process, greedy):
    ``transformers`` ``generate`` on the whole model in one process; our torch code on the whole
    model in one process (the same layer function the workers run); and a 4-stage pipeline of torch
@@ -47,14 +48,15 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p))]
 
 
-async def _serve(executor: str, fn: Any, *extra: str) -> Any:
+async def _serve(executor: str, fn: Any, *extra: str, ipc: str = "") -> Any:
     p = chain4()
-    server = HostServer(p)
+    server = HostServer(p, listen=f"ipc://{ipc}/host" if ipc else "tcp://127.0.0.1:*")
     address = await server.start()
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
     procs = [
         subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address, "--node-id", str(i),
-                          "--executor", executor, *extra], cwd=ROOT, env=env)
+                          "--executor", executor, *extra, *(["--bind", f"ipc://{ipc}/w{i}"] if ipc else [])],
+                         cwd=ROOT, env=env)
         for i in range(4)
     ]
     try:
@@ -69,7 +71,7 @@ async def _serve(executor: str, fn: Any, *extra: str) -> Any:
                 pr.kill()
 
 
-def per_hop(steps: int) -> dict[str, float]:
+def per_hop(steps: int, ipc: bool = False) -> dict[str, float]:
     async def fn(server: HostServer) -> list[float]:
         lat: list[float] = []
         for _ in range(3):
@@ -81,7 +83,13 @@ def per_hop(steps: int) -> dict[str, float]:
 
     import uvloop
 
-    lat = uvloop.run(_serve("null", fn))
+    if ipc:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            lat = uvloop.run(_serve("null", fn, ipc=d))
+    else:
+        lat = uvloop.run(_serve("null", fn))
     hops = 5
     return {"p50_us": pct(lat, 0.5) / hops * 1e6, "p99_us": pct(lat, 0.99) / hops * 1e6, "n": len(lat)}
 
@@ -159,6 +167,8 @@ def main() -> None:
     print("per-hop overhead on loopback (null executor, 4 worker processes, 5 hops per decode step)")
     print(f"  ours: p50 {hop['p50_us']:.0f} us, p99 {hop['p99_us']:.0f} us ({hop['n']} decode steps)")
     print(f"  the original's C++ path: 562 us  -> ours/original p50 {hop['p50_us'] / 562:.2f}x")
+    hop_ipc = per_hop(steps, ipc=True)
+    print(f"  ours over ipc:// (one machine): p50 {hop_ipc['p50_us']:.0f} us, p99 {hop_ipc['p99_us']:.0f} us")
     print()
     print("tiny-llama tokens/s (dummy weights, float32, 1 torch thread per process, greedy)")
     print(f"  {'batch':>5}  {'transformers':>12}  {'ours whole':>10}  {'4-stage pipeline':>16}  {'pipeline/ours':>13}")
