@@ -83,7 +83,7 @@ async def _host_main(args: argparse.Namespace) -> int:
     if trace is None:
         work = offline(server, args.initial, args.duration, args.lengths, seed=args.seed)
     else:
-        work = replay_trace(server, trace, seed=args.seed)
+        work = replay_trace(server, trace, seed=args.seed, progress=args.progress)
     replay = loop.create_task(work)
     await asyncio.wait({replay, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not replay.done():
@@ -99,11 +99,17 @@ async def _host_main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0) -> str:
+async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0, progress: bool = False) -> str:
     """Submit every trace entry at its arrival time (relative to now) with seeded random prompt token
-    ids; returns the summary line once all have finished or failed."""
+    ids; returns the summary line once all have finished or failed.  progress: a tqdm bar of the
+    requests done (on stderr)."""
     from .host_main import RequestFailed
 
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(trace), unit="req", desc="serving", leave=False)
     rng = random.Random(seed)
     vocab = server.model.vocab_size
     clock = server.clock
@@ -121,8 +127,15 @@ async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0) -> str:
         except RequestFailed as e:
             failed += 1
             log.warning("request failed: %s", e)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tokens=tokens, refresh=False)
 
-    await asyncio.gather(*(one(float(t), int(n), int(m)) for t, n, m in trace))
+    try:
+        await asyncio.gather(*(one(float(t), int(n), int(m)) for t, n, m in trace))
+    finally:
+        if bar is not None:
+            bar.close()
     span = clock.now() - t0
     host = server.host
     line = summary_line(len(trace) - failed, len(server.nodes), tokens, span, list(host.prompt_latency),
@@ -237,6 +250,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
     h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
     h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
+    h.add_argument("--progress", action="store_true", help="a progress bar of the requests done (stderr)")
     h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
     h.add_argument("--emulate", type=positive, default=None, metavar="K",
                    help="cost-model emulation: hold the host's messages back by its links' modelled times x K")

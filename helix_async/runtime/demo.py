@@ -44,7 +44,8 @@ def serve_tiny(out: Path, *, requests: int = 24, seed: int = 0, timeout: float =
     logs = out / "logs"
     host = subprocess.Popen(
         [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "host", "--plan", str(plan),
-         "--address-file", str(addr_file), "--trace", str(trace), "--log-dir", str(logs), "--seed", str(seed)],
+         "--address-file", str(addr_file), "--trace", str(trace), "--log-dir", str(logs), "--seed", str(seed),
+         "--progress"],
         stdout=subprocess.PIPE, text=True,
     )
     workers: list[subprocess.Popen[Any]] = []
