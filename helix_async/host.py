@@ -180,6 +180,19 @@ class Host:
         """Queries waiting for admission."""
         return len(self._waiting)
 
+    def active_queries(self) -> list[Query]:
+        """The queries admitted and not finished (a copy)."""
+        return list(self._queries.values())
+
+    def is_active(self, qid: int) -> bool:
+        return qid in self._queries
+
+    def drop_waiting(self) -> list[Query]:
+        """Empty the admission queue; returns the queries that waited (the caller tells their clients)."""
+        dropped = list(self._waiting)
+        self._waiting.clear()
+        return dropped
+
     @property
     def router(self) -> Any:
         return self._router

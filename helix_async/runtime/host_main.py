@@ -191,13 +191,12 @@ class HostServer:
             deadline = self.clock.now() + grace
             while host.active + host.waiting and self.clock.now() < deadline:
                 await asyncio.sleep(0.02)
-            for qid in list(host._queries):
+            for q in host.active_queries():
                 self.counters.cancelled_at_shutdown += 1
-                host.fail(qid, f"cancelled: {reason}")
-            for q in list(host._waiting):
+                host.fail(q.qid, f"cancelled: {reason}")
+            for q in host.drop_waiting():
                 self.counters.cancelled_at_shutdown += 1
                 self._finish_stream(q.qid, RequestFailed(f"cancelled: {reason}"))
-            host._waiting.clear()
         for st in self.nodes.values():
             if st.address and not st.lost:
                 self.tp.send(st.node, Shutdown(reason=reason))
@@ -326,7 +325,7 @@ class HostServer:
         host = self.host
         if host is None:
             return
-        for q in list(host._queries.values()):
+        for q in host.active_queries():
             if q.route and any(s[0] == peer for s in q.route):
                 self.counters.failed_on_lost_worker += 1
                 host.fail(q.qid, f"worker {peer} is lost")
@@ -414,7 +413,7 @@ class HostServer:
                 yield item
         finally:
             self._streams.pop(q_id, None)
-            if self.host is not None and q_id in self.host._queries:
+            if self.host is not None and self.host.is_active(q_id):
                 self.host.fail(q_id, "cancelled by the client")  # the caller stopped reading
 
     async def complete(self, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> list[int]:

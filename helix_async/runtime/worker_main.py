@@ -220,8 +220,9 @@ class WorkerServer:
         self.tp.rename(a.node_id, str(a.node_id))
         profiles = load_profiles(spec)
         limits, kv_cap = node_limits(profiles, opts.gpu, k)
-        if kv_cap < 0:
-            kv_cap = profiles.node_settings(opts.gpu).kv(profiles.node_settings(opts.gpu).max_layers)
+        if kv_cap < 0:  # more layers than the settings list: the largest listed count's capacity
+            ns = profiles.node_settings(opts.gpu)
+            kv_cap = ns.kv(ns.max_layers)
         if opts.executor == "torch":
             # loading may take a while: off the loop, which keeps answering heartbeats meanwhile
             try:

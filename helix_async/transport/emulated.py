@@ -17,7 +17,7 @@ from typing import Any
 
 from ..clock import Clock
 from ..codec import wire_size
-from ..ids import SINK, NodeRef
+from ..ids import NodeRef
 from .base import Handler, Transport
 
 __all__ = ["EmulatedLinks", "links_from"]
@@ -72,8 +72,6 @@ class EmulatedLinks:
 
     def send(self, dest: NodeRef, msg: Any) -> None:
         link = self._links.get(dest)
-        if link is None and dest == SINK:
-            link = self._links.get("sink")
         if link is None:
             self._inner.send(dest, msg)
             return

@@ -147,6 +147,7 @@ class ZmqTransport:
         self._ack_pending = False
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: dict[Any, Callable[[list[bytes]], None]] = {}  # socket -> its frames' handler
         self._drains: set[Any] = set()  # sockets to drain on the next loop turn
         self._drain_pending = False
         self.closed = False
@@ -179,7 +180,6 @@ class ZmqTransport:
         self._router = sock
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = self._loop = asyncio.get_running_loop()
-        self._readers: dict[Any, Callable[[list[bytes]], None]] = {}
         self._watch_socket(sock, self._on_inbox)
         self._tasks.append(loop.create_task(self._watch(), name=f"zmq-watch-{self.name}"))
         return self.address
