@@ -7,8 +7,10 @@ Run: ``python bench/bench_runtime.py [--quick]``.  One run prints, side by side:
    request at a time generates ``steps`` tokens; each decode step crosses 5 links (host, 4
    workers, host), so its latency / 5 is the cost of one hop: transport (ZeroMQ on uvloop, the
    wire codec, acknowledgements), the worker's batching and the host's bookkeeping.  Against the
-   original prototype's C++ path, which printed 562 us per hop (the runtime issue's figure).  Once
-   over TCP on loopback (what spans machines), once over ``ipc://`` endpoints (one machine).
+   original prototype's C++ path, which printed 562 us per hop (the runtime issue's figure), and
+   beside the floor of this machine: the same 5 processes passing one message round a ring with
+   nothing but pyzmq (blocking receives, no protocol).  Once over TCP on loopback (what spans
+   machines), once over ``ipc://`` endpoints (one machine).
 2. **Tiny model tokens/s** (seeded dummy weights, float32, one torch thread per process, greedy):
    ``transformers`` ``generate`` on the whole model in one process; our torch code on the whole
    model in one process (the same layer function the workers run); and a 4-stage pipeline of torch
@@ -94,6 +96,75 @@ def per_hop(steps: int, ipc: bool = False) -> dict[str, float]:
     return {"p50_us": pct(lat, 0.5) / hops * 1e6, "p99_us": pct(lat, 0.99) / hops * 1e6, "n": len(lat)}
 
 
+def _ring_member(i: int, n: int, endpoint: str, inbox_q: Any, next_q: Any) -> None:
+    """One process of the bare ZeroMQ ring: receive on a ROUTER, pass the payload on over a DEALER."""
+    import zmq
+
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.ROUTER)
+    inbox.bind(endpoint.format(i))
+    inbox_q.put((i, inbox.getsockopt_string(zmq.LAST_ENDPOINT)))
+    out = ctx.socket(zmq.DEALER)
+    out.connect(next_q.get())
+    while True:
+        frames = inbox.recv_multipart()
+        out.send(frames[1])
+        if frames[1] == b"stop":
+            break
+    inbox.close(0)
+    out.close(0)
+    ctx.term()
+
+
+def zmq_floor(steps: int, ipc: str = "") -> dict[str, float]:
+    """The same 5-hop loop with nothing but ZeroMQ: 5 processes in a ring (DEALER to ROUTER, blocking
+    receives, a 64-byte payload), one message going round at a time.  What any runtime on pyzmq
+    pays on this machine before doing anything of its own."""
+    import multiprocessing as mp
+
+    import zmq
+
+    n = 5
+    endpoint = f"ipc://{ipc}/ring{{}}" if ipc else "tcp://127.0.0.1:*"
+    ctx = mp.get_context("spawn")
+    inbox_q = ctx.Queue()
+    next_qs = [ctx.Queue() for _ in range(n)]
+    procs = [ctx.Process(target=_ring_member, args=(i, n, endpoint, inbox_q, next_qs[i]), daemon=True) for i in range(1, n)]
+    for pr in procs:
+        pr.start()
+    zctx = zmq.Context()
+    inbox = zctx.socket(zmq.ROUTER)
+    inbox.bind(endpoint.format(0))
+    addrs = {0: inbox.getsockopt_string(zmq.LAST_ENDPOINT)}
+    for _ in range(1, n):
+        i, a = inbox_q.get(timeout=60)
+        addrs[i] = a
+    for i in range(1, n):
+        next_qs[i].put(addrs[(i + 1) % n])
+    out = zctx.socket(zmq.DEALER)
+    out.connect(addrs[1])
+    payload = b"x" * 64
+    lat: list[float] = []
+    try:
+        for k in range(steps * 3 + 200):
+            t0 = time.perf_counter()
+            out.send(payload)
+            inbox.recv_multipart()
+            if k >= 200:  # the first round trips connect and warm up
+                lat.append(time.perf_counter() - t0)
+        out.send(b"stop")
+        inbox.recv_multipart()
+    finally:
+        for pr in procs:
+            pr.join(timeout=10)
+            if pr.is_alive():
+                pr.kill()
+        inbox.close(0)
+        out.close(0)
+        zctx.term()
+    return {"p50_us": pct(lat, 0.5) / n * 1e6, "p99_us": pct(lat, 0.99) / n * 1e6, "n": len(lat)}
+
+
 def tokens_per_s_pipeline(batch: int, steps: int) -> float:
     async def fn(server: HostServer) -> float:
         prompts = [[(7 * i + j) % 2048 for j in range(32)] for i in range(batch)]
@@ -163,12 +234,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     args = ap.parse_args()
     steps = 50 if args.quick else 200
+    import tempfile
+
+    floor = zmq_floor(steps)
     hop = per_hop(steps)
-    print("per-hop overhead on loopback (null executor, 4 worker processes, 5 hops per decode step)")
-    print(f"  ours: p50 {hop['p50_us']:.0f} us, p99 {hop['p99_us']:.0f} us ({hop['n']} decode steps)")
-    print(f"  the original's C++ path: 562 us  -> ours/original p50 {hop['p50_us'] / 562:.2f}x")
+    with tempfile.TemporaryDirectory() as d:
+        floor_ipc = zmq_floor(steps, ipc=d)
     hop_ipc = per_hop(steps, ipc=True)
-    print(f"  ours over ipc:// (one machine): p50 {hop_ipc['p50_us']:.0f} us, p99 {hop_ipc['p99_us']:.0f} us")
+    print("per-hop overhead on loopback (null executor, 4 worker processes, 5 hops per decode step)")
+    print(f"  {'':<28} {'p50 us':>7} {'p99 us':>7} {'p50 / ZeroMQ alone':>19}")
+    for label, h, f in (("ours, tcp", hop, floor), ("ZeroMQ alone, tcp", floor, floor),
+                        ("ours, ipc", hop_ipc, floor_ipc), ("ZeroMQ alone, ipc", floor_ipc, floor_ipc)):
+        print(f"  {label:<28} {h['p50_us']:>7.0f} {h['p99_us']:>7.0f} {h['p50_us'] / f['p50_us']:>18.2f}x")
+    print(f"  the original's C++ path: 562 us  -> ours (tcp) / original p50 {hop['p50_us'] / 562:.2f}x")
     print()
     print("tiny-llama tokens/s (dummy weights, float32, 1 torch thread per process, greedy)")
     print(f"  {'batch':>5}  {'transformers':>12}  {'ours whole':>10}  {'4-stage pipeline':>16}  {'pipeline/ours':>13}")

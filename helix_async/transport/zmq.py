@@ -67,6 +67,11 @@ _HEADER = struct.Struct("<c8sQ")  # kind, epoch, seq: 17 bytes
 _pack = _HEADER.pack
 _unpack = _HEADER.unpack
 _unpack_from = _HEADER.unpack_from
+# plain ints: pyzmq's option enums cost microseconds per call on the hot path
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 @dataclass
@@ -307,11 +312,15 @@ class ZmqTransport:
         handler = self._readers.get(sock)
         if handler is None:
             return
+        get = sock.get
+        recv = sock.recv
         for _ in range(1000):  # then yield to the loop; the rest on the next turn
             try:
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if not get(_EVENTS) & _POLLIN:
                     return
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [recv(_NOBLOCK)]
+                while get(_RCVMORE):
+                    frames.append(recv(_NOBLOCK))
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -339,7 +348,10 @@ class ZmqTransport:
     def _transmit(self, out: _Out, packet: list[Any]) -> None:
         # Non-blocking: the DEALER queues it (no high-water mark) until the peer is connected.
         try:
-            out.sock.send_multipart(packet, zmq.NOBLOCK, copy=False)
+            if len(packet) == 1:
+                out.sock.send(packet[0], _NOBLOCK)  # a small message: copying beats a zero-copy frame
+            else:
+                out.sock.send_multipart(packet, _NOBLOCK, copy=False)
         except zmq.ZMQError:
             self._bad("send failed")  # left unacknowledged: the retry sends it again
         self._drain_soon(out.sock)
@@ -422,7 +434,7 @@ class ZmqTransport:
                 continue
             st[2] = 0
             try:
-                self._router.send_multipart([ident, _pack(_ACK, st[0], st[1])], zmq.NOBLOCK)
+                self._router.send_multipart([ident, _pack(_ACK, st[0], st[1])], _NOBLOCK)
             except zmq.ZMQError:
                 self._bad("ack send failed")
         self._acks.clear()
@@ -459,7 +471,7 @@ class ZmqTransport:
             for out in list(self._outs.values()):
                 first = out.unacked[0][0] if out.unacked else out.seq
                 try:
-                    out.sock.send_multipart([_pack(_HEARTBEAT, self._epoch, first)], zmq.NOBLOCK)
+                    out.sock.send(_pack(_HEARTBEAT, self._epoch, first), _NOBLOCK)
                 except zmq.ZMQError:
                     self._bad("heartbeat send failed")
                 self._drain_soon(out.sock)
