@@ -209,6 +209,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="plan file to write (.toml or .json; default out/plan.toml)")
     pl.add_argument("--plot", type=_plot_path, default=None, help="picture of the placement coloured by flow (.png, .pdf, .svg)")
     pl.add_argument("--quiet", action="store_true", help="no progress lines")
+    pl.add_argument("--progress", action="store_true",
+                    help="milp: a progress bar over the time limit with the incumbent and the gap, instead of lines")
     pl.set_defaults(handler=cmd_plan)
 
     fl = sub.add_parser("flow", help="flow analysis of an existing plan file")
@@ -459,8 +461,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         write_placement(placement, out)
 
     t0 = time.monotonic()
+    bar = _PlanBar(search["time_limit"], t0) if args.progress and args.method == "milp" else None
 
     def progress(ev: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.event(ev)
+            return
         if args.quiet:
             return
         print(
@@ -470,21 +476,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with SignalStop(StopFlag()) as stop:
-        result = plan(
-            spec,
-            args.model,
-            method=args.method,
-            time_limit=search["time_limit"],
-            stall_limit=search["stall_limit"],
-            gap_limit=search["gap_limit"],
-            seed=seed,
-            partial=args.partial,
-            prune=search["prune"],
-            on_improve=on_improve,
-            progress=progress,
-            stop=stop,
-        )
+    try:
+        with SignalStop(StopFlag()) as stop:
+            result = plan(
+                spec,
+                args.model,
+                method=args.method,
+                time_limit=search["time_limit"],
+                stall_limit=search["stall_limit"],
+                gap_limit=search["gap_limit"],
+                seed=seed,
+                partial=args.partial,
+                prune=search["prune"],
+                on_improve=on_improve,
+                progress=progress,
+                stop=stop,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
     flow = max_flow(result.placement)
     write_placement(result.placement, out, flow=flow)
     print(f"planned {result.placement.model} on {spec.name} with {args.method} in {time.monotonic() - t0:.1f} s "
@@ -501,6 +511,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plot_placement(result.placement, flow, args.plot)
         print(f"plot written to {args.plot}")
     return EXIT_OK
+
+
+class _PlanBar:
+    """``plan --progress``: a tqdm bar over the search's time limit (it may stop sooner), showing the
+    incumbent and the gap; a display thread advances it between the search's events."""
+
+    def __init__(self, time_limit: float, t0: float) -> None:
+        import threading
+        import time
+
+        from tqdm import tqdm
+
+        self._t0 = t0
+        self._now = time.monotonic
+        self._total = max(1, round(time_limit))
+        self._bar = tqdm(total=self._total, unit="s", desc="planning", file=sys.stderr, leave=False,
+                         dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s{postfix}")
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True, name="plan-progress")
+        self._thread.start()
+
+    def _advance(self) -> None:
+        n = min(self._total, int(self._now() - self._t0))
+        if n > self._bar.n:
+            self._bar.update(n - self._bar.n)
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.5):
+            with self._lock:
+                self._advance()
+
+    def event(self, ev: dict[str, Any]) -> None:
+        with self._lock:
+            self._bar.set_postfix_str(f"max flow {ev['incumbent']:.1f}, bound {ev['bound']:.1f}, gap {100 * ev['gap']:.1f}%",
+                                      refresh=False)
+            self._advance()
+            self._bar.refresh()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=2)
+        self._bar.close()
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
@@ -568,7 +621,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n== 2. plan a placement (MILP search, {limit} s) ==")
     plan_file = out / "plan.toml"
     rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
-               "--stall-limit", limit, "--out", str(plan_file), "--plot", str(out / "placement.png"), "--quiet"])
+               "--stall-limit", limit, "--out", str(plan_file), "--plot", str(out / "placement.png"), "--progress"])
     if rc:
         return rc
     print("\n== 3. flow analysis of the plan ==")
@@ -579,7 +632,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     window = "60" if args.quick else "600"
     print(f"\n== 4. simulate the plan (offline MaxFlow, {window}-s window, virtual time) ==")
     sim_argv = [sys.executable, "-m", "sim", "run", "--plan", str(plan_file), "--duration", window,
-                "--report", str(out / "sim")]
+                "--report", str(out / "sim"), "--progress"]
     if not args.quick:
         sim_argv.append("--plots")
     rc = subprocess.run(sim_argv, check=False).returncode

@@ -617,3 +617,14 @@ def test_seed_for_an_unseeded_heuristic_is_noted(tmp_path: Path, capsys: pytest.
     assert rc == 0, err
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("note: --seed") and "separate" in lines[0], err
+
+
+def test_plan_progress_bar_replaces_the_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("pyscipopt")
+    out_file = tmp_path / "p.toml"
+    rc, out, err = _run(capsys, ["plan", "--cluster", "single24", "--time-limit", "3", "--stall-limit", "3",
+                                 "--progress", "--out", str(out_file)])
+    assert rc == 0, err
+    assert "planning:" in err and "gap" in err  # the bar, with the search's figures
+    assert "incumbent" not in err  # not the progress lines
+    assert read_placement(out_file).method == "milp"
