@@ -101,6 +101,7 @@ from .messages import (
     Heartbeat,
     Message,
     MsgType,
+    NodeStats,
     PromptWork,
     Register,
     Shutdown,
@@ -939,6 +940,11 @@ def _rules_assign(ctx: _Ctx, v: dict) -> None:
     _check_range(ctx, "end", v["start"], v["end"])
 
 
+def _rules_node_stats(ctx: _Ctx, v: dict) -> None:
+    if len(v["peers"]) != len(v["bytes_out"]):
+        raise ctx.error("bytes_out", f"one count per peer: {len(v['peers'])} peers, {len(v['bytes_out'])} counts")
+
+
 class _Layout:
     __slots__ = ("cls", "name", "specs", "rules", "has_tensors", "has_payload_bytes")
 
@@ -1033,6 +1039,20 @@ LAYOUTS: dict[int, _Layout] = {
         _Layout(Error, {"request_id": _Int(-1, I64_MAX), "code": _I32, "text": _S}),
         _Layout(Shutdown, {"reason": _S}),
         _Layout(Feedback, {"request_id": _ID, "node_id": _I32, "delay": _Float(nonneg=True), "sent_at": _F}),
+        _Layout(
+            NodeStats,
+            {
+                "node_id": _I32,
+                "now": _F,
+                "kv_used": _ID,
+                "kv_capacity": _ID,
+                "queued": _ID,
+                "peers": _Ints(-1, I32_MAX),
+                "bytes_out": _Ints(0, I64_MAX),
+                "bad_frames": _ID,
+            },
+            _rules_node_stats,
+        ),
     )
 }
 assert set(LAYOUTS) == {int(t) for t in MESSAGE_TYPES}

@@ -90,6 +90,7 @@ class HostStats:
     would_abort: int = 0  # compat online: where the original's scheduler asserted
     admission_waits: int = 0  # queries that waited in the admission queue
     failed: int = 0  # admitted queries that a worker reported failed (or that were failed here)
+    cancelled: int = 0  # queries their client withdrew (admitted or waiting)
     bad_messages: int = 0
 
 
@@ -186,6 +187,9 @@ class Host:
 
     def is_active(self, qid: int) -> bool:
         return qid in self._queries
+
+    def is_waiting(self, qid: int) -> bool:
+        return any(q.qid == qid for q in self._waiting)
 
     def drop_waiting(self) -> list[Query]:
         """Empty the admission queue; returns the queries that waited (the caller tells their clients)."""
@@ -325,12 +329,34 @@ class Host:
         """End admitted query ``qid`` as failed (``reason`` for people): its KV expectation is
         released, the workers on its route are told to drop it, ``on_fail`` is called.  Returns
         False when no such query is active."""
+        return self._end(qid, reason, cancelled=False)
+
+    def cancel(self, qid: int, reason: str = "cancelled by the client") -> bool:
+        """The client withdrew query ``qid`` (it disconnected, or has what it wanted): a waiting
+        query leaves the admission queue; an admitted one ends as :meth:`fail` ends it (its workers
+        drop it and free its KV), counted as cancelled, not failed.  Returns False when no such
+        query is waiting or active."""
+        if qid not in self._queries:
+            for q in self._waiting:
+                if q.qid == qid:
+                    self._waiting.remove(q)
+                    q.error = reason
+                    q.finished_at = self._clock.now()
+                    self.stats.cancelled += 1
+                    return True
+            return False
+        return self._end(qid, reason, cancelled=True)
+
+    def _end(self, qid: int, reason: str, *, cancelled: bool) -> bool:
         q = self._queries.pop(qid, None)
         if q is None:
             return False
         q.error = reason
         q.finished_at = self._clock.now()
-        self.stats.failed += 1
+        if cancelled:
+            self.stats.cancelled += 1
+        else:
+            self.stats.failed += 1
         if q.route:
             for node in {s[0] for s in q.route}:
                 self._transport.send(node, Cancel(request_id=qid, reason=reason))

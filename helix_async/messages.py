@@ -51,6 +51,7 @@ class MsgType(IntEnum):
     ERROR = 9
     SHUTDOWN = 10
     FEEDBACK = 11
+    NODE_STATS = 12
 
 
 class ErrorCode(IntEnum):
@@ -336,6 +337,28 @@ class Feedback(_Message):
     sent_at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeStats(_Message):
+    """Worker → host, about once a second while serving: what the host's metrics show per node.
+
+    node_id: the sender. now: its loop time (s). kv_used, kv_capacity: KV cache entries (tokens x
+    layers) in use and in all. queued: work items waiting at the node. peers: the nodes it sends to
+    (-1: the host); bytes_out: bytes sent to each (cumulative, same order). bad_frames: frames and
+    messages it dropped as malformed (cumulative).
+    """
+
+    TAG: ClassVar[MsgType] = MsgType.NODE_STATS
+    NAME: ClassVar[str] = "node_stats"
+    node_id: int
+    now: float
+    kv_used: int
+    kv_capacity: int
+    queued: int
+    peers: tuple[int, ...] = ()
+    bytes_out: tuple[int, ...] = ()
+    bad_frames: int = 0
+
+
 Message = (
     Register
     | AssignLayers
@@ -348,6 +371,7 @@ Message = (
     | Error
     | Shutdown
     | Feedback
+    | NodeStats
 )
 
 #: Message class per tag.
@@ -365,6 +389,7 @@ MESSAGE_TYPES: dict[MsgType, type[_Message]] = {
         Error,
         Shutdown,
         Feedback,
+        NodeStats,
     )
 }
 
@@ -416,6 +441,7 @@ __all__ = [
     "Feedback",
     "Heartbeat",
     "Message",
+    "NodeStats",
     "MsgType",
     "Peer",
     "PromptWork",

@@ -48,6 +48,7 @@ from helix_async.messages import (
     Feedback,
     Heartbeat,
     MsgType,
+    NodeStats,
     PromptWork,
     Register,
     Shutdown,
@@ -120,6 +121,7 @@ WIRE_LAYOUTS = {
     9: ("error", ("request_id", "code", "text")),
     10: ("shutdown", ("reason",)),
     11: ("feedback", ("request_id", "node_id", "delay", "sent_at")),
+    12: ("node_stats", ("node_id", "now", "kv_used", "kv_capacity", "queued", "peers", "bytes_out", "bad_frames")),
 }
 
 
@@ -257,6 +259,14 @@ feedback = st.builds(
 
 
 @st.composite
+def node_stats(draw) -> NodeStats:
+    peers = draw(st.lists(st.integers(-1, 2**31 - 1), max_size=6).map(tuple))
+    counts = draw(st.lists(ids, min_size=len(peers), max_size=len(peers)).map(tuple))
+    return NodeStats(node_id=draw(i32), now=draw(floats), kv_used=draw(ids), kv_capacity=draw(ids), queued=draw(ids),
+                     peers=peers, bytes_out=counts, bad_frames=draw(ids))
+
+
+@st.composite
 def assign_layers(draw) -> AssignLayers:
     start = draw(st.integers(0, 100))
     peers = draw(
@@ -300,6 +310,7 @@ STRATEGIES = {
     "error": error,
     "shutdown": shutdown,
     "feedback": feedback,
+    "node_stats": node_stats(),
 }
 HOT = ["prompt_work", "decode_work", "activations", "token_result", "feedback"]
 any_message = st.one_of(*STRATEGIES.values())
@@ -318,6 +329,7 @@ def _minimal_kwargs(cls: type) -> dict:
         Error: dict(request_id=-1, code=ErrorCode.INTERNAL, text="t"),
         Shutdown: dict(),
         Feedback: dict(request_id=0, node_id=1, delay=0.0, sent_at=0.0),
+        NodeStats: dict(node_id=0, now=0.0, kv_used=0, kv_capacity=1, queued=0),
     }[cls]
 
 
@@ -1563,3 +1575,17 @@ def test_sampling_parameters_travel_and_are_checked(impl) -> None:
     ):
         with pytest.raises(CodecError, match=why):
             enc(bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_node_stats_round_trip_and_rules(impl) -> None:
+    enc, dec = impl
+    m = NodeStats(node_id=3, now=1.5, kv_used=10, kv_capacity=100, queued=2, peers=(4, -1), bytes_out=(1 << 40, 7),
+                  bad_frames=1)
+    frames = enc(m)
+    assert frames[0] == b"\x0c" and msgpack.unpackb(frames[1]) == [3, 1.5, 10, 100, 2, [4, -1], [1 << 40, 7], 1]
+    assert dec(_frame_bytes(frames)) == m
+    with pytest.raises(CodecError, match=r"^node_stats: bytes_out: one count per peer: 2 peers, 1 counts$"):
+        enc(NodeStats(node_id=3, now=1.5, kv_used=0, kv_capacity=1, queued=0, peers=(4, -1), bytes_out=(1,)))
+    with pytest.raises(CodecError, match=r"^node_stats: peers"):
+        enc(NodeStats(node_id=3, now=1.5, kv_used=0, kv_capacity=1, queued=0, peers=(-2,), bytes_out=(1,)))

@@ -55,12 +55,73 @@ async def _host_main(args: argparse.Namespace) -> int:
             raise ConfigError("<argument>", "--duration", "online traces are built in 3-s steps: give a multiple of 3")
         trace = generate_online_trace(args.arrivals, args.lengths, args.rate, start=0.0, duration=int(args.duration),
                                       seed=args.seed)
+    http = None
+    if args.http:
+        http = _http_setup(args, placement)  # bad flags fail here, before anything listens
     server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
                         log_dir=args.log_dir, emulate_time_scale=args.emulate)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
+    api = None
+    if http is not None:
+        api = await _http_start(server, http)
+        print(f"OpenAI-compatible API on {api.url}/v1 (model {api.model_name!r}; metrics on {api.url}/metrics)", flush=True)
+        if args.url_file:
+            Path(args.url_file).write_text(api.url + "\n")
     if args.address_file:
         Path(args.address_file).write_text(address + "\n")
+    try:
+        return await _host_serve(args, server, trace)
+    finally:
+        if api is not None:
+            await api.stop()
+
+
+def _http_setup(args: argparse.Namespace, placement: Any) -> dict[str, Any]:
+    """What the HTTP API needs, checked before the host binds anything (bad input: exit 2)."""
+    from ..extras import require
+
+    require("aiohttp", "serve")
+    from ..frontend.openai_api import parse_http_address
+
+    try:
+        host, port = parse_http_address(args.http)
+    except ValueError as e:
+        raise ConfigError("<argument>", "--http", str(e)) from None
+    model = placement.model_spec
+    tok_src = args.tokenizer or (model.name if model.name == "tiny-llama" else None)
+    tokenizer = None
+    if tok_src and tok_src != "none":
+        from ..frontend.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_src)
+        if tokenizer.vocab_size > model.vocab_size:
+            raise ConfigError(tok_src, "--tokenizer", f"{tokenizer.vocab_size} ids, more than {model.name}'s vocabulary "
+                              f"of {model.vocab_size}")
+    max_len = args.max_model_len or MAX_MODEL_LEN.get(model.name, 2048)
+    return {"host": host, "port": port, "tokenizer": tokenizer, "max_model_len": max_len,
+            "model_name": args.served_model_name or model.name, "seed": args.seed, "api_key": args.api_key}
+
+
+#: context lengths of the models we know (tokens)
+MAX_MODEL_LEN = {"tiny-llama": 2048, "llama2-70b": 4096, "llama1-30b": 2048}
+
+
+async def _http_start(server: Any, h: dict[str, Any]) -> Any:
+    from ..frontend.metrics import Metrics
+    from ..frontend.openai_api import OpenAIServer
+
+    api = OpenAIServer(server, h["model_name"], h["tokenizer"], max_model_len=h["max_model_len"], seed=h["seed"],
+                       metrics=Metrics(server), api_key=h["api_key"])
+    try:
+        await api.start(h["host"], h["port"])
+    except OSError as e:
+        await server.shutdown("the HTTP port is not free", grace=0.0)
+        raise ConfigError("<argument>", "--http", f"cannot listen on {h['host']}:{h['port']}: {e.strerror or e}") from None
+    return api
+
+
+async def _host_serve(args: argparse.Namespace, server: Any, trace: list[Any] | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -254,6 +315,15 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
     h.add_argument("--emulate", type=positive, default=None, metavar="K",
                    help="cost-model emulation: hold the host's messages back by its links' modelled times x K")
+    h.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve the OpenAI-compatible API and /metrics here (e.g. 127.0.0.1:8000; port 0: any free one)")
+    h.add_argument("--tokenizer", default=None,
+                   help="--http: tokenizer (tiny-llama, a directory with tokenizer.json, or none: token ids only; "
+                   "default: the model's own when shipped)")
+    h.add_argument("--served-model-name", default=None, help="--http: the model id clients use (default: the plan's model)")
+    h.add_argument("--max-model-len", type=positive_int, default=None, help="--http: prompt plus output tokens at most")
+    h.add_argument("--api-key", default=None, help="--http: require 'Authorization: Bearer KEY' on /v1/")
+    h.add_argument("--url-file", default=None, help="--http: write the API's base URL here (for scripts)")
     h.set_defaults(handler=cmd_host)
 
     r = sub.add_parser("report", help="throughput and latency of a served run's logs (the original parser's definitions)")

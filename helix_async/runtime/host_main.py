@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,17 @@ from ..errors import HelixError
 from ..flowplan import FlowPlan
 from ..host import Host, Query
 from ..ids import SOURCE, NodeRef
-from ..messages import AssignLayers, DecodeWork, Error, ErrorCode, Heartbeat, PromptWork, Register, Shutdown
+from ..messages import (
+    AssignLayers,
+    DecodeWork,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    NodeStats,
+    PromptWork,
+    Register,
+    Shutdown,
+)
 from ..placement import Placement
 from ..placement.flow import max_flow
 from ..roles import flow_router
@@ -45,7 +55,15 @@ log = logging.getLogger("helix_async.host")
 
 
 class RequestFailed(HelixError, RuntimeError):
-    """A request the cluster could not serve (the message says why)."""
+    """A request the cluster could not serve (the message says why).
+
+    kind: ``overloaded`` (the admission queue is full: try again later), ``unavailable`` (the
+    host is not serving: starting or shutting down), ``cancelled`` (at shutdown) or ``failed``
+    (a worker failed it or was lost)."""
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -58,6 +76,8 @@ class _NodeState:
     ready: bool = False
     lost: bool = False
     capabilities: tuple[str, ...] = ()
+    stats: Any = None  # the node's last NodeStats
+    stats_at: float = -1.0  # when it came (host clock)
 
 
 @dataclass
@@ -180,6 +200,15 @@ class HostServer:
     def ready(self) -> bool:
         return self._ready is not None and self._ready.is_set()
 
+    @property
+    def admission_capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def overloaded(self) -> bool:
+        """The admission queue is full: a new request would be rejected."""
+        return self.host is not None and self.host.waiting >= self._capacity
+
     async def shutdown(self, reason: str = "host shutting down", grace: float = 5.0) -> None:
         """Stop admitting; let in-flight requests finish for ``grace`` seconds, cancel the rest;
         tell every worker to stop; close."""
@@ -196,7 +225,7 @@ class HostServer:
                 host.fail(q.qid, f"cancelled: {reason}")
             for q in host.drop_waiting():
                 self.counters.cancelled_at_shutdown += 1
-                self._finish_stream(q.qid, RequestFailed(f"cancelled: {reason}"))
+                self._finish_stream(q.qid, RequestFailed(f"cancelled: {reason}", "cancelled"))
         for st in self.nodes.values():
             if st.address and not st.lost:
                 self.tp.send(st.node, Shutdown(reason=reason))
@@ -216,6 +245,13 @@ class HostServer:
             self._register(sender, msg)
         elif t is Heartbeat:
             pass
+        elif t is NodeStats:
+            st = self.nodes.get(msg.node_id)
+            if st is None or sender != msg.node_id:
+                self.counters.bad_messages += 1
+                return
+            st.stats = msg
+            st.stats_at = self.clock.now()
         elif t is Error and msg.request_id < 0:
             node = self._names.get(msg.name) if hasattr(msg, "name") else None
             log.error("worker %r reports: %s", sender if node is None else node, msg.text)
@@ -364,10 +400,10 @@ class HostServer:
     def _on_fail(self, q: Query) -> None:
         if self.runlog is not None:
             self.runlog.finished(q.qid, q.route, q.error)
-        self._finish_stream(q.qid, RequestFailed(q.error))
+        self._finish_stream(q.qid, RequestFailed(q.error, "cancelled" if q.error.startswith("cancelled") else "failed"))
 
     def _on_reject(self, q: Query) -> None:
-        self._finish_stream(q.qid, RequestFailed("rejected: the admission queue is full or no route can take it"))
+        self._finish_stream(q.qid, RequestFailed("rejected: the admission queue is full or no route can take it", "overloaded"))
 
     async def generate(
         self,
@@ -378,12 +414,12 @@ class HostServer:
         top_p: float = 1.0,
         seed: int = 0,
         qid: int | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Serve one request: yields its ``max_tokens`` tokens as they come (greedy, or sampled at
         ``temperature`` within ``top_p`` from a generator seeded by ``seed``).  Raises
         :class:`RequestFailed` when the cluster cannot serve it."""
         if self.host is None or self._closing:
-            raise RequestFailed("the host is not serving")
+            raise RequestFailed("the host is not serving" + (" (shutting down)" if self._closing else " yet"), "unavailable")
         if not prompt:
             raise ValueError("empty prompt")
         if max_tokens < 1:
@@ -401,7 +437,7 @@ class HostServer:
         try:
             sampling = (float(temperature), float(top_p), int(seed))
             if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt), sampling) is None:
-                raise RequestFailed("rejected: the admission queue is full or no route can take it")
+                raise RequestFailed("rejected: the admission queue is full or no route can take it", "overloaded")
             got = 0
             while True:
                 item = await stream.get()
@@ -413,8 +449,9 @@ class HostServer:
                 yield item
         finally:
             self._streams.pop(q_id, None)
-            if self.host is not None and self.host.is_active(q_id):
-                self.host.fail(q_id, "cancelled by the client")  # the caller stopped reading
+            if self.host is not None:
+                # the caller stopped reading (it has what it wanted, or went away): free its KV
+                self.host.cancel(q_id, "cancelled by the client")
 
     async def complete(self, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> list[int]:
         """All the tokens of one request (see :meth:`generate`)."""

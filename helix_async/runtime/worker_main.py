@@ -34,6 +34,7 @@ from ..messages import (
     Error,
     ErrorCode,
     Feedback,
+    NodeStats,
     PromptWork,
     Register,
     Shutdown,
@@ -108,6 +109,8 @@ class WorkerServer:
         self._stop: asyncio.Event | None = None
         self.exit_reason = ""
         self.bad_messages = 0
+        self.stats_every_s = 1.0
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -158,6 +161,9 @@ class WorkerServer:
             await asyncio.sleep(0.01)
         if self.worker is not None:
             self.worker.stopped = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.tp.close()
         if self.executor is not None and hasattr(self.executor, "close"):
             self.executor.close()
@@ -271,8 +277,29 @@ class WorkerServer:
         self.worker = w
         # the worker's handler is our dispatcher (control messages too): not w.start()
         self._register(ready=True)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._report_stats(), name="node-stats"))
         log.info("worker %s is node %d: layers [%d, %d) of %s, %s executor, ready", self.name, a.node_id, a.start,
                  a.end, spec.name, opts.executor)
+
+    async def _report_stats(self) -> None:
+        """A ``NodeStats`` to the host every ``stats_every_s`` (its metrics: KV, queue, link bytes)."""
+        while not self.tp.closed:
+            await self.clock.sleep(self.stats_every_s)
+            w = self.worker
+            if w is None or self.tp.closed:
+                return
+            used, cap = w.kv_snapshot()
+            sent = self.tp.bytes_sent()
+            peers: list[int] = []
+            counts: list[int] = []
+            for p, n in sent.items():
+                if isinstance(p, int) or p in (SINK, SOURCE):
+                    peers.append(p if isinstance(p, int) else -1)
+                    counts.append(n)
+            bad = self.tp.stats.bad_frames + self.tp.drops.total + self.bad_messages + w.stats.bad_messages
+            self.tp.send(SINK, NodeStats(node_id=self.node_id, now=self.clock.now(), kv_used=max(0, int(used)),
+                                         kv_capacity=max(0, int(cap)), queued=w.queued, peers=tuple(peers), bytes_out=tuple(counts),
+                                         bad_frames=bad))
 
     def _torch_executor(self, spec: Any, start: int, end: int) -> Any:
         from ..extras import require

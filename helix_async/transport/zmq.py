@@ -93,7 +93,7 @@ class ZmqStats:
 class _Out:
     """An outbox: the DEALER to one peer and what it has not had acknowledged."""
 
-    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive")
+    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "bytes")
 
     def __init__(self, peer: NodeRef, address: str, sock: Any, now: float) -> None:
         self.peer = peer
@@ -103,6 +103,7 @@ class _Out:
         self.unacked: deque[tuple[int, list[Any], float]] = deque()
         self.last_heard = now
         self.alive = True
+        self.bytes = 0  # sent, first transmissions only (headers and tensor frames)
 
 
 class ZmqTransport:
@@ -253,8 +254,16 @@ class ZmqTransport:
         packet = [b"".join((_pack(_DATA, self._epoch, out.seq), frames[0], frames[1])), *frames[2:]]
         out.unacked.append((out.seq, packet, self._clock.now()))
         out.seq += 1
+        n = len(packet[0])
+        for f in packet[1:]:
+            n += f.nbytes if hasattr(f, "nbytes") else len(f)
+        out.bytes += n
         self.stats.sent += 1
         self._transmit(out, packet)
+
+    def bytes_sent(self) -> dict[NodeRef, int]:
+        """Bytes sent to each peer so far (first transmissions: what the work needed, not retries)."""
+        return {peer: out.bytes for peer, out in self._outs.items()}
 
     def link_idle(self, dest: NodeRef) -> bool:
         out = self._outs.get(SOURCE if dest == SINK else dest)

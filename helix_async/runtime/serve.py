@@ -1,0 +1,173 @@
+"""``python -m helix_async serve``: an OpenAI-compatible endpoint on one machine in one command.
+
+It plans the model over ``--workers`` local CPU workers (identical nodes on loopback: the layers
+split into contiguous, even stages, what max flow favours on a chain of equal nodes), runs the
+host in this process with the HTTP API, starts one ``python -m helix_async worker`` process per
+stage, waits until every worker has loaded its layers, prints the endpoint, and serves until
+Ctrl-C or SIGTERM; then it drains in-flight requests (``--grace``), stops the workers and exits 0.
+A worker that dies before the cluster is ready stops everything with exit 1 (its log is kept).
+
+``--model`` is ``tiny-llama`` (seeded dummy weights and the shipped tokenizer) or a Hugging Face
+checkpoint directory whose ``config.json`` has the shape of a model we know (the workers load their
+layers from it; its ``tokenizer.json`` when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+log = logging.getLogger("helix_async.serve")
+
+
+def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
+    base, extra = divmod(num_layers, n)
+    out, a = {}, 0
+    for i in range(n):
+        b = a + base + (1 if i < extra else 0)
+        out[i] = (a, b)
+        a = b
+    return out
+
+
+def _model_of(spec: str) -> tuple[str, str]:
+    """(model name, checkpoint directory or "") for ``--model``."""
+    from ..model import MODEL_ALIASES, get_model
+
+    if spec in MODEL_ALIASES:
+        return MODEL_ALIASES[spec], ""
+    d = Path(spec)
+    if not (d / "config.json").is_file():
+        raise ConfigError(spec, "--model", "neither a known model (tiny-llama) nor a checkpoint directory with config.json")
+    import json
+
+    from ..executors.llama import LlamaConfig
+
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(str(d / "config.json"), "config.json", f"unreadable: {e}") from None
+    cfg = LlamaConfig.from_hf(raw, str(d / "config.json"))
+    for name in ("tiny-llama",):
+        m = get_model(name)
+        shape = (m.num_layers, m.hidden_size, m.intermediate_size, m.num_attention_heads, m.num_key_value_heads, m.vocab_size)
+        got = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size)
+        if shape == got:
+            return name, str(d)
+    raise ConfigError(str(d / "config.json"), "shape", f"layers/hidden/intermediate/heads/kv-heads/vocab {got} match no "
+                      "model with CPU profiles (tiny-llama is (8, 256, 688, 8, 4, 2048))")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ..cluster import generate_single_region
+    from ..placement import Placement
+    from ..placement.flow import max_flow
+    from ..placement.io import write_placement
+    from .commands import _http_setup, _http_start
+    from .host_main import HostServer
+
+    model, checkpoint = _model_of(args.model)
+    from ..model import get_model
+
+    spec = get_model(model)
+    n = args.workers
+    if n > spec.num_layers:
+        raise ConfigError("<argument>", "--workers", f"{model} has {spec.num_layers} layers: at most that many workers")
+    cluster = generate_single_region(n, max(0, min(3, n - 1)), {"CPU": 1.0}, bandwidth=(1e9, 0.0), latency=(1e-4, 0.0),
+                                     seed=0, name=f"local{n}")
+    placement = Placement.from_layers(cluster, model, _even_stages(spec.num_layers, n), method="even stages")
+    flow = max_flow(placement)
+    host_args = argparse.Namespace(http=args.http, tokenizer=args.tokenizer or (checkpoint if checkpoint and
+                                   Path(checkpoint, "tokenizer.json").is_file() else None),
+                                   max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                                   seed=args.seed, api_key=args.api_key)
+    http = _http_setup(host_args, placement)
+    workdir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="helix-serve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan_path = write_placement(placement, workdir / "plan.toml", flow=flow)
+    server = HostServer(placement, flow, admission_capacity=args.admission_capacity)
+    address = await server.start()
+    api = None
+    procs: list[asyncio.subprocess.Process] = []
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        api = await _http_start(server, http)
+        for i in range(n):
+            argv = [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
+                    "--node-id", str(i), "--executor", args.executor, "--threads", str(args.threads), "--seed", str(args.seed)]
+            if checkpoint:
+                argv += ["--checkpoint", checkpoint]
+            with (workdir / f"worker{i}.log").open("w") as f:
+                procs.append(await asyncio.create_subprocess_exec(*argv, stdout=f, stderr=asyncio.subprocess.STDOUT,
+                                                                  start_new_session=True))
+        print(f"plan {plan_path}: {model} in {n} stages {list(_even_stages(spec.num_layers, n).values())}; "
+              f"workers starting (logs in {workdir})", flush=True)
+        ready = loop.create_task(server.wait_ready())
+        stopped = loop.create_task(stop.wait())
+        died = [loop.create_task(p.wait()) for p in procs]
+        await asyncio.wait({ready, stopped, *died}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            bad = [i for i, p in enumerate(procs) if p.returncode is not None]
+            if bad:
+                print(f"error: worker {bad[0]} exited with {procs[bad[0]].returncode} before the cluster was ready "
+                      f"(its log: {workdir / f'worker{bad[0]}.log'})", file=sys.stderr, flush=True)
+                return 1
+            return 0
+        print(f"serving {http['model_name']!r} on {api.url}/v1 (OpenAI API; /metrics, /health); Ctrl-C stops", flush=True)
+        if args.url_file:
+            Path(args.url_file).write_text(api.url + "\n")
+        await asyncio.wait({stopped, *died}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopped.done():
+            gone = next(i for i, p in enumerate(procs) if p.returncode is not None)
+            log.error("worker %d exited with %s; its requests fail, the others go on", gone, procs[gone].returncode)
+            await stopped
+        print("stopping: in-flight requests finish or are cancelled", flush=True)
+        return 0
+    finally:
+        await server.shutdown("serve stopped", grace=args.grace)
+        if api is not None:
+            await api.stop()
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .commands import _run
+
+    return _run(_serve(args))
+
+
+def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible endpoint on this machine: plan, host and workers in one command")
+    s.add_argument("--model", default="tiny-llama", help="tiny-llama or a checkpoint directory (default %(default)s)")
+    s.add_argument("--workers", type=positive_int, default=3, help="local worker processes, one stage each (default %(default)s)")
+    s.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve (default %(default)s)")
+    s.add_argument("--executor", default="torch", choices=["torch", "null"], help="worker executor (default %(default)s)")
+    s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
+    s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use")
+    s.add_argument("--max-model-len", type=positive_int, default=None, help="prompt plus output tokens at most")
+    s.add_argument("--admission-capacity", type=positive_int, default=256,
+                   help="requests that may wait for admission; beyond, 429 (default %(default)s)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at stop")
+    s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
+    s.add_argument("--url-file", default=None, help="write the API's base URL here once serving (for scripts)")
+    s.set_defaults(handler=cmd_serve)
