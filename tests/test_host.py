@@ -19,7 +19,7 @@ from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES
 from helix_async.cluster.spec import ClusterSpec, Link, Node
 from helix_async.host import Host, Query
 from helix_async.ids import SINK, SOURCE, NodeRef, Route
-from helix_async.messages import DecodeWork, Feedback, Heartbeat, PromptWork, TokenResult
+from helix_async.messages import Cancel, DecodeWork, Feedback, Heartbeat, PromptWork, TokenResult
 from helix_async.placement import Placement
 from helix_async.routing import FlowRouter, KVTracker
 from helix_async.transport import HOST
@@ -483,3 +483,25 @@ def test_shortest_queue_policy_sees_free_links_and_queue_lengths(monkeypatch: py
         assert all(free is not None and queue_len is not None for free, queue_len in calls)
     finally:
         sim.close()
+
+
+def test_cancel_withdraws_a_waiting_query_and_ends_an_active_one(loop: VirtualTimeLoop) -> None:
+    c = Coordinator(loop, router=chain_router(20))
+    failed: list[tuple[int, str]] = []
+    c.host.on_fail = lambda q: failed.append((q.qid, q.error))
+    c.submit(1.0, 0, 6, 4)
+    c.submit(1.5, 1, 6, 2)  # waits
+    h = c.host
+    assert h.is_waiting(1) and not h.is_active(1)
+    assert h.cancel(1, "client left")
+    assert (h.waiting, h.stats.cancelled, h.stats.failed) == (0, 1, 0)
+    assert not h.cancel(1) and not h.cancel(99)
+    c.token(2.0, 0)  # its prompt is done; decodes go on
+    assert h.router.kv.available(0) == 20 - 12
+    assert h.cancel(0, "stop string")
+    # the workers on its route are told, its KV expectation is released, it counts as cancelled
+    cancels = [(d, m) for _, d, m in c.tp.sent if isinstance(m, Cancel)]
+    assert sorted(d for d, _ in cancels) == [0, 1] and all(m.reason == "stop string" for _, m in cancels)
+    assert h.router.kv.available(0) == 20
+    assert (h.active, h.stats.cancelled, h.stats.failed) == (0, 2, 0)
+    assert failed == [(0, "stop string")]
