@@ -430,3 +430,23 @@ def test_host_http_port_in_use_exits_2(tmp_path: Path) -> None:
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and f"--http: cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bench_serve_measures_every_request(cluster: Cluster, tmp_path: Path) -> None:
+    from helix_async.frontend.bench_serve import build_requests, run_bench, summarise
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrive_time_s,input_tokens,output_tokens\n0.0,8,4\n0.1,30,6\n0.2,5,1\n0.25,3000,5\n")
+    reqs = build_requests(str(trace), 1.0, 1.0, seed=0)
+    assert reqs == [(0.0, 8, 4), (0.1, 30, 6), (0.2, 5, 1), (0.25, 3000, 5)]
+    results, span, facts = asyncio.run(run_bench(cluster.url, reqs, seed=0))
+    assert facts["clipped_prompts"] == 1 and facts["max_model_len"] == 2048  # 3000 + 5 > 2048: shortened
+    assert [r.ok for r in results] == [True] * 4 and [r.tokens for r in results] == [4, 6, 1, 5]
+    assert all(r.ttft > 0 and r.latency >= r.ttft for r in results) and len(results[1].itl) <= 5
+    s = summarise(results, span)
+    assert s["completed"] == 4 and s["output_tokens"] == 16 and s["p50_ttft_s"] > 0
+    bad, _, _ = asyncio.run(run_bench(cluster.url, reqs[:1], seed=0, model="no-such-model"))
+    assert not bad[0].ok and bad[0].status == 404 and "does not exist" in bad[0].error
+    # Poisson arrivals are seeded: the same seed, the same requests
+    assert build_requests("sharegpt", 2.0, 10.0, seed=3) == build_requests("sharegpt", 2.0, 10.0, seed=3)
+    assert build_requests("sharegpt", 2.0, 10.0, seed=3) != build_requests("sharegpt", 2.0, 10.0, seed=4)
