@@ -242,6 +242,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .frontend.bench_serve import add_parser as add_bench_serve_parser
 
     add_bench_serve_parser(sub, _positive)
+    from .runtime.launch import add_parser as add_launch_parser
+
+    add_launch_parser(sub, _positive)
 
     demo = sub.add_parser("demo", help="the main job: plan and simulate single24 (LLaMA-2 70B), serve the tiny model")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
