@@ -90,6 +90,10 @@ async def _serve(args: argparse.Namespace) -> int:
                                    max_model_len=args.max_model_len, served_model_name=args.served_model_name,
                                    seed=args.seed, api_key=args.api_key)
     http = _http_setup(host_args, placement)
+    if args.executor == "torch":
+        from ..extras import require
+
+        require("torch", "torch")  # the workers' executor: a one-line error now, not a dead worker later
     workdir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="helix-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = write_placement(placement, workdir / "plan.toml", flow=flow)
