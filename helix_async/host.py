@@ -34,7 +34,10 @@ from .ids import NodeRef, Route
 from .messages import Cancel, Error, Feedback, PromptWork, TokenResult, make_decode_work
 from .transport.base import Transport
 
-__all__ = ["Host", "HostStats", "Query"]
+__all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "Query"]
+
+#: wire ids of migrated queries count from here (above any query id a workload uses)
+MIGRATED_RID_BASE = 1 << 62
 
 
 class Query:
@@ -56,6 +59,9 @@ class Query:
         "tokens",
         "error",
         "sampling",
+        "rid",
+        "migrations",
+        "moved_at",
     )
 
     def __init__(self, qid: int, input_len: int, output_len: int, arrived: float) -> None:
@@ -76,6 +82,9 @@ class Query:
         self.tokens: list[int] | None = None
         self.error = ""  # why the query failed ("" unless it did)
         self.sampling = (0.0, 1.0, 0)  # (temperature, top_p, seed): greedy unless temperature > 0
+        self.rid = qid  # its id on the wire: a fresh one after each migration (stale results are dropped)
+        self.migrations = 0
+        self.moved_at = -1.0  # when it last migrated, until its next token comes
 
 
 @dataclass
@@ -91,6 +100,9 @@ class HostStats:
     admission_waits: int = 0  # queries that waited in the admission queue
     failed: int = 0  # admitted queries that a worker reported failed (or that were failed here)
     cancelled: int = 0  # queries their client withdrew (admitted or waiting)
+    migrated: int = 0  # moves of an admitted query to a new route (its route crossed a lost node)
+    replans: int = 0  # routers swapped in by replan()
+    stale_results: int = 0  # results for a route a query has left (dropped)
     bad_messages: int = 0
 
 
@@ -138,6 +150,11 @@ class Host:
         self._peer_len = peer_queue_len
         self._queries: dict[int, Query] = {}
         self._waiting: deque[Query] = deque()
+        self._by_rid: dict[int, Query] = {}  # migrated queries by their wire id
+        self._migrating: deque[Query] = deque()  # admitted queries waiting for a new route
+        self._next_rid = MIGRATED_RID_BASE
+        #: why admission is stopped ("" while it runs): a layer has no live node
+        self.admission_stopped = ""
         self._admission_capacity = admission_capacity
         self.stats = HostStats()
         # iteration records: finish time (s) and latency (s)
@@ -148,6 +165,8 @@ class Host:
         self.tokens_done = array("d")  # finish time of every iteration, weighted in tokens_count
         self.tokens_count = array("l")
         self.query_records: list[tuple[int, float, float, float, int, int]] = []
+        #: (query id, migrated at, next token at): every migration, once the query produces again
+        self.resumed: list[tuple[int, float, float]] = []
         self.on_prompt_done: Callable[[Query], None] | None = None
         self.on_query_done: Callable[[Query], None] | None = None
         self.on_reject: Callable[[Query], None] | None = None
@@ -231,6 +250,8 @@ class Host:
         if sampling is not None:
             q.sampling = (float(sampling[0]), float(sampling[1]), int(sampling[2]))
         self.stats.submitted += 1
+        if self.admission_stopped:
+            return self._wait(q)  # until coverage returns (bounded by the admission capacity)
         if self._router is not None and not self._router.feasible(q.input_len):
             # no route could ever take it (e.g. longer than every node's prompt limit): waiting
             # would block the queries behind it forever
@@ -287,7 +308,7 @@ class Host:
         self._transport.send(
             route[0][0],
             PromptWork(
-                request_id=q.qid,
+                request_id=q.rid,
                 query_id=q.qid,
                 route=route,
                 stage=0,
@@ -304,11 +325,120 @@ class Host:
         return True
 
     def _retry(self) -> None:
+        if self.admission_stopped:
+            return
+        moving = self._migrating
+        while moving:
+            if not self._readmit(moving[0]):
+                return  # migrations go first: nobody overtakes them
+            moving.popleft()
         waiting = self._waiting
         while waiting:
             if not self._admit(waiting[0]):
                 return
             waiting.popleft()
+
+    # ---- faults: re-planned flows and migration -------------------------------------------------
+
+    def _live(self, rid: int) -> Query | None:
+        """The active query whose current route answers to wire id ``rid``, or None (stale)."""
+        q = self._queries.get(rid)
+        if q is not None and q.rid == rid:
+            return q
+        return self._by_rid.get(rid)
+
+    @property
+    def migrating(self) -> int:
+        """Admitted queries waiting for a new route."""
+        return len(self._migrating)
+
+    def replan(self, router: Any, lost: Sequence[NodeRef] | set[NodeRef] = (), reason: str = "") -> list[int]:
+        """Route by ``router`` from now on: MaxFlow re-planned around the ``lost`` nodes (or grown back
+        when one returns).  Every admitted query whose route crosses a lost node migrates: the
+        surviving workers of its route drop it (freeing its KV), and it is routed again as a prompt
+        of its input plus the tokens produced so far (so its KV is rebuilt on the new route), under a
+        fresh wire id; generation then goes on from its next token.  The other queries keep their
+        routes and their KV expectation moves to the new router.  ``router`` None: no route covers
+        every layer now; admission stops for ``reason`` (queries wait) until a later replan.
+        Returns the ids of the queries that migrated.  MaxFlow only (a per-hop scheduler has no
+        router)."""
+        if self._router is None:
+            raise ValueError("replan needs the MaxFlow router (per-hop schedulers route at the workers)")
+        self.stats.replans += 1
+        gone = set(lost)
+        moved: list[int] = []
+        for q in list(self._queries.values()):
+            if q.route is not None and any(st[0] in gone for st in q.route):
+                self._start_migration(q, gone)
+                moved.append(q.qid)
+        if router is None:
+            self.admission_stopped = reason or "no live route covers every layer"
+            return moved
+        old, self._router = self._router, router
+        for q in self._queries.values():
+            if q.route is None:
+                continue
+            if q.qid in old.kv:
+                old.finish(q.qid)
+            try:
+                router.kv.reserve(q.qid, [(st[0], st[2] - st[1]) for st in q.route], q.input_len)
+            except (ValueError, KeyError):
+                pass  # (its route is not in the new plan's KV model: it runs on without a reservation)
+        self.admission_stopped = ""
+        self._retry()
+        return moved
+
+    def _start_migration(self, q: Query, lost: set[NodeRef]) -> None:
+        route = q.route
+        assert route is not None
+        for node in {st[0] for st in route} - lost:
+            self._transport.send(node, Cancel(request_id=q.rid, reason="migrating: its route lost a node"))
+        if self._router is not None and q.qid in self._router.kv:
+            self._router.finish(q.qid)
+        q.route = None
+        q.migrations += 1
+        q.moved_at = self._clock.now()
+        self.stats.migrated += 1
+        self._by_rid.pop(q.rid, None)
+        q.rid = self._next_rid
+        self._next_rid += 1
+        self._migrating.append(q)
+
+    def _readmit(self, q: Query) -> bool:
+        """Route a migrating query anew: a prompt of its context so far (see :meth:`replan`)."""
+        router = self._router
+        assert router is not None
+        ctx = q.input_len + q.iterations
+        route = router.route(q.qid, ctx)
+        if route is None:
+            return False
+        q.route = route
+        self._by_rid[q.rid] = q
+        ids = q.token_ids
+        tokens = q.tokens
+        wire_ids: tuple[int, ...] = ()
+        payload = ctx * self._tid
+        if ids is not None and tokens is not None:
+            wire_ids = ids + tuple(tokens)
+            payload = 0
+        self._transport.send(
+            route[0][0],
+            PromptWork(
+                request_id=q.rid,
+                query_id=q.qid,
+                route=route,
+                stage=0,
+                num_tokens=ctx,
+                token_ids=wire_ids,
+                max_tokens=q.decodes_left + 1,
+                sent_at=self._clock.now(),
+                payload_bytes=payload,
+                temperature=q.sampling[0],
+                top_p=q.sampling[1],
+                seed=q.sampling[2],
+            ),
+        )
+        return True
 
     # ---- results --------------------------------------------------------------------------------
 
@@ -320,8 +450,10 @@ class Host:
         elif t is Feedback:
             if self._policy is not None and msg.node_id in self._first_nodes:
                 self._policy.observe(self._first_nodes.index(msg.node_id), msg.delay)
-        elif t is Error and msg.request_id in self._queries:
-            self.fail(msg.request_id, msg.text or f"error code {msg.code}")
+        elif t is Error and self._live(msg.request_id) is not None:
+            q = self._live(msg.request_id)
+            assert q is not None
+            self.fail(q.qid, msg.text or f"error code {msg.code}")
         else:
             self.stats.bad_messages += 1
 
@@ -357,10 +489,13 @@ class Host:
             self.stats.cancelled += 1
         else:
             self.stats.failed += 1
+        self._by_rid.pop(q.rid, None)
+        if q in self._migrating:
+            self._migrating.remove(q)
         if q.route:
             for node in {s[0] for s in q.route}:
-                self._transport.send(node, Cancel(request_id=qid, reason=reason))
-        if self._router is not None:
+                self._transport.send(node, Cancel(request_id=q.rid, reason=reason))
+        if self._router is not None and qid in self._router.kv:
             self._router.finish(qid)
         if self.on_fail is not None:
             self.on_fail(q)
@@ -369,9 +504,12 @@ class Host:
         return True
 
     def _token(self, msg: TokenResult) -> None:
-        q = self._queries.get(msg.request_id)
+        q = self._live(msg.request_id)
         if q is None:
-            self.stats.bad_messages += 1
+            if msg.request_id in self._queries:  # a result of a route the query has left
+                self.stats.stale_results += 1
+            else:
+                self.stats.bad_messages += 1
             return
         now = self._clock.now()
         lat = now - q.created
@@ -390,6 +528,9 @@ class Host:
             self.decode_latency.append(lat)
             self.tokens_done.append(now)
             self.tokens_count.append(1)
+        if q.moved_at >= 0:
+            self.resumed.append((q.qid, q.moved_at, now))
+            q.moved_at = -1.0
         tokens = q.tokens
         if tokens is not None:
             tokens.append(msg.token_id)
@@ -401,12 +542,15 @@ class Host:
             route = q.route
             assert route is not None
             if self._router is not None:
-                self._router.on_decode(route)
+                try:
+                    self._router.on_decode(route)
+                except ValueError:  # a route of the plan before a replan: no longer a planned path
+                    pass
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
             if tokens is None:
-                work = make_decode_work(q.qid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
+                work = make_decode_work(q.rid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
             else:
-                work = make_decode_work(q.qid, route, 0, q.input_len + q.iterations, msg.token_id, now, (), 0)
+                work = make_decode_work(q.rid, route, 0, q.input_len + q.iterations, msg.token_id, now, (), 0)
             self._transport.send(route[0][0], work)
             if prompt and self.on_prompt_done is not None:
                 self.on_prompt_done(q)
@@ -414,9 +558,10 @@ class Host:
         # the query is complete
         q.finished_at = now
         del self._queries[q.qid]
+        self._by_rid.pop(q.rid, None)
         self.stats.finished += 1
         self.query_records.append((q.qid, q.arrived, q.first_token_at, now, q.input_len, q.output_len))
-        if self._router is not None:
+        if self._router is not None and q.qid in self._router.kv:
             self._router.finish(q.qid)
         if self._waiting:
             self._retry()

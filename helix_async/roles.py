@@ -17,10 +17,11 @@ from .flowplan import FlowPlan
 from .ids import NodeRef
 from .model import ModelSpec, ProfileSet, ThroughputModel, load_profiles
 from .placement import Placement
+from .placement.flow import max_flow
 from .routing import FlowRouter, KVTracker
 from .worker import BatchLimits
 
-__all__ = ["WorkerRole", "flow_router", "node_limits", "worker_roles"]
+__all__ = ["Replanner", "WorkerRole", "flow_router", "node_limits", "worker_roles"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,49 @@ def flow_router(
     tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
     tracker = KVTracker.from_placement(placement, kv_fill_limit=kv[0], output_ratio=kv[1], tm=tm)
     return FlowRouter.from_plan(placement, flow, tracker, tm=tm)
+
+
+class Replanner:
+    """MaxFlow re-planned around lost nodes (no MILP: the plan's layer ranges stay, the flows move).
+
+    ``router(lost)`` gives the router of ``placement`` without the ``lost`` nodes, its max flow,
+    and "" -- or None, the zero flow and the reason when some layer is held by no live node then.
+    The simulator's fault injection and the runtime's host both call it, then ``Host.replan``.
+    """
+
+    def __init__(self, placement: Placement, kv: tuple[float, float] = (0.85, 1.0), tm: ThroughputModel | None = None) -> None:
+        self.placement = placement
+        self.kv = kv
+        self.tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
+
+    def without(self, lost: set[int] | frozenset[int]) -> Placement:
+        """The plan with the ``lost`` nodes' layers dropped."""
+        p = self.placement
+        layers = {i: (None if i in lost else r) for i, r in p.layers.items()}
+        return Placement.from_layers(p.cluster, p.model_spec, layers, method=f"{p.method} minus {sorted(lost)}")
+
+    def uncovered(self, lost: set[int] | frozenset[int]) -> list[tuple[int, int]]:
+        """Layer ranges [a, b) that no live node holds."""
+        covered = [False] * self.placement.model_spec.num_layers
+        for i, r in self.placement.layers.items():
+            if r is not None and i not in lost:
+                for layer in range(r[0], r[1]):
+                    covered[layer] = True
+        gaps: list[tuple[int, int]] = []
+        for layer, ok in enumerate(covered):
+            if not ok:
+                if gaps and gaps[-1][1] == layer:
+                    gaps[-1] = (gaps[-1][0], layer + 1)
+                else:
+                    gaps.append((layer, layer + 1))
+        return gaps
+
+    def router(self, lost: set[int] | frozenset[int]) -> tuple[Any, FlowPlan, str]:
+        p = self.without(lost)
+        flow = max_flow(p)
+        if flow.value <= 0:
+            gaps = self.uncovered(lost)
+            where = ", ".join(f"[{a}, {b})" for a, b in gaps) if gaps else "every path"
+            what = "layers" if gaps else "links"
+            return None, flow, f"{what} {where} have no live node (lost: {sorted(lost)}); admission stops until one returns"
+        return flow_router(p, flow, self.kv, self.tm), flow, ""

@@ -135,6 +135,10 @@ class WorkerStats:
     decodes_left: int = 0
 
 
+def _discard(dest: NodeRef, msg: Any) -> None:
+    """The send of a killed worker."""
+
+
 class Worker:
     """One compute node (see the module doc).
 
@@ -239,6 +243,13 @@ class Worker:
         """Stop receiving; close the transport."""
         self.stopped = True
         await self._transport.close()
+
+    def kill(self) -> None:
+        """A crash (the simulator's fault injection): from now on this worker starts nothing and
+        sends nothing; what it was running is lost with it.  (Its network endpoint is detached by
+        the caller.)"""
+        self.stopped = True
+        self._send = _discard
 
     # ---- read-outs ------------------------------------------------------------------------------
 
@@ -365,7 +376,7 @@ class Worker:
 
     def _kick(self) -> None:
         self._kick_pending = False
-        if not self._busy:
+        if not self._busy and not self.stopped:
             self._step()
 
     # ---- execution ------------------------------------------------------------------------------

@@ -505,3 +505,85 @@ def test_cancel_withdraws_a_waiting_query_and_ends_an_active_one(loop: VirtualTi
     assert h.router.kv.available(0) == 20
     assert (h.active, h.stats.cancelled, h.stats.failed) == (0, 2, 0)
     assert failed == [(0, "stop string")]
+
+
+def diamond_router(lost: frozenset[int] = frozenset(), kv_entries: int = 100) -> Any:
+    """Source -> {0, 2} [0, 2) -> {1, 3} [2, 4) -> sink, every link flow 1, minus the ``lost`` nodes."""
+    stages = {n: r for n, r in {0: (0, 2), 1: (2, 4), 2: (0, 2), 3: (2, 4)}.items() if n not in lost}
+    kv = KVTracker(dict.fromkeys(stages, kv_entries), stages, kv_fill_limit=1.0, output_ratio=0.0, avg_output_len=0,
+                   num_layers=4)
+    links: dict[NodeRef, list[tuple[NodeRef, float]]] = {
+        SOURCE: [(y, 1.0) for y in (0, 2) if y in stages],
+        **{x: [(y, 1.0) for y in (1, 3) if y in stages] for x in (0, 2) if x in stages},
+        **{y: [(SINK, 1.0)] for y in (1, 3) if y in stages},
+    }
+    return FlowRouter(stages, links, dict.fromkeys(stages, 1000), kv, 4)
+
+
+def test_replan_migrates_queries_that_crossed_a_lost_node_and_keeps_the_rest(loop: VirtualTimeLoop) -> None:
+    from helix_async.host import MIGRATED_RID_BASE
+
+    c = Coordinator(loop, router=diamond_router())
+    h = c.host
+    qs = [h.submit(0, 4, 4, token_ids=(5, 6, 7, 8)), h.submit(1, 3, 3, token_ids=(9, 10, 11)),
+          h.submit(2, 3, 3, token_ids=(1, 2, 3))]
+    routes = [q.route if q is not None else None for q in qs]
+    # IWRR spreads them: 0 -> 1, 2 -> 1, then 2 -> 3
+    assert routes == [((0, 0, 2), (1, 2, 4)), ((2, 0, 2), (1, 2, 4)), ((2, 0, 2), (3, 2, 4))]
+    hit, other, kept = qs
+    assert hit is not None and other is not None and kept is not None
+    assert c.tp.handler is not None
+    for q, sender, tok in ((hit, 1, 41), (kept, 3, 42)):  # two have their first token
+        c.tp.handler(sender, TokenResult(request_id=q.qid, token_id=tok, context_len=0, finished=False, sent_at=0.0))
+    c.tp.sent.clear()
+    loop.run_until(5.0)
+    old_rid, old_route = hit.rid, hit.route
+    assert old_route is not None
+    moved = h.replan(diamond_router(frozenset({1})), {1})
+    assert moved == [hit.qid, other.qid] and h.stats.migrated == 2 and hit.migrations == 1
+    # the surviving node of its old route drops it (old wire id); it is routed again as a prompt of
+    # its context so far (input + the token produced), under a fresh wire id, and the rest of its tokens
+    cancels = [(d, m) for _, d, m in c.tp.sent if isinstance(m, Cancel)]
+    reason = "migrating: its route lost a node"
+    assert cancels == [(0, Cancel(request_id=old_rid, reason=reason)), (2, Cancel(request_id=other.qid, reason=reason))]
+    prompts = [m for _, _, m in c.tp.sent if isinstance(m, PromptWork)]
+    assert [m.query_id for m in prompts] == [hit.qid, other.qid]
+    assert prompts[1].num_tokens == 3 and prompts[1].token_ids == (9, 10, 11) and prompts[1].max_tokens == 3
+    p = prompts[0]
+    assert p.request_id == hit.rid >= MIGRATED_RID_BASE and p.query_id == hit.qid
+    assert all(st[0] != 1 for st in p.route) and p.route == hit.route
+    assert p.num_tokens == hit.input_len + 1 and p.token_ids == hit.token_ids + (41,)
+    assert p.max_tokens == hit.output_len - 1
+    # the query that kept its route holds its KV expectation in the new router
+    assert kept.qid in h.router.kv and hit.qid in h.router.kv
+    # a result of the old route is stale: dropped, counted, nothing sent
+    c.tp.sent.clear()
+    c.tp.handler(1, TokenResult(request_id=old_rid, token_id=99, context_len=0, finished=False, sent_at=0.0))
+    assert h.stats.stale_results == 1 and c.tp.sent == [] and hit.tokens == [41]
+    # the new route's results continue the query to its end
+    loop.run_until(6.0)
+    for tok in (43, 44, 45):
+        c.tp.handler(3, TokenResult(request_id=hit.rid, token_id=tok, context_len=0, finished=False, sent_at=0.0))
+    assert hit.tokens == [41, 43, 44, 45] and not h.is_active(hit.qid)
+    assert h.resumed == [(hit.qid, 5.0, 6.0)]
+    decodes = [m for _, _, m in c.tp.sent if isinstance(m, DecodeWork)]
+    assert [m.request_id for m in decodes] == [hit.rid, hit.rid] and [m.token_id for m in decodes] == [43, 44]
+    assert hit.qid not in h.router.kv and other.qid in h.router.kv
+
+
+def test_replan_without_a_route_stops_admission_until_coverage_returns(loop: VirtualTimeLoop) -> None:
+    c = Coordinator(loop, router=diamond_router())
+    h = c.host
+    q0 = h.submit(0, 4, 3)
+    assert q0 is not None and q0.route is not None
+    moved = h.replan(None, {q0.route[0][0], 1, 3}, "layers [2, 4) have no live node")
+    assert moved == [0] and h.admission_stopped == "layers [2, 4) have no live node"
+    q1 = h.submit(1, 2, 2)  # waits (it would have been refused as infeasible by a router)
+    assert q1 is not None and q1.route is None and h.waiting == 1 and h.migrating == 1
+    c.tp.sent.clear()
+    h.replan(diamond_router(frozenset({0})), ())
+    assert h.admission_stopped == "" and h.waiting == 0 and h.migrating == 0
+    prompts = [m for _, _, m in c.tp.sent if isinstance(m, PromptWork)]
+    assert [m.query_id for m in prompts] == [0, 1]  # the migration first, then the waiting query
+    assert prompts[0].num_tokens == 4 and prompts[0].max_tokens == 3  # no token yet: the whole query again
+    assert h.cancel(1) and h.fail(0, "test") and 0 not in h.router.kv
