@@ -128,6 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", help="write report.json (and plots with --plots) into this directory")
     r.add_argument("--plots", action="store_true", help="with --report: throughput, latency and placement plots")
     r.add_argument("--watch", type=_positive, help="print the original's watch block every N simulated seconds")
+    r.add_argument("--faults", default=None, metavar="SPEC",
+                   help="kill nodes in virtual time, e.g. node=7@t=120s,node=3@t=300s+60s (revived 60 s later); "
+                   "times after the models load, as --warmup")
+    r.add_argument("--detect-after", type=_nonnegative, default=None,
+                   help="--faults: seconds from a crash to the host's noticing (default 1.5, the runtime's)")
     r.set_defaults(handler=_cmd_run)
     c = sub.add_parser("compare", help="several plans and/or schedulers on the same workload, one table")
     c.add_argument("--plan", action="append", required=True, help="plan (repeat for several)")
@@ -205,7 +210,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_output_path(out_dir / "report.json", "--report")
     placement = load_plan(args.plan, args.cluster, args.model)
-    res = _simulate(args, args.plan, placement, args.scheduler, watch_interval=args.watch or 0.0)
+    faults: list[Any] = []
+    if args.faults is not None:
+        from .faults import parse_faults
+
+        faults = parse_faults(args.faults, placement.used_nodes())
+    res = _simulate(args, args.plan, placement, args.scheduler, watch_interval=args.watch or 0.0, faults=faults,
+                    detect_after=args.detect_after)
     print("\n".join(summary_lines(res.report)))
     print(
         f"[wall {res.wall_s:.1f} s, {res.events} events, {res.events / max(res.wall_s, 1e-9):,.0f} events/s, "

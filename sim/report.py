@@ -174,6 +174,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Queries: {q['finished']} finished, {q['active_end']} active, {q['waiting_end']} waiting, "
         f"{q['rejected']} rejected; KV overflows {report['kv']['overflows']}, waits {report['kv']['waits']}"
     )
+    if report.get("faults"):
+        from .faults import fault_lines
+
+        lines.extend(fault_lines(report["faults"]))
     return lines
 
 

@@ -72,9 +72,18 @@ def run(
     watch_out: TextIO | None = None,
     slice_s: float = 10.0,
     on_slice: Callable[[Simulation], None] | None = None,
+    faults: Sequence[Any] = (),
+    detect_after: float | None = None,
 ) -> RunResult:
-    """Simulate ``workload`` on ``setup`` (see the module doc)."""
+    """Simulate ``workload`` on ``setup`` (see the module doc).  faults: ``sim.faults.Fault`` items
+    (nodes killed and revived in virtual time, ``sim.faults``); the report gets a ``faults`` entry."""
     sim = Simulation(setup)
+    injector = None
+    if faults:
+        from .faults import DETECT_AFTER_S, FaultInjector
+
+        injector = FaultInjector(sim, faults, detect_after=DETECT_AFTER_S if detect_after is None else detect_after)
+        injector.install()
     t0 = sim.t0
     wl = workload
     if wl.mode == "offline":
@@ -135,6 +144,8 @@ def run(
             bar(None, sim.events)
     wall = time.perf_counter() - started
     report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=dict(config or {}))
+    if injector is not None:
+        report["faults"] = injector.summary()
     sim.close()  # the loop is done; the host's records stay readable
     return RunResult(report, sim, wall, sim.events)
 

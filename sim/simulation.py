@@ -184,33 +184,13 @@ class Simulation:
         per_hop = not maxflow
         free_only = setup.scheduler in ("random", "shortest-queue")
         peer_len = self._peer_queue_len if setup.scheduler == "shortest-queue" else None
-        profiles = load_profiles(spec)
-        for i, role in roles.items():
-            executor = CostModelExecutor(self.clock, profiles.profile(role.gpu), spec.activation_size)
-            out = list(role.out_links)
-            policy = self._policy(i, out) if per_hop else None
-            w = Worker(
-                i,
-                self.clock,
-                self.network.endpoint(i),
-                executor,
-                layers=role.layers,
-                num_layers=spec.num_layers,
-                limits=role.limits,
-                kv_capacity=role.kv_capacity,
-                activation_bytes=spec.activation_size,
-                token_bytes=spec.token_size,
-                policy=policy,
-                out_links=out,
-                next_layers=role.next_layers,
-                free_links_only=free_only,
-                peer_queue_len=peer_len,
-                compat=compat,
-                feedback=setup.scheduler == "swarm",
-                fuse=setup.fuse_layers,
-            )
-            w.start()
-            self.workers[i] = w
+        self._profiles = load_profiles(spec)
+        self._roles = roles
+        self._worker_kw: dict[str, Any] = dict(free_links_only=free_only, peer_queue_len=peer_len, compat=compat,
+                               feedback=setup.scheduler == "swarm", fuse=setup.fuse_layers)
+        self._per_hop = per_hop
+        for i in roles:
+            self.workers[i] = self._make_worker(i)
         host_tp = self.network.endpoint(HOST)
         if maxflow:
             router = flow_router(p, self.flow, setup.kv, self.tm)
@@ -228,6 +208,37 @@ class Simulation:
                 peer_queue_len=peer_len,
             )
         self.host.start()
+
+    def _make_worker(self, i: int) -> Worker:
+        role = self._roles[i]
+        spec = self.model
+        executor = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size)
+        out = list(role.out_links)
+        w = Worker(
+            i,
+            self.clock,
+            self.network.endpoint(i),
+            executor,
+            layers=role.layers,
+            num_layers=spec.num_layers,
+            limits=role.limits,
+            kv_capacity=role.kv_capacity,
+            activation_bytes=spec.activation_size,
+            token_bytes=spec.token_size,
+            policy=self._policy(i, out) if self._per_hop else None,
+            out_links=out,
+            next_layers=role.next_layers,
+            **self._worker_kw,
+        )
+        w.start()
+        return w
+
+    def revive_worker(self, i: int) -> Worker:
+        """A fresh worker in node ``i``'s role (empty KV, no requests), on the network from now on
+        (fault injection: after ``Worker.kill``)."""
+        w = self._make_worker(i)
+        self.workers[i] = w
+        return w
 
     def _policy(self, node: NodeRef, out: list[NodeRef]) -> Any:
         s = self.setup
