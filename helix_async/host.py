@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +155,8 @@ class Host:
         self._next_rid = MIGRATED_RID_BASE
         #: why admission is stopped ("" while it runs): a layer has no live node
         self.admission_stopped = ""
+        #: wire ids a lost node may still hold (it could not be told to drop them): per node
+        self.stale_on: dict[NodeRef, list[int]] = {}
         self._admission_capacity = admission_capacity
         self.stats = HostStats()
         # iteration records: finish time (s) and latency (s)
@@ -352,7 +354,11 @@ class Host:
         """Admitted queries waiting for a new route."""
         return len(self._migrating)
 
-    def replan(self, router: Any, lost: Sequence[NodeRef] | set[NodeRef] = (), reason: str = "") -> list[int]:
+    def migrating_queries(self) -> list[Query]:
+        """The admitted queries waiting for a new route (a copy)."""
+        return list(self._migrating)
+
+    def replan(self, router: Any, lost: Collection[NodeRef] = (), reason: str = "") -> list[int]:
         """Route by ``router`` from now on: MaxFlow re-planned around the ``lost`` nodes (or grown back
         when one returns).  Every admitted query whose route crosses a lost node migrates: the
         surviving workers of its route drop it (freeing its KV), and it is routed again as a prompt
@@ -391,8 +397,11 @@ class Host:
     def _start_migration(self, q: Query, lost: set[NodeRef]) -> None:
         route = q.route
         assert route is not None
-        for node in {st[0] for st in route} - lost:
-            self._transport.send(node, Cancel(request_id=q.rid, reason="migrating: its route lost a node"))
+        for node in {st[0] for st in route}:
+            if node in lost:
+                self.stale_on.setdefault(node, []).append(q.rid)  # (told if it answers again)
+            else:
+                self._transport.send(node, Cancel(request_id=q.rid, reason="migrating: its route lost a node"))
         if self._router is not None and q.qid in self._router.kv:
             self._router.finish(q.qid)
         q.route = None

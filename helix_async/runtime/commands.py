@@ -18,10 +18,10 @@ log = logging.getLogger("helix_async.runtime")
 def _run(coro: Any) -> int:
     try:
         import uvloop
-
-        return int(uvloop.run(coro))
     except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
         return int(asyncio.run(coro))
+    # (outside the try: an ImportError from the coroutine, e.g. a missing extra, is its own)
+    return int(uvloop.run(coro))
 
 
 def _percentile(xs: list[float], p: float) -> float:

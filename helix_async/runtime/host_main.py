@@ -33,6 +33,7 @@ from ..host import Host, Query
 from ..ids import SOURCE, NodeRef
 from ..messages import (
     AssignLayers,
+    Cancel,
     DecodeWork,
     Error,
     ErrorCode,
@@ -44,7 +45,7 @@ from ..messages import (
 )
 from ..placement import Placement
 from ..placement.flow import max_flow
-from ..roles import flow_router
+from ..roles import Replanner
 from ..runlog import RunLog
 from ..transport.base import Handler
 from ..transport.zmq import ZmqTransport
@@ -78,6 +79,8 @@ class _NodeState:
     capabilities: tuple[str, ...] = ()
     stats: Any = None  # the node's last NodeStats
     stats_at: float = -1.0  # when it came (host clock)
+    draining: bool = False  # asked to leave: its requests moved, then told to stop
+    lost_at: float = -1.0  # when it was last reported lost (host clock)
 
 
 @dataclass
@@ -86,7 +89,10 @@ class HostCounters:
     refused: int = 0
     workers_lost: int = 0
     bad_messages: int = 0
-    failed_on_lost_worker: int = 0
+    failed_on_lost_worker: int = 0  # requests no live route could take within the recovery timeout
+    migrated: int = 0  # requests moved off a lost or draining worker
+    rejoined: int = 0  # workers that took a lost node's place
+    drained: int = 0  # workers that left on request (SIGTERM)
     cancelled_at_shutdown: int = 0
     log: list[str] = field(default_factory=list)
 
@@ -131,7 +137,13 @@ class HostServer:
     kv: the KV expectation (fill limit, output ratio). admission_capacity: most queries waiting for
     admission (beyond: rejected). emulate_time_scale: the cost-model emulation (workers that price
     batches instead of computing them): hold the host's messages back by its links' modelled
-    transfer times, slowed by this factor.
+    transfer times, slowed by this factor. recovery_timeout: seconds a request may wait for a
+    live route after its worker was lost (then it fails, saying why).
+
+    Faults: a worker reported lost (or draining) leaves the flows: max flow is re-planned without
+    it and every request whose route crossed it migrates (``Host.replan``); a worker that registers
+    for a lost node takes its place, its neighbours are told its address, and once it is ready the
+    flows grow back.
     """
 
     def __init__(
@@ -144,6 +156,7 @@ class HostServer:
         admission_capacity: int = 4096,
         log_dir: str | None = None,
         emulate_time_scale: float | None = None,
+        recovery_timeout: float = 60.0,
     ) -> None:
         self.placement = placement
         self.model = placement.model_spec
@@ -168,6 +181,9 @@ class HostServer:
         self.on_query_done: Callable[[Query], None] | None = None
         self.log_dir = log_dir
         self.emulate_time_scale = emulate_time_scale
+        self.recovery_timeout = float(recovery_timeout)
+        self.replanner = Replanner(placement, kv)
+        self._watchdog: asyncio.Task[None] | None = None
         self.runlog: RunLog | None = None
         self.log_files: list[Any] = []
 
@@ -215,6 +231,8 @@ class HostServer:
         if self._closing:
             return
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         host = self.host
         if host is not None:
             deadline = self.clock.now() + grace
@@ -274,34 +292,52 @@ class HostServer:
             if node is None or node != msg.node_id:
                 self.counters.bad_messages += 1
                 return
-            self.nodes[node].ready = True
+            ready = self.nodes[node]
+            ready.ready = True
             log.info("node %d ready (%s)", node, msg.name)
-            if all(st.ready for st in self.nodes.values()):
+            if self.host is not None:  # a rejoined worker: the flows grow back
+                ready.lost = False
+                self._replan(f"worker {node} rejoined")
+            elif all(x.ready for x in self.nodes.values()):
                 self._serve()
+            return
+        if "draining" in msg.capabilities:
+            node = self._names.get(msg.name)
+            if node is None or node != msg.node_id:
+                self.counters.bad_messages += 1
+                return
+            self._drain(node)
             return
         if msg.name in self._names:  # the same worker again (a retried registration)
             return
-        if self._assigned:
-            self._refuse(msg, "the plan's nodes are all assigned")
-            return
         gpu = msg.machine_type.lower()
+        rejoin = self._assigned
         if msg.node_id >= 0:
-            st = self.nodes.get(msg.node_id)
-            if st is None:
+            found = self.nodes.get(msg.node_id)
+            if found is None:
                 self._refuse(msg, f"node {msg.node_id} is not in the plan (its nodes: {sorted(self.nodes)})")
                 return
-            if st.name:
+            st = found
+            if st.name and not (rejoin and st.lost):
                 self._refuse(msg, f"node {msg.node_id} is taken by {st.name}")
                 return
             if st.gpu.lower() != gpu:
                 self._refuse(msg, f"node {msg.node_id} is a {st.gpu} in the plan, the worker is a {msg.machine_type}")
                 return
         else:
-            free = [s for s in self.nodes.values() if not s.name and s.gpu.lower() == gpu]
+            free = [s for s in self.nodes.values() if s.gpu.lower() == gpu and (not s.name if not rejoin else s.lost)]
             if not free:
-                self._refuse(msg, f"no free {msg.machine_type} node in the plan")
+                why = "the plan's nodes are all assigned and live" if rejoin else f"no free {msg.machine_type} node in the plan"
+                self._refuse(msg, why)
                 return
             st = free[0]
+        if rejoin:
+            # a lost node's place: the old worker's name no longer speaks for it
+            self._names.pop(st.name, None)
+            st.ready = False
+            st.draining = False
+            st.stats = None
+            self.counters.rejoined += 1
         st.name = msg.name
         st.address = msg.address
         st.capabilities = msg.capabilities
@@ -309,28 +345,39 @@ class HostServer:
         self.tp.name_peer(msg.name, st.node)
         self.tp.connect(st.node, msg.address)
         log.info("worker %s (%s) is node %d [%d, %d)", msg.name, msg.address, st.node, *st.layers)
-        if all(s.name for s in self.nodes.values()):
+        if rejoin:
+            log.warning("worker %s takes the place of lost node %d", msg.name, st.node)
+            self._assign_one(st.node)
+            # its neighbours learn its new address (live ones only: a lost one gets it when it rejoins)
+            for x in self.placement.in_links(st.node):
+                if isinstance(x, int) and x in self.nodes and not self.nodes[x].lost:
+                    self._assign_one(x)
+        elif all(s.name for s in self.nodes.values()):
             self._assign()
 
     def _assign(self) -> None:
         self._assigned = True
+        for i in self.nodes:
+            self._assign_one(i)
+
+    def _assign_one(self, i: int) -> None:
         p = self.placement
-        for i, st in self.nodes.items():
-            hops = []
-            for y in p.out_links(i):
-                # (a last stage returns its tokens to the host it registered with: not a hop here)
-                if isinstance(y, int) and y in self.nodes:
-                    ys = self.nodes[y]
-                    hops.append((y, ys.address, ys.layers[0], ys.layers[1]))
-            prev = tuple(x for x in p.in_links(i) if isinstance(x, int))
-            self.tp.send(
-                i,
-                AssignLayers(node_id=i, model=self.model.name, start=st.layers[0], end=st.layers[1], plan_id=1,
-                             next_hops=tuple(hops), prev_nodes=prev),
-            )
+        st = self.nodes[i]
+        hops = []
+        for y in p.out_links(i):
+            # (a last stage returns its tokens to the host it registered with: not a hop here)
+            if isinstance(y, int) and y in self.nodes:
+                ys = self.nodes[y]
+                hops.append((y, ys.address, ys.layers[0], ys.layers[1]))
+        prev = tuple(x for x in p.in_links(i) if isinstance(x, int))
+        self.tp.send(
+            i,
+            AssignLayers(node_id=i, model=self.model.name, start=st.layers[0], end=st.layers[1], plan_id=1,
+                         next_hops=tuple(hops), prev_nodes=prev),
+        )
 
     def _serve(self) -> None:
-        router = flow_router(self.placement, self.flow, self._kv)
+        router, _, _ = self.replanner.router(frozenset())
         transport: Any = _Guard(self, self.tp)
         if self.emulate_time_scale is not None:
             # the cost-model emulation: the coordinator's links as the cluster file has them
@@ -345,6 +392,7 @@ class HostServer:
         host.on_query_done = self._on_done
         self.host = host
         self.runlog = RunLog(self.clock.now())
+        self._watchdog = asyncio.get_running_loop().create_task(self._recovery_watch(), name="recovery-watch")
         assert self._ready is not None
         self._ready.set()
         log.info("all %d nodes ready: serving", len(self.nodes))
@@ -355,22 +403,79 @@ class HostServer:
         if not isinstance(peer, int) or peer not in self.nodes:
             return
         st = self.nodes[peer]
+        if st.lost:
+            return
         st.lost = True
+        st.lost_at = self.clock.now()
         self.counters.workers_lost += 1
         log.error("worker %d (%s) stopped answering", peer, st.name)
-        host = self.host
-        if host is None:
-            return
-        for q in host.active_queries():
-            if q.route and any(s[0] == peer for s in q.route):
-                self.counters.failed_on_lost_worker += 1
-                host.fail(q.qid, f"worker {peer} is lost")
+        if self.host is not None:
+            self._replan(f"worker {peer} is lost")
 
     def _peer_back(self, peer: NodeRef) -> None:
-        if isinstance(peer, int) and peer in self.nodes and self.nodes[peer].lost:
-            # (a stall, not a crash: its failed requests' cancels reach it now, new work may go to it)
-            self.nodes[peer].lost = False
-            log.warning("worker %d answers again; back in service", peer)
+        if not (isinstance(peer, int) and peer in self.nodes and self.nodes[peer].lost):
+            return
+        st = self.nodes[peer]
+        if st.draining or not st.ready:
+            return
+        # a stall, not a crash: it drops what it held for requests that moved, and serves again
+        log.warning("worker %d answers again; back in service", peer)
+        host = self.host
+        if host is not None:
+            for rid in host.stale_on.pop(peer, []):
+                self.tp.send(peer, Cancel(request_id=rid, reason="it moved while this worker was silent"))
+        st.lost = False
+        if host is not None:
+            self._replan(f"worker {peer} is back")
+
+    def _drain(self, node: int) -> None:
+        """The worker asked to leave (SIGTERM): move its requests off it, then tell it to stop."""
+        st = self.nodes[node]
+        if st.draining:
+            return
+        st.draining = True
+        st.lost = True
+        st.lost_at = self.clock.now()
+        self.counters.drained += 1
+        log.warning("worker %d (%s) is draining", node, st.name)
+        if self.host is not None:
+            for rid in self.host.stale_on.pop(node, []):
+                self.tp.send(node, Cancel(request_id=rid, reason="drained"))
+            self._replan(f"worker {node} is draining")
+            for rid in self.host.stale_on.pop(node, []):  # the ones moved just now: it is alive, tell it
+                self.tp.send(node, Cancel(request_id=rid, reason="drained"))
+        self.tp.send(node, Shutdown(reason="drained: its requests moved to other workers"))
+
+    def _replan(self, why: str) -> None:
+        host = self.host
+        assert host is not None
+        lost: set[NodeRef] = {n for n, st in self.nodes.items() if st.lost}
+        router, flow, reason = self.replanner.router(frozenset(n for n in lost if isinstance(n, int)))
+        moved = host.replan(router, lost, reason)
+        self.counters.migrated += len(moved)
+        if reason:
+            log.error("%s: %s", why, reason)
+        log.warning("%s: max flow re-planned to %.1f tokens/s over %d live nodes; %d requests migrated", why,
+                    flow.value, len(self.nodes) - len(lost), len(moved))
+
+    async def _recovery_watch(self) -> None:
+        """Fail requests that found no live route within ``recovery_timeout`` of their migration."""
+        while not self._closing:
+            await self.clock.sleep(min(1.0, self.recovery_timeout / 4))
+            host = self.host
+            if host is None:
+                continue
+            now = self.clock.now()
+            for q in host.migrating_queries():
+                if q.moved_at >= 0 and now - q.moved_at > self.recovery_timeout:
+                    self.counters.failed_on_lost_worker += 1
+                    reason = host.admission_stopped or "no live route could take it"
+                    host.fail(q.qid, f"its worker was lost and {reason} (waited {self.recovery_timeout:g} s)")
+
+    @property
+    def admission_stopped(self) -> str:
+        """Why new requests are not admitted now ("" while they are)."""
+        return "" if self.host is None else self.host.admission_stopped
 
     def _fail(self, qid: int, reason: str) -> None:
         if self.host is not None:

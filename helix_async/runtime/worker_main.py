@@ -110,6 +110,8 @@ class WorkerServer:
         self.exit_reason = ""
         self.bad_messages = 0
         self.stats_every_s = 1.0
+        self.drain_timeout_s = 30.0
+        self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- life -----------------------------------------------------------------------------------
@@ -148,10 +150,26 @@ class WorkerServer:
             await self._close()
 
     def _on_signal(self, sig: int) -> None:
-        log.info("worker %s: signal %s, stopping", self.name, signal.Signals(sig).name)
-        self.exit_reason = f"signal {signal.Signals(sig).name}"
+        name = signal.Signals(sig).name
         assert self._stop is not None
+        if self.worker is not None and not self._draining and self.tp.alive(SOURCE) and self.drain_timeout_s > 0:
+            # drain: the host moves this worker's requests elsewhere, then says stop (a second
+            # signal, or no answer within the drain timeout, stops at once)
+            self._draining = True
+            log.info("worker %s: signal %s, draining", self.name, name)
+            self.exit_reason = f"signal {name} (drained)"
+            self._register(ready=False, draining=True)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._drain_deadline()))
+            return
+        log.info("worker %s: signal %s, stopping", self.name, name)
+        self.exit_reason = f"signal {name}"
         self._stop.set()
+
+    async def _drain_deadline(self) -> None:
+        await self.clock.sleep(self.drain_timeout_s)
+        if self._stop is not None and not self._stop.is_set():
+            log.warning("worker %s: no word from the host after %g s of draining; stopping", self.name, self.drain_timeout_s)
+            self._stop.set()
 
     async def _close(self) -> None:
         # let the last messages (tokens, the shutdown echo) be acknowledged, briefly
@@ -168,8 +186,8 @@ class WorkerServer:
         if self.executor is not None and hasattr(self.executor, "close"):
             self.executor.close()
 
-    def _register(self, ready: bool) -> None:
-        caps = (self.opts.executor, self.opts.device) + (("ready",) if ready else ())
+    def _register(self, ready: bool, draining: bool = False) -> None:
+        caps = (self.opts.executor, self.opts.device) + (("ready",) if ready else ()) + (("draining",) if draining else ())
         self.tp.send(
             SINK,
             Register(
@@ -199,7 +217,17 @@ class WorkerServer:
         if t is AssignLayers and sender == SOURCE:
             assert self._assigned is not None
             if self._assigned.done():
-                log.warning("worker %s: a second assignment is ignored (re-planning is not supported)", self.name)
+                first = self._assigned.result() if self._assigned.exception() is None else None
+                if first is not None and self.worker is not None and msg.node_id == first.node_id and \
+                        (msg.start, msg.end) == (first.start, first.end):
+                    # a neighbour was replaced: reach it at its new address (what was queued for
+                    # the old one is dropped with its outbox)
+                    for node, address, _s, _e in msg.next_hops:
+                        self.tp.connect(node, address)
+                    log.info("worker %s: next hops now %s", self.name, [(n, a) for n, a, _, _ in msg.next_hops])
+                else:
+                    log.warning("worker %s: an assignment of other layers is ignored", self.name)
+                    self.bad_messages += 1
                 return
             self._assigned.set_result(msg)
             return
