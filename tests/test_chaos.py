@@ -184,7 +184,7 @@ def test_chaos_every_request_completes_with_the_fault_free_tokens(workers: Worke
 def test_losing_every_copy_of_a_layer_stops_admission_then_a_rejoin_restores_it(workers: Workers) -> None:
     placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
 
-    async def main() -> tuple[str, list[str], str, list[int]]:
+    async def main() -> tuple[str, list[str], str, list[int], int, str]:
         server = HostServer(placement, recovery_timeout=2.0)
         address = await server.start()
         for node in range(3):
@@ -205,6 +205,7 @@ def test_losing_every_copy_of_a_layer_stops_admission_then_a_rejoin_restores_it(
 
         await asyncio.gather(killer(), *(one(i) for i in range(3)))
         stopped = server.admission_stopped
+        http_status, http_error = await _post_while_stopped(server)
         workers.by_node[1].wait(timeout=30)
         workers.start(address, 1)
         deadline = server.clock.now() + 60
@@ -212,10 +213,28 @@ def test_losing_every_copy_of_a_layer_stops_admission_then_a_rejoin_restores_it(
             await asyncio.sleep(0.1)
         after = await server.complete([9, 9, 9], 5)
         await server.shutdown("test done", grace=1.0)
-        return stopped, outcomes, server.admission_stopped, after
+        return stopped, outcomes, server.admission_stopped, after, http_status, http_error
 
-    stopped, outcomes, later, after = run(main(), timeout=200)
+    stopped, outcomes, later, after, http_status, http_error = run(main(), timeout=200)
     assert "layers [3, 6) have no live node" in stopped
+    # the HTTP API says so: 503, with the reason
+    assert http_status == 503 and http_error.startswith("admission is stopped: layers [3, 6) have no live node")
     assert outcomes and all("its worker was lost and layers [3, 6) have no live node" in o and "waited 2 s" in o
                             for o in outcomes)
     assert later == "" and len(after) == 5
+
+
+async def _post_while_stopped(server: HostServer) -> tuple[int, str]:
+    pytest.importorskip("aiohttp")
+    import aiohttp
+
+    from helix_async.frontend.openai_api import OpenAIServer
+    from helix_async.frontend.tokenizer import load_tokenizer
+
+    api = OpenAIServer(server, "tiny-llama", load_tokenizer("tiny-llama"), max_model_len=2048)
+    url = await api.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}) as r:
+            return r.status, (await r.json())["error"]["message"]
+    finally:
+        await api.stop()

@@ -28,6 +28,10 @@ helix_link_flow_share{src,dst,kind}         gauge      the link's share of its s
 helix_dropped_frames_total{node}            counter    malformed frames and messages dropped
 helix_worker_up{node}                       gauge      1 while the worker answers heartbeats
 helix_worker_report_age_seconds{node}       gauge      since the worker's last report
+helix_workers_lost_total, ..._rejoined_     counter    workers lost, rejoined, drained; requests
+_total, ..._drained_total, helix_requests_             migrated and requests that found no live route
+migrated_total, ..._failed_unrecovered_total           in time
+helix_admission_stopped                     gauge      1 while some layer has no live worker
 ==========================================  =========  ===============================================
 """
 
@@ -106,6 +110,21 @@ class _ClusterCollector:
                     share.add_metric([src, dst, "observed"], b / total)
         for (src, dst), f in m.plan_shares.items():
             share.add_metric([src, dst, "plan"], f)
+        c = s.counters
+        for name, doc, value in (
+            ("helix_workers_lost", "Workers reported lost (silent past the limit)", c.workers_lost),
+            ("helix_workers_rejoined", "Workers that took a lost node's place", c.rejoined),
+            ("helix_workers_drained", "Workers that left on request", c.drained),
+            ("helix_requests_migrated", "Requests moved off a lost or draining worker", c.migrated),
+            ("helix_requests_failed_unrecovered", "Requests no live route took within the recovery timeout",
+             c.failed_on_lost_worker),
+        ):
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], float(value))
+            yield fam
+        stopped = GaugeMetricFamily("helix_admission_stopped", "1 while some layer has no live worker")
+        stopped.add_metric([], 1.0 if s.admission_stopped else 0.0)
+        yield stopped
         yield from (kv, queued, up, age, dropped, link_bytes, share)
 
 

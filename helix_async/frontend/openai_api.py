@@ -212,6 +212,8 @@ class OpenAIServer:
             raise ApiError(503, "the server is shutting down", retry_after=5)
         if not s.ready:
             raise ApiError(503, "the cluster is starting: not every worker is ready yet", retry_after=2)
+        if s.admission_stopped:
+            raise ApiError(503, f"admission is stopped: {s.admission_stopped}", retry_after=5)
         if s.overloaded:
             raise ApiError(429, f"the admission queue is full ({s.admission_capacity} requests waiting); retry later",
                            retry_after=1)

@@ -59,7 +59,7 @@ async def _host_main(args: argparse.Namespace) -> int:
     if args.http:
         http = _http_setup(args, placement)  # bad flags fail here, before anything listens
     server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
-                        log_dir=args.log_dir, emulate_time_scale=args.emulate)
+                        log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
     api = None
@@ -311,6 +311,8 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
     h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
     h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
+    h.add_argument("--recovery-timeout", type=positive, default=60.0,
+                   help="seconds a request moved off a lost worker may wait for a live route (default %(default)s)")
     h.add_argument("--progress", action="store_true", help="a progress bar of the requests done (stderr)")
     h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
     h.add_argument("--emulate", type=positive, default=None, metavar="K",
