@@ -58,8 +58,12 @@ async def _host_main(args: argparse.Namespace) -> int:
     http = None
     if args.http:
         http = _http_setup(args, placement)  # bad flags fail here, before anything listens
+    from ..transport.curve import security
+
+    curve = security(args.keys, "host", [("--listen", args.listen)], args.insecure)
     server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
-                        log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout)
+                        log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout,
+                        curve=curve)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
     api = None
@@ -267,6 +271,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from ..transport.curve import generate_keys
+
+    files = generate_keys(args.dir, args.workers)
+    print(f"wrote {len(files)} key files and {args.dir}/allowed/ (copy a worker's .key_secret only to its machine)")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker_main import WorkerOptions, WorkerServer
 
@@ -284,6 +296,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_bytes or 0),
         plan=args.plan or "",
+        keys=args.keys or "",
+        key_name=args.key_name or "",
+        insecure=args.insecure,
+        advertise=args.advertise or "",
     )
     if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
         raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
@@ -326,7 +342,17 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--max-model-len", type=positive_int, default=None, help="--http: prompt plus output tokens at most")
     h.add_argument("--api-key", default=None, help="--http: require 'Authorization: Bearer KEY' on /v1/")
     h.add_argument("--url-file", default=None, help="--http: write the API's base URL here (for scripts)")
+    h.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE keys: encrypt and authenticate every link (python -m helix_async keys generate DIR)")
+    h.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
     h.set_defaults(handler=cmd_host)
+
+    k = sub.add_parser("keys", help="CURVE key pairs for encrypted, authenticated links")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("generate", help="a host key pair, N worker key pairs and the allow-list of their public keys")
+    kg.add_argument("dir", help="directory to create (secret keys are written mode 600)")
+    kg.add_argument("--workers", type=positive_int, required=True, help="worker key pairs to make (worker-0 ...)")
+    kg.set_defaults(handler=cmd_keys_generate)
 
     r = sub.add_parser("report", help="throughput and latency of a served run's logs (the original parser's definitions)")
     r.add_argument("dir", help="a host's --log-dir")
@@ -349,4 +375,9 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: slow every modelled duration by K")
     w.add_argument("--memory-bytes", type=positive, default=None, help="what the device may hold (refuse larger layer ranges)")
     w.add_argument("--plan", default=None, help="cost-model: emulate this plan's links out of the node (scaled by --time-scale)")
+    w.add_argument("--keys", default=None, metavar="DIR", help="CURVE keys (the same directory layout as the host's)")
+    w.add_argument("--key-name", default=None, help="--keys: this worker's key pair (default worker-<node id>)")
+    w.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
+    w.add_argument("--advertise", default=None, metavar="ENDPOINT",
+                   help="the address peers dial, when it differs from --bind (NAT, containers, proxies)")
     w.set_defaults(handler=cmd_worker)

@@ -138,7 +138,8 @@ class HostServer:
     admission (beyond: rejected). emulate_time_scale: the cost-model emulation (workers that price
     batches instead of computing them): hold the host's messages back by its links' modelled
     transfer times, slowed by this factor. recovery_timeout: seconds a request may wait for a
-    live route after its worker was lost (then it fails, saying why).
+    live route after its worker was lost (then it fails, saying why). curve: the host's CURVE keys
+    (``transport.curve``), or None for plaintext links.
 
     Faults: a worker reported lost (or draining) leaves the flows: max flow is re-planned without
     it and every request whose route crossed it migrates (``Host.replan``); a worker that registers
@@ -157,12 +158,13 @@ class HostServer:
         log_dir: str | None = None,
         emulate_time_scale: float | None = None,
         recovery_timeout: float = 60.0,
+        curve: Any = None,
     ) -> None:
         self.placement = placement
         self.model = placement.model_spec
         self.flow = flow if flow is not None else max_flow(placement)
         self.clock = MonotonicClock()
-        self.tp = ZmqTransport(SOURCE, self.clock, bind=listen)
+        self.tp = ZmqTransport(SOURCE, self.clock, bind=listen, curve=curve)
         self.nodes: dict[int, _NodeState] = {}
         for i in placement.used_nodes():
             r = placement.layers[i]

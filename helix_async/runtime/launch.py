@@ -167,6 +167,8 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
             argv += ["--tokenizer", args.tokenizer]
         if args.executor == "cost-model":
             argv += ["--emulate", str(args.time_scale)]
+        secure = ["--keys", args.keys] if args.keys else (["--insecure"] if args.insecure else [])
+        argv += secure
         ray.get(host.start.remote(argv))
         address = _wait_for(ray, host, "host.address", actors, offsets, stopping, timeout=120)
         if address is None:
@@ -185,6 +187,7 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
                 wargv += ["--machine-type", gpu, "--plan", wplan, "--time-scale", str(args.time_scale)]
             if args.checkpoint:
                 wargv += ["--checkpoint", args.checkpoint]
+            wargv += secure
             ray.get(w.start.remote(wargv))
             actors[f"worker {i}"] = w
             offsets[f"worker {i}"] = 0
@@ -288,6 +291,9 @@ def add_parser(sub: Any, positive: Any) -> None:
     la.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
     la.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: the emulation's time scale K")
     la.add_argument("--host-resource", default=None, help="a custom Ray resource that pins the host (e.g. node:10.0.0.5)")
+    la.add_argument("--keys", default=None, metavar="DIR",
+                    help="CURVE key directory, the same path on every Ray node (worker-N's pair for plan node N)")
+    la.add_argument("--insecure", action="store_true", help="plaintext links between machines (warned)")
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--ready-timeout", type=positive, default=600.0, help="seconds for every worker to be ready")
     la.add_argument("--url-file", default=None, help="write the API's base URL here once serving")

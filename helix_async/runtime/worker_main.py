@@ -72,6 +72,10 @@ class WorkerOptions:
     time_scale: float = 1.0
     memory_bytes: int = 0  # what the device may hold (0: no check)
     plan: str = ""  # cost-model: emulate this plan's links out of the node
+    keys: str = ""  # CURVE key directory (transport/curve.py)
+    key_name: str = ""  # this worker's key pair in it (default worker-<node id>)
+    insecure: bool = False  # plaintext links that leave this machine
+    advertise: str = ""  # the endpoint peers dial (default: the bound one)
 
     def check(self) -> None:
         if self.executor not in EXECUTORS:
@@ -101,7 +105,15 @@ class WorkerServer:
         self.links = links
         self.clock = MonotonicClock()
         self.name = f"w-{uuid.uuid4().hex[:12]}"
-        self.tp = ZmqTransport(opts.node_id if opts.node_id >= 0 else self.name, self.clock, name=self.name, bind=opts.bind)
+        from ..transport.curve import security
+
+        key_name = opts.key_name or (f"worker-{opts.node_id}" if opts.node_id >= 0 else "")
+        if opts.keys and not key_name:
+            raise ConfigError("<argument>", "--key-name", "with --keys and no --node-id, name the worker's key pair")
+        curve = security(opts.keys or None, key_name, [("--bind", opts.bind), ("--connect", opts.connect)]
+                         + ([("--advertise", opts.advertise)] if opts.advertise else []), opts.insecure)
+        self.tp = ZmqTransport(opts.node_id if opts.node_id >= 0 else self.name, self.clock, name=self.name, bind=opts.bind,
+                               curve=curve)
         self.worker: Worker | None = None
         self.executor: Any = None
         self.node_id = opts.node_id
@@ -194,12 +206,19 @@ class WorkerServer:
                 node_id=self.node_id,
                 name=self.name,
                 machine_type=self.opts.gpu,
-                address=self.tp.address,
+                address=self._advertised(),
                 num_gpus=1,
                 gpu_memory_bytes=max(0, self.opts.memory_bytes),
                 capabilities=caps,
             ),
         )
+
+    def _advertised(self) -> str:
+        """The address peers dial: --advertise (with this worker's key when CURVE is on) or the bound one."""
+        if not self.opts.advertise:
+            return self.tp.address
+        curve = self.tp._curve
+        return curve.address(self.opts.advertise) if curve is not None else self.opts.advertise
 
     def _peer_lost(self, peer: NodeRef) -> None:
         log.warning("worker %s: peer %r stopped answering", self.name, peer)

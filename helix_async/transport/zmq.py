@@ -56,8 +56,15 @@ from ..clock import Clock
 from ..codec import DropCounter, decode_or_drop, encode
 from ..ids import SINK, SOURCE, NodeRef
 from .base import Handler, TransportError
+from .curve import CurveKeys, split_address
 
 __all__ = ["HOST_NAME", "ZmqStats", "ZmqTransport"]
+
+
+def _auth_log() -> Any:
+    import logging
+
+    return logging.getLogger("helix_async.transport.auth")
 
 #: The coordinator's identity on the wire.
 HOST_NAME = "host"
@@ -87,6 +94,7 @@ class ZmqStats:
     handler_errors: int = 0  # the handler raised (logged and counted; the transport goes on)
     unsent_at_close: int = 0  # messages still unacknowledged when the transport closed
     peers_lost: int = 0
+    auth_failures: int = 0  # CURVE handshakes the inbox refused (a key not allowed, or no CURVE)
     by_reason: dict[str, int] = field(default_factory=dict)  # bad frames by reason
 
 
@@ -126,6 +134,7 @@ class ZmqTransport:
         retry_after_s: float = 1.0,
         ack_every: int = 32,
         context: zmq.Context[Any] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
             raise ValueError("need heartbeat_s > 0, dead_after_s > heartbeat_s and retry_after_s > 0")
@@ -140,7 +149,12 @@ class ZmqTransport:
             raise ValueError("need ack_every >= 1 and retry_after_s >= 2 * heartbeat_s")
         self._ack_every = int(ack_every)
         self._own_ctx = context is None
+        if curve is not None and not self._own_ctx:
+            raise ValueError("CURVE needs the transport's own ZeroMQ context (its authenticator is per context)")
         self._ctx = context if context is not None else zmq.Context()
+        self._curve = curve
+        self._auth: Any = None
+        self._monitor: Any = None
         self._epoch = os.urandom(8)
         self._router: Any = None
         self.address = ""
@@ -174,19 +188,35 @@ class ZmqTransport:
         """Bind the inbox and start the receive and heartbeat loops; returns the inbox address."""
         if self._router is not None:
             return self.address
+        curve = self._curve
+        if curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx, log=_auth_log())
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=curve.allowed_dir)
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
+        if curve is not None:
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_server = True
         try:
             sock.bind(self._bind)
         except zmq.ZMQError as e:
             sock.close(0)
             raise TransportError(f"cannot bind {self._bind}: {e}") from None
         self._router = sock
-        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = curve.address(endpoint) if curve is not None else endpoint
         loop = self._loop = asyncio.get_running_loop()
         self._watch_socket(sock, self._on_inbox)
+        if curve is not None:
+            events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            self._monitor = sock.get_monitor_socket(events)
+            self._watch_socket(self._monitor, self._on_monitor)
         self._tasks.append(loop.create_task(self._watch(), name=f"zmq-watch-{self.name}"))
         return self.address
 
@@ -201,12 +231,24 @@ class ZmqTransport:
             if old.address == address:
                 return
             self._close_out(old)
+        endpoint, server_key = split_address(address)
+        curve = self._curve
+        if curve is None and server_key is not None:
+            raise TransportError(f"{address} takes CURVE-encrypted links only: give this endpoint keys (--keys)")
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.name.encode())
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(address)
+        if curve is not None:
+            key = server_key if server_key is not None else curve.default_server
+            if key is None:
+                sock.close(0)
+                raise TransportError(f"no CURVE public key for {address} (its address names none)")
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_serverkey = key
+        sock.connect(endpoint)
         out = _Out(peer, address, sock, self._clock.now())
         self._outs[peer] = out
         self._watch_socket(sock, functools.partial(self._on_ack, out))
@@ -289,9 +331,16 @@ class ZmqTransport:
         self._outs.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._monitor is not None:
+            self._unwatch_socket(self._monitor)
+            if self._router is not None:
+                self._router.disable_monitor()
+            self._monitor.close(0)
         if self._router is not None:
             self._unwatch_socket(self._router)
             self._router.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         if self._own_ctx:
             self._ctx.term()
 
@@ -311,6 +360,8 @@ class ZmqTransport:
         assert self._loop is not None
         self._readers[sock] = handler
         self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain, sock)
+        # what arrived before the reader was added raised no edge: look once
+        self._drain_soon(sock)
 
     def _unwatch_socket(self, sock: Any) -> None:
         if self._readers.pop(sock, None) is not None and self._loop is not None:
@@ -419,6 +470,16 @@ class ZmqTransport:
         if not self._ack_pending:
             self._ack_pending = True
             self._clock.call_soon(self._flush_acks)
+
+    def _on_monitor(self, frames: list[bytes]) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            event = parse_monitor_message(frames)["event"]
+        except Exception:  # noqa: BLE001 - a malformed monitor message is only not counted
+            return
+        if event & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self.stats.auth_failures += 1
 
     def _deliver(self, sender: NodeRef, msg: Any) -> None:
         h = self._handler

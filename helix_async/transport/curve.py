@@ -1,0 +1,141 @@
+"""ZeroMQ CURVE keys: authenticated, encrypted links between the host and its workers.
+
+A key directory (``python -m helix_async keys generate DIR --workers N``) holds, in ZeroMQ's
+certificate format (``zmq.auth``)::
+
+    DIR/host.key            the host's public key           (every machine)
+    DIR/host.key_secret     the host's key pair             (the host's machine only)
+    DIR/worker-3.key        a worker's public key            (every machine)
+    DIR/worker-3.key_secret a worker's key pair              (that worker's machine only)
+    DIR/allowed/            the public keys allowed to connect: the host's and every worker's
+
+Every endpoint's inbox is a CURVE server with its own key pair and accepts only clients whose
+public key is in ``allowed/`` (a ZAP handler, ``zmq.auth``'s); every outbox is a CURVE client that
+knows its server's public key.  The host's public key comes from ``DIR/host.key``; a worker's
+travels with its address: with CURVE on, an endpoint's address reads ``tcp://HOST:PORT#curve=HEX``
+(its public key in hex), so the registration and the next-hop lists carry the keys with the
+addresses and nothing else changes.  A client whose key is not allowed fails the handshake: it is
+refused, counted (``ZmqStats.auth_failures``, from the inbox's socket monitor), and nothing it
+sends reaches the node.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["CurveKeys", "generate_keys", "is_local", "load_keys", "security", "split_address"]
+
+_FRAGMENT = "#curve="
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """One endpoint's CURVE material: its key pair (z85 bytes), the directory of allowed client
+    keys, and the public key of the servers it dials when their address names none (the host's)."""
+
+    public: bytes
+    secret: bytes
+    allowed_dir: str
+    default_server: bytes | None = None
+
+    def address(self, endpoint: str) -> str:
+        """``endpoint`` with this endpoint's public key attached."""
+        return endpoint + _FRAGMENT + self.public.hex()
+
+
+def split_address(address: str) -> tuple[str, bytes | None]:
+    """(the ZeroMQ endpoint, the server's public key in z85 or None) of an address."""
+    base, sep, key = address.partition(_FRAGMENT)
+    if not sep:
+        return address, None
+    try:
+        raw = bytes.fromhex(key)
+    except ValueError:
+        raise ConfigError(address, "address", "the #curve= part is not a hex public key") from None
+    if len(raw) != 40:
+        raise ConfigError(address, "address", f"a CURVE public key is 40 z85 characters, got {len(raw)}")
+    return base, raw
+
+
+def _read(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    if not path.is_file():
+        raise ConfigError(str(path), "--keys", "no such key file (python -m helix_async keys generate DIR makes them)")
+    try:
+        public, sec = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(path), "--keys", f"not a ZeroMQ certificate: {e}") from None
+    if secret and not sec:
+        raise ConfigError(str(path), "--keys", "holds no secret key")
+    return public, sec
+
+
+def load_keys(directory: str | os.PathLike[str], name: str, *, host_key: bool = True) -> CurveKeys:
+    """The keys of endpoint ``name`` (``host`` or ``worker-N``) from a key directory."""
+    d = Path(directory)
+    allowed = d / "allowed"
+    if not allowed.is_dir():
+        raise ConfigError(str(d), "--keys", "no allowed/ directory of public keys in it")
+    public, secret = _read(d / f"{name}.key_secret", secret=True)
+    assert secret is not None
+    server = None
+    if host_key and name != "host":
+        server, _ = _read(d / "host.key", secret=False)
+    return CurveKeys(public, secret, str(allowed), server)
+
+
+def generate_keys(directory: str | os.PathLike[str], workers: int) -> list[Path]:
+    """A host key pair and ``workers`` worker key pairs, with every public key in ``allowed/``."""
+    import shutil
+
+    import zmq.auth
+
+    d = Path(directory)
+    allowed = d / "allowed"
+    allowed.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ["host", *(f"worker-{i}" for i in range(workers))]:
+        if (d / f"{name}.key_secret").exists():
+            raise ConfigError(str(d / f"{name}.key_secret"), "keys generate", "exists; refusing to overwrite a key")
+        public, secret = zmq.auth.create_certificates(str(d), name)
+        os.chmod(secret, 0o600)
+        shutil.copy(public, allowed / Path(public).name)
+        written += [Path(public), Path(secret)]
+    return written
+
+
+def is_local(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine (loopback TCP, ipc, inproc)."""
+    base, _ = split_address(endpoint)
+    if base.startswith(("ipc://", "inproc://")):
+        return True
+    if not base.startswith("tcp://"):
+        return False
+    host = base[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def security(keys_dir: str | None, name: str, endpoints: list[tuple[str, str]], insecure: bool) -> CurveKeys | None:
+    """The CURVE keys of endpoint ``name`` from ``--keys``, or None for plaintext links, which are
+    allowed on this machine only or with ``--insecure`` (warned).  endpoints: (flag, endpoint) the
+    process binds or dials."""
+    import logging
+
+    if keys_dir:
+        if insecure:
+            raise ConfigError("<argument>", "--insecure", "give either --keys or --insecure, not both")
+        return load_keys(keys_dir, name)
+    remote = [(flag, e) for flag, e in endpoints if not is_local(e)]
+    if remote and not insecure:
+        flag, e = remote[0]
+        raise ConfigError("<argument>", flag, f"{split_address(e)[0]} leaves this machine: give --keys DIR (CURVE, "
+                          "python -m helix_async keys generate) or, knowingly, --insecure")
+    if remote:
+        logging.getLogger("helix_async.security").warning(
+            "--insecure: links to and from %s are neither encrypted nor authenticated", ", ".join(e for _, e in remote))
+    return None
