@@ -343,7 +343,9 @@ class WorkerServer:
                 if isinstance(p, int) or p in (SINK, SOURCE):
                     peers.append(p if isinstance(p, int) else -1)
                     counts.append(n)
-            bad = self.tp.stats.bad_frames + self.tp.drops.total + self.bad_messages + w.stats.bad_messages
+            ts = self.tp.stats
+            bad = (ts.bad_frames + self.tp.drops.total + ts.out_of_order + ts.duplicates + ts.handler_errors
+                   + self.bad_messages + w.stats.bad_messages)
             self.tp.send(SINK, NodeStats(node_id=self.node_id, now=self.clock.now(), kv_used=max(0, int(used)),
                                          kv_capacity=max(0, int(cap)), queued=w.queued, peers=tuple(peers), bytes_out=tuple(counts),
                                          bad_frames=bad))

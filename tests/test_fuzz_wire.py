@@ -1,0 +1,153 @@
+"""The wire decoder stays total on live processes: a seeded stream of truncated, mutated and random
+frames goes to a serving host and to a serving worker's inbox; both keep serving, and every frame
+that cannot be a valid message is counted as dropped.
+
+Frames sent (per target, from a DEALER of its own, so with its own sequence numbers):
+* random multipart garbage whose first frame is not a link header (wrong kind byte or < 17 bytes);
+* link headers with a random kind byte;
+* data headers in sequence followed by random bytes, or by a real message truncated or with bytes
+  flipped;
+* data headers out of sequence.
+Nothing here can be a valid message except, rarely, a mutated real one: the test counts those
+apart and requires every other frame to be dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from helix_async.cluster import load_cluster
+from helix_async.codec import encode
+from helix_async.messages import Cancel, DecodeWork, PromptWork, TokenResult
+from helix_async.placement import Placement
+from helix_async.runtime.host_main import HostServer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = struct.Struct("<c8sQ")
+
+
+def fuzz_frames(rng: random.Random, n: int) -> tuple[list[list[bytes]], int]:
+    """``n`` fuzz messages and how many of them are certainly invalid."""
+    samples = [
+        PromptWork(request_id=3, query_id=3, route=((0, 0, 4), (1, 4, 8)), stage=0, num_tokens=3, token_ids=(1, 2, 3),
+                   max_tokens=4, sent_at=1.0),
+        DecodeWork(request_id=3, route=((0, 0, 4), (1, 4, 8)), stage=1, context_len=5, token_id=9, sent_at=2.0),
+        TokenResult(request_id=3, token_id=7, context_len=4, finished=False, sent_at=3.0),
+        Cancel(request_id=3, reason="fuzz"),
+    ]
+    epoch = rng.randbytes(8)
+    seq = 0
+    out: list[list[bytes]] = []
+    certain = 0
+    for _ in range(n):
+        kind = rng.randrange(6)
+        if kind == 0:  # garbage, too short for a header
+            out.append([rng.randbytes(rng.randrange(0, 17)) for _ in range(rng.randint(1, 3))])
+            certain += 1
+        elif kind == 1:  # a header of an unknown kind
+            out.append([bytes([rng.choice(b"BCEFGXYZ\x00\xff")]) + rng.randbytes(16)])
+            certain += 1
+        elif kind == 2:  # in sequence, random body
+            out.append([HEADER.pack(b"D", epoch, seq) + rng.randbytes(rng.randint(0, 64))])
+            seq += 1
+            certain += 1
+        elif kind == 3:  # in sequence, a real message truncated
+            frames = encode(rng.choice(samples))
+            body = bytes(frames[0]) + bytes(frames[1])
+            out.append([HEADER.pack(b"D", epoch, seq) + body[: rng.randrange(0, len(body) - 1)]])
+            seq += 1
+            certain += 1
+        elif kind == 4:  # in sequence, a real message with bytes flipped (may still decode)
+            frames = encode(rng.choice(samples))
+            body = bytearray(bytes(frames[0]) + bytes(frames[1]))
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)
+            out.append([HEADER.pack(b"D", epoch, seq) + bytes(body)])
+            seq += 1
+        else:  # out of sequence (a gap)
+            out.append([HEADER.pack(b"D", epoch, seq + rng.randint(2, 1000)) + rng.randbytes(8)])
+            certain += 1
+    return out, certain
+
+
+def drops(tp: Any) -> int:
+    st = tp.stats
+    return st.bad_frames + tp.drops.total + st.out_of_order + st.duplicates + st.handler_errors
+
+
+def test_fuzzed_frames_are_dropped_and_counted_while_the_cluster_serves(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 4), 1: (4, 8)})
+    env = dict(os.environ, HELIX_LOG_LEVEL="ERROR")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def main() -> dict[str, Any]:
+        server = HostServer(placement)
+        address = await server.start()
+        for i in (0, 1):
+            procs.append(subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address,
+                                           "--node-id", str(i), "--executor", "null"], cwd=ROOT, env=env))
+        await server.wait_ready(60)
+        before = await server.complete([1, 2, 3], 6)
+        host_drops0 = drops(server.tp)
+        host_bad0 = server.counters.bad_messages + (server.host.stats.bad_messages if server.host else 0)
+        ctx = zmq.Context()
+        sent = {"host": 0, "worker": 0}
+        certain = {"host": 0, "worker": 0}
+        try:
+            for target, addr in (("host", address), ("worker", server.nodes[0].address)):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IDENTITY, f"fuzz-{target}".encode())
+                sock.connect(addr)
+                frames, sure = fuzz_frames(rng, 3000)
+                for msg in frames:
+                    sock.send_multipart(msg)
+                sent[target] = len(frames)
+                certain[target] = sure
+                await asyncio.sleep(0.5)
+                sock.close(0)
+            # both go on serving, with the same answers
+            await asyncio.sleep(2.5)  # (the worker reports its counters once a second)
+            after = await server.complete([1, 2, 3], 6)
+            host = server.host
+            assert host is not None
+            worker_stats = server.nodes[0].stats
+            return {
+                "before": before, "after": after, "sent": sent, "certain": certain,
+                "host_drops": drops(server.tp) - host_drops0,
+                "host_bad": server.counters.bad_messages + host.stats.bad_messages - host_bad0,
+                "worker_drops": worker_stats.bad_frames if worker_stats is not None else -1,
+                "alive": [p.poll() is None for p in procs],
+            }
+        finally:
+            ctx.term()
+            await server.shutdown("test done", grace=0.5)
+
+    try:
+        r = asyncio.run(main())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+    assert r["alive"] == [True, True] and r["after"] == r["before"]
+    # every frame that cannot be a message was dropped and counted; mutated real ones either were too,
+    # or decoded and were refused as unexpected (counted as bad messages)
+    assert r["certain"]["host"] <= r["host_drops"] <= r["sent"]["host"]
+    assert r["host_drops"] + r["host_bad"] >= r["certain"]["host"]
+    assert r["worker_drops"] >= r["certain"]["worker"]
+    print(f"fuzz: host {r['sent']['host']} frames sent, {r['host_drops']} dropped, {r['host_bad']} refused as "
+          f"unexpected; worker {r['sent']['worker']} sent, {r['worker_drops']} dropped or refused")
