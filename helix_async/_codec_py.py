@@ -941,8 +941,12 @@ def _rules_assign(ctx: _Ctx, v: dict) -> None:
 
 
 def _rules_node_stats(ctx: _Ctx, v: dict) -> None:
-    if len(v["peers"]) != len(v["bytes_out"]):
-        raise ctx.error("bytes_out", f"one count per peer: {len(v['peers'])} peers, {len(v['bytes_out'])} counts")
+    n = len(v["peers"])
+    for name in ("bytes_out", "retried", "rtt_us"):
+        if name != "bytes_out" and not v[name]:
+            continue  # (optional: empty)
+        if len(v[name]) != n:
+            raise ctx.error(name, f"one count per peer: {n} peers, {len(v[name])} counts")
 
 
 class _Layout:
@@ -1050,6 +1054,8 @@ LAYOUTS: dict[int, _Layout] = {
                 "peers": _Ints(-1, I32_MAX),
                 "bytes_out": _Ints(0, I64_MAX),
                 "bad_frames": _ID,
+                "retried": _Ints(0, I64_MAX),
+                "rtt_us": _Ints(0, I64_MAX),
             },
             _rules_node_stats,
         ),

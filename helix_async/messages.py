@@ -344,7 +344,8 @@ class NodeStats(_Message):
     node_id: the sender. now: its loop time (s). kv_used, kv_capacity: KV cache entries (tokens x
     layers) in use and in all. queued: work items waiting at the node. peers: the nodes it sends to
     (-1: the host); bytes_out: bytes sent to each (cumulative, same order). bad_frames: frames and
-    messages it dropped as malformed (cumulative).
+    messages it dropped as malformed (cumulative). retried: messages sent again to each peer
+    (cumulative); rtt_us: each link's smoothed heartbeat round trip, microseconds (0: not measured).
     """
 
     TAG: ClassVar[MsgType] = MsgType.NODE_STATS
@@ -357,6 +358,8 @@ class NodeStats(_Message):
     peers: tuple[int, ...] = ()
     bytes_out: tuple[int, ...] = ()
     bad_frames: int = 0
+    retried: tuple[int, ...] = ()
+    rtt_us: tuple[int, ...] = ()
 
 
 Message = (

@@ -97,12 +97,35 @@ class Replanner:
         self.placement = placement
         self.kv = kv
         self.tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
+        #: (src, dst) -> factor on that direction's bandwidth: links seen slow or lossy carry less
+        self.link_scale: dict[tuple[NodeRef, NodeRef], float] = {}
+
+    def _cluster(self) -> Any:
+        from dataclasses import replace
+
+        from .cluster.spec import Link
+
+        c = self.placement.cluster
+        if not self.link_scale:
+            return c
+        links = []
+        for ln in c.links:
+            fwd = self.link_scale.get((ln.a, ln.b), 1.0)
+            back = self.link_scale.get((ln.b, ln.a), 1.0) if ln.bidirectional else 1.0
+            if fwd == 1.0 and back == 1.0:
+                links.append(ln)
+            elif ln.bidirectional:
+                links.append(Link(ln.a, ln.b, ln.bandwidth * fwd, ln.latency, False))
+                links.append(Link(ln.b, ln.a, ln.bandwidth * back, ln.latency, False))
+            else:
+                links.append(Link(ln.a, ln.b, ln.bandwidth * fwd, ln.latency, False))
+        return replace(c, links=tuple(links))
 
     def without(self, lost: set[int] | frozenset[int]) -> Placement:
-        """The plan with the ``lost`` nodes' layers dropped."""
+        """The plan with the ``lost`` nodes' layers dropped (and degraded links scaled)."""
         p = self.placement
         layers = {i: (None if i in lost else r) for i, r in p.layers.items()}
-        return Placement.from_layers(p.cluster, p.model_spec, layers, method=f"{p.method} minus {sorted(lost)}")
+        return Placement.from_layers(self._cluster(), p.model_spec, layers, method=f"{p.method} minus {sorted(lost)}")
 
     def uncovered(self, lost: set[int] | frozenset[int]) -> list[tuple[int, int]]:
         """Layer ranges [a, b) that no live node holds."""

@@ -238,3 +238,45 @@ async def _post_while_stopped(server: HostServer) -> tuple[int, str]:
             return r.status, (await r.json())["error"]["message"]
     finally:
         await api.stop()
+
+
+def test_a_slow_link_loses_flow_share_and_gets_it_back() -> None:
+    from helix_async.frontend.metrics import Metrics
+    from helix_async.messages import NodeStats
+
+    async def main() -> dict[str, Any]:
+        server = HostServer(diamond(), slow_link_rtt=0.5, link_recover_s=0.2)
+        await server.start()
+        server._serve()  # (no workers needed: the policy acts on their reports)
+        host = server.host
+        assert host is not None
+
+        def share() -> float:  # of 0 -> 3 in node 0's IWRR (max flow sends 0 -> 3 and 2 -> 1 at first)
+            weights = dict(host.router.candidates(0))
+            return weights.get(3, 0.0) / sum(weights.values())
+
+        out: dict[str, Any] = {"before": share()}
+
+        def report(rtt_s: float) -> None:
+            server._on_message(0, NodeStats(node_id=0, now=0.0, kv_used=0, kv_capacity=1, queued=0, peers=(1, 3),
+                                            bytes_out=(10, 10), retried=(0, 0), rtt_us=(200, round(rtt_s * 1e6))))
+
+        report(2.0)  # 0 -> 3 answers in 2 s
+        out["degraded"] = share()
+        out["metric"] = b'helix_link_degraded{dst="3",src="0"} 1.0' in Metrics(server).render()[0]
+        out["flow"] = server.current_flow.value
+        report(0.001)
+        out["still"] = share()  # not before link_recover_s of quiet
+        await asyncio.sleep(0.3)
+        report(0.001)
+        out["after"] = share()
+        out["replans"] = host.stats.replans
+        await server.shutdown("test done", grace=0.0)
+        return out
+
+    r = run(main(), timeout=30)
+    assert r["before"] == pytest.approx(1.0)
+    # capped at a quarter of what it carried; the rest goes 0 -> 1, and the total flow is kept
+    assert r["degraded"] == pytest.approx(0.25) and r["still"] == r["degraded"] and r["metric"]
+    assert r["flow"] == pytest.approx(2 * 2657.3333, rel=1e-3)
+    assert r["after"] == pytest.approx(1.0) and r["replans"] == 2

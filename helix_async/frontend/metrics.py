@@ -32,6 +32,9 @@ helix_workers_lost_total, ..._rejoined_     counter    workers lost, rejoined, d
 _total, ..._drained_total, helix_requests_             migrated and requests that found no live route
 migrated_total, ..._failed_unrecovered_total           in time
 helix_admission_stopped                     gauge      1 while some layer has no live worker
+helix_link_rtt_seconds{src,dst}             gauge      heartbeat round trip, smoothed
+helix_link_retries_total{src,dst}           counter    messages sent again on the link
+helix_link_degraded{src,dst}                gauge      1 while the link's flow share is cut
 ==========================================  =========  ===============================================
 """
 
@@ -122,6 +125,16 @@ class _ClusterCollector:
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], float(value))
             yield fam
+        rtt = GaugeMetricFamily("helix_link_rtt_seconds", "Heartbeat round trip of the link, smoothed", labels=["src", "dst"])
+        resent = CounterMetricFamily("helix_link_retries", "Messages sent again on the link", labels=["src", "dst"])
+        degraded = GaugeMetricFamily("helix_link_degraded", "1 while the link's flow share is cut (slow or lossy)",
+                                     labels=["src", "dst"])
+        for (a, b), (r, n, _bad_at, deg) in sorted(s.link_health.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+            labels = [_node_name(a), _node_name(b)]
+            rtt.add_metric(labels, float(r))
+            resent.add_metric(labels, float(n))
+            degraded.add_metric(labels, 1.0 if deg else 0.0)
+        yield from (rtt, resent, degraded)
         stopped = GaugeMetricFamily("helix_admission_stopped", "1 while some layer has no live worker")
         stopped.add_metric([], 1.0 if s.admission_stopped else 0.0)
         yield stopped

@@ -30,7 +30,7 @@ from ..clock import MonotonicClock
 from ..errors import HelixError
 from ..flowplan import FlowPlan
 from ..host import Host, Query
-from ..ids import SOURCE, NodeRef
+from ..ids import SINK, SOURCE, NodeRef
 from ..messages import (
     AssignLayers,
     Cancel,
@@ -139,7 +139,11 @@ class HostServer:
     batches instead of computing them): hold the host's messages back by its links' modelled
     transfer times, slowed by this factor. recovery_timeout: seconds a request may wait for a
     live route after its worker was lost (then it fails, saying why). curve: the host's CURVE keys
-    (``transport.curve``), or None for plaintext links.
+    (``transport.curve``), or None for plaintext links. A link whose heartbeat round trip passes
+    ``slow_link_rtt`` s, or that resends ``lossy_link_retries`` messages between two reports, is
+    degraded: the flows are re-planned with the link capped at ``link_degrade_factor`` times what
+    it carried, so max flow moves the rest to other paths and IWRR sends it that much less;
+    ``link_recover_s`` s without trouble restore it.
 
     Faults: a worker reported lost (or draining) leaves the flows: max flow is re-planned without
     it and every request whose route crossed it migrates (``Host.replan``); a worker that registers
@@ -159,10 +163,15 @@ class HostServer:
         emulate_time_scale: float | None = None,
         recovery_timeout: float = 60.0,
         curve: Any = None,
+        slow_link_rtt: float = 1.0,
+        lossy_link_retries: int = 8,
+        link_degrade_factor: float = 0.25,
+        link_recover_s: float = 30.0,
     ) -> None:
         self.placement = placement
         self.model = placement.model_spec
         self.flow = flow if flow is not None else max_flow(placement)
+        self.current_flow = self.flow  # the flows routed by now (re-planned around faults)
         self.clock = MonotonicClock()
         self.tp = ZmqTransport(SOURCE, self.clock, bind=listen, curve=curve)
         self.nodes: dict[int, _NodeState] = {}
@@ -185,6 +194,12 @@ class HostServer:
         self.emulate_time_scale = emulate_time_scale
         self.recovery_timeout = float(recovery_timeout)
         self.replanner = Replanner(placement, kv)
+        self.slow_link_rtt = float(slow_link_rtt)
+        self.lossy_link_retries = int(lossy_link_retries)
+        self.link_degrade_factor = float(link_degrade_factor)
+        self.link_recover_s = float(link_recover_s)
+        #: (src, dst) -> [smoothed round trip s, retries so far, last seen bad at (-1: never), degraded]
+        self.link_health: dict[tuple[NodeRef, NodeRef], list[Any]] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self.runlog: RunLog | None = None
         self.log_files: list[Any] = []
@@ -272,6 +287,9 @@ class HostServer:
                 return
             st.stats = msg
             st.stats_at = self.clock.now()
+            if msg.retried and msg.rtt_us:
+                for peer, retried, rtt in zip(msg.peers, msg.retried, msg.rtt_us, strict=True):
+                    self._observe_link(msg.node_id, SOURCE if peer < 0 else peer, retried, rtt / 1e6)
         elif t is Error and msg.request_id < 0:
             node = self._names.get(msg.name) if hasattr(msg, "name") else None
             log.error("worker %r reports: %s", sender if node is None else node, msg.text)
@@ -379,7 +397,7 @@ class HostServer:
         )
 
     def _serve(self) -> None:
-        router, _, _ = self.replanner.router(frozenset())
+        router, self.current_flow, _ = self.replanner.router(frozenset())
         transport: Any = _Guard(self, self.tp)
         if self.emulate_time_scale is not None:
             # the cost-model emulation: the coordinator's links as the cluster file has them
@@ -454,19 +472,50 @@ class HostServer:
         lost: set[NodeRef] = {n for n, st in self.nodes.items() if st.lost}
         router, flow, reason = self.replanner.router(frozenset(n for n in lost if isinstance(n, int)))
         moved = host.replan(router, lost, reason)
+        if router is not None:
+            self.current_flow = flow
         self.counters.migrated += len(moved)
         if reason:
             log.error("%s: %s", why, reason)
         log.warning("%s: max flow re-planned to %.1f tokens/s over %d live nodes; %d requests migrated", why,
                     flow.value, len(self.nodes) - len(lost), len(moved))
 
+    def _observe_link(self, src: NodeRef, dst: NodeRef, retried: int, rtt: float) -> None:
+        """One report of a link's health: degrade it past the thresholds, restore it after quiet."""
+        if dst == SOURCE:
+            dst = SINK  # a worker's link to the host is the plan's link to the sink
+        key = (src, dst)
+        h = self.link_health.setdefault(key, [0.0, retried, -1.0, False])
+        new_retries = retried - h[1]
+        h[0], h[1] = rtt, retried
+        now = self.clock.now()
+        if rtt > self.slow_link_rtt or new_retries >= self.lossy_link_retries:
+            h[2] = now
+            if not h[3] and self.host is not None:
+                h[3] = True
+                # cap the link at a fraction of what it carries now: max flow moves the rest elsewhere
+                f = self.current_flow.link_flows.get(key, 0.0)
+                cap = self.current_flow.link_capacity.get(key, 0.0)
+                if f > 0 and cap > 0:
+                    scale = self.replanner.link_scale.get(key, 1.0) * self.link_degrade_factor * f / cap
+                    self.replanner.link_scale[key] = max(scale, 1e-9)
+                    self._replan(f"link {src}->{dst} is slow or lossy (round trip {rtt:.3f} s, {new_retries} resent)")
+        elif h[3] and now - h[2] > self.link_recover_s:
+            h[3] = False
+            if self.replanner.link_scale.pop(key, None) is not None and self.host is not None:
+                self._replan(f"link {src}->{dst} is healthy again")
+
     async def _recovery_watch(self) -> None:
-        """Fail requests that found no live route within ``recovery_timeout`` of their migration."""
+        """Fail requests that found no live route within ``recovery_timeout`` of their migration;
+        watch the host's own links."""
         while not self._closing:
             await self.clock.sleep(min(1.0, self.recovery_timeout / 4))
             host = self.host
             if host is None:
                 continue
+            for peer, (_b, retried, rtt) in self.tp.link_health().items():
+                if isinstance(peer, int) and peer in self.nodes and not self.nodes[peer].lost and rtt > 0:
+                    self._observe_link(SOURCE, peer, retried, rtt)
             now = self.clock.now()
             for q in host.migrating_queries():
                 if q.moved_at >= 0 and now - q.moved_at > self.recovery_timeout:

@@ -336,19 +336,23 @@ class WorkerServer:
             if w is None or self.tp.closed:
                 return
             used, cap = w.kv_snapshot()
-            sent = self.tp.bytes_sent()
+            health = self.tp.link_health()
             peers: list[int] = []
             counts: list[int] = []
-            for p, n in sent.items():
+            retried: list[int] = []
+            rtt_us: list[int] = []
+            for p, (n, r, rtt) in health.items():
                 if isinstance(p, int) or p in (SINK, SOURCE):
                     peers.append(p if isinstance(p, int) else -1)
                     counts.append(n)
+                    retried.append(r)
+                    rtt_us.append(round(rtt * 1e6))
             ts = self.tp.stats
             bad = (ts.bad_frames + self.tp.drops.total + ts.out_of_order + ts.duplicates + ts.handler_errors
                    + self.bad_messages + w.stats.bad_messages)
             self.tp.send(SINK, NodeStats(node_id=self.node_id, now=self.clock.now(), kv_used=max(0, int(used)),
                                          kv_capacity=max(0, int(cap)), queued=w.queued, peers=tuple(peers), bytes_out=tuple(counts),
-                                         bad_frames=bad))
+                                         bad_frames=bad, retried=tuple(retried), rtt_us=tuple(rtt_us)))
 
     def _torch_executor(self, spec: Any, start: int, end: int) -> Any:
         from ..extras import require

@@ -101,7 +101,7 @@ class ZmqStats:
 class _Out:
     """An outbox: the DEALER to one peer and what it has not had acknowledged."""
 
-    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "bytes")
+    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "bytes", "retries", "rtt", "hb_at")
 
     def __init__(self, peer: NodeRef, address: str, sock: Any, now: float) -> None:
         self.peer = peer
@@ -112,6 +112,9 @@ class _Out:
         self.last_heard = now
         self.alive = True
         self.bytes = 0  # sent, first transmissions only (headers and tensor frames)
+        self.retries = 0  # messages sent again (the link lost them, or the peer was slow to answer)
+        self.rtt = 0.0  # heartbeat to acknowledgement, smoothed (s); 0 until measured
+        self.hb_at = -1.0  # when the heartbeat now awaiting its answer went
 
 
 class ZmqTransport:
@@ -302,6 +305,10 @@ class ZmqTransport:
         out.bytes += n
         self.stats.sent += 1
         self._transmit(out, packet)
+
+    def link_health(self) -> dict[NodeRef, tuple[int, int, float]]:
+        """Per peer: (bytes sent, messages sent again, smoothed heartbeat round trip in s)."""
+        return {peer: (out.bytes, out.retries, out.rtt) for peer, out in self._outs.items()}
 
     def bytes_sent(self) -> dict[NodeRef, int]:
         """Bytes sent to each peer so far (first transmissions: what the work needed, not retries)."""
@@ -521,7 +528,12 @@ class ZmqTransport:
         if epoch != self._epoch:
             self._bad("ack for another epoch")
             return
-        out.last_heard = self._clock.now()
+        now = self._clock.now()
+        out.last_heard = now
+        if out.hb_at >= 0:
+            sample = now - out.hb_at
+            out.rtt = sample if out.rtt == 0.0 else 0.8 * out.rtt + 0.2 * sample
+            out.hb_at = -1.0
         if not out.alive:
             out.alive = True
             if self.on_peer_back is not None:
@@ -540,6 +552,8 @@ class ZmqTransport:
             now = clock.now()
             for out in list(self._outs.values()):
                 first = out.unacked[0][0] if out.unacked else out.seq
+                if out.hb_at < 0:
+                    out.hb_at = now
                 try:
                     out.sock.send(_pack(_HEARTBEAT, self._epoch, first), _NOBLOCK)
                 except zmq.ZMQError:
@@ -550,6 +564,7 @@ class ZmqTransport:
                     for i, (seq, packet, _) in enumerate(out.unacked):
                         out.unacked[i] = (seq, packet, now)
                         self.stats.retried += 1
+                        out.retries += 1
                         self._transmit(out, packet)
                 if out.alive and now - out.last_heard > self._dead:
                     out.alive = False
