@@ -86,6 +86,8 @@ class EmulatedLinks:
 
     def _release(self, dest: NodeRef, msg: Any) -> None:
         self._pending[dest] -= 1
+        if getattr(self._inner, "closed", False):
+            return  # the endpoint closed (or crashed) while the message was on the modelled wire
         self._inner.send(dest, msg)
 
     async def close(self) -> None:
