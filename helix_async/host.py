@@ -260,7 +260,7 @@ class Host:
             self.stats.infeasible += 1
             self._reject(q)
             return None
-        if self._waiting:  # FIFO: nobody overtakes a query already waiting
+        if self._waiting or self._migrating:  # FIFO: nobody overtakes a query already waiting (or moving)
             return self._wait(q)
         if self._admit(q):
             return q
@@ -418,7 +418,10 @@ class Host:
         router = self._router
         assert router is not None
         ctx = q.input_len + q.iterations
-        route = router.route(q.qid, ctx)
+        # routed (and its KV expectation reserved) as at its admission, by its input length: the
+        # tokens it produced were part of that expectation, and the longer context may exceed the
+        # prompt limits the router checks (a worker runs an oversized prompt alone)
+        route = router.route(q.qid, q.input_len)
         if route is None:
             return False
         q.route = route
