@@ -305,25 +305,7 @@ class Host:
         q.decodes_left = q.output_len if self._compat else q.output_len - 1
         self._queries[q.qid] = q
         self.stats.admitted += 1
-        n = q.input_len
-        ids = q.token_ids
-        self._transport.send(
-            route[0][0],
-            PromptWork(
-                request_id=q.rid,
-                query_id=q.qid,
-                route=route,
-                stage=0,
-                num_tokens=n,
-                token_ids=() if ids is None else ids,
-                max_tokens=q.decodes_left + 1,
-                sent_at=self._clock.now(),
-                payload_bytes=n * self._tid if ids is None else 0,
-                temperature=q.sampling[0],
-                top_p=q.sampling[1],
-                seed=q.sampling[2],
-            ),
-        )
+        self._send_prompt(q, route)
         return True
 
     def _retry(self) -> None:
@@ -417,7 +399,6 @@ class Host:
         """Route a migrating query anew: a prompt of its context so far (see :meth:`replan`)."""
         router = self._router
         assert router is not None
-        ctx = q.input_len + q.iterations
         # routed (and its KV expectation reserved) as at its admission, by its input length: the
         # tokens it produced were part of that expectation, and the longer context may exceed the
         # prompt limits the router checks (a worker runs an oversized prompt alone)
@@ -426,13 +407,18 @@ class Host:
             return False
         q.route = route
         self._by_rid[q.rid] = q
+        self._send_prompt(q, route)
+        return True
+
+    def _send_prompt(self, q: Query, route: Route) -> None:
+        """The prompt iteration of ``q`` to its first stage: its input, or after a migration its
+        whole context so far (input plus the tokens produced), for the rest of its tokens."""
+        ctx = q.input_len + q.iterations
         ids = q.token_ids
         tokens = q.tokens
         wire_ids: tuple[int, ...] = ()
-        payload = ctx * self._tid
-        if ids is not None and tokens is not None:
-            wire_ids = ids + tuple(tokens)
-            payload = 0
+        if ids is not None:
+            wire_ids = ids + tuple(tokens) if q.iterations and tokens is not None else ids
         self._transport.send(
             route[0][0],
             PromptWork(
@@ -444,13 +430,12 @@ class Host:
                 token_ids=wire_ids,
                 max_tokens=q.decodes_left + 1,
                 sent_at=self._clock.now(),
-                payload_bytes=payload,
+                payload_bytes=ctx * self._tid if ids is None else 0,
                 temperature=q.sampling[0],
                 top_p=q.sampling[1],
                 seed=q.sampling[2],
             ),
         )
-        return True
 
     # ---- results --------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """``python -m helix_async launch --ray``: a local Ray instance (2 CPUs, a fake ``gpu_type:CPU``
-resource) places the host and 3 workers of the tiny model; the endpoint serves; Ctrl-C stops every
-process.  A plan whose machine types the Ray cluster does not offer is refused (exit 2).
+resource) places the host and 3 workers of the tiny model, their links encrypted with CURVE keys;
+the endpoint serves; Ctrl-C stops every process.  A plan whose machine types the Ray cluster does not offer is refused (exit 2).
 
 The Ray instance listens on loopback only and is stopped at the end (``ray stop --force``).
 """
@@ -69,9 +69,13 @@ def test_launch_serves_the_tiny_model_through_ray_and_ctrl_c_stops_it(ray_addres
     pl = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
     plan = write_placement(pl, tmp_path / "plan.toml", flow=max_flow(pl))
     url_file = tmp_path / "url"
+    # Ray gives its nodes the machine's network address: the links leave loopback, so they get CURVE keys
+    from helix_async.transport.curve import generate_keys
+
+    generate_keys(tmp_path / "keys", 3)
     p = subprocess.Popen([sys.executable, "-m", "helix_async", "launch", "--ray", ray_address, str(plan), "--http",
-                          "127.0.0.1:0", "--url-file", str(url_file)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                          "127.0.0.1:0", "--url-file", str(url_file), "--keys", str(tmp_path / "keys")],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (url_file.exists() and url_file.read_text().strip()):

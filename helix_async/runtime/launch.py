@@ -43,8 +43,13 @@ class ProcessActor:
         self.log = self.dir / "output.log"
 
     def node_ip(self) -> str:
+        """The address Ray knows this node by (what its peers can reach)."""
         import ray
 
+        me = ray.get_runtime_context().get_node_id()
+        for n in ray.nodes():
+            if n.get("NodeID") == me and n.get("NodeManagerAddress"):
+                return str(n["NodeManagerAddress"])
         return str(ray.util.get_node_ip_address())
 
     def write(self, name: str, text: str) -> str:
@@ -249,34 +254,34 @@ def _failed(ray: Any, actors: dict[str, Any]) -> str | None:
     return None
 
 
-def _wait_for(ray: Any, actor: Any, name: str, actors: dict[str, Any], offsets: dict[str, int], stopping: dict[str, bool],
-              timeout: float) -> str | None:
+def _wait(ray: Any, actors: dict[str, Any], offsets: dict[str, int], stopping: dict[str, bool], timeout: float,
+          what: str, done: Any) -> Any:
+    """Pump output until ``done(new host text)`` gives a value; None when a process exits, the
+    timeout passes or a signal came."""
     deadline = time.monotonic() + timeout
     while not stopping["flag"]:
-        _pump(ray, actors, offsets)
-        text = ray.get(actor.read_file.remote(name)).strip()
-        if text:
-            return str(text)
+        got = done(_pump(ray, actors, offsets))
+        if got:
+            return got
         why = _failed(ray, actors)
         if why or time.monotonic() > deadline:
-            print(f"[launch] error: {why or f'no {name} after {timeout:g} s'}", file=sys.stderr, flush=True)
+            print(f"[launch] error: {why or f'{what} after {timeout:g} s'}", file=sys.stderr, flush=True)
             return None
         time.sleep(0.2)
     return None
 
 
+def _wait_for(ray: Any, actor: Any, name: str, actors: dict[str, Any], offsets: dict[str, int], stopping: dict[str, bool],
+              timeout: float) -> str | None:
+    got = _wait(ray, actors, offsets, stopping, timeout, f"no {name}",
+                lambda _text: str(ray.get(actor.read_file.remote(name))).strip())
+    return str(got) if got else None
+
+
 def _wait_ready(ray: Any, actors: dict[str, Any], offsets: dict[str, int], stopping: dict[str, bool], n: int,
                 timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not stopping["flag"]:
-        if f"all {n} workers ready" in _pump(ray, actors, offsets):
-            return True
-        why = _failed(ray, actors)
-        if why or time.monotonic() > deadline:
-            print(f"[launch] error: {why or f'the workers were not ready after {timeout:g} s'}", file=sys.stderr, flush=True)
-            return False
-        time.sleep(0.2)
-    return False
+    return bool(_wait(ray, actors, offsets, stopping, timeout, "the workers were not ready",
+                      lambda text: f"all {n} workers ready" in text))
 
 
 def add_parser(sub: Any, positive: Any) -> None:
