@@ -15,11 +15,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procwait import wait_for_file
 
 pytest.importorskip("ray")
 pytest.importorskip("torch")
@@ -77,10 +77,7 @@ def test_launch_serves_the_tiny_model_through_ray_and_ctrl_c_stops_it(ray_addres
                           "127.0.0.1:0", "--url-file", str(url_file), "--keys", str(tmp_path / "keys")],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (url_file.exists() and url_file.read_text().strip()):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=10)
-            time.sleep(0.2)
+        wait_for_file(url_file, p, 240)
         u = urlparse(url_file.read_text().strip())
         c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
         c.request("POST", "/v1/completions", body=json.dumps({"prompt": "hello", "max_tokens": 5, "temperature": 0}),

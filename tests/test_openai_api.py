@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from procwait import wait_for_file
 
 pytest.importorskip("torch")
 pytest.importorskip("aiohttp")
@@ -373,10 +374,7 @@ def test_serve_is_one_command_to_an_endpoint_and_ctrl_c_stops_everything(tmp_pat
                           "--url-file", str(url_file), "--log-dir", str(tmp_path / "logs")],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (url_file.exists() and url_file.read_text().strip()):
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=5)
-            time.sleep(0.1)
+        wait_for_file(url_file, p, 180)
         url = url_file.read_text().strip()
         kids = _children(p.pid)
         assert len(kids) == 2
