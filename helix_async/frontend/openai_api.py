@@ -256,9 +256,11 @@ class OpenAIServer:
         n = _field(body, "n", (int,), 1)
         if n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
-        for unsupported in ("logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias"):
-            v = body.get(unsupported)
-            if v not in (None, False, 1) or (unsupported == "best_of" and v not in (None, 1)):
+        # what this server does not do: refused unless absent or set to its no-op value
+        for unsupported, noop in (("logprobs", (None, False)), ("echo", (None, False)), ("best_of", (None, 1)),
+                                  ("suffix", (None, "")), ("tools", (None, [])), ("functions", (None, [])),
+                                  ("logit_bias", (None, {}))):
+            if body.get(unsupported) not in noop:
                 raise ApiError(400, f"'{unsupported}' is not supported by this server", param=unsupported)
         stop = body.get("stop")
         if stop is None:

@@ -217,7 +217,7 @@ class WorkerServer:
         """The address peers dial: --advertise (with this worker's key when CURVE is on) or the bound one."""
         if not self.opts.advertise:
             return self.tp.address
-        curve = self.tp._curve
+        curve = self.tp.curve
         return curve.address(self.opts.advertise) if curve is not None else self.opts.advertise
 
     def _peer_lost(self, peer: NodeRef) -> None:

@@ -187,6 +187,11 @@ class ZmqTransport:
     def node(self) -> NodeRef:
         return self._node
 
+    @property
+    def curve(self) -> CurveKeys | None:
+        """This endpoint's CURVE keys (None: plaintext links)."""
+        return self._curve
+
     async def start(self) -> str:
         """Bind the inbox and start the receive and heartbeat loops; returns the inbox address."""
         if self._router is not None:
