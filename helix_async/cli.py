@@ -211,6 +211,23 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true", help="no progress lines")
     pl.add_argument("--progress", action="store_true",
                     help="milp: a progress bar over the time limit with the incumbent and the gap, instead of lines")
+    pl.add_argument("--objective", choices=("served", "maxflow"), default="served",
+                    help="milp: served (default) = what the plan serves: the served model's decode throughput, "
+                    "then the best candidates simulated; maxflow = Helix's objective")
+    pl.add_argument("--slo", type=_slo_arg, default=None, metavar="ttft=S,tpot=S",
+                    help="served: maximise goodput, the decode throughput of requests meeting both limits")
+    pl.add_argument("--simulate-top", type=_nonnegative_int, default=4, metavar="K",
+                    help="served: simulate the best K distinct candidates and keep the one that serves best "
+                    "(0: trust the prediction; default %(default)s)")
+    pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
+                    help="served: the workload candidates are predicted and simulated on (default %(default)s)")
+    pl.add_argument("--sim-rate", type=_positive, default=700.0,
+                    help="served, online workload: tokens/s offered (default %(default)s)")
+    pl.add_argument("--sim-window", type=_positive, default=120.0,
+                    help="served: seconds of each candidate's simulation window (default %(default)s)")
+    pl.add_argument("--explain", action="store_true",
+                    help="say what limits the plan (flow, KV on which nodes, latency on which stages) and which GPU "
+                    "would help most")
     pl.set_defaults(handler=cmd_plan)
 
     fl = sub.add_parser("flow", help="flow analysis of an existing plan file")
@@ -432,6 +449,80 @@ def _print_flow_summary(placement: Placement, flow: FlowPlan, *, links: bool = F
             print(f"    {u}->{v}: {f:.3f}")
 
 
+def _slo_arg(text: str) -> Any:
+    from .placement.served import parse_slo
+
+    try:
+        return parse_slo(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, time_limit: float) -> int:
+    import time
+
+    from .placement.flow import max_flow
+    from .placement.io import write_placement
+    from .placement.served import ServedWorkload
+    from .placement.served_plan import explain, plan_served
+    from .signals import SignalStop, StopFlag
+
+    t0 = time.monotonic()
+    wl = ServedWorkload(mode=args.sim_workload, rate=args.sim_rate)
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - t0:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    with SignalStop(StopFlag()) as stop:
+        res = plan_served(spec, args.model, time_limit=time_limit, seed=seed, slo=args.slo, workload=wl,
+                          simulate_top=args.simulate_top, sim_window=args.sim_window, partial=args.partial,
+                          stop=stop, log=say)
+    flow = max_flow(res.placement)
+    write_placement(res.placement, out, flow=flow)
+    what = "decode tok/s" if args.slo is None else f"goodput ({args.slo})"
+    print(f"planned {res.placement.model} on {spec.name} for the served objective in {res.seconds:.1f} s "
+          f"({args.sim_workload} workload{'' if args.slo is None else f', SLO {args.slo}'})")
+    head = f"{'candidate':<52} {'max flow':>9} {'predicted':>10} {'pred TPOT':>9} {'simulated':>10} {'sim TPOT':>9}"
+    print(f"candidates ({what}; simulated: {res.sim_window:g}-s window, seed {seed}):")
+    print(head)
+    for r in res.rows:
+        sim = r.simulated
+        mark = "*" if r is res.row else " "
+        print(f"{mark}{r.source[:51]:<51} {r.max_flow:9.1f} {r.predicted:10.1f} {r.predicted_tpot:9.3f} "
+              + (f"{sim['score']:10.1f} {sim['tpot_mean']:9.3f}" if sim else f"{'-':>10} {'-':>9}"))
+    print(f"max flow: {flow.value:.4f} tokens/s")
+    print(f"max-flow upper bound (a bound on max flow, not on the served objective): {res.maxflow.upper_bound:.4f} "
+          f"tokens/s ({res.maxflow.bound_source})")
+    print(f"plan written to {out}")
+    if args.explain:
+        for line in explain(res.placement, wl, slo=args.slo, seed=seed):
+            print("explain: " + line)
+    if args.plot:
+        from .plots import plot_placement
+
+        plot_placement(res.placement, flow, args.plot, title_extra=_explain_title(res.placement, wl))
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def _explain_title(placement: Any, wl: Any) -> str:
+    from .placement.served import ServedModel
+
+    p = ServedModel(wl).predict(placement)
+    return f"predicted {p.decode_throughput:.0f} decode tok/s; limited by {p.limit}"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
@@ -465,6 +556,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.method == "milp":
         require("pyscipopt", "plan")
     spec = load_cluster(args.cluster)
+    served_only = [f for f, v in (("--slo", args.slo is not None), ("--explain", args.explain)) if v]
+    if args.method == "milp" and args.objective == "served":
+        return _cmd_plan_served(args, spec, out, seed, search["time_limit"])
+    if args.slo is not None:
+        raise ConfigError("<argument>", "--slo", "applies to --objective served (with --method milp)")
+    del served_only
 
     def on_improve(placement: Placement, value: float) -> None:
         write_placement(placement, out)
@@ -514,6 +611,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"max flow: {result.value:.4f} tokens/s")
     print(f"upper bound: {result.upper_bound:.4f} tokens/s ({result.bound_source}); gap {100 * result.gap:.2f}%")
     print(f"plan written to {out}")
+    if args.explain:
+        from .placement.served_plan import explain
+
+        for line in explain(result.placement, seed=seed):
+            print("explain: " + line)
     if args.plot:
         from .plots import plot_placement
 

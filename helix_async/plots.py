@@ -46,6 +46,7 @@ def plot_placement(
     *,
     utilisation: Mapping[int, float] | None = None,
     title: str | None = None,
+    title_extra: str | None = None,
 ) -> Path:
     """Draw a placement and its flow to a PNG at ``path`` (matplotlib, Agg backend).
 
@@ -54,7 +55,8 @@ def plot_placement(
     entered, width and opacity by flow (zero-flow links dotted grey); the title gives the max flow
     and the max compute throughput. ``flow_plan`` defaults to ``max_flow(placement)``.
     ``utilisation`` (node -> 0..1) colours the nodes instead, e.g. the busy fraction a simulation
-    measured; ``title`` replaces the default title.
+    measured; ``title`` replaces the default title, ``title_extra`` adds a line to it (``plan
+    --plot`` with the served objective: the predicted throughput and what limits it).
     """
     matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
@@ -181,6 +183,8 @@ def plot_placement(
         f"{placement.method} placement of {placement.model} on {cl.name}: "
         f"max flow {flow_plan.value:.2f} tok/s, max compute throughput {U:.2f} tok/s"
     )
+    if title_extra:
+        default_title = f"{default_title}\n{title_extra}"
     ax.set_title(default_title if title is None else title, fontsize=10)
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
     sm.set_array([])

@@ -133,6 +133,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    "times after the models load, as --warmup")
     r.add_argument("--detect-after", type=_nonnegative, default=None,
                    help="--faults: seconds from a crash to the host's noticing (default 1.5, the runtime's)")
+    r.add_argument("--slo", type=_slo, default=None, metavar="ttft=S,tpot=S",
+                   help="also report goodput: queries finished in the window whose TTFT and mean time per output "
+                   "token are within these seconds")
     r.set_defaults(handler=_cmd_run)
     c = sub.add_parser("compare", help="several plans and/or schedulers on the same workload, one table")
     c.add_argument("--plan", action="append", required=True, help="plan (repeat for several)")
@@ -188,6 +191,15 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
     }
 
 
+def _slo(text: str) -> Any:
+    from helix_async.placement.served import parse_slo
+
+    try:
+        return parse_slo(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
+
+
 def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, scheduler: str, **kw: Any) -> Any:
     wl, kv = _workload(args, scheduler)
     compat = args.compat == "helix"
@@ -215,9 +227,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .faults import parse_faults
 
         faults = parse_faults(args.faults, placement.used_nodes())
+    slo = None if args.slo is None else (args.slo.ttft, args.slo.tpot)
     res = _simulate(args, args.plan, placement, args.scheduler, watch_interval=args.watch or 0.0, faults=faults,
-                    detect_after=args.detect_after)
+                    detect_after=args.detect_after, slo=slo)
     print("\n".join(summary_lines(res.report)))
+    if slo is not None:
+        g = res.report["goodput"]
+        print(f"Goodput (TTFT <= {slo[0]:g} s, TPOT <= {slo[1]:g} s): {g['decode_throughput']:.1f} decode tokens/s; "
+              f"{g['met']} of {g['queries']} queries met it")
     print(
         f"[wall {res.wall_s:.1f} s, {res.events} events, {res.events / max(res.wall_s, 1e-9):,.0f} events/s, "
         f"{res.report['virtual_end'] / max(res.wall_s, 1e-9):,.1f} simulated s per wall s]",

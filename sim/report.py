@@ -51,7 +51,34 @@ def _ref(node: NodeRef) -> Any:
     return node if isinstance(node, int) else str(node)
 
 
-def build_report(sim: Simulation, *, warmup: float, duration: float, config: dict[str, Any]) -> dict[str, Any]:
+def goodput(sim: Simulation, lo: float, hi: float, ttft: float, tpot: float) -> dict[str, float | int]:
+    """SLO goodput over queries finished in ``[lo, hi]``: a query meets the SLO when its TTFT
+    (arrival to first token, admission wait included) is at most ``ttft`` and its mean time per
+    output token after the first is at most ``tpot``. ``token_fraction``: the share of those
+    queries' output tokens that belong to queries meeting it; goodput is the window's decode
+    throughput times that share (the same definition the planner's served model predicts)."""
+    met = total = met_tokens = all_tokens = 0
+    for _qid, arrived, first, done, _n, m in sim.host.query_records:
+        if not lo <= done <= hi:
+            continue
+        total += 1
+        per_token = (done - first) / max(m - 1, 1)
+        all_tokens += m
+        if first - arrived <= ttft and per_token <= tpot:
+            met += 1
+            met_tokens += m
+    return {
+        "ttft": ttft,
+        "tpot": tpot,
+        "queries": total,
+        "met": met,
+        "token_fraction": met_tokens / all_tokens if all_tokens else 0.0,
+    }
+
+
+def build_report(
+    sim: Simulation, *, warmup: float, duration: float, config: dict[str, Any], slo: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """The run's figures (see the module doc) as plain JSON-able data."""
     host = sim.host
     lo = sim.t0 + warmup
@@ -94,7 +121,13 @@ def build_report(sim: Simulation, *, warmup: float, duration: float, config: dic
         {**entry, "src": _ref(entry["src"]), "dst": _ref(entry["dst"])} for entry in sim.network.link_stats(horizon)
     ]
     hs = host.stats
+    extra: dict[str, Any] = {}
+    if slo is not None:
+        g = goodput(sim, lo, hi, slo[0], slo[1])
+        g["decode_throughput"] = decodes_in_window / duration * g["token_fraction"]
+        extra["goodput"] = g
     return {
+        **extra,
         "config": config,
         "plan": {
             "method": sim.placement.method,

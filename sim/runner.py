@@ -74,6 +74,7 @@ def run(
     on_slice: Callable[[Simulation], None] | None = None,
     faults: Sequence[Any] = (),
     detect_after: float | None = None,
+    slo: tuple[float, float] | None = None,
 ) -> RunResult:
     """Simulate ``workload`` on ``setup`` (see the module doc).  faults: ``sim.faults.Fault`` items
     (nodes killed and revived in virtual time, ``sim.faults``); the report gets a ``faults`` entry."""
@@ -143,7 +144,7 @@ def run(
         if bar is not None:
             bar(None, sim.events)
     wall = time.perf_counter() - started
-    report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=dict(config or {}))
+    report = build_report(sim, warmup=wl.warmup, duration=wl.duration, config=dict(config or {}), slo=slo)
     if injector is not None:
         report["faults"] = injector.summary()
     sim.close()  # the loop is done; the host's records stay readable

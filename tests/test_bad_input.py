@@ -622,7 +622,7 @@ def test_seed_for_an_unseeded_heuristic_is_noted(tmp_path: Path, capsys: pytest.
 def test_plan_progress_bar_replaces_the_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("pyscipopt")
     out_file = tmp_path / "p.toml"
-    rc, out, err = _run(capsys, ["plan", "--cluster", "single24", "--time-limit", "3", "--stall-limit", "3",
+    rc, out, err = _run(capsys, ["plan", "--objective", "maxflow", "--cluster", "single24", "--time-limit", "3", "--stall-limit", "3",
                                  "--progress", "--out", str(out_file)])
     assert rc == 0, err
     assert "planning:" in err and "gap" in err  # the bar, with the search's figures

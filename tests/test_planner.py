@@ -244,7 +244,7 @@ def test_too_small_cluster_has_a_clear_message() -> None:
 def test_cli_plan_and_flow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.toml"
     png = tmp_path / "plan.png"
-    rc = main(["plan", "--cluster", "single24", "--time-limit", "10", "--out", str(out), "--plot", str(png), "--quiet"])
+    rc = main(["plan", "--objective", "maxflow", "--cluster", "single24", "--time-limit", "10", "--out", str(out), "--plot", str(png), "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "max flow: 2045.6410" in text and "gap 0.00%" in text
@@ -272,7 +272,7 @@ def test_sigterm_stops_the_cli_cleanly_and_leaves_the_best_plan(tmp_path: Path) 
 
     out = tmp_path / "p.toml"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "helix_async", "plan", "--cluster", "cluster42", "--time-limit", "300",
+        [sys.executable, "-m", "helix_async", "plan", "--objective", "maxflow", "--cluster", "cluster42", "--time-limit", "300",
          "--stall-limit", "300", "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

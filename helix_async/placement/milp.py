@@ -178,10 +178,23 @@ class PositionModel:
         time_limit: float = 60.0,
         seed: int = 0,
         stop: StopFlag | None = None,
+        kv_tokens: Mapping[tuple[int, int], float] | None = None,
+        kv_floor: float = 0.0,
+        min_layers: int = 1,
     ) -> None:
+        """kv_tokens: (node, k) -> tokens of context the node holds per layer with k layers; with
+        ``kv_floor`` > 0 every layer must be held by nodes summing to at least that many tokens (the
+        KV that bounds how many requests are in flight, linear in the counts). min_layers: a used
+        node holds at least this many layers (or its maximum, if lower), which bounds a route's
+        depth at ceil(L / min_layers) stages."""
         self.caps = caps
         self.classes = {c: list(ids) for c, ids in classes.items()}
         self.fixed = dict(fixed or {})
+        if kv_floor > 0 and kv_tokens is None:
+            raise ValueError("kv_floor needs kv_tokens")
+        self.kv_tokens = dict(kv_tokens or {})
+        self.kv_floor = float(kv_floor)
+        self.min_layers = int(min_layers)
         self.time_limit = time_limit
         self.seed = seed
         self.stop = stop
@@ -208,10 +221,13 @@ class PositionModel:
                     pinned[(c, r[0], r[1] - r[0])] = pinned.get((c, r[0], r[1] - r[0]), 0) + 1
             rep = ids[0]
             kmax = caps.node_max_layers[rep]
+            kmin = min(self.min_layers, kmax)
             for s in range(L):
                 for k in range(1, min(kmax, L - s) + 1):
                     key = (c, s, k)
                     lo = pinned.get(key, 0)
+                    if k < kmin and lo == 0:
+                        continue
                     hi = lo + free_count[c]
                     if hi == 0:
                         continue
@@ -236,6 +252,16 @@ class PositionModel:
         m.addCons(
             L * F <= scip.quicksum(key[2] * caps.node_cap[(self.classes[key[0]][0], key[2])] * n[key] for key in n)
         )
+        if self.kv_floor > 0:
+            for layer in range(L):
+                m.addCons(
+                    scip.quicksum(
+                        self.kv_tokens[(self.classes[key[0]][0], key[2])] * var
+                        for key, var in n.items()
+                        if key[1] <= layer < key[1] + key[2]
+                    )
+                    >= self.kv_floor
+                )
         m.setObjective(F, "maximize")
         if start is not None:
             self._warm_start(m, n, start)

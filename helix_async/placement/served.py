@@ -1,0 +1,471 @@
+"""What a plan serves: an analytic model of decode throughput, TTFT and time per output token.
+
+Max flow (HELIX_SPEC §6) prices each node at a *typical* batch and ignores the two things that
+decide what users get from a pipeline of layer slices:
+
+* **KV capacity bounds the population.** MaxFlow admission (HELIX_SPEC §7.2) reserves
+  ``E(n) = n + 240 * ratio`` tokens on every layer of a query's route and the offline feeder stops
+  at a bottleneck usage of 0.8 (§8.8). Summed over the nodes holding a layer ``l``, the tokens a
+  layer can hold are ``C_l = sum_i kv_i / k_i``; the population is ``N = 0.8 * min_l C_l / E_w``
+  where ``E_w`` is the expected reservation of a query *in flight* (queries stay in proportion to
+  their output length, so long-output queries weigh more).
+* **Little's law sets throughput.** Every decoding query has one token in the pipeline, so decode
+  throughput ``D = N_decoding / TPOT``. A token's time per output token is the sum, over the stages
+  of its route, of the node's decode batch time at the batch the flows imply (the node's share of
+  the population, split at the profiled batch limit), plus the prompt work it waits behind (the
+  residual of a prompt batch, weighted by the node's prompt utilisation), plus per hop the link
+  latency and the activation's transfer time, once per token of its train ahead of it (a link
+  carries one request at a time).
+
+``D`` solves ``D * TPOT(D) = N_decoding`` (prompt load grows with D), capped where the busiest node
+or link saturates. Online, arrivals set ``D`` unless the KV or compute cap is lower. TTFT is the
+prompt's compute on every stage plus transfer, plus half a decode batch of waiting per stage.
+
+Nothing here is fitted to simulator output: profiles, node settings, admission constants and the
+length dataset are the inputs. ``bench/bench_served_model.py`` measures how well it ranks plans
+against the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from ..flowplan import FlowPlan
+from ..ids import SINK, SOURCE, NodeRef
+from ..model import ThroughputModel, load_profiles
+from ..workloads import load_lengths
+from .core import Placement
+from .flow import max_flow
+
+__all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict"]
+
+#: MaxFlow admission constants (HELIX_SPEC §7.2, §8.8).
+AVG_OUTPUT_LEN = 240
+FEED_HWM = 0.8
+#: Decode tokens move in batches ("trains"): a prompt's completion starts a new one and trains
+#: merge where one queues behind another. A train lives about this many token cycles, so the
+#: population N (queries decoding) moves in ``TRAIN_CYCLES * N / m`` trains (m: mean output, the
+#: cycles a query lives) and a node of flow share s runs decode batches of ``s * m /
+#: TRAIN_CYCLES``. Measured once, on the original's shipped single24 ILP layout (simulated decode
+#: tokens per layer batch); every other plan is out of sample (bench_served_model.py).
+TRAIN_CYCLES = 13.8
+#: A node's busy fraction is capped here in the processor-sharing residence w / (1 - busy).
+MAX_BUSY = 0.95
+
+
+@dataclass(frozen=True)
+class ServedWorkload:
+    """The workload a plan is judged on.
+
+    mode: ``offline`` (a population kept topped up to the KV limit, the original's README offline
+    run) or ``online`` (arrivals at ``rate`` tokens/s, prompt plus output). kv: (fill limit,
+    expected-output ratio) of the admission's KV expectation; None takes the mode's default
+    ((0.85, 1.0) offline, (0.9, 0.6) online)."""
+
+    mode: str = "offline"
+    lengths: str = "azure-conv"
+    rate: float = 700.0
+    kv: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online"):
+            raise ValueError(f"workload mode must be offline or online, got {self.mode!r}")
+        if not self.rate > 0:
+            raise ValueError(f"online rate must be > 0 tokens/s, got {self.rate!r}")
+
+    @property
+    def kv_params(self) -> tuple[float, float]:
+        if self.kv is not None:
+            return self.kv
+        return (0.85, 1.0) if self.mode == "offline" else (0.9, 0.6)
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Service-level objective: a request meets it when its TTFT and its mean TPOT are within."""
+
+    ttft: float
+    tpot: float
+
+    def __str__(self) -> str:
+        return f"ttft={self.ttft:g},tpot={self.tpot:g}"
+
+
+def parse_slo(text: str) -> SLO:
+    """``ttft=S,tpot=S`` (seconds) -> SLO; ValueError naming the bad part."""
+    got: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("ttft", "tpot"):
+            raise ValueError(f"--slo: expected ttft=S,tpot=S, got {part.strip()!r}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"--slo: {key} must be seconds, got {value.strip()!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"--slo: {key} must be > 0 seconds, got {v!r}")
+        got[key] = v
+    missing = {"ttft", "tpot"} - set(got)
+    if missing:
+        raise ValueError(f"--slo: missing {', '.join(sorted(missing))} (expected ttft=S,tpot=S)")
+    return SLO(got["ttft"], got["tpot"])
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    mean_in: float
+    mean_out: float
+    # a small stratified subset (sorted by input) for per-request sums (goodput, prompt times)
+    sample: tuple[tuple[int, int], ...]
+
+
+@lru_cache(maxsize=8)
+def _lengths(name: str) -> _Lengths:
+    inp, out = load_lengths(name)
+    ins, outs = tuple(int(x) for x in inp), tuple(int(x) for x in out)
+    pairs = sorted(zip(ins, outs, strict=True))
+    step = max(1, len(pairs) // 400)
+    return _Lengths(ins, outs, sum(ins) / len(ins), sum(outs) / len(outs), tuple(pairs[::step]))
+
+
+@dataclass
+class NodeLoad:
+    """One node's predicted state (per-token figures in seconds)."""
+
+    node: int
+    gpu: str
+    layers: tuple[int, int]
+    share: float  # of the queries passing through it
+    decode_batch: float  # mean decode batch (sequences)
+    decode_stage_s: float  # a decode token's time at this node
+    prompt_util: float  # fraction of time on prompts
+    util: float  # total busy fraction
+    kv_tokens: float  # tokens of context it can hold per layer
+    kv_usage: float  # predicted KV expectation usage
+
+
+@dataclass
+class ServedPrediction:
+    """Predicted serving figures of a plan on a workload (tokens/s, seconds)."""
+
+    max_flow: float
+    decode_throughput: float
+    tpot: float
+    ttft: float
+    population: float  # queries in flight
+    kv_population: float  # the KV expectation's limit on it
+    compute_cap: float  # decode tokens/s at which the busiest node or link saturates
+    limit: str  # "kv", "compute", "arrivals" or "latency"
+    limit_detail: str
+    bottleneck_layers: tuple[int, int]  # [a, b) layers with the least KV
+    nodes: list[NodeLoad] = field(default_factory=list)
+    routes: list[tuple[tuple[int, ...], float, float, float]] = field(default_factory=list)  # (nodes, share, tpot, ttft n=mean)
+    workload: ServedWorkload = field(default_factory=ServedWorkload)
+    _ttft_by_route: list[list[tuple[int, int, float]]] = field(default_factory=list, repr=False)
+
+    def goodput(self, slo: SLO) -> float:
+        """Decode tokens/s of requests predicted to meet both limits of ``slo``."""
+        if self.decode_throughput <= 0:
+            return 0.0
+        met = tot = 0.0
+        for (_, share, tpot, _), reqs in zip(self.routes, self._ttft_by_route, strict=True):
+            for _n, m, ttft in reqs:
+                tot += share * m
+                if tpot <= slo.tpot and ttft <= slo.ttft:
+                    met += share * m
+        return self.decode_throughput * (met / tot if tot > 0 else 0.0)
+
+    def score(self, slo: SLO | None = None) -> float:
+        """What the served objective maximises: decode throughput, or goodput under ``slo``."""
+        return self.goodput(slo) if slo is not None else self.decode_throughput
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_flow": self.max_flow,
+            "decode_throughput": self.decode_throughput,
+            "tpot": self.tpot,
+            "ttft": self.ttft,
+            "population": self.population,
+            "kv_population": self.kv_population,
+            "compute_cap": self.compute_cap,
+            "limit": self.limit,
+            "limit_detail": self.limit_detail,
+            "bottleneck_layers": list(self.bottleneck_layers),
+        }
+
+
+def _routes(placement: Placement, flow: FlowPlan) -> list[tuple[list[NodeRef], float]]:
+    """Decompose the flow into source-to-sink paths (widest first); (path, flow)."""
+    rem = {k: v for k, v in flow.link_flows.items() if v > 1e-9}
+    out: list[tuple[list[NodeRef], float]] = []
+    for _ in range(10_000):
+        path: list[NodeRef] = [SOURCE]
+        u: NodeRef = SOURCE
+        while u != SINK:
+            nxt = [(f, v) for (a, v), f in rem.items() if a == u and f > 1e-9]
+            if not nxt:
+                break
+            u = max(nxt, key=lambda fv: (fv[0], -1 if fv[1] == SINK else int(fv[1])))[1]
+            path.append(u)
+        if path[-1] != SINK or len(path) < 3:
+            break
+        f = min(rem[(path[j], path[j + 1])] for j in range(len(path) - 1))
+        for j in range(len(path) - 1):
+            rem[(path[j], path[j + 1])] -= f
+        out.append((path, f))
+        if f <= 1e-9 * max(flow.value, 1.0):
+            break
+    return out
+
+
+class ServedModel:
+    """Predicts what plans on one cluster serve (profiles and length statistics cached)."""
+
+    def __init__(self, workload: ServedWorkload | None = None) -> None:
+        self.workload = workload or ServedWorkload()
+        self._lengths = _lengths(self.workload.lengths)
+
+    def predict(self, placement: Placement, flow: FlowPlan | None = None, tm: ThroughputModel | None = None) -> ServedPrediction:
+        wl = self.workload
+        spec = placement.model_spec
+        cluster = placement.cluster
+        tm = tm if tm is not None else ThroughputModel.for_cluster(spec, cluster)
+        profiles = load_profiles(spec)
+        flow = flow if flow is not None else max_flow(placement, tm)
+        F = flow.value
+        L = spec.num_layers
+        lens = self._lengths
+        n_bar, m_bar = lens.mean_in, lens.mean_out
+        hwm, ratio = wl.kv_params
+        act = float(spec.activation_size)
+        used = [i for i in placement.used_nodes() if flow.node_flows.get(i, 0.0) > 1e-9]
+
+        # --- KV: tokens each layer can hold (every node with layers counts, as the expectation does)
+        layer_tokens = [0.0] * L
+        kv_tok: dict[int, float] = {}
+        for i, r in placement.layers.items():
+            if r is None:
+                continue
+            k = r[1] - r[0]
+            kv_tok[i] = tm.kv_capacity(cluster.machine(i).gpu, k) / k
+            for layer in range(r[0], r[1]):
+                layer_tokens[layer] += kv_tok[i]
+        low = min(layer_tokens) if layer_tokens else 0.0
+        first = layer_tokens.index(low)
+        last = first
+        while last + 1 < L and layer_tokens[last + 1] == low:
+            last += 1
+
+        share = {i: flow.node_flows[i] / F for i in used} if F > 0 else {}
+        gpu = {i: profiles.canonical(cluster.machine(i).gpu) for i in used}
+        k_of = {i: placement.layers[i][1] - placement.layers[i][0] for i in used}  # type: ignore[index]
+        prof = {i: profiles.profile(gpu[i]) for i in used}
+        dec_cap = {}
+        for i in used:
+            ns = profiles.node_settings(gpu[i])
+            dec_cap[i] = ns.decode_limit_tokens(min(k_of[i], ns.max_layers))
+        # prompt time per layer over the dataset: mean and mean square (for the residual)
+        sample = lens.sample
+        tp1: dict[int, float] = {}
+        tp2: dict[int, float] = {}
+        for i in used:
+            ts = [prof[i].prompt(n) for n, _ in sample]
+            tp1[i] = sum(ts) / len(ts)
+            tp2[i] = sum(t * t for t in ts) / len(ts)
+
+        # links: per-token hop time and per-arc share of queries
+        arcs = [(u, v, f / F) for (u, v), f in flow.link_flows.items() if f > 1e-9] if F > 0 else []
+        hop_dec = 0.0
+        arc_wait: dict[tuple[NodeRef, NodeRef], float] = {}
+        hop_cap = math.inf  # decode tokens/s at which a link saturates
+        for u, v, s in arcs:
+            a = cluster.arc(u, v)
+            if a is None:
+                continue
+            # a link carries one request at a time (HELIX_SPEC §7.1), each for its latency plus its
+            # transfer: a token waits for half of its train (s * m / TRAIN_CYCLES tokens) to cross
+            one = a.latency + act / a.bandwidth
+            train = s * m_bar / TRAIN_CYCLES
+            arc_wait[(u, v)] = one * (train + 1) / 2
+            hop_dec += s * arc_wait[(u, v)]
+            # link time per decode token crossing it: its own send, plus a prompt per m tokens
+            per_dec = s * (one + (a.latency + n_bar * act / a.bandwidth) / m_bar)
+            if per_dec > 0:
+                hop_cap = min(hop_cap, 1.0 / per_dec)
+
+        def kv_population(c: float) -> float:
+            # in-flight weights: residence ~ TTFT + m * TPOT, i.e. m + c in TPOT units
+            ins, outs = lens.inputs, lens.outputs
+            w = [m + c for m in outs]
+            ew = sum(n * x for n, x in zip(ins, w, strict=True)) / sum(w) + AVG_OUTPUT_LEN * ratio
+            limit = FEED_HWM if wl.mode == "offline" else hwm
+            n_layer = limit * low / ew if ew > 0 else 0.0
+            # a node's own admission check (its full layer count, fill limit ``hwm``)
+            n_node = min((hwm * kv_tok[i] / (share[i] * ew) for i in used if share[i] > 0), default=math.inf)
+            return min(n_layer, n_node)
+
+        def node_state(i: int, N: float, D: float, T: float) -> tuple[float, float, float, float]:
+            """(decode residence s, prompt utilisation, busy fraction, batch) of node i with T trains."""
+            lam = D / m_bar if m_bar > 0 else 0.0
+            b = max(N * share[i] / T, 1.0)
+            nb = math.ceil(b / dec_cap[i]) if dec_cap[i] > 0 else 1
+            w = k_of[i] * prof[i].decode(b / nb) * nb
+            rho_p = lam * share[i] * k_of[i] * tp1[i]
+            busy = D * share[i] * w / b + rho_p
+            return w / (1.0 - min(busy, MAX_BUSY)), rho_p, busy, b
+
+        def stage_times(N: float, D: float) -> dict[int, tuple[float, float, float, float]]:
+            """node -> (decode residence s, prompt utilisation, busy fraction, batch) at population N, rate D.
+
+            N decoding queries move in ``TRAIN_CYCLES * N / m`` trains (see the module doc)."""
+            T = max(1.0, TRAIN_CYCLES * N / m_bar)
+            return {i: node_state(i, N, D, T) for i in used}
+
+        def tpot_at(N: float, D: float) -> float:
+            st = stage_times(N, D)
+            return sum(share[i] * st[i][0] for i in used) + hop_dec
+
+        def cap_at(N: float) -> float:
+            # decode tokens/s where some node is fully busy (busy is linear in D for fixed batches)
+            best = hop_cap
+            for i in used:
+                b = max(N * share[i], 1.0)
+                nb = math.ceil(b / dec_cap[i]) if dec_cap[i] > 0 else 1
+                d = k_of[i] * prof[i].decode(b / nb) * nb
+                per = share[i] * (d / b + k_of[i] * tp1[i] / m_bar)
+                if per > 0:
+                    best = min(best, 1.0 / per)
+            return best
+
+        def ttft_of(n: int, route: Sequence[int], st: Mapping[int, tuple[float, float, float, float]]) -> float:
+            t = 0.0
+            for i in route:
+                t += k_of[i] * prof[i].prompt(n) + 0.5 * st[i][0]
+            return t
+
+        if F <= 0 or not used:
+            return ServedPrediction(F, 0.0, math.inf, math.inf, 0.0, 0.0, 0.0, "flow", "the plan has no flow", (first, last + 1), workload=wl)
+
+        routes_raw = _routes(placement, flow)
+        # per route: its compute nodes, its share of the queries, a decode token's hop time (its
+        # train's wait at each link) and a prompt's hop time at the mean input length
+        route_hops: list[tuple[list[int], float, float, float]] = []
+        for path, f in routes_raw:
+            hd = hp = 0.0
+            for j in range(len(path) - 1):
+                a = cluster.arc(path[j], path[j + 1])
+                if a is not None:
+                    hd += arc_wait.get((path[j], path[j + 1]), 0.0)
+                    hp += a.latency + n_bar * act / a.bandwidth
+            route_hops.append(([int(x) for x in path[1:-1]], f / F, hd, hp))
+
+        # fixed point: population (KV) -> D with D * TPOT(D) = N_dec, capped
+        c = 3.0
+        N = D = tpot = cap = N_dec = 0.0
+        lam = wl.rate / (n_bar + m_bar)
+        for _ in range(6):
+            N_kv = kv_population(c)
+            if wl.mode == "offline":
+                N = N_kv
+                # decoding share of the population: m TPOT / (TTFT + m TPOT) = m / (m + c)
+                N_dec = N * m_bar / (m_bar + c)
+                cap = cap_at(N_dec)
+                lo, hi = 0.0, cap
+                for _ in range(60):
+                    mid = 0.5 * (lo + hi)
+                    if mid * tpot_at(N_dec, mid) < N_dec:
+                        lo = mid
+                    else:
+                        hi = mid
+                D = lo
+                tpot = N_dec / D if D > 0 else math.inf
+            else:
+                D_off = lam * m_bar
+                # population at the offered rate (Little), bounded by KV
+                N_dec = D_off * tpot_at(max(D_off * 1.0, 1.0), D_off)
+                for _ in range(30):
+                    N_dec = D_off * tpot_at(N_dec, D_off)
+                N_lim = N_kv * m_bar / (m_bar + c)
+                N_dec = min(N_dec, N_lim)
+                cap = cap_at(N_dec)
+                D = min(D_off, cap, N_dec / tpot_at(N_dec, min(D_off, cap)))
+                tpot = tpot_at(N_dec, D)
+                N = N_dec * (m_bar + c) / m_bar
+            st = stage_times(N_dec, D)
+            ttft_mean = sum(sh * (ttft_of(int(n_bar), nodes_r, st) + hp) for nodes_r, sh, _, hp in route_hops)
+            c_new = ttft_mean / tpot if tpot > 0 and math.isfinite(tpot) else 0.0
+            if abs(c_new - c) < 1e-3:
+                c = c_new
+                break
+            c = c_new
+
+        st = stage_times(N_dec, D)
+        nodes = [
+            NodeLoad(
+                i, gpu[i], placement.layers[i], share[i], st[i][3], st[i][0], st[i][1], st[i][2],  # type: ignore[arg-type]
+                kv_tok[i], N * share[i] * (n_bar + AVG_OUTPUT_LEN * ratio) / kv_tok[i] if kv_tok[i] > 0 else 0.0,
+            )
+            for i in used
+        ]
+        routes = []
+        ttft_reqs = []
+        for nodes_r, sh, hd, _ in route_hops:
+            r_tpot = sum(st[i][0] for i in nodes_r) + hd
+            reqs = []
+            for n, m in sample:
+                t = ttft_of(n, nodes_r, st)
+                for j in range(len(nodes_r) + 1):
+                    u = SOURCE if j == 0 else nodes_r[j - 1]
+                    v = SINK if j == len(nodes_r) else nodes_r[j]
+                    a = cluster.arc(u, v)
+                    if a is not None:
+                        t += a.latency + n * act / a.bandwidth
+                reqs.append((n, m, t))
+            routes.append((tuple(nodes_r), sh, r_tpot, sum(x[2] for x in reqs) / len(reqs)))
+            ttft_reqs.append(reqs)
+        ttft = sum(sh * t for _, sh, _, t in routes) / max(sum(sh for _, sh, _, _ in routes), 1e-12)
+
+        if wl.mode == "online" and D >= lam * m_bar * (1 - 1e-9):
+            limit, detail = "arrivals", f"serves the offered {wl.rate:g} tokens/s"
+        elif D >= cap * (1 - 1e-6):
+            busiest = max(nodes, key=lambda x: x.util)
+            if hop_cap <= cap * (1 + 1e-9):
+                limit, detail = "compute", "a link's bandwidth"
+            else:
+                limit, detail = "compute", f"node {busiest.node} ({busiest.gpu}, layers {busiest.layers[0]}-{busiest.layers[1]}) is saturated"
+        else:
+            slow = max(nodes, key=lambda x: x.share * x.decode_stage_s)
+            kv_nodes = sorted(i for i, r in placement.layers.items() if r is not None and r[0] <= last and r[1] > first)
+            limit = "kv"
+            detail = (
+                f"KV on layers {first}-{last + 1} (nodes {', '.join(str(i) for i in kv_nodes)}) holds "
+                f"{N:.0f} queries; slowest stage node {slow.node} ({slow.gpu}) {slow.decode_stage_s:.3f} s per token"
+            )
+        return ServedPrediction(
+            max_flow=F,
+            decode_throughput=D,
+            tpot=tpot,
+            ttft=ttft,
+            population=N,
+            kv_population=kv_population(c),
+            compute_cap=cap,
+            limit=limit,
+            limit_detail=detail,
+            bottleneck_layers=(first, last + 1),
+            nodes=nodes,
+            routes=routes,
+            workload=wl,
+            _ttft_by_route=ttft_reqs,
+        )
+
+
+def predict(placement: Placement, workload: ServedWorkload | None = None, flow: FlowPlan | None = None) -> ServedPrediction:
+    """Predicted serving figures of ``placement`` (see the module doc)."""
+    return ServedModel(workload).predict(placement, flow)
