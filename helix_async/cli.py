@@ -223,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="served: the workload candidates are predicted and simulated on (default %(default)s)")
     pl.add_argument("--sim-rate", type=_positive, default=700.0,
                     help="served, online workload: tokens/s offered (default %(default)s)")
-    pl.add_argument("--sim-window", type=_positive, default=120.0,
+    pl.add_argument("--sim-window", type=_positive, default=300.0,
                     help="served: seconds of each candidate's simulation window (default %(default)s)")
     pl.add_argument("--explain", action="store_true",
                     help="say what limits the plan (flow, KV on which nodes, latency on which stages) and which GPU "
@@ -724,15 +724,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("<argument>", "--out", "empty path for the demo's folder")
     out = Path(args.out) if args.out is not None else Path(envs.HELIX_OUT_DIR) / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    limit = "20" if args.quick else "120"
+    limit = "20" if args.quick else "180"
     print("== 1. the cluster ==")
     rc = main(["cluster", "show", "single24", "--model", "llama2-70b"])
     if rc:
         return rc
-    print(f"\n== 2. plan a placement (MILP search, {limit} s) ==")
+    print(f"\n== 2. plan a placement for what it serves ({limit} s: max flow, the MILP with KV and depth "
+          "constraints, a local search on the served model, the best candidates simulated) ==")
     plan_file = out / "plan.toml"
     rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
-               "--stall-limit", limit, "--out", str(plan_file), "--plot", str(out / "placement.png"), "--progress"])
+               "--simulate-top", "2" if args.quick else "4", "--sim-window", "60" if args.quick else "300",
+               "--explain", "--out", str(plan_file), "--plot", str(out / "placement.png")])
     if rc:
         return rc
     print("\n== 3. flow analysis of the plan ==")

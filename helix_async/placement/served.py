@@ -10,20 +10,31 @@ decide what users get from a pipeline of layer slices:
   where ``E_w`` is the expected reservation of a query *in flight* (queries stay in proportion to
   their output length, so long-output queries weigh more).
 * **Little's law sets throughput.** Every decoding query has one token in the pipeline, so decode
-  throughput ``D = N_decoding / TPOT``. A token's time per output token is the sum, over the stages
-  of its route, of the node's decode batch time at the batch the flows imply (the node's share of
-  the population, split at the profiled batch limit), plus the prompt work it waits behind (the
-  residual of a prompt batch, weighted by the node's prompt utilisation), plus per hop the link
-  latency and the activation's transfer time, once per token of its train ahead of it (a link
-  carries one request at a time).
+  throughput ``D = N_decoding / TPOT``.
+
+The time per output token (TPOT) of a route is built from the simulator's rules (HELIX_SPEC
+§7.1, §8.5), not fitted to its output:
+
+* **Batches.** Decode tokens move in trains (see ``TRAIN_CYCLES``); a node of flow share ``s``
+  runs batches of ``s * m / TRAIN_CYCLES`` tokens, split at the profiled batch limit, and a train
+  waits behind the node's other decode work (processor sharing: ``w / (1 - decode busy)``).
+* **Prompts.** A node runs one layer at a time and finishes a prompt's layers before returning to
+  a train that arrived behind it; the prompt is then ahead of the train on the same links, so the
+  train follows it at the slower pace of the two for as long as their routes agree (the convoy
+  that makes long chains slow). A train finds a prompt at a node with the node's prompt
+  utilisation.
+* **Links.** A link carries one request at a time, so a token waits for half of its train to
+  cross each hop (latency plus transfer each).
 
 ``D`` solves ``D * TPOT(D) = N_decoding`` (prompt load grows with D), capped where the busiest node
 or link saturates. Online, arrivals set ``D`` unless the KV or compute cap is lower. TTFT is the
 prompt's compute on every stage plus transfer, plus half a decode batch of waiting per stage.
+Goodput under an SLO counts, per route, the output tokens of the dataset's requests whose
+predicted TTFT and TPOT are within it.
 
-Nothing here is fitted to simulator output: profiles, node settings, admission constants and the
-length dataset are the inputs. ``bench/bench_served_model.py`` measures how well it ranks plans
-against the simulator.
+The inputs are the profiles, node settings, admission constants and the length dataset; the one
+constant measured in the simulator is ``TRAIN_CYCLES``, on one plan. ``bench/bench_served_model.py``
+measures how well the model ranks plans against the simulator.
 """
 
 from __future__ import annotations
@@ -318,8 +329,31 @@ class ServedModel:
             nb = math.ceil(b / dec_cap[i]) if dec_cap[i] > 0 else 1
             w = k_of[i] * prof[i].decode(b / nb) * nb
             rho_p = lam * share[i] * k_of[i] * tp1[i]
-            busy = D * share[i] * w / b + rho_p
-            return w / (1.0 - min(busy, MAX_BUSY)), rho_p, busy, b
+            rho_d = D * share[i] * w / b
+            busy = rho_d + rho_p
+            # prompts are priced per route (route_tpot): here only the decode load queues
+            return w / (1.0 - min(rho_d, MAX_BUSY)), rho_p, busy, b
+
+        def route_tpot(nodes_r: Sequence[int], st: Mapping[int, tuple[float, float, float, float]]) -> float:
+            """A decode token's compute time along a route. A train that finds a prompt at a node
+            waits out the prompt's remaining layers there, then follows it (the prompt is ahead on
+            the same links) at the slower of the two paces for as long as their routes agree."""
+            t = 0.0
+            behind = 0.0  # probability the train is following a prompt when it reaches this node
+            prev: int | None = None
+            for i in nodes_r:
+                if prev is not None:
+                    nf = flow.node_flows.get(prev, 0.0)
+                    behind *= flow.link_flows.get((prev, i), 0.0) / nf if nf > 0 else 0.0
+                q = min(st[i][1], MAX_BUSY)  # a prompt is in service when the train arrives
+                prompt_stage = k_of[i] * tp1[i]
+                resid = k_of[i] * tp2[i] / (2 * tp1[i]) if tp1[i] > 0 else 0.0
+                own = st[i][0]
+                meet = (1.0 - behind) * q
+                t += behind * max(prompt_stage, own) + meet * (resid + own) + (1.0 - behind - meet) * own
+                behind = behind + meet
+                prev = i
+            return t
 
         def stage_times(N: float, D: float) -> dict[int, tuple[float, float, float, float]]:
             """node -> (decode residence s, prompt utilisation, busy fraction, batch) at population N, rate D.
@@ -330,7 +364,7 @@ class ServedModel:
 
         def tpot_at(N: float, D: float) -> float:
             st = stage_times(N, D)
-            return sum(share[i] * st[i][0] for i in used) + hop_dec
+            return sum(sh * route_tpot(nodes_r, st) for nodes_r, sh, _, _ in route_hops) + hop_dec
 
         def cap_at(N: float) -> float:
             # decode tokens/s where some node is fully busy (busy is linear in D for fixed batches)
@@ -417,7 +451,7 @@ class ServedModel:
         routes = []
         ttft_reqs = []
         for nodes_r, sh, hd, _ in route_hops:
-            r_tpot = sum(st[i][0] for i in nodes_r) + hd
+            r_tpot = route_tpot(nodes_r, st) + hd
             reqs = []
             for n, m in sample:
                 t = ttft_of(n, nodes_r, st)

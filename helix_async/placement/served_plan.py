@@ -32,7 +32,7 @@ from .core import Placement
 from .milp import Capacities, PositionModel, interchangeable_classes
 from .search import PlanResult, plan
 from .served import SLO, ServedModel, ServedWorkload
-from .served_search import Candidate, ServedSearch
+from .served_search import Candidate, ServedSearch, origin_of
 
 __all__ = ["Row", "ServedPlanResult", "plan_served", "simulate_candidate"]
 
@@ -118,7 +118,7 @@ def plan_served(
     slo: SLO | None = None,
     workload: ServedWorkload | None = None,
     simulate_top: int = 4,
-    sim_window: float = 120.0,
+    sim_window: float = 300.0,
     partial: bool = False,
     stop: StopFlag | None = None,
     log: Callable[[str], None] | None = None,
@@ -179,13 +179,19 @@ def plan_served(
     say(f"local search: {search.evaluations} plans scored; best predicted {pool[0].score:.1f}")
 
     # 4. simulate the best distinct candidates; the maximum-flow plan is always one of them
-    # the best of each origin first (the prediction ranks families of plans less well than plans
-    # within one: it underrates how prompts convoy decode batches down long chains), then the best
-    # of the rest, all at least 3 nodes apart
+    # the best of each origin first, each followed by the start it came from (the prediction
+    # ranks families of plans less well than plans within one: it underrates how prompts convoy
+    # decode batches down long chains, and a local search can climb its errors), then the best of
+    # the rest, all at least 3 nodes apart
     chosen: list[Candidate] = []
     want = max(simulate_top - 1, 1)
-    origins = sorted(search.best_by_origin.values(), key=lambda c: -c.score)
-    for c in [*origins, *pool]:
+    order: list[Candidate] = []
+    for c in sorted(search.best_by_origin.values(), key=lambda c: -c.score):
+        order.append(c)
+        start = search.starts.get(origin_of(c.source))
+        if start is not None:
+            order.append(start)
+    for c in [*order, *pool]:
         if len(chosen) >= want:
             break
         if all(_distance(c.placement, d.placement) >= 3 for d in chosen):

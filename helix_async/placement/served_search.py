@@ -171,8 +171,10 @@ class ServedSearch:
         self.stop = stop if stop is not None else StopFlag()
         self.max_k = {n.id: self.tm.max_layers(cluster.machine(n.id)) for n in cluster.nodes}
         self.pool: list[Candidate] = []
-        #: the best candidate descending from each start (kept even when the pool drops it)
+        #: the best candidate descending from each start (kept even when the pool drops it), and
+        #: each start as it was offered
         self.best_by_origin: dict[str, Candidate] = {}
+        self.starts: dict[str, Candidate] = {}
         self._seen: set[tuple[Any, ...]] = set()
         self.evaluations = 0
 
@@ -210,6 +212,8 @@ class ServedSearch:
             return False
         self._seen.add(key)
         origin = origin_of(cand.source)
+        if origin == cand.source:
+            self.starts.setdefault(origin, cand)
         if origin not in self.best_by_origin or cand.score > self.best_by_origin[origin].score:
             self.best_by_origin[origin] = cand
         if len(self.pool) >= self.pool_size and cand.score <= self.pool[-1].score:
