@@ -32,7 +32,7 @@ from helix_async.errors import PlanningError  # noqa: E402
 from helix_async.model import ThroughputModel, get_model  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.placement.heuristics import HEURISTICS, run_heuristic  # noqa: E402
-from helix_async.placement.io import load_shipped_layout, placement_to_dict, placement_from_dict  # noqa: E402
+from helix_async.placement.io import load_shipped_layout, placement_from_dict, placement_to_dict  # noqa: E402
 from helix_async.placement.milp import Capacities, PositionModel, interchangeable_classes  # noqa: E402
 from helix_async.placement.search import plan  # noqa: E402
 from helix_async.placement.served import ServedModel  # noqa: E402

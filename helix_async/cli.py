@@ -556,12 +556,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.method == "milp":
         require("pyscipopt", "plan")
     spec = load_cluster(args.cluster)
-    served_only = [f for f, v in (("--slo", args.slo is not None), ("--explain", args.explain)) if v]
     if args.method == "milp" and args.objective == "served":
+        ignored = [f"--{k.replace('_', '-')}" for k in ("stall_limit", "gap_limit", "prune") if k in given]
+        ignored += ["--progress"] if args.progress else []
+        if ignored:
+            print(f"note: {', '.join(ignored)} only apply to --objective maxflow; ignored", file=sys.stderr)
         return _cmd_plan_served(args, spec, out, seed, search["time_limit"])
     if args.slo is not None:
         raise ConfigError("<argument>", "--slo", "applies to --objective served (with --method milp)")
-    del served_only
 
     def on_improve(placement: Placement, value: float) -> None:
         write_placement(placement, out)
@@ -724,7 +726,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("<argument>", "--out", "empty path for the demo's folder")
     out = Path(args.out) if args.out is not None else Path(envs.HELIX_OUT_DIR) / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    limit = "20" if args.quick else "180"
+    limit = "60" if args.quick else "180"
     print("== 1. the cluster ==")
     rc = main(["cluster", "show", "single24", "--model", "llama2-70b"])
     if rc:
@@ -733,7 +735,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "constraints, a local search on the served model, the best candidates simulated) ==")
     plan_file = out / "plan.toml"
     rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
-               "--simulate-top", "2" if args.quick else "4", "--sim-window", "60" if args.quick else "300",
+               "--simulate-top", "3" if args.quick else "4", "--sim-window", "60" if args.quick else "300",
                "--explain", "--out", str(plan_file), "--plot", str(out / "placement.png")])
     if rc:
         return rc

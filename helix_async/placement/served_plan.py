@@ -194,6 +194,8 @@ def plan_served(
     for c in [*order, *pool]:
         if len(chosen) >= want:
             break
+        if c.placement.layers == mf.placement.layers:
+            continue  # simulated anyway, below
         if all(_distance(c.placement, d.placement) >= 3 for d in chosen):
             chosen.append(c)
     mf_cand = next((c for c in pool if c.source == "max-flow MILP"), None) or search.evaluate(mf.placement.layers, "max-flow MILP")
