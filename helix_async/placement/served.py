@@ -23,8 +23,9 @@ The time per output token (TPOT) of a route is built from the simulator's rules 
   train follows it at the slower pace of the two for as long as their routes agree (the convoy
   that makes long chains slow). A train finds a prompt at a node with the node's prompt
   utilisation.
-* **Links.** A link carries one request at a time, so a token waits for half of its train to
-  cross each hop (latency plus transfer each).
+* **Links.** A link serialises one message at a time and latency is pipelined, so at every hop
+  a token waits the latency, half of its train's serialisation, and (with the link's prompt
+  utilisation) the rest of a prompt's.
 
 ``D`` solves ``D * TPOT(D) = N_decoding`` (prompt load grows with D), capped where the busiest node
 or link saturates. Online, arrivals set ``D`` unless the KV or compute cap is lower. TTFT is the
@@ -296,20 +297,26 @@ class ServedModel:
         hop_dec = 0.0
         arc_wait: dict[tuple[NodeRef, NodeRef], float] = {}
         hop_cap = math.inf  # decode tokens/s at which a link saturates
+        n_sq = sum(n * n for n in lens.inputs) / len(lens.inputs)
+        arc_rho: dict[tuple[NodeRef, NodeRef], float] = {}  # prompt wait per unit of D
         for u, v, s in arcs:
             a = cluster.arc(u, v)
             if a is None:
                 continue
-            # a link carries one request at a time (HELIX_SPEC §7.1), each for its latency plus its
-            # transfer: a token waits for half of its train (s * m / TRAIN_CYCLES tokens) to cross
-            one = a.latency + act / a.bandwidth
+            # a link is a FIFO serialising one message at a time; latency is pipelined
+            # (transport/memory.py): a token waits for half of its train (s * m / TRAIN_CYCLES
+            # tokens) to be serialised, and for the rest of a prompt being serialised when it comes
+            send = act / a.bandwidth
             train = s * m_bar / TRAIN_CYCLES
-            arc_wait[(u, v)] = one * (train + 1) / 2
+            arc_wait[(u, v)] = a.latency + send * (train + 1) / 2
+            prompt_busy_per_d = s * n_bar * send / m_bar  # the link's prompt utilisation per decode token/s
+            arc_rho[(u, v)] = prompt_busy_per_d * (n_sq / (2 * n_bar)) * send
             hop_dec += s * arc_wait[(u, v)]
             # link time per decode token crossing it: its own send, plus a prompt per m tokens
-            per_dec = s * (one + (a.latency + n_bar * act / a.bandwidth) / m_bar)
+            per_dec = s * send + prompt_busy_per_d
             if per_dec > 0:
                 hop_cap = min(hop_cap, 1.0 / per_dec)
+        hop_prompt_rho = sum(s * arc_rho.get((u, v), 0.0) for u, v, s in arcs)
 
         def kv_population(c: float) -> float:
             # in-flight weights: residence ~ TTFT + m * TPOT, i.e. m + c in TPOT units
@@ -364,7 +371,7 @@ class ServedModel:
 
         def tpot_at(N: float, D: float) -> float:
             st = stage_times(N, D)
-            return sum(sh * route_tpot(nodes_r, st) for nodes_r, sh, _, _ in route_hops) + hop_dec
+            return sum(sh * route_tpot(nodes_r, st) for nodes_r, sh, _, _ in route_hops) + hop_dec + D * hop_prompt_rho
 
         def cap_at(N: float) -> float:
             # decode tokens/s where some node is fully busy (busy is linear in D for fixed batches)
@@ -451,7 +458,8 @@ class ServedModel:
         routes = []
         ttft_reqs = []
         for nodes_r, sh, hd, _ in route_hops:
-            r_tpot = route_tpot(nodes_r, st) + hd
+            hops: list[NodeRef] = [SOURCE, *nodes_r, SINK]
+            r_tpot = route_tpot(nodes_r, st) + hd + D * sum(arc_rho.get((hops[j], hops[j + 1]), 0.0) for j in range(len(hops) - 1))
             reqs = []
             for n, m in sample:
                 t = ttft_of(n, nodes_r, st)
