@@ -225,8 +225,18 @@ class ServedSearch:
         return best
 
     def seed_with(self, plans: Iterable[tuple[Placement, str]]) -> None:
+        """Offer each plan as it is (its own links: Petals keeps its partial-inference links)."""
         for p, source in plans:
-            self.offer(self.evaluate(p.layers, source))
+            try:
+                verify(p, self.tm)
+            except Exception:  # noqa: BLE001 - a start that is not a valid plan is skipped
+                continue
+            if p.partial == self.partial:
+                self.offer(self.evaluate(p.layers, source))
+                continue
+            self.evaluations += 1
+            pred = self.served.predict(p, max_flow(p, self.tm), self.tm)
+            self.offer(Candidate(p, pred, pred.score(self.slo), source))
 
     def run(self, seconds: float, *, progress: Callable[[Candidate], None] | None = None, max_steps: int | None = None) -> list[Candidate]:
         """Search for ``seconds`` of wall time (or ``max_steps`` steps); returns the pool, best first."""
