@@ -10,8 +10,10 @@ original's shipped single24 layouts beside them, and simulates each with MaxFlow
 
 * ``offline``: 20 initial queries topped up while the KV expectation allows, window 80-680 s
   (the original's README scenario), default semantics;
-* ``offline compat``: the same under ``--compat helix`` (the original's semantics), for our
-  single24 plans and the shipped ILP plan;
+* ``offline compat``: the same under ``--compat helix`` (the original's semantics, which the
+  served planner simulates its candidates in by default), for every plan of 3cluster24 and
+  cluster42 and for our served and max-flow plans and the shipped ILP and Petals plans on
+  single24;
 * ``online``: the README online workload (Azure conversation arrivals and lengths, 700 tokens/s,
   1800 s, KV (0.9, 0.6)), default semantics, for our single24 plans and the shipped ILP and
   Petals plans.
@@ -100,13 +102,15 @@ def main() -> None:
         for label, p in _plans(cluster, out, args.milp_seconds, args.served_seconds):
             name = f"{cluster} {label}"
             off = Workload(mode="offline", initial=20, warmup=60, duration=window, seed=0)
-            rows.append(_row(name, "offline", p, off, (0.85, 1.0), False))
-            if label in ("ours served", "ours maxflow", "shipped ilp") and cluster == "single24":
-                rows.append(_row(name, "offline compat", p, off, (0.85, 1.0), True))
+            new = [_row(name, "offline", p, off, (0.85, 1.0), False)]
+            if cluster != "single24" or label in ("ours served", "ours maxflow", "shipped ilp", "shipped petals"):
+                new.append(_row(name, "offline compat", p, off, (0.85, 1.0), True))
             if label in ("ours served", "ours maxflow", "shipped ilp", "shipped petals") and cluster == "single24":
                 on = Workload(mode="online", rate=700.0, warmup=0, duration=online_s, seed=0)
-                rows.append(_row(name, "online 700", p, on, (0.9, 0.6), False))
-            print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+                new.append(_row(name, "online 700", p, on, (0.9, 0.6), False))
+            for r in new:
+                print("  ".join(r), file=sys.stderr, flush=True)
+            rows += new
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for r in rows:

@@ -216,15 +216,18 @@ def _build_parser() -> argparse.ArgumentParser:
                     "then the best candidates simulated; maxflow = Helix's objective")
     pl.add_argument("--slo", type=_slo_arg, default=None, metavar="ttft=S,tpot=S",
                     help="served: maximise goodput, the decode throughput of requests meeting both limits")
-    pl.add_argument("--simulate-top", type=_nonnegative_int, default=4, metavar="K",
+    pl.add_argument("--simulate-top", type=_nonnegative_int, default=6, metavar="K",
                     help="served: simulate the best K distinct candidates and keep the one that serves best "
                     "(0: trust the prediction; default %(default)s)")
     pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
                     help="served: the workload candidates are predicted and simulated on (default %(default)s)")
     pl.add_argument("--sim-rate", type=_positive, default=700.0,
                     help="served, online workload: tokens/s offered (default %(default)s)")
-    pl.add_argument("--sim-window", type=_positive, default=300.0,
+    pl.add_argument("--sim-window", type=_positive, default=600.0,
                     help="served: seconds of each candidate's simulation window (default %(default)s)")
+    pl.add_argument("--sim-semantics", choices=("helix", "ours"), default="helix",
+                    help="served: simulate candidates with the original simulator's semantics (helix, as `sim run "
+                    "--compat helix`) or with ours (default %(default)s)")
     pl.add_argument("--explain", action="store_true",
                     help="say what limits the plan (flow, KV on which nodes, latency on which stages) and which GPU "
                     "would help most")
@@ -486,7 +489,8 @@ def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, 
 
     with SignalStop(StopFlag()) as stop:
         res = plan_served(spec, args.model, time_limit=time_limit, seed=seed, slo=args.slo, workload=wl,
-                          simulate_top=args.simulate_top, sim_window=args.sim_window, partial=args.partial,
+                          simulate_top=args.simulate_top, sim_window=args.sim_window,
+                          sim_compat=args.sim_semantics == "helix", partial=args.partial,
                           stop=stop, log=say)
     flow = max_flow(res.placement)
     write_placement(res.placement, out, flow=flow)
@@ -494,7 +498,7 @@ def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, 
     print(f"planned {res.placement.model} on {spec.name} for the served objective in {res.seconds:.1f} s "
           f"({args.sim_workload} workload{'' if args.slo is None else f', SLO {args.slo}'})")
     head = f"{'candidate':<52} {'max flow':>9} {'predicted':>10} {'pred TPOT':>9} {'simulated':>10} {'sim TPOT':>9}"
-    print(f"candidates ({what}; simulated: {res.sim_window:g}-s window, seed {seed}):")
+    print(f"candidates ({what}; simulated: {res.sim_window:g}-s window, seed {seed}, {args.sim_semantics} semantics):")
     print(head)
     for r in res.rows:
         sim = r.simulated
@@ -735,7 +739,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "constraints, a local search on the served model, the best candidates simulated) ==")
     plan_file = out / "plan.toml"
     rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
-               "--simulate-top", "3" if args.quick else "4", "--sim-window", "60" if args.quick else "300",
+               "--simulate-top", "3" if args.quick else "6", "--sim-window", "60" if args.quick else "600",
                "--explain", "--out", str(plan_file), "--plot", str(out / "placement.png")])
     if rc:
         return rc

@@ -168,10 +168,14 @@ def test_cli_plan_served_simulates_its_candidates_and_explains(tmp_path: Path, c
     assert "explain: limited by" in text and "next GPU that would help most:" in text
     p = read_placement(out)
     assert p.meta["objective"] == "served" and p.meta["simulated_decode_throughput"] > 0
-    # the chosen plan is the best simulated of the candidates printed
+    # the chosen plan: of the candidates printed within 3 % of the best simulated figure, the one
+    # with the lowest simulated TPOT
     rows = [line for line in text.splitlines() if line[:1] in "* " and line[1:2] != " " and "." in line]
-    sims = [float(line[:-10].split()[-1]) for line in rows]
-    assert max(sims) == pytest.approx(float(chosen[0][:-10].split()[-1]))
+    sims = [(float(line.split()[-2]), float(line.split()[-1])) for line in rows]
+    best = max(s for s, _ in sims)
+    near = [(s, t) for s, t in sims if s >= 0.97 * best]
+    got = (float(chosen[0].split()[-2]), float(chosen[0].split()[-1]))
+    assert got in near and got[1] == min(t for _, t in near)
 
 
 def test_cli_plan_slo_errors(capsys: pytest.CaptureFixture[str]) -> None:
