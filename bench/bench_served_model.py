@@ -12,7 +12,7 @@ seconds; default semantics and seed 0).
 
 Printed: one row per plan (predicted and simulated decode tokens/s and mean TPOT), then per
 cluster and overall the Spearman rank correlation of predicted against simulated decode
-throughput and the median absolute relative error. ``--quick``: 6 plans, 60-s windows (a smoke run).
+throughput and the median absolute relative error. ``--quick``: 5 plans, 60-s windows (a smoke run).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--window", type=float, default=300.0, help="simulated seconds after the warm-up")
     ap.add_argument("--jobs", type=int, default=2, help="simulations in parallel")
-    ap.add_argument("--quick", action="store_true", help="6 plans, 60-s windows")
+    ap.add_argument("--quick", action="store_true", help="5 plans, 60-s windows")
     args = ap.parse_args()
     window = 60.0 if args.quick else args.window
     t0 = time.perf_counter()

@@ -225,8 +225,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--slo", type=_slo_arg, default=None, metavar="ttft=S,tpot=S",
                     help="served: maximise goodput, the decode throughput of requests meeting both limits")
     pl.add_argument("--simulate-top", type=_nonnegative_int, default=6, metavar="K",
-                    help="served: simulate the best K distinct candidates and keep the one that serves best "
-                    "(0: trust the prediction; default %(default)s)")
+                    help="served: simulate K plans (the best distinct candidates and, from K = 2, the max-flow "
+                    "plan) and keep the one that serves best (0: trust the prediction; default %(default)s). "
+                    "The simulations run after the search's share of --time-limit")
     pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
                     help="served: the workload candidates are predicted and simulated on (default %(default)s)")
     pl.add_argument("--sim-rate", type=_positive, default=700.0,
@@ -502,7 +503,8 @@ def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, 
         sim = r.simulated
         mark = "*" if r is res.row else " "
         print(f"{mark}{r.source[:51]:<51} {r.max_flow:9.1f} {r.predicted:10.1f} {r.predicted_tpot:9.3f} "
-              + (f"{sim['score']:10.1f} {sim['tpot_mean']:9.3f}" if sim else f"{'-':>10} {'-':>9}"))
+              + (f"{sim['score']:10.1f} " if sim else f"{'-':>10} ")
+              + (f"{sim['tpot_mean']:9.3f}" if sim and sim["tpot_mean"] is not None else f"{'-':>9}"))
     print(f"max flow: {flow.value:.4f} tokens/s")
     print(f"max-flow upper bound (a bound on max flow, not on the served objective): {res.maxflow.upper_bound:.4f} "
           f"tokens/s ({res.maxflow.bound_source})")
@@ -555,6 +557,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.plot:
         check_output_path(args.plot, "plot", "--plot")
         require("matplotlib", "plots")  # fail before the search, not after it
+    if args.slo is not None and not (args.method == "milp" and args.objective == "served"):
+        raise ConfigError("<argument>", "--slo", "applies to --objective served (with --method milp)")
     if args.method == "milp":
         require("pyscipopt", "plan")
     spec = load_cluster(args.cluster)
@@ -564,8 +568,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if ignored:
             print(f"note: {', '.join(ignored)} only apply to --objective maxflow; ignored", file=sys.stderr)
         return _cmd_plan_served(args, spec, out, seed, search["time_limit"])
-    if args.slo is not None:
-        raise ConfigError("<argument>", "--slo", "applies to --objective served (with --method milp)")
 
     def on_improve(placement: Placement, value: float) -> None:
         write_placement(placement, out)
@@ -616,9 +618,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"upper bound: {result.upper_bound:.4f} tokens/s ({result.bound_source}); gap {100 * result.gap:.2f}%")
     print(f"plan written to {out}")
     if args.explain:
+        from .placement.served import ServedWorkload
         from .placement.served_plan import explain
 
-        for line in explain(result.placement, seed=seed):
+        wl = ServedWorkload(mode=args.sim_workload, rate=args.sim_rate)
+        for line in explain(result.placement, wl, seed=seed):
             print("explain: " + line)
     if args.plot:
         from .plots import plot_placement

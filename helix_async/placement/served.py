@@ -174,7 +174,7 @@ class ServedPrediction:
     population: float  # queries in flight
     kv_population: float  # the KV expectation's limit on it
     compute_cap: float  # decode tokens/s at which the busiest node or link saturates
-    limit: str  # "kv", "compute", "arrivals" or "latency"
+    limit: str  # "kv", "compute", "arrivals" or "flow" (the plan has no flow)
     limit_detail: str
     bottleneck_layers: tuple[int, int]  # [a, b) layers with the least KV
     nodes: list[NodeLoad] = field(default_factory=list)

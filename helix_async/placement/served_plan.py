@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..cluster import ClusterSpec
@@ -79,7 +79,6 @@ class ServedPlanResult:
     slo: SLO | None
     seconds: float
     sim_window: float
-    notes: list[str] = field(default_factory=list)
 
 
 def simulate_candidate(
@@ -147,7 +146,6 @@ def plan_served(
     tm = ThroughputModel.for_cluster(spec, cluster)
     served = ServedModel(wl)
     search = ServedSearch(cluster, spec, served, slo=slo, partial=partial, seed=seed, tm=tm, stop=stop, pool=24)
-    notes: list[str] = []
 
     # 1. max flow: heuristics and the MILP search (a quarter of the time)
     mf = plan(cluster, spec, method="milp", time_limit=max(2.0, 0.25 * time_limit), stall_limit=max(2.0, 0.15 * time_limit),
@@ -188,6 +186,8 @@ def plan_served(
         if res.layers is not None and res.objective > 0:
             tag = "" if dseed == 0 else f", solver seed +{dseed}"
             search.offer(search.evaluate(res.layers, f"position MILP (KV floor {frac:.0%}, >= {kmin} layers{tag})"))
+    if not search.pool:
+        raise PlanningError(f"no servable plan of {spec.name} on {cluster.name} was found")
     best = search.pool[0]
     say(f"position MILP sweep: best predicted {best.score:.1f} ({best.source})")
 
@@ -204,7 +204,7 @@ def plan_served(
     # decode batches down long chains, and a local search can climb its errors), then the best of
     # the rest, all at least 3 nodes apart
     chosen: list[Candidate] = []
-    want = max(simulate_top - 1, 1)
+    want = simulate_top - 1 if simulate_top >= 2 else 1
     order: list[Candidate] = []
     for c in sorted(search.best_by_origin.values(), key=lambda c: -c.score):
         order.append(c)
@@ -219,7 +219,7 @@ def plan_served(
         if all(_distance(c.placement, d.placement) >= 3 for d in chosen):
             chosen.append(c)
     mf_cand = next((c for c in pool if c.source == "max-flow MILP"), None) or search.evaluate(mf.placement.layers, "max-flow MILP")
-    if mf_cand is not None and all(c.placement.layers != mf_cand.placement.layers for c in chosen):
+    if simulate_top >= 2 and mf_cand is not None and all(c.placement.layers != mf_cand.placement.layers for c in chosen):
         chosen.append(mf_cand)
     rows = [
         Row(c.source, c.placement, c.prediction.max_flow, c.score, c.prediction.tpot, c.prediction.ttft)
@@ -246,7 +246,7 @@ def plan_served(
         seed=seed,
         **({"simulated_decode_throughput": row.simulated["decode_throughput"]} if row.simulated else {}),
     )
-    return ServedPlanResult(placement, row, rows, mf, wl, slo, time.monotonic() - t0, sim_window, notes)
+    return ServedPlanResult(placement, row, rows, mf, wl, slo, time.monotonic() - t0, sim_window)
 
 
 def with_extra_node(cluster: ClusterSpec, template: int) -> ClusterSpec:
@@ -295,7 +295,7 @@ def explain(placement: Placement, workload: ServedWorkload | None = None, *, slo
         f"node {x.node} {x.gpu} layers {x.layers[0]}-{x.layers[1]} {x.decode_stage_s:.3f} s (busy {x.util:.0%})" for x in slow))
     full = sorted(pred.nodes, key=lambda x: -x.kv_usage)[:3]
     lines.append("fullest KV: " + ", ".join(f"node {x.node} {x.gpu} {x.kv_usage:.0%}" for x in full))
-    base = pred.score(slo)
+    what = "goodput" if slo is not None else "decode tokens/s"
     gains = []
     cluster = placement.cluster
     seen: set[str] = set()
@@ -305,15 +305,20 @@ def explain(placement: Placement, workload: ServedWorkload | None = None, *, slo
         seen.add(n.machine_type)
         bigger = with_extra_node(cluster, n.id)
         layers = {**placement.layers, bigger.num_nodes - 1: None}
-        start = Placement.from_layers(bigger, placement.model, layers, partial=placement.partial, method="served")
+        start = Placement.from_layers(bigger, placement.model, layers, partial=placement.partial, method="served",
+                                      exceed_profiled_max=placement.exceed_profiled_max)
         s = ServedSearch(bigger, placement.model, served, slo=slo, seed=seed, partial=placement.partial)
         s.seed_with([(start, "plan")])
         if not s.pool:
             continue
+        base = s.pool[0].score  # the plan as re-linked on the bigger cluster, before the search
         s.run(seconds_per_gpu)
         gains.append((s.pool[0].score - base, n.machine_type))
     gains.sort(reverse=True)
     if gains:
-        lines.append("one more GPU (predicted decode tokens/s gained): " + ", ".join(f"{t} {g:+.1f}" for g, t in gains))
-        lines.append(f"next GPU that would help most: {gains[0][1]}")
+        lines.append(f"one more GPU (predicted {what} gained): " + ", ".join(f"{t} {g:+.1f}" for g, t in gains))
+        if gains[0][0] > 0:
+            lines.append(f"next GPU that would help most: {gains[0][1]}")
+        else:
+            lines.append("no one more GPU is predicted to help")
     return lines

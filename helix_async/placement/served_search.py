@@ -19,7 +19,6 @@ positive max flow) before it is scored. ``seed`` fixes every random choice.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -225,7 +224,9 @@ class ServedSearch:
         return best
 
     def seed_with(self, plans: Iterable[tuple[Placement, str]]) -> None:
-        """Offer each plan as it is (its own links: Petals keeps its partial-inference links)."""
+        """Offer each plan. One whose ``partial`` setting differs from the search's (Petals, with
+        partial-inference links) is scored as it is; the others are rebuilt by :meth:`evaluate`
+        (every usable link, unreachable nodes dropped), as the search's moves rebuild plans."""
         for p, source in plans:
             try:
                 verify(p, self.tm)
@@ -270,15 +271,3 @@ class ServedSearch:
 def origin_of(source: str) -> str:
     """The start a candidate descends from ("local search from X" -> X)."""
     return source.removeprefix("local search from ")
-
-
-def describe(c: Candidate) -> str:
-    p = c.prediction
-    return (
-        f"predicted {p.decode_throughput:.1f} decode tok/s, TPOT {p.tpot:.3f} s, TTFT {p.tpot and p.ttft:.3f} s, "
-        f"max flow {p.max_flow:.1f}"
-    )
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -1.0
