@@ -226,7 +226,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="served: maximise goodput, the decode throughput of requests meeting both limits")
     pl.add_argument("--simulate-top", type=_nonnegative_int, default=6, metavar="K",
                     help="served: simulate K plans (the best distinct candidates and, from K = 2, the max-flow "
-                    "plan) and keep the one that serves best (0: trust the prediction; default %(default)s). "
+                    "plan; the heuristics' plans are simulated as well) and keep the one that serves best (0: trust the prediction; default %(default)s). "
                     "The simulations run after the search's share of --time-limit")
     pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
                     help="served: the workload candidates are predicted and simulated on (default %(default)s)")

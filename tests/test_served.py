@@ -197,6 +197,9 @@ def test_plan_served_simulates_k_plans_and_explain_follows_the_objective(tmp_pat
     cl = load_cluster("cluster10")
     one = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=1, sim_window=20)
     assert len(one.rows) == 1 and one.rows[0].simulated is not None
+    two = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=2, sim_window=20)
+    assert any(r.source.startswith("heuristic ") for r in two.rows)  # every baseline is simulated too
+    assert two.row.simulated_score >= 0.97 * max(r.simulated_score for r in two.rows)
     none = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=0)
     assert all(r.simulated is None for r in none.rows)
     assert none.row.predicted == max(r.predicted for r in none.rows)

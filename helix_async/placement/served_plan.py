@@ -221,6 +221,12 @@ def plan_served(
     mf_cand = next((c for c in pool if c.source == "max-flow MILP"), None) or search.evaluate(mf.placement.layers, "max-flow MILP")
     if simulate_top >= 2 and mf_cand is not None and all(c.placement.layers != mf_cand.placement.layers for c in chosen):
         chosen.append(mf_cand)
+    if simulate_top >= 2:
+        # every heuristic's own plan too: the model misprices some of them (Petals' partial links
+        # on cluster42), and the plan returned should never serve worse than a baseline
+        for origin, start in search.starts.items():
+            if origin.startswith("heuristic ") and all(start.placement is not c.placement for c in chosen):
+                chosen.append(start)
     rows = [
         Row(c.source, c.placement, c.prediction.max_flow, c.score, c.prediction.tpot, c.prediction.ttft)
         for c in chosen
