@@ -157,6 +157,7 @@ def _one_line(text: str) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from .placement.search import METHODS
+    from .placement.served import slo_argument
 
     p = _Parser(
         prog="python -m helix_async",
@@ -222,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--objective", choices=("served", "maxflow"), default="served",
                     help="milp: served (default) = what the plan serves: the served model's decode throughput, "
                     "then the best candidates simulated; maxflow = Helix's objective")
-    pl.add_argument("--slo", type=_slo_arg, default=None, metavar="ttft=S,tpot=S",
+    pl.add_argument("--slo", type=slo_argument, default=None, metavar="ttft=S,tpot=S",
                     help="served: maximise goodput, the decode throughput of requests meeting both limits")
     pl.add_argument("--simulate-top", type=_nonnegative_int, default=6, metavar="K",
                     help="served: simulate K plans (the best distinct candidates and, from K = 2, the max-flow "
@@ -459,15 +460,6 @@ def _print_flow_summary(placement: Placement, flow: FlowPlan, *, links: bool = F
         print("  links (tokens/s):")
         for (u, v), f in sorted(flow.link_flows.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
             print(f"    {u}->{v}: {f:.3f}")
-
-
-def _slo_arg(text: str) -> Any:
-    from .placement.served import parse_slo
-
-    try:
-        return parse_slo(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
 
 
 def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, time_limit: float) -> int:

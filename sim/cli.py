@@ -27,6 +27,7 @@ from helix_async.placement.io import (
     load_shipped_layout,
     read_placement,
 )
+from helix_async.placement.served import slo_argument
 
 from .report import report_json, summary_lines
 from .runner import Workload, run
@@ -133,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "times after the models load, as --warmup")
     r.add_argument("--detect-after", type=_nonnegative, default=None,
                    help="--faults: seconds from a crash to the host's noticing (default 1.5, the runtime's)")
-    r.add_argument("--slo", type=_slo, default=None, metavar="ttft=S,tpot=S",
+    r.add_argument("--slo", type=slo_argument, default=None, metavar="ttft=S,tpot=S",
                    help="also report goodput: queries finished in the window whose TTFT and mean time per output "
                    "token are within these seconds")
     r.set_defaults(handler=_cmd_run)
@@ -189,15 +190,6 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         "seed": wl.seed,
         "trace": args.trace,
     }
-
-
-def _slo(text: str) -> Any:
-    from helix_async.placement.served import parse_slo
-
-    try:
-        return parse_slo(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
 
 
 def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, scheduler: str, **kw: Any) -> Any:

@@ -53,7 +53,7 @@ from ..workloads import load_lengths
 from .core import Placement
 from .flow import max_flow
 
-__all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict"]
+__all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict", "slo_argument"]
 
 #: MaxFlow admission constants (HELIX_SPEC §7.2, §8.8).
 AVG_OUTPUT_LEN = 240
@@ -107,6 +107,16 @@ class SLO:
         return f"ttft={self.ttft:g},tpot={self.tpot:g}"
 
 
+def slo_argument(text: str) -> SLO:
+    """``parse_slo`` for argparse ``type=``: the error without its flag prefix (argparse adds it)."""
+    import argparse
+
+    try:
+        return parse_slo(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
+
+
 def parse_slo(text: str) -> SLO:
     """``ttft=S,tpot=S`` (seconds) -> SLO; ValueError naming the bad part."""
     got: dict[str, float] = {}
@@ -136,6 +146,9 @@ class _Lengths:
     mean_out: float
     # a small stratified subset (sorted by input) for per-request sums (goodput, prompt times)
     sample: tuple[tuple[int, int], ...]
+    sum_in_out: float  # sum of input * output over the dataset
+    sum_in: float
+    sum_out: float
 
 
 @lru_cache(maxsize=8)
@@ -144,7 +157,8 @@ def _lengths(name: str) -> _Lengths:
     ins, outs = tuple(int(x) for x in inp), tuple(int(x) for x in out)
     pairs = sorted(zip(ins, outs, strict=True))
     step = max(1, len(pairs) // 400)
-    return _Lengths(ins, outs, sum(ins) / len(ins), sum(outs) / len(outs), tuple(pairs[::step]))
+    return _Lengths(ins, outs, sum(ins) / len(ins), sum(outs) / len(outs), tuple(pairs[::step]),
+                    float(sum(n * m for n, m in pairs)), float(sum(ins)), float(sum(outs)))
 
 
 @dataclass
@@ -320,9 +334,9 @@ class ServedModel:
 
         def kv_population(c: float) -> float:
             # in-flight weights: residence ~ TTFT + m * TPOT, i.e. m + c in TPOT units
-            ins, outs = lens.inputs, lens.outputs
-            w = [m + c for m in outs]
-            ew = sum(n * x for n, x in zip(ins, w, strict=True)) / sum(w) + AVG_OUTPUT_LEN * ratio
+            # sum(n * (m + c)) / sum(m + c), from sums kept per dataset (this runs per prediction)
+            count = len(lens.inputs)
+            ew = (lens.sum_in_out + c * lens.sum_in) / (lens.sum_out + c * count) + AVG_OUTPUT_LEN * ratio
             limit = FEED_HWM if wl.mode == "offline" else hwm
             n_layer = limit * low / ew if ew > 0 else 0.0
             # a node's own admission check (its full layer count, fill limit ``hwm``)
