@@ -229,6 +229,10 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="served: simulate K plans (the best distinct candidates and, from K = 2, the max-flow "
                     "plan; the heuristics' plans are simulated as well) and keep the one that serves best (0: trust the prediction; default %(default)s). "
                     "The simulations run after the search's share of --time-limit")
+    pl.add_argument("--refine", type=_nonnegative_int, default=6, metavar="K",
+                    help="served: after the candidates, simulate up to K neighbours of the best one that the model "
+                    "cannot rank (stages of a chain swapped; the least busy node moved to the range whose KV filled "
+                    "most), keeping what serves best (default %(default)s; 0: none)")
     pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
                     help="served: the workload candidates are predicted and simulated on (default %(default)s)")
     pl.add_argument("--sim-rate", type=_positive, default=700.0,
@@ -480,7 +484,7 @@ def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, 
 
     with SignalStop(StopFlag()) as stop:
         res = plan_served(spec, args.model, time_limit=time_limit, seed=seed, slo=args.slo, workload=wl,
-                          simulate_top=args.simulate_top, sim_window=args.sim_window,
+                          simulate_top=args.simulate_top, refine=args.refine, sim_window=args.sim_window,
                           sim_compat=args.sim_semantics == "helix", partial=args.partial,
                           stop=stop, log=say)
     flow = max_flow(res.placement)
@@ -733,7 +737,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "constraints, a local search on the served model, the best candidates simulated) ==")
     plan_file = out / "plan.toml"
     rc = main(["plan", "--cluster", "single24", "--model", "llama2-70b", "--time-limit", limit,
-               "--simulate-top", "3" if args.quick else "6", "--sim-window", "60" if args.quick else "600",
+               "--simulate-top", "3" if args.quick else "6", "--refine", "2" if args.quick else "6",
+               "--sim-window", "60" if args.quick else "600",
                "--explain", "--out", str(plan_file), "--plot", str(out / "placement.png")])
     if rc:
         return rc

@@ -162,7 +162,7 @@ def test_cli_plan_served_simulates_its_candidates_and_explains(tmp_path: Path, c
     pytest.importorskip("pyscipopt")
     out = tmp_path / "plan.toml"
     rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", "--time-limit", "20", "--simulate-top", "2",
-               "--sim-window", "30", "--explain", "--out", str(out), "--quiet"])
+               "--refine", "2", "--sim-window", "30", "--explain", "--out", str(out), "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "candidates (decode tok/s" in text and "max-flow upper bound (a bound on max flow" in text
@@ -195,10 +195,14 @@ def test_plan_served_simulates_k_plans_and_explain_follows_the_objective(tmp_pat
     from helix_async.placement.served_plan import explain, plan_served
 
     cl = load_cluster("cluster10")
-    one = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=1, sim_window=20)
+    one = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=1, refine=0, sim_window=20)
     assert len(one.rows) == 1 and one.rows[0].simulated is not None
-    two = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=2, sim_window=20)
+    two = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=2, refine=2, sim_window=20)
     assert any(r.source.startswith("heuristic ") for r in two.rows)  # every baseline is simulated too
+    refined = [r for r in two.rows if r.source.startswith("refinement ")]
+    assert 1 <= len(refined) <= 2 and all(r.simulated is not None for r in refined)
+    keys = [tuple(sorted((i, x) for i, x in r.placement.layers.items() if x is not None)) for r in two.rows]
+    assert len(set(keys)) == len(keys)  # a refinement never repeats a plan already simulated
     assert two.row.simulated_score >= 0.97 * max(r.simulated_score for r in two.rows)
     none = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=0)
     assert all(r.simulated is None for r in none.rows)
@@ -206,3 +210,47 @@ def test_plan_served_simulates_k_plans_and_explain_follows_the_objective(tmp_pat
     lines = explain(none.placement, ServedWorkload(mode="online", rate=100.0), slo=SLO(5.0, 1.0), seconds_per_gpu=0.5)
     assert any("online workload" in x for x in lines) and any("goodput under ttft=5,tpot=1" in x for x in lines)
     assert any(x.startswith("one more GPU (predicted goodput gained)") for x in lines)
+
+
+def test_swap_stages_moves_whole_stages_and_keeps_replicas_together() -> None:
+    from helix_async.placement.served_search import stages, swap_stages
+
+    # stages 0-4 (nodes 0, 1), 4-12 (node 2), 12-16 (node 3), 16-20 (nodes 4, 5); node 6 unused
+    layers = {0: (0, 4), 1: (0, 4), 2: (4, 12), 3: (12, 16), 4: (16, 20), 5: (16, 20), 6: None}
+    assert stages(layers, 20) == [(0, 4), (4, 12), (12, 16), (16, 20)]
+    new = swap_stages(layers, 20, 0, 2)
+    assert new == {0: (12, 16), 1: (12, 16), 2: (4, 12), 3: (0, 4), 4: (16, 20), 5: (16, 20), 6: None}
+    new = swap_stages(layers, 20, 0, 1)  # stages of unequal length: the ones between shift
+    assert new == {0: (8, 12), 1: (8, 12), 2: (0, 8), 3: (12, 16), 4: (16, 20), 5: (16, 20), 6: None}
+    assert swap_stages(new, 20, 0, 1) == layers
+    # overlapping ranges (not a chain of stages), a gap, or a bad index: no swap
+    assert swap_stages({0: (0, 6), 1: (4, 12), 2: (12, 20)}, 20, 0, 1) is None
+    assert swap_stages({0: (0, 4), 1: (6, 20)}, 20, 0, 1) is None
+    assert swap_stages(layers, 20, 0, 4) is None and swap_stages(layers, 20, 1, 1) is None
+
+
+def test_refinements_alternate_swaps_and_moves_toward_the_fullest_kv() -> None:
+    from helix_async.placement.served_plan import Row, refinements
+    from helix_async.placement.served_search import stages
+
+    cl = load_cluster("single24")
+    p = load_shipped_layout("ilp")
+    used = [i for i, r in p.layers.items() if r is not None]
+    # a simulated report made up for the test: node ``hot`` filled its KV most, node ``cold`` was
+    # the least busy
+    hot = used[3]
+    cold = next(i for i in used if p.layers[i] != p.layers[hot])
+    nodes = {i: (0.1 if i == cold else 0.5 + 0.01 * k, 0.9 if i == hot else 0.4) for k, i in enumerate(used)}
+    row = Row("x", p, 1.0, 1.0, 1.0, 1.0, simulated={"score": 1.0, "tpot_mean": 1.0, "nodes": nodes})
+    max_k = {n.id: 80 for n in cl.nodes}
+    got = list(refinements(row, max_k, 80, random.Random(0)))
+    chain = stages(p.layers, 80) is not None
+    moves = [(d, x) for d, x in got if not d.startswith("swap")]
+    # first move: the least busy node takes the range of the node whose KV filled most
+    assert moves[0][1][cold] == p.layers[hot] and moves[0][0].startswith(f"node {cold} ") and f"node {hot}:" in moves[0][0]
+    for desc, x in moves:  # "node D takes layers ...": only node D changes
+        d = int(desc.split()[1])
+        assert x[d] is not None and all(x[i] == p.layers[i] for i in p.layers if i != d)
+    if chain:
+        assert got[0][0].startswith("swap") and got[1] == moves[0]
+    assert len({tuple(sorted((i, r) for i, r in x.items() if r)) for _, x in got}) == len(got)

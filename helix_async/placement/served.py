@@ -291,12 +291,28 @@ class ServedModel:
 
         share = {i: flow.node_flows[i] / F for i in used} if F > 0 else {}
         gpu = {i: profiles.canonical(cluster.machine(i).gpu) for i in used}
-        k_of = {i: placement.layers[i][1] - placement.layers[i][0] for i in used}  # type: ignore[index]
+        # layers each node runs per query: all of its range, or with partial inference (a link
+        # into the middle of the range) only those from the sender's end on, weighted by the
+        # flow on each link into the node (the router runs the rest, KV is reserved for them)
+        k_full = {i: placement.layers[i][1] - placement.layers[i][0] for i in used}  # type: ignore[index]
+        k_of: dict[int, float] = dict(k_full)
+        if placement.partial and F > 0:
+            run_in: dict[int, float] = {}
+            for (u, v), f in flow.link_flows.items():
+                if v == SINK or f <= 1e-9 or v not in k_of:
+                    continue
+                rv = placement.layers[int(v)]
+                ru = None if u == SOURCE else placement.layers.get(int(u))
+                start = rv[0] if ru is None else max(rv[0], ru[1])  # type: ignore[index]
+                run_in[int(v)] = run_in.get(int(v), 0.0) + f * (rv[1] - start)  # type: ignore[index]
+            for i in used:
+                if flow.node_flows[i] > 0 and i in run_in:
+                    k_of[i] = run_in[i] / flow.node_flows[i]
         prof = {i: profiles.profile(gpu[i]) for i in used}
         dec_cap = {}
         for i in used:
             ns = profiles.node_settings(gpu[i])
-            dec_cap[i] = ns.decode_limit_tokens(min(k_of[i], ns.max_layers))
+            dec_cap[i] = ns.decode_limit_tokens(min(k_full[i], ns.max_layers))
         # prompt time per layer over the dataset: mean and mean square (for the residual)
         sample = lens.sample
         tp1: dict[int, float] = {}
@@ -340,7 +356,7 @@ class ServedModel:
             limit = FEED_HWM if wl.mode == "offline" else hwm
             n_layer = limit * low / ew if ew > 0 else 0.0
             # a node's own admission check (its full layer count, fill limit ``hwm``)
-            n_node = min((hwm * kv_tok[i] / (share[i] * ew) for i in used if share[i] > 0), default=math.inf)
+            n_node = min((hwm * kv_tok[i] * k_full[i] / (k_of[i] * share[i] * ew) for i in used if share[i] > 0), default=math.inf)
             return min(n_layer, n_node)
 
         def node_state(i: int, N: float, D: float, T: float) -> tuple[float, float, float, float]:

@@ -20,22 +20,24 @@ served objective itself is proven. Planning uses wall time on purpose (it is not
 from __future__ import annotations
 
 import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..cluster import ClusterSpec
 from ..errors import PlanningError
+from ..ids import LayerRange
 from ..model import ModelSpec, ThroughputModel, get_model
 from ..signals import StopFlag
 from .core import Placement
 from .milp import Capacities, PositionModel
 from .search import PlanResult, plan
 from .served import SLO, ServedModel, ServedWorkload
-from .served_search import Candidate, ServedSearch, origin_of
+from .served_search import Candidate, Layers, ServedSearch, origin_of, stages, swap_stages
 
-__all__ = ["Row", "ServedPlanResult", "plan_served", "simulate_candidate"]
+__all__ = ["Row", "ServedPlanResult", "plan_served", "refine_rows", "refinements", "simulate_candidate"]
 
 #: Position-MILP sweep: minimum layers per node, and KV floors as fractions of the largest floor
 #: any plan could reach (every node at one layer, its tokens spread over all layers).
@@ -107,6 +109,11 @@ def simulate_candidate(
     if slo is not None:
         out["goodput"] = float(rep["goodput"]["decode_throughput"])
     out["score"] = out["goodput"] if slo is not None else out["decode_throughput"]
+    # per node: busy fraction and the peak share of its KV in use (what refinement moves by)
+    out["nodes"] = {
+        int(n["node"]): (float(n["utilisation"]), float(n["kv_peak"]) / n["kv_capacity"] if n["kv_capacity"] else 0.0)
+        for n in rep["nodes"]
+    }
     return out
 
 
@@ -119,6 +126,81 @@ def _distance(a: Placement, b: Placement) -> int:
     return sum(1 for i in a.layers if a.layers[i] != b.layers.get(i))
 
 
+def _shape(p: Placement) -> tuple[Any, ...]:
+    """A plan up to swapping nodes of one machine type in one region (alike to the planner, as to
+    the position MILP): the ranges held, each with the machine types and regions holding it."""
+    held = sorted((r, p.cluster.nodes[i].machine_type, p.cluster.nodes[i].region) for i, r in p.layers.items() if r is not None)
+    return (p.partial, *held)
+
+
+def _select(rows: list[Row]) -> Row:
+    """The simulated row that serves best; among those within NEAR_TIE of the best figure (the
+    simulation's own spread between similar plans), the one with the lowest mean TPOT."""
+    top_score = max(r.simulated_score for r in rows)
+    near = [r for r in rows if r.simulated is not None and r.simulated_score >= (1 - NEAR_TIE) * top_score]
+    return min(near, key=lambda r: (_tpot(r), -r.simulated_score)) if near else rows[0]
+
+
+def refinements(row: Row, max_k: Mapping[int, int], num_layers: int, rng: random.Random) -> Iterator[tuple[str, Layers]]:
+    """Neighbours of a simulated plan that the served model cannot rank, in the order tried:
+
+    * ``swap``: when the plan is a chain of stages, two stages exchange places (seeded choice).
+      The model prices a route by its stages whatever their order; the simulation sees the
+      order, through the prompts that decode trains queue behind and then follow down the chain;
+    * ``rebalance``: the node that was least busy in the simulation (one the plan leaves idle
+      first; in a chain, only idle ones) takes the range of the node whose KV filled most (the
+      admission check that bounds the population refuses queries there first), or as much of it
+      as it can hold.
+
+    The two kinds alternate while both last."""
+    nodes = (row.simulated or {}).get("nodes", {})
+    layers = row.placement.layers
+
+    def swaps() -> Iterator[tuple[str, Layers]]:
+        st = stages(layers, num_layers)
+        if st is None or len(st) < 3:
+            return
+        pairs = [(a, b) for a in range(len(st)) for b in range(a + 1, len(st))]
+        rng.shuffle(pairs)
+        for a, b in pairs:
+            new = swap_stages(layers, num_layers, a, b)
+            if new is not None:
+                yield f"swap stages {st[a][0]}-{st[a][1]} and {st[b][0]}-{st[b][1]}", new
+
+    def rebalances() -> Iterator[tuple[str, Layers]]:
+        def busy(i: int) -> float:
+            return nodes[i][0] if layers.get(i) is not None and i in nodes else 0.0
+
+        donors = sorted((i for i in layers if max_k.get(i, 0) > 0), key=lambda i: (busy(i), i))
+        if stages(layers, num_layers) is not None:
+            # a chain: a node taken from its stage weakens that stage (on single24 every such move
+            # served 13-15 % less); only nodes the chain leaves idle move
+            donors = [i for i in donors if busy(i) == 0.0]
+        hot = sorted((i for i, r in layers.items() if r is not None and i in nodes), key=lambda i: (-nodes[i][1], -nodes[i][0], i))
+        tried: set[tuple[int, LayerRange]] = set()
+        for d in donors[:4]:
+            for h in hot[:4]:
+                r = layers[h]
+                if d == h or r is None:
+                    continue
+                k = min(max_k[d], r[1] - r[0])
+                for span in ((r[0], r[0] + k), (r[1] - k, r[1])):
+                    if layers.get(d) != span and (d, span) not in tried:
+                        tried.add((d, span))
+                        yield f"node {d} takes layers {span[0]}-{span[1]} (node {h}: KV {nodes[h][1]:.0%})", {**layers, d: span}
+
+    a, b = swaps(), rebalances()
+    while True:
+        got = False
+        for it in (a, b):
+            nxt = next(it, None)
+            if nxt is not None:
+                got = True
+                yield nxt
+        if not got:
+            return
+
+
 def plan_served(
     cluster: ClusterSpec,
     model: ModelSpec | str,
@@ -128,6 +210,7 @@ def plan_served(
     slo: SLO | None = None,
     workload: ServedWorkload | None = None,
     simulate_top: int = 6,
+    refine: int = 6,
     sim_window: float = 600.0,
     sim_compat: bool = True,
     partial: bool = False,
@@ -237,11 +320,9 @@ def plan_served(
                 break
             r.simulated = simulate_candidate(r.placement, wl, window=sim_window, seed=seed, slo=slo, compat=sim_compat)
             say(f"simulated {r.source}: {r.simulated['score']:.1f} (predicted {r.predicted:.1f})")
-        # the best simulated figure; among candidates within NEAR_TIE of it (the simulation's own
-        # noise between similar plans), the one with the lowest mean time per output token
-        top_score = max(r.simulated_score for r in rows)
-        near = [r for r in rows if r.simulated is not None and r.simulated_score >= (1 - NEAR_TIE) * top_score]
-        row = min(near, key=lambda r: (_tpot(r), -r.simulated_score)) if near else rows[0]
+        # 5. refinement: neighbours of the chosen plan the model cannot rank, each simulated
+        row = refine_rows(rows, search, wl, refine=refine, seed=seed, sim_window=sim_window, slo=slo,
+                          sim_compat=sim_compat, stop=stop, log=say)
     else:
         row = max(rows, key=lambda r: r.predicted)
     placement = row.placement.with_meta(
@@ -253,6 +334,50 @@ def plan_served(
         **({"simulated_decode_throughput": row.simulated["decode_throughput"]} if row.simulated else {}),
     )
     return ServedPlanResult(placement, row, rows, mf, wl, slo, time.monotonic() - t0, sim_window)
+
+
+def refine_rows(
+    rows: list[Row],
+    search: ServedSearch,
+    workload: ServedWorkload,
+    *,
+    refine: int,
+    seed: int = 0,
+    sim_window: float = 600.0,
+    slo: SLO | None = None,
+    sim_compat: bool = True,
+    stop: StopFlag | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Row:
+    """Simulate up to ``refine`` neighbours (:func:`refinements`) of the row :func:`_select` picks
+    from the simulated ``rows``, appending each to ``rows`` and picking again after each; the next
+    neighbours come from the current pick. Plans alike up to nodes of one type and region
+    (:func:`_shape`) are simulated once. Returns the final pick."""
+    say = log or (lambda _s: None)
+    rng = random.Random(seed)
+    row = _select(rows)
+    seen = {_shape(r.placement) for r in rows}
+    base, moves = row, refinements(row, search.max_k, search.model.num_layers, rng)
+    done = 0
+    while done < refine and not stop:
+        nxt = next(moves, None)
+        if nxt is None:
+            break
+        desc, layers = nxt
+        cand = search.evaluate(layers, desc, partial=base.placement.partial)
+        if cand is None or _shape(cand.placement) in seen:
+            continue
+        seen.add(_shape(cand.placement))
+        done += 1
+        r = Row(f"refinement {done}: {desc}", cand.placement, cand.prediction.max_flow, cand.score,
+                cand.prediction.tpot, cand.prediction.ttft)
+        r.simulated = simulate_candidate(r.placement, workload, window=sim_window, seed=seed, slo=slo, compat=sim_compat)
+        rows.append(r)
+        say(f"simulated {r.source} (of {base.source}): {r.simulated['score']:.1f}, TPOT {_tpot(r):.3f} s")
+        row = _select(rows)
+        if row is not base:
+            base, moves = row, refinements(row, search.max_k, search.model.num_layers, rng)
+    return row
 
 
 def with_extra_node(cluster: ClusterSpec, template: int) -> ClusterSpec:

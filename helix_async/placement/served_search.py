@@ -33,7 +33,7 @@ from .core import Placement, verify
 from .flow import FlowEvaluator, max_flow
 from .served import SLO, ServedModel, ServedPrediction
 
-__all__ = ["Candidate", "ServedSearch", "perturb"]
+__all__ = ["Candidate", "ServedSearch", "perturb", "stages", "swap_stages"]
 
 Layers = dict[int, LayerRange | None]
 
@@ -177,22 +177,24 @@ class ServedSearch:
         self._seen: set[tuple[Any, ...]] = set()
         self.evaluations = 0
 
-    def evaluate(self, layers: Mapping[int, LayerRange | None], source: str) -> Candidate | None:
-        """Score a layer assignment; None when it is not a servable plan."""
+    def evaluate(self, layers: Mapping[int, LayerRange | None], source: str, *, partial: bool | None = None) -> Candidate | None:
+        """Score a layer assignment (with partial-inference links when ``partial``, by default the
+        search's setting); None when it is not a servable plan."""
+        partial = self.partial if partial is None else partial
         L = self.model.num_layers
         if not _covered(layers, L):
             return None
         if any(r is not None and r[1] - r[0] > self.max_k[i] for i, r in layers.items()):
             return None
-        if self.evaluator.value(layers, partial=self.partial) <= 0:
+        if self.evaluator.value(layers, partial=partial) <= 0:
             return None
-        p = Placement.from_layers(self.cluster, self.model, layers, partial=self.partial, method="served")
+        p = Placement.from_layers(self.cluster, self.model, layers, partial=partial, method="served")
         # nodes the links cannot reach are not part of the plan
         used = set(p.used_nodes())
         if any(r is not None and i not in used for i, r in p.layers.items()):
             p = Placement.from_layers(
                 self.cluster, self.model, {i: (r if i in used else None) for i, r in p.layers.items()},
-                partial=self.partial, method="served",
+                partial=partial, method="served",
             )
         try:
             verify(p, self.tm)
@@ -266,6 +268,35 @@ class ServedSearch:
             if self.offer(cand) and progress is not None and cand is not None:
                 progress(cand)
         return list(self.pool)
+
+
+def stages(layers: Mapping[int, LayerRange | None], num_layers: int) -> list[LayerRange] | None:
+    """The plan's stages in order when it is a chain of them (every two distinct ranges are
+    disjoint and together they cover ``[0, num_layers)``, replicas sharing a range); else None."""
+    rs = sorted({r for r in layers.values() if r is not None})
+    pos = 0
+    for r in rs:
+        if r[0] != pos:
+            return None
+        pos = r[1]
+    return rs if pos == num_layers and rs else None
+
+
+def swap_stages(layers: Mapping[int, LayerRange | None], num_layers: int, a: int, b: int) -> Layers | None:
+    """``layers`` with stages ``a`` and ``b`` (indices into :func:`stages`) exchanged: every node
+    keeps its stage (its layer count and its replicas), the stages between move up or down. None
+    when the plan is not a chain of stages or an index is out of range."""
+    rs = stages(layers, num_layers)
+    if rs is None or not (0 <= a < len(rs) and 0 <= b < len(rs)) or a == b:
+        return None
+    order = list(rs)
+    order[a], order[b] = order[b], order[a]
+    moved: dict[LayerRange, LayerRange] = {}
+    pos = 0
+    for r in order:
+        moved[r] = (pos, pos + r[1] - r[0])
+        pos += r[1] - r[0]
+    return {i: (None if r is None else moved[r]) for i, r in layers.items()}
 
 
 def origin_of(source: str) -> str:
