@@ -128,6 +128,11 @@ _PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # Defaults of the MILP search's flags; None on the command line means "not given".
 _SEARCH_DEFAULTS: dict[str, Any] = {"time_limit": 600.0, "stall_limit": 120.0, "gap_limit": 0.0, "prune": None}
+#: plan's served-objective flags (None on the command line means not given, so that a flag the
+#: chosen objective ignores can be named)
+_SERVED_DEFAULTS: dict[str, Any] = {
+    "simulate_top": 6, "refine": 6, "sim_workload": "offline", "sim_rate": 700.0, "sim_window": 600.0, "sim_semantics": "helix",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -225,23 +230,23 @@ def _build_parser() -> argparse.ArgumentParser:
                     "then the best candidates simulated; maxflow = Helix's objective")
     pl.add_argument("--slo", type=slo_argument, default=None, metavar="ttft=S,tpot=S",
                     help="served: maximise goodput, the decode throughput of requests meeting both limits")
-    pl.add_argument("--simulate-top", type=_nonnegative_int, default=6, metavar="K",
+    pl.add_argument("--simulate-top", type=_nonnegative_int, default=None, metavar="K",
                     help="served: simulate K plans (the best distinct candidates and, from K = 2, the max-flow "
-                    "plan; the heuristics' plans are simulated as well) and keep the one that serves best (0: trust the prediction; default %(default)s). "
+                    f"plan; the heuristics' plans are simulated as well) and keep the one that serves best (0: trust the prediction; default {_SERVED_DEFAULTS['simulate_top']}). "
                     "The simulations run after the search's share of --time-limit")
-    pl.add_argument("--refine", type=_nonnegative_int, default=6, metavar="K",
+    pl.add_argument("--refine", type=_nonnegative_int, default=None, metavar="K",
                     help="served: after the candidates, simulate up to K neighbours of the best one that the model "
                     "cannot rank (stages of a chain swapped; the least busy node moved to the range whose KV filled "
-                    "most), keeping what serves best (default %(default)s; 0: none)")
-    pl.add_argument("--sim-workload", choices=("offline", "online"), default="offline",
-                    help="served: the workload candidates are predicted and simulated on (default %(default)s)")
-    pl.add_argument("--sim-rate", type=_positive, default=700.0,
-                    help="served, online workload: tokens/s offered (default %(default)s)")
-    pl.add_argument("--sim-window", type=_positive, default=600.0,
-                    help="served: seconds of each candidate's simulation window (default %(default)s)")
-    pl.add_argument("--sim-semantics", choices=("helix", "ours"), default="helix",
+                    f"most), keeping what serves best (default {_SERVED_DEFAULTS['refine']}; 0: none)")
+    pl.add_argument("--sim-workload", choices=("offline", "online"), default=None,
+                    help=f"served: the workload candidates are predicted and simulated on (default {_SERVED_DEFAULTS['sim_workload']})")
+    pl.add_argument("--sim-rate", type=_positive, default=None,
+                    help=f"served, online workload: tokens/s offered (default {_SERVED_DEFAULTS['sim_rate']})")
+    pl.add_argument("--sim-window", type=_positive, default=None,
+                    help=f"served: seconds of each candidate's simulation window (default {_SERVED_DEFAULTS['sim_window']})")
+    pl.add_argument("--sim-semantics", choices=("helix", "ours"), default=None,
                     help="served: simulate candidates with the original simulator's semantics (helix, as `sim run "
-                    "--compat helix`) or with ours (default %(default)s)")
+                    f"--compat helix`) or with ours (default {_SERVED_DEFAULTS['sim_semantics']})")
     pl.add_argument("--explain", action="store_true",
                     help="say what limits the plan (flow, KV on which nodes, latency on which stages) and which GPU "
                     "would help most")
@@ -557,6 +562,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("<argument>", "--slo", "applies to --objective served (with --method milp)")
     if args.method == "milp":
         require("pyscipopt", "plan")
+    served_given = {k for k in _SERVED_DEFAULTS if getattr(args, k) is not None}
+    for k, v in _SERVED_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not (args.method == "milp" and args.objective == "served"):
+        # --explain predicts on the named workload under either objective
+        unused = served_given - ({"sim_workload", "sim_rate"} if args.explain else set())
+        if unused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(unused))
+            print(f"note: {flags} only apply to the served objective; ignored", file=sys.stderr)
     spec = load_cluster(args.cluster)
     if args.method == "milp" and args.objective == "served":
         ignored = [f"--{k.replace('_', '-')}" for k in ("stall_limit", "gap_limit", "prune") if k in given]

@@ -254,3 +254,17 @@ def test_refinements_alternate_swaps_and_moves_toward_the_fullest_kv() -> None:
     if chain:
         assert got[0][0].startswith("swap") and got[1] == moves[0]
     assert len({tuple(sorted((i, r) for i, r in x.items() if r)) for _, x in got}) == len(got)
+
+
+def test_cli_plan_names_served_flags_another_objective_ignores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.toml"
+    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", "--method", "petals", "--refine", "2",
+               "--sim-window", "30", "--sim-rate", "50", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0 and read_placement(out).method == "petals"
+    assert "note: --refine, --sim-rate, --sim-window only apply to the served objective; ignored" in err
+    # --explain predicts on the named workload, so --sim-rate is used there
+    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", "--method", "petals", "--sim-rate", "50",
+               "--sim-workload", "online", "--explain", "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "only apply to the served objective" not in captured.err and "online workload" in captured.out
