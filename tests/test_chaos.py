@@ -148,7 +148,16 @@ def test_chaos_every_request_completes_with_the_fault_free_tokens(workers: Worke
                     kills.append((clock.now(), node))
                 else:
                     await asyncio.get_running_loop().run_in_executor(None, p.wait, 30)
+                    before = server.counters.rejoined
                     workers.start(address, node)
+                    # the next fault waits for this worker to have rejoined and be ready (under load
+                    # its start can take longer than the gap before the next fault, and a worker
+                    # killed before it registered is no loss to the host)
+                    deadline = clock.now() + 60
+                    while clock.now() < deadline and not (
+                        server.counters.rejoined > before and server.nodes[node].ready and not server.nodes[node].lost
+                    ):
+                        await asyncio.sleep(0.05)
 
         await asyncio.gather(chaos(), *(one(i) for i in range(n_requests)))
         # the fault-free reference: the same prompts on the whole cluster, every worker back
