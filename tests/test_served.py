@@ -12,6 +12,7 @@ from helix_async.cli import main
 from helix_async.cluster import load_cluster
 from helix_async.model import ThroughputModel, get_model
 from helix_async.placement import Placement, read_placement, verify
+from helix_async.placement.flow import max_flow
 from helix_async.placement.io import load_shipped_layout
 from helix_async.placement.served import SLO, ServedModel, ServedWorkload, parse_slo, predict
 from helix_async.placement.served_search import ServedSearch, perturb
@@ -268,3 +269,22 @@ def test_cli_plan_names_served_flags_another_objective_ignores(tmp_path: Path, c
                "--sim-workload", "online", "--explain", "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0 and "only apply to the served objective" not in captured.err and "online workload" in captured.out
+
+
+def test_refinement_shape_ignores_nodes_no_flow_reaches_and_alike_nodes() -> None:
+    from helix_async.placement.served_plan import _shape
+
+    p = load_shipped_layout("ilp")
+    cl, spec = p.cluster, p.model_spec
+    i = next(n for n, r in p.layers.items() if r is not None)
+    without = Placement.from_layers(cl, spec, {**p.layers, i: None})
+    # the node moved to a range no link reaches (nothing starts at layer 79 or ends at 78)
+    stranded = Placement.from_layers(cl, spec, {**p.layers, i: (78, 79)})
+    assert max_flow(stranded).node_flows.get(i, 0.0) == 0.0
+    assert _shape(stranded) == _shape(without) != _shape(p)
+    # two nodes of one machine type and region exchanging ranges: the same plan to the planner
+    j, k = next((a, b) for a in p.layers for b in p.layers
+                if a < b and p.layers[a] and p.layers[b] and p.layers[a] != p.layers[b]
+                and cl.nodes[a].machine_type == cl.nodes[b].machine_type and cl.nodes[a].region == cl.nodes[b].region)
+    swapped = Placement.from_layers(cl, spec, {**p.layers, j: p.layers[k], k: p.layers[j]})
+    assert _shape(swapped) == _shape(p)

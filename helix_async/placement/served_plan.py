@@ -32,6 +32,7 @@ from ..ids import LayerRange
 from ..model import ModelSpec, ThroughputModel, get_model
 from ..signals import StopFlag
 from .core import Placement
+from .flow import max_flow
 from .milp import Capacities, PositionModel
 from .search import PlanResult, plan
 from .served import SLO, ServedModel, ServedWorkload
@@ -127,9 +128,15 @@ def _distance(a: Placement, b: Placement) -> int:
 
 
 def _shape(p: Placement) -> tuple[Any, ...]:
-    """A plan up to swapping nodes of one machine type in one region (alike to the planner, as to
-    the position MILP): the ranges held, each with the machine types and regions holding it."""
-    held = sorted((r, p.cluster.nodes[i].machine_type, p.cluster.nodes[i].region) for i, r in p.layers.items() if r is not None)
+    """A plan as it serves, up to swapping nodes of one machine type in one region (alike to the
+    planner, as to the position MILP): the ranges of the nodes its max flow uses, each with the
+    machine type and region holding it. A node moved where no flow reaches it changes nothing."""
+    flows = max_flow(p).node_flows
+    held = sorted(
+        (r, p.cluster.nodes[i].machine_type, p.cluster.nodes[i].region)
+        for i, r in p.layers.items()
+        if r is not None and flows.get(i, 0.0) > 1e-9
+    )
     return (p.partial, *held)
 
 
