@@ -288,3 +288,61 @@ def test_refinement_shape_ignores_nodes_no_flow_reaches_and_alike_nodes() -> Non
                 and cl.nodes[a].machine_type == cl.nodes[b].machine_type and cl.nodes[a].region == cl.nodes[b].region)
     swapped = Placement.from_layers(cl, spec, {**p.layers, j: p.layers[k], k: p.layers[j]})
     assert _shape(swapped) == _shape(p)
+
+
+def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix_async.placement.served_plan as sp
+    from helix_async.placement.served_search import ServedSearch, stages
+
+    cl = load_cluster("single24")
+    spec = get_model("llama2-70b")
+    by_type: dict[str, list[int]] = {}
+    for n in cl.nodes:
+        by_type.setdefault(cl.machine(n.id).gpu, []).append(n.id)
+    # a chain: four A100 stages of 8 layers, eight L4 stages of 4, four stages of three T4s
+    layers: dict[int, tuple[int, int] | None] = {}
+    pos = 0
+    for i in by_type["a100"]:
+        layers[i] = (pos, pos + 8)
+        pos += 8
+    for i in by_type["l4"]:
+        layers[i] = (pos, pos + 4)
+        pos += 4
+    t4 = by_type["t4"]
+    for k in range(0, len(t4), 3):
+        for i in t4[k:k + 3]:
+            layers[i] = (pos, pos + 4)
+        pos += 4
+    assert pos == 80
+    chain = Placement.from_layers(cl, spec, layers)
+    petals = load_shipped_layout("petals")
+    assert stages(chain.layers, 80) is not None and stages(petals.layers, 80) is None
+
+    calls: list[Placement] = []
+
+    def fake_sim(p: Placement, *_a: object, **_k: object) -> dict[str, object]:
+        # a made-up simulator: Petals-like plans (partial links) 200, chains 150 plus their first
+        # A100's start, so a swap that moves that stage serves more
+        calls.append(p)
+        score = 200.0 if p.partial else 150.0 + float(p.layers[by_type["a100"][0]][0])  # type: ignore[index]
+        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0,
+                "nodes": {i: (0.5, 0.5) for i, r in p.layers.items() if r is not None}}
+
+    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    rows = []
+    for name, p in (("petals", petals), ("chain", chain)):
+        r = sp.Row(name, p, 1.0, 1.0, 1.0, 1.0)
+        r.simulated = fake_sim(p)
+        rows.append(r)
+    calls.clear()
+    search = ServedSearch(cl, spec, sp.ServedModel(), seed=0)
+    logs: list[str] = []
+    pick = sp.refine_rows(rows, search, sp.ServedWorkload(), refine=6, log=logs.append)
+    refined = rows[2:]
+    assert len(refined) == len(calls) == 6
+    # turns: the pick (Petals, not a chain: rebalances, partial links kept) and the best chain
+    # (stage swaps), for as long as the pick is not a chain
+    assert "(of petals)" in logs[0] and "(of chain)" in logs[1]
+    assert refined[0].placement.partial and not refined[0].source.split(": ", 1)[1].startswith("swap")
+    assert not refined[1].placement.partial and refined[1].source.split(": ", 1)[1].startswith("swap")
+    assert pick.simulated_score == max(r.simulated_score for r in rows)
