@@ -346,3 +346,26 @@ def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch
     assert refined[0].placement.partial and not refined[0].source.split(": ", 1)[1].startswith("swap")
     assert not refined[1].placement.partial and refined[1].source.split(": ", 1)[1].startswith("swap")
     assert pick.simulated_score == max(r.simulated_score for r in rows)
+
+
+def test_screen_candidates_keeps_the_best_on_a_short_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix_async.placement.served_plan as sp
+    from helix_async.placement.served_search import ServedSearch
+
+    cl = load_cluster("single24")
+    search = ServedSearch(cl, "llama2-70b", sp.ServedModel(), seed=0)
+    cands = [search.evaluate(load_shipped_layout(n).layers, n) for n in ("ilp", "swarm", "homogeneous", "ilp_artifact")]
+    assert all(c is not None for c in cands)
+    made_up = {"ilp": 5.0, "swarm": 9.0, "homogeneous": 1.0, "ilp_artifact": 7.0}
+    windows: list[float] = []
+
+    def fake_sim(p: Placement, *_a: object, window: float, **_k: object) -> dict[str, object]:
+        windows.append(window)
+        name = next(c.source for c in cands if c is not None and c.placement is p)
+        return {"score": made_up[name], "decode_throughput": made_up[name], "tpot_mean": 1.0, "nodes": {}}
+
+    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    logs: list[str] = []
+    kept = sp.screen_candidates([c for c in cands if c is not None], 2, sp.ServedWorkload(), log=logs.append)
+    assert [c.source for c in kept] == ["swarm", "ilp_artifact"]  # the two best, in the given order
+    assert windows == [sp.SCREEN_WINDOW] * 4 and len(logs) == 4 and logs[0].startswith("screened ilp: 5.0")
