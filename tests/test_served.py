@@ -369,3 +369,18 @@ def test_screen_candidates_keeps_the_best_on_a_short_window(monkeypatch: pytest.
     kept = sp.screen_candidates([c for c in cands if c is not None], 2, sp.ServedWorkload(), log=logs.append)
     assert [c.source for c in kept] == ["swarm", "ilp_artifact"]  # the two best, in the given order
     assert windows == [sp.SCREEN_WINDOW] * 4 and len(logs) == 4 and logs[0].startswith("screened ilp: 5.0")
+
+
+def test_select_prefers_lower_tpot_among_near_ties_but_never_below_a_baseline() -> None:
+    from helix_async.placement.served_plan import Row, _select
+
+    p = load_shipped_layout("ilp")
+
+    def row(source: str, score: float, tpot: float) -> Row:
+        return Row(source, p, 1.0, 1.0, 1.0, 1.0, simulated={"score": score, "tpot_mean": tpot})
+
+    a, b, c = row("a", 100.0, 1.5), row("b", 98.0, 1.2), row("c", 90.0, 0.5)
+    assert _select([a, b, c]) is b  # within 3 % and faster per token; c is too far below
+    base = row("heuristic petals", 99.0, 1.4)
+    assert _select([a, b, c, base]) is base  # b serves less than the baseline: not taken for its TPOT
+    assert _select([a, c, row("heuristic swarm", 99.5, 1.6)]) is a

@@ -146,9 +146,11 @@ def _shape(p: Placement) -> tuple[Any, ...]:
 
 def _select(rows: list[Row]) -> Row:
     """The simulated row that serves best; among those within NEAR_TIE of the best figure (the
-    simulation's own spread between similar plans), the one with the lowest mean TPOT."""
+    simulation's own spread between similar plans), the one with the lowest mean TPOT, but never
+    one that serves less than a heuristic's own plan (a baseline) did."""
     top_score = max(r.simulated_score for r in rows)
-    near = [r for r in rows if r.simulated is not None and r.simulated_score >= (1 - NEAR_TIE) * top_score]
+    floor = max((r.simulated_score for r in rows if r.source.startswith("heuristic ")), default=-math.inf)
+    near = [r for r in rows if r.simulated is not None and r.simulated_score >= max((1 - NEAR_TIE) * top_score, floor)]
     return min(near, key=lambda r: (_tpot(r), -r.simulated_score)) if near else rows[0]
 
 
