@@ -168,9 +168,9 @@ def refinements(row: Row, max_k: Mapping[int, int], num_layers: int, rng: random
     The two kinds alternate while both last."""
     nodes = (row.simulated or {}).get("nodes", {})
     layers = row.placement.layers
+    st = stages(layers, num_layers)
 
     def swaps() -> Iterator[tuple[str, Layers]]:
-        st = stages(layers, num_layers)
         if st is None or len(st) < 3:
             return
         pairs = [(a, b) for a in range(len(st)) for b in range(a + 1, len(st))]
@@ -185,7 +185,7 @@ def refinements(row: Row, max_k: Mapping[int, int], num_layers: int, rng: random
             return nodes[i][0] if layers.get(i) is not None and i in nodes else 0.0
 
         donors = sorted((i for i in layers if max_k.get(i, 0) > 0), key=lambda i: (busy(i), i))
-        if stages(layers, num_layers) is not None:
+        if st is not None:
             # a chain: a node taken from its stage weakens that stage (on single24 every such move
             # served 13-15 % less); only nodes the chain leaves idle move
             donors = [i for i in donors if busy(i) == 0.0]
@@ -437,10 +437,11 @@ def refine_rows(
             continue
         desc, layers = nxt
         cand = search.evaluate(layers, desc, partial=base.placement.partial)
-        if cand is None or _shape(cand.placement) in seen:
+        shape = None if cand is None else _shape(cand.placement)
+        if cand is None or shape is None or shape in seen:
             turn -= 1  # the same base tries its next neighbour
             continue
-        seen.add(_shape(cand.placement))
+        seen.add(shape)
         done += 1
         r = Row(f"refinement {done}: {desc}", cand.placement, cand.prediction.max_flow, cand.score,
                 cand.prediction.tpot, cand.prediction.ttft)
