@@ -355,7 +355,7 @@ class ServedModel:
             ew = (lens.sum_in_out + c * lens.sum_in) / (lens.sum_out + c * count) + AVG_OUTPUT_LEN * ratio
             limit = FEED_HWM if wl.mode == "offline" else hwm
             n_layer = limit * low / ew if ew > 0 else 0.0
-            # a node's own admission check (its full layer count, fill limit ``hwm``)
+            # a node's own admission check (fill limit ``hwm``; a query reserves the layers it runs)
             n_node = min((hwm * kv_tok[i] * k_full[i] / (k_of[i] * share[i] * ew) for i in used if share[i] > 0), default=math.inf)
             return min(n_layer, n_node)
 
