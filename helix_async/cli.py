@@ -506,6 +506,10 @@ def _cmd_plan_served(args: argparse.Namespace, spec: Any, out: Path, seed: int, 
         print(f"{mark}{r.source[:51]:<51} {r.max_flow:9.1f} {r.predicted:10.1f} {r.predicted_tpot:9.3f} "
               + (f"{sim['score']:10.1f} " if sim else f"{'-':>10} ")
               + (f"{sim['tpot_mean']:9.3f}" if sim and sim["tpot_mean"] is not None else f"{'-':>9}"))
+    for r in res.rows:
+        if r.second_seed is not None:
+            print(f"{'*' if r is res.row else ' '}{r.source[:51]} on seed {seed + 1}: {r.second_seed:.1f} "
+                  f"(a close call against a baseline, decided by the mean of two seeds)")
     print(f"max flow: {flow.value:.4f} tokens/s")
     print(f"max-flow upper bound (a bound on max flow, not on the served objective): {res.maxflow.upper_bound:.4f} "
           f"tokens/s ({res.maxflow.bound_source})")

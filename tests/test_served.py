@@ -337,7 +337,7 @@ def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch
     calls.clear()
     search = ServedSearch(cl, spec, sp.ServedModel(), seed=0)
     logs: list[str] = []
-    pick = sp.refine_rows(rows, search, sp.ServedWorkload(), refine=6, log=logs.append)
+    pick = sp.refine_rows(rows, search, sp.ServedWorkload(), refine=6, sim_window=sp.SCREEN_WINDOW, log=logs.append)
     refined = rows[2:]
     assert len(refined) == len(calls) == 6
     # turns: the pick (Petals, not a chain: rebalances, partial links kept) and the best chain
@@ -384,3 +384,66 @@ def test_select_prefers_lower_tpot_among_near_ties_but_never_below_a_baseline() 
     base = row("heuristic petals", 99.0, 1.4)
     assert _select([a, b, c, base]) is base  # b serves less than the baseline: not taken for its TPOT
     assert _select([a, c, row("heuristic swarm", 99.5, 1.6)]) is a
+
+
+def test_screened_refinement_runs_only_the_best_screened_neighbour_on_the_full_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix_async.placement.served_plan as sp
+    from helix_async.placement.served_search import ServedSearch
+
+    cl = load_cluster("single24")
+    spec = get_model("llama2-70b")
+    chain = {i: (4 * i, 4 * i + 4) for i in range(20)}  # twenty 4-layer stages on the first 20 nodes
+    chain.update({i: None for i in range(20, len(cl.nodes))})
+    base = Placement.from_layers(cl, spec, chain)
+    sims: list[tuple[float, Placement]] = []
+
+    def fake_sim(p: Placement, *_a: object, window: float, **_k: object) -> dict[str, object]:
+        # made up: a plan serves more the later its high-numbered nodes sit; the short window less
+        sims.append((window, p))
+        score = 100.0 + sum(i * r[0] for i, r in p.layers.items() if r is not None) / (1000.0 if window < 600 else 900.0)
+        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0, "nodes": {}}
+
+    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    first = sp.Row("chain", base, 1.0, 1.0, 1.0, 1.0, simulated=fake_sim(base, window=600.0))
+    sims.clear()
+    rows = [first]
+    logs: list[str] = []
+    pick = sp.refine_rows(rows, ServedSearch(cl, spec, sp.ServedModel(), seed=0), sp.ServedWorkload(), refine=2,
+                          sim_window=600.0, log=logs.append)
+    # two refinements, each the best of REFINE_SCREEN neighbours screened on the short window
+    windows = [w for w, _ in sims]
+    assert windows == ([sp.SCREEN_WINDOW] * sp.REFINE_SCREEN + [600.0]) * 2
+    for r in range(2):
+        batch = sims[r * (sp.REFINE_SCREEN + 1):(r + 1) * (sp.REFINE_SCREEN + 1)]
+        screened = [fake_sim(p, window=sp.SCREEN_WINDOW)["score"] for _, p in batch[:-1]]
+        assert fake_sim(batch[-1][1], window=sp.SCREEN_WINDOW)["score"] == max(screened)  # type: ignore[type-var]
+    assert [r.source.split(":")[0] for r in rows[1:]] == ["refinement 1", "refinement 2"]
+    assert sum("screened" in line for line in logs) == 2 * sp.REFINE_SCREEN
+    assert pick.simulated_score == max(r.simulated_score for r in rows)
+
+
+def test_a_close_call_against_a_baseline_is_decided_on_two_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix_async.placement.served_plan as sp
+
+    ilp, petals = load_shipped_layout("ilp"), load_shipped_layout("petals")
+    by_seed = {(0, "ilp"): 101.0, (1, "ilp"): 95.0, (0, "petals"): 100.0, (1, "petals"): 99.0}
+    seeds: list[int] = []
+
+    def fake_sim(p: Placement, *_a: object, seed: int, **_k: object) -> dict[str, object]:
+        seeds.append(seed)
+        score = by_seed[(seed, "petals" if p.partial else "ilp")]
+        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0, "nodes": {}}
+
+    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    pick = sp.Row("refinement 1: x", ilp, 1.0, 1.0, 1.0, 1.0, simulated={"score": 101.0, "tpot_mean": 1.0})
+    base = sp.Row("heuristic petals", petals, 1.0, 1.0, 1.0, 1.0, simulated={"score": 100.0, "tpot_mean": 1.0})
+    got = sp.second_seed_check([pick, base], pick, sp.ServedWorkload(), seed=0)
+    assert got is base and seeds == [1, 1]  # 1 % ahead on seed 0, behind on the mean of two
+    assert pick.second_seed == 95.0 and base.second_seed == 99.0
+    # a clear win (over NEAR_TIE ahead) is not re-checked, nor is a baseline picked
+    seeds.clear()
+    far = sp.Row("refinement 2: y", ilp, 1.0, 1.0, 1.0, 1.0, simulated={"score": 110.0, "tpot_mean": 1.0})
+    assert sp.second_seed_check([far, base], far, sp.ServedWorkload(), seed=0) is far
+    assert sp.second_seed_check([pick, base], base, sp.ServedWorkload(), seed=0) is base
+    assert seeds == []
+
