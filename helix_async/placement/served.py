@@ -8,7 +8,9 @@ decide what users get from a pipeline of layer slices:
   at a bottleneck usage of 0.8 (§8.8). Summed over the nodes holding a layer ``l``, the tokens a
   layer can hold are ``C_l = sum_i kv_i / k_i``; the population is ``N = 0.8 * min_l C_l / E_w``
   where ``E_w`` is the expected reservation of a query *in flight* (queries stay in proportion to
-  their output length, so long-output queries weigh more).
+  their output length, so long-output queries weigh more). Each node's own check (fill limit
+  0.85) bounds it too, per range: a node that fails its check is skipped for another next hop
+  (§7.1), so the nodes holding one range fill together whatever their flow shares.
 * **Little's law sets throughput.** Every decoding query has one token in the pipeline, so decode
   throughput ``D = N_decoding / TPOT``.
 
@@ -16,8 +18,11 @@ The time per output token (TPOT) of a route is built from the simulator's rules 
 §7.1, §8.5), not fitted to its output:
 
 * **Batches.** Decode tokens move in trains (see ``TRAIN_CYCLES``); a node of flow share ``s``
-  runs batches of ``s * m / TRAIN_CYCLES`` tokens, split at the profiled batch limit, and a train
-  waits behind the node's other decode work (processor sharing: ``w / (1 - decode busy)``).
+  runs batches of at least ``s * m / TRAIN_CYCLES`` tokens, split at the profiled batch limit. A
+  node batches all the decode work queued when it starts a batch, so the tokens that arrive while
+  one batch runs make the next: a busy node's batch ``b`` grows until ``b = D * s * w(b)``. A
+  train waits behind the node's other decode work (processor sharing: ``w / (1 - decode busy)``),
+  but never longer than one batch (``WAIT_CAP``: what is queued joins the next batch).
 * **Prompts.** A node runs one layer at a time and finishes a prompt's layers before returning to
   a train that arrived behind it; the prompt is then ahead of the train on the same links, so the
   train follows it at the slower pace of the two for as long as their routes agree (the convoy
@@ -47,7 +52,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..flowplan import FlowPlan
-from ..ids import SINK, SOURCE, NodeRef
+from ..ids import SINK, SOURCE, LayerRange, NodeRef
 from ..model import ThroughputModel, load_profiles
 from ..workloads import load_lengths
 from .core import Placement
@@ -67,6 +72,11 @@ FEED_HWM = 0.8
 TRAIN_CYCLES = 13.8
 #: A node's busy fraction is capped here in the processor-sharing residence w / (1 - busy).
 MAX_BUSY = 0.95
+#: Iterations of a busy node's batch-size fixed point (it converges in a few).
+BATCH_ITERS = 50
+#: A decode token's residence at a node is at most this many batch times: the batch in service,
+#: then its own (everything queued when a batch starts joins it).
+WAIT_CAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -355,21 +365,44 @@ class ServedModel:
             ew = (lens.sum_in_out + c * lens.sum_in) / (lens.sum_out + c * count) + AVG_OUTPUT_LEN * ratio
             limit = FEED_HWM if wl.mode == "offline" else hwm
             n_layer = limit * low / ew if ew > 0 else 0.0
-            # a node's own admission check (fill limit ``hwm``; a query reserves the layers it runs)
-            n_node = min((hwm * kv_tok[i] * k_full[i] / (k_of[i] * share[i] * ew) for i in used if share[i] > 0), default=math.inf)
+            # the nodes' own admission checks (fill limit ``hwm``; a query reserves the layers it
+            # runs): a node that fails its check is skipped for another next hop (Fail-KV, HELIX_SPEC
+            # §7.1), so nodes holding the same range fill together: their queries over their shares
+            n_node = min((hwm * held[r] / (taken[r] * ew) for r in held if taken[r] > 0), default=math.inf)
             return min(n_layer, n_node)
+
+        held: dict[LayerRange, float] = {}
+        taken: dict[LayerRange, float] = {}
+        for i in used:
+            r = placement.layers[i]
+            assert r is not None
+            held[r] = held.get(r, 0.0) + kv_tok[i] * k_full[i] / k_of[i]
+            taken[r] = taken.get(r, 0.0) + share[i]
 
         def node_state(i: int, N: float, D: float, T: float) -> tuple[float, float, float, float]:
             """(decode residence s, prompt utilisation, busy fraction, batch) of node i with T trains."""
             lam = D / m_bar if m_bar > 0 else 0.0
-            b = max(N * share[i] / T, 1.0)
-            nb = math.ceil(b / dec_cap[i]) if dec_cap[i] > 0 else 1
-            w = k_of[i] * prof[i].decode(b / nb) * nb
+            b = b_train = max(N * share[i] / T, 1.0)
+            arrive = D * share[i]  # decode tokens/s reaching the node
+
+            def batch_time(x: float) -> float:
+                nb = math.ceil(x / dec_cap[i]) if dec_cap[i] > 0 else 1
+                return k_of[i] * prof[i].decode(x / nb) * nb
+
+            # the tokens that arrive while a batch runs are the next batch: a busy node's batches
+            # grow past a train's share until they run as fast as tokens arrive
+            for _ in range(BATCH_ITERS):
+                nxt = max(b_train, arrive * batch_time(b))
+                if nxt > N * share[i] or abs(nxt - b) < 1e-3:
+                    b = min(nxt, max(N * share[i], 1.0))
+                    break
+                b = nxt
+            w = batch_time(b)
             rho_p = lam * share[i] * k_of[i] * tp1[i]
             rho_d = D * share[i] * w / b
             busy = rho_d + rho_p
             # prompts are priced per route (route_tpot): here only the decode load queues
-            return w / (1.0 - min(rho_d, MAX_BUSY)), rho_p, busy, b
+            return w * min(1.0 / (1.0 - min(rho_d, MAX_BUSY)), WAIT_CAP), rho_p, busy, b
 
         def route_tpot(nodes_r: Sequence[int], st: Mapping[int, tuple[float, float, float, float]]) -> float:
             """A decode token's compute time along a route. A train that finds a prompt at a node
