@@ -12,6 +12,10 @@
    (MaxFlow, the README's 600-s window by default, a fixed seed, the offline or online workload);
    the plan that serves
    best is returned, with predicted and simulated figures side by side.
+5. **Refinement** (``refine_rows``): neighbours of the pick the model cannot rank (stage swaps,
+   idle nodes moved to the fullest KV), each the best of REFINE_SCREEN screened on a short window.
+6. **A second seed** (``second_seed_check``) when the pick serves within NEAR_TIE of a heuristic's
+   own plan.
 
 The upper bound printed with a served plan is the max-flow bound (labelled so): no bound on the
 served objective itself is proven. Planning uses wall time on purpose (it is not simulated).
