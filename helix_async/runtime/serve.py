@@ -39,31 +39,11 @@ def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
 
 
 def _model_of(spec: str) -> tuple[str, str]:
-    """(model name, checkpoint directory or "") for ``--model``."""
-    from ..model import MODEL_ALIASES, get_model
+    """(model name, checkpoint directory or "") for ``--model``, by the model sources' table."""
+    from ..models import resolve_model
 
-    if spec in MODEL_ALIASES:
-        return MODEL_ALIASES[spec], ""
-    d = Path(spec)
-    if not (d / "config.json").is_file():
-        raise ConfigError(spec, "--model", "neither a known model (tiny-llama) nor a checkpoint directory with config.json")
-    import json
-
-    from ..executors.llama import LlamaConfig
-
-    try:
-        raw = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(str(d / "config.json"), "config.json", f"unreadable: {e}") from None
-    cfg = LlamaConfig.from_hf(raw, str(d / "config.json"))
-    for name in ("tiny-llama",):
-        m = get_model(name)
-        shape = (m.num_layers, m.hidden_size, m.intermediate_size, m.num_attention_heads, m.num_key_value_heads, m.vocab_size)
-        got = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size)
-        if shape == got:
-            return name, str(d)
-    raise ConfigError(str(d / "config.json"), "shape", f"layers/hidden/intermediate/heads/kv-heads/vocab {got} match no "
-                      "model with CPU profiles (tiny-llama is (8, 256, 688, 8, 4, 2048))")
+    m = resolve_model(spec, "--model")
+    return m.spec.name, m.checkpoint
 
 
 async def _serve(args: argparse.Namespace) -> int:
