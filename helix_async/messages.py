@@ -60,9 +60,12 @@ class ErrorCode(IntEnum):
     BAD_MESSAGE = 1  # a peer's message failed to decode (see codec.DropCounter)
     UNKNOWN_REQUEST = 2  # work or a cancel for a request id this node does not know
     NOT_ASSIGNED = 3  # work for layers this node does not hold under the current plan
-    OUT_OF_MEMORY = 4  # KV cache full; the request was dropped at this node
+    OUT_OF_MEMORY = 4  # memory ran out: a KV cache full (the request was dropped at this node), or
+    #                   a worker's layers do not fit its device (request_id -1, before it serves)
     SHUTTING_DOWN = 5  # the node no longer accepts work
     INTERNAL = 6  # a bug; the text says more
+    LOAD_FAILED = 7  # a worker could not load its layers for another reason than memory (a bad or
+    #                  missing checkpoint, an unknown dtype, no CUDA): request_id -1, the text says why
 
 
 #: One next hop in AssignLayers: (node id, data-plane address, first layer, end layer).

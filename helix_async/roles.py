@@ -4,8 +4,10 @@ and the host's router, for the simulator (``sim.simulation``) and the runtime al
 A worker's role: its layers, its batch limits and KV capacity from the profiled node settings of
 its machine type for that many layers (HELIX_SPEC §3.3; a node holding more layers than the
 settings list gets the throughput model's KV capacity and the limits of the largest listed count),
-and its out-links with the layer ranges of their receivers.  The host's router: MaxFlow's
-:class:`~helix_async.routing.FlowRouter` over the plan's flows with the KV expectation.
+and its out-links with the layer ranges of their receivers; :meth:`WorkerRole.worker_settings`
+adds the model's sizes, the scheduling policy's needs and the run's semantics.  The host's router:
+MaxFlow's :class:`~helix_async.routing.FlowRouter` over the plan's flows with the KV expectation
+(the ``maxflow`` entry of ``routing.policies``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from .ids import NodeRef
 from .model import ModelSpec, ProfileSet, ThroughputModel, load_profiles
 from .placement import Placement
 from .placement.flow import max_flow
-from .routing import FlowRouter, KVTracker
+from .routing.policies import POLICIES, Policy, maxflow_router
+from .settings import KV_OFFLINE, WorkerSettings
 from .worker import BatchLimits
 
 __all__ = ["Replanner", "WorkerRole", "flow_router", "node_limits", "worker_roles"]
@@ -35,6 +38,29 @@ class WorkerRole:
     kv_capacity: int
     out_links: tuple[NodeRef, ...]
     next_layers: dict[NodeRef, tuple[int, int]] = field(default_factory=dict)
+
+    def worker_settings(
+        self, model: ModelSpec, policy: Policy | None = None, *, compat: bool = False, fuse: bool = True
+    ) -> WorkerSettings:
+        """What a :class:`~helix_async.worker.Worker` in this role runs with: the role, the
+        ``model``'s sizes, what a per-hop ``policy`` needs of a node (free links only, feedback;
+        nothing for one that routes at admission or None) and the run's semantics (``compat``,
+        ``fuse``: see :class:`~helix_async.settings.WorkerSettings`)."""
+        hop = policy is not None and not policy.routes_at_admission
+        return WorkerSettings(
+            layers=self.layers,
+            num_layers=model.num_layers,
+            limits=self.limits,
+            kv_capacity=self.kv_capacity,
+            activation_bytes=model.activation_size,
+            token_bytes=model.token_size,
+            out_links=self.out_links,
+            next_layers=self.next_layers,
+            free_links_only=hop and policy is not None and policy.free_links_only,
+            feedback=hop and policy is not None and policy.feedback,
+            compat=compat,
+            fuse=fuse,
+        )
 
 
 def worker_roles(
@@ -77,12 +103,10 @@ def node_limits(profiles: ProfileSet, gpu: str, k: int) -> tuple[BatchLimits, in
 
 
 def flow_router(
-    placement: Placement, flow: FlowPlan, kv: tuple[float, float] = (0.85, 1.0), tm: ThroughputModel | None = None
+    placement: Placement, flow: FlowPlan, kv: tuple[float, float] = KV_OFFLINE, tm: ThroughputModel | None = None
 ) -> Any:
     """MaxFlow's router (a ``FlowRouter``) over ``flow`` with the KV expectation ``kv`` = (fill limit, output ratio)."""
-    tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
-    tracker = KVTracker.from_placement(placement, kv_fill_limit=kv[0], output_ratio=kv[1], tm=tm)
-    return FlowRouter.from_plan(placement, flow, tracker, tm=tm)
+    return maxflow_router(placement, flow, kv, tm)
 
 
 class Replanner:
@@ -91,9 +115,22 @@ class Replanner:
     ``router(lost)`` gives the router of ``placement`` without the ``lost`` nodes, its max flow,
     and "" -- or None, the zero flow and the reason when some layer is held by no live node then.
     The simulator's fault injection and the runtime's host both call it, then ``Host.replan``.
+    policy: the routing policy whose router it builds (an entry of ``routing.policies`` that
+    routes at admission; default ``maxflow``).
     """
 
-    def __init__(self, placement: Placement, kv: tuple[float, float] = (0.85, 1.0), tm: ThroughputModel | None = None) -> None:
+    def __init__(
+        self,
+        placement: Placement,
+        kv: tuple[float, float] = KV_OFFLINE,
+        tm: ThroughputModel | None = None,
+        *,
+        policy: Policy | None = None,
+    ) -> None:
+        policy = policy if policy is not None else POLICIES["maxflow"]
+        if not policy.routes_at_admission:
+            raise ValueError(f"re-planning builds a router: policy {policy.name!r} chooses hop by hop")
+        self.policy = policy
         self.placement = placement
         self.kv = kv
         self.tm = tm if tm is not None else ThroughputModel.for_cluster(placement.model_spec, placement.cluster)
@@ -151,4 +188,4 @@ class Replanner:
             where = ", ".join(f"[{a}, {b})" for a, b in gaps) if gaps else "every path"
             what = "layers" if gaps else "links"
             return None, flow, f"{what} {where} have no live node (lost: {sorted(lost)}); admission stops until one returns"
-        return flow_router(p, flow, self.kv, self.tm), flow, ""
+        return self.policy.make_router(p, flow, self.kv, self.tm), flow, ""

@@ -11,9 +11,14 @@ simulator's CLI; worker and host: the runtime's processes).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+from .errors import ConfigError
 
 __all__ = ["KVExpectation", "KV_OFFLINE", "KV_ONLINE", "kv_for_mode"]
+__all__ += ["WorkerOptions", "WorkerSettings"]
 
 
 # --- KV expectation (admission) -------------------------------------------------------------------
@@ -51,3 +56,108 @@ def kv_for_mode(mode: str) -> KVExpectation:
     if mode == "online":
         return KV_ONLINE
     raise ValueError(f"workload mode must be offline or online, got {mode!r}")
+
+
+# --- Worker (a compute node, and the worker process) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One compute node's configuration: what :class:`helix_async.worker.Worker` runs with.
+
+    The plan's part (``roles.WorkerRole``): layers ``(a, b)`` it holds; limits: its batch limits
+    (``helix_async.worker.BatchLimits``); kv_capacity: KV entries (token x layer); out_links: the
+    receivers of its links, with their layer ranges in next_layers.  The model's: num_layers (L);
+    activation_bytes: bytes of one token's hidden state (the modelled payload of a mid-route
+    message); token_bytes: bytes of one token id.  The scheduling policy's (its entry in
+    ``helix_async.routing.policies``): free_links_only: a prompt leaves only on a link with nothing
+    in flight, and waits here until one is free (Random, Shortest-queue); feedback: send
+    ``Feedback`` to the previous hop when a request leaves (Swarm).  The run's: compat: the
+    original's semantics (KV taken per layer and its overflow counted; the host-to-GPU copy charged
+    for every request received since the first layer last ran, docs/original.md §8.4-8.6); fuse:
+    run a batch through consecutive layers in one executor call when nothing else waits there (the
+    same layer-by-layer schedule in fewer events).
+
+    A value, not a live object: the per-hop chooser and a view of the neighbours' queues are given
+    to the Worker beside it (``policy=``, ``peer_queue_len=``).
+    """
+
+    layers: tuple[int, int]
+    num_layers: int
+    limits: Any
+    kv_capacity: int
+    activation_bytes: int
+    token_bytes: int = 2
+    out_links: tuple[Any, ...] = ()
+    next_layers: Mapping[Any, tuple[int, int]] = field(default_factory=dict)
+    free_links_only: bool = False
+    feedback: bool = False
+    compat: bool = False
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_capacity", "activation_bytes", "token_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError("<WorkerSettings>", name, f"must be an integer >= 0, got {value!r}")
+        object.__setattr__(self, "out_links", tuple(self.out_links))
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker process (``python -m helix_async worker``) runs; the ``worker`` command builds it
+    from its flags, whose defaults are these (docs/runtime.md).
+
+    connect: the host's ZeroMQ address. node_id: the plan node to serve (-1: any free one of this
+    machine type). executor: a name in ``helix_async.executors.registry``. device: cpu, cuda or
+    cuda:N. machine_type: the machine type it registers as (default CPU, or CUDA on a GPU).
+    memory_bytes: what the device may hold, bytes (0: no check). bind: the inbox address. keys,
+    key_name, insecure: CURVE (``transport/curve.py``). advertise: the address peers dial (default:
+    the bound one).  The executors' own options (their flags in the registry): checkpoint, dtype,
+    seed, threads (torch); time_scale (a factor > 0), plan (cost-model); extra: ``(dest, value)``
+    pairs of executor flags that no field here holds.
+    """
+
+    connect: str
+    node_id: int = -1
+    executor: str = "torch"
+    device: str = "cpu"
+    machine_type: str = ""
+    checkpoint: str = ""
+    dtype: str = "float32"
+    seed: int = 0
+    bind: str = "tcp://127.0.0.1:*"
+    threads: int = 1
+    time_scale: float = 1.0
+    memory_bytes: int = 0
+    plan: str = ""
+    keys: str = ""
+    key_name: str = ""
+    insecure: bool = False
+    advertise: str = ""
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def check(self) -> None:
+        """Raise ConfigError naming the flag of the first bad option."""
+        from .executors.registry import executor_entry
+
+        entry = executor_entry(self.executor, "--executor")
+        if entry.needs_profile and not self.machine_type:
+            raise ConfigError("<argument>", "--machine-type", f"the {entry.name} executor needs the machine type it emulates")
+        if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("<argument>", "--connect", f"expected a ZeroMQ address like tcp://HOST:PORT, got {self.connect!r}")
+        if not self.time_scale > 0:
+            raise ConfigError("<argument>", "--time-scale", "must be > 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError("<argument>", "--device", f"unknown device {self.device!r}; use cpu or cuda")
+
+    @property
+    def gpu(self) -> str:
+        """The machine type it registers as."""
+        return self.machine_type or ("CPU" if self.device == "cpu" else "CUDA")
+
+    def values(self) -> dict[str, Any]:
+        """Every option by its flag's dest (the fields, then ``extra``): what an executor reads."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out

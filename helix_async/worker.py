@@ -34,9 +34,9 @@ when it leaves, appended to its route, and its decodes follow that route later.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Absolute imports: this file is also compiled as helix_async._ext._worker (see the end).
 from helix_async.clock import Clock
@@ -55,6 +55,9 @@ from helix_async.messages import (
     make_token_result,
 )
 from helix_async.transport.base import Transport
+
+if TYPE_CHECKING:
+    from helix_async.settings import WorkerSettings
 
 __all__ = ["BatchLimits", "Worker", "WorkerPy", "WorkerStats"]
 
@@ -142,17 +145,11 @@ def _discard(dest: NodeRef, msg: Any) -> None:
 class Worker:
     """One compute node (see the module doc).
 
-    node_id: this node. layers: ``(a, b)``, the layers it holds. num_layers: the model's L.
-    limits: batch limits. kv_capacity: KV entries (token x layer). activation_bytes: bytes of a
-    token's hidden state (the modelled payload of a mid-route message). policy: per-hop next-hop
-    chooser (``choose()`` / ``observe()``, see ``routing.baselines``) over ``out_links``
-    (receivers of this node's links, with their layer ranges in ``next_layers``); None for
-    fixed routes. free_links_only: the policy only takes links with nothing in flight (Random,
-    Shortest-queue); a prompt waits here until one is free. peer_queue_len: the first-layer queue
-    length of a peer (Shortest-queue). compat: the original's semantics (KV taken per layer,
-    overflow counted; the host overhead charged for every request received since the node's
-    first layer last ran). feedback: send ``Feedback`` to the previous hop when a request leaves
-    (Swarm).
+    node_id: this node. settings: its configuration (:class:`~helix_async.settings.WorkerSettings`:
+    layers, batch limits, KV capacity, out-links, the model's sizes, what a per-hop policy needs,
+    compat and fusing). policy: the per-hop next-hop chooser (``choose()`` / ``observe()``, see
+    ``routing.policies``) over ``settings.out_links``; None for fixed routes (MaxFlow).
+    peer_queue_len: the first-layer queue length of a neighbour (Shortest-queue), or None.
     """
 
     def __init__(
@@ -161,25 +158,17 @@ class Worker:
         clock: Clock,
         transport: Transport,
         executor: Executor,
+        settings: WorkerSettings,
         *,
-        layers: tuple[int, int],
-        num_layers: int,
-        limits: BatchLimits,
-        kv_capacity: int,
-        activation_bytes: int,
-        token_bytes: int = 2,
         policy: Any = None,
-        out_links: Sequence[NodeRef] = (),
-        next_layers: dict[NodeRef, tuple[int, int]] | None = None,
-        free_links_only: bool = False,
         peer_queue_len: Callable[[NodeRef], int] | None = None,
-        compat: bool = False,
-        feedback: bool = False,
-        fuse: bool = True,
     ) -> None:
-        a, b = layers
+        a, b = settings.layers
+        num_layers = settings.num_layers
         if not 0 <= a < b <= num_layers:
             raise ValueError(f"node {node_id}: layers [{a}, {b}) not within [0, {num_layers})")
+        limits = settings.limits
+        self.settings = settings
         self.node_id = node_id
         self._clock = clock
         self._now = clock.now
@@ -188,27 +177,32 @@ class Worker:
         self._send = transport.send
         self._executor = executor
         # runs of layers in one executor call when the executor can shorten them (see _step)
-        self._shorten: Callable[[Batch, int], int] | None = getattr(executor, "shorten", None) if fuse else None
+        self._shorten: Callable[[Batch, int], int] | None = (
+            getattr(executor, "shorten", None) if settings.fuse else None
+        )
         # an executor that keeps per-request state (a real KV cache) is told when a request is freed
         self._release: Callable[[int], None] | None = getattr(executor, "release", None)
         self.a, self.b, self.num_layers = a, b, num_layers
         self.limits = limits
         self._lim = (limits.prompt_requests, limits.prompt_tokens, limits.decode_seqs, limits.decode_context)
-        self.kv_capacity = int(kv_capacity)
+        self.kv_capacity = int(settings.kv_capacity)
         self.kv_used = 0
-        self._act = int(activation_bytes)
-        self._tok = int(token_bytes)
+        self._act = int(settings.activation_bytes)
+        self._tok = int(settings.token_bytes)
         n = b - a
-        # One FIFO per local layer, with running totals so that a batch that takes the whole
-        # queue (the common case) is decided without looking at its requests.
-        self._q: list[list[_Item]] = [[] for _ in range(n)]
-        self._qp = [0] * n  # prompts
-        self._qpt = [0] * n  # prompt tokens
-        self._qd = [0] * n  # decodes
-        self._qdc = [0] * n  # decode context tokens
-        self._qh = [0] * n  # tokens entering the node at this layer (host-to-GPU copy)
-        self._queued = 0
-        self._odd = 0  # requests on the node (queued or running) whose stage ends before layer b
+        # One FIFO per local layer, with running totals per layer so that a batch that takes the
+        # whole queue (the common case) is decided without looking at its requests.
+        self._queues: list[list[_Item]] = [[] for _ in range(n)]
+        self._queued_prompts = [0] * n  # prompts in each layer's queue
+        self._queued_prompt_tokens = [0] * n  # their tokens
+        self._queued_decodes = [0] * n  # decodes in each layer's queue
+        self._queued_decode_ctx = [0] * n  # their context tokens
+        # tokens in each layer's queue that enter the node at that layer (their host-to-GPU copy)
+        self._queued_host_tokens = [0] * n
+        self._queued = 0  # requests in all the queues
+        # requests on the node (queued or running) whose stage ends before the node's last layer
+        # (0 in the common case: every request then runs to layer b and leaves together)
+        self._ending_early = 0
         self._cur = 0  # index of the current layer
         self._busy = False
         self._batch: Batch | None = None  # the batch running now
@@ -221,13 +215,13 @@ class Worker:
         self._seq = 0
         self._kv_wait: deque[_Item] = deque()  # default mode: prompts waiting for KV
         self._policy = policy
-        self._out = tuple(out_links)
-        self._next_layers = dict(next_layers or {})
-        self._free_only = free_links_only
+        self._out = tuple(settings.out_links)
+        self._next_layers = dict(settings.next_layers)
+        self._free_only = settings.free_links_only
         self._peer_len = peer_queue_len
         self._link_wait: deque[_Item] = deque()  # prompts waiting for a free out-link
-        self._compat = compat
-        self._feedback = feedback
+        self._compat = settings.compat
+        self._feedback = settings.feedback
         self.stats = WorkerStats()
         self.stopped = False
 
@@ -260,7 +254,7 @@ class Worker:
 
     def first_queue_len(self) -> int:
         """Requests waiting at the node's first layer (what Shortest-queue compares)."""
-        return len(self._q[0])
+        return len(self._queues[0])
 
     def kv_snapshot(self) -> tuple[int, int]:
         """(used, capacity) KV entries."""
@@ -360,13 +354,13 @@ class Worker:
     def _enqueue(self, item: _Item) -> None:
         """A request arriving at the node joins its first layer's queue."""
         self._enqueue_moved(item)
-        self._qh[item.layer - self.a] += item.tokens
+        self._queued_host_tokens[item.layer - self.a] += item.tokens
         batch = self._batch
         if batch is not None and batch.layers > 1 and batch.layer < item.layer < batch.layer + batch.layers:
             # it would join the running batch at its layer: end the run of layers before that one
             self._shorten(batch, item.layer - batch.layer)  # type: ignore[misc]
         if item.end != self.b:
-            self._odd += 1
+            self._ending_early += 1
         if self._queued > self.stats.queued_peak:
             self.stats.queued_peak = self._queued
         if not self._busy and not self._kick_pending:
@@ -383,7 +377,7 @@ class Worker:
 
     def _step(self) -> None:
         """Pick the layer and the batch, and start it (no-op when there is nothing to run)."""
-        queues = self._q
+        queues = self._queues
         n = len(queues)
         cur = self._cur
         for _ in range(n):
@@ -397,13 +391,17 @@ class Worker:
         self._cur = cur
         q = queues[cur]
         pmr, pmt, dmt, dmc = self._lim
-        if self._qp[cur] <= pmr and self._qpt[cur] <= pmt and self._qd[cur] <= dmt and self._qdc[cur] <= dmc:
+        p_req = self._queued_prompts[cur]
+        p_tok = self._queued_prompt_tokens[cur]
+        d_seq = self._queued_decodes[cur]
+        d_ctx = self._queued_decode_ctx[cur]
+        if p_req <= pmr and p_tok <= pmt and d_seq <= dmt and d_ctx <= dmc:
             # the whole queue fits one batch
             chosen = q
             queues[cur] = []
-            p_req, p_tok, d_seq, d_ctx = self._qp[cur], self._qpt[cur], self._qd[cur], self._qdc[cur]
-            host = self._qh[cur]
-            self._qp[cur] = self._qpt[cur] = self._qd[cur] = self._qdc[cur] = self._qh[cur] = 0
+            host = self._queued_host_tokens[cur]
+            self._queued_prompts[cur] = self._queued_prompt_tokens[cur] = self._queued_decodes[cur] = 0
+            self._queued_decode_ctx[cur] = self._queued_host_tokens[cur] = 0
         else:
             # FIFO with skip (§8.5): take each request that still fits, leave the rest in order
             p_req = p_tok = d_seq = d_ctx = host = 0
@@ -426,25 +424,25 @@ class Worker:
                     host += item.tokens
                 chosen.append(item)
             queues[cur] = skipped
-            self._qp[cur] -= p_req
-            self._qpt[cur] -= p_tok
-            self._qd[cur] -= d_seq
-            self._qdc[cur] -= d_ctx
-            self._qh[cur] -= host
+            self._queued_prompts[cur] -= p_req
+            self._queued_prompt_tokens[cur] -= p_tok
+            self._queued_decodes[cur] -= d_seq
+            self._queued_decode_ctx[cur] -= d_ctx
+            self._queued_host_tokens[cur] -= host
             if not chosen:  # a single request above the limits: run it alone rather than never
                 chosen = [skipped.pop(0)]
                 it = chosen[0]
                 if it.prompt:
                     p_req, p_tok = 1, it.tokens
-                    self._qp[cur] -= 1
-                    self._qpt[cur] -= it.tokens
+                    self._queued_prompts[cur] -= 1
+                    self._queued_prompt_tokens[cur] -= it.tokens
                 else:
                     d_seq, d_ctx = 1, it.ctx
-                    self._qd[cur] -= 1
-                    self._qdc[cur] -= it.ctx
+                    self._queued_decodes[cur] -= 1
+                    self._queued_decode_ctx[cur] -= it.ctx
                 if it.layer == it.entry:
                     host = it.tokens
-                    self._qh[cur] -= it.tokens
+                    self._queued_host_tokens[cur] -= it.tokens
         self._queued -= len(chosen)
         # A run of layers: the batch goes on through the next layers while nothing else waits in
         # their queues and none of its requests leaves the node before them; the node would run it
@@ -453,7 +451,7 @@ class Worker:
         last = cur
         if self._shorten is not None:
             last = n - 1
-            if self._odd:
+            if self._ending_early:
                 for it in chosen:
                     if it.end - self.a - 1 < last:
                         last = it.end - self.a - 1
@@ -506,17 +504,17 @@ class Worker:
             for item in items:
                 item.layer = nxt
             whole = not purge
-            if whole and self._odd:
+            if whole and self._ending_early:
                 for item in items:
                     if item.end <= nxt:
                         whole = False
                         break
             if whole:
-                self._q[i].extend(items)
-                self._qp[i] += batch.prompt_requests
-                self._qpt[i] += batch.prompt_tokens
-                self._qd[i] += batch.decode_seqs
-                self._qdc[i] += batch.ctx_tokens
+                self._queues[i].extend(items)
+                self._queued_prompts[i] += batch.prompt_requests
+                self._queued_prompt_tokens[i] += batch.prompt_tokens
+                self._queued_decodes[i] += batch.decode_seqs
+                self._queued_decode_ctx[i] += batch.ctx_tokens
                 self._queued += len(items)
             else:
                 forward = []
@@ -528,7 +526,7 @@ class Worker:
         else:
             forward = items
         self._busy = False
-        self._cur = (layer - self.a + 1) % len(self._q)
+        self._cur = (layer - self.a + 1) % len(self._queues)
         if forward:
             for item in forward:
                 self._leave(item)
@@ -538,13 +536,13 @@ class Worker:
     def _enqueue_moved(self, item: _Item) -> None:
         """``item`` joins the queue of its (next) layer ``item.layer``."""
         i = item.layer - self.a
-        self._q[i].append(item)
+        self._queues[i].append(item)
         if item.prompt:
-            self._qp[i] += 1
-            self._qpt[i] += item.tokens
+            self._queued_prompts[i] += 1
+            self._queued_prompt_tokens[i] += item.tokens
         else:
-            self._qd[i] += 1
-            self._qdc[i] += item.ctx
+            self._queued_decodes[i] += 1
+            self._queued_decode_ctx[i] += item.ctx
         self._queued += 1
 
     # ---- outbound -------------------------------------------------------------------------------
@@ -552,7 +550,7 @@ class Worker:
     def _leave(self, item: _Item) -> None:
         """``item`` ran its stage's last layer: send it on, or its token to the host."""
         if item.end != self.b:
-            self._odd -= 1
+            self._ending_early -= 1
         if item.rid not in self._reqs:  # cancelled while its batch ran
             return
         now = self._now()
@@ -727,24 +725,24 @@ class Worker:
             self._enqueue(item)
 
     def _cancel(self, rid: int) -> None:
-        queued = [it for q in self._q for it in q if it.rid == rid]
-        for i, q in enumerate(self._q):
+        queued = [it for q in self._queues for it in q if it.rid == rid]
+        for i, q in enumerate(self._queues):
             kept = [it for it in q if it.rid != rid]
             if len(kept) != len(q):
                 for it in q:
                     if it.rid == rid:
                         if it.prompt:
-                            self._qp[i] -= 1
-                            self._qpt[i] -= it.tokens
+                            self._queued_prompts[i] -= 1
+                            self._queued_prompt_tokens[i] -= it.tokens
                         else:
-                            self._qd[i] -= 1
-                            self._qdc[i] -= it.ctx
+                            self._queued_decodes[i] -= 1
+                            self._queued_decode_ctx[i] -= it.ctx
                         if it.layer == it.entry:
-                            self._qh[i] -= it.tokens
+                            self._queued_host_tokens[i] -= it.tokens
                         if it.end != self.b:
-                            self._odd -= 1
+                            self._ending_early -= 1
                         self._queued -= 1
-                self._q[i] = kept
+                self._queues[i] = kept
         self._kv_wait = deque(it for it in self._kv_wait if it.rid != rid)
         self._link_wait = deque(it for it in self._link_wait if it.rid != rid)
         req = self._reqs.get(rid)

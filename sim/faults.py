@@ -34,6 +34,7 @@ import numpy as np
 
 from helix_async.errors import ConfigError
 from helix_async.roles import Replanner
+from helix_async.routing.policies import POLICIES
 
 __all__ = ["DETECT_AFTER_S", "Fault", "FaultInjector", "parse_faults"]
 
@@ -85,12 +86,13 @@ class FaultInjector:
     """Schedules ``faults`` on a :class:`~sim.simulation.Simulation` (see the module doc)."""
 
     def __init__(self, sim: Any, faults: Sequence[Fault], *, detect_after: float = DETECT_AFTER_S) -> None:
-        if sim.setup.scheduler != "maxflow":
-            raise ConfigError("<argument>", "--faults", "fault recovery re-plans MaxFlow's flows: use --scheduler maxflow")
+        if not sim.policy.routes_at_admission:
+            able = ", ".join(p.name for p in POLICIES.values() if p.routes_at_admission)
+            raise ConfigError("<argument>", "--faults", f"fault recovery re-plans MaxFlow's flows: use --scheduler {able}")
         self.sim = sim
         self.faults = list(faults)
         self.detect_after = float(detect_after)
-        self.replanner = Replanner(sim.placement, sim.setup.kv, sim.tm)
+        self.replanner = Replanner(sim.placement, sim.setup.kv, sim.tm, policy=sim.policy)
         self.lost: set[int] = set()
         self.records: list[dict[str, Any]] = [
             {"node": f.node, "killed_at": sim.t0 + f.at, "detected_at": None, "revived_at": None,

@@ -51,9 +51,10 @@ class OfflineFeeder:
         self.end = end
         self.feed_hwm = feed_hwm
         self.launched = 0
-        self._maxflow = sim.setup.scheduler == "maxflow"
+        # a router admits by the KV expectation: top up when a prompt is done, unless KV is short
+        self._kv_admission = sim.policy.routes_at_admission
         host = sim.host
-        if self._maxflow:
+        if self._kv_admission:
             host.on_prompt_done = self._completion
             host.on_query_done = self._completion
         else:
@@ -76,7 +77,7 @@ class OfflineFeeder:
         if now > self.end:
             return
         host = self.sim.host
-        if self._maxflow and host.kv_bottleneck() > self.feed_hwm:
+        if self._kv_admission and host.kv_bottleneck() > self.feed_hwm:
             return
         if host.waiting and not self.sim.setup.compat:
             # queries already wait for admission: the cluster cannot serve more now

@@ -29,13 +29,9 @@ from helix_async.messages import DecodeWork, PromptWork
 from helix_async.model import ModelSpec, ThroughputModel, load_profiles, max_compute_throughput
 from helix_async.placement import Placement
 from helix_async.placement.flow import max_flow
-from helix_async.roles import flow_router, worker_roles
-from helix_async.routing import (
-    RandomPolicy,
-    ShortestQueuePolicy,
-    SwarmPolicy,
-    node_seed,
-)
+from helix_async.roles import worker_roles
+from helix_async.routing.policies import POLICIES, get_policy
+from helix_async.settings import KV_OFFLINE
 from helix_async.transport.base import HOST
 from helix_async.transport.memory import MemoryNetwork
 from helix_async.vloop import VirtualTimeLoop
@@ -43,7 +39,8 @@ from helix_async.worker import Worker
 
 __all__ = ["SCHEDULERS", "Simulation", "SimulationSetup", "helix_message_bytes", "reserved_rates"]
 
-SCHEDULERS = ("maxflow", "swarm", "random", "shortest-queue")
+#: The scheduler names a simulation takes: the routing policies' table (``routing.policies``).
+SCHEDULERS = tuple(POLICIES)
 
 #: The original's minimum bandwidth on source/sink hops and on compute hops (B/s), §1.
 TOKEN_SLOW_LINK = 10.0
@@ -65,7 +62,7 @@ class SimulationSetup:
 
     placement: Placement
     scheduler: str = "maxflow"
-    kv: tuple[float, float] = (0.85, 1.0)
+    kv: tuple[float, float] = KV_OFFLINE
     compat: bool = False
     drop_rejected: bool = False
     seed: int = 0
@@ -147,9 +144,10 @@ class Simulation:
     """Host, workers and network of one placement on a fresh virtual-time loop."""
 
     def __init__(self, setup: SimulationSetup, tm: ThroughputModel | None = None) -> None:
-        if setup.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {setup.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        policy = get_policy(setup.scheduler)
         self.setup = setup
+        #: the scheduler's entry in the policies' table
+        self.policy = policy
         p = setup.placement
         self.placement = p
         cluster: ClusterSpec = p.cluster
@@ -163,10 +161,10 @@ class Simulation:
         self.loop = VirtualTimeLoop()
         self.clock = LoopClock(self.loop)
         compat = setup.compat
-        maxflow = setup.scheduler == "maxflow"
         if compat:
             size = helix_message_bytes(spec)
-            mode = "reserved" if maxflow else "available"
+            # the original reserves each link's share of the flows a router routes on (§7.1 step 5)
+            mode = "reserved" if policy.routes_at_admission else "available"
         else:
             size = wire_bytes
             mode = "fair"
@@ -181,19 +179,14 @@ class Simulation:
         roles = worker_roles(p, self.tm)
         layers = {i: r.layers for i, r in roles.items()}
         self.workers: dict[int, Worker] = {}
-        per_hop = not maxflow
-        free_only = setup.scheduler in ("random", "shortest-queue")
-        peer_len = self._peer_queue_len if setup.scheduler == "shortest-queue" else None
+        self._peer_len = self._peer_queue_len if policy.peer_queue_len else None
         self._profiles = load_profiles(spec)
         self._roles = roles
-        self._worker_kw: dict[str, Any] = dict(free_links_only=free_only, peer_queue_len=peer_len, compat=compat,
-                               feedback=setup.scheduler == "swarm", fuse=setup.fuse_layers)
-        self._per_hop = per_hop
         for i in roles:
             self.workers[i] = self._make_worker(i)
         host_tp = self.network.endpoint(HOST)
-        if maxflow:
-            router = flow_router(p, self.flow, setup.kv, self.tm)
+        if policy.routes_at_admission:
+            router = policy.make_router(p, self.flow, setup.kv, self.tm)
             self.host = Host(self.clock, host_tp, router=router, compat=compat, drop_rejected=setup.drop_rejected)
         else:
             first = p.out_links(SOURCE)
@@ -201,34 +194,29 @@ class Simulation:
             self.host = Host(
                 self.clock,
                 host_tp,
-                policy=self._policy(SOURCE, first),
+                policy=policy.make_hop(first, setup.seed, SOURCE),
                 first_hops=hops,
                 compat=compat,
-                free_links_only=free_only,
-                peer_queue_len=peer_len,
+                free_links_only=policy.free_links_only,
+                peer_queue_len=self._peer_len,
             )
         self.host.start()
 
     def _make_worker(self, i: int) -> Worker:
         role = self._roles[i]
         spec = self.model
+        setup = self.setup
+        policy = self.policy
         executor = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size)
-        out = list(role.out_links)
+        settings = role.worker_settings(spec, policy, compat=setup.compat, fuse=setup.fuse_layers)
         w = Worker(
             i,
             self.clock,
             self.network.endpoint(i),
             executor,
-            layers=role.layers,
-            num_layers=spec.num_layers,
-            limits=role.limits,
-            kv_capacity=role.kv_capacity,
-            activation_bytes=spec.activation_size,
-            token_bytes=spec.token_size,
-            policy=self._policy(i, out) if self._per_hop else None,
-            out_links=out,
-            next_layers=role.next_layers,
-            **self._worker_kw,
+            settings,
+            policy=None if policy.routes_at_admission else policy.make_hop(settings.out_links, setup.seed, i),
+            peer_queue_len=self._peer_len,
         )
         w.start()
         return w
@@ -239,14 +227,6 @@ class Simulation:
         w = self._make_worker(i)
         self.workers[i] = w
         return w
-
-    def _policy(self, node: NodeRef, out: list[NodeRef]) -> Any:
-        s = self.setup
-        if s.scheduler == "swarm":
-            return SwarmPolicy(out)
-        if s.scheduler == "random":
-            return RandomPolicy(out, seed=node_seed(s.seed, node))
-        return ShortestQueuePolicy(out, seed=node_seed(s.seed, node))
 
     def _peer_queue_len(self, node: NodeRef) -> int:
         """Shortest-queue's view of a neighbour: its first-layer queue (0 for the sink).  In a

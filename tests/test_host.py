@@ -22,6 +22,7 @@ from helix_async.ids import SINK, SOURCE, NodeRef, Route
 from helix_async.messages import Cancel, DecodeWork, Feedback, Heartbeat, PromptWork, TokenResult
 from helix_async.placement import Placement
 from helix_async.routing import FlowRouter, KVTracker
+from helix_async.settings import WorkerSettings
 from helix_async.transport import HOST
 from helix_async.transport.memory import MemoryNetwork
 from helix_async.vloop import VirtualTimeLoop
@@ -416,12 +417,8 @@ def test_host_workers_and_network_exact_times(loop: VirtualTimeLoop, compat: boo
             clock,
             net.endpoint(i),
             StubExecutor(clock),
-            layers=rng,
-            num_layers=4,
-            limits=BatchLimits(8, 10_000, 8, 100_000),
-            kv_capacity=100_000,
-            activation_bytes=ACT,
-            compat=compat,
+            WorkerSettings(layers=rng, num_layers=4, limits=BatchLimits(8, 10_000, 8, 100_000), kv_capacity=100_000,
+                           activation_bytes=ACT, compat=compat),
         )
         w.start()
         workers.append(w)

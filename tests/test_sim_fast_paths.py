@@ -29,6 +29,7 @@ from helix_async.interp import BatchTimer
 from helix_async.messages import Cancel, DecodeWork, PromptWork, TokenResult
 from helix_async.model import GpuProfile
 from helix_async.placement.io import load_shipped_layout
+from helix_async.settings import WorkerSettings
 from helix_async.transport.memory import MemoryNetwork, MemoryNetworkPy
 from helix_async.vloop import VirtualTimeLoop
 from helix_async.worker import BatchLimits, Worker, WorkerPy
@@ -103,13 +104,9 @@ def drive(cls: type, *, fuse: bool, compat: bool, seed: int) -> tuple[list[Any],
             clock,
             tp,
             ex,
-            layers=(0, 8),
-            num_layers=8,
-            limits=LIMITS,
-            kv_capacity=9_000,
-            activation_bytes=64,
-            compat=compat,
-            fuse=fuse,
+            WorkerSettings(
+                layers=(0, 8), num_layers=8, limits=LIMITS, kv_capacity=9_000, activation_bytes=64, compat=compat, fuse=fuse
+            ),
         )
         w.start()
         t = 0.0
@@ -224,8 +221,8 @@ def test_compat_kv_checks_before_a_fall_during_a_run(cls: type) -> None:
             tp = LoopBack(loop, clock, random.Random(0))
             profile = GpuProfile("X", PX, PS, DX, DS, BatchTimer(PX, PS, DX, DS))
             ex = CostModelExecutor(clock, profile, activation_bytes=64)
-            w = cls(0, clock, tp, ex, layers=(0, 2), num_layers=2, limits=LIMITS, kv_capacity=2050,
-                    activation_bytes=64, compat=True, fuse=fuse)
+            w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=LIMITS, kv_capacity=2050,
+                                                     activation_bytes=64, compat=True, fuse=fuse))
             w.start()
             big = PromptWork(request_id=1, query_id=1, route=((0, 0, 2),), stage=0, num_tokens=1000,
                              token_ids=(), max_tokens=5, sent_at=0.0, payload_bytes=0)

@@ -30,6 +30,7 @@ from helix_async.host import Host  # noqa: E402
 from helix_async.ids import SINK, SOURCE, NodeRef  # noqa: E402
 from helix_async.messages import DecodeWork, PromptWork  # noqa: E402
 from helix_async.routing import FlowRouter, KVTracker  # noqa: E402
+from helix_async.settings import WorkerSettings  # noqa: E402
 from helix_async.transport import HOST  # noqa: E402
 from helix_async.transport.memory import MemoryNetwork  # noqa: E402
 from helix_async.vloop import VirtualTimeLoop  # noqa: E402
@@ -82,8 +83,9 @@ def chain(loop: VirtualTimeLoop, ckpt: Path, dtype: str = "float32") -> tuple[Ho
     for i, (a, b) in ranges.items():
         ex = TorchExecutor(clock, load_stage(ckpt, a, b, dtype=dtype), threaded=False)
         log: list[tuple[int, int, int]] = []
-        w = Worker(i, clock, net.endpoint(i), Delayed(clock, ex, log), layers=(a, b), num_layers=LAYERS,
-                   limits=BatchLimits(8, 512, 16, 10**6), kv_capacity=10**7, activation_bytes=128)
+        w = Worker(i, clock, net.endpoint(i), Delayed(clock, ex, log),
+                   WorkerSettings(layers=(a, b), num_layers=LAYERS, limits=BatchLimits(8, 512, 16, 10**6),
+                                  kv_capacity=10**7, activation_bytes=128))
         w.start()
         workers.append(w)
         execs.append((ex, log))

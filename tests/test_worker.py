@@ -20,6 +20,7 @@ from helix_async.ids import SINK, SOURCE, NodeRef, Route
 from helix_async.interp import BatchTimer
 from helix_async.messages import Cancel, DecodeWork, Feedback, Heartbeat, PromptWork, TokenResult
 from helix_async.model import GpuProfile
+from helix_async.settings import WorkerSettings
 from helix_async.transport import Transport
 from helix_async.vloop import VirtualTimeLoop
 from helix_async.worker import BatchLimits, Worker
@@ -107,18 +108,11 @@ class Node:
         self.clock = LoopClock(loop)
         self.ex = StubExecutor(self.clock)
         self.tp = RecordingTransport(self.clock, node_id)
-        self.w = Worker(
-            node_id,
-            self.clock,
-            self.tp,
-            self.ex,
-            layers=layers,
-            num_layers=num_layers,
-            limits=limits,
-            kv_capacity=kv,
-            activation_bytes=ACT,
-            **kw,
+        live = {k: kw.pop(k) for k in ("policy", "peer_queue_len") if k in kw}
+        settings = WorkerSettings(
+            layers=layers, num_layers=num_layers, limits=limits, kv_capacity=kv, activation_bytes=ACT, **kw
         )
+        self.w = Worker(node_id, self.clock, self.tp, self.ex, settings, **live)
         self.w.start()
 
     def at(self, t: float, msg: Any, sender: NodeRef = SOURCE) -> None:
@@ -181,11 +175,7 @@ def test_worker_and_stubs_satisfy_the_interfaces(loop: VirtualTimeLoop) -> None:
             nd.clock,
             nd.tp,
             nd.ex,
-            layers=(2, 2),
-            num_layers=2,
-            limits=WIDE,
-            kv_capacity=1,
-            activation_bytes=1,
+            WorkerSettings(layers=(2, 2), num_layers=2, limits=WIDE, kv_capacity=1, activation_bytes=1),
         )
     loop.run_until_complete(nd.w.stop())
     assert nd.w.stopped and nd.tp.closed
@@ -784,7 +774,7 @@ def test_worker_on_the_cost_model(loop: VirtualTimeLoop) -> None:
     ex = CostModelExecutor(clock, exact_profile(), activation_bytes=0)
     tp = RecordingTransport(clock, 0)
     w = Worker(
-        0, clock, tp, ex, layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000, activation_bytes=ACT
+        0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000, activation_bytes=ACT)
     )
     w.start()
     w.on_message(SOURCE, prompt(1, R01, 256, max_tokens=2))

@@ -15,14 +15,15 @@ cdef class _Req:
 
 cdef class Worker:
     cdef public Py_ssize_t node_id, a, b, num_layers, kv_capacity, kv_used
-    cdef public object stats, limits
+    cdef public object stats, limits, settings
     cdef public bint stopped
     cdef public object _clock, _now, _soon, _transport, _send, _executor, _shorten, _release, _batch
     cdef public object _kv_wait, _link_wait, _policy, _peer_len
     cdef public tuple _lim, _out
     cdef public Py_ssize_t _act, _tok
-    cdef public list _q, _qp, _qpt, _qd, _qdc, _qh
-    cdef public Py_ssize_t _queued, _odd, _cur, _cancel_debt, _host_tokens, _seq, _credited
+    cdef public list _queues, _queued_prompts, _queued_prompt_tokens, _queued_decodes, _queued_decode_ctx
+    cdef public list _queued_host_tokens
+    cdef public Py_ssize_t _queued, _ending_early, _cur, _cancel_debt, _host_tokens, _seq, _credited
     cdef public bint _busy, _purge, _kick_pending, _free_only, _compat, _feedback
     cdef public dict _reqs, _next_layers
 

@@ -17,12 +17,16 @@ time (the same float sums as ``L`` one-layer batches), and one timer at the last
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..clock import Clock
 from ..model import GpuProfile
 from .base import Batch
 
-__all__ = ["HOST_COPY_S_PER_BYTE", "CostModelExecutor"]
+if TYPE_CHECKING:
+    from .registry import ExecutorContext
+
+__all__ = ["HOST_COPY_S_PER_BYTE", "CostModelExecutor", "from_context"]
 
 #: Seconds per byte of host-side concat (4e9 B/s) plus host-to-GPU copy (5e9 B/s), HELIX_SPEC §8.4.
 HOST_COPY_S_PER_BYTE = 1.0 / 4e9 + 1.0 / 5e9
@@ -104,3 +108,11 @@ class CostModelExecutor:
         batch.layers = j
         self._handle = self._at(end, self._done, batch)
         return j
+
+
+def from_context(ctx: ExecutorContext) -> CostModelExecutor:
+    """The registry's factory (``executors.registry``): priced by the profile of the machine type
+    the worker emulates, slowed by its ``time_scale``."""
+    if ctx.profile is None:
+        raise ValueError("the cost-model executor needs the machine type's profile")
+    return CostModelExecutor(ctx.clock, ctx.profile, ctx.model.activation_size, float(ctx.options["time_scale"]))

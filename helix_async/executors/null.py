@@ -8,11 +8,15 @@ Messages carry modelled payloads, as under the cost model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..clock import Clock
 from .base import Batch
 
-__all__ = ["NullExecutor"]
+if TYPE_CHECKING:
+    from .registry import ExecutorContext
+
+__all__ = ["NullExecutor", "from_context"]
 
 
 class NullExecutor:
@@ -28,3 +32,8 @@ class NullExecutor:
 
     def duration(self, batch: Batch) -> float:
         return 0.0
+
+
+def from_context(ctx: ExecutorContext) -> NullExecutor:
+    """The registry's factory (``executors.registry``)."""
+    return NullExecutor(ctx.clock)

@@ -32,7 +32,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,8 +41,12 @@ from ..clock import Clock
 from ..messages import PromptWork
 from .base import Batch, ExecFailure
 from .llama import SeqCache, StageWeights
+from .registry import ExecutorLoadError
 
-__all__ = ["ExecFailure", "Sampling", "TorchExecutor"]
+if TYPE_CHECKING:
+    from .registry import ExecutorContext
+
+__all__ = ["ExecFailure", "Sampling", "TorchExecutor", "from_context"]
 
 
 class Sampling:
@@ -266,3 +270,49 @@ class TorchExecutor:
         for it, (_, n) in zip(live, spans, strict=True):
             it.data = x[off : off + n]
             off += n
+
+
+def from_context(ctx: ExecutorContext) -> TorchExecutor:
+    """The registry's factory (``executors.registry``): the worker's layers from its
+    ``checkpoint`` (a Hugging Face directory) or seeded dummy weights of the plan's model, in
+    ``dtype`` on ``device``, computed on one helper thread with ``threads`` torch threads.
+
+    Raises :class:`ExecutorLoadError`: with ``out_of_memory`` when the layers' weights exceed
+    ``memory_bytes`` (when set) or the GPU's free memory, or an allocation fails while loading;
+    without it for anything else (a checkpoint that is not the plan's model or not readable, no
+    CUDA).  Blocks while it loads: the worker calls it off its event loop.
+    """
+    from .llama import LlamaConfig, ModelLoadError, dummy_stage, load_stage, stage_bytes, torch_dtype
+    from .profiling import llama_config
+
+    opts = ctx.options
+    spec = ctx.model
+    start, end = ctx.layers
+    checkpoint = str(opts["checkpoint"])
+    device = str(opts["device"])
+    dtype = str(opts["dtype"])
+    memory = int(opts["memory_bytes"])
+    try:
+        cfg = LlamaConfig.from_dir(checkpoint) if checkpoint else llama_config(spec)
+        if cfg.num_layers != spec.num_layers:
+            raise ModelLoadError(f"{checkpoint}: {cfg.num_layers} layers, the plan's {spec.name} has {spec.num_layers}")
+        need = stage_bytes(cfg, start, end, torch_dtype(dtype).itemsize)
+        if memory and need > memory:
+            raise ExecutorLoadError(f"layers [{start}, {end}) need {need} bytes of weights; the device holds {memory}",
+                                    out_of_memory=True)
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ModelLoadError("--device cuda: CUDA is not available on this machine")
+            free, _total = torch.cuda.mem_get_info(torch.device(device))
+            if need > free:
+                raise ExecutorLoadError(f"layers [{start}, {end}) need {need} bytes; the GPU has {free} free",
+                                        out_of_memory=True)
+        if checkpoint:
+            stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
+        else:
+            stage = dummy_stage(cfg, start, end, seed=int(opts["seed"]), dtype=dtype, device=device)
+    except ModelLoadError as e:
+        raise ExecutorLoadError(str(e)) from None
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        raise ExecutorLoadError(f"layers [{start}, {end}): out of memory while loading ({e})", out_of_memory=True) from None
+    return TorchExecutor(ctx.clock, stage, threaded=True, threads=int(opts["threads"]))

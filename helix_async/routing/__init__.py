@@ -12,7 +12,9 @@ compiled KVTracker; ``FlowRouter.from_plan`` builds the matching one when none i
   stages only, the sink implicit), the shape work messages carry as is;
 * :class:`AdmissionQueue` -- bounded FIFO for requests that cannot be placed yet (pure Python);
 * :class:`SwarmPolicy`, :class:`RandomPolicy`, :class:`ShortestQueuePolicy` -- per-hop baselines
-  (§7.3-7.5, pure Python); :func:`node_seed` derives the per-node seed the random ones require.
+  (§7.3-7.5, pure Python); :func:`node_seed` derives the per-node seed the random ones require;
+* :data:`POLICIES` -- the policies by name (``policies``): how to build the host's router or a
+  node's chooser, and what a node needs for it; the simulator and the runtime both pick from it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ._kv_py import KVTracker as KVTrackerPy
 from ._router_py import MIN_FLOW_SHARE, Admission, AdmissionQueue, RouterLike
 from ._router_py import FlowRouter as FlowRouterPy
 from .baselines import RandomPolicy, ShortestQueuePolicy, SwarmPolicy, node_seed
+from .policies import POLICIES, Policy, get_policy, runtime_policy
 
 _mod = _ext.load("_routing")
 IWRRC = None if _mod is None else _mod.IWRR
@@ -37,6 +40,7 @@ __all__ = [
     "COMPILED",
     "IWRR",
     "MIN_FLOW_SHARE",
+    "POLICIES",
     "Admission",
     "AdmissionQueue",
     "FlowRouter",
@@ -47,9 +51,12 @@ __all__ = [
     "KVTracker",
     "KVTrackerC",
     "KVTrackerPy",
+    "Policy",
     "RandomPolicy",
     "RouterLike",
     "ShortestQueuePolicy",
     "SwarmPolicy",
+    "get_policy",
     "node_seed",
+    "runtime_policy",
 ]

@@ -7,10 +7,12 @@ import asyncio
 import logging
 import random
 import signal
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..settings import WorkerOptions
 
 log = logging.getLogger("helix_async.runtime")
 
@@ -280,33 +282,58 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker_main import WorkerOptions, WorkerServer
+    from .worker_main import WorkerServer
 
-    opts = WorkerOptions(
-        connect=args.connect,
-        node_id=args.node_id,
-        executor=args.executor,
-        device=args.device,
-        machine_type=args.machine_type or "",
-        checkpoint=args.checkpoint or "",
-        dtype=args.dtype,
-        seed=args.seed,
-        bind=args.bind,
-        threads=args.threads,
-        time_scale=args.time_scale,
-        memory_bytes=int(args.memory_bytes or 0),
-        plan=args.plan or "",
-        keys=args.keys or "",
-        key_name=args.key_name or "",
-        insecure=args.insecure,
-        advertise=args.advertise or "",
-    )
+    opts = worker_options(args)
     if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
         raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
     server = WorkerServer(opts)
     rc = _run(server.run())
     log.info("worker exits: %s", server.exit_reason or "done")
     return rc
+
+
+def worker_options(args: argparse.Namespace) -> WorkerOptions:
+    """The ``worker`` command's options from its flags: the common ones and every executor's
+    (``executors.registry``); an executor flag that no ``WorkerOptions`` field holds goes to
+    ``extra``."""
+    from ..executors.registry import executor_flags
+
+    known = {f.name for f in fields(WorkerOptions)}
+    values: dict[str, Any] = {}
+    extra: list[tuple[str, Any]] = []
+    for name in [*WORKER_FLAGS, *(f.dest for f in executor_flags())]:
+        value = getattr(args, name)
+        if name not in known:
+            extra.append((name, value))
+        elif name == "memory_bytes":
+            values[name] = int(value or 0)
+        else:
+            values[name] = "" if value is None else value
+    return WorkerOptions(**values, extra=tuple(extra))
+
+
+#: the ``worker`` flags every executor shares, by WorkerOptions field (the executors' own flags
+#: come from ``executors.registry``)
+WORKER_FLAGS = ("connect", "node_id", "executor", "device", "machine_type", "memory_bytes", "bind", "keys", "key_name",
+                "insecure", "advertise")
+
+
+def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) -> None:
+    """Every executor's flags (each once), with the WorkerOptions default of a flag it has a field for."""
+    from ..executors.registry import executor_flags
+
+    have = {f.name for f in fields(WorkerOptions)}
+    for f in executor_flags():
+        kw: dict[str, Any] = {"dest": f.dest, "help": f.help,
+                              "default": getattr(defaults, f.dest) if f.dest in have else f.default}
+        if f.kind != "str":
+            kw["type"] = kinds[f.kind]
+        if f.choices is not None:
+            kw["choices"] = list(f.choices)
+        if f.metavar is not None:
+            kw["metavar"] = f.metavar
+        w.add_argument(f.option, **kw)
 
 
 def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
@@ -361,23 +388,26 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     r.add_argument("--plots", action="store_true", help="also write throughput.png and latency.png into DIR")
     r.set_defaults(handler=cmd_report)
 
-    w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)")
+    from ..executors.registry import EXECUTORS
+
+    dw = WorkerOptions(connect="")  # the flags' defaults
+    w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="executors:\n" + "\n".join(f"  {e.describe()}" for e in EXECUTORS.values()))
     w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")
-    w.add_argument("--node-id", type=int, default=-1, help="the plan node to serve (default: any free one of this type)")
-    w.add_argument("--executor", default="torch", help="torch, cost-model or null (no cost: overhead benchmarks) (default %(default)s)")
-    w.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
-    w.add_argument("--machine-type", default=None, help="machine type (default CPU, or CUDA on a GPU)")
-    w.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint directory (default: seeded dummy weights)")
-    w.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    w.add_argument("--seed", type=int, default=0, help="seed of the dummy weights")
-    w.add_argument("--bind", default="tcp://127.0.0.1:*", help="inbox address (default %(default)s)")
-    w.add_argument("--threads", type=positive_int, default=1, help="torch threads (default %(default)s)")
-    w.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: slow every modelled duration by K")
-    w.add_argument("--memory-bytes", type=positive, default=None, help="what the device may hold (refuse larger layer ranges)")
-    w.add_argument("--plan", default=None, help="cost-model: emulate this plan's links out of the node (scaled by --time-scale)")
-    w.add_argument("--keys", default=None, metavar="DIR", help="CURVE keys (the same directory layout as the host's)")
-    w.add_argument("--key-name", default=None, help="--keys: this worker's key pair (default worker-<node id>)")
+    w.add_argument("--node-id", type=int, default=dw.node_id,
+                   help="the plan node to serve (default: any free one of this type)")
+    w.add_argument("--executor", default=dw.executor,
+                   help=f"{', '.join(EXECUTORS)} (see below) (default %(default)s)")
+    w.add_argument("--device", default=dw.device, help="device: cpu or cuda (default %(default)s)")
+    w.add_argument("--machine-type", default=dw.machine_type, help="machine type (default CPU, or CUDA on a GPU)")
+    w.add_argument("--memory-bytes", type=positive, default=dw.memory_bytes,
+                   help="what the device may hold (refuse larger layer ranges)")
+    w.add_argument("--bind", default=dw.bind, help="inbox address (default %(default)s)")
+    w.add_argument("--keys", default=dw.keys, metavar="DIR", help="CURVE keys (the same directory layout as the host's)")
+    w.add_argument("--key-name", default=dw.key_name, help="--keys: this worker's key pair (default worker-<node id>)")
     w.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
-    w.add_argument("--advertise", default=None, metavar="ENDPOINT",
+    w.add_argument("--advertise", default=dw.advertise, metavar="ENDPOINT",
                    help="the address peers dial, when it differs from --bind (NAT, containers, proxies)")
+    _add_executor_flags(w, dw, {"int": int, "positive": positive, "positive_int": positive_int})
     w.set_defaults(handler=cmd_worker)

@@ -7,7 +7,8 @@ one *process actor* for the host and one per plan node.  A process actor runs on
 helix_async host`` or ``worker`` process on the Ray node it was placed on and reports its output
 and exit.  A worker's actor asks for the custom resource ``gpu_type:<TYPE>`` (1 unit) of its plan
 node's machine type, so it lands on a Ray node started with, for instance, ``ray start
---resources='{"gpu_type:A100": 4}'``; with ``--device cuda`` it also takes one Ray GPU.  The host
+--resources='{"gpu_type:A100": 4}'``; with ``--device cuda`` and an executor that computes on one
+(``executors.registry``: torch) it also takes one Ray GPU.  The host
 binds its ZeroMQ inbox and the HTTP API on its node's IP address; workers connect to it and then
 to each other over ZeroMQ, exactly as when started by hand.
 
@@ -133,6 +134,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tuple[int, str]], plan_text: str) -> int:
+    from ..executors.registry import executor_entry
+
+    entry = executor_entry(args.executor)
     available = ray.cluster_resources()
     # machine types compare without case (as registration does): use the cluster's spelling
     by_lower = {k.lower(): k for k in available if k.startswith("gpu_type:")}
@@ -170,7 +174,7 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
             argv += ["--http", http, "--url-file", "url"]
         if args.tokenizer:
             argv += ["--tokenizer", args.tokenizer]
-        if args.executor == "cost-model":
+        if entry.emulates:
             argv += ["--emulate", str(args.time_scale)]
         secure = ["--keys", args.keys] if args.keys else (["--insecure"] if args.insecure else [])
         argv += secure
@@ -181,16 +185,18 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
         print(f"[launch] host on {host_ip}: {address}", flush=True)
         for i, gpu in nodes:
             opts: dict[str, Any] = {"num_cpus": 0, "resources": {resource[gpu]: 1}}
-            if args.device.startswith("cuda"):
+            if args.device.startswith("cuda") and "cuda" in entry.devices:
                 opts["num_gpus"] = 1
             w = Actor.options(**opts).remote(f"worker {i}")
             ip = ray.get(w.node_ip.remote())
             wargv = ["--log-level", args.log_level, "worker", "--connect", address, "--node-id", str(i), "--executor",
                      args.executor, "--device", args.device, "--bind", f"tcp://{ip}:*", "--seed", str(args.seed)]
-            if args.executor == "cost-model":
+            if entry.needs_profile:
+                wargv += ["--machine-type", gpu]
+            if entry.emulates:
                 wplan = ray.get(w.write.remote("plan.toml", plan_text))
-                wargv += ["--machine-type", gpu, "--plan", wplan, "--time-scale", str(args.time_scale)]
-            if args.checkpoint:
+                wargv += ["--plan", wplan, "--time-scale", str(args.time_scale)]
+            if args.checkpoint and entry.reads("--checkpoint"):
                 wargv += ["--checkpoint", args.checkpoint]
             wargv += secure
             ray.get(w.start.remote(wargv))
@@ -285,11 +291,16 @@ def _wait_ready(ray: Any, actors: dict[str, Any], offsets: dict[str, int], stopp
 
 
 def add_parser(sub: Any, positive: Any) -> None:
+    from ..executors.registry import EXECUTORS
+    from ..settings import WorkerOptions
+
     la = sub.add_parser("launch", help="start the host and one worker per plan node as Ray actors on a Ray cluster")
     la.add_argument("plan", help="plan file (from `plan`)")
     la.add_argument("--ray", required=True, metavar="ADDRESS", help="the Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
-    la.add_argument("--executor", default="torch", choices=["torch", "cost-model", "null"], help="(default %(default)s)")
-    la.add_argument("--device", default="cpu", help="torch device of the workers (cuda: one Ray GPU each)")
+    la.add_argument("--executor", default=WorkerOptions.executor, choices=list(EXECUTORS),
+                    help="the workers' executor (see `worker --help`) (default %(default)s)")
+    la.add_argument("--device", default=WorkerOptions.device,
+                    help="device of the workers (cuda: one Ray GPU each, for an executor that computes on one)")
     la.add_argument("--checkpoint", default=None, help="checkpoint directory, the same path on every Ray node")
     la.add_argument("--http", default="0.0.0.0:8000", metavar="HOST:PORT",
                     help="the host's HTTP API (0.0.0.0: the host node's IP) (default %(default)s)")

@@ -70,10 +70,13 @@ async def _serve(args: argparse.Namespace) -> int:
                                    max_model_len=args.max_model_len, served_model_name=args.served_model_name,
                                    seed=args.seed, api_key=args.api_key)
     http = _http_setup(host_args, placement)
-    if args.executor == "torch":
+    from ..executors.registry import executor_entry
+
+    entry = executor_entry(args.executor)
+    if entry.extra is not None:
         from ..extras import require
 
-        require("torch", "torch")  # the workers' executor: a one-line error now, not a dead worker later
+        require(*entry.extra)  # the workers' executor's: a one-line error now, not a dead worker later
     workdir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="helix-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = write_placement(placement, workdir / "plan.toml", flow=flow)
@@ -142,7 +145,12 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--model", default="tiny-llama", help="tiny-llama or a checkpoint directory (default %(default)s)")
     s.add_argument("--workers", type=positive_int, default=3, help="local worker processes, one stage each (default %(default)s)")
     s.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve (default %(default)s)")
-    s.add_argument("--executor", default="torch", choices=["torch", "null"], help="worker executor (default %(default)s)")
+    from ..executors.registry import EXECUTORS
+    from ..settings import WorkerOptions
+
+    # (the local workers are plain CPU nodes: an executor that emulates a machine type has none to emulate)
+    s.add_argument("--executor", default=WorkerOptions.executor, choices=[n for n, e in EXECUTORS.items() if not e.needs_profile],
+                   help="worker executor (default %(default)s)")
     s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
     s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")

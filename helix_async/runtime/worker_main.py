@@ -3,15 +3,17 @@
 The process binds its inbox on an ephemeral port, connects to the host and registers (its node id
 if given, its machine type, its inbox address, its executor).  The host answers with
 ``AssignLayers`` once every node of the plan has registered: the layer range, the plan's model and
-the addresses of the next hops.  The worker then builds its executor (``torch``: the model's layers
-from a Hugging Face checkpoint or seeded dummy weights; ``cost-model``: the simulator's executor on
-the real clock, slowed by ``time_scale``; ``null``: no cost, to measure the runtime's own overhead),
-connects to its next hops, declares itself ready, and
-runs the very :class:`~helix_async.worker.Worker` the simulator runs until the host says
-``Shutdown`` or the process gets SIGINT/SIGTERM.
+the addresses of the next hops.  The worker then builds its executor by name from
+:mod:`helix_async.executors.registry` (``torch``: the model's layers from a Hugging Face
+checkpoint or seeded dummy weights; ``cost-model``: the simulator's executor on the real clock,
+slowed by ``time_scale``; ``null``: no cost, to measure the runtime's own overhead), connects to
+its next hops, declares itself ready, and runs the very :class:`~helix_async.worker.Worker` the
+simulator runs until the host says ``Shutdown`` or the process gets SIGINT/SIGTERM.
 
 Start order does not matter: the transport keeps (and retries) the registration until the host is
-there.  A refusal by the host, a model that does not load or does not fit: one line, exit 2.
+there.  A refusal by the host, a model that does not load or does not fit: one line, exit 2; the
+host is told why first (``Error`` with ``OUT_OF_MEMORY`` when the layers do not fit the device,
+``LOAD_FAILED`` for any other load failure).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import logging
 import signal
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..clock import MonotonicClock
 from ..errors import ConfigError, HelixError
+from ..executors.registry import ExecutorContext, ExecutorLoadError, executor_entry
 from ..ids import SINK, SOURCE, NodeRef
 from ..messages import (
     AssignLayers,
@@ -41,57 +43,17 @@ from ..messages import (
 )
 from ..model import get_model, load_profiles
 from ..roles import node_limits
+from ..settings import WorkerOptions, WorkerSettings
 from ..transport.zmq import ZmqTransport
 from ..worker import Worker
 
-__all__ = ["EXECUTORS", "WorkerOptions", "WorkerServer", "run_worker"]
+__all__ = ["WorkerExit", "WorkerOptions", "WorkerServer", "run_worker"]
 
 log = logging.getLogger("helix_async.worker")
-
-EXECUTORS = ("torch", "cost-model", "null")
 
 
 class WorkerExit(HelixError, RuntimeError):
     """The worker cannot serve (refused by the host, a model that does not load): exit 2."""
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """What ``python -m helix_async worker`` is told (see its --help)."""
-
-    connect: str
-    node_id: int = -1
-    executor: str = "torch"
-    device: str = "cpu"
-    machine_type: str = ""
-    checkpoint: str = ""
-    dtype: str = "float32"
-    seed: int = 0
-    bind: str = "tcp://127.0.0.1:*"
-    threads: int = 1
-    time_scale: float = 1.0
-    memory_bytes: int = 0  # what the device may hold (0: no check)
-    plan: str = ""  # cost-model: emulate this plan's links out of the node
-    keys: str = ""  # CURVE key directory (transport/curve.py)
-    key_name: str = ""  # this worker's key pair in it (default worker-<node id>)
-    insecure: bool = False  # plaintext links that leave this machine
-    advertise: str = ""  # the endpoint peers dial (default: the bound one)
-
-    def check(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ConfigError("<argument>", "--executor", f"unknown executor {self.executor!r}; known: {', '.join(EXECUTORS)}")
-        if self.executor == "cost-model" and not self.machine_type:
-            raise ConfigError("<argument>", "--machine-type", "the cost-model executor needs the machine type it emulates")
-        if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError("<argument>", "--connect", f"expected a ZeroMQ address like tcp://HOST:PORT, got {self.connect!r}")
-        if not self.time_scale > 0:
-            raise ConfigError("<argument>", "--time-scale", "must be > 0")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError("<argument>", "--device", f"unknown device {self.device!r}; use cpu or cuda")
-
-    @property
-    def gpu(self) -> str:
-        return self.machine_type or ("CPU" if self.device == "cpu" else "CUDA")
 
 
 class WorkerServer:
@@ -102,6 +64,7 @@ class WorkerServer:
         scale) under the cost model; default: those of ``opts.plan``'s cluster when it is given."""
         opts.check()
         self.opts = opts
+        self.entry = executor_entry(opts.executor)
         self.links = links
         self.clock = MonotonicClock()
         self.name = f"w-{uuid.uuid4().hex[:12]}"
@@ -137,12 +100,12 @@ class WorkerServer:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests)
                 pass
-        if self.opts.executor == "torch":
-            # import torch before registering: slow the first time, and a missing extra is a
-            # one-line error before anything has started
+        if self.entry.extra is not None:
+            # import the executor's dependency (torch) before registering: slow the first time, and
+            # a missing extra is a one-line error before anything has started
             from ..extras import require
 
-            require("torch", "torch")
+            require(*self.entry.extra)
         try:
             await self.tp.start()
             self.tp.set_handler(self._on_control)
@@ -276,29 +239,26 @@ class WorkerServer:
         if kv_cap < 0:  # more layers than the settings list: the largest listed count's capacity
             ns = profiles.node_settings(opts.gpu)
             kv_cap = ns.kv(ns.max_layers)
-        if opts.executor == "torch":
-            # loading may take a while: off the loop, which keeps answering heartbeats meanwhile
-            try:
-                self.executor = await asyncio.get_running_loop().run_in_executor(
-                    None, self._torch_executor, spec, a.start, a.end
-                )
-            except WorkerExit as e:
-                self.tp.send(SINK, Error(request_id=-1, code=int(ErrorCode.OUT_OF_MEMORY), text=f"node {a.node_id}: {e}"))
-                raise
-        elif opts.executor == "null":
-            from ..executors.null import NullExecutor
-
-            self.executor = NullExecutor(self.clock)
-        else:
-            from ..executors.cost_model import CostModelExecutor
-
-            self.executor = CostModelExecutor(self.clock, profiles.profile(opts.gpu), spec.activation_size, opts.time_scale)
+        entry = self.entry
+        ctx = ExecutorContext(self.clock, spec, (a.start, a.end), opts.values(),
+                              profiles.profile(opts.gpu) if entry.needs_profile else None)
+        try:
+            if entry.blocking:
+                # loading may take a while: off the loop, which keeps answering heartbeats meanwhile
+                self.executor = await asyncio.get_running_loop().run_in_executor(None, entry.build, ctx)
+            else:
+                self.executor = entry.build(ctx)
+        except ExecutorLoadError as e:
+            code, what = (ErrorCode.OUT_OF_MEMORY, "out of memory") if e.out_of_memory else (ErrorCode.LOAD_FAILED,
+                                                                                              "model load failed")
+            self.tp.send(SINK, Error(request_id=-1, code=int(code), text=f"node {a.node_id}: {what}: {e}"))
+            raise WorkerExit(str(e)) from None
         out: list[NodeRef] = [SINK] if a.end == spec.num_layers else []
         for node, address, _s, _e in a.next_hops:
             self.tp.connect(node, address)
             out.append(node)
         transport: Any = self.tp
-        if opts.executor == "cost-model" and (self.links is not None or opts.plan):
+        if entry.emulates and (self.links is not None or opts.plan):
             from ..transport.emulated import EmulatedLinks, links_from
 
             links = self.links
@@ -307,20 +267,17 @@ class WorkerServer:
 
                 links = links_from(read_placement(opts.plan).cluster, a.node_id)
             transport = EmulatedLinks(self.tp, self.clock, links, opts.time_scale)
-        w = Worker(
-            a.node_id,
-            self.clock,
-            transport,
-            self.executor,
+        settings = WorkerSettings(
             layers=(a.start, a.end),
             num_layers=spec.num_layers,
             limits=limits,
             kv_capacity=kv_cap,
             activation_bytes=spec.activation_size,
             token_bytes=spec.token_size,
-            out_links=out,
+            out_links=tuple(out),
             next_layers={n: (s, e) for n, _, s, e in a.next_hops if n >= 0},
         )
+        w = Worker(a.node_id, self.clock, transport, self.executor, settings)
         self.worker = w
         # the worker's handler is our dispatcher (control messages too): not w.start()
         self._register(ready=True)
@@ -353,45 +310,6 @@ class WorkerServer:
             self.tp.send(SINK, NodeStats(node_id=self.node_id, now=self.clock.now(), kv_used=max(0, int(used)),
                                          kv_capacity=max(0, int(cap)), queued=w.queued, peers=tuple(peers), bytes_out=tuple(counts),
                                          bad_frames=bad, retried=tuple(retried), rtt_us=tuple(rtt_us)))
-
-    def _torch_executor(self, spec: Any, start: int, end: int) -> Any:
-        from ..extras import require
-
-        require("torch", "torch")
-        from ..executors.llama import ModelLoadError, dummy_stage, load_stage, stage_bytes, torch_dtype
-        from ..executors.profiling import llama_config
-        from ..executors.torch import TorchExecutor
-
-        opts = self.opts
-        try:
-            if opts.checkpoint:
-                from ..executors.llama import LlamaConfig
-
-                cfg = LlamaConfig.from_dir(opts.checkpoint)
-            else:
-                cfg = llama_config(spec)
-            if cfg.num_layers != spec.num_layers:
-                raise ModelLoadError(f"{opts.checkpoint}: {cfg.num_layers} layers, the plan's {spec.name} has {spec.num_layers}")
-            need = stage_bytes(cfg, start, end, torch_dtype(opts.dtype).itemsize)
-            if opts.memory_bytes and need > opts.memory_bytes:
-                raise ModelLoadError(
-                    f"layers [{start}, {end}) need {need} bytes of weights; the device holds {opts.memory_bytes}"
-                )
-            if opts.device.startswith("cuda"):
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise ModelLoadError("--device cuda: CUDA is not available on this machine")
-                free, _total = torch.cuda.mem_get_info()
-                if need > free:
-                    raise ModelLoadError(f"layers [{start}, {end}) need {need} bytes; the GPU has {free} free")
-            if opts.checkpoint:
-                stage = load_stage(opts.checkpoint, start, end, dtype=opts.dtype, device=opts.device)
-            else:
-                stage = dummy_stage(cfg, start, end, seed=opts.seed, dtype=opts.dtype, device=opts.device)
-        except ModelLoadError as e:
-            raise WorkerExit(str(e)) from None
-        return TorchExecutor(self.clock, stage, threaded=True, threads=opts.threads)
 
 
 def run_worker(opts: WorkerOptions) -> int:
