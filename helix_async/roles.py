@@ -20,11 +20,11 @@ from .ids import NodeRef
 from .model import ModelSpec, ProfileSet, ThroughputModel, load_profiles
 from .placement import Placement
 from .placement.flow import max_flow
-from .routing.policies import POLICIES, Policy, maxflow_router
+from .routing.policies import POLICIES, Policy
 from .settings import KV_OFFLINE, WorkerSettings
 from .worker import BatchLimits
 
-__all__ = ["Replanner", "WorkerRole", "flow_router", "node_limits", "worker_roles"]
+__all__ = ["Replanner", "WorkerRole", "node_limits", "worker_roles"]
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,6 @@ def node_limits(profiles: ProfileSet, gpu: str, k: int) -> tuple[BatchLimits, in
         ns.decode_limit_context(kk),
     )
     return limits, (ns.kv(k) if k <= ns.max_layers else -1)
-
-
-def flow_router(
-    placement: Placement, flow: FlowPlan, kv: tuple[float, float] = KV_OFFLINE, tm: ThroughputModel | None = None
-) -> Any:
-    """MaxFlow's router (a ``FlowRouter``) over ``flow`` with the KV expectation ``kv`` = (fill limit, output ratio)."""
-    return maxflow_router(placement, flow, kv, tm)
 
 
 class Replanner:
