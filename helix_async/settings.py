@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .ids import NodeRef
+    from .worker import BatchLimits
 
 __all__ = ["KVExpectation", "KV_OFFLINE", "KV_ONLINE", "kv_for_mode"]
 __all__ += ["WorkerOptions", "WorkerSettings"]
@@ -84,12 +88,12 @@ class WorkerSettings:
 
     layers: tuple[int, int]
     num_layers: int
-    limits: Any
+    limits: BatchLimits
     kv_capacity: int
     activation_bytes: int
     token_bytes: int = 2
-    out_links: tuple[Any, ...] = ()
-    next_layers: Mapping[Any, tuple[int, int]] = field(default_factory=dict)
+    out_links: tuple[NodeRef, ...] = ()
+    next_layers: Mapping[NodeRef, tuple[int, int]] = field(default_factory=dict)
     free_links_only: bool = False
     feedback: bool = False
     compat: bool = False
