@@ -46,7 +46,7 @@ class WorkerRole:
         ``model``'s sizes, what a per-hop ``policy`` needs of a node (free links only, feedback;
         nothing for one that routes at admission or None) and the run's semantics (``compat``,
         ``fuse``: see :class:`~helix_async.settings.WorkerSettings`)."""
-        hop = policy is not None and not policy.routes_at_admission
+        hop = policy if policy is not None and not policy.routes_at_admission else None
         return WorkerSettings(
             layers=self.layers,
             num_layers=model.num_layers,
@@ -56,8 +56,8 @@ class WorkerRole:
             token_bytes=model.token_size,
             out_links=self.out_links,
             next_layers=self.next_layers,
-            free_links_only=hop and policy is not None and policy.free_links_only,
-            feedback=hop and policy is not None and policy.feedback,
+            free_links_only=hop is not None and hop.free_links_only,
+            feedback=hop is not None and hop.feedback,
             compat=compat,
             fuse=fuse,
         )
