@@ -36,6 +36,7 @@ from helix_async.placement.flow import max_flow  # noqa: E402
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
 from helix_async.runtime.worker_main import WorkerOptions, WorkerServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 from helix_async.transport.emulated import links_from  # noqa: E402
 from helix_async.workloads import TraceEntry, generate_online_trace  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
@@ -69,7 +70,7 @@ def simulate(placement: Placement, trace: list[TraceEntry]) -> dict[str, float]:
 
 
 async def emulate(placement: Placement, trace: list[TraceEntry], scale: float) -> dict[str, float]:
-    server = HostServer(placement, kv=(0.9, 0.6), emulate_time_scale=scale)
+    server = HostServer(placement, settings=HostSettings(emulate_time_scale=scale))
     address = await server.start()
     workers = []
     for i in placement.used_nodes():
@@ -115,7 +116,7 @@ def tiny_real(trace_rows: list[tuple[float, int, int]], out: Path) -> tuple[dict
     trace = write_trace_csv(out / "trace.csv", trace_rows)
 
     async def main() -> dict[str, float]:
-        server = HostServer(placement, kv=(0.9, 0.6))
+        server = HostServer(placement)
         address = await server.start()
         env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
         procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address,

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
 from helix_async.runtime.worker_main import WorkerOptions, WorkerServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 from helix_async.transport.emulated import links_from  # noqa: E402
 from helix_async.workloads import TraceEntry, generate_online_trace  # noqa: E402
 from sim.faults import Fault  # noqa: E402
@@ -65,7 +66,7 @@ def simulate(node: int, kill_at: float, window: float, trace: list[Any]) -> tupl
 
 async def emulate(node: int, kill_at: float, window: float, trace: list[Any]) -> tuple[dict[str, Any], dict[str, float]]:
     placement = load_shipped_layout("ilp")
-    server = HostServer(placement, kv=(0.9, 0.6), emulate_time_scale=1.0)
+    server = HostServer(placement, settings=HostSettings(emulate_time_scale=1.0))
     address = await server.start()
     workers = {i: WorkerServer(WorkerOptions(connect=address, node_id=i, executor="cost-model",
                                              machine_type=placement.cluster.machine(i).gpu),

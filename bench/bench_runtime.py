@@ -36,6 +36,7 @@ from helix_async.cluster import generate_single_region  # noqa: E402
 from helix_async.model import get_model  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def pct(xs: list[float], p: float) -> float:
 
 async def _serve(executor: str, fn: Any, *extra: str, ipc: str = "") -> Any:
     p = chain4()
-    server = HostServer(p, listen=f"ipc://{ipc}/host" if ipc else "tcp://127.0.0.1:*")
+    server = HostServer(p, settings=HostSettings(listen=f"ipc://{ipc}/host") if ipc else None)
     address = await server.start()
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
     procs = [

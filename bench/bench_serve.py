@@ -38,6 +38,7 @@ from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
@@ -111,7 +112,7 @@ def part_b(tmp: Path, rate: float, seconds: float) -> tuple[dict[str, float], di
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        server = HostServer(placement, kv=(0.9, 0.6), emulate_time_scale=1.0)
+        server = HostServer(placement, settings=HostSettings(emulate_time_scale=1.0))
         address = await server.start()
         workers = [WorkerServer(WorkerOptions(connect=address, node_id=i, executor="cost-model",
                                               machine_type=placement.cluster.machine(i).gpu),

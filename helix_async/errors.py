@@ -41,3 +41,21 @@ class PlacementError(HelixError, ValueError):
 
 class PlanningError(HelixError):
     """A planner cannot build a placement for this cluster and model; the message says why."""
+
+
+class RequestFailed(HelixError, RuntimeError):
+    """A request the serving host could not serve (the message says why).
+
+    kind: ``overloaded`` (the admission queue is full: try again later), ``unavailable`` (the
+    host is not serving: starting or shutting down), ``cancelled`` (at shutdown) or ``failed``
+    (a worker failed it or was lost).  The HTTP API answers 429 for the first, 503 for the next
+    two and 500 for the last (docs: :mod:`helix_async.frontend.openai_api`).
+    """
+
+    KINDS = ("overloaded", "unavailable", "cancelled", "failed")
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"RequestFailed kind must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        super().__init__(message)
+        self.kind = kind

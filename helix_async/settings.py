@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .ids import NodeRef
     from .worker import BatchLimits
 
-__all__ = ["KVExpectation", "KV_OFFLINE", "KV_ONLINE", "kv_for_mode"]
+__all__ = ["HostSettings", "KVExpectation", "KV_OFFLINE", "KV_ONLINE", "kv_for_mode"]
 __all__ += ["WorkerOptions", "WorkerSettings"]
 
 
@@ -165,3 +165,54 @@ class WorkerOptions:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         out.update(self.extra)
         return out
+
+
+# --- host (the runtime's coordinator process) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """How the runtime's host (``helix_async.runtime.host_main.HostServer``) serves; the ``host``
+    command builds it from its flags (docs/runtime.md).
+
+    listen: the inbox address workers connect to (ZeroMQ endpoint; port ``*``: any free one).
+    kv: the KV expectation at admission. admission_capacity: requests that may wait for admission
+    (beyond: rejected, HTTP 429). log_dir: where the run's logs are written at shutdown (None:
+    none). emulate_time_scale: the cost-model emulation (workers price batches instead of computing
+    them): hold the host's messages back by its links' modelled transfer times, slowed by this
+    factor (None: off). recovery_timeout: seconds a request moved off a lost worker may wait for a
+    live route before it fails. shutdown_grace: seconds in-flight requests may finish at shutdown.
+
+    A value out of range raises ConfigError naming the field.
+
+    Link health: a link whose heartbeat round trip passes ``slow_link_rtt`` seconds, or that
+    resends ``lossy_link_retries`` messages between two reports, is degraded: its flow is capped at
+    ``link_degrade_factor`` times what it carried (0 < factor <= 1); ``link_recover_s`` seconds
+    without trouble restore it.
+    """
+
+    listen: str = "tcp://127.0.0.1:*"
+    kv: KVExpectation = KV_ONLINE
+    admission_capacity: int = 4096
+    log_dir: str | None = None
+    emulate_time_scale: float | None = None
+    recovery_timeout: float = 60.0
+    shutdown_grace: float = 10.0
+    slow_link_rtt: float = 1.0
+    lossy_link_retries: int = 8
+    link_degrade_factor: float = 0.25
+    link_recover_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        positive = {"admission_capacity": self.admission_capacity, "recovery_timeout": self.recovery_timeout,
+                    "slow_link_rtt": self.slow_link_rtt, "lossy_link_retries": self.lossy_link_retries,
+                    "link_recover_s": self.link_recover_s}
+        if self.emulate_time_scale is not None:
+            positive["emulate_time_scale"] = self.emulate_time_scale
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError("<HostSettings>", name, f"must be > 0, got {value!r}")
+        if not 0 < self.link_degrade_factor <= 1:
+            raise ConfigError("<HostSettings>", "link_degrade_factor", f"must be in (0, 1], got {self.link_degrade_factor!r}")
+        if not self.shutdown_grace >= 0:
+            raise ConfigError("<HostSettings>", "shutdown_grace", f"must be >= 0, got {self.shutdown_grace!r}")

@@ -33,9 +33,11 @@ pytest.importorskip("torch")
 from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
 from helix_async.cluster.spec import ClusterSpec, Link, Node  # noqa: E402
+from helix_async.errors import RequestFailed  # noqa: E402
 from helix_async.ids import SINK, SOURCE  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
-from helix_async.runtime.host_main import HostServer, RequestFailed  # noqa: E402
+from helix_async.runtime.host_main import HostServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +121,7 @@ def test_chaos_every_request_completes_with_the_fault_free_tokens(workers: Worke
     events = schedule(seed)
 
     async def main() -> dict[str, Any]:
-        server = HostServer(diamond(), recovery_timeout=60.0)
+        server = HostServer(diamond(), settings=HostSettings(recovery_timeout=60.0))
         address = await server.start()
         for node in range(4):
             workers.start(address, node)
@@ -194,7 +196,7 @@ def test_losing_every_copy_of_a_layer_stops_admission_then_a_rejoin_restores_it(
     placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
 
     async def main() -> tuple[str, list[str], str, list[int], int, str]:
-        server = HostServer(placement, recovery_timeout=2.0)
+        server = HostServer(placement, settings=HostSettings(recovery_timeout=2.0))
         address = await server.start()
         for node in range(3):
             workers.start(address, node)
@@ -254,7 +256,7 @@ def test_a_slow_link_loses_flow_share_and_gets_it_back() -> None:
     from helix_async.messages import NodeStats
 
     async def main() -> dict[str, Any]:
-        server = HostServer(diamond(), slow_link_rtt=0.5, link_recover_s=0.2)
+        server = HostServer(diamond(), settings=HostSettings(slow_link_rtt=0.5, link_recover_s=0.2))
         await server.start()
         server._serve()  # (no workers needed: the policy acts on their reports)
         host = server.host

@@ -42,6 +42,7 @@ from helix_async.model import get_model, load_profiles  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.roles import node_limits  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
+from helix_async.settings import KV_ONLINE, HostSettings, KVExpectation  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ STAGES = {0: (0, 3), 1: (3, 6), 2: (6, 8)}
 class Cluster:
     """A host with the HTTP API on a loop thread, and its worker processes."""
 
-    def __init__(self, executor: str, *, kv: tuple[float, float] = (0.9, 0.6), admission_capacity: int = 64) -> None:
+    def __init__(self, executor: str, *, kv: KVExpectation = KV_ONLINE, admission_capacity: int = 64) -> None:
         import uvloop
 
         self.loop = uvloop.new_event_loop()
@@ -76,8 +77,8 @@ class Cluster:
             self.close()
             raise
 
-    async def _start(self, kv: tuple[float, float], capacity: int) -> str:
-        self.server = HostServer(self.placement, kv=kv, admission_capacity=capacity)
+    async def _start(self, kv: KVExpectation, capacity: int) -> str:
+        self.server = HostServer(self.placement, settings=HostSettings(kv=kv, admission_capacity=capacity))
         self.address = await self.server.start()
         self.api = OpenAIServer(self.server, "tiny-llama", self.tok, max_model_len=2048, metrics=Metrics(self.server))
         return await self.api.start("127.0.0.1", 0)
@@ -327,7 +328,7 @@ def test_overload_says_429_and_loses_no_accepted_request() -> None:
     n = 200
     profiles = load_profiles(get_model("tiny-llama"))
     fill = max(1.2 * n * (b - a) / node_limits(profiles, "CPU", b - a)[1] for a, b in STAGES.values())
-    c = Cluster("null", kv=(fill, 0.0), admission_capacity=1)
+    c = Cluster("null", kv=KVExpectation(fill, 0.0), admission_capacity=1)
     try:
         body = {"prompt": list(range(3, 3 + n)), "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
 

@@ -32,11 +32,12 @@ transformers = pytest.importorskip("transformers")
 from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
 
 from helix_async.cluster import load_cluster  # noqa: E402
+from helix_async.errors import RequestFailed  # noqa: E402
 from helix_async.model import get_model  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.placement.flow import max_flow  # noqa: E402
 from helix_async.placement.io import write_placement  # noqa: E402
-from helix_async.runtime.host_main import HostServer, RequestFailed  # noqa: E402
+from helix_async.runtime.host_main import HostServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aio import run
 from ..errors import ConfigError
 
 __all__ = ["RequestResult", "build_requests", "run_bench", "summarise"]
@@ -249,17 +250,8 @@ def cmd_bench_serve(args: Any) -> int:
 
         base = requests[0][0]
         write_trace_csv(args.save_trace, [(t - base, n, m) for t, n, m in requests])
-    from ..runtime.commands import _run
-
-    box: dict[str, Any] = {}
-
-    async def main() -> int:
-        box["r"] = await run_bench(args.url, requests, seed=args.seed, model=args.model, api_key=args.api_key,
-                                   progress=args.progress)
-        return 0
-
-    _run(main())
-    results, span, facts = box["r"]
+    results, span, facts = run(run_bench(args.url, requests, seed=args.seed, model=args.model, api_key=args.api_key,
+                                         progress=args.progress))
     s = summarise(results, span)
     s.update(facts, url=args.url, lengths=args.lengths, rate=args.rate, seed=args.seed)
     print(f"bench-serve: {len(requests)} requests to {args.url} ({args.lengths}, "

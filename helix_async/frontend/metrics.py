@@ -1,9 +1,10 @@
 """Prometheus metrics of a serving host (``GET /metrics``, via ``prometheus-client``).
 
 Names follow vLLM's (``vllm:time_to_first_token_seconds`` and so on) with a ``helix_`` prefix.
-Counters and histograms move as requests are served through the HTTP API; gauges are read from
-the host at scrape time, among them what each worker last reported (``NodeStats``, about once a
-second): KV cache use, queued work, bytes sent per link.
+Counters and histograms move as requests are served through the HTTP API; gauges and the
+cluster's counters come from the host's snapshot taken at scrape time
+(:meth:`~helix_async.frontend.host_protocol.ServingHost.snapshot`), among them what each worker
+last reported (about once a second): KV cache use, queued work, bytes sent per link.
 
 ==========================================  =========  ===============================================
 name                                        type       what
@@ -41,14 +42,16 @@ helix_link_degraded{src,dst}                gauge      1 while the link's flow s
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics"]
+from .host_protocol import HostSnapshot, ServingHost
+
+__all__ = ["Metrics", "plan_shares"]
 
 # buckets as vLLM's (seconds)
 _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -57,29 +60,33 @@ _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50
 _RATE_WINDOW_S = 10.0
 
 
-def _node_name(n: Any) -> str:
-    return "host" if isinstance(n, str) else str(n)
+def plan_shares(flows: Mapping[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """Each link's share of its source's out-flow, from the links' flows (any unit)."""
+    out: dict[str, dict[str, float]] = {}
+    for (src, dst), f in flows.items():
+        if f > 0:
+            d = out.setdefault(src, {})
+            d[dst] = d.get(dst, 0.0) + float(f)
+    return {(src, dst): f / sum(d.values()) for src, d in out.items() for dst, f in d.items()}
 
 
 class _ClusterCollector:
-    """Gauges and per-node counters read from the HostServer at scrape time."""
+    """Gauges and per-node counters read from the host's snapshot at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterable[Any]:
         m = self.m
-        s = m.server
-        now = s.clock.now()
-        host = s.host
+        s: HostSnapshot = m.server.snapshot()
         waiting = GaugeMetricFamily("helix_num_requests_waiting", "Queries in the host's admission queue")
-        waiting.add_metric([], float(host.waiting if host is not None else 0))
+        waiting.add_metric([], float(s.waiting))
         yield waiting
         active = GaugeMetricFamily("helix_num_queries_active", "Queries admitted on the cluster")
-        active.add_metric([], float(host.active if host is not None else 0))
+        active.add_metric([], float(s.active))
         yield active
         rate = GaugeMetricFamily("helix_generation_tokens_per_second", f"Tokens generated over the last {_RATE_WINDOW_S:g} s, per second")
-        rate.add_metric([], m.tokens_per_second(now))
+        rate.add_metric([], m.tokens_per_second(m.server.now()))
         yield rate
         kv = GaugeMetricFamily("helix_kv_cache_usage_perc", "KV cache in use (0-1), as the worker reports", labels=["node"])
         queued = GaugeMetricFamily("helix_node_queued_work", "Work items waiting at the node", labels=["node"])
@@ -88,39 +95,33 @@ class _ClusterCollector:
         dropped = CounterMetricFamily("helix_dropped_frames", "Malformed frames and messages dropped", labels=["node"])
         link_bytes = CounterMetricFamily("helix_link_bytes", "Bytes sent on the link", labels=["src", "dst"])
         share = GaugeMetricFamily("helix_link_flow_share", "The link's share of its source's traffic", labels=["src", "dst", "kind"])
-        tp = s.tp
-        dropped.add_metric(["host"], float(tp.stats.bad_frames + tp.drops.total + s.counters.bad_messages))
-        observed: dict[str, dict[str, float]] = {"host": {}}
-        for peer, n in tp.bytes_sent().items():
-            if isinstance(peer, int):
-                observed["host"][str(peer)] = float(n)
-        for node, st in sorted(s.nodes.items()):
-            label = str(node)
-            up.add_metric([label], 0.0 if st.lost or not st.address else 1.0)
-            ns = st.stats
-            if ns is None:
+        dropped.add_metric(["host"], float(s.dropped))
+        observed: dict[str, Mapping[str, int]] = {"host": s.bytes_out}
+        for nr in sorted(s.nodes, key=lambda r: r.node):
+            label = str(nr.node)
+            up.add_metric([label], 1.0 if nr.up else 0.0)
+            if nr.report_age is None:
                 continue
-            age.add_metric([label], max(0.0, now - st.stats_at))
-            kv.add_metric([label], ns.kv_used / ns.kv_capacity if ns.kv_capacity > 0 else 0.0)
-            queued.add_metric([label], float(ns.queued))
-            dropped.add_metric([label], float(ns.bad_frames))
-            observed[label] = {("host" if p < 0 else str(p)): float(b) for p, b in zip(ns.peers, ns.bytes_out, strict=True)}
+            age.add_metric([label], max(0.0, nr.report_age))
+            kv.add_metric([label], nr.kv_use)
+            queued.add_metric([label], float(nr.queued))
+            dropped.add_metric([label], float(nr.dropped))
+            observed[label] = nr.bytes_out
         for src, outs in observed.items():
             total = sum(outs.values())
             for dst, b in sorted(outs.items()):
-                link_bytes.add_metric([src, dst], b)
+                link_bytes.add_metric([src, dst], float(b))
                 if total > 0:
                     share.add_metric([src, dst, "observed"], b / total)
-        for (src, dst), f in m.plan_shares.items():
+        for (src, dst), f in plan_shares(s.plan_flows).items():
             share.add_metric([src, dst, "plan"], f)
-        c = s.counters
         for name, doc, value in (
-            ("helix_workers_lost", "Workers reported lost (silent past the limit)", c.workers_lost),
-            ("helix_workers_rejoined", "Workers that took a lost node's place", c.rejoined),
-            ("helix_workers_drained", "Workers that left on request", c.drained),
-            ("helix_requests_migrated", "Requests moved off a lost or draining worker", c.migrated),
+            ("helix_workers_lost", "Workers reported lost (silent past the limit)", s.workers_lost),
+            ("helix_workers_rejoined", "Workers that took a lost node's place", s.workers_rejoined),
+            ("helix_workers_drained", "Workers that left on request", s.workers_drained),
+            ("helix_requests_migrated", "Requests moved off a lost or draining worker", s.requests_migrated),
             ("helix_requests_failed_unrecovered", "Requests no live route took within the recovery timeout",
-             c.failed_on_lost_worker),
+             s.requests_unrecovered),
         ):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], float(value))
@@ -129,11 +130,11 @@ class _ClusterCollector:
         resent = CounterMetricFamily("helix_link_retries", "Messages sent again on the link", labels=["src", "dst"])
         degraded = GaugeMetricFamily("helix_link_degraded", "1 while the link's flow share is cut (slow or lossy)",
                                      labels=["src", "dst"])
-        for (a, b), (r, n, _bad_at, deg) in sorted(s.link_health.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-            labels = [_node_name(a), _node_name(b)]
-            rtt.add_metric(labels, float(r))
-            resent.add_metric(labels, float(n))
-            degraded.add_metric(labels, 1.0 if deg else 0.0)
+        for link in sorted(s.links, key=lambda x: (x.src, x.dst)):
+            labels = [link.src, link.dst]
+            rtt.add_metric(labels, float(link.rtt))
+            resent.add_metric(labels, float(link.retries))
+            degraded.add_metric(labels, 1.0 if link.degraded else 0.0)
         yield from (rtt, resent, degraded)
         stopped = GaugeMetricFamily("helix_admission_stopped", "1 while some layer has no live worker")
         stopped.add_metric([], 1.0 if s.admission_stopped else 0.0)
@@ -142,9 +143,12 @@ class _ClusterCollector:
 
 
 class Metrics:
-    """The host's metrics (see the module doc); ``render()`` is the ``/metrics`` body."""
+    """The host's metrics (see the module doc); ``render()`` is the ``/metrics`` body.
 
-    def __init__(self, server: Any) -> None:
+    server: the host the gauges are read from at scrape time (its :meth:`ServingHost.snapshot`)
+    and whose clock times the token rate."""
+
+    def __init__(self, server: ServingHost) -> None:
         self.server = server
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
@@ -157,31 +161,14 @@ class Metrics:
         self.e2e = Histogram("helix_e2e_request_latency_seconds", "Request received to last token", buckets=_E2E, registry=r)
         self.running_g = Gauge("helix_num_requests_running", "HTTP requests in progress", registry=r)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per token event, last window
-        self.plan_shares = self._plan_shares()
         r.register(_ClusterCollector(self))
-
-    def _plan_shares(self) -> dict[tuple[str, str], float]:
-        """Each link's share of its source's out-flow in the plan's max flow."""
-        out: dict[str, dict[str, float]] = {}
-        flow = self.server.flow
-        for (u, v), f in getattr(flow, "link_flows", {}).items():
-            if f <= 0:
-                continue
-            src, dst = _node_name(u), _node_name(v)
-            out.setdefault(src, {})[dst] = out.setdefault(src, {}).get(dst, 0.0) + float(f)
-        shares = {}
-        for src, d in out.items():
-            total = sum(d.values())
-            for dst, f in d.items():
-                shares[(src, dst)] = f / total
-        return shares
 
     # ---- hooks (the HTTP API calls them) --------------------------------------------------------
 
     def token(self, dt: float, *, first: bool) -> None:
         (self.ttft if first else self.tpot).observe(max(0.0, dt))
         self.generation_tokens.inc()
-        now = self.server.clock.now()
+        now = self.server.now()
         self._recent.append((now, 1))
         self._trim(now)
 

@@ -8,19 +8,24 @@ follow OpenAI's: ``model``, ``prompt`` (text, or a list of token ids) or ``messa
 {"include_usage": true}``; and, as vLLM has them, ``ignore_eos``, ``min_tokens`` is not taken.
 Responses carry ``usage`` (prompt, completion and total tokens).
 
-Each request is one :meth:`HostServer.generate` call; its tokens are turned into text as they
+The server talks to its host only through the serving-host protocol
+(:class:`~helix_async.frontend.host_protocol.ServingHost`), so it runs as well in front of the
+runtime's coordinator as in front of a test's in-memory host.  Each request is one
+:meth:`ServingHost.generate` call; its tokens are turned into text as they
 come (:class:`~helix_async.frontend.tokenizer.IncrementalDetokenizer`) and, when streaming, sent as
 server-sent events, one per token, from the loop that received the token (no thread in between).
 A request ends at ``max_tokens``, at the end-of-text token (unless ``ignore_eos``) or at a stop
-string (not included in the text); the host then cancels it on the workers, which free its KV.
-A client that disconnects cancels its request the same way.
+string (not included in the text); closing the token stream then cancels it on the host, which
+frees its KV.  A client that disconnects cancels its request the same way.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
 JSON, a bad field, a prompt longer than the context; 404 for an unknown model; 429 with
 ``Retry-After`` when the admission queue is full (a request is never queued without bound); 503
-with ``Retry-After`` while the cluster is starting or shutting down; 500 when the cluster failed
-the request (a lost worker).  A failure after a stream has started arrives as a last event
-``{"error": ...}`` before ``[DONE]``.
+with ``Retry-After`` while the cluster is starting or shutting down (overload is never a 500);
+500 when the cluster failed the request (a lost worker), and for a fault of this server's own.
+A streaming response's headers go out with its first text, so a request refused before then gets
+its status as a non-streaming one would; a failure after that arrives as a last event
+``{"error": ...}`` before ``[DONE]``.  One request's failure ends that request alone.
 
 Without a tokenizer (``tokenizer=None``: the cost-model emulation) prompts must be token ids and
 the text of each token is its id after a space.
@@ -29,19 +34,24 @@ the text of each token is its id after a space.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..runtime.host_main import HostServer, RequestFailed
+from ..errors import RequestFailed
+from .host_protocol import ServingHost
 from .tokenizer import IncrementalDetokenizer, TextTokenizer, find_stop
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = ["ApiError", "OpenAIServer", "parse_http_address"]
 
@@ -117,22 +127,22 @@ def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
 
 
 class OpenAIServer:
-    """The HTTP front door of one :class:`HostServer` (see the module doc).
+    """The HTTP front door of one serving host (see the module doc).
 
-    model_name: the id clients give as ``model`` (others are 404). tokenizer: text in and out
+    server: the host (anything with the :class:`ServingHost` protocol). model_name: the id clients give as ``model`` (others are 404). tokenizer: text in and out
     (None: token ids only). max_model_len: prompt plus output tokens at most. seed: seeds the
     sampling seed of requests that give none. metrics: a ``Metrics`` to update (or None).
     """
 
     def __init__(
         self,
-        server: HostServer,
+        server: ServingHost,
         model_name: str,
         tokenizer: TextTokenizer | None,
         *,
         max_model_len: int,
         seed: int = 0,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         api_key: str | None = None,
     ) -> None:
         self.server = server
@@ -192,6 +202,11 @@ class OpenAIServer:
             if e.status >= 400:
                 return ApiError(e.status, e.reason or "error", code=str(e.status)).response()
             raise
+        except Exception as e:  # a fault of ours: OpenAI's error shape still, and the server goes on
+            log.exception("%s %s failed", request.method, request.path)
+            if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
+                self.metrics.request_done("error")
+            return ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -221,7 +236,7 @@ class OpenAIServer:
     def _params(self, body: dict[str, Any], prompt: list[int], *, chat: bool) -> _Params:
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
-        vocab = self.server.model.vocab_size
+        vocab = self.server.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         room = self.max_model_len - len(prompt)
@@ -317,20 +332,20 @@ class OpenAIServer:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def _run(self, p: _Params, out: _Outcome) -> AsyncIterator[str]:
+    async def _run(self, p: _Params, out: _Outcome) -> AsyncGenerator[str, None]:
         """Yields the new text as tokens come; fills ``out`` (its finish_reason is final at the
         end)."""
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         eos = None if (p.ignore_eos or self.tokenizer is None) else self.tokenizer.eos_id
         hold = max((len(s) for s in p.stops), default=1) - 1  # text that may still start a stop string
         emitted = 0
-        t0 = self.server.clock.now()
+        t0 = self.server.now()
         last = t0
         m = self.metrics
         gen = self.server.generate(p.prompt, p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed)
         try:
             async for tok in gen:
-                now = self.server.clock.now()
+                now = self.server.now()
                 if m is not None:
                     m.token(now - t0 if out.tokens == 0 else now - last, first=out.tokens == 0)
                 last = now
@@ -374,7 +389,7 @@ class OpenAIServer:
         finally:
             await gen.aclose()  # ends the request on the cluster (and frees its KV) if it is still running
             if m is not None:
-                m.request_tokens(len(p.prompt), out.tokens, self.server.clock.now() - t0)
+                m.request_tokens(len(p.prompt), out.tokens, self.server.now() - t0)
 
     def _usage(self, p: _Params, out: _Outcome) -> dict[str, int]:
         return {"prompt_tokens": len(p.prompt), "completion_tokens": out.tokens, "total_tokens": len(p.prompt) + out.tokens}
@@ -383,26 +398,44 @@ class OpenAIServer:
         rid = ("chatcmpl-" if p.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         m = self.metrics
-        if not p.stream:
-            out = _Outcome()
+        out = _Outcome()
+        # aclosing: however the response ends (done, failed, the client gone), the token stream is
+        # closed now, and with it the request on the host
+        async with contextlib.aclosing(self._run(p, out)) as pieces:
+            if not p.stream:
+                try:
+                    async for _ in pieces:
+                        pass
+                except RequestFailed as e:
+                    raise self._failed(e) from None
+                except ValueError as e:
+                    raise self._refused(e) from None
+                if m is not None:
+                    m.request_done(out.finish_reason)
+                if p.chat:
+                    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                                              "logprobs": None, "finish_reason": out.finish_reason}
+                    obj = "chat.completion"
+                else:
+                    choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                    obj = "text_completion"
+                return web.json_response({"id": rid, "object": obj, "created": created, "model": self.model_name,
+                                          "choices": [choice], "usage": self._usage(p, out)})
+            # the headers go out with the first text: a request the host refuses before its first
+            # token is answered with its status (429, 503), not with a 200 and an error event
             try:
-                async for _ in self._run(p, out):
-                    pass
+                first = await anext(pieces, None)
             except RequestFailed as e:
                 raise self._failed(e) from None
-            if m is not None:
-                m.request_done(out.finish_reason)
-            if p.chat:
-                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                                          "logprobs": None, "finish_reason": out.finish_reason}
-                obj = "chat.completion"
-            else:
-                choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-                obj = "text_completion"
-            return web.json_response({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                      "choices": [choice], "usage": self._usage(p, out)})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+            except ValueError as e:
+                raise self._refused(e) from None
+            return await self._stream(request, p, out, pieces, first, rid, created)
+
+    async def _stream(self, request: web.Request, p: _Params, out: _Outcome, pieces: AsyncIterator[str],
+                      first: str | None, rid: str, created: int) -> web.StreamResponse:
+        """The server-sent events of a streaming request whose first text (None: it ended with
+        none) has come."""
+        m = self.metrics
         obj = "chat.completion.chunk" if p.chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": self.model_name}
 
@@ -417,12 +450,15 @@ class OpenAIServer:
                 body["usage"] = None
             return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
-        out = _Outcome()
-        if p.chat:
-            await resp.write(chunk(None, None, role=True))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
-            async for piece in self._run(p, out):
-                await resp.write(chunk(piece, None))
+            await resp.prepare(request)
+            if p.chat:
+                await resp.write(chunk(None, None, role=True))
+            if first is not None:
+                await resp.write(chunk(first, None))
+                async for piece in pieces:
+                    await resp.write(chunk(piece, None))
             await resp.write(chunk(None if p.chat else "", out.finish_reason))
             if p.include_usage:
                 body = dict(head, choices=[], usage=self._usage(p, out))
@@ -433,11 +469,23 @@ class OpenAIServer:
             err = self._failed(e)
             if m is not None:
                 m.request_done({429: "overloaded", 503: "unavailable"}.get(err.status, "error"))
-            await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
-        except ConnectionResetError:  # the client went away mid-stream: its request is already cancelled
+            try:
+                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            except ConnectionResetError:
+                return resp
+        except ConnectionResetError:  # the client went away mid-stream: the caller closes its request
             if m is not None:
                 m.request_done("abort")
             return resp
+        except Exception as e:  # a fault of ours mid-stream: the client is told, the server goes on
+            log.exception("request %s failed mid-stream", rid)
+            if m is not None:
+                m.request_done("error")
+            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+            try:
+                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            except ConnectionResetError:
+                return resp
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -448,6 +496,10 @@ class OpenAIServer:
         if e.kind in ("unavailable", "cancelled"):
             return ApiError(503, str(e), retry_after=5)
         return ApiError(500, f"the cluster failed the request: {e}", code="request_failed")
+
+    def _refused(self, e: ValueError) -> ApiError:
+        # the host's own check of a request this server passed (see ServingHost.generate)
+        return ApiError(400, f"the host refused the request: {e}")
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -485,7 +537,7 @@ class OpenAIServer:
     async def _health(self, request: web.Request) -> web.Response:
         s = self.server
         if s.ready and not s.closing:
-            return web.json_response({"status": "ok", "workers": len(s.nodes)})
+            return web.json_response({"status": "ok", "workers": s.workers})
         return web.json_response({"status": "shutting down" if s.closing else "starting"}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -1,4 +1,10 @@
-"""The runtime's command-line entry points: ``host`` and ``worker`` (``python -m helix_async``)."""
+"""The runtime's command-line entry points: ``host``, ``worker``, ``keys`` and ``report``
+(``python -m helix_async``).
+
+The ``host`` command builds a :class:`~helix_async.settings.HostSettings` from its flags (the
+flags' defaults are the settings' own) and, with ``--http``, the front door
+(:mod:`helix_async.runtime.http_api`).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..settings import WorkerOptions
+from ..aio import run
+from ..errors import ConfigError, RequestFailed
+from ..settings import HostSettings, KVExpectation, WorkerOptions
 
 log = logging.getLogger("helix_async.runtime")
-
-
-def _run(coro: Any) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
-        return int(asyncio.run(coro))
-    # (outside the try: an ImportError from the coroutine, e.g. a missing extra, is its own)
-    return int(uvloop.run(coro))
 
 
 def _percentile(xs: list[float], p: float) -> float:
@@ -57,20 +55,25 @@ async def _host_main(args: argparse.Namespace) -> int:
             raise ConfigError("<argument>", "--duration", "online traces are built in 3-s steps: give a multiple of 3")
         trace = generate_online_trace(args.arrivals, args.lengths, args.rate, start=0.0, duration=int(args.duration),
                                       seed=args.seed)
-    http = None
+    door = None
     if args.http:
-        http = _http_setup(args, placement)  # bad flags fail here, before anything listens
+        from .http_api import prepare_front_door
+
+        # bad flags fail here, before anything listens
+        door = prepare_front_door(args.http, placement.model_spec, tokenizer=args.tokenizer,
+                                  max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                                  seed=args.seed, api_key=args.api_key)
     from ..transport.curve import security
 
     curve = security(args.keys, "host", [("--listen", args.listen)], args.insecure)
-    server = HostServer(placement, flow, listen=args.listen, kv=args.kv, admission_capacity=args.admission_capacity,
-                        log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout,
-                        curve=curve)
+    server = HostServer(placement, flow, host_settings(args), curve=curve)
     address = await server.start()
     print(f"host listening on {address}", flush=True)
     api = None
-    if http is not None:
-        api = await _http_start(server, http)
+    if door is not None:
+        from .http_api import start_front_door
+
+        api = await start_front_door(server, door)
         print(f"OpenAI-compatible API on {api.url}/v1 (model {api.model_name!r}; metrics on {api.url}/metrics)", flush=True)
         if args.url_file:
             Path(args.url_file).write_text(api.url + "\n")
@@ -83,48 +86,19 @@ async def _host_main(args: argparse.Namespace) -> int:
             await api.stop()
 
 
-def _http_setup(args: argparse.Namespace, placement: Any) -> dict[str, Any]:
-    """What the HTTP API needs, checked before the host binds anything (bad input: exit 2)."""
-    from ..extras import require
+#: the ``host`` flag that sets each HostSettings field
+HOST_FLAGS = {"listen": "--listen", "kv": "--kv", "admission_capacity": "--admission-capacity", "log_dir": "--log-dir",
+              "emulate_time_scale": "--emulate", "recovery_timeout": "--recovery-timeout", "shutdown_grace": "--grace"}
 
-    require("aiohttp", "serve")
-    from ..frontend.openai_api import parse_http_address
 
+def host_settings(args: argparse.Namespace) -> HostSettings:
+    """The ``host`` command's settings from its flags (the fields with no flag keep their defaults)."""
     try:
-        host, port = parse_http_address(args.http)
-    except ValueError as e:
-        raise ConfigError("<argument>", "--http", str(e)) from None
-    model = placement.model_spec
-    tok_src = args.tokenizer or (model.name if model.name == "tiny-llama" else None)
-    tokenizer = None
-    if tok_src and tok_src != "none":
-        from ..frontend.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tok_src)
-        if tokenizer.vocab_size > model.vocab_size:
-            raise ConfigError(tok_src, "--tokenizer", f"{tokenizer.vocab_size} ids, more than {model.name}'s vocabulary "
-                              f"of {model.vocab_size}")
-    max_len = args.max_model_len or MAX_MODEL_LEN.get(model.name, 2048)
-    return {"host": host, "port": port, "tokenizer": tokenizer, "max_model_len": max_len,
-            "model_name": args.served_model_name or model.name, "seed": args.seed, "api_key": args.api_key}
-
-
-#: context lengths of the models we know (tokens)
-MAX_MODEL_LEN = {"tiny-llama": 2048, "llama2-70b": 4096, "llama1-30b": 2048}
-
-
-async def _http_start(server: Any, h: dict[str, Any]) -> Any:
-    from ..frontend.metrics import Metrics
-    from ..frontend.openai_api import OpenAIServer
-
-    api = OpenAIServer(server, h["model_name"], h["tokenizer"], max_model_len=h["max_model_len"], seed=h["seed"],
-                       metrics=Metrics(server), api_key=h["api_key"])
-    try:
-        await api.start(h["host"], h["port"])
-    except OSError as e:
-        await server.shutdown("the HTTP port is not free", grace=0.0)
-        raise ConfigError("<argument>", "--http", f"cannot listen on {h['host']}:{h['port']}: {e.strerror or e}") from None
-    return api
+        return HostSettings(listen=args.listen, kv=KVExpectation(*args.kv), admission_capacity=args.admission_capacity,
+                            log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout,
+                            shutdown_grace=args.grace)
+    except ConfigError as e:
+        raise ConfigError("<argument>", HOST_FLAGS.get(e.field, e.field), e.message) from None
 
 
 async def _host_serve(args: argparse.Namespace, server: Any, trace: list[Any] | None) -> int:
@@ -143,7 +117,7 @@ async def _host_serve(args: argparse.Namespace, server: Any, trace: list[Any] | 
     print(f"all {len(server.nodes)} workers ready", flush=True)
     if trace is None and args.mode != "offline":
         await stopped
-        await server.shutdown("host stopped (signal)", grace=args.grace)
+        await server.shutdown("host stopped (signal)")
         for f in server.log_files:
             print(f"log written to {f}", flush=True)
         return 0
@@ -155,10 +129,10 @@ async def _host_serve(args: argparse.Namespace, server: Any, trace: list[Any] | 
     await asyncio.wait({replay, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not replay.done():
         print("stopping: in-flight requests finish or are cancelled", flush=True)
-        await server.shutdown("host stopped (signal)", grace=args.grace)
+        await server.shutdown("host stopped (signal)")
         await asyncio.gather(replay, return_exceptions=True)
     else:
-        await server.shutdown("trace done", grace=args.grace)
+        await server.shutdown("trace done")
     for f in server.log_files:
         print(f"log written to {f}", flush=True)
     print(replay.result() if replay.done() and not replay.cancelled() and replay.exception() is None else "replay cut short",
@@ -170,8 +144,6 @@ async def replay_trace(server: Any, trace: list[Any], *, seed: int = 0, progress
     """Submit every trace entry at its arrival time (relative to now) with seeded random prompt token
     ids; returns the summary line once all have finished or failed.  progress: a tqdm bar of the
     requests done (on stderr)."""
-    from .host_main import RequestFailed
-
     bar = None
     if progress:
         from tqdm import tqdm
@@ -216,7 +188,6 @@ async def offline(server: Any, initial: int, duration: float, lengths: str, *, s
     """A constant population: ``initial`` requests (lengths from the ``lengths`` dataset, seeded),
     each replaced when it ends, until ``duration`` seconds have passed; returns the summary line."""
     from ..workloads import LengthSampler
-    from .host_main import RequestFailed
 
     sampler = LengthSampler(lengths, seed)
     rng = random.Random(seed)
@@ -246,7 +217,7 @@ async def offline(server: Any, initial: int, duration: float, lengths: str, *, s
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    return _run(_host_main(args))
+    return run(_host_main(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -288,7 +259,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
         raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
     server = WorkerServer(opts)
-    rc = _run(server.run())
+    rc = run(server.run())
     log.info("worker exits: %s", server.exit_reason or "done")
     return rc
 
@@ -337,9 +308,10 @@ def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) 
 
 
 def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
+    d = HostSettings()  # the flags' defaults
     h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
     h.add_argument("--plan", required=True, help="plan file (from `plan`)")
-    h.add_argument("--listen", default="tcp://127.0.0.1:*", help="inbox address (default %(default)s: an ephemeral port)")
+    h.add_argument("--listen", default=d.listen, help="inbox address (default %(default)s: an ephemeral port)")
     h.add_argument("--address-file", default=None, help="write the bound address here (for scripts)")
     h.add_argument("--trace", default=None, help="replay this trace CSV (arrive_time_s,input_tokens,output_tokens), then stop")
     h.add_argument("--mode", choices=["serve", "offline", "online"], default="serve",
@@ -351,14 +323,16 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--lengths", default="azure-conv", help="offline/online: length dataset (as in `python -m sim`)")
     h.add_argument("--arrivals", default="azure-conv", help="online: arrival series")
     h.add_argument("--seed", type=int, default=0, help="seed of the workload and of the prompts' token ids")
-    h.add_argument("--kv", type=pair, default=(0.9, 0.6), help="KV expectation HWM,RATIO (default 0.9,0.6)")
-    h.add_argument("--admission-capacity", type=positive_int, default=4096, help="most queries waiting for admission")
-    h.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at shutdown")
-    h.add_argument("--recovery-timeout", type=positive, default=60.0,
+    h.add_argument("--kv", type=pair, default=d.kv, help="KV expectation HWM,RATIO (default %(default)s)")
+    h.add_argument("--admission-capacity", type=positive_int, default=d.admission_capacity,
+                   help="most queries waiting for admission (default %(default)s)")
+    h.add_argument("--grace", type=positive, default=d.shutdown_grace,
+                   help="seconds in-flight requests may finish at shutdown (default %(default)s)")
+    h.add_argument("--recovery-timeout", type=positive, default=d.recovery_timeout,
                    help="seconds a request moved off a lost worker may wait for a live route (default %(default)s)")
     h.add_argument("--progress", action="store_true", help="a progress bar of the requests done (stderr)")
-    h.add_argument("--log-dir", default=None, help="write events.txt, query_route.txt, requests.jsonl here at the end")
-    h.add_argument("--emulate", type=positive, default=None, metavar="K",
+    h.add_argument("--log-dir", default=d.log_dir, help="write events.txt, query_route.txt, requests.jsonl here at the end")
+    h.add_argument("--emulate", type=positive, default=d.emulate_time_scale, metavar="K",
                    help="cost-model emulation: hold the host's messages back by its links' modelled times x K")
     h.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the OpenAI-compatible API and /metrics here (e.g. 127.0.0.1:8000; port 0: any free one)")

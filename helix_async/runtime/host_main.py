@@ -1,20 +1,29 @@
 """``python -m helix_async host``: the coordinator of a real cluster.
 
-:class:`HostServer` binds the host's inbox (``--listen``), takes worker registrations and gives
-each a node of the plan (the node id a worker asks for, else the first free node of its machine
-type), and once every node the plan uses has registered sends each its ``AssignLayers`` (layer
-range, model, next hops with their addresses).  When all have declared themselves ready it runs
-the very :class:`~helix_async.host.Host` the simulator runs, on the real clock, over ZeroMQ:
+:class:`HostServer` binds the host's inbox (``HostSettings.listen``), takes worker registrations
+and gives each a node of the plan (the node id a worker asks for, else the first free node of its
+machine type), and once every node the plan uses has registered sends each its ``AssignLayers``
+(layer range, model, next hops with their addresses).  When all have declared themselves ready it
+runs the very :class:`~helix_async.host.Host` the simulator runs, on the real clock, over ZeroMQ:
 MaxFlow routes each request at admission, work goes worker to worker, tokens come back here.
 
 Requests come from the async Python API (:meth:`HostServer.generate`: prompt token ids in, tokens
-out as they are produced) or from a trace replayed on the real clock (:meth:`HostServer.replay`).
+out as they are produced), which is the serving-host protocol the HTTP front door talks to
+(:class:`~helix_async.frontend.host_protocol.ServingHost`); the ``host`` command also drives it
+with a trace replayed on the real clock or an offline population
+(:func:`helix_async.runtime.commands.replay_trace`, :func:`~helix_async.runtime.commands.offline`).
 
-Failures: a worker that stops answering (the transport's heartbeats, within 2 s) fails every
-request whose route crosses it, with a reason naming the node; requests on other routes go on.  New
-requests routed over a lost node fail at once (re-planning around it is the faults issue).
-``shutdown`` lets in-flight requests finish for a grace period, cancels the rest, tells every
-worker to stop and closes.
+Failures (docs/faults.md): a worker that stops answering (the transport's heartbeats, within 2 s),
+or that asks to leave (SIGTERM: it drains), leaves the flows.  :class:`~helix_async.roles.Replanner`
+re-plans max flow over the live nodes (the plan's layer ranges stay; no new placement is solved)
+and :meth:`Host.replan <helix_async.host.Host.replan>` moves every request whose route crossed
+the node to a live route, rebuilding its KV there; a request that finds none within
+``recovery_timeout`` fails, saying why, and while some layer has no live node admission stops.
+Work sent to a node already known lost fails its request at once.  A worker that registers for a
+lost node takes its place, and once it is ready the flows grow back; a worker that answers again
+after a stall is back in service.  A slow or lossy link has its flow capped, and restored after a
+quiet period.  ``shutdown`` lets in-flight requests finish for a grace period, cancels the rest,
+tells every worker to stop and closes.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ import itertools
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..clock import MonotonicClock
-from ..errors import HelixError
+from ..errors import RequestFailed
 from ..flowplan import FlowPlan
+from ..frontend.host_protocol import HostSnapshot, LinkReport, NodeReport
 from ..host import Host, Query
 from ..ids import SINK, SOURCE, NodeRef
 from ..messages import (
@@ -47,24 +57,27 @@ from ..placement import Placement
 from ..placement.flow import max_flow
 from ..roles import Replanner
 from ..runlog import RunLog
+from ..settings import HostSettings
 from ..transport.base import Handler
 from ..transport.zmq import ZmqTransport
 
-__all__ = ["HostServer", "RequestFailed"]
+__all__ = ["HostCounters", "HostServer", "LinkHealth"]
 
 log = logging.getLogger("helix_async.host")
 
 
-class RequestFailed(HelixError, RuntimeError):
-    """A request the cluster could not serve (the message says why).
+class LinkHealth(NamedTuple):
+    """What the host knows of one directed link's health.
 
-    kind: ``overloaded`` (the admission queue is full: try again later), ``unavailable`` (the
-    host is not serving: starting or shutting down), ``cancelled`` (at shutdown) or ``failed``
-    (a worker failed it or was lost)."""
+    rtt: the last reported heartbeat round trip, smoothed (s). retries: messages resent on it so
+    far, as last reported. bad_at: when it was last seen slow or lossy (host clock, s; -1: never).
+    degraded: its flow is capped now.
+    """
 
-    def __init__(self, message: str, kind: str = "failed") -> None:
-        super().__init__(message)
-        self.kind = kind
+    rtt: float = 0.0
+    retries: int = 0
+    bad_at: float = -1.0
+    degraded: bool = False
 
 
 @dataclass
@@ -95,6 +108,11 @@ class HostCounters:
     drained: int = 0  # workers that left on request (SIGTERM)
     cancelled_at_shutdown: int = 0
     log: list[str] = field(default_factory=list)
+
+
+def _label(n: NodeRef) -> str:
+    """A node as the metrics name it: ``"host"`` for the coordinator's two sides, else its id."""
+    return "host" if isinstance(n, str) else str(n)
 
 
 class _Guard:
@@ -133,47 +151,36 @@ class _Guard:
 class HostServer:
     """The host process's state and API (see the module doc).
 
-    placement, flow: the plan (flow: its max flow, computed when None). listen: the inbox address.
-    kv: the KV expectation (fill limit, output ratio). admission_capacity: most queries waiting for
-    admission (beyond: rejected). emulate_time_scale: the cost-model emulation (workers that price
-    batches instead of computing them): hold the host's messages back by its links' modelled
-    transfer times, slowed by this factor. recovery_timeout: seconds a request may wait for a
-    live route after its worker was lost (then it fails, saying why). curve: the host's CURVE keys
-    (``transport.curve``), or None for plaintext links. A link whose heartbeat round trip passes
-    ``slow_link_rtt`` s, or that resends ``lossy_link_retries`` messages between two reports, is
-    degraded: the flows are re-planned with the link capped at ``link_degrade_factor`` times what
-    it carried, so max flow moves the rest to other paths and IWRR sends it that much less;
-    ``link_recover_s`` s without trouble restore it.
+    placement, flow: the plan (flow: its max flow, computed when None). settings: how it serves
+    (:class:`~helix_async.settings.HostSettings`: inbox address, KV expectation, admission
+    capacity, logs, emulation, recovery and link-health thresholds; its defaults when None).
+    curve: the host's CURVE keys (``transport.curve``), or None for plaintext links.
 
     Faults: a worker reported lost (or draining) leaves the flows: max flow is re-planned without
     it and every request whose route crossed it migrates (``Host.replan``); a worker that registers
     for a lost node takes its place, its neighbours are told its address, and once it is ready the
-    flows grow back.
+    flows grow back.  A link whose heartbeat round trip passes ``settings.slow_link_rtt``, or that
+    resends ``settings.lossy_link_retries`` messages between two reports, is degraded: the flows
+    are re-planned with the link capped at ``settings.link_degrade_factor`` times what it carried,
+    so max flow moves the rest to other paths and IWRR sends it that much less;
+    ``settings.link_recover_s`` seconds without trouble restore it.
     """
 
     def __init__(
         self,
         placement: Placement,
         flow: FlowPlan | None = None,
+        settings: HostSettings | None = None,
         *,
-        listen: str = "tcp://127.0.0.1:*",
-        kv: tuple[float, float] = (0.9, 0.6),
-        admission_capacity: int = 4096,
-        log_dir: str | None = None,
-        emulate_time_scale: float | None = None,
-        recovery_timeout: float = 60.0,
         curve: Any = None,
-        slow_link_rtt: float = 1.0,
-        lossy_link_retries: int = 8,
-        link_degrade_factor: float = 0.25,
-        link_recover_s: float = 30.0,
     ) -> None:
+        self.settings = settings = settings if settings is not None else HostSettings()
         self.placement = placement
         self.model = placement.model_spec
         self.flow = flow if flow is not None else max_flow(placement)
         self.current_flow = self.flow  # the flows routed by now (re-planned around faults)
         self.clock = MonotonicClock()
-        self.tp = ZmqTransport(SOURCE, self.clock, bind=listen, curve=curve)
+        self.tp = ZmqTransport(SOURCE, self.clock, bind=settings.listen, curve=curve)
         self.nodes: dict[int, _NodeState] = {}
         for i in placement.used_nodes():
             r = placement.layers[i]
@@ -182,24 +189,15 @@ class HostServer:
         self._names: dict[str, int] = {}
         self.counters = HostCounters()
         self.host: Host | None = None
-        self._kv = kv
-        self._capacity = admission_capacity
         self._assigned = False
         self._ready: asyncio.Event | None = None
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._qids = itertools.count()
         self._closing = False
         self.on_query_done: Callable[[Query], None] | None = None
-        self.log_dir = log_dir
-        self.emulate_time_scale = emulate_time_scale
-        self.recovery_timeout = float(recovery_timeout)
-        self.replanner = Replanner(placement, kv)
-        self.slow_link_rtt = float(slow_link_rtt)
-        self.lossy_link_retries = int(lossy_link_retries)
-        self.link_degrade_factor = float(link_degrade_factor)
-        self.link_recover_s = float(link_recover_s)
-        #: (src, dst) -> [smoothed round trip s, retries so far, last seen bad at (-1: never), degraded]
-        self.link_health: dict[tuple[NodeRef, NodeRef], list[Any]] = {}
+        self.replanner = Replanner(placement, settings.kv)
+        #: (src, dst) -> the link's health, from the workers' reports and the host's own heartbeats
+        self.link_health: dict[tuple[NodeRef, NodeRef], LinkHealth] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self.runlog: RunLog | None = None
         self.log_files: list[Any] = []
@@ -235,19 +233,36 @@ class HostServer:
 
     @property
     def admission_capacity(self) -> int:
-        return self._capacity
+        """Requests that may wait for admission at most (``settings.admission_capacity``)."""
+        return self.settings.admission_capacity
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to ``vocab_size - 1`` (the plan's model)."""
+        return self.model.vocab_size
+
+    @property
+    def workers(self) -> int:
+        """Worker nodes in the plan."""
+        return len(self.nodes)
+
+    def now(self) -> float:
+        """The host's clock (monotonic seconds)."""
+        return self.clock.now()
 
     @property
     def overloaded(self) -> bool:
         """The admission queue is full: a new request would be rejected."""
-        return self.host is not None and self.host.waiting >= self._capacity
+        return self.host is not None and self.host.waiting >= self.settings.admission_capacity
 
-    async def shutdown(self, reason: str = "host shutting down", grace: float = 5.0) -> None:
-        """Stop admitting; let in-flight requests finish for ``grace`` seconds, cancel the rest;
-        tell every worker to stop; close."""
+    async def shutdown(self, reason: str = "host shutting down", grace: float | None = None) -> None:
+        """Stop admitting; let in-flight requests finish for ``grace`` seconds (None:
+        ``settings.shutdown_grace``), cancel the rest; tell every worker to stop; close."""
         if self._closing:
             return
         self._closing = True
+        if grace is None:
+            grace = self.settings.shutdown_grace
         if self._watchdog is not None:
             self._watchdog.cancel()
         host = self.host
@@ -269,8 +284,8 @@ class HostServer:
                 break
             await asyncio.sleep(0.01)
         await self.tp.close()
-        if self.log_dir and self.runlog is not None:
-            self.log_files = self.runlog.write(self.log_dir)
+        if self.settings.log_dir and self.runlog is not None:
+            self.log_files = self.runlog.write(self.settings.log_dir)
 
     # ---- registration ---------------------------------------------------------------------------
 
@@ -291,8 +306,8 @@ class HostServer:
                 for peer, retried, rtt in zip(msg.peers, msg.retried, msg.rtt_us, strict=True):
                     self._observe_link(msg.node_id, SOURCE if peer < 0 else peer, retried, rtt / 1e6)
         elif t is Error and msg.request_id < 0:
-            node = self._names.get(msg.name) if hasattr(msg, "name") else None
-            log.error("worker %r reports: %s", sender if node is None else node, msg.text)
+            # (sender: the node id of a registered worker, the transport names it so)
+            log.error("worker %r reports: %s", sender, msg.text)
             self.counters.log.append(f"worker {sender!r}: {msg.text}")
         elif self.host is not None:
             self.host.on_message(sender, msg)
@@ -399,13 +414,13 @@ class HostServer:
     def _serve(self) -> None:
         router, self.current_flow, _ = self.replanner.router(frozenset())
         transport: Any = _Guard(self, self.tp)
-        if self.emulate_time_scale is not None:
+        if self.settings.emulate_time_scale is not None:
             # the cost-model emulation: the coordinator's links as the cluster file has them
             from ..transport.emulated import EmulatedLinks, links_from
 
             links = links_from(self.placement.cluster, SOURCE)
-            transport = EmulatedLinks(transport, self.clock, links, self.emulate_time_scale)
-        host = Host(self.clock, transport, router=router, admission_capacity=self._capacity)
+            transport = EmulatedLinks(transport, self.clock, links, self.settings.emulate_time_scale)
+        host = Host(self.clock, transport, router=router, admission_capacity=self.settings.admission_capacity)
         host.on_token = self._on_token
         host.on_fail = self._on_fail
         host.on_reject = self._on_reject
@@ -485,31 +500,36 @@ class HostServer:
         if dst == SOURCE:
             dst = SINK  # a worker's link to the host is the plan's link to the sink
         key = (src, dst)
-        h = self.link_health.setdefault(key, [0.0, retried, -1.0, False])
-        new_retries = retried - h[1]
-        h[0], h[1] = rtt, retried
+        cfg = self.settings
+        old = self.link_health.get(key, LinkHealth(retries=retried))
+        new_retries = retried - old.retries
+        h = old._replace(rtt=rtt, retries=retried)
         now = self.clock.now()
-        if rtt > self.slow_link_rtt or new_retries >= self.lossy_link_retries:
-            h[2] = now
-            if not h[3] and self.host is not None:
-                h[3] = True
+        replan = ""
+        if rtt > cfg.slow_link_rtt or new_retries >= cfg.lossy_link_retries:
+            h = h._replace(bad_at=now)
+            if not h.degraded and self.host is not None:
+                h = h._replace(degraded=True)
                 # cap the link at a fraction of what it carries now: max flow moves the rest elsewhere
                 f = self.current_flow.link_flows.get(key, 0.0)
                 cap = self.current_flow.link_capacity.get(key, 0.0)
                 if f > 0 and cap > 0:
-                    scale = self.replanner.link_scale.get(key, 1.0) * self.link_degrade_factor * f / cap
+                    scale = self.replanner.link_scale.get(key, 1.0) * cfg.link_degrade_factor * f / cap
                     self.replanner.link_scale[key] = max(scale, 1e-9)
-                    self._replan(f"link {src}->{dst} is slow or lossy (round trip {rtt:.3f} s, {new_retries} resent)")
-        elif h[3] and now - h[2] > self.link_recover_s:
-            h[3] = False
+                    replan = f"link {src}->{dst} is slow or lossy (round trip {rtt:.3f} s, {new_retries} resent)"
+        elif h.degraded and now - h.bad_at > cfg.link_recover_s:
+            h = h._replace(degraded=False)
             if self.replanner.link_scale.pop(key, None) is not None and self.host is not None:
-                self._replan(f"link {src}->{dst} is healthy again")
+                replan = f"link {src}->{dst} is healthy again"
+        self.link_health[key] = h
+        if replan:
+            self._replan(replan)
 
     async def _recovery_watch(self) -> None:
         """Fail requests that found no live route within ``recovery_timeout`` of their migration;
         watch the host's own links."""
         while not self._closing:
-            await self.clock.sleep(min(1.0, self.recovery_timeout / 4))
+            await self.clock.sleep(min(1.0, self.settings.recovery_timeout / 4))
             host = self.host
             if host is None:
                 continue
@@ -517,11 +537,53 @@ class HostServer:
                 if isinstance(peer, int) and peer in self.nodes and not self.nodes[peer].lost and rtt > 0:
                     self._observe_link(SOURCE, peer, retried, rtt)
             now = self.clock.now()
+            timeout = self.settings.recovery_timeout
             for q in host.migrating_queries():
-                if q.moved_at >= 0 and now - q.moved_at > self.recovery_timeout:
+                if q.moved_at >= 0 and now - q.moved_at > timeout:
                     self.counters.failed_on_lost_worker += 1
                     reason = host.admission_stopped or "no live route could take it"
-                    host.fail(q.qid, f"its worker was lost and {reason} (waited {self.recovery_timeout:g} s)")
+                    host.fail(q.qid, f"its worker was lost and {reason} (waited {timeout:g} s)")
+
+    def snapshot(self) -> HostSnapshot:
+        """The counters and gauges the front door's ``/metrics`` shows, now (see
+        :class:`~helix_async.frontend.host_protocol.HostSnapshot`)."""
+        now = self.clock.now()
+        host = self.host
+        tp = self.tp
+        nodes = []
+        for node, st in sorted(self.nodes.items()):
+            up = bool(st.address) and not st.lost
+            ns = st.stats
+            if ns is None:
+                nodes.append(NodeReport(node, up))
+                continue
+            nodes.append(NodeReport(
+                node, up, report_age=max(0.0, now - st.stats_at),
+                kv_use=ns.kv_used / ns.kv_capacity if ns.kv_capacity > 0 else 0.0, queued=int(ns.queued),
+                dropped=int(ns.bad_frames),
+                bytes_out={_label(SOURCE if peer < 0 else peer): int(n) for peer, n in zip(ns.peers, ns.bytes_out, strict=True)},
+            ))
+        links = [LinkReport(_label(a), _label(b), h.rtt, h.retries, h.degraded) for (a, b), h in self.link_health.items()]
+        plan_flows: dict[tuple[str, str], float] = {}
+        for (u, v), f in self.flow.link_flows.items():
+            key = (_label(u), _label(v))
+            plan_flows[key] = plan_flows.get(key, 0.0) + float(f)
+        c = self.counters
+        return HostSnapshot(
+            waiting=host.waiting if host is not None else 0,
+            active=host.active if host is not None else 0,
+            dropped=tp.stats.bad_frames + tp.drops.total + c.bad_messages,
+            bytes_out={_label(peer): n for peer, n in tp.bytes_sent().items() if isinstance(peer, int)},
+            nodes=tuple(nodes),
+            links=tuple(links),
+            plan_flows=plan_flows,
+            admission_stopped=bool(self.admission_stopped),
+            workers_lost=c.workers_lost,
+            workers_rejoined=c.rejoined,
+            workers_drained=c.drained,
+            requests_migrated=c.migrated,
+            requests_unrecovered=c.failed_on_lost_worker,
+        )
 
     @property
     def admission_stopped(self) -> str:

@@ -23,7 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..aio import run
 from ..errors import ConfigError
+from ..settings import HostSettings
 
 log = logging.getLogger("helix_async.serve")
 
@@ -51,8 +53,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from ..placement import Placement
     from ..placement.flow import max_flow
     from ..placement.io import write_placement
-    from .commands import _http_setup, _http_start
     from .host_main import HostServer
+    from .http_api import prepare_front_door, start_front_door
 
     model, checkpoint = _model_of(args.model)
     from ..model import get_model
@@ -65,11 +67,9 @@ async def _serve(args: argparse.Namespace) -> int:
                                      seed=0, name=f"local{n}")
     placement = Placement.from_layers(cluster, model, _even_stages(spec.num_layers, n), method="even stages")
     flow = max_flow(placement)
-    host_args = argparse.Namespace(http=args.http, tokenizer=args.tokenizer or (checkpoint if checkpoint and
-                                   Path(checkpoint, "tokenizer.json").is_file() else None),
-                                   max_model_len=args.max_model_len, served_model_name=args.served_model_name,
-                                   seed=args.seed, api_key=args.api_key)
-    http = _http_setup(host_args, placement)
+    tokenizer = args.tokenizer or (checkpoint if checkpoint and Path(checkpoint, "tokenizer.json").is_file() else None)
+    door = prepare_front_door(args.http, placement.model_spec, tokenizer=tokenizer, max_model_len=args.max_model_len,
+                              served_model_name=args.served_model_name, seed=args.seed, api_key=args.api_key)
     from ..executors.registry import executor_entry
 
     entry = executor_entry(args.executor)
@@ -80,7 +80,8 @@ async def _serve(args: argparse.Namespace) -> int:
     workdir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="helix-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = write_placement(placement, workdir / "plan.toml", flow=flow)
-    server = HostServer(placement, flow, admission_capacity=args.admission_capacity)
+    server = HostServer(placement, flow, HostSettings(admission_capacity=args.admission_capacity,
+                                                      shutdown_grace=args.grace))
     address = await server.start()
     api = None
     procs: list[asyncio.subprocess.Process] = []
@@ -89,7 +90,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        api = await _http_start(server, http)
+        api = await start_front_door(server, door)
         for i in range(n):
             argv = [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
                     "--node-id", str(i), "--executor", args.executor, "--threads", str(args.threads), "--seed", str(args.seed)]
@@ -112,7 +113,7 @@ async def _serve(args: argparse.Namespace) -> int:
                       f"(its log: {workdir / f'worker{bad[0]}.log'})", file=sys.stderr, flush=True)
                 return 1
             return 0
-        print(f"serving {http['model_name']!r} on {api.url}/v1 (OpenAI API; /metrics, /health); Ctrl-C stops", flush=True)
+        print(f"serving {door.model_name!r} on {api.url}/v1 (OpenAI API; /metrics, /health); Ctrl-C stops", flush=True)
         if args.url_file:
             Path(args.url_file).write_text(api.url + "\n")
         await asyncio.wait({stopped, *died}, return_when=asyncio.FIRST_COMPLETED)
@@ -123,7 +124,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print("stopping: in-flight requests finish or are cancelled", flush=True)
         return 0
     finally:
-        await server.shutdown("serve stopped", grace=args.grace)
+        await server.shutdown("serve stopped")
         if api is not None:
             await api.stop()
         for p in procs:
@@ -135,9 +136,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .commands import _run
-
-    return _run(_serve(args))
+    return run(_serve(args))
 
 
 def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
@@ -159,7 +158,8 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--admission-capacity", type=positive_int, default=256,
                    help="requests that may wait for admission; beyond, 429 (default %(default)s)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--grace", type=positive, default=10.0, help="seconds in-flight requests may finish at stop")
+    s.add_argument("--grace", type=positive, default=HostSettings().shutdown_grace,
+                   help="seconds in-flight requests may finish at stop (default %(default)s)")
     s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
     s.add_argument("--url-file", default=None, help="write the API's base URL here once serving (for scripts)")
     s.set_defaults(handler=cmd_serve)

@@ -1,0 +1,96 @@
+"""The HTTP front door in a host process: its flags checked before anything listens, then the
+OpenAI-compatible API and its metrics started on the host's own event loop.
+
+The ``host --http`` and ``serve`` commands both use it.  The front door itself
+(:mod:`helix_async.frontend.openai_api`) knows only the serving-host protocol; this module is
+where the runtime's :class:`~helix_async.runtime.host_main.HostServer` is handed to it (docs/frontend.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..frontend.openai_api import OpenAIServer
+    from ..frontend.tokenizer import TextTokenizer
+    from ..model import ModelSpec
+    from .host_main import HostServer
+
+__all__ = ["MAX_MODEL_LEN", "FrontDoor", "prepare_front_door", "start_front_door"]
+
+#: context lengths of the models we know (tokens): the default of ``--max-model-len``
+MAX_MODEL_LEN = {"tiny-llama": 2048, "llama2-70b": 4096, "llama1-30b": 2048}
+#: the context length of a model not in :data:`MAX_MODEL_LEN` (tokens)
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class FrontDoor:
+    """What the HTTP API needs, checked: where it listens (``host``, ``port``; 0: any free port),
+    the tokenizer (None: token ids only), ``max_model_len`` (prompt plus output tokens at most),
+    the model id clients give (``model_name``), the seed of unseeded requests' sampling and the
+    bearer token ``/v1/`` requires (None: none)."""
+
+    host: str
+    port: int
+    tokenizer: TextTokenizer | None
+    max_model_len: int
+    model_name: str
+    seed: int = 0
+    api_key: str | None = None
+
+
+def prepare_front_door(
+    http: str,
+    model: ModelSpec,
+    *,
+    tokenizer: str | None = None,
+    max_model_len: int | None = None,
+    served_model_name: str | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+) -> FrontDoor:
+    """Check the front door's flags and load its tokenizer, before the host binds anything.
+
+    http: ``HOST:PORT`` (``--http``). model: the plan's model. tokenizer: ``--tokenizer``
+    (``tiny-llama``, a directory with ``tokenizer.json``, or ``none``; None: the model's own when
+    one ships). Raises ConfigError naming the flag (the command exits 2)."""
+    from ..extras import require
+
+    require("aiohttp", "serve")
+    from ..frontend.openai_api import parse_http_address
+
+    try:
+        host, port = parse_http_address(http)
+    except ValueError as e:
+        raise ConfigError("<argument>", "--http", str(e)) from None
+    tok_src = tokenizer or (model.name if model.name == "tiny-llama" else None)
+    tok = None
+    if tok_src and tok_src != "none":
+        from ..frontend.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_src)
+        if tok.vocab_size > model.vocab_size:
+            raise ConfigError(tok_src, "--tokenizer", f"{tok.vocab_size} ids, more than {model.name}'s vocabulary "
+                              f"of {model.vocab_size}")
+    return FrontDoor(host, port, tok, max_model_len or MAX_MODEL_LEN.get(model.name, DEFAULT_MAX_MODEL_LEN),
+                     served_model_name or model.name, seed, api_key)
+
+
+async def start_front_door(server: HostServer, door: FrontDoor) -> OpenAIServer:
+    """Serve the API (with ``/metrics``) for ``server``; returns it listening (``.url``).  A port
+    that is not free shuts the host down and raises ConfigError naming ``--http``."""
+    from ..frontend.metrics import Metrics
+    from ..frontend.openai_api import OpenAIServer
+
+    api = OpenAIServer(server, door.model_name, door.tokenizer, max_model_len=door.max_model_len, seed=door.seed,
+                       metrics=Metrics(server), api_key=door.api_key)
+    try:
+        await api.start(door.host, door.port)
+    except OSError as e:
+        await server.shutdown("the HTTP port is not free", grace=0.0)
+        raise ConfigError("<argument>", "--http", f"cannot listen on {door.host}:{door.port}: {e.strerror or e}") from None
+    return api
