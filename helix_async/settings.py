@@ -176,7 +176,8 @@ class HostSettings:
     command builds it from its flags (docs/runtime.md).
 
     listen: the inbox address workers connect to (ZeroMQ endpoint; port ``*``: any free one).
-    kv: the KV expectation at admission. admission_capacity: requests that may wait for admission
+    scheduler: the routing policy, by its name in ``helix_async.routing.policies`` (one the runtime
+    runs). kv: the KV expectation at admission. admission_capacity: requests that may wait for admission
     (beyond: rejected, HTTP 429). log_dir: where the run's logs are written at shutdown (None:
     none). emulate_time_scale: the cost-model emulation (workers price batches instead of computing
     them): hold the host's messages back by its links' modelled transfer times, slowed by this
@@ -192,6 +193,7 @@ class HostSettings:
     """
 
     listen: str = "tcp://127.0.0.1:*"
+    scheduler: str = "maxflow"
     kv: KVExpectation = KV_ONLINE
     admission_capacity: int = 4096
     log_dir: str | None = None

@@ -77,6 +77,21 @@ def test_from_the_command_line_the_error_names_the_flag() -> None:
         host_settings(args)
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "match"),
+    [("shortest-queue", "--scheduler: shortest-queue runs only in the simulator: .*the runtime runs: maxflow"),
+     ("random", "--scheduler: random runs only in the simulator"),
+     ("bogus", "--scheduler: unknown scheduler 'bogus'; known: maxflow, swarm")],
+)
+def test_the_host_refuses_a_scheduler_it_cannot_run_before_it_starts(scheduler: str, match: str) -> None:
+    args = _parser().parse_args(["host", "--plan", "p.toml", "--scheduler", scheduler])
+    settings = host_settings(args)
+    assert settings.scheduler == scheduler
+    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", STAGES)
+    with pytest.raises(ConfigError, match=match):
+        HostServer(placement, settings=settings)
+
+
 def test_a_host_without_workers_answers_the_front_doors_questions() -> None:
     pytest.importorskip("prometheus_client")
     from helix_async.frontend.metrics import Metrics

@@ -63,7 +63,7 @@ class FirstLink:
 @pytest.fixture
 def first_link() -> Iterator[Policy]:
     entry = Policy("first-link", "always the first out-link", hop=lambda out, seed: FirstLink(out),
-                   runtime="a test policy")
+                   simulator_only="a test policy")
     register(entry)
     try:
         yield entry

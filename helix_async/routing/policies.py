@@ -11,7 +11,7 @@ Two kinds (docs/original.md §7):
   says what a node needs for it: free links only (a prompt waits for an idle link), the
   neighbours' queue lengths, and delay feedback from the next hop.
 
-``runtime`` says why a policy runs only in the simulator ("" when the runtime runs it too): the
+``simulator_only`` says why a policy runs only in the simulator ("" when the runtime runs it too): the
 runtime host refuses such a name with an error naming its flag (:func:`runtime_policy`).
 
 Adding a policy is its chooser (or router) module and one entry in :data:`POLICIES` (or a
@@ -51,7 +51,7 @@ class Policy:
     on a link with nothing in flight (the chooser is told which are free; the prompt waits for one).
     peer_queue_len: the chooser compares the neighbours' first-layer queue lengths. feedback: the
     next hop reports each request's delay to the sender (``Feedback``), which the chooser observes.
-    runtime: why only the simulator runs it ("" when the runtime can).
+    simulator_only: why only the simulator runs it ("" when the runtime can).
     """
 
     name: str
@@ -61,7 +61,7 @@ class Policy:
     free_links_only: bool = False
     peer_queue_len: bool = False
     feedback: bool = False
-    runtime: str = ""
+    simulator_only: str = ""
 
     def __post_init__(self) -> None:
         if (self.router is None) == (self.hop is None):
@@ -109,12 +109,12 @@ POLICIES: dict[str, Policy] = {
         Policy("maxflow", "MaxFlow + IWRR: the whole route at admission, in proportion to the planned flows",
                router=maxflow_router),
         Policy("swarm", "the link with the least expected delay, learnt from the next hops' feedback",
-               hop=lambda out, seed: SwarmPolicy(out), feedback=True, runtime=_NO_HOP_POLICY),
+               hop=lambda out, seed: SwarmPolicy(out), feedback=True, simulator_only=_NO_HOP_POLICY),
         Policy("random", "a uniformly random idle link", hop=lambda out, seed: RandomPolicy(out, seed=seed),
-               free_links_only=True, runtime=_NO_HOP_POLICY),
+               free_links_only=True, simulator_only=_NO_HOP_POLICY),
         Policy("shortest-queue", "an idle link to a neighbour with the shortest queue",
                hop=lambda out, seed: ShortestQueuePolicy(out, seed=seed), free_links_only=True, peer_queue_len=True,
-               runtime="it reads every neighbour's queue length when it sends, which only the simulator sees"),
+               simulator_only="it reads every neighbour's queue length when it sends, which only the simulator sees"),
     )
 }
 
@@ -140,7 +140,7 @@ def runtime_policy(name: str, flag: str = "--scheduler") -> Policy:
     entry = POLICIES.get(name)
     if entry is None:
         raise ConfigError("<argument>", flag, f"unknown scheduler {name!r}; known: {', '.join(POLICIES)}")
-    if entry.runtime:
-        ok = ", ".join(p.name for p in POLICIES.values() if not p.runtime)
-        raise ConfigError("<argument>", flag, f"{name} runs only in the simulator: {entry.runtime} (the runtime runs: {ok})")
+    if entry.simulator_only:
+        ok = ", ".join(p.name for p in POLICIES.values() if not p.simulator_only)
+        raise ConfigError("<argument>", flag, f"{name} runs only in the simulator: {entry.simulator_only} (the runtime runs: {ok})")
     return entry

@@ -87,14 +87,14 @@ async def _host_main(args: argparse.Namespace) -> int:
 
 
 #: the ``host`` flag that sets each HostSettings field
-HOST_FLAGS = {"listen": "--listen", "kv": "--kv", "admission_capacity": "--admission-capacity", "log_dir": "--log-dir",
+HOST_FLAGS = {"listen": "--listen", "scheduler": "--scheduler", "kv": "--kv", "admission_capacity": "--admission-capacity", "log_dir": "--log-dir",
               "emulate_time_scale": "--emulate", "recovery_timeout": "--recovery-timeout", "shutdown_grace": "--grace"}
 
 
 def host_settings(args: argparse.Namespace) -> HostSettings:
     """The ``host`` command's settings from its flags (the fields with no flag keep their defaults)."""
     try:
-        return HostSettings(listen=args.listen, kv=KVExpectation(*args.kv), admission_capacity=args.admission_capacity,
+        return HostSettings(listen=args.listen, scheduler=args.scheduler, kv=KVExpectation(*args.kv), admission_capacity=args.admission_capacity,
                             log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout,
                             shutdown_grace=args.grace)
     except ConfigError as e:
@@ -323,6 +323,8 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--lengths", default="azure-conv", help="offline/online: length dataset (as in `python -m sim`)")
     h.add_argument("--arrivals", default="azure-conv", help="online: arrival series")
     h.add_argument("--seed", type=int, default=0, help="seed of the workload and of the prompts' token ids")
+    h.add_argument("--scheduler", default=d.scheduler, metavar="NAME",
+                   help="routing policy (default %(default)s; the simulator runs more: python -m sim run --help)")
     h.add_argument("--kv", type=pair, default=d.kv, help="KV expectation HWM,RATIO (default %(default)s)")
     h.add_argument("--admission-capacity", type=positive_int, default=d.admission_capacity,
                    help="most queries waiting for admission (default %(default)s)")

@@ -56,6 +56,7 @@ from ..messages import (
 from ..placement import Placement
 from ..placement.flow import max_flow
 from ..roles import Replanner
+from ..routing.policies import runtime_policy
 from ..runlog import RunLog
 from ..settings import HostSettings
 from ..transport.base import Handler
@@ -175,6 +176,8 @@ class HostServer:
         curve: Any = None,
     ) -> None:
         self.settings = settings = settings if settings is not None else HostSettings()
+        # refused before anything is bound: a scheduler the runtime cannot run starts nothing
+        policy = runtime_policy(settings.scheduler, "--scheduler")
         self.placement = placement
         self.model = placement.model_spec
         self.flow = flow if flow is not None else max_flow(placement)
@@ -195,7 +198,7 @@ class HostServer:
         self._qids = itertools.count()
         self._closing = False
         self.on_query_done: Callable[[Query], None] | None = None
-        self.replanner = Replanner(placement, settings.kv)
+        self.replanner = Replanner(placement, settings.kv, policy=policy)
         #: (src, dst) -> the link's health, from the workers' reports and the host's own heartbeats
         self.link_health: dict[tuple[NodeRef, NodeRef], LinkHealth] = {}
         self._watchdog: asyncio.Task[None] | None = None
