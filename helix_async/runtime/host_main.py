@@ -310,8 +310,12 @@ class HostServer:
                     self._observe_link(msg.node_id, SOURCE if peer < 0 else peer, retried, rtt / 1e6)
         elif t is Error and msg.request_id < 0:
             # (sender: the node id of a registered worker, the transport names it so)
-            log.error("worker %r reports: %s", sender, msg.text)
-            self.counters.log.append(f"worker {sender!r}: {msg.text}")
+            try:
+                code = ErrorCode(msg.code).name
+            except ValueError:  # a code newer than this host: still logged, by number
+                code = str(msg.code)
+            log.error("worker %r reports %s: %s", sender, code, msg.text)
+            self.counters.log.append(f"worker {sender!r} ({code}): {msg.text}")
         elif self.host is not None:
             self.host.on_message(sender, msg)
         else:

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from ..aio import run
 from ..clock import MonotonicClock
 from ..errors import ConfigError, HelixError
 from ..executors.registry import ExecutorContext, ExecutorLoadError, executor_entry
@@ -314,11 +315,5 @@ class WorkerServer:
 
 def run_worker(opts: WorkerOptions) -> int:
     """Run a worker process to its end; returns the exit status."""
-    server = WorkerServer(opts)
-    try:
-        import uvloop
-
-        return uvloop.run(server.run())
-    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
-        return asyncio.run(server.run())
+    return run(WorkerServer(opts).run())
 
