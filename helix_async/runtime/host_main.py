@@ -540,9 +540,9 @@ class HostServer:
             host = self.host
             if host is None:
                 continue
-            for peer, (_b, retried, rtt) in self.tp.link_health().items():
-                if isinstance(peer, int) and peer in self.nodes and not self.nodes[peer].lost and rtt > 0:
-                    self._observe_link(SOURCE, peer, retried, rtt)
+            for peer, h in self.tp.link_health().items():
+                if isinstance(peer, int) and peer in self.nodes and not self.nodes[peer].lost and h.rtt > 0:
+                    self._observe_link(SOURCE, peer, h.retries, h.rtt)
             now = self.clock.now()
             timeout = self.settings.recovery_timeout
             for q in host.migrating_queries():

@@ -299,12 +299,12 @@ class WorkerServer:
             counts: list[int] = []
             retried: list[int] = []
             rtt_us: list[int] = []
-            for p, (n, r, rtt) in health.items():
+            for p, h in health.items():
                 if isinstance(p, int) or p in (SINK, SOURCE):
                     peers.append(p if isinstance(p, int) else -1)
-                    counts.append(n)
-                    retried.append(r)
-                    rtt_us.append(round(rtt * 1e6))
+                    counts.append(h.bytes_sent)
+                    retried.append(h.retries)
+                    rtt_us.append(round(h.rtt * 1e6))
             ts = self.tp.stats
             bad = (ts.bad_frames + self.tp.drops.total + ts.out_of_order + ts.duplicates + ts.handler_errors
                    + self.bad_messages + w.stats.bad_messages)

@@ -48,7 +48,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -79,6 +79,14 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+
+
+class OutboxHealth(NamedTuple):
+    """One outbox's health, as the transport measured it."""
+
+    bytes_sent: int  # bytes of first transmissions so far
+    retries: int  # messages sent again (unacknowledged within the retry time)
+    rtt: float  # smoothed heartbeat round trip, seconds
 
 
 @dataclass
@@ -311,9 +319,9 @@ class ZmqTransport:
         self.stats.sent += 1
         self._transmit(out, packet)
 
-    def link_health(self) -> dict[NodeRef, tuple[int, int, float]]:
-        """Per peer: (bytes sent, messages sent again, smoothed heartbeat round trip in s)."""
-        return {peer: (out.bytes, out.retries, out.rtt) for peer, out in self._outs.items()}
+    def link_health(self) -> dict[NodeRef, OutboxHealth]:
+        """Per peer: bytes sent, messages sent again, smoothed heartbeat round trip."""
+        return {peer: OutboxHealth(out.bytes, out.retries, out.rtt) for peer, out in self._outs.items()}
 
     def bytes_sent(self) -> dict[NodeRef, int]:
         """Bytes sent to each peer so far (first transmissions: what the work needed, not retries)."""
