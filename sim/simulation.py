@@ -72,7 +72,9 @@ class SimulationSetup:
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
     """The original's transfer sizes (§8.3): token ids cost ``token_size`` bytes per token on the
     source and sink hops, hidden states ``token_size + activation_size`` per token between nodes.
-    A token result is charged one token."""
+    A token result is charged one token; unlike the original, which charges the hop to the sink the
+    request's whole length (2 n bytes for a prompt of n tokens, docs/original.md §8.3), a difference
+    of microseconds at these bandwidths."""
     tok = float(model.token_size)
     mid = float(model.token_size + model.activation_size)
 

@@ -7,7 +7,8 @@ return the same routes and leave the same IWRR loads and KV state (checked by a 
 Routing (HELIX_SPEC §7.1 steps 1-4), decided once per request at admission, hop by hop from the
 source. At scheduling node X (the source or a compute node) the candidates are X's out-links in
 the plan, weighted by their max-flow (tokens/s), in a fixed order (node ids ascending, the sink
-last). A request with ``n`` input tokens:
+last; the original keeps the order its links were created in, which the shipped layouts do not
+sort, so on an exact IWRR tie the two may pick different hops, docs/original.md §7.1). A request with ``n`` input tokens:
 
 1. masks candidate Y when its link carries less than ``min_share`` (5 %) of X's total out-flow
    (this also drops zero-flow links); when Y is a compute node and ``n`` exceeds Y's prompt limit;
@@ -21,7 +22,7 @@ Links masked by flow share never change, so they are left out of the IWRR altoge
 loads are the same as with them permanently masked (the original keeps them in the list).
 
 The walk is **greedy first, backtracking only on dead ends**. It follows the IWRR choice at every
-hop, exactly as the original's greedy walk does, as long as that leads on; when it reaches a node
+hop, as the original's greedy walk does, as long as that leads on; when it reaches a node
 whose candidates are all masked (a dead end: the original fails there, HELIX_SPEC §12.2 items 8 and
 9), it marks that node dead for this request, steps back to the previous hop and re-chooses there
 with the dead node masked too -- a depth-first search over the candidates in IWRR order. A node's
