@@ -7,13 +7,13 @@ Every measurement runs in a fresh subprocess (this script with a hidden ``--chil
 prints one JSON line), so the peak RSS is that run's alone and the pure build
 (``HELIX_NO_EXTENSIONS=1``) really imports no compiled module.  Scenarios:
 
-* ``reference``: the README example (HELIX_SPEC §11.2): single24, LLaMA-2-70B, the shipped ILP
+* ``reference``: the README example (docs/original.md §11.2): single24, LLaMA-2-70B, the shipped ILP
   layout, MaxFlow, offline, 20 initial queries, KV (0.85, 1.0), warm-up 60 s, window 600 s, in
   compat mode (``python -m sim run --plan ilp --compat helix``) and in the default mode, next to
   the original simulator's published cost and figures and the ratio ours/original.
 * ``online``: the README online example: same layout, MaxFlow, 1800 s of azure-conv arrivals and
   lengths at 700 tokens/s (seed 0), KV (0.9, 0.6), warm-up 0, default mode and compat.  The
-  original could not run it unmodified in 24 GB (HELIX_SPEC §12.2 item 16); its cost with the
+  original could not run it unmodified in 24 GB (docs/original.md §12.2 item 16); its cost with the
   event log trimmed is the reference row.
 * ``scale``: sparse geo-partitioned clusters of 24, 96, 384 and 1,536 GPUs (regions of up to 96
   GPUs with single24's mix, 1/6 A100, 1/3 L4, 1/2 T4; complete inside a region, 4 links between
@@ -29,7 +29,7 @@ of that call (steadier than wall time on a shared machine; the original's figure
 the virtual-time loop ran (``RunResult.events``); ``sim-s/wall-s`` virtual seconds from the
 workload's start ``t0`` to the end of the run per wall second; ``RSS MB`` the child's peak
 resident set (``ru_maxrss``).  Latencies in seconds: TTFT is the prompt latency, TPOT the decode
-latency per output token (HELIX_SPEC §8.9); the original published their means.
+latency per output token (docs/original.md §8.9); the original published their means.
 
 Nothing here asserts a timing; ``--quick`` shrinks every window to a smoke run.
 """
@@ -69,7 +69,7 @@ SCALE_PLANNER = "swarm"
 FULL = {"ref_warmup": 60.0, "ref_window": 600.0, "online_s": 1800, "scale_s": 120}
 QUICK = {"ref_warmup": 5.0, "ref_window": 10.0, "online_s": 3, "scale_s": 3}
 
-#: The original simulator's published cost and figures (HELIX_SPEC §11.2, §12.2 item 16), measured
+#: The original simulator's published cost and figures (docs/original.md §11.2, §12.2 item 16), measured
 #: on a 2-core box.  RSS as a range (low, high) in MB.
 ORIGINAL: dict[str, dict[str, Any]] = {
     "reference": {

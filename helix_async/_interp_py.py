@@ -4,7 +4,7 @@
 must return bit-identical floats (same operation order; checked by a hypothesis test).
 ``helix_async.interp`` is the one import site that picks an implementation.
 
-Semantics (HELIX_SPEC §3.2, from the Helix simulator's profile lookup): the table is a sorted grid
+Semantics (docs/original.md §3.2, from the Helix simulator's profile lookup): the table is a sorted grid
 of batch sizes with the measured time of ONE transformer layer. A value at a grid point is returned
 as is; between two grid points it is interpolated linearly; outside the grid it is an error (no
 extrapolation). A mixed batch of P prompt tokens and D decode sequences costs

@@ -25,7 +25,7 @@ class FlowPlan:
     ``link_flows[(u, v)]`` is the flow on placement link u->v (the routing weight), ``link_capacity``
     that link's capacity; ``node_flows[i]`` the flow through node i's compute edge and
     ``node_capacity[i]`` its capacity (typical throughput), for every node holding layers.
-    ``max_compute_throughput`` is the cluster's upper bound on any plan's max flow (HELIX_SPEC §3.5).
+    ``max_compute_throughput`` is the cluster's upper bound on any plan's max flow (docs/original.md §3.5).
     """
 
     value: float

@@ -1,4 +1,4 @@
-"""The coordinator: admission, routing, the request lifecycle and statistics (HELIX_SPEC §7-8).
+"""The coordinator: admission, routing, the request lifecycle and statistics (docs/original.md §7-8).
 
 A :class:`Host` knows a ``Clock`` and a ``Transport`` only; the simulator and the runtime give it
 different ones.  Queries come in through :meth:`Host.submit`; the host

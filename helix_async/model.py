@@ -1,7 +1,7 @@
 """Models, per-GPU layer profiles, node settings and the Helix typical-batch throughput model.
 
 Data: ``helix_async/data/profiles/`` (measured by the Helix authors with vLLM 0.4.0.post1, from the
-public Helix-ASPLOS25 repository, Apache-2.0; see ``data/PROVENANCE.md``). Formulas: HELIX_SPEC §3.
+public Helix-ASPLOS25 repository, Apache-2.0; see ``data/PROVENANCE.md``). Formulas: docs/original.md §3.
 
 Units: seconds, bytes, bytes/s; throughput in tokens/s where one token passes every layer a node
 holds; KV capacities in token x layer entries.
@@ -28,7 +28,7 @@ _DATA = resources.files("helix_async") / "data" / "profiles"
 
 @dataclass(frozen=True)
 class DatasetConstants:
-    """Constants of the dataset the profiles and the typical-batch model assume (HELIX_SPEC §1)."""
+    """Constants of the dataset the profiles and the typical-batch model assume (docs/original.md §1)."""
 
     avg_input_len: int = 750
     avg_output_len: int = 240
@@ -275,7 +275,7 @@ def _read_table(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     with (_DATA / name).open() as fh:
         rows = list(csv.DictReader(fh))
     xs = tuple(float(r["batch_tokens"]) for r in rows)
-    # The CSVs hold milliseconds; the Helix loader multiplies by 1e-3 (HELIX_SPEC §3.2).
+    # The CSVs hold milliseconds; the Helix loader multiplies by 1e-3 (docs/original.md §3.2).
     ys = tuple(float(r["time_per_layer_ms"]) * 1e-3 for r in rows)
     return xs, ys
 
@@ -324,7 +324,7 @@ def _load_profiles(name: str) -> ProfileSet:
 
 @dataclass(frozen=True)
 class TypicalBatch:
-    """The steady-state batch a node of one GPU type with k layers is assumed to run (HELIX_SPEC §3.4)."""
+    """The steady-state batch a node of one GPU type with k layers is assumed to run (docs/original.md §3.4)."""
 
     gpu: str
     k: int
@@ -473,7 +473,7 @@ class ThroughputModel:
 def max_compute_throughput(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel | None = None) -> float:
     """Upper bound on serving throughput (tokens/s) with infinitely fast links and no memory limit.
 
-    U = sum over nodes of max_k k * tp_node(k), divided by the number of layers (HELIX_SPEC §3.5).
+    U = sum over nodes of max_k k * tp_node(k), divided by the number of layers (docs/original.md §3.5).
     """
     spec = get_model(model)
     tm = tm or ThroughputModel.for_cluster(spec, cluster)

@@ -2,7 +2,7 @@
 and the host's router, for the simulator (``sim.simulation``) and the runtime alike.
 
 A worker's role: its layers, its batch limits and KV capacity from the profiled node settings of
-its machine type for that many layers (HELIX_SPEC §3.3; a node holding more layers than the
+its machine type for that many layers (docs/original.md §3.3; a node holding more layers than the
 settings list gets the throughput model's KV capacity and the limits of the largest listed count),
 and its out-links with the layer ranges of their receivers; :meth:`WorkerRole.worker_settings`
 adds the model's sizes, the scheduling policy's needs and the run's semantics.  The host's router:

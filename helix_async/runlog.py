@@ -1,4 +1,4 @@
-"""A served run's logs and their report: the original prototype's formats (HELIX_SPEC §2.9) plus JSON
+"""A served run's logs and their report: the original prototype's formats (docs/original.md §2.9) plus JSON
 lines, and its result parser's definitions (§10.8).
 
 Written by the runtime's host into its log directory:

@@ -1,4 +1,4 @@
-"""The compute node: per-layer queues, batching, KV cache, forwarding (HELIX_SPEC §8.4-8.6).
+"""The compute node: per-layer queues, batching, KV cache, forwarding (docs/original.md §8.4-8.6).
 
 A :class:`Worker` holds layers ``[a, b)`` of the model.  It knows three interfaces only: a
 ``Clock``, a ``Transport`` (messages in and out) and an ``Executor`` (runs a batch); the same

@@ -1,8 +1,8 @@
 """Workloads (the simulator's and the runtime host's): request-length samplers, the online arrival trace, trace CSV files.
 
 Data: ``helix_async/data/traces/`` (Azure LLM inference traces, Alpaca and ShareGPT lengths as
-shipped with the public Helix-ASPLOS25 repository, Apache-2.0). Algorithms: HELIX_SPEC §9; the
-offline and online feeders that use them: HELIX_SPEC §8.8.
+shipped with the public Helix-ASPLOS25 repository, Apache-2.0). Algorithms: docs/original.md §9; the
+offline and online feeders that use them: docs/original.md §8.8.
 
 The generators reproduce the original ``simulator/trace_generator`` draw for draw: with the same
 seed they return the very queries (arrival times equal as floats) the original code wrote to
@@ -70,7 +70,7 @@ ARRIVAL_SERIES: Mapping[str, str] = MappingProxyType(
     }
 )
 
-ARRIVAL_INTERVAL_S = 3  # width of one arrival-series interval (HELIX_SPEC §9)
+ARRIVAL_INTERVAL_S = 3  # width of one arrival-series interval (docs/original.md §9)
 TRACE_HEADER = ("arrive_time_s", "input_tokens", "output_tokens")
 MAX_TOKENS_PER_QUERY = 1_000_000  # bound on input_tokens / output_tokens read from a trace file
 
@@ -147,12 +147,12 @@ def _rng(seed: Seed) -> random.Random:
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers (HELIX_SPEC §9)
+# Samplers (docs/original.md §9)
 # --------------------------------------------------------------------------------------------------
 
 
 class LengthSampler:
-    """Draws (input_tokens, output_tokens) pairs uniformly from a length dataset (HELIX_SPEC §9).
+    """Draws (input_tokens, output_tokens) pairs uniformly from a length dataset (docs/original.md §9).
 
     ``seed``: an int (a private ``random.Random(seed)``, the original's ``random.seed(seed)``) or
     a ``random.Random`` to share with other samplers (one stream, as the original's global RNG).
@@ -190,7 +190,7 @@ class ArrivalRateSampler:
 
     Every entry is multiplied by ``3 * target_req_per_s / mean(series)``, so the series' mean
     becomes the target's count per interval; :meth:`sample` is the entry at ``randint(0, n - 1)``
-    (a float: rounding with carry happens in :func:`generate_online_trace`). HELIX_SPEC §9.
+    (a float: rounding with carry happens in :func:`generate_online_trace`). docs/original.md §9.
     """
 
     def __init__(self, series: str = "azure-conv", target_req_per_s: float = 1.0, seed: Seed = 0) -> None:
@@ -229,7 +229,7 @@ def generate_online_trace(
     """Queries arriving over ``[start, start + duration)`` at about ``token_rate`` tokens/s.
 
     ``token_rate``: target of Σ(input+output) per second; ``start``, ``duration``: seconds,
-    ``duration`` a positive multiple of 3. Reproduces the original ``TraceGenerator`` (HELIX_SPEC
+    ``duration`` a positive multiple of 3. Reproduces the original ``TraceGenerator`` (docs/original.md
     §9) exactly: with ``seed=0`` and AzureConv arrivals and lengths it returns the queries in
     ``helix_async/data/traces/generated/``. Sorted by arrival time.
 

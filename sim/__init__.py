@@ -1,4 +1,4 @@
-"""The simulator: the runtime's host and workers on a virtual-time loop (HELIX_SPEC §8, §9).
+"""The simulator: the runtime's host and workers on a virtual-time loop (docs/original.md §8, §9).
 
 ``simulation`` assembles host, workers and the in-memory network; ``workloads`` makes queries
 (offline lengths, online traces, CSV replay); ``feeders`` submits them; ``runner`` runs one

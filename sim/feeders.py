@@ -1,4 +1,4 @@
-"""Workloads that feed a :class:`sim.simulation.Simulation` (HELIX_SPEC §8.8).
+"""Workloads that feed a :class:`sim.simulation.Simulation` (docs/original.md §8.8).
 
 * :class:`OfflineFeeder` -- a population of queries kept topped up: ``initial`` queries at
   ``start + 0.1 i``; afterwards, until ``end``, MaxFlow launches one more query 0.1 s after each

@@ -1,5 +1,5 @@
 """Plots of a simulation run (matplotlib, the ``plots`` extra): throughput over time, latency
-histograms, and the placement coloured by measured utilisation (HELIX_SPEC §8.11)."""
+histograms, and the placement coloured by measured utilisation (docs/original.md §8.11)."""
 
 from __future__ import annotations
 

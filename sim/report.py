@@ -1,4 +1,4 @@
-"""Statistics of a simulation run, as the original computes them (HELIX_SPEC §8.9-8.11).
+"""Statistics of a simulation run, as the original computes them (docs/original.md §8.9-8.11).
 
 The window is ``[t0 + warmup, t0 + warmup + duration]`` (inclusive) on the finish time of each
 iteration (the token's arrival back at the host).  Decode throughput is the number of decode

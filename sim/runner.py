@@ -2,7 +2,7 @@
 
 :func:`run` builds the :class:`~sim.simulation.Simulation`, installs the workload, advances the
 virtual-time loop in slices (for the progress bar and the watch printout) and returns the report
-(:func:`sim.report.build_report`).  Defaults per mode follow the original (HELIX_SPEC §8.8-8.9):
+(:func:`sim.report.build_report`).  Defaults per mode follow the original (docs/original.md §8.8-8.9):
 offline warm-up 60 s and duration 600 s, online warm-up 0 and duration 1800 s.
 """
 

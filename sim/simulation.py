@@ -7,7 +7,7 @@ the profiled node settings), the :class:`helix_async.host.Host` with the chosen 
 :class:`helix_async.vloop.VirtualTimeLoop`.  Nothing here schedules or routes: the workload
 (:mod:`sim.feeders`) submits queries to the host and the loop runs.
 
-Start time: as in the original (HELIX_SPEC §8.0), the workload starts at ``t0 = ceil(longest
+Start time: as in the original (docs/original.md §8.0), the workload starts at ``t0 = ceil(longest
 model load) + 1`` seconds, a node's load taking ``layers * layer bytes / disk speed``.
 """
 
@@ -95,7 +95,7 @@ def wire_bytes(src: NodeRef, dst: NodeRef, msg: Any) -> float:
 
 
 def reserved_rates(placement: Placement, flow: FlowPlan) -> dict[tuple[NodeRef, NodeRef], float]:
-    """The original's static per-link bandwidth reservation for MaxFlow (HELIX_SPEC §7.1 step 5).
+    """The original's static per-link bandwidth reservation for MaxFlow (docs/original.md §7.1 step 5).
 
     A link's byte flow is its planned token flow times its bytes per token; its share of the
     sender's out-NIC (receiver's in-NIC) is its byte flow over all byte flows leaving the sender
@@ -131,7 +131,7 @@ def reserved_rates(placement: Placement, flow: FlowPlan) -> dict[tuple[NodeRef, 
 
 
 def load_start_time(placement: Placement) -> float:
-    """``ceil(longest model load) + 1`` seconds (HELIX_SPEC §8.0 step 4)."""
+    """``ceil(longest model load) + 1`` seconds (docs/original.md §8.0 step 4)."""
     spec = placement.model_spec
     longest = 0.0
     for node, rng in placement.layers.items():

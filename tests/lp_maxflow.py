@@ -1,4 +1,4 @@
-"""Max flow of a placement as a linear program in cvxpy, written from HELIX_SPEC §6 only.
+"""Max flow of a placement as a linear program in cvxpy, written from docs/original.md §6 only.
 
 A test oracle for :mod:`helix_async.placement.flow`: it reads the :class:`Placement` (layers,
 links, cluster, model) and never looks at :func:`~helix_async.placement.flow.build_flow_graph` or

@@ -1,7 +1,7 @@
 """Max-flow graph, FlowPlan, fast evaluator and plot against the original Helix code's outputs.
 
 Oracles: helix_async/data/derived/layout_summary.csv and derived/flow_graphs/*.csv were produced by
-running the unmodified Helix code on the shipped single24 LLaMA-2-70B layouts (HELIX_SPEC §6, §11.1).
+running the unmodified Helix code on the shipped single24 LLaMA-2-70B layouts (docs/original.md §6, §11.1).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_shipped_layouts_max_flow_matches_original(name: str) -> None:
 
 
 def test_headline_numbers() -> None:
-    # HELIX_SPEC §11.1
+    # docs/original.md §11.1
     assert _plan("ilp").value == pytest.approx(1289.5557702751, rel=1e-9)
     for name, value in (("petals", 952.107), ("swarm", 757.853), ("homogeneous", 531.703)):
         assert _plan(name).value == pytest.approx(value, abs=1e-3)
@@ -148,7 +148,7 @@ def test_flow_plan_is_a_valid_flow(name: str) -> None:
 
 
 def test_unreached_node_is_in_the_graph_without_flow() -> None:
-    # The shipped ILP layout gives node 20 (compute_node_22) layers but no link (HELIX_SPEC §4.7).
+    # The shipped ILP layout gives node 20 (compute_node_22) layers but no link (docs/original.md §4.7).
     p, plan = _layout("ilp"), _plan("ilp")
     assert p.layers[20] == (76, 77) and 20 not in p.used_nodes()
     assert plan.node_flows[20] == 0.0 and plan.utilisation(20) == 0.0

@@ -1,4 +1,4 @@
-"""networkx's max flow against an LP written from HELIX_SPEC §6 without the flow module's graph.
+"""networkx's max flow against an LP written from docs/original.md §6 without the flow module's graph.
 
 The LP (tests/lp_maxflow.py) builds its constraints from the placement itself, so the comparison
 checks :func:`~helix_async.placement.flow.build_flow_graph` too: a wrong capacity or NIC rule there
@@ -121,7 +121,7 @@ def test_lp_matches_networkx_on_random_geo_placements() -> None:
 # Hand-computed tiny placements
 # ------------------------------------------------------------------------------------------------
 
-TAU = 2  # bytes of a token id (HELIX_SPEC §3.1)
+TAU = 2  # bytes of a token id (docs/original.md §3.1)
 HOP = 2 + 16384  # a token id plus its activation, 2 bytes x hidden 8192 (LLaMA-2-70B)
 
 

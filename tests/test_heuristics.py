@@ -1,10 +1,10 @@
-"""Heuristic placements (HELIX_SPEC §5): shapes of the shipped layouts, verification, determinism.
+"""Heuristic placements (docs/original.md §5): shapes of the shipped layouts, verification, determinism.
 
 Oracles: the max flow of the original's Petals, Swarm and Homogeneous layouts of single24 /
 LLaMA-2-70B, pinned below from ``helix_async/data/derived/layout_summary.csv`` (column
 ``max_flow_tok_per_s``; computed by running the unmodified original code, data/PROVENANCE.md);
-the shipped Homogeneous layout (HELIX_SPEC §5.3) and the hand-made separate-pipeline layouts
-``layouts/single24_llama70b/separate_*`` (HELIX_SPEC §5.4). Petals and Swarm shuffle with a
+the shipped Homogeneous layout (docs/original.md §5.3) and the hand-made separate-pipeline layouts
+``layouts/single24_llama70b/separate_*`` (docs/original.md §5.4). Petals and Swarm shuffle with a
 private RNG, so their exact shipped layouts are not expected; their max flow on single24 is set by
 the slowest node a layer depends on alone, which the layout's shape fixes, so it is.
 """
@@ -142,7 +142,7 @@ def test_separate_subclusters_each_verify() -> None:
 
 
 def test_separate_subclusters_are_the_shipped_hand_made_layouts() -> None:
-    # layouts/single24_llama70b/separate_{a100,l4,t4}: the authors' hand-made pipelines (HELIX_SPEC §5.4)
+    # layouts/single24_llama70b/separate_{a100,l4,t4}: the authors' hand-made pipelines (docs/original.md §5.4)
     for sub, p in separate_pipeline_subclusters(cl("single24"), M70):
         shipped = load_shipped_layout("separate_" + sub.machine(0).name.lower())
         assert dict(p.layers) == dict(shipped.layers)

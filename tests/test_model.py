@@ -1,7 +1,7 @@
 """Typical-batch throughput model and max compute throughput against the original Helix code's outputs.
 
 Oracles: helix_async/data/derived/*.csv were produced by running the unmodified Helix code
-(see data/PROVENANCE.md); the spot values are quoted in HELIX_SPEC §3.4–3.5.
+(see data/PROVENANCE.md); the spot values are quoted in docs/original.md §3.4–3.5.
 """
 
 from __future__ import annotations

@@ -972,7 +972,7 @@ def test_swarm_prefers_fast_links() -> None:
 def test_random_policies_need_an_explicit_keyword_seed() -> None:
     for cls in (RandomPolicy, ShortestQueuePolicy):
         with pytest.raises(TypeError):
-            cls([1, 2])  # no shared default stream (HELIX_SPEC §12.3 item 19)
+            cls([1, 2])  # no shared default stream (docs/original.md §12.3 item 19)
         with pytest.raises(TypeError):
             cls([1, 2], 5)  # keyword only
         assert cls([1, 2], seed=node_seed(5, 1)).out_links == (1, 2)

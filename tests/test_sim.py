@@ -1,6 +1,6 @@
 """The simulator end to end: fidelity to the original, determinism, the CLI.
 
-The reference figures are the original simulator's, re-run unmodified (HELIX_SPEC §8.9, §11.2):
+The reference figures are the original simulator's, re-run unmodified (docs/original.md §8.9, §11.2):
 single24, LLaMA-2-70B, shipped ILP layout, MaxFlow, offline, 20 initial queries, KV (0.85, 1.0),
 window 80-680 s: decode 248.3 tok/s, prompt latency 3.094 s, decode latency 1.457 s, all-token
 1176.70 tok/s; the Swarm scheduler on the same layout with 240 queries: decode 187.6 tok/s.

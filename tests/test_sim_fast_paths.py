@@ -2,7 +2,7 @@
 
 * Runs of layers: a worker on the cost model runs a batch through its consecutive layers in one
   executor call (``fuse=True``, the default), shortened when a request arrives at one of those
-  layers.  Checked against ``fuse=False`` (one call per layer, the plain reading of HELIX_SPEC
+  layers.  Checked against ``fuse=False`` (one call per layer, the plain reading of docs/original.md
   §8.5) on a seeded closed-loop workload with mid-node entries, stages ending mid-node, batch
   limits that skip, KV waits and preemption (default) or overflows (compat), and cancels: the same
   messages at the same float times and the same counters.

@@ -1,4 +1,4 @@
-"""Workload generators of the simulator against the original code's outputs (HELIX_SPEC §9)."""
+"""Workload generators of the simulator against the original code's outputs (docs/original.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Random clusters, after the original's generators (HELIX_SPEC §2.3).
+"""Random clusters, after the original's generators (docs/original.md §2.3).
 
 Each generator draws from its own ``random.Random(seed)``; the same seed gives the same cluster.
 """
@@ -131,7 +131,7 @@ def generate_single_region(
     seed: int,
     name: str | None = None,
 ) -> ClusterSpec:
-    """A random single-region cluster, after Helix's FakeClusterGenerator (HELIX_SPEC §2.3).
+    """A random single-region cluster, after Helix's FakeClusterGenerator (docs/original.md §2.3).
 
     With its own ``random.Random(seed)``: (1) sample ``n*avg_degree//2`` "fast" pairs out of all
     ``C(n, 2)``; (2) sample ``source_degree`` / ``sink_degree`` fast coordinator neighbours (default n);
@@ -242,7 +242,7 @@ def generate_partitioned(
     seed: int,
     name: str | None = None,
 ) -> ClusterSpec:
-    """A complete multi-region cluster, after Helix's PartitionedClusterGenerator (HELIX_SPEC §2.3).
+    """A complete multi-region cluster, after Helix's PartitionedClusterGenerator (docs/original.md §2.3).
 
     ``partitions[k]`` lists the machine types of region ``"region{k}"``; node ids are the concatenation.
     Pair links inside a region use the ``in_*`` stats, pairs across regions the ``cross_*`` stats; the

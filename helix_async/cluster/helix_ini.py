@@ -1,4 +1,4 @@
-"""Import of the original Helix INI files: cluster descriptions and machine profiles (HELIX_SPEC §2.1).
+"""Import of the original Helix INI files: cluster descriptions and machine profiles (docs/original.md §2.1).
 
 Their values are unit expressions such as ``1000 * mbps`` (:mod:`helix_async.cluster.units`) and
 Python literals; sections name nodes and links (``[ComputeNode-3]``, ``[Link-source-3]``).
@@ -93,7 +93,7 @@ def import_helix_ini(
     machine_profile_ini: str | os.PathLike[str] | None = None,
     name: str | None = None,
 ) -> ClusterSpec:
-    """Import an original Helix cluster INI (HELIX_SPEC §2.1).
+    """Import an original Helix cluster INI (docs/original.md §2.1).
 
     Machine types and coordinator NICs come from ``machine_profile_ini`` when given, else from
     :data:`DEFAULT_MACHINE_TYPES`. Links keep the file's section order; ``[Link-i-j]`` between compute

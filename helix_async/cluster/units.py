@@ -16,7 +16,7 @@ from ..errors import ConfigError
 
 __all__ = ["UNITS", "eval_unit_expr"]
 
-# Unit multipliers of the original files (HELIX_SPEC §0). Exact fractions, so that "14.2 * mbps" gives
+# Unit multipliers of the original files (docs/original.md §0). Exact fractions, so that "14.2 * mbps" gives
 # exactly the float 14200000.0 that the TOML conversions store (float arithmetic would be off by an ulp).
 UNITS: Mapping[str, Fraction] = MappingProxyType(
     {

@@ -1,6 +1,6 @@
 """The executor interface: run one layer (or a run of layers) of the model on a batch.
 
-The worker decides *what* runs (which layer, which requests: HELIX_SPEC §8.5); the executor
+The worker decides *what* runs (which layer, which requests: docs/original.md §8.5); the executor
 decides *how* and how long it takes.  The call is split so that a cost model and a GPU fit the
 same shape: ``run(batch, done)`` starts the work and returns at once; the executor calls
 ``done(batch)`` on the event loop when the work has finished (a cost model after the batch's
@@ -24,7 +24,7 @@ class Batch:
     step processes: the prompt length, or 1 for a decode), ``ctx`` (tokens already in the KV cache)
     and ``msg`` (the work message, whose tensors a real executor reads)).
     prompt_requests, prompt_tokens, decode_seqs, ctx_tokens: totals over items. host_tokens: tokens whose activations were
-    copied from host to GPU before this step (priced by the cost model, HELIX_SPEC §8.4).
+    copied from host to GPU before this step (priced by the cost model, docs/original.md §8.4).
     outputs: unused (a computing executor keeps each request's results on its item's ``data``:
     hidden states between layers, the chosen token id after the model's last layer, or an
     :class:`ExecFailure`; the worker sends them on).
@@ -99,6 +99,6 @@ class Executor(Protocol):
 # also has ``shorten(batch, layers) -> int``: stop the running ``batch`` after its first ``layers``
 # layers, or after the layer running now if that one is later; ``done`` then fires at that layer's
 # end with ``batch.layers`` lowered to the count actually run, which is returned.  With it a run of
-# layers is exactly the node's layer-by-layer schedule (HELIX_SPEC §8.5) in one event: the worker
+# layers is exactly the node's layer-by-layer schedule (docs/original.md §8.5) in one event: the worker
 # shortens the run when a request arrives at one of its later layers, as that request would have
 # joined the batch there.  It is not part of the Protocol: executors without it run one layer a call.

@@ -1,4 +1,4 @@
-"""The cost-model executor: a batch takes its profiled time (HELIX_SPEC §8.4).
+"""The cost-model executor: a batch takes its profiled time (docs/original.md §8.4).
 
 One layer's time is ``f_prompt(prompt tokens) + f_decode(decode sequences)`` from the node's GPU
 type profile (linear interpolation of measured points); a batch with exactly one decode is charged
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HOST_COPY_S_PER_BYTE", "CostModelExecutor", "from_context"]
 
-#: Seconds per byte of host-side concat (4e9 B/s) plus host-to-GPU copy (5e9 B/s), HELIX_SPEC §8.4.
+#: Seconds per byte of host-side concat (4e9 B/s) plus host-to-GPU copy (5e9 B/s), docs/original.md §8.4.
 HOST_COPY_S_PER_BYTE = 1.0 / 4e9 + 1.0 / 5e9
 
 

@@ -8,7 +8,7 @@
 * decode batches of ``s`` sequences, each with ``decode_ctx`` tokens already cached,
 
 and writes ``<gpu>_prompt.csv`` and ``<gpu>_decode.csv`` (``batch_tokens,time_per_layer_ms``, the
-layout of the shipped GPU profiles, HELIX_SPEC §3.2) plus the node settings rows for that machine
+layout of the shipped GPU profiles, docs/original.md §3.2) plus the node settings rows for that machine
 type (``node_settings.csv``'s columns, §3.3), so the model can be planned and simulated on that
 machine like any profiled GPU.  Each point is the median of ``repeats`` timed runs after one
 warm-up run.  This is a measurement tool: it reads the wall clock (``time.perf_counter``).

@@ -1,6 +1,6 @@
 """The torch executor: really runs a worker's layers of a LLaMA model (CPU or CUDA).
 
-The worker hands it the same batches it hands the cost model (one layer, HELIX_SPEC §8.5) and it
+The worker hands it the same batches it hands the cost model (one layer, docs/original.md §8.5) and it
 computes them with :mod:`helix_async.executors.llama`:
 
 * a request entering the node's stage at layer 0 brings token ids (``PromptWork.token_ids``, a

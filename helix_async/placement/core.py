@@ -4,7 +4,7 @@ A ``Placement`` is the contract between planners, the flow analysis, the simulat
 runtime. It carries its cluster, so a plan file is self-contained. Every planner returns only
 placements that pass ``verify``.
 
-Link rules (HELIX_SPEC §4.7): source->i iff node i starts at layer 0; i->sink iff it ends at L;
+Link rules (docs/original.md §4.7): source->i iff node i starts at layer 0; i->sink iff it ends at L;
 i->j iff j starts exactly where i ends ("full"), or, with partial inference, iff
 ``s_j <= e_i < e_j`` (j runs only its layers from e_i on). Unlike the original, dangling links are
 removed to a fixpoint.

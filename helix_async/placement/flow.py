@@ -1,6 +1,6 @@
 """Max-flow analysis of a placement: the flow graph, the exact max flow and the routing weights.
 
-The graph follows HELIX_SPEC §6. Every compute node ``u`` that holds layers is split into four
+The graph follows docs/original.md §6. Every compute node ``u`` that holds layers is split into four
 vertices ``u_in -> u_start -> u_end -> u_out`` so that its NICs and its compute are separate
 capacities; the coordinator is ``source -> source_out`` (send side) and ``sink_in -> sink``
 (receive side); each link of the placement ``a -> b`` becomes ``a_out -> b_in``. All capacities are
@@ -111,7 +111,7 @@ def _throughput_model(placement: Placement, tm: ThroughputModel | None) -> Throu
 
 
 def arc_capacity(arc: DirectedLink, model: ModelSpec) -> float:
-    """Tokens/s a link carries (HELIX_SPEC §6): coordinator links move token ids only, links
+    """Tokens/s a link carries (docs/original.md §6): coordinator links move token ids only, links
     between nodes move a token id plus its activation."""
     coordinator = arc.src == SOURCE or arc.dst == SINK
     per_token = model.token_size if coordinator else model.token_size + model.activation_size
@@ -126,7 +126,7 @@ def _link_capacity(placement: Placement, spec: ModelSpec, u: NodeRef, v: NodeRef
 
 
 def build_flow_graph(placement: Placement, tm: ThroughputModel | None = None) -> nx.DiGraph:
-    """The max-flow graph of ``placement`` (HELIX_SPEC §6), capacities (tokens/s) in ``"capacity"``.
+    """The max-flow graph of ``placement`` (docs/original.md §6), capacities (tokens/s) in ``"capacity"``.
 
     Every node holding layers gets its four vertices, also one that no link reaches (the original
     simulator builds those too; they carry no flow). ``tm`` defaults to the throughput model of the

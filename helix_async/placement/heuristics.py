@@ -3,12 +3,12 @@
 Each function returns a ``Placement`` that has passed ``verify``. Randomised heuristics draw from a
 private ``random.Random(seed)`` (never the global RNG), so a seed fixes the plan; the draws differ
 from the original's global-RNG stream, so the exact shipped Petals/Swarm layouts are not reproduced.
-Node capacities (tokens/s) are ``ThroughputModel.node_capacity`` (HELIX_SPEC §3.5); layer counts are
+Node capacities (tokens/s) are ``ThroughputModel.node_capacity`` (docs/original.md §3.5); layer counts are
 bounded by ``ThroughputModel.max_layers`` (profiled maximum within VRAM), except for the
 hand-made-style separate pipelines, which may exceed the profiled maximum (``exceed_profiled_max=True``).
 
 ``best_heuristic`` runs every applicable heuristic and keeps the one the caller's evaluator (exact
-max flow) scores highest; it is the warm start and fallback of the MILP planner (HELIX_SPEC §12.1.4).
+max flow) scores highest; it is the warm start and fallback of the MILP planner (docs/original.md §12.1.4).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _checked(placement: Placement, tm: ThroughputModel) -> Placement:
 
 
 # --------------------------------------------------------------------------------------------------
-# Petals (HELIX_SPEC §5.1)
+# Petals (docs/original.md §5.1)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -125,7 +125,7 @@ def petals(
     "full" (``e_i == s_j``) and, if ``partial``, "partial" (``s_j < e_i < e_j``). With
     ``max_out_links`` each node keeps at most that many node-to-node out-links: full links first,
     then partial ones, each list ordered by link bandwidth **fastest first**. (The original sorted
-    ascending and so kept the *slowest* links when truncating, HELIX_SPEC §12.2.14; fixed here.)
+    ascending and so kept the *slowest* links when truncating, docs/original.md §12.2.14; fixed here.)
     Sink links do not count against the quota. Links on no source->sink path are removed.
 
     With ``partial=False`` only full links are used; the windows are chosen the same way, so on some
@@ -207,7 +207,7 @@ def _petals_quota_links(
 
 
 # --------------------------------------------------------------------------------------------------
-# Swarm (HELIX_SPEC §5.2)
+# Swarm (docs/original.md §5.2)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -319,7 +319,7 @@ def swarm(
 
 
 # --------------------------------------------------------------------------------------------------
-# Homogeneous (HELIX_SPEC §5.3)
+# Homogeneous (docs/original.md §5.3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -404,7 +404,7 @@ def homogeneous(
 
 
 # --------------------------------------------------------------------------------------------------
-# Separate pipelines (SP) and SP+ (HELIX_SPEC §5.4)
+# Separate pipelines (SP) and SP+ (docs/original.md §5.4)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -672,7 +672,7 @@ def run_heuristic(
     """Run the heuristic called ``name`` with the arguments it takes.
 
     ``seed`` goes to the seeded ones; ``partial`` to Petals (whose definition uses partial-inference
-    links, HELIX_SPEC §5.1). Raises PlanningError when it does not apply to this cluster.
+    links, docs/original.md §5.1). Raises PlanningError when it does not apply to this cluster.
     """
     if name not in HEURISTICS:
         raise ConfigError("<argument>", "method", f"unknown heuristic {name!r}; known: {', '.join(HEURISTICS)}")

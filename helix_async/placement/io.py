@@ -288,7 +288,7 @@ def read_flow(path: str | os.PathLike[str]) -> FlowPlan | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Original Helix files (HELIX_SPEC §2.5, §2.6, §5.5)
+# Original Helix files (docs/original.md §2.5, §2.6, §5.5)
 # --------------------------------------------------------------------------------------------------
 
 _NODE_NAME = re.compile(r"compute_node_(\d+)\Z")

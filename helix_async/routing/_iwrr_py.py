@@ -4,7 +4,7 @@
 choices (same operation order; checked by a hypothesis test). ``helix_async.routing`` is the one
 import site that picks an implementation.
 
-Semantics (HELIX_SPEC §7.1 step 3). One instance per scheduling node; candidate ``j`` is one of its
+Semantics (docs/original.md §7.1 step 3). One instance per scheduling node; candidate ``j`` is one of its
 next hops, with weight ``w_j`` (its link flow, tokens/s, > 0) and a virtual load ``load_j``
 (seconds of work queued on that hop, initially 0):
 

@@ -3,7 +3,7 @@
 ``ext/_routing.pyx`` holds the compiled twin (``KVTracker``); both keep the same integers and
 return the same floats (same operation order; checked by a hypothesis test).
 
-Semantics (HELIX_SPEC §7.2). Every compute node has a KV capacity ``total`` (token x layer
+Semantics (docs/original.md §7.2). Every compute node has a KV capacity ``total`` (token x layer
 entries), an ``avail`` count (initially ``total``) and its layer range ``[a, b)``. A query with
 ``n`` input tokens is expected to hold ``E(n) = int(n + avg_output_len * output_ratio)`` tokens
 (``avg_output_len`` = 240, the dataset constant):

@@ -4,7 +4,7 @@
 return the same routes and leave the same IWRR loads and KV state (checked by a hypothesis test).
 ``AdmissionQueue`` is pure Python only and works with either twin.
 
-Routing (HELIX_SPEC §7.1 steps 1-4), decided once per request at admission, hop by hop from the
+Routing (docs/original.md §7.1 steps 1-4), decided once per request at admission, hop by hop from the
 source. At scheduling node X (the source or a compute node) the candidates are X's out-links in
 the plan, weighted by their max-flow (tokens/s), in a fixed order (node ids ascending, the sink
 last; the original keeps the order its links were created in, which the shipped layouts do not
@@ -23,7 +23,7 @@ loads are the same as with them permanently masked (the original keeps them in t
 
 The walk is **greedy first, backtracking only on dead ends**. It follows the IWRR choice at every
 hop, as the original's greedy walk does, as long as that leads on; when it reaches a node
-whose candidates are all masked (a dead end: the original fails there, HELIX_SPEC §12.2 items 8 and
+whose candidates are all masked (a dead end: the original fails there, docs/original.md §12.2 items 8 and
 9), it marks that node dead for this request, steps back to the previous hop and re-chooses there
 with the dead node masked too -- a depth-first search over the candidates in IWRR order. A node's
 candidates and masks do not depend on the path that reached it (KV is only reserved once a route is
@@ -50,7 +50,7 @@ always ends on the last stage's link to the sink). ``on_decode(route)`` charges 
 every hop of the route, source -> first stage ... last stage -> sink (each decode iteration counts
 one token, §7.1); ``finish(request_id)`` releases the request's KV reservation.
 
-Unlike the original (which asserts online and drops the query offline, HELIX_SPEC §12.2 items 8
+Unlike the original (which asserts online and drops the query offline, docs/original.md §12.2 items 8
 and 9), a request that cannot be placed now waits in :class:`AdmissionQueue`.
 """
 

@@ -1,7 +1,7 @@
 """Per-hop baseline schedulers of the Helix paper (Swarm, Random, Shortest-queue), pure Python.
 
 Each policy lives at one sending node (the source or a compute node) and picks one of its
-out-links from local state only, when a request is about to be sent (HELIX_SPEC §7.3-7.5). Common
+out-links from local state only, when a request is about to be sent (docs/original.md §7.3-7.5). Common
 interface::
 
     choose(free: Sequence[bool] | None = None, queue_len: Mapping | Callable | None = None) -> int
@@ -12,12 +12,12 @@ mapping or a callable, keyed by the receiver as listed in ``out_links``. The res
 or -1 when the policy picks nothing now.
 
 Randomness comes from each policy's own ``random.Random(seed)``, never the global RNG, so a
-scheduler's draws cannot shift the query mix of a run (HELIX_SPEC §12.2 item 15). Each random
+scheduler's draws cannot shift the query mix of a run (docs/original.md §12.2 item 15). Each random
 choice consumes exactly one ``shuffle`` of the link indices, whatever ``free`` says, so the stream
 of draws depends only on the number of calls.
 
 ``seed`` is a required keyword argument of :class:`RandomPolicy` and :class:`ShortestQueuePolicy`:
-with a shared default every node drew the same random stream (HELIX_SPEC §12.3 item 19). A caller
+with a shared default every node drew the same random stream (docs/original.md §12.3 item 19). A caller
 derives one seed per node from the run's seed, e.g. ``seed=node_seed(run_seed, node)``
 (:func:`node_seed`: deterministic across processes and platforms, independent of
 ``PYTHONHASHSEED``).

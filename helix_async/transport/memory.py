@@ -6,7 +6,7 @@ gives each message's bytes (``codec.wire_size`` by default; the Helix formulas i
 
 Every directed link is a FIFO: one transfer is on the wire at a time and the next starts when it
 has been serialised (``bytes / rate``); each then propagates for the link's latency, pipelined.
-What differs between the three modes is the rate of a transfer (HELIX_SPEC §8.3):
+What differs between the three modes is the rate of a transfer (docs/original.md §8.3):
 
 ``"fair"`` (default, work-conserving)
     ``min(link bandwidth, sender out-NIC / busy out-links, receiver in-NIC / busy in-links)``,
