@@ -36,7 +36,7 @@ from helix_async.placement.flow import max_flow  # noqa: E402
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
 from helix_async.runtime.worker_main import WorkerOptions, WorkerServer  # noqa: E402
-from helix_async.settings import HostSettings  # noqa: E402
+from helix_async.settings import KV_ONLINE, HostSettings  # noqa: E402
 from helix_async.transport.emulated import links_from  # noqa: E402
 from helix_async.workloads import TraceEntry, generate_online_trace  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
@@ -65,7 +65,7 @@ def simulate(placement: Placement, trace: list[TraceEntry]) -> dict[str, float]:
     # count from the moment the cluster is ready
     t0 = load_start_time(placement)
     shifted = [TraceEntry(t + t0, n, m) for t, n, m in trace]
-    res = run(SimulationSetup(placement, kv=(0.9, 0.6)), Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9))
+    res = run(SimulationSetup(placement, kv=KV_ONLINE), Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9))
     return figures(res.sim.host)
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
 from helix_async.runtime.worker_main import WorkerOptions, WorkerServer  # noqa: E402
-from helix_async.settings import HostSettings  # noqa: E402
+from helix_async.settings import KV_ONLINE, HostSettings  # noqa: E402
 from helix_async.transport.emulated import links_from  # noqa: E402
 from helix_async.workloads import TraceEntry, generate_online_trace  # noqa: E402
 from sim.faults import Fault  # noqa: E402
@@ -59,7 +59,7 @@ def simulate(node: int, kill_at: float, window: float, trace: list[Any]) -> tupl
     placement = load_shipped_layout("ilp")
     t0 = load_start_time(placement)
     shifted = [TraceEntry(t + t0, n, m) for t, n, m in trace]
-    res = run(SimulationSetup(placement, kv=(0.9, 0.6)), Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9),
+    res = run(SimulationSetup(placement, kv=KV_ONLINE), Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9),
               faults=[Fault(node, kill_at)])
     return windows(res.sim.host, t0 + kill_at, window, t0), resumed(res.sim.host, t0 + kill_at)
 

@@ -38,7 +38,7 @@ from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.placement import Placement  # noqa: E402
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
-from helix_async.settings import HostSettings  # noqa: E402
+from helix_async.settings import KV_ONLINE, HostSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
@@ -87,7 +87,7 @@ def sim_figures(placement: Placement, trace_csv: Path) -> dict[str, float]:
 
     t0 = load_start_time(placement)
     trace = [TraceEntry(t + t0, n, m) for t, n, m in read_trace_csv(trace_csv)]
-    res = run(SimulationSetup(placement, kv=(0.9, 0.6)), Workload(mode="trace", trace=trace, warmup=0.0, duration=1e9))
+    res = run(SimulationSetup(placement, kv=KV_ONLINE), Workload(mode="trace", trace=trace, warmup=0.0, duration=1e9))
     recs = res.sim.host.query_records  # (qid, arrived, first token, finished, input, output)
     ttft = [f - a for _, a, f, _, _, _ in recs]
     tpot = [(e - f) / (m - 1) for _, _, f, e, _, m in recs if m > 1]

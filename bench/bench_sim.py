@@ -89,12 +89,13 @@ ORIGINAL: dict[str, dict[str, Any]] = {
 
 def _single24_setup(compat: bool, offline: bool) -> Any:
     from helix_async.placement.io import load_shipped_layout
+    from helix_async.settings import KV_OFFLINE, KV_ONLINE
     from sim.simulation import SimulationSetup
 
     return SimulationSetup(
         load_shipped_layout("ilp"),
         scheduler="maxflow",
-        kv=(0.85, 1.0) if offline else (0.9, 0.6),
+        kv=KV_OFFLINE if offline else KV_ONLINE,
         compat=compat,
         drop_rejected=compat and offline,
         seed=0,
@@ -117,6 +118,7 @@ def scale_cluster(gpus: int, *, seed: int = 0) -> Any:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement described by ``spec``; return its JSON-able result."""
     from helix_async.routing import IWRRC
+    from helix_async.settings import KV_ONLINE
     from sim.runner import Workload, run
 
     win = QUICK if spec["quick"] else FULL
@@ -149,7 +151,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         out["plan_links"] = len(placement.links)
         out["used"] = len(placement.used_nodes())
         out["rate"] = SCALE_LOAD * mf
-        setup = SimulationSetup(placement, scheduler="maxflow", kv=(0.9, 0.6), compat=False, seed=0)
+        setup = SimulationSetup(placement, scheduler="maxflow", kv=KV_ONLINE, compat=False, seed=0)
         wl = Workload(mode="online", rate=out["rate"], duration=win["scale_s"], warmup=0.0, seed=0)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
