@@ -11,6 +11,7 @@ simulator's CLI; worker and host: the runtime's processes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .worker import BatchLimits
 
 __all__ = ["HostSettings", "KVExpectation", "KV_OFFLINE", "KV_ONLINE", "kv_for_mode"]
+__all__ += ["SEMANTICS", "SearchSettings", "ServedWorkload", "SimulationSettings"]
 __all__ += ["WorkerOptions", "WorkerSettings"]
 
 
@@ -60,6 +62,145 @@ def kv_for_mode(mode: str) -> KVExpectation:
     if mode == "online":
         return KV_ONLINE
     raise ValueError(f"workload mode must be offline or online, got {mode!r}")
+
+
+# --- Search (the planners) ------------------------------------------------------------------------
+
+
+def _check_number(name: str, value: Any, *, positive: bool, finite: bool) -> None:
+    """``value`` is a number (not a bool, not NaN) > 0 (``positive``) or >= 0, finite if asked."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (math.isfinite(value) or not finite)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError("<argument>", name, f"must be a {'finite ' if finite else ''}number {bound}, got {value!r}")
+
+
+def _check_count(name: str, value: Any, *, low: int, optional: bool = True) -> None:
+    """``value`` is an integer >= ``low`` (not a bool), or None when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = f"None or an integer >= {low}" if optional else f"an integer >= {low}"
+        raise ConfigError("<argument>", name, f"must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the planners search: ``placement.search.plan`` (the max-flow objective) and
+    ``placement.served_plan.plan_served`` (the served objective); docs/planner.md.
+
+    method: ``milp`` (the search) or one heuristic's name (``plan`` only).
+    time_limit: seconds of wall time for the whole search (0: the heuristics' best, no search).
+    stall_limit: max flow: seconds of wall time without an improvement that end the search.
+    gap_limit: max flow: the search ends when (bound - value) / bound falls to this fraction.
+    seed: every random choice of the search and of the seeded heuristics.
+    partial: allow partial-inference links (Petals' plan always has them).
+    position_fraction: max flow: the share of ``time_limit`` the position model may take
+    (120 s at most).
+    prune: max flow: the LNS neighbourhoods keep each node's ``prune`` fastest links (and the
+    incumbent's); None keeps every link.
+    node_limit: branch-and-bound nodes per MILP solve; None: each solve is bounded by time only.
+    round_limit: LNS neighbourhoods solved by the max-flow search (also inside the served
+    planner); None: as many as the time allows.
+    sweep_limit: served: position-MILP solves of the sweep over KV floors; None: as many as its
+    share of the time allows.
+    step_limit: served: local-search steps (and ``explain``'s, per GPU type); None: as many as
+    the time allows.
+    simulate_top: served: candidates simulated (0: the best predicted plan is trusted).
+    refine: served: neighbours of the pick simulated after the candidates (0: none).
+
+    With the work bounds set and time limits that are not reached, a search's result does not
+    depend on how fast the machine is (the tests run it so).
+    """
+
+    method: str = "milp"
+    time_limit: float = 600.0
+    stall_limit: float = 120.0
+    gap_limit: float = 0.0
+    seed: int = 0
+    partial: bool = False
+    position_fraction: float = 0.2
+    prune: int | None = None
+    node_limit: int | None = None
+    round_limit: int | None = None
+    sweep_limit: int | None = None
+    step_limit: int | None = None
+    simulate_top: int = 6
+    refine: int = 6
+
+    def __post_init__(self) -> None:
+        # limits a search can honour: a NaN or a negative time would run forever or not at all
+        _check_number("time_limit", self.time_limit, positive=False, finite=True)
+        _check_number("stall_limit", self.stall_limit, positive=True, finite=False)
+        _check_number("gap_limit", self.gap_limit, positive=False, finite=True)
+        _check_number("position_fraction", self.position_fraction, positive=False, finite=True)
+        _check_count("prune", self.prune, low=1)
+        _check_count("node_limit", self.node_limit, low=1)
+        _check_count("round_limit", self.round_limit, low=0)
+        _check_count("sweep_limit", self.sweep_limit, low=0)
+        _check_count("step_limit", self.step_limit, low=0)
+        _check_count("simulate_top", self.simulate_top, low=0, optional=False)
+        _check_count("refine", self.refine, low=0, optional=False)
+
+
+# --- Simulation (the served planner's workload and simulations) -----------------------------------
+
+#: How a candidate is simulated: ``helix``, the original simulator's semantics (as ``sim run
+#: --compat helix``: offline, queries the KV check refuses are dropped), or ``ours`` (they wait).
+SEMANTICS = ("helix", "ours")
+
+
+@dataclass(frozen=True)
+class ServedWorkload:
+    """The workload a plan is judged on, by the served model and in simulation.
+
+    mode: ``offline`` (a population kept topped up to the KV limit, the original's README offline
+    run) or ``online`` (arrivals at ``rate`` tokens/s, prompt plus output). lengths: the length
+    dataset. kv: the admission's KV expectation (fill limit, output ratio); None takes the mode's
+    (:func:`kv_for_mode`).
+    """
+
+    mode: str = "offline"
+    lengths: str = "azure-conv"
+    rate: float = 700.0
+    kv: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online"):
+            raise ValueError(f"workload mode must be offline or online, got {self.mode!r}")
+        if not self.rate > 0:
+            raise ValueError(f"online rate must be > 0 tokens/s, got {self.rate!r}")
+
+    @property
+    def kv_params(self) -> KVExpectation:
+        """The KV expectation in force: ``kv`` when given, else the mode's default."""
+        return kv_for_mode(self.mode) if self.kv is None else KVExpectation(*self.kv)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """How the served planner simulates a candidate (docs/planner.md).
+
+    workload: what the candidate serves (:class:`ServedWorkload`). window: seconds of simulated
+    time in the statistics window (after the offline warm-up). seed: every random stream of the
+    simulation. semantics: one of :data:`SEMANTICS`.
+    """
+
+    workload: ServedWorkload = field(default_factory=ServedWorkload)
+    window: float = 600.0
+    seed: int = 0
+    semantics: str = "helix"
+
+    def __post_init__(self) -> None:
+        _check_number("window", self.window, positive=True, finite=True)
+        if self.semantics not in SEMANTICS:
+            raise ConfigError("<argument>", "semantics", f"must be one of {', '.join(SEMANTICS)}, got {self.semantics!r}")
+
+    @property
+    def compat(self) -> bool:
+        """True when candidates are simulated with the original simulator's semantics."""
+        return self.semantics == "helix"
 
 
 # --- Worker (a compute node, and the worker process) ----------------------------------------------

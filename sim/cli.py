@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from helix_async.cli import EXIT_OK, EXIT_USAGE, _finite, _nonnegative, _Parser, _positive, dispatch
+from helix_async.cli import EXIT_OK, EXIT_USAGE, dispatch
+from helix_async.cli.args import Parser, finite, nonnegative, positive, slo
 from helix_async.cluster import load_cluster
 from helix_async.errors import ConfigError
 from helix_async.fileio import atomic_write_text, check_output_path
@@ -27,7 +28,7 @@ from helix_async.placement.io import (
     load_shipped_layout,
     read_placement,
 )
-from helix_async.placement.served import slo_argument
+from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, kv_for_mode
 
 from .report import report_json, summary_lines
 from .runner import Workload, run
@@ -59,16 +60,16 @@ def _seed(text: str) -> int:
     return v
 
 
-def _kv(text: str) -> tuple[float, float]:
+def _kv(text: str) -> KVExpectation:
     parts = text.split(",")
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected HWM,RATIO (two numbers), got {text!r}")
-    hwm, ratio = (_finite(p.strip()) for p in parts)
+    hwm, ratio = (finite(p.strip()) for p in parts)
     if not 0 < hwm <= 1:
         raise argparse.ArgumentTypeError(f"HWM must lie in (0, 1], got {hwm!r}")
     if not 0 <= ratio <= 10:
         raise argparse.ArgumentTypeError(f"RATIO must lie in [0, 10], got {ratio!r}")
-    return hwm, ratio
+    return KVExpectation(hwm, ratio)
 
 
 def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
@@ -106,35 +107,37 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="cluster (built-in name, .toml or .ini); required for a layout directory")
     p.add_argument("--model", default="llama2-70b", help="model (default llama2-70b)")
     p.add_argument("--mode", choices=MODES, default="offline")
-    p.add_argument("--rate", type=_positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")
+    p.add_argument("--rate", type=positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")
     p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")
     p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES), default="azure-conv", help="online arrival series")
-    p.add_argument("--duration", type=_positive, help="statistics window, s (default 600 offline, 1800 online)")
-    p.add_argument("--warmup", type=_nonnegative, help="warm-up before the window, s (default 60 offline, 0 online)")
+    p.add_argument("--duration", type=positive, help="statistics window, s (default 600 offline, 1800 online)")
+    p.add_argument("--warmup", type=nonnegative, help="warm-up before the window, s (default 60 offline, 0 online)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream (default 0)")
     p.add_argument("--initial-queries", type=_count, help="offline population (default 20 MaxFlow, 240 others)")
-    p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default 0.85,1.0 offline; 0.9,0.6 online)")
+    p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default "
+                   f"{KV_OFFLINE.fill_limit},{KV_OFFLINE.output_ratio} offline; "
+                   f"{KV_ONLINE.fill_limit},{KV_ONLINE.output_ratio} online)")
     p.add_argument("--compat", choices=("helix",), help="reproduce the original simulator's semantics")
     p.add_argument("--trace", help="replay a CSV trace arrive_time_s,input_tokens,output_tokens (virtual seconds; arrivals before the models are loaded wait until then)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m sim", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m sim", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="simulate one plan")
     r.add_argument("--plan", required=True, help="plan file, original layout directory, or shipped layout name")
     r.add_argument("--scheduler", choices=SCHEDULERS, default="maxflow")
     _add_workload_flags(r)
     r.add_argument("--report", help="write report.json (and plots with --plots) into this directory")
     r.add_argument("--plots", action="store_true", help="with --report: throughput, latency and placement plots")
-    r.add_argument("--watch", type=_positive, help="print the original's watch block every N simulated seconds")
+    r.add_argument("--watch", type=positive, help="print the original's watch block every N simulated seconds")
     r.add_argument("--faults", default=None, metavar="SPEC",
                    help="kill nodes in virtual time, e.g. node=7@t=120s,node=3@t=300s+60s (revived 60 s later); "
                    "times after the models load, as --warmup")
-    r.add_argument("--detect-after", type=_nonnegative, default=None,
+    r.add_argument("--detect-after", type=nonnegative, default=None,
                    help="--faults: seconds from a crash to the host's noticing (default 1.5, the runtime's)")
-    r.add_argument("--slo", type=slo_argument, default=None, metavar="ttft=S,tpot=S",
+    r.add_argument("--slo", type=slo, default=None, metavar="ttft=S,tpot=S",
                    help="also report goodput: queries finished in the window whose TTFT and mean time per output "
                    "token are within these seconds")
     r.set_defaults(handler=_cmd_run)
@@ -147,7 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, tuple[float, float]]:
+def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExpectation]:
     offline = args.mode == "offline"
     maxflow = scheduler == "maxflow"
     trace = None
@@ -168,11 +171,11 @@ def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, tuple
     )
     if mode == "online" and (wl.duration != int(wl.duration) or int(wl.duration) % 3):
         raise ConfigError("<argument>", "--duration", f"online traces are built in 3-s intervals: give a multiple of 3, got {wl.duration:g}")
-    kv = args.kv if args.kv is not None else ((0.85, 1.0) if offline else (0.9, 0.6))
+    kv = args.kv if args.kv is not None else kv_for_mode(args.mode)
     return wl, kv
 
 
-def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, kv: tuple[float, float]) -> dict[str, Any]:
+def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, kv: KVExpectation) -> dict[str, Any]:
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -219,13 +222,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .faults import parse_faults
 
         faults = parse_faults(args.faults, placement.used_nodes())
-    slo = None if args.slo is None else (args.slo.ttft, args.slo.tpot)
+    slo = args.slo
     res = _simulate(args, args.plan, placement, args.scheduler, watch_interval=args.watch or 0.0, faults=faults,
                     detect_after=args.detect_after, slo=slo)
     print("\n".join(summary_lines(res.report)))
     if slo is not None:
         g = res.report["goodput"]
-        print(f"Goodput (TTFT <= {slo[0]:g} s, TPOT <= {slo[1]:g} s): {g['decode_throughput']:.1f} decode tokens/s; "
+        print(f"Goodput (TTFT <= {slo.ttft:g} s, TPOT <= {slo.tpot:g} s): {g['decode_throughput']:.1f} decode tokens/s; "
               f"{g['met']} of {g['queries']} queries met it")
     print(
         f"[wall {res.wall_s:.1f} s, {res.events} events, {res.events / max(res.wall_s, 1e-9):,.0f} events/s, "

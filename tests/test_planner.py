@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,16 @@ from helix_async.placement.milp import (
     type_classes,
 )
 from helix_async.placement.search import PlanResult, pipeline_cover, plan
+from helix_async.settings import SearchSettings
 from helix_async.signals import StopFlag
+
+#: Work bounds: a MILP solved on its own ends within NODES branch-and-bound nodes; a search's
+#: solves within 5 and the search within 3 neighbourhoods, long before the time limits, so the
+#: result does not depend on how busy the machine is.
+NODES = 50
+WORK = SearchSettings(time_limit=3600.0, stall_limit=math.inf, node_limit=5, round_limit=3)
+#: The same without the position model, whose root alone takes a minute on 3cluster24 under load.
+WORK_LNS = dataclasses.replace(WORK, position_fraction=0.0)
 
 # derived/layout_summary.csv, max_flow_tok_per_s: the original code's figures for its single24 /
 # LLaMA-2-70B Swarm and Homogeneous layouts (our heuristics build the same shapes)
@@ -93,7 +104,8 @@ def test_pipeline_cover_on_single24_meets_the_coverage_bound() -> None:
 
 
 def test_plan_single24_is_optimal_and_stops_on_the_gap() -> None:
-    res = plan(load_cluster("single24"), "llama2-70b", time_limit=30, stall_limit=30, seed=0)
+    # the pipeline cover meets the coverage bound: proven optimal before any solver runs
+    res = plan(load_cluster("single24"), "llama2-70b", WORK)
     assert res.value >= 1289.5
     assert res.gap <= 1e-9 and res.stopped == "gap limit" and res.stop_cause == "optimal"
     verify(res.placement)
@@ -109,7 +121,7 @@ def test_plan_is_never_worse_than_the_best_heuristic_and_respects_links() -> Non
         seed=5,
         name="geo9",
     )
-    res = plan(cl, "llama2-70b", time_limit=12, stall_limit=6, seed=1)
+    res = plan(cl, "llama2-70b", dataclasses.replace(WORK, seed=1))
     verify(res.placement)
     starts = _starts(cl, "llama2-70b", seed=1)
     _check_recorded_starts(res, starts)
@@ -121,7 +133,7 @@ def test_plan_is_never_worse_than_the_best_heuristic_and_respects_links() -> Non
 def test_position_model_is_a_relaxation() -> None:
     cl, m, tm, caps = _caps("single24")
     start = load_shipped_layout("ilp")
-    res = PositionModel(caps, type_classes(cl), time_limit=3).solve(start=dict(start.layers))
+    res = PositionModel(caps, type_classes(cl), time_limit=3600, node_limit=1).solve(start=dict(start.layers))
     assert res.dual_bound >= 2045.64 - 1e-6  # never cuts off the best plan
     assert res.layers is not None and res.objective >= 1289.55  # the warm start survives
     p = Placement.from_layers(cl, m, res.layers)
@@ -135,7 +147,7 @@ def test_arc_model_neighbourhood_keeps_fixed_nodes_and_improves_or_keeps() -> No
     start = load_shipped_layout("swarm")
     flow = max_flow(start, tm)
     free = [0, 1, 2, 3]
-    res = ArcModel(cl, caps, free=free, fixed=dict(start.layers), time_limit=10, seed=0).solve(
+    res = ArcModel(cl, caps, free=free, fixed=dict(start.layers), time_limit=3600, node_limit=NODES, seed=0).solve(
         start=dict(start.layers), start_flows=flow.link_flows
     )
     assert res.layers is not None
@@ -151,7 +163,8 @@ def test_arc_model_with_partial_inference() -> None:
     cl, m, tm, caps = _caps("single24")
     start = load_shipped_layout("petals")  # uses partial links
     assert start.partial
-    res = ArcModel(cl, caps, free=[5, 6], fixed=dict(start.layers), partial=True, time_limit=10).solve(
+    res = ArcModel(cl, caps, free=[5, 6], fixed=dict(start.layers), partial=True, time_limit=3600,
+                   node_limit=NODES).solve(
         start=dict(start.layers)
     )
     assert res.layers is not None
@@ -160,7 +173,7 @@ def test_arc_model_with_partial_inference() -> None:
 
 
 def test_plan_with_partial_inference() -> None:
-    res = plan(load_cluster("single24"), "llama2-70b", time_limit=8, stall_limit=4, partial=True)
+    res = plan(load_cluster("single24"), "llama2-70b", dataclasses.replace(WORK, partial=True, round_limit=2))
     assert res.placement.partial
     verify(res.placement)
     assert res.value >= ORIGINAL_PETALS - 1e-6  # at least the Petals plan with partial links
@@ -175,8 +188,7 @@ def test_stop_flag_ends_the_search_with_the_best_plan() -> None:
         # as a signal handler would: ask for a stop while the solver is about to run
         stop.set("test stop")
 
-    res = plan(load_cluster("cluster42"), "llama2-70b", time_limit=120, stall_limit=120, stop=stop,
-               on_improve=on_improve)
+    res = plan(load_cluster("cluster42"), "llama2-70b", WORK, stop=stop, on_improve=on_improve)
     assert res.stopped == "test stop" and res.stop_cause == "stop"
     # the stop was honoured at the first check: after the heuristics' plan was reported, no solver ran
     assert len(seen) == 1 and res.value == pytest.approx(seen[0])
@@ -190,7 +202,7 @@ def test_stop_flag_ends_the_search_with_the_best_plan() -> None:
 )
 def test_impossible_time_limit_still_returns_the_best_heuristic(name: str, model: str) -> None:
     cl = load_cluster(name)
-    res = plan(cl, model, time_limit=0.0)
+    res = plan(cl, model, SearchSettings(time_limit=0.0))
     assert res.stopped == "time limit" and res.stop_cause == "time"
     verify(res.placement)
     starts = _starts(cl, model)
@@ -213,7 +225,7 @@ def test_impossible_time_limit_still_returns_the_best_heuristic(name: str, model
 
 def test_a_loose_gap_limit_ends_the_search_on_the_gap() -> None:
     # 3cluster24: the start is ~69 % below the bound, so a 90 % gap limit ends the search at once
-    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=600, stall_limit=600, gap_limit=0.9)
+    res = plan(load_cluster("3cluster24"), "llama2-70b", dataclasses.replace(WORK_LNS, gap_limit=0.9))
     assert res.stop_cause == "gap" and res.stopped == "gap limit"
     assert 1e-9 < res.gap <= 0.9
     assert all(src.startswith("heuristic ") or src == "pipeline cover" for _, _, src in res.history)
@@ -221,30 +233,31 @@ def test_a_loose_gap_limit_ends_the_search_on_the_gap() -> None:
 
 def test_a_stall_limit_ends_the_search_on_the_stall() -> None:
     # a stall limit far below the time the heuristics take: reached before any solver runs
-    res = plan(load_cluster("3cluster24"), "llama2-70b", time_limit=600, stall_limit=1e-6)
+    res = plan(load_cluster("3cluster24"), "llama2-70b", dataclasses.replace(WORK_LNS, stall_limit=1e-6))
     assert res.stop_cause == "stall" and res.stopped == "stall limit"
     assert res.gap > 1e-9
     assert all(src.startswith("heuristic ") or src == "pipeline cover" for _, _, src in res.history)
 
 
 def test_heuristic_methods_and_unknown_method() -> None:
-    res = plan(load_cluster("single24"), "llama2-70b", method="homogeneous")
+    res = plan(load_cluster("single24"), "llama2-70b", SearchSettings(method="homogeneous"))
     assert res.value == pytest.approx(ORIGINAL_HOMOGENEOUS, rel=1e-9)
     assert res.stop_cause == "heuristic" and res.found_by == "heuristic homogeneous"
     with pytest.raises(ConfigError, match="unknown method"):
-        plan(load_cluster("single24"), "llama2-70b", method="gurobi")
+        plan(load_cluster("single24"), "llama2-70b", SearchSettings(method="gurobi"))
 
 
 def test_too_small_cluster_has_a_clear_message() -> None:
     small = load_cluster("single_t4").subcluster(range(3))
     with pytest.raises(ConfigError, match="needs 80 layers"):
-        plan(small, "llama2-70b", time_limit=1)
+        plan(small, "llama2-70b", WORK)
 
 
 def test_cli_plan_and_flow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.toml"
     png = tmp_path / "plan.png"
-    rc = main(["plan", "--objective", "maxflow", "--cluster", "single24", "--time-limit", "10", "--out", str(out), "--plot", str(png), "--quiet"])
+    rc = main(["plan", "--objective", "maxflow", "--cluster", "single24", "--node-limit", str(NODES), "--round-limit", "2",
+               "--out", str(out), "--plot", str(png), "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "max flow: 2045.6410" in text and "gap 0.00%" in text
@@ -283,7 +296,6 @@ def test_sigterm_stops_the_cli_cleanly_and_leaves_the_best_plan(tmp_path: Path) 
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert out.exists(), "the first plan is written as soon as the heuristics ran"
-        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -299,14 +311,14 @@ def test_pruning_keeps_the_warm_start_and_the_full_model_never_loses_it() -> Non
     from helix_async.placement.milp import interchangeable_classes, prune_arcs
 
     cl, m, tm, caps = _caps("3cluster24")
-    start = plan(cl, m, method="swarm").placement
+    start = plan(cl, m, SearchSettings(method="swarm")).placement
     kept = prune_arcs(cl, min_keep=3, max_keep=3, threshold=1e9, must_keep=start.links)
     assert set(start.links) <= kept
     assert len(kept) < len(cl.arcs())  # it did prune
     flow = max_flow(start, tm)
     res = ArcModel(
         cl, caps, free=[n.id for n in cl.nodes], fixed={}, symmetry_classes=interchangeable_classes(cl),
-        time_limit=15, keep_arcs=kept,
+        time_limit=3600, node_limit=NODES, keep_arcs=kept,
     ).solve(start=dict(start.layers), start_flows=flow.link_flows)
     assert res.layers is not None
     p = Placement.from_layers(cl, m, res.layers)
@@ -317,7 +329,7 @@ def test_pruning_keeps_the_warm_start_and_the_full_model_never_loses_it() -> Non
 
 def test_plan_with_pruned_neighbourhoods_keeps_improving_on_a_geo_cluster() -> None:
     cl = load_cluster("3cluster24")
-    res = plan(cl, "llama2-70b", time_limit=10, stall_limit=10, prune=6, seed=2)
+    res = plan(cl, "llama2-70b", dataclasses.replace(WORK_LNS, prune=6, seed=2))
     verify(res.placement)
     starts = _starts(cl, "llama2-70b", seed=2)
     _check_recorded_starts(res, starts)
@@ -362,12 +374,28 @@ def test_malformed_ini_literal_is_a_config_error(tmp_path: Path) -> None:
         ({"gap_limit": float("nan")}, "gap_limit"),
         ({"prune": 0}, "prune"),
         ({"prune": True}, "prune"),
+        ({"node_limit": 0}, "node_limit"),
+        ({"round_limit": -1}, "round_limit"),
+        ({"round_limit": 1.5}, "round_limit"),
+        ({"sweep_limit": -1}, "sweep_limit"),
+        ({"step_limit": True}, "step_limit"),
+        ({"simulate_top": None}, "simulate_top"),
     ],
-    ids=["time-nan", "time-negative", "time-inf", "stall-negative", "gap-nan", "prune-zero", "prune-bool"],
+    ids=["time-nan", "time-negative", "time-inf", "stall-negative", "gap-nan", "prune-zero", "prune-bool",
+         "nodes-zero", "rounds-negative", "rounds-fraction", "sweep-negative", "steps-bool", "simulate-top-none"],
 )
-def test_plan_refuses_limits_it_cannot_honour(kwargs: dict, field: str) -> None:
+def test_search_settings_refuse_limits_a_search_cannot_honour(kwargs: dict, field: str) -> None:
     from helix_async.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        plan(load_cluster("single24"), "llama2-70b", method="petals", **kwargs)
-    assert err.value.field == field
+        SearchSettings(method="petals", **kwargs)
+    assert err.value.field == field and err.value.source == "<argument>"
+
+
+def test_a_round_limit_ends_the_search_on_work_done() -> None:
+    # 3cluster24's start is far from the bound: only the round limit ends this search
+    res = plan(load_cluster("3cluster24"), "llama2-70b", dataclasses.replace(WORK_LNS, round_limit=2))
+    assert res.stop_cause == "rounds" and res.stopped == "round limit"
+    lns = [src for _, _, src in res.history if src.startswith("LNS")]
+    assert len(lns) <= 2
+    verify(res.placement)

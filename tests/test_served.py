@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,18 +16,41 @@ from helix_async.model import ThroughputModel, get_model
 from helix_async.placement import Placement, read_placement, verify
 from helix_async.placement.flow import max_flow
 from helix_async.placement.io import load_shipped_layout
+from helix_async.placement.objectives import Goodput
 from helix_async.placement.served import SLO, ServedModel, ServedWorkload, parse_slo, predict
 from helix_async.placement.served_search import ServedSearch, perturb
+from helix_async.settings import KV_OFFLINE, SearchSettings, SimulationSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: Work bounds for the planners in these tests: node, round, sweep and step limits end every solve
+#: and loop long before the time limit, so a plan does not depend on how busy the machine is. The
+#: roots of the MILPs take seconds to minutes: no LNS round, no position model in the max-flow
+#: phase, one position-MILP solve in the sweep.
+WORK = SearchSettings(time_limit=3600.0, node_limit=5, round_limit=0, sweep_limit=1, step_limit=200,
+                      position_fraction=0.0)
+#: Work bounds on the command line (the max-flow phase's position model runs there).
+WORK_FLAGS = ["--time-limit", "3600", "--node-limit", "5", "--round-limit", "0", "--sweep-limit", "1",
+              "--step-limit", "200"]
 
 
 def _sim(p: Placement, window: float = 150.0, slo: tuple[float, float] | None = None) -> dict:
     from sim.runner import Workload, run
     from sim.simulation import SimulationSetup
 
-    setup = SimulationSetup(p, scheduler="maxflow", kv=(0.85, 1.0), compat=True, drop_rejected=True)
+    setup = SimulationSetup(p, scheduler="maxflow", kv=KV_OFFLINE, compat=True, drop_rejected=True)
     return run(setup, Workload(mode="offline", initial=20, warmup=60, duration=window, seed=0), slo=slo).report
+
+
+def _report(score: float, tpot: float = 1.0, nodes: dict[int, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """A simulation report made up for a test: the entries the planner reads (decode tokens/s,
+    latencies, per node its busy fraction and peak KV share)."""
+    return {
+        "decode_throughput": score,
+        "decode_latency": {"mean": tpot, "p50": tpot},
+        "prompt_latency": {"mean": 1.0, "p50": 1.0},
+        "nodes": [{"node": i, "utilisation": u, "kv_peak": kv, "kv_capacity": 1.0} for i, (u, kv) in (nodes or {}).items()],
+    }
 
 
 def test_parse_slo() -> None:
@@ -138,7 +163,7 @@ def test_position_model_meets_the_kv_floor_and_minimum_layers() -> None:
     caps = Capacities.build(cl, model, tm)
     kv = {(n.id, k): tm.kv_capacity(cl.machine(n.id).gpu, k) / k
           for n in cl.nodes for k in range(1, caps.node_max_layers[n.id] + 1)}
-    free = PositionModel(caps, type_classes(cl), time_limit=20, seed=0).solve()
+    free = PositionModel(caps, type_classes(cl), time_limit=3600, node_limit=1, seed=0).solve()
     assert free.layers is not None
 
     def least(layers: dict) -> float:
@@ -150,7 +175,8 @@ def test_position_model_meets_the_kv_floor_and_minimum_layers() -> None:
         return min(held)
 
     floor = 1.3 * least(free.layers)
-    res = PositionModel(caps, type_classes(cl), time_limit=20, seed=0, kv_tokens=kv, kv_floor=floor, min_layers=3).solve()
+    res = PositionModel(caps, type_classes(cl), time_limit=3600, node_limit=1, seed=0, kv_tokens=kv, kv_floor=floor,
+                        min_layers=3).solve()
     assert res.layers is not None and res.objective > 0
     assert least(res.layers) >= floor * (1 - 1e-6)
     for i, r in res.layers.items():
@@ -162,7 +188,7 @@ def test_position_model_meets_the_kv_floor_and_minimum_layers() -> None:
 def test_cli_plan_served_simulates_its_candidates_and_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("pyscipopt")
     out = tmp_path / "plan.toml"
-    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", "--time-limit", "20", "--simulate-top", "2",
+    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", *WORK_FLAGS, "--simulate-top", "2",
                "--refine", "2", "--sim-window", "30", "--explain", "--out", str(out), "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0
@@ -194,23 +220,103 @@ def test_cli_plan_slo_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plan_served_simulates_k_plans_and_explain_follows_the_objective(tmp_path: Path) -> None:
     pytest.importorskip("pyscipopt")
     from helix_async.placement.served_plan import explain, plan_served
+    from sim.planning import simulate_candidate
 
     cl = load_cluster("cluster10")
-    one = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=1, refine=0, sim_window=20)
-    assert len(one.rows) == 1 and one.rows[0].simulated is not None
-    two = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=2, refine=2, sim_window=20)
+    window = SimulationSettings(window=20)
+    one = plan_served(cl, "llama1-30b", search=dataclasses.replace(WORK, simulate_top=1, refine=0), simulation=window,
+                      simulate=simulate_candidate)
+    assert len(one.rows) == 1 and one.rows[0].simulated is not None and one.notes == []
+    two = plan_served(cl, "llama1-30b", search=dataclasses.replace(WORK, simulate_top=2, refine=2), simulation=window,
+                      simulate=simulate_candidate)
     assert any(r.source.startswith("heuristic ") for r in two.rows)  # every baseline is simulated too
     refined = [r for r in two.rows if r.source.startswith("refinement ")]
     assert 1 <= len(refined) <= 2 and all(r.simulated is not None for r in refined)
     keys = [tuple(sorted((i, x) for i, x in r.placement.layers.items() if x is not None)) for r in two.rows]
     assert len(set(keys)) == len(keys)  # a refinement never repeats a plan already simulated
     assert two.row.simulated_score >= 0.97 * max(r.simulated_score for r in two.rows)
-    none = plan_served(cl, "llama1-30b", time_limit=8, simulate_top=0)
+    none = plan_served(cl, "llama1-30b", search=dataclasses.replace(WORK, simulate_top=0), simulate=simulate_candidate)
     assert all(r.simulated is None for r in none.rows)
     assert none.row.predicted == max(r.predicted for r in none.rows)
-    lines = explain(none.placement, ServedWorkload(mode="online", rate=100.0), slo=SLO(5.0, 1.0), seconds_per_gpu=0.5)
+    lines = explain(none.placement, ServedWorkload(mode="online", rate=100.0), objective=Goodput(SLO(5.0, 1.0)),
+                    max_steps=50)
     assert any("online workload" in x for x in lines) and any("goodput under ttft=5,tpot=1" in x for x in lines)
     assert any(x.startswith("one more GPU (predicted goodput gained)") for x in lines)
+
+
+def test_a_search_that_leaves_nothing_to_simulate_returns_the_best_plan_there_is_and_says_why() -> None:
+    # No LNS round, no position-MILP solve, no local-search step. The candidates are the
+    # max-flow plan and the heuristics' plans, which K = 1 does not simulate as baselines; the
+    # planner used to take max() of the empty list left (seen under load with a time limit)
+    pytest.importorskip("pyscipopt")
+    from helix_async.placement.served_plan import plan_served
+    from sim.planning import simulate_candidate
+
+    cl = load_cluster("cluster10")
+    bare = dataclasses.replace(WORK, sweep_limit=0, step_limit=0, refine=0)
+    for top in (1, 0):
+        res = plan_served(cl, "llama1-30b", search=dataclasses.replace(bare, simulate_top=top),
+                          simulation=SimulationSettings(window=20), simulate=simulate_candidate)
+        verify(res.placement)
+        assert len(res.rows) == 1 and (res.rows[0].simulated is not None) == (top == 1)
+        assert res.row.source == "max-flow MILP" or res.row.source.startswith("heuristic "), res.row.source
+        assert len(res.notes) == 1 and "no candidate beyond the max-flow and heuristic plans" in res.notes[0]
+        assert res.row.source in res.notes[0]  # the note names the plan taken
+        assert res.row.predicted == max(c.predicted for c in res.rows)
+
+
+def test_without_a_simulator_the_plan_is_chosen_by_the_prediction_and_one_line_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pyscipopt")
+    import helix_async.placement.simulator as simulator
+
+    monkeypatch.setattr(simulator, "find_simulator", lambda name="virtual-time": None)
+    out = tmp_path / "p.toml"
+    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", *WORK_FLAGS, "--step-limit", "20",
+               "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: no simulator is installed (entry-point group "
+                                                   "helix_async.simulators)"), captured.err
+    p = read_placement(out)
+    verify(p)
+    assert "simulated_decode_throughput" not in p.meta
+    rows = [line for line in captured.out.splitlines() if line[:1] in "* " and line[1:2] != " " and "." in line]
+    assert rows and all(line.split()[-2:] == ["-", "-"] for line in rows)  # nothing simulated
+
+
+def test_the_demo_skips_its_simulation_without_a_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix_async.placement.simulator as simulator
+    from helix_async.runtime.demo import simulate_plan
+
+    monkeypatch.setattr(simulator, "simulator_package", lambda name="virtual-time": None)
+    assert simulate_plan(tmp_path / "plan.toml", tmp_path / "sim", window="60", plots=False) == 0
+    assert capsys.readouterr().out.startswith("no simulator installed (helix_async.simulators: virtual-time)")
+    assert not (tmp_path / "sim").exists()
+
+
+def test_the_simulator_is_found_through_its_entry_point() -> None:
+    from helix_async.placement.simulator import find_simulator, installed_simulators, simulator_package
+    from sim.planning import simulate_candidate
+
+    assert "virtual-time" in installed_simulators()
+    assert find_simulator() is simulate_candidate and simulator_package() == "sim"
+    assert find_simulator("no-such-simulator") is None and simulator_package("no-such-simulator") is None
+
+
+def test_a_tiny_time_limit_still_writes_a_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # no work bounds: whatever the machine gets done in the time, the planner returns a plan
+    pytest.importorskip("pyscipopt")
+    out = tmp_path / "p.toml"
+    rc = main(["plan", "--cluster", "cluster10", "--model", "llama1-30b", "--time-limit", "0.001", "--simulate-top", "1",
+               "--refine", "0", "--sim-window", "10", "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    verify(read_placement(out))
+    assert "plan written to" in captured.out
 
 
 def test_swap_stages_moves_whole_stages_and_keeps_replicas_together() -> None:
@@ -290,7 +396,7 @@ def test_refinement_shape_ignores_nodes_no_flow_reaches_and_alike_nodes() -> Non
     assert _shape(swapped) == _shape(p)
 
 
-def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain() -> None:
     import helix_async.placement.served_plan as sp
     from helix_async.placement.served_search import ServedSearch, stages
 
@@ -320,24 +426,23 @@ def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch
 
     calls: list[Placement] = []
 
-    def fake_sim(p: Placement, *_a: object, **_k: object) -> dict[str, object]:
+    def fake_sim(p: Placement, _settings: SimulationSettings, **_k: object) -> dict[str, Any]:
         # a made-up simulator: Petals-like plans (partial links) 200, chains 150 plus their first
         # A100's start, so a swap that moves that stage serves more
         calls.append(p)
         score = 200.0 if p.partial else 150.0 + float(p.layers[by_type["a100"][0]][0])  # type: ignore[index]
-        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0,
-                "nodes": {i: (0.5, 0.5) for i, r in p.layers.items() if r is not None}}
+        return _report(score, nodes={i: (0.5, 0.5) for i, r in p.layers.items() if r is not None})
 
-    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    logs: list[str] = []
+    sims = sp.Simulations(fake_sim, SimulationSettings(window=sp.SCREEN_WINDOW), log=logs.append)
     rows = []
     for name, p in (("petals", petals), ("chain", chain)):
         r = sp.Row(name, p, 1.0, 1.0, 1.0, 1.0)
-        r.simulated = fake_sim(p)
+        r.simulated = sims.run(p)
         rows.append(r)
     calls.clear()
     search = ServedSearch(cl, spec, sp.ServedModel(), seed=0)
-    logs: list[str] = []
-    pick = sp.refine_rows(rows, search, sp.ServedWorkload(), refine=6, sim_window=sp.SCREEN_WINDOW, log=logs.append)
+    pick = sp.refine_rows(rows, search, sims, refine=6)
     refined = rows[2:]
     assert len(refined) == len(calls) == 6
     # turns: the pick (Petals, not a chain: rebalances, partial links kept) and the best chain
@@ -348,7 +453,7 @@ def test_refine_rows_takes_turns_between_the_pick_and_the_best_chain(monkeypatch
     assert pick.simulated_score == max(r.simulated_score for r in rows)
 
 
-def test_screen_candidates_keeps_the_best_on_a_short_window(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_screen_candidates_keeps_the_best_on_a_short_window() -> None:
     import helix_async.placement.served_plan as sp
     from helix_async.placement.served_search import ServedSearch
 
@@ -359,19 +464,19 @@ def test_screen_candidates_keeps_the_best_on_a_short_window(monkeypatch: pytest.
     made_up = {"ilp": 5.0, "swarm": 9.0, "homogeneous": 1.0, "ilp_artifact": 7.0}
     windows: list[float] = []
 
-    def fake_sim(p: Placement, *_a: object, window: float, **_k: object) -> dict[str, object]:
-        windows.append(window)
+    def fake_sim(p: Placement, settings: SimulationSettings, **_k: object) -> dict[str, Any]:
+        windows.append(settings.window)
         name = next(c.source for c in cands if c is not None and c.placement is p)
-        return {"score": made_up[name], "decode_throughput": made_up[name], "tpot_mean": 1.0, "nodes": {}}
+        return _report(made_up[name])
 
-    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
     logs: list[str] = []
-    kept = sp.screen_candidates([c for c in cands if c is not None], 2, sp.ServedWorkload(), log=logs.append)
+    kept = sp.screen_candidates([c for c in cands if c is not None], 2, sp.Simulations(fake_sim, log=logs.append))
     assert [c.source for c in kept] == ["swarm", "ilp_artifact"]  # the two best, in the given order
     assert windows == [sp.SCREEN_WINDOW] * 4 and len(logs) == 4 and logs[0].startswith("screened ilp: 5.0")
 
 
 def test_select_prefers_lower_tpot_among_near_ties_but_never_below_a_baseline() -> None:
+    from helix_async.errors import PlanningError
     from helix_async.placement.served_plan import Row, _select
 
     p = load_shipped_layout("ilp")
@@ -379,6 +484,8 @@ def test_select_prefers_lower_tpot_among_near_ties_but_never_below_a_baseline() 
     def row(source: str, score: float, tpot: float) -> Row:
         return Row(source, p, 1.0, 1.0, 1.0, 1.0, simulated={"score": score, "tpot_mean": tpot})
 
+    with pytest.raises(PlanningError, match="no candidate"):
+        _select([])
     a, b, c = row("a", 100.0, 1.5), row("b", 98.0, 1.2), row("c", 90.0, 0.5)
     assert _select([a, b, c]) is b  # within 3 % and faster per token; c is too far below
     base = row("heuristic petals", 99.0, 1.4)
@@ -386,7 +493,7 @@ def test_select_prefers_lower_tpot_among_near_ties_but_never_below_a_baseline() 
     assert _select([a, c, row("heuristic swarm", 99.5, 1.6)]) is a
 
 
-def test_screened_refinement_runs_only_the_best_screened_neighbour_on_the_full_window(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_screened_refinement_runs_only_the_best_screened_neighbour_on_the_full_window() -> None:
     import helix_async.placement.served_plan as sp
     from helix_async.placement.served_search import ServedSearch
 
@@ -397,54 +504,54 @@ def test_screened_refinement_runs_only_the_best_screened_neighbour_on_the_full_w
     base = Placement.from_layers(cl, spec, chain)
     sims: list[tuple[float, Placement]] = []
 
-    def fake_sim(p: Placement, *_a: object, window: float, **_k: object) -> dict[str, object]:
+    def score_of(p: Placement, window: float) -> float:
         # made up: a plan serves more the later its high-numbered nodes sit; the short window less
-        sims.append((window, p))
-        score = 100.0 + sum(i * r[0] for i, r in p.layers.items() if r is not None) / (1000.0 if window < 600 else 900.0)
-        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0, "nodes": {}}
+        return 100.0 + sum(i * r[0] for i, r in p.layers.items() if r is not None) / (1000.0 if window < 600 else 900.0)
 
-    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
-    first = sp.Row("chain", base, 1.0, 1.0, 1.0, 1.0, simulated=fake_sim(base, window=600.0))
+    def fake_sim(p: Placement, settings: SimulationSettings, **_k: object) -> dict[str, Any]:
+        sims.append((settings.window, p))
+        return _report(score_of(p, settings.window))
+
+    logs: list[str] = []
+    runs = sp.Simulations(fake_sim, SimulationSettings(window=600.0), log=logs.append)
+    first = sp.Row("chain", base, 1.0, 1.0, 1.0, 1.0, simulated=runs.run(base))
     sims.clear()
     rows = [first]
-    logs: list[str] = []
-    pick = sp.refine_rows(rows, ServedSearch(cl, spec, sp.ServedModel(), seed=0), sp.ServedWorkload(), refine=2,
-                          sim_window=600.0, log=logs.append)
+    pick = sp.refine_rows(rows, ServedSearch(cl, spec, sp.ServedModel(), seed=0), runs, refine=2)
     # two refinements, each the best of REFINE_SCREEN neighbours screened on the short window
     windows = [w for w, _ in sims]
     assert windows == ([sp.SCREEN_WINDOW] * sp.REFINE_SCREEN + [600.0]) * 2
     for r in range(2):
         batch = sims[r * (sp.REFINE_SCREEN + 1):(r + 1) * (sp.REFINE_SCREEN + 1)]
-        screened = [fake_sim(p, window=sp.SCREEN_WINDOW)["score"] for _, p in batch[:-1]]
-        assert fake_sim(batch[-1][1], window=sp.SCREEN_WINDOW)["score"] == max(screened)  # type: ignore[type-var]
+        screened = [score_of(p, sp.SCREEN_WINDOW) for _, p in batch[:-1]]
+        assert score_of(batch[-1][1], sp.SCREEN_WINDOW) == max(screened)
     assert [r.source.split(":")[0] for r in rows[1:]] == ["refinement 1", "refinement 2"]
     assert sum("screened" in line for line in logs) == 2 * sp.REFINE_SCREEN
     assert pick.simulated_score == max(r.simulated_score for r in rows)
 
 
-def test_a_close_call_against_a_baseline_is_decided_on_two_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_close_call_against_a_baseline_is_decided_on_two_seeds() -> None:
     import helix_async.placement.served_plan as sp
 
     ilp, petals = load_shipped_layout("ilp"), load_shipped_layout("petals")
     by_seed = {(0, "ilp"): 101.0, (1, "ilp"): 95.0, (0, "petals"): 100.0, (1, "petals"): 99.0}
     seeds: list[int] = []
 
-    def fake_sim(p: Placement, *_a: object, seed: int, **_k: object) -> dict[str, object]:
-        seeds.append(seed)
-        score = by_seed[(seed, "petals" if p.partial else "ilp")]
-        return {"score": score, "decode_throughput": score, "tpot_mean": 1.0, "nodes": {}}
+    def fake_sim(p: Placement, settings: SimulationSettings, **_k: object) -> dict[str, Any]:
+        seeds.append(settings.seed)
+        return _report(by_seed[(settings.seed, "petals" if p.partial else "ilp")])
 
-    monkeypatch.setattr(sp, "simulate_candidate", fake_sim)
+    sims = sp.Simulations(fake_sim, SimulationSettings(seed=0))
     pick = sp.Row("refinement 1: x", ilp, 1.0, 1.0, 1.0, 1.0, simulated={"score": 101.0, "tpot_mean": 1.0})
     base = sp.Row("heuristic petals", petals, 1.0, 1.0, 1.0, 1.0, simulated={"score": 100.0, "tpot_mean": 1.0})
-    got = sp.second_seed_check([pick, base], pick, sp.ServedWorkload(), seed=0)
+    got = sp.second_seed_check([pick, base], pick, sims)
     assert got is base and seeds == [1, 1]  # 1 % ahead on seed 0, behind on the mean of two
     assert pick.second_seed == 95.0 and base.second_seed == 99.0
     # a clear win (over NEAR_TIE ahead) is not re-checked, nor is a baseline picked
     seeds.clear()
     far = sp.Row("refinement 2: y", ilp, 1.0, 1.0, 1.0, 1.0, simulated={"score": 110.0, "tpot_mean": 1.0})
-    assert sp.second_seed_check([far, base], far, sp.ServedWorkload(), seed=0) is far
-    assert sp.second_seed_check([pick, base], base, sp.ServedWorkload(), seed=0) is base
+    assert sp.second_seed_check([far, base], far, sims) is far
+    assert sp.second_seed_check([pick, base], base, sims) is base
     assert seeds == []
 
 

@@ -34,7 +34,6 @@ from .flow import arc_capacity
 log = logging.getLogger("helix_async.planner")
 
 
-
 @dataclass(frozen=True)
 class Capacities:
     """Per-node and per-arc capacities (tokens/s) shared by the models and the bounds."""
@@ -115,12 +114,16 @@ def _scip() -> Any:
     return require("pyscipopt", "plan")
 
 
-def _make_model(name: str, *, time_limit: float, seed: int, verbose: bool = False) -> Any:
+def _make_model(name: str, *, time_limit: float, seed: int, node_limit: int | None = None, verbose: bool = False) -> Any:
+    """A SCIP model that stops after ``time_limit`` seconds of wall time or, when given,
+    ``node_limit`` branch-and-bound nodes (a bound on work, whatever the machine's speed)."""
     scip = _scip()
     m = scip.Model(name)
     if not verbose:
         m.hideOutput()
     m.setParam("limits/time", max(0.5, float(time_limit)))
+    if node_limit is not None:
+        m.setParam("limits/nodes", int(node_limit))
     m.setParam("randomization/randomseedshift", int(seed) % 2**31)
     m.setParam("misc/catchctrlc", False)  # our SignalStop + event handler stop the solve cleanly
     return m
@@ -181,8 +184,10 @@ class PositionModel:
         kv_tokens: Mapping[tuple[int, int], float] | None = None,
         kv_floor: float = 0.0,
         min_layers: int = 1,
+        node_limit: int | None = None,
     ) -> None:
-        """kv_tokens: (node, k) -> tokens of context the node holds per layer with k layers; with
+        """time_limit: seconds of wall time; node_limit: branch-and-bound nodes (None: no bound).
+        kv_tokens: (node, k) -> tokens of context the node holds per layer with k layers; with
         ``kv_floor`` > 0 every layer must be held by nodes summing to at least that many tokens (the
         KV that bounds how many requests are in flight, linear in the counts). min_layers: a used
         node holds at least this many layers (or its maximum, if lower), which bounds a route's
@@ -196,6 +201,7 @@ class PositionModel:
         self.kv_floor = float(kv_floor)
         self.min_layers = int(min_layers)
         self.time_limit = time_limit
+        self.node_limit = node_limit
         self.seed = seed
         self.stop = stop
 
@@ -203,7 +209,7 @@ class PositionModel:
         scip = _scip()
         caps = self.caps
         L = caps.num_layers
-        m = _make_model("helix-position", time_limit=self.time_limit, seed=self.seed)
+        m = _make_model("helix-position", time_limit=self.time_limit, seed=self.seed, node_limit=self.node_limit)
         m.setHeuristics(scip.SCIP_PARAMSETTING.AGGRESSIVE)
         _attach_stop(m, self.stop)
         n: dict[tuple[str, int, int], Any] = {}
@@ -316,6 +322,7 @@ class ArcModel:
 
     free: nodes whose ranges the solver chooses; every other node keeps ``fixed[node]``.
     partial: allow partial-inference links (s_j <= e_i < e_j).
+    time_limit: seconds of wall time; node_limit: branch-and-bound nodes (None: no bound).
     """
 
     def __init__(
@@ -333,6 +340,7 @@ class ArcModel:
         aggressive: bool = True,
         verbose: bool = False,
         keep_arcs: Iterable[tuple[NodeRef, NodeRef]] | None = None,
+        node_limit: int | None = None,
     ) -> None:
         self.cluster = cluster
         self.caps = caps
@@ -346,13 +354,15 @@ class ArcModel:
         self.aggressive = aggressive
         self.verbose = verbose
         self.keep_arcs = None if keep_arcs is None else set(keep_arcs)
+        self.node_limit = node_limit
 
     def solve(self, start: Mapping[int, LayerRange | None] | None = None, start_flows: Mapping[tuple[NodeRef, NodeRef], float] | None = None) -> SolveResult:
         scip = _scip()
         qs = scip.quicksum
         caps = self.caps
         L = caps.num_layers
-        m = _make_model("helix-arc", time_limit=self.time_limit, seed=self.seed, verbose=self.verbose)
+        m = _make_model("helix-arc", time_limit=self.time_limit, seed=self.seed, node_limit=self.node_limit,
+                        verbose=self.verbose)
         if self.aggressive:
             m.setHeuristics(scip.SCIP_PARAMSETTING.AGGRESSIVE)
         _attach_stop(m, self.stop)

@@ -13,7 +13,6 @@ best plan so far. Scheduling decisions here use wall time on purpose: planning i
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ from ..cluster import ClusterSpec
 from ..errors import ConfigError, PlanningError
 from ..ids import LayerRange
 from ..model import ModelSpec, ThroughputModel, check_fits, get_model
+from ..settings import SearchSettings
 from ..signals import StopFlag
 from .core import Placement, verify
 from .flow import FlowEvaluator, max_flow
@@ -50,12 +50,13 @@ METHODS: tuple[str, ...] = ("milp", *HEURISTICS)
 #: * ``"gap"`` -- the gap fell to ``gap_limit`` (above 1e-9, so not proven optimal);
 #: * ``"time"`` -- ``time_limit`` seconds of wall time ran out;
 #: * ``"stall"`` -- ``stall_limit`` seconds passed without an improvement;
+#: * ``"rounds"`` -- the LNS solved ``round_limit`` neighbourhoods (a bound on work);
 #: * ``"stop"`` -- the caller's :class:`StopFlag` was set (Ctrl-C/SIGTERM through ``SignalStop``, or
 #:   the caller itself; ``PlanResult.stopped`` carries the flag's reason, e.g. ``"signal SIGTERM"``);
 #: * ``"heuristic"`` -- a heuristic method was asked for: it ran once, no search.
 #:
-#: The checks run in this order (stop, time, optimal/gap, stall): the first that holds is the cause.
-StopCause = Literal["optimal", "gap", "time", "stall", "stop", "heuristic"]
+#: The checks run in this order (stop, time, optimal/gap, stall, rounds): the first that holds is the cause.
+StopCause = Literal["optimal", "gap", "time", "stall", "rounds", "stop", "heuristic"]
 # The gap at which a plan counts as equal to the bound (float rounding of the exact max flow).
 _OPTIMAL_GAP = 1e-9
 
@@ -89,26 +90,23 @@ class _PlanSearch:
         self,
         cluster: ClusterSpec,
         model: ModelSpec,
+        settings: SearchSettings,
         *,
-        partial: bool,
-        seed: int,
-        time_limit: float,
-        stall_limit: float,
-        gap_limit: float,
         on_improve: Callable[[Placement, float], None] | None,
         progress: Callable[[dict[str, Any]], None] | None,
         stop: StopFlag,
-        prune: int | None = None,
     ) -> None:
-        self.prune = prune
+        self.prune = settings.prune
         self.cluster = cluster
         self.model = model
-        self.partial = partial
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.time_limit = time_limit
-        self.stall_limit = stall_limit
-        self.gap_limit = gap_limit
+        self.partial = settings.partial
+        self.seed = settings.seed
+        self.rng = random.Random(settings.seed)
+        self.time_limit = settings.time_limit
+        self.stall_limit = settings.stall_limit
+        self.gap_limit = settings.gap_limit
+        self.node_limit = settings.node_limit
+        self.round_limit = settings.round_limit
         self.on_improve = on_improve
         self.progress = progress
         self.stop = stop
@@ -242,7 +240,8 @@ class _PlanSearch:
         if budget <= 1 or self.stop:
             return
         start = dict(self.best.layers) if self.best is not None else None
-        pm = PositionModel(self.caps, type_classes(self.cluster), time_limit=budget, seed=self.seed, stop=self.stop)
+        pm = PositionModel(self.caps, type_classes(self.cluster), time_limit=budget, seed=self.seed, stop=self.stop,
+                           node_limit=self.node_limit)
         res = pm.solve(start=start)
         log.info(
             "position model: status %s, primal %.3f, dual %.3f, %.1f s", res.status, res.objective, res.dual_bound, res.seconds
@@ -269,9 +268,13 @@ class _PlanSearch:
             why = self.should_stop()
             if why:
                 return why
+            if self.round_limit is not None and it >= self.round_limit:
+                return "rounds", "round limit"
             it += 1
             flow = self._best_flow()
-            sub_limit = max(1.0, min(20.0, self.remaining()))
+            # a neighbourhood gets 20 s at most, unless its work is bounded (node_limit)
+            cap = 20.0 if self.node_limit is None else self.remaining()
+            sub_limit = max(1.0, min(cap, self.remaining()))
             if exact_position and it % 3 != 0:
                 free = self._choose_free(ids, psize, flow)
                 pm = PositionModel(
@@ -281,6 +284,7 @@ class _PlanSearch:
                     time_limit=sub_limit,
                     seed=self.seed + it,
                     stop=self.stop,
+                    node_limit=self.node_limit,
                 )
                 pres = pm.solve(start=dict(self.best.layers))
                 if pres.layers is not None and self.offer(pres.layers, f"LNS-position({len(free)} nodes)"):
@@ -306,6 +310,7 @@ class _PlanSearch:
                 seed=self.seed + it,
                 stop=self.stop,
                 keep_arcs=keep,
+                node_limit=self.node_limit,
             )
             res = arc.solve(start=dict(self.best.layers), start_flows=flow.link_flows)
             improved = res.layers is not None and self.offer(res.layers, f"LNS({len(free)} nodes)")
@@ -423,73 +428,43 @@ def pipeline_cover(caps: Capacities, nodes: list[int], max_pipelines: int = 12) 
     return layers
 
 
-def _check_limits(
-    *, time_limit: float, stall_limit: float, gap_limit: float, prune: int | None, position_fraction: float
-) -> None:
-    """Limits a search can honour: a NaN or a non-positive time would run forever or not at all."""
-
-    def number(name: str, value: Any, *, positive: bool, finite: bool) -> None:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-        ok = ok and (value > 0 if positive else value >= 0) and (math.isfinite(value) or not finite)
-        if not ok:
-            bound = "> 0" if positive else ">= 0"
-            raise ConfigError("<argument>", name, f"must be a {'finite ' if finite else ''}number {bound}, got {value!r}")
-
-    number("time_limit", time_limit, positive=False, finite=True)  # 0: the heuristics' best, no search
-    number("stall_limit", stall_limit, positive=True, finite=False)
-    number("gap_limit", gap_limit, positive=False, finite=True)
-    number("position_fraction", position_fraction, positive=False, finite=True)
-    if prune is not None and (isinstance(prune, bool) or not isinstance(prune, int) or prune < 1):
-        raise ConfigError("<argument>", "prune", f"must be None or an integer >= 1, got {prune!r}")
-
-
 def plan(
     cluster: ClusterSpec,
     model: ModelSpec | str,
+    settings: SearchSettings | None = None,
     *,
-    method: str = "milp",
-    time_limit: float = 600.0,
-    stall_limit: float = 120.0,
-    gap_limit: float = 0.0,
-    seed: int = 0,
-    partial: bool = False,
-    position_fraction: float = 0.2,
     on_improve: Callable[[Placement, float], None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop: StopFlag | None = None,
-    prune: int | None = None,
 ) -> PlanResult:
-    """Plan a placement of ``model`` on ``cluster``.
+    """Plan a placement of ``model`` on ``cluster`` for max flow, as ``settings`` say
+    (:class:`~helix_async.settings.SearchSettings`; its defaults when None).
 
-    method: "milp" (heuristics -> position model -> LNS over the MILP) or one heuristic's name.
-    time_limit / stall_limit: seconds of wall time in total / without improvement.
-    gap_limit: stop when (bound - value) / bound falls to this fraction.
-    prune: keep only each node's ``prune`` fastest links (plus the incumbent's) in the MILP
-    neighbourhoods, as Helix's pruning did for large clusters; None keeps every link.
+    ``settings.method``: "milp" (heuristics -> position model -> LNS over the MILP) or one
+    heuristic's name. The search ends on the first of its limits: time, stall, gap, work
+    (``round_limit``) or ``stop``. ``prune`` keeps only each node's fastest links (plus the
+    incumbent's) in the MILP neighbourhoods, as Helix's pruning did for large clusters.
+    on_improve: called with every new best verified plan and its max flow (tokens/s).
+    progress: called with the search's events (elapsed seconds, incumbent, bound, gap, source).
     Returns the best verified plan found; an impossible time limit still returns the best heuristic.
     ``PlanResult.stop_cause`` says why the search ended (:data:`StopCause`).
     """
-    _check_limits(time_limit=time_limit, stall_limit=stall_limit, gap_limit=gap_limit, prune=prune,
-                  position_fraction=position_fraction)
+    settings = settings if settings is not None else SearchSettings()
+    method = settings.method
     spec = get_model(model)
     if method not in METHODS:
         raise ConfigError("<argument>", "method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     s = _PlanSearch(
         cluster,
         spec,
-        partial=partial,
-        seed=seed,
-        time_limit=time_limit,
-        stall_limit=stall_limit,
-        gap_limit=gap_limit,
+        settings,
         on_improve=on_improve,
         progress=progress,
         stop=stop if stop is not None else StopFlag(),
-        prune=prune,
     )
     s.tighten(coverage_bound(s.caps), "coverage bound")
     if method != "milp":
-        p = run_heuristic(method, cluster, spec, seed=seed, tm=s.tm)  # Petals with its partial links
+        p = run_heuristic(method, cluster, spec, seed=settings.seed, tm=s.tm)  # Petals with its partial links
         value = max_flow(p, s.tm).value
         s.best, s.best_value, s.best_source = p, value, f"heuristic {method}"
         s.history.append((s.elapsed(), value, s.best_source))
@@ -499,7 +474,7 @@ def plan(
         if s.best is None:
             raise PlanningError(f"no heuristic produced a plan for {spec.name} on {cluster.name}")
         if s.should_stop() is None:
-            s.run_position_model(min(position_fraction * time_limit, 120.0, s.remaining()))
+            s.run_position_model(min(settings.position_fraction * settings.time_limit, 120.0, s.remaining()))
         why = s.should_stop() or s.run_lns()
     assert s.best is not None
     best = s._stamped(s.best)

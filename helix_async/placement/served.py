@@ -49,16 +49,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..flowplan import FlowPlan
 from ..ids import SINK, SOURCE, LayerRange, NodeRef
 from ..model import ThroughputModel, load_profiles
+from ..settings import ServedWorkload
 from ..workloads import load_lengths
 from .core import Placement
 from .flow import max_flow
 
-__all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict", "slo_argument"]
+__all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict"]
 
 #: MaxFlow admission constants (HELIX_SPEC §7.2, §8.8).
 AVG_OUTPUT_LEN = 240
@@ -79,52 +80,15 @@ BATCH_ITERS = 50
 WAIT_CAP = 2.0
 
 
-@dataclass(frozen=True)
-class ServedWorkload:
-    """The workload a plan is judged on.
-
-    mode: ``offline`` (a population kept topped up to the KV limit, the original's README offline
-    run) or ``online`` (arrivals at ``rate`` tokens/s, prompt plus output). kv: (fill limit,
-    expected-output ratio) of the admission's KV expectation; None takes the mode's default
-    ((0.85, 1.0) offline, (0.9, 0.6) online)."""
-
-    mode: str = "offline"
-    lengths: str = "azure-conv"
-    rate: float = 700.0
-    kv: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("offline", "online"):
-            raise ValueError(f"workload mode must be offline or online, got {self.mode!r}")
-        if not self.rate > 0:
-            raise ValueError(f"online rate must be > 0 tokens/s, got {self.rate!r}")
-
-    @property
-    def kv_params(self) -> tuple[float, float]:
-        if self.kv is not None:
-            return self.kv
-        return (0.85, 1.0) if self.mode == "offline" else (0.9, 0.6)
-
-
-@dataclass(frozen=True)
-class SLO:
-    """Service-level objective: a request meets it when its TTFT and its mean TPOT are within."""
+class SLO(NamedTuple):
+    """Service-level objective: a request meets it when its TTFT and its mean TPOT are within
+    (seconds). A pair, so it unpacks as the ``(ttft, tpot)`` the simulator's report takes."""
 
     ttft: float
     tpot: float
 
     def __str__(self) -> str:
         return f"ttft={self.ttft:g},tpot={self.tpot:g}"
-
-
-def slo_argument(text: str) -> SLO:
-    """``parse_slo`` for argparse ``type=``: the error without its flag prefix (argparse adds it)."""
-    import argparse
-
-    try:
-        return parse_slo(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--slo: ")) from None
 
 
 def parse_slo(text: str) -> SLO:
@@ -217,10 +181,6 @@ class ServedPrediction:
                 if tpot <= slo.tpot and ttft <= slo.ttft:
                     met += share * m
         return self.decode_throughput * (met / tot if tot > 0 else 0.0)
-
-    def score(self, slo: SLO | None = None) -> float:
-        """What the served objective maximises: decode throughput, or goodput under ``slo``."""
-        return self.goodput(slo) if slo is not None else self.decode_throughput
 
     def as_dict(self) -> dict[str, Any]:
         return {

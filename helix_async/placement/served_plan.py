@@ -9,41 +9,55 @@
 3. **Local search** (``ServedSearch``) on the served model's prediction (``served.py``): decode
    throughput, or goodput under ``--slo``.
 4. **Simulation in the loop**: the best ``simulate_top`` distinct candidates run in the simulator
-   (MaxFlow, the README's 600-s window by default, a fixed seed, the offline or online workload);
-   the plan that serves
-   best is returned, with predicted and simulated figures side by side.
+   the planner is handed (``simulate``, a :class:`~.simulator.Simulate`: MaxFlow, the README's
+   600-s window by default, a fixed seed, the offline or online workload); the plan that serves
+   best is returned, with predicted and simulated figures side by side. Without a simulator the
+   best predicted plan is returned, and the result says so.
 5. **Refinement** (``refine_rows``): neighbours of the pick the model cannot rank (stage swaps,
    idle nodes moved to the fullest KV), each the best of REFINE_SCREEN screened on a short window.
 6. **A second seed** (``second_seed_check``) when the pick serves within NEAR_TIE of a heuristic's
    own plan.
 
-The upper bound printed with a served plan is the max-flow bound (labelled so): no bound on the
-served objective itself is proven. Planning uses wall time on purpose (it is not simulated).
+What is maximised is an :class:`~.objectives.Objective` (decode throughput by default, goodput
+under an SLO): it scores predictions and simulated reports alike.
+
+Whatever the budget and the load, a plan comes back: when the search leaves nothing to simulate
+but the max-flow and heuristic plans, the best predicted of those is taken, and
+``ServedPlanResult.notes`` says so. The upper bound printed with a served plan is the max-flow
+bound (labelled so): no bound on the served objective itself is proven. Planning uses wall time
+on purpose (it is not simulated); ``SearchSettings``' node, round, sweep and step limits bound its
+work.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..cluster import ClusterSpec
 from ..errors import PlanningError
 from ..ids import LayerRange
 from ..model import ModelSpec, ThroughputModel, get_model
+from ..settings import SearchSettings, ServedWorkload, SimulationSettings
 from ..signals import StopFlag
 from .core import Placement
 from .flow import max_flow
 from .milp import Capacities, PositionModel
+from .objectives import THROUGHPUT, Objective
 from .search import PlanResult, plan
-from .served import SLO, ServedModel, ServedWorkload
+from .served import ServedModel
 from .served_search import Candidate, Layers, ServedSearch, origin_of, stages, swap_stages
+from .simulator import SIMULATORS_GROUP, Simulate
 
-__all__ = ["Row", "ServedPlanResult", "plan_served", "refine_rows", "refinements", "screen_candidates",
-           "second_seed_check", "simulate_candidate"]
+__all__ = ["Row", "ServedPlanResult", "Simulations", "figures", "plan_served", "refine_rows", "refinements",
+           "screen_candidates", "second_seed_check"]
+
+logger = logging.getLogger("helix_async.planner")
 
 #: Position-MILP sweep: minimum layers per node, and KV floors as fractions of the largest floor
 #: any plan could reach (every node at one layer, its tokens spread over all layers).
@@ -75,7 +89,7 @@ class Row:
     source: str
     placement: Placement
     max_flow: float
-    predicted: float  # decode tokens/s (or goodput under the SLO)
+    predicted: float  # the objective's score of the prediction (decode tokens/s, or goodput)
     predicted_tpot: float
     predicted_ttft: float
     simulated: dict[str, Any] | None = None
@@ -91,48 +105,61 @@ class Row:
 
 @dataclass
 class ServedPlanResult:
+    """What :func:`plan_served` returns: the plan (``placement``, from ``row``), every candidate
+    (``rows``), the max-flow search's result, what it was judged on, and ``notes``: why the
+    planner fell back from its usual course (no simulator; nothing to simulate), one line each."""
+
     placement: Placement
     row: Row
     rows: list[Row]
     maxflow: PlanResult
     workload: ServedWorkload
-    slo: SLO | None
+    objective: Objective
     seconds: float
     sim_window: float
+    notes: list[str] = field(default_factory=list)
 
 
-def simulate_candidate(
-    placement: Placement, workload: ServedWorkload, *, window: float, seed: int = 0, slo: SLO | None = None, compat: bool = False
-) -> dict[str, Any]:
-    """Simulate ``placement`` (MaxFlow) on the workload for ``window`` seconds; the figures the
-    planner compares. Imports the simulator (its own package) only here."""
-    from sim.runner import Workload, run
-    from sim.simulation import SimulationSetup
-
-    kv = workload.kv_params
-    if workload.mode == "offline":
-        wl = Workload(mode="offline", lengths=workload.lengths, initial=20, warmup=60.0, duration=window, seed=seed)
-    else:
-        wl = Workload(mode="online", rate=workload.rate, lengths=workload.lengths, warmup=0.0, duration=window, seed=seed)
-    setup = SimulationSetup(placement, scheduler="maxflow", kv=kv, compat=compat,
-                            drop_rejected=compat and workload.mode == "offline", seed=seed)
-    rep = run(setup, wl, slo=None if slo is None else (slo.ttft, slo.tpot)).report
-    out = {
-        "decode_throughput": float(rep["decode_throughput"]),
-        "tpot_mean": rep["decode_latency"]["mean"],
-        "ttft_mean": rep["prompt_latency"]["mean"],
-        "tpot_p50": rep["decode_latency"]["p50"],
-        "ttft_p50": rep["prompt_latency"]["p50"],
+def figures(report: Mapping[str, Any], objective: Objective) -> dict[str, Any]:
+    """The figures the planner compares, from a simulation's report: decode tokens/s, mean and
+    median TPOT and TTFT (seconds, None without data), ``score`` (the objective's), and per node
+    its busy fraction and the peak share of its KV in use (what refinement moves by)."""
+    return {
+        "decode_throughput": float(report["decode_throughput"]),
+        "tpot_mean": report["decode_latency"]["mean"],
+        "ttft_mean": report["prompt_latency"]["mean"],
+        "tpot_p50": report["decode_latency"]["p50"],
+        "ttft_p50": report["prompt_latency"]["p50"],
+        "score": objective.score_report(report),
+        "nodes": {
+            int(n["node"]): (float(n["utilisation"]), float(n["kv_peak"]) / n["kv_capacity"] if n["kv_capacity"] else 0.0)
+            for n in report["nodes"]
+        },
     }
-    if slo is not None:
-        out["goodput"] = float(rep["goodput"]["decode_throughput"])
-    out["score"] = out["goodput"] if slo is not None else out["decode_throughput"]
-    # per node: busy fraction and the peak share of its KV in use (what refinement moves by)
-    out["nodes"] = {
-        int(n["node"]): (float(n["utilisation"]), float(n["kv_peak"]) / n["kv_capacity"] if n["kv_capacity"] else 0.0)
-        for n in rep["nodes"]
-    }
-    return out
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+@dataclass
+class Simulations:
+    """The served planner's simulations: the simulator it was handed, how it runs a candidate
+    (``settings``), the objective that scores the reports, the stop flag polled between runs and
+    the progress log (one line per simulation)."""
+
+    simulate: Simulate
+    settings: SimulationSettings = field(default_factory=SimulationSettings)
+    objective: Objective = THROUGHPUT
+    stop: StopFlag = field(default_factory=StopFlag)
+    log: Callable[[str], None] = _quiet
+
+    def run(self, placement: Placement, *, window: float | None = None, seed: int | None = None) -> dict[str, Any]:
+        """:func:`figures` of ``placement`` simulated as ``settings`` say, on another window
+        (seconds) or seed when given."""
+        s = self.settings
+        s = replace(s, window=s.window if window is None else window, seed=s.seed if seed is None else seed)
+        return figures(self.simulate(placement, s, slo=self.objective.slo), self.objective)
 
 
 def _tpot(r: Row) -> float:
@@ -160,7 +187,10 @@ def _shape(p: Placement) -> tuple[Any, ...]:
 def _select(rows: list[Row]) -> Row:
     """The simulated row that serves best; among those within NEAR_TIE of the best figure (the
     simulation's own spread between similar plans), the one with the lowest mean TPOT, but never
-    one that serves less than a heuristic's own plan (a baseline) did."""
+    one that serves less than a heuristic's own plan (a baseline) did. With no row simulated,
+    the first."""
+    if not rows:
+        raise PlanningError("no candidate plan to choose from")
     top_score = max(r.simulated_score for r in rows)
     floor = max((r.simulated_score for r in rows if r.source.startswith("heuristic ")), default=-math.inf)
     near = [r for r in rows if r.simulated is not None and r.simulated_score >= max((1 - NEAR_TIE) * top_score, floor)]
@@ -231,35 +261,52 @@ def plan_served(
     cluster: ClusterSpec,
     model: ModelSpec | str,
     *,
-    time_limit: float = 120.0,
-    seed: int = 0,
-    slo: SLO | None = None,
-    workload: ServedWorkload | None = None,
-    simulate_top: int = 6,
-    refine: int = 6,
-    sim_window: float = 600.0,
-    sim_compat: bool = True,
-    partial: bool = False,
+    search: SearchSettings | None = None,
+    simulation: SimulationSettings | None = None,
+    objective: Objective = THROUGHPUT,
+    simulate: Simulate | None = None,
     stop: StopFlag | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ServedPlanResult:
-    """Plan for the served objective (see the module doc). ``simulate_top`` 0 skips the
-    simulation and returns the best predicted plan. ``sim_compat``: simulate with the original
-    simulator's semantics (``--compat helix``: the scenarios the planner is judged on are the
-    original's; offline, queries the KV check refuses are dropped), else with ours (they wait)."""
+    """Plan for the served objective (see the module doc).
+
+    search: time and work limits, seed, partial links, ``simulate_top`` (0: the best predicted
+    plan is returned unsimulated) and ``refine``; simulation: the workload and how candidates are
+    simulated (``semantics`` helix: the original simulator's; the scenarios the planner is judged
+    on are the original's); objective: what is maximised; simulate: the simulator (None: the plan
+    is chosen by the prediction alone, and ``notes`` says so); stop: polled between phases and
+    by the solvers; log: progress lines."""
     t0 = time.monotonic()
+    search = search if search is not None else SearchSettings()
+    simulation = simulation if simulation is not None else SimulationSettings()
     spec = get_model(model)
-    wl = workload or ServedWorkload()
+    wl = simulation.workload
     stop = stop if stop is not None else StopFlag()
-    say = log or (lambda _s: None)
+    say = log or _quiet
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        logger.info("served planner: %s", line)
+
+    time_limit, seed, partial, solves = search.time_limit, search.seed, search.partial, search.sweep_limit
+    sims = None
+    if simulate is not None and search.simulate_top > 0:
+        sims = Simulations(simulate, simulation, objective, stop, say)
+    elif search.simulate_top > 0:
+        note(f"no simulator is installed (entry-point group {SIMULATORS_GROUP}): the plan is chosen by the "
+             "served model's prediction alone")
+    simulate_top = search.simulate_top if sims is not None else 0
     tm = ThroughputModel.for_cluster(spec, cluster)
     served = ServedModel(wl)
-    search = ServedSearch(cluster, spec, served, slo=slo, partial=partial, seed=seed, tm=tm, stop=stop, pool=24)
+    ss = ServedSearch(cluster, spec, served, objective=objective, partial=partial, seed=seed, tm=tm, stop=stop, pool=24)
 
     # 1. max flow: heuristics and the MILP search (a quarter of the time)
-    mf = plan(cluster, spec, method="milp", time_limit=max(2.0, 0.25 * time_limit), stall_limit=max(2.0, 0.15 * time_limit),
-              seed=seed, partial=partial, stop=stop)
-    search.seed_with([(mf.placement, "max-flow MILP")])
+    mf_search = SearchSettings(method="milp", time_limit=max(2.0, 0.25 * time_limit), stall_limit=max(2.0, 0.15 * time_limit),
+                               seed=seed, partial=partial, position_fraction=search.position_fraction,
+                               node_limit=search.node_limit, round_limit=search.round_limit)
+    mf = plan(cluster, spec, mf_search, stop=stop)
+    ss.seed_with([(mf.placement, "max-flow MILP")])
     from .heuristics import HEURISTICS, run_heuristic
 
     for name in HEURISTICS:
@@ -268,8 +315,8 @@ def plan_served(
         except PlanningError:
             continue
         if not p.exceed_profiled_max:
-            search.seed_with([(p, f"heuristic {name}")])
-    say(f"max flow {mf.value:.1f} tokens/s; {search.evaluations} plans scored")
+            ss.seed_with([(p, f"heuristic {name}")])
+    say(f"max flow {mf.value:.1f} tokens/s; {ss.evaluations} plans scored")
 
     # 2. the position MILP with a KV floor and a minimum of layers per node (a third of the time)
     caps = Capacities.build(cluster, spec, tm)
@@ -288,24 +335,28 @@ def plan_served(
         if caps.node_max_layers[n.id] > 0:
             classes.setdefault(f"{n.machine_type}@{n.region}", []).append(n.id)
     for j, (kmin, frac, dseed) in enumerate(SWEEP):
-        if stop or (j > 0 and time.monotonic() >= budget_end):
+        if stop or (j > 0 and time.monotonic() >= budget_end) or (solves is not None and j >= solves):
             break
         res = PositionModel(caps, classes, time_limit=per, seed=seed + dseed, stop=stop, kv_tokens=kv_tokens,
-                            kv_floor=frac * top, min_layers=kmin).solve()
+                            kv_floor=frac * top, min_layers=kmin, node_limit=search.node_limit).solve()
         if res.layers is not None and res.objective > 0:
             tag = "" if dseed == 0 else f", solver seed +{dseed}"
-            search.offer(search.evaluate(res.layers, f"position MILP (KV floor {frac:.0%}, >= {kmin} layers{tag})"))
-    if not search.pool:
-        raise PlanningError(f"no servable plan of {spec.name} on {cluster.name} was found")
-    best = search.pool[0]
+            ss.offer(ss.evaluate(res.layers, f"position MILP (KV floor {frac:.0%}, >= {kmin} layers{tag})"))
+    if not ss.pool:
+        # the max-flow search's plan is verified (at worst the best heuristic's), whatever the
+        # served model made of it
+        pred = served.predict(mf.placement, tm=tm)
+        ss.offer(Candidate(mf.placement, pred, objective.score_prediction(pred), "max-flow MILP"))
+        note(f"the served model scored no plan of the search's; the max-flow search's plan ({mf.found_by}) is taken")
+    best = ss.pool[0]
     say(f"position MILP sweep: best predicted {best.score:.1f} ({best.source})")
 
     # 3. local search on the prediction, leaving time for the simulations
     left = time_limit - (time.monotonic() - t0) - 0.25 * time_limit
-    if left > 0 and not stop:
-        search.run(left)
-    pool = search.pool
-    say(f"local search: {search.evaluations} plans scored; best predicted {pool[0].score:.1f}")
+    if left > 0 and not stop and search.step_limit != 0:
+        ss.run(left, max_steps=search.step_limit)
+    pool = ss.pool
+    say(f"local search: {ss.evaluations} plans scored; best predicted {pool[0].score:.1f}")
 
     # 4. simulate the best distinct candidates; the maximum-flow plan is always one of them
     # the best of each origin first, each followed by the start it came from (the prediction
@@ -315,17 +366,17 @@ def plan_served(
     chosen: list[Candidate] = []
     want = simulate_top - 1 if simulate_top >= 2 else 1
     order: list[Candidate] = []
-    for c in sorted(search.best_by_origin.values(), key=lambda c: -c.score):
+    for c in sorted(ss.best_by_origin.values(), key=lambda c: -c.score):
         order.append(c)
-        start = search.starts.get(origin_of(c.source))
+        start = ss.starts.get(origin_of(c.source))
         if start is not None:
             order.append(start)
     # with a long window, up to SCREEN_MAX such candidates (every start and every origin's best)
     # are first screened on a SCREEN_WINDOW-s window, and the best `want` of those go on: a short
     # window is noisy (about +-8 %), the model's ranking off single24 much more so
-    screen = simulate_top >= 2 and sim_window > SCREEN_WINDOW
-    order += [c for c in search.starts.values() if all(c is not o for o in order)]
-    heuristic_starts = [c for o, c in search.starts.items() if o.startswith("heuristic ")]
+    screen = simulate_top >= 2 and simulation.window > SCREEN_WINDOW
+    order += [c for c in ss.starts.values() if all(c is not o for o in order)]
+    heuristic_starts = [c for o, c in ss.starts.items() if o.startswith("heuristic ")]
     for c in [*order, *pool]:
         if len(chosen) >= (SCREEN_MAX if screen else want):
             break
@@ -333,83 +384,64 @@ def plan_served(
             continue  # simulated anyway, below
         if all(_distance(c.placement, d.placement) >= 3 for d in chosen):
             chosen.append(c)
-    if screen and len(chosen) > want:
-        chosen = screen_candidates(chosen, want, wl, seed=seed, slo=slo, sim_compat=sim_compat, stop=stop, log=say)
-    mf_cand = next((c for c in pool if c.source == "max-flow MILP"), None) or search.evaluate(mf.placement.layers, "max-flow MILP")
+    if sims is not None and screen and len(chosen) > want:
+        chosen = screen_candidates(chosen, want, sims)
+    mf_cand = next((c for c in pool if c.source == "max-flow MILP"), None) or ss.evaluate(mf.placement.layers, "max-flow MILP")
     if simulate_top >= 2 and mf_cand is not None and all(c.placement.layers != mf_cand.placement.layers for c in chosen):
         chosen.append(mf_cand)
     if simulate_top >= 2:
         # every heuristic's own plan too: the model misprices some of them (Petals' partial links
         # on cluster42), and the plan returned should never serve worse than a baseline
-        for origin, start in search.starts.items():
+        for origin, start in ss.starts.items():
             if origin.startswith("heuristic ") and all(start.placement is not c.placement for c in chosen):
                 chosen.append(start)
+    if not chosen:
+        # the budget ran out before the search found a plan beyond its starts (seen under load):
+        # the best predicted plan there is, a start's at worst
+        chosen = [pool[0]]
+        note(f"the search found no candidate beyond the max-flow and heuristic plans within its budget; "
+             f"the best predicted of those ({pool[0].source}) is taken")
     rows = [
         Row(c.source, c.placement, c.prediction.max_flow, c.score, c.prediction.tpot, c.prediction.ttft)
         for c in chosen
     ]
-    if simulate_top > 0:
+    if sims is not None:
         for r in rows:
             if stop:
                 break
-            r.simulated = simulate_candidate(r.placement, wl, window=sim_window, seed=seed, slo=slo, compat=sim_compat)
+            r.simulated = sims.run(r.placement)
             say(f"simulated {r.source}: {r.simulated['score']:.1f} (predicted {r.predicted:.1f})")
         # 5. refinement: neighbours of the chosen plan the model cannot rank, each simulated
-        row = refine_rows(rows, search, wl, refine=refine, seed=seed, sim_window=sim_window, slo=slo,
-                          sim_compat=sim_compat, stop=stop, log=say)
-        row = second_seed_check(rows, row, wl, seed=seed, sim_window=sim_window, slo=slo, sim_compat=sim_compat,
-                                stop=stop, log=say)
+        row = refine_rows(rows, ss, sims, refine=search.refine)
+        row = second_seed_check(rows, row, sims)
     else:
         row = max(rows, key=lambda r: r.predicted)
     placement = row.placement.with_meta(
-        objective="served" if slo is None else f"goodput {slo}",
+        objective=objective.plan_tag,
         predicted_decode_throughput=row.predicted,
         max_flow=row.max_flow,
         found_by=row.source,
         seed=seed,
         **({"simulated_decode_throughput": row.simulated["decode_throughput"]} if row.simulated else {}),
     )
-    return ServedPlanResult(placement, row, rows, mf, wl, slo, time.monotonic() - t0, sim_window)
+    return ServedPlanResult(placement, row, rows, mf, wl, objective, time.monotonic() - t0, simulation.window, notes)
 
 
-def screen_candidates(
-    cands: list[Candidate],
-    want: int,
-    workload: ServedWorkload,
-    *,
-    seed: int = 0,
-    slo: SLO | None = None,
-    sim_compat: bool = True,
-    stop: StopFlag | None = None,
-    log: Callable[[str], None] | None = None,
-) -> list[Candidate]:
+def screen_candidates(cands: list[Candidate], want: int, sims: Simulations) -> list[Candidate]:
     """The ``want`` candidates that serve best on a SCREEN_WINDOW-s simulated window, in their
     given order (ties: the earlier)."""
-    say = log or (lambda _s: None)
     short: list[tuple[float, int]] = []
     for k, c in enumerate(cands):
-        if stop:
+        if sims.stop:
             break
-        got = simulate_candidate(c.placement, workload, window=SCREEN_WINDOW, seed=seed, slo=slo, compat=sim_compat)
+        got = sims.run(c.placement, window=SCREEN_WINDOW)
         short.append((float(got["score"]), k))
-        say(f"screened {c.source}: {got['score']:.1f} ({SCREEN_WINDOW:g}-s window; predicted {c.score:.1f})")
+        sims.log(f"screened {c.source}: {got['score']:.1f} ({SCREEN_WINDOW:g}-s window; predicted {c.score:.1f})")
     keep = sorted(k for _, k in sorted(short, key=lambda x: (-x[0], x[1]))[:want])
     return [cands[k] for k in keep] if keep else cands[:want]
 
 
-def refine_rows(
-    rows: list[Row],
-    search: ServedSearch,
-    workload: ServedWorkload,
-    *,
-    refine: int,
-    seed: int = 0,
-    sim_window: float = 600.0,
-    slo: SLO | None = None,
-    sim_compat: bool = True,
-    stop: StopFlag | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Row:
+def refine_rows(rows: list[Row], search: ServedSearch, sims: Simulations, *, refine: int) -> Row:
     """Simulate up to ``refine`` neighbours (:func:`refinements`) of the simulated ``rows``,
     appending each to ``rows``; returns the row :func:`_select` picks in the end.
 
@@ -419,11 +451,11 @@ def refine_rows(
     swap). A base is replaced when a neighbour becomes the pick or the best chain. Plans alike up
     to nodes of one type and region (:func:`_shape`) are simulated once.
 
-    With ``sim_window`` over SCREEN_WINDOW, each refinement is the best of up to REFINE_SCREEN
+    With a simulation window over SCREEN_WINDOW, each refinement is the best of up to REFINE_SCREEN
     neighbours of its base screened on that short window (by :func:`_select`'s rule: within
     NEAR_TIE of the best, the lowest TPOT); only it runs the full window."""
-    say = log or (lambda _s: None)
-    rng = random.Random(seed)
+    say, stop = sims.log, sims.stop
+    rng = random.Random(sims.settings.seed)
     L = search.model.num_layers
     seen = {_shape(r.placement) for r in rows}
 
@@ -442,7 +474,7 @@ def refine_rows(
                 bases[k] = w
                 moves[k] = None if w is None else refinements(w, search.max_k, L, rng)
 
-    screen = sim_window > SCREEN_WINDOW
+    screen = sims.settings.window > SCREEN_WINDOW
     batch = REFINE_SCREEN if screen else 1
 
     def neighbours(it: Iterator[tuple[str, Layers]], base: Row) -> list[Row]:
@@ -475,8 +507,7 @@ def refine_rows(
             for n in near:
                 if stop:
                     break
-                n.simulated = simulate_candidate(n.placement, workload, window=SCREEN_WINDOW, seed=seed, slo=slo,
-                                                 compat=sim_compat)
+                n.simulated = sims.run(n.placement, window=SCREEN_WINDOW)
                 say(f"screened {n.source} (of {base.source}): {n.simulated['score']:.1f}, TPOT {_tpot(n):.3f} s "
                     f"({SCREEN_WINDOW:g}-s window)")
             if stop:
@@ -484,31 +515,20 @@ def refine_rows(
         r = _select(near) if len(near) > 1 else near[0]
         done += 1
         r.source = f"refinement {done}: {r.source}"
-        r.simulated = simulate_candidate(r.placement, workload, window=sim_window, seed=seed, slo=slo, compat=sim_compat)
+        r.simulated = sims.run(r.placement)
         rows.append(r)
         say(f"simulated {r.source} (of {base.source}): {r.simulated['score']:.1f}, TPOT {_tpot(r):.3f} s")
         rebase()
     return _select(rows)
 
 
-def second_seed_check(
-    rows: list[Row],
-    pick: Row,
-    workload: ServedWorkload,
-    *,
-    seed: int = 0,
-    sim_window: float = 600.0,
-    slo: SLO | None = None,
-    sim_compat: bool = True,
-    stop: StopFlag | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Row:
+def second_seed_check(rows: list[Row], pick: Row, sims: Simulations) -> Row:
     """A close call against a baseline, checked on a second seed: when ``pick`` is not a
     heuristic's own plan and serves less than NEAR_TIE above the best of those, both are simulated
-    again on ``seed + 1`` and the one with the higher mean of the two seeds is returned (a
+    again on the simulation's seed + 1 and the one with the higher mean of the two seeds is returned (a
     refinement of Petals' plan on cluster42 served 0.7 % more than Petals on one seed and 1-2 %
     less on two others)."""
-    say = log or (lambda _s: None)
+    say, stop, seed = sims.log, sims.stop, sims.settings.seed
     bases = [r for r in rows if r.source.startswith("heuristic ") and r.simulated is not None]
     if stop or pick.simulated is None or not bases or any(pick is b for b in bases):
         return pick
@@ -518,8 +538,7 @@ def second_seed_check(
     for r in (pick, base):
         if stop:
             return pick
-        r.second_seed = float(simulate_candidate(r.placement, workload, window=sim_window, seed=seed + 1, slo=slo,
-                                                 compat=sim_compat)["score"])
+        r.second_seed = float(sims.run(r.placement, seed=seed + 1)["score"])
         say(f"seed {seed + 1}: {r.source}: {r.second_seed:.1f} (seed {seed}: {r.simulated_score:.1f})")
 
     def mean(r: Row) -> float:
@@ -554,10 +573,11 @@ def with_extra_node(cluster: ClusterSpec, template: int) -> ClusterSpec:
     )
 
 
-def explain(placement: Placement, workload: ServedWorkload | None = None, *, slo: SLO | None = None,
-            seconds_per_gpu: float = 5.0, seed: int = 0) -> list[str]:
+def explain(placement: Placement, workload: ServedWorkload | None = None, *, objective: Objective = THROUGHPUT,
+            seconds_per_gpu: float = 5.0, seed: int = 0, max_steps: int | None = None) -> list[str]:
     """What limits ``placement`` (flow, KV on which nodes, latency on which stages) and which one
-    more GPU would help most, by the served model (a short local search per GPU type)."""
+    more GPU would help most by ``objective``, by the served model: a short local search per GPU
+    type, ``seconds_per_gpu`` of wall time, or ``max_steps`` steps when given (a bound on work)."""
     wl = workload or ServedWorkload()
     served = ServedModel(wl)
     pred = served.predict(placement)
@@ -567,14 +587,13 @@ def explain(placement: Placement, workload: ServedWorkload | None = None, *, slo
         f"max flow {pred.max_flow:.1f} tokens/s; compute saturates at {pred.compute_cap:.1f} decode tokens/s",
         f"limited by {pred.limit}: {pred.limit_detail}",
     ]
-    if slo is not None:
-        lines.append(f"goodput under {slo}: {pred.goodput(slo):.1f} decode tokens/s")
+    lines += objective.explain_lines(pred)
     slow = sorted(pred.nodes, key=lambda x: -x.share * x.decode_stage_s)[:3]
     lines.append("slowest stages (share x time per token): " + ", ".join(
         f"node {x.node} {x.gpu} layers {x.layers[0]}-{x.layers[1]} {x.decode_stage_s:.3f} s (busy {x.util:.0%})" for x in slow))
     full = sorted(pred.nodes, key=lambda x: -x.kv_usage)[:3]
     lines.append("fullest KV: " + ", ".join(f"node {x.node} {x.gpu} {x.kv_usage:.0%}" for x in full))
-    what = "goodput" if slo is not None else "decode tokens/s"
+    what = objective.noun
     gains = []
     cluster = placement.cluster
     seen: set[str] = set()
@@ -586,12 +605,12 @@ def explain(placement: Placement, workload: ServedWorkload | None = None, *, slo
         layers = {**placement.layers, bigger.num_nodes - 1: None}
         start = Placement.from_layers(bigger, placement.model, layers, partial=placement.partial, method="served",
                                       exceed_profiled_max=placement.exceed_profiled_max)
-        s = ServedSearch(bigger, placement.model, served, slo=slo, seed=seed, partial=placement.partial)
+        s = ServedSearch(bigger, placement.model, served, objective=objective, seed=seed, partial=placement.partial)
         s.seed_with([(start, "plan")])
         if not s.pool:
             continue
         base = s.pool[0].score  # the plan as re-linked on the bigger cluster, before the search
-        s.run(seconds_per_gpu)
+        s.run(seconds_per_gpu if max_steps is None else math.inf, max_steps=max_steps)
         gains.append((s.pool[0].score - base, n.machine_type))
     gains.sort(reverse=True)
     if gains:

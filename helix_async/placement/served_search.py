@@ -31,7 +31,8 @@ from ..model import ModelSpec, ThroughputModel, get_model
 from ..signals import StopFlag
 from .core import Placement, verify
 from .flow import FlowEvaluator, max_flow
-from .served import SLO, ServedModel, ServedPrediction
+from .objectives import THROUGHPUT, Objective
+from .served import ServedModel, ServedPrediction
 
 __all__ = ["Candidate", "ServedSearch", "perturb", "stages", "swap_stages"]
 
@@ -140,7 +141,8 @@ def _covered(layers: Mapping[int, LayerRange | None], L: int) -> bool:
 
 
 class ServedSearch:
-    """Maximise the served model's score over plans of one cluster (see the module doc).
+    """Maximise ``objective``'s score of the served model's prediction over plans of one cluster
+    (see the module doc).
 
     pool: how many distinct plans are kept (the top candidates the planner may simulate).
     """
@@ -151,7 +153,7 @@ class ServedSearch:
         model: ModelSpec | str,
         served: ServedModel,
         *,
-        slo: SLO | None = None,
+        objective: Objective = THROUGHPUT,
         partial: bool = False,
         seed: int = 0,
         pool: int = 12,
@@ -161,7 +163,7 @@ class ServedSearch:
         self.cluster = cluster
         self.model = get_model(model)
         self.served = served
-        self.slo = slo
+        self.objective = objective
         self.partial = partial
         self.rng = random.Random(seed)
         self.pool_size = pool
@@ -202,7 +204,7 @@ class ServedSearch:
             return None
         self.evaluations += 1
         pred = self.served.predict(p, max_flow(p, self.tm), self.tm)
-        return Candidate(p, pred, pred.score(self.slo), source)
+        return Candidate(p, pred, self.objective.score_prediction(pred), source)
 
     def offer(self, cand: Candidate | None) -> bool:
         """Keep ``cand`` when it is new and enters the pool; True when it became the best."""
@@ -239,7 +241,7 @@ class ServedSearch:
                 continue
             self.evaluations += 1
             pred = self.served.predict(p, max_flow(p, self.tm), self.tm)
-            self.offer(Candidate(p, pred, pred.score(self.slo), source))
+            self.offer(Candidate(p, pred, self.objective.score_prediction(pred), source))
 
     def run(self, seconds: float, *, progress: Callable[[Candidate], None] | None = None, max_steps: int | None = None) -> list[Candidate]:
         """Search for ``seconds`` of wall time (or ``max_steps`` steps); returns the pool, best first."""

@@ -1,6 +1,8 @@
-"""The demo's serving step: the tiny LLaMA through a 3-stage pipeline of torch worker processes.
+"""The demo's process steps: the plan simulated by the installed simulator's command line, and
+the tiny LLaMA served through a 3-stage pipeline of torch worker processes.
 
-It writes a plan (the ``tiny3`` cluster, layers [0, 3), [3, 6), [6, 8): activations pass worker to
+The simulator is found as the served planner finds it (``placement.simulator``: the entry-point
+group ``helix_async.simulators``); this package never imports it. Serving writes a plan (the ``tiny3`` cluster, layers [0, 3), [3, 6), [6, 8): activations pass worker to
 worker), a seeded short trace, starts ``python -m helix_async host`` with that trace and three
 ``python -m helix_async worker`` processes on loopback, waits for the host to replay the trace and
 shut the workers down, reports the run from its logs (with plots when matplotlib is installed),
@@ -22,9 +24,26 @@ from ..placement.flow import max_flow
 from ..placement.io import write_placement
 from ..workloads import write_trace_csv
 
-__all__ = ["TINY_STAGES", "serve_tiny"]
+__all__ = ["TINY_STAGES", "serve_tiny", "simulate_plan"]
 
 TINY_STAGES = {0: (0, 3), 1: (3, 6), 2: (6, 8)}
+
+
+def simulate_plan(plan: Path, report: Path, *, window: str, plots: bool) -> int:
+    """Simulate ``plan`` (offline MaxFlow, ``window`` seconds) with the command line of the package
+    that registered the default simulator (``python -m sim run``), writing its report (and plots)
+    into ``report``; its exit status. Without a simulator installed, one line says so and 0."""
+    from ..placement.simulator import DEFAULT_SIMULATOR, SIMULATORS_GROUP, simulator_package
+
+    package = simulator_package()
+    if package is None:
+        print(f"no simulator installed ({SIMULATORS_GROUP}: {DEFAULT_SIMULATOR}); the simulation is skipped")
+        return 0
+    argv = [sys.executable, "-m", package, "run", "--plan", str(plan), "--duration", window, "--report", str(report),
+            "--progress"]
+    if plots:
+        argv.append("--plots")
+    return subprocess.run(argv, check=False).returncode
 
 
 def serve_tiny(out: Path, *, requests: int = 24, seed: int = 0, timeout: float = 600.0) -> int:
