@@ -2,7 +2,7 @@
 
 ``run`` simulates one plan with one scheduler and workload and writes a JSON report (and plots);
 ``compare`` runs several plans and/or schedulers on the same workload and prints one table.
-Defaults follow the original per mode and scheduler (HELIX_SPEC §8.8, §11): offline warm-up 60 s,
+Defaults follow the original per mode and scheduler (docs/original.md §8.8, §11): offline warm-up 60 s,
 window 600 s, 20 initial queries for MaxFlow and 240 for the per-hop schedulers, KV (0.85, 1.0);
 online warm-up 0, window 1800 s, 700 tokens/s for MaxFlow and 400 for the others, KV (0.9, 0.6).
 Bad flags or files exit 2 with one line naming the flag, file or field.

@@ -2,7 +2,7 @@
 
 Two models:
 
-* ``ArcModel``: the Helix MILP (HELIX_SPEC §4) with the fixes of §12.1: per-arc big-M no larger
+* ``ArcModel``: the Helix MILP (docs/original.md §4) with the fixes of §12.1: per-arc big-M no larger
   than what the arc's endpoints can carry, the aggregate cut ``L * F <= sum_i k_i * T_i(k_i)``,
   ``F <= U``, at most one direction per node pair, lexicographic symmetry breaking inside classes
   of interchangeable nodes, and a complete warm start. Any subset of nodes can be fixed, which
@@ -63,7 +63,7 @@ class Capacities:
         arc_cap: dict[tuple[NodeRef, NodeRef], float] = {}
         for a in cluster.arcs():
             arc_cap[(a.src, a.dst)] = arc_capacity(a, model)
-        # the same formula as everywhere else (HELIX_SPEC §3.5); it bounds these capacities too
+        # the same formula as everywhere else (docs/original.md §3.5); it bounds these capacities too
         U = max_compute_throughput(cluster, model, tm)
         return cls(
             num_layers=model.num_layers,
@@ -413,7 +413,7 @@ class ArcModel:
                 continue
             if self.keep_arcs is not None and (u, v) not in self.keep_arcs:
                 continue
-            # Tight big-M: an arc never carries more than its endpoints can (HELIX_SPEC §12.1 item 1).
+            # Tight big-M: an arc never carries more than its endpoints can (docs/original.md §12.1 item 1).
             M = c
             if u != SOURCE:
                 M = min(M, node_range_cap(u))  # type: ignore[arg-type]
@@ -613,12 +613,14 @@ def prune_arcs(
     threshold: float = 0.0,
     must_keep: Iterable[tuple[NodeRef, NodeRef]] = (),
 ) -> set[tuple[NodeRef, NodeRef]]:
-    """Helix's link pruning (HELIX_SPEC §2.4) that never drops a link in ``must_keep``.
+    """Link pruning after Helix's (docs/original.md §2.4), never dropping a link in ``must_keep``.
 
     Per endpoint (coordinator and each node) links are ranked by bandwidth, fastest first, ties
-    by name: the first ``min_keep`` stay, ranks up to ``max_keep`` stay if their bandwidth is at
-    least ``threshold`` bytes/s. A pair link kept by either end survives in both directions. The
-    original could drop every link of its warm start (HELIX_SPEC §12.1 item 4); the arcs of the
+    by name ascending: the first ``min_keep`` stay, ranks up to ``max_keep`` stay if their bandwidth is at
+    least ``threshold`` bytes/s. Two differences from the original: it breaks ties by name
+    descending, and it keeps a source link only above the threshold (strictly); so where links
+    share one bandwidth a different set can survive. A pair link kept by either end survives in both directions. The
+    original could drop every link of its warm start (docs/original.md §12.1 item 4); the arcs of the
     start passed as ``must_keep`` are always kept here.
     """
     kept: set[tuple[NodeRef, NodeRef]] = set(must_keep)

@@ -1,9 +1,9 @@
 """What a plan serves: an analytic model of decode throughput, TTFT and time per output token.
 
-Max flow (HELIX_SPEC §6) prices each node at a *typical* batch and ignores the two things that
+Max flow (docs/original.md §6) prices each node at a *typical* batch and ignores the two things that
 decide what users get from a pipeline of layer slices:
 
-* **KV capacity bounds the population.** MaxFlow admission (HELIX_SPEC §7.2) reserves
+* **KV capacity bounds the population.** MaxFlow admission (docs/original.md §7.2) reserves
   ``E(n) = n + 240 * ratio`` tokens on every layer of a query's route and the offline feeder stops
   at a bottleneck usage of 0.8 (§8.8). Summed over the nodes holding a layer ``l``, the tokens a
   layer can hold are ``C_l = sum_i kv_i / k_i``; the population is ``N = 0.8 * min_l C_l / E_w``
@@ -14,7 +14,7 @@ decide what users get from a pipeline of layer slices:
 * **Little's law sets throughput.** Every decoding query has one token in the pipeline, so decode
   throughput ``D = N_decoding / TPOT``.
 
-The time per output token (TPOT) of a route is built from the simulator's rules (HELIX_SPEC
+The time per output token (TPOT) of a route is built from the simulator's rules (docs/original.md
 §7.1, §8.5), not fitted to its output:
 
 * **Batches.** Decode tokens move in trains (see ``TRAIN_CYCLES``); a node of flow share ``s``
@@ -61,7 +61,7 @@ from .flow import max_flow
 
 __all__ = ["SLO", "ServedModel", "ServedPrediction", "ServedWorkload", "parse_slo", "predict"]
 
-#: MaxFlow admission constants (HELIX_SPEC §7.2, §8.8).
+#: MaxFlow admission constants (docs/original.md §7.2, §8.8).
 AVG_OUTPUT_LEN = 240
 FEED_HWM = 0.8
 #: Decode tokens move in batches ("trains"): a prompt's completion starts a new one and trains
@@ -197,6 +197,15 @@ class ServedPrediction:
         }
 
 
+class NodeState(NamedTuple):
+    """What the model predicts for one node at a population (``ServedModel.predict``)."""
+
+    decode_residence: float  # seconds a decode token spends at the node (its batch, queueing included)
+    prompt_util: float  # share of the node's time spent on prompts
+    busy: float  # share of the node's time spent computing (prompts and decodes)
+    batch: float  # decode tokens per batch
+
+
 def _routes(placement: Placement, flow: FlowPlan) -> list[tuple[list[NodeRef], float]]:
     """Decompose the flow into source-to-sink paths (widest first); (path, flow)."""
     rem = {k: v for k, v in flow.link_flows.items() if v > 1e-9}
@@ -326,7 +335,7 @@ class ServedModel:
             limit = FEED_HWM if wl.mode == "offline" else hwm
             n_layer = limit * low / ew if ew > 0 else 0.0
             # the nodes' own admission checks (fill limit ``hwm``; a query reserves the layers it
-            # runs): a node that fails its check is skipped for another next hop (Fail-KV, HELIX_SPEC
+            # runs): a node that fails its check is skipped for another next hop (Fail-KV, docs/original.md
             # §7.1), so nodes holding the same range fill together: their queries over their shares
             n_node = min((hwm * held[r] / (taken[r] * ew) for r in held if taken[r] > 0), default=math.inf)
             return min(n_layer, n_node)
@@ -339,8 +348,8 @@ class ServedModel:
             held[r] = held.get(r, 0.0) + kv_tok[i] * k_full[i] / k_of[i]
             taken[r] = taken.get(r, 0.0) + share[i]
 
-        def node_state(i: int, N: float, D: float, T: float) -> tuple[float, float, float, float]:
-            """(decode residence s, prompt utilisation, busy fraction, batch) of node i with T trains."""
+        def node_state(i: int, N: float, D: float, T: float) -> NodeState:
+            """Node i's state with T trains."""
             lam = D / m_bar if m_bar > 0 else 0.0
             b = b_train = max(N * share[i] / T, 1.0)
             arrive = D * share[i]  # decode tokens/s reaching the node
@@ -362,9 +371,9 @@ class ServedModel:
             rho_d = D * share[i] * w / b
             busy = rho_d + rho_p
             # prompts are priced per route (route_tpot): here only the decode load queues
-            return w * min(1.0 / (1.0 - min(rho_d, MAX_BUSY)), WAIT_CAP), rho_p, busy, b
+            return NodeState(w * min(1.0 / (1.0 - min(rho_d, MAX_BUSY)), WAIT_CAP), rho_p, busy, b)
 
-        def route_tpot(nodes_r: Sequence[int], st: Mapping[int, tuple[float, float, float, float]]) -> float:
+        def route_tpot(nodes_r: Sequence[int], st: Mapping[int, NodeState]) -> float:
             """A decode token's compute time along a route. A train that finds a prompt at a node
             waits out the prompt's remaining layers there, then follows it (the prompt is ahead on
             the same links) at the slower of the two paces for as long as their routes agree."""
@@ -375,17 +384,17 @@ class ServedModel:
                 if prev is not None:
                     nf = flow.node_flows.get(prev, 0.0)
                     behind *= flow.link_flows.get((prev, i), 0.0) / nf if nf > 0 else 0.0
-                q = min(st[i][1], MAX_BUSY)  # a prompt is in service when the train arrives
+                q = min(st[i].prompt_util, MAX_BUSY)  # a prompt is in service when the train arrives
                 prompt_stage = k_of[i] * tp1[i]
                 resid = k_of[i] * tp2[i] / (2 * tp1[i]) if tp1[i] > 0 else 0.0
-                own = st[i][0]
+                own = st[i].decode_residence
                 meet = (1.0 - behind) * q
                 t += behind * max(prompt_stage, own) + meet * (resid + own) + (1.0 - behind - meet) * own
                 behind = behind + meet
                 prev = i
             return t
 
-        def stage_times(N: float, D: float) -> dict[int, tuple[float, float, float, float]]:
+        def stage_times(N: float, D: float) -> dict[int, NodeState]:
             """node -> (decode residence s, prompt utilisation, busy fraction, batch) at population N, rate D.
 
             N decoding queries move in ``TRAIN_CYCLES * N / m`` trains (see the module doc)."""
@@ -408,10 +417,10 @@ class ServedModel:
                     best = min(best, 1.0 / per)
             return best
 
-        def ttft_of(n: int, route: Sequence[int], st: Mapping[int, tuple[float, float, float, float]]) -> float:
+        def ttft_of(n: int, route: Sequence[int], st: Mapping[int, NodeState]) -> float:
             t = 0.0
             for i in route:
-                t += k_of[i] * prof[i].prompt(n) + 0.5 * st[i][0]
+                t += k_of[i] * prof[i].prompt(n) + 0.5 * st[i].decode_residence
             return t
 
         if F <= 0 or not used:
@@ -473,7 +482,7 @@ class ServedModel:
         st = stage_times(N_dec, D)
         nodes = [
             NodeLoad(
-                i, gpu[i], placement.layers[i], share[i], st[i][3], st[i][0], st[i][1], st[i][2],  # type: ignore[arg-type]
+                i, gpu[i], placement.layers[i], share[i], st[i].batch, st[i].decode_residence, st[i].prompt_util, st[i].busy,  # type: ignore[arg-type]
                 kv_tok[i], N * share[i] * (n_bar + AVG_OUTPUT_LEN * ratio) / kv_tok[i] if kv_tok[i] > 0 else 0.0,
             )
             for i in used
