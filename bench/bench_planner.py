@@ -20,6 +20,7 @@ from _harness import table  # noqa: E402
 
 from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.placement.search import plan  # noqa: E402
+from helix_async.settings import SearchSettings  # noqa: E402
 
 
 def at(history: list[tuple[float, float, str]], t: float) -> float:
@@ -80,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         res = plan(
             load_cluster(name),
             args.model,
-            time_limit=args.time_limit,
-            stall_limit=args.time_limit,
-            seed=args.seed,
+            SearchSettings(time_limit=args.time_limit, stall_limit=args.time_limit, seed=args.seed),
         )
         wall = time.monotonic() - t0
         best_h = max(res.heuristics.items(), key=lambda kv: kv[1])

@@ -36,6 +36,8 @@ from helix_async.placement import Placement  # noqa: E402
 from helix_async.placement.io import load_shipped_layout, write_placement  # noqa: E402
 from helix_async.placement.search import plan  # noqa: E402
 from helix_async.placement.served_plan import plan_served  # noqa: E402
+from helix_async.settings import SearchSettings  # noqa: E402
+from sim.planning import simulate_candidate  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
 from sim.simulation import SimulationSetup  # noqa: E402
 
@@ -44,7 +46,7 @@ def _plans(cluster: str, out: Path, milp_s: float, served_s: float) -> list[tupl
     spec = load_cluster(cluster)
     plans = []
     t = time.perf_counter()
-    served = plan_served(spec, "llama2-70b", time_limit=served_s, seed=0)
+    served = plan_served(spec, "llama2-70b", search=SearchSettings(time_limit=served_s, seed=0), simulate=simulate_candidate)
     write_placement(served.placement, out / f"{cluster}_served.toml")
     print(f"{cluster}: served plan in {time.perf_counter() - t:.0f} s, found by {served.row.source}", file=sys.stderr)
     plans.append(("ours served", served.placement))
@@ -53,7 +55,7 @@ def _plans(cluster: str, out: Path, milp_s: float, served_s: float) -> list[tupl
     methods = ("milp",) if cluster == "single24" else ("milp", "petals", "swarm", "homogeneous")
     for method in methods:
         path = out / f"{cluster}_{method}.toml"
-        res = plan(spec, "llama2-70b", method=method, time_limit=milp_s, stall_limit=min(milp_s, 30.0), seed=0)
+        res = plan(spec, "llama2-70b", SearchSettings(method=method, time_limit=milp_s, stall_limit=min(milp_s, 30.0), seed=0))
         write_placement(res.placement, path)
         plans.append((f"ours {'maxflow' if method == 'milp' else method}", res.placement))
     if cluster == "single24":

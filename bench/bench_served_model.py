@@ -37,6 +37,7 @@ from helix_async.placement.milp import Capacities, PositionModel, interchangeabl
 from helix_async.placement.search import plan  # noqa: E402
 from helix_async.placement.served import ServedModel  # noqa: E402
 from helix_async.placement.served_search import ServedSearch, perturb  # noqa: E402
+from helix_async.settings import SearchSettings  # noqa: E402
 
 MODEL = "llama2-70b"
 
@@ -78,7 +79,7 @@ def plans(quick: bool) -> list[tuple[str, str, Placement]]:
                 bases.append((h, p))
         if quick:
             continue
-        mf = plan(spec, MODEL, method="milp", time_limit=20, stall_limit=20, seed=0).placement
+        mf = plan(spec, MODEL, SearchSettings(method="milp", time_limit=20, stall_limit=20, seed=0)).placement
         out.append((cluster, "max-flow MILP", mf))
         bases.append(("max-flow MILP", mf))
         for frac, kmin in ((0.5, 4), (0.4, 1)):
