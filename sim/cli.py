@@ -28,6 +28,7 @@ from helix_async.placement.io import (
     load_shipped_layout,
     read_placement,
 )
+from helix_async.routing.policies import get_policy
 from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, kv_for_mode
 
 from .report import report_json, summary_lines
@@ -152,7 +153,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExpectation]:
     offline = args.mode == "offline"
-    maxflow = scheduler == "maxflow"
+    # the original's defaults differ between MaxFlow and the per-hop schedulers: a policy that routes
+    # at admission takes MaxFlow's
+    maxflow = get_policy(scheduler).routes_at_admission
     trace = None
     mode = args.mode
     if args.trace is not None:
