@@ -109,7 +109,7 @@ class FaultInjector:
         f = self.faults[k]
         sim = self.sim
         sim.workers[f.node].kill()
-        sim.network._set_handler(f.node, None)
+        sim.network.detach(f.node)
         self.lost.add(f.node)
         clock = sim.clock
         clock.call_at(clock.now() + self.detect_after, self._detect, k)

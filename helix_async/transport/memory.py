@@ -155,6 +155,11 @@ class MemoryNetwork:
             else:
                 self._handlers[key] = handler
 
+    def detach(self, node: NodeRef) -> None:
+        """``node`` receives nothing from now on: what is delivered to it is dropped, as on a machine
+        that died (fault injection; its endpoint is not told)."""
+        self._set_handler(node, None)
+
     # ---- sending --------------------------------------------------------------------------------
 
     def send(self, src: NodeRef, dest: NodeRef, msg: Any) -> None:
