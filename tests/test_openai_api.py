@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from polling import wait_until
 from procwait import wait_for_file
 
 pytest.importorskip("torch")
@@ -282,10 +283,8 @@ def test_metrics_counters_move(cluster: Cluster, client: Any) -> None:
     assert after[0] == before[0] + 1 and after[1] == before[1] + 5 and after[2] == before[2] + 1
     for node in STAGES:
         assert cluster.metric("helix_worker_up", node=str(node)) == 1.0
-    deadline = time.monotonic() + 10
-    while cluster.metric("helix_link_bytes_total", src="0", dst="1") == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)  # (workers report once a second)
-    assert cluster.metric("helix_link_bytes_total", src="0", dst="1") > 0
+    # (workers report once a second)
+    wait_until(lambda: cluster.metric("helix_link_bytes_total", src="0", dst="1") > 0, what="link bytes reported")
     assert cluster.metric("helix_link_flow_share", src="0", dst="1", kind="plan") == 1.0
 
 
@@ -304,18 +303,16 @@ def test_a_disconnecting_client_frees_its_kv_everywhere(cluster: Cluster) -> Non
         line = r.fp.readline()
         got += line.startswith(b"data: ")
     # the workers hold its KV now
-    deadline = time.monotonic() + 10
-    while max(cluster.metric("helix_kv_cache_usage_perc", node=str(n)) for n in STAGES) == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert max(cluster.metric("helix_kv_cache_usage_perc", node=str(n)) for n in STAGES) > 0
+    wait_until(lambda: max(cluster.metric("helix_kv_cache_usage_perc", node=str(n)) for n in STAGES) > 0,
+               what="KV in use reported")
     c.sock.close()  # the client goes away mid-stream
     c.close()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    def freed() -> bool:
         kv = [cluster.metric("helix_kv_cache_usage_perc", node=str(n)) for n in STAGES]
-        if cluster.server.host is not None and cluster.server.host.active == 0 and max(kv) == 0:
-            break
-        time.sleep(0.2)
+        return cluster.server is not None and cluster.server.host is not None and cluster.server.host.active == 0 \
+            and max(kv) == 0
+
+    wait_until(freed, what="the request gone and its KV freed")
     assert cluster.server.host is not None and cluster.server.host.active == 0
     assert max(cluster.metric("helix_kv_cache_usage_perc", node=str(n)) for n in STAGES) == 0
     assert cluster.metric("helix_requests_total", outcome="abort") == aborts + 1
