@@ -66,6 +66,21 @@ class ModelSpec:
     hf_name: str = ""
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # A model read from its own files (helix_async.models): ``ref`` is what resolves it again
+    # (the --model text, or an absolute path; "" for the built-in names, whose ``name`` does),
+    # ``arch`` its ArchConfig, ``checkpoint`` the directory or GGUF file its weights are in,
+    # ``weights`` their format ("hf-safetensors", "gguf", or "" for dummy weights).
+    # ``profile_kinds``: per GPU type of ``gpus``, "measured" or "analytical".
+    ref: str = ""
+    arch: Any = None
+    checkpoint: str = ""
+    weights: str = ""
+    profile_kinds: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        """What ``get_model`` resolves to this model again (a plan file's ``model``)."""
+        return self.ref or self.name
 
 
 MODEL_ALIASES: dict[str, str] = {
@@ -139,7 +154,12 @@ def get_model(model: str | ModelSpec) -> ModelSpec:
     """
     if isinstance(model, ModelSpec):
         return model
-    return _model_by_name(model)
+    if model.strip().lower() in MODEL_ALIASES:
+        return _model_by_name(model)
+    # a model from its own files (a checkpoint directory, a GGUF file, a packaged model)
+    from .models.sources import resolve_model
+
+    return resolve_model(model, "model").spec
 
 
 @functools.cache

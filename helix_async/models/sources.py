@@ -135,4 +135,5 @@ def resolve_model(ref: str, where: str = "--model") -> ResolvedModel:
         if source.claims(ref):
             return source.resolve(ref, where)
     kinds = "; ".join(s.usage for s in SOURCES)
-    raise ConfigError(ref, where, f"neither a known model nor a model file or directory: use {kinds}")
+    raise ConfigError("<argument>", where, f"unknown model {ref!r}: neither a known name nor a model file or "
+                      f"directory; use {kinds}")
