@@ -109,7 +109,7 @@ class Placement:
         full = {i: (None if r is None else (int(r[0]), int(r[1]))) for i, r in full.items()}
         return cls(
             cluster=cluster,
-            model=spec.name,
+            model=spec.reference,
             layers=full,
             links=placement_arcs(cluster, full, spec.num_layers, partial),
             partial=partial,

@@ -162,7 +162,7 @@ def petals(
         )
     p = Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=layers,
         links=links,
         partial=partial,
@@ -301,7 +301,7 @@ def swarm(
             layers[i] = (q * z, (q + 1) * z)
     p = Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=dict(sorted(layers.items())),
         links=links,
         partial=False,
@@ -393,7 +393,7 @@ def homogeneous(
         raise PlanningError(f"homogeneous: no pipeline on {cluster.name} is connected by cluster links")
     p = Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=layers,
         links=clean_arcs(arcs),
         partial=False,
@@ -548,7 +548,7 @@ def _pipelines_placement(
             layers[i] = (s, e)
     return Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=layers,
         links=clean_arcs(arcs),
         partial=False,

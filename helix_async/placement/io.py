@@ -251,7 +251,7 @@ def placement_from_dict(doc: Mapping[str, Any], source: str = "<dict>") -> Place
 
     placement = Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=layers,
         links=tuple(links),
         partial=partial,
@@ -405,7 +405,7 @@ def import_helix_solution(
         meta["dropped_links"] = len(links) - len(kept)
     placement = Placement(
         cluster=cluster,
-        model=spec.name,
+        model=spec.reference,
         layers=layers,
         links=kept,
         partial=partial,

@@ -67,7 +67,9 @@ def prepare_front_door(
         host, port = parse_http_address(http)
     except ValueError as e:
         raise ConfigError("<argument>", "--http", str(e)) from None
-    tok_src = tokenizer or (model.name if model.name == "tiny-llama" else None)
+    # the model's own tokenizer: the shipped one of tiny-llama, else the checkpoint's (its
+    # directory's tokenizer files or the GGUF's tokenizer metadata)
+    tok_src = tokenizer or (model.name if model.name == "tiny-llama" else (model.checkpoint or None))
     tok = None
     if tok_src and tok_src != "none":
         from ..frontend.tokenizer import load_tokenizer
@@ -76,8 +78,23 @@ def prepare_front_door(
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(tok_src, "--tokenizer", f"{tok.vocab_size} ids, more than {model.name}'s vocabulary "
                               f"of {model.vocab_size}")
-    return FrontDoor(host, port, tok, max_model_len or MAX_MODEL_LEN.get(model.name, DEFAULT_MAX_MODEL_LEN),
+    return FrontDoor(host, port, tok, max_model_len or default_max_model_len(model),
                      served_model_name or model.name, seed, api_key)
+
+
+def default_max_model_len(model: ModelSpec) -> int:
+    """``--max-model-len``'s default: a built-in model's context, or a model file's trained context
+    (``max_position_embeddings``; Mistral's sliding window when smaller), at most 8192 tokens (a
+    longer context is opted into with the flag)."""
+    if model.name in MAX_MODEL_LEN:
+        return MAX_MODEL_LEN[model.name]
+    arch = model.arch
+    if arch is None:
+        return DEFAULT_MAX_MODEL_LEN
+    n = int(arch.max_position)
+    if arch.sliding_window:
+        n = min(n, int(arch.sliding_window))
+    return min(n, 8192)
 
 
 async def start_front_door(server: HostServer, door: FrontDoor) -> OpenAIServer:
