@@ -15,17 +15,25 @@ __all__ = ["add_parser", "cmd_demo"]
 
 def add_parser(sub: Any) -> None:
     """The ``demo`` command, on ``sub`` (argparse sub-parsers)."""
-    demo = sub.add_parser("demo", help="the main job: plan and simulate single24 (LLaMA-2 70B), serve the tiny model")
+    demo = sub.add_parser("demo", help="the main job: plan and simulate single24 (LLaMA-2 70B), serve a real small model")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
     demo.add_argument("--out", default=None, help="directory for the demo's files (default out/demo)")
+    demo.add_argument("--model", default=None,
+                      help="what step 5 serves: NAME, a checkpoint directory or a FILE.gguf (default: serve's default, "
+                           "SmolLM2-135M-Instruct)")
     demo.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     # the demo runs other commands through the command line's own entry point
-    from ..runtime.demo import serve_tiny, simulate_plan
+    from ..runtime.demo import serve_model, simulate_plan
+    from ..runtime.serve import DEFAULT_MODEL
     from . import main
 
+    served = args.model or DEFAULT_MODEL
+    from ..models import resolve_model
+
+    resolve_model(served, "--model")  # a model that is not there stops the demo now, not at step 5
     if args.out == "":
         raise ConfigError("<argument>", "--out", "empty path for the demo's folder")
     out = Path(args.out) if args.out is not None else Path(envs.HELIX_OUT_DIR) / "demo"
@@ -53,5 +61,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rc = simulate_plan(plan_file, out / "sim", window=window, plots=not args.quick)
     if rc:
         return rc
-    print("\n== 5. serve the tiny LLaMA for real: a host and 3 torch workers as processes on loopback ==")
-    return serve_tiny(out / "serve", requests=8 if args.quick else 24)
+    print(f"\n== 5. serve {served} for real: a host with the OpenAI API and 3 torch workers as processes on "
+          "loopback ==")
+    return serve_model(out / "serve", model=served, requests=8 if args.quick else 24)

@@ -1,32 +1,35 @@
 """The demo's process steps: the plan simulated by the installed simulator's command line, and
-the tiny LLaMA served through a 3-stage pipeline of torch worker processes.
+a real model (SmolLM2-135M-Instruct by default) served through a 3-stage pipeline of torch worker
+processes, asked a question and loaded with a short trace.
 
 The simulator is found as the served planner finds it (``placement.simulator``: the entry-point
-group ``helix_async.simulators``); this package never imports it. Serving writes a plan (the ``tiny3`` cluster, layers [0, 3), [3, 6), [6, 8): activations pass worker to
-worker), a seeded short trace, starts ``python -m helix_async host`` with that trace and three
-``python -m helix_async worker`` processes on loopback, waits for the host to replay the trace and
-shut the workers down, reports the run from its logs (with plots when matplotlib is installed),
-and ends with the host's summary line.  Every process it starts is stopped when it returns.
+group ``helix_async.simulators``); this package never imports it. Serving runs the ``serve``
+command (a plan of even stages over three worker processes on loopback, each reading only its own
+layers of the model file, the host with the OpenAI API), asks the question through the API with
+greedy decoding, replays a seeded short trace with ``bench-serve`` and prints its summary.  Every
+process it starts is stopped when it returns.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..cluster import load_cluster
-from ..placement import Placement
-from ..placement.flow import max_flow
-from ..placement.io import write_placement
 from ..workloads import write_trace_csv
+from .serve import DEFAULT_MODEL
 
-__all__ = ["TINY_STAGES", "serve_tiny", "simulate_plan"]
+__all__ = ["DEMO_QUESTION", "serve_model", "simulate_plan"]
 
-TINY_STAGES = {0: (0, 3), 1: (3, 6), 2: (6, 8)}
+#: what the demo asks the served model
+DEMO_QUESTION = "What is the capital of France?"
 
 
 def simulate_plan(plan: Path, report: Path, *, window: str, plots: bool) -> int:
@@ -46,69 +49,65 @@ def simulate_plan(plan: Path, report: Path, *, window: str, plots: bool) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
-def serve_tiny(out: Path, *, requests: int = 24, seed: int = 0, timeout: float = 600.0) -> int:
+def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+    return out
+
+
+def serve_model(out: Path, *, model: str = DEFAULT_MODEL, workers: int = 3, requests: int = 24, seed: int = 0,
+                question: str = DEMO_QUESTION, timeout: float = 600.0) -> int:
+    """Serve ``model`` over ``workers`` worker processes (``python -m helix_async serve``), ask it
+    ``question`` through the OpenAI API (greedy) and print the answer, then load it with a seeded
+    trace of ``requests`` requests (``bench-serve``) and print its summary; stop everything."""
     out.mkdir(parents=True, exist_ok=True)
-    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", TINY_STAGES, method="manual")
-    plan = write_placement(placement, out / "tiny_plan.toml", flow=max_flow(placement))
-    rng = random.Random(seed)
-    t = 0.0
-    rows = []
-    for _ in range(requests):
-        t += rng.expovariate(8.0)  # about 8 requests/s
-        rows.append((round(t, 4), rng.randint(4, 64), rng.randint(8, 32)))
-    trace = write_trace_csv(out / "trace.csv", rows)
-    print(f"plan {plan} (3 stages of tiny-llama), trace {trace} ({requests} requests)", flush=True)
-    addr_file = out / "host.address"
-    addr_file.unlink(missing_ok=True)
-    logs = out / "logs"
-    host = subprocess.Popen(
-        [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "host", "--plan", str(plan),
-         "--address-file", str(addr_file), "--trace", str(trace), "--log-dir", str(logs), "--seed", str(seed),
-         "--progress"],
-        stdout=subprocess.PIPE, text=True,
+    url_file = out / "url"
+    url_file.unlink(missing_ok=True)
+    log = (out / "serve.log").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "serve", "--model", model, "--workers",
+         str(workers), "--http", "127.0.0.1:0", "--url-file", str(url_file), "--log-dir", str(out / "logs"),
+         "--seed", str(seed)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    workers: list[subprocess.Popen[Any]] = []
     try:
-        deadline = time.monotonic() + 60
-        while not addr_file.exists() or not addr_file.read_text().strip():
-            if host.poll() is not None or time.monotonic() > deadline:
-                print("error: the host did not start", file=sys.stderr)
-                return host.returncode or 1
-            time.sleep(0.05)
-        address = addr_file.read_text().strip()
-        for i in TINY_STAGES:
-            with (out / f"worker{i}.log").open("w") as err:
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
-                     "--executor", "torch", "--device", "cpu"],
-                    stdout=err, stderr=subprocess.STDOUT,
-                ))
-        print(f"host on {address}; 3 workers starting (each loads torch and its layers)", flush=True)
-        stdout, _ = host.communicate(timeout=timeout)
-        lines = [ln for ln in stdout.splitlines() if ln.strip()]
-        for ln in lines[:-1]:
-            print(ln)
-        codes = [w.wait(timeout=30) for w in workers]
-        if host.returncode or any(codes):
-            print(f"error: host exit {host.returncode}, workers {codes} (their logs: {out}/worker*.log)", file=sys.stderr)
-            return host.returncode or 1
+        deadline = time.monotonic() + timeout
+        while not url_file.exists() or not url_file.read_text().strip():
+            if serve.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                print(f"error: serve did not start (exit {serve.poll()}); its output:\n"
+                      + (out / "serve.log").read_text()[-4000:], file=sys.stderr)
+                return serve.returncode or 1
+            time.sleep(0.2)
+        url = url_file.read_text().strip()
+        print(f"{model} served on {url}/v1 by {workers} worker processes", flush=True)
+        answer = _post_json(f"{url}/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": question}], "max_tokens": 48, "temperature": 0},
+                            timeout)
+        text = answer["choices"][0]["message"]["content"]
+        print(f"Q: {question}\nA: {text.strip()}", flush=True)
+        rng = random.Random(seed)
+        t = 0.0
+        rows = []
+        for _ in range(requests):
+            t += rng.expovariate(4.0)  # about 4 requests/s
+            rows.append((round(t, 4), rng.randint(16, 128), rng.randint(8, 48)))
+        trace = write_trace_csv(out / "trace.csv", rows)
+        print(f"load: {requests} requests of a seeded trace ({trace})", flush=True)
+        rc = subprocess.run([sys.executable, "-m", "helix_async", "bench-serve", "--url", url, "--lengths", str(trace),
+                             "--seed", str(seed), "--json", str(out / "bench.json")], check=False,
+                            timeout=timeout).returncode
+        if rc:
+            print(f"error: bench-serve exit {rc}", file=sys.stderr)
+            return rc
     finally:
-        procs: list[subprocess.Popen[Any]] = [host, *workers]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    from .commands import cmd_report
-
-    print(f"\nreport of the served run ({logs}):")
-    import argparse
-
-    try:
-        import matplotlib  # noqa: F401
-
-        plots = True
-    except ImportError:
-        plots = False
-    cmd_report(argparse.Namespace(dir=str(logs), warmup=0.0, finish=1e9, plots=plots))
-    print(lines[-1] if lines else "the host printed no summary", flush=True)
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait()
+        log.close()
     return 0

