@@ -106,7 +106,8 @@ def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
 
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="cluster (built-in name, .toml or .ini); required for a layout directory")
-    p.add_argument("--model", default="llama2-70b", help="model (default llama2-70b)")
+    p.add_argument("--model", default="llama2-70b",
+                   help="NAME, a checkpoint directory or a FILE.gguf (default llama2-70b)")
     p.add_argument("--mode", choices=MODES, default="offline")
     p.add_argument("--rate", type=positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")
     p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")

@@ -20,7 +20,8 @@ def add_parser(sub: Any) -> None:
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     show = clsub.add_parser("show", help="summarise a cluster (builtin name, .toml or Helix .ini)")
     show.add_argument("cluster", help="builtin name (e.g. single24) or path")
-    show.add_argument("--model", default="llama2-70b", help="model for throughput figures (default %(default)s)")
+    show.add_argument("--model", default="llama2-70b",
+                      help="model for throughput figures: NAME, a checkpoint directory or a FILE.gguf (default %(default)s)")
     show.add_argument("--machine-profile", help="Helix machine_profile.ini for an .ini cluster")
 
     gen = clsub.add_parser("generate", help="generate a seeded random cluster and write it as TOML")

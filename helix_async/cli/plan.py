@@ -48,7 +48,8 @@ def add_parser(sub: Any) -> None:
     wl = _SIMULATION.workload
     pl = sub.add_parser("plan", help="plan a layer placement (MILP search or a heuristic)")
     pl.add_argument("--cluster", default="single24", help="builtin name or path (default %(default)s)")
-    pl.add_argument("--model", default="llama2-70b", help="model (default %(default)s)")
+    pl.add_argument("--model", default="llama2-70b",
+                    help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s)")
     pl.add_argument("--method", default=_SEARCH.method, choices=METHODS, help="planner (default %(default)s)")
     pl.add_argument("--time-limit", type=positive, default=None,
                     help=f"milp: seconds of search (default {_SEARCH.time_limit:g})")
