@@ -162,6 +162,14 @@ def get_model(model: str | ModelSpec) -> ModelSpec:
     return resolve_model(model, "model").spec
 
 
+def attach_profiles(spec: ModelSpec) -> ModelSpec:
+    """The spec of a model read from its own files (``helix_async.models.sources`` builds it with
+    ``gpus`` and the typical-batch tables empty) with the profiles known for it attached: the GPU
+    types, the typical tables and ``profile_kinds``. Returned unchanged when no profile exists for
+    it (no profiles are kept for models from files yet: ``profile`` writes them, issue 23)."""
+    return spec
+
+
 @functools.cache
 def _model_by_name(name: str) -> ModelSpec:
     canon = MODEL_ALIASES.get(name.strip().lower())
@@ -530,6 +538,7 @@ __all__ = [
     "ProfileSet",
     "ThroughputModel",
     "TypicalBatch",
+    "attach_profiles",
     "check_fits",
     "dataset_constants",
     "get_model",
