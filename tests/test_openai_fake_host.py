@@ -30,6 +30,7 @@ from helix_async.frontend.host_protocol import HostSnapshot, LinkReport, NodeRep
 from helix_async.frontend.metrics import Metrics  # noqa: E402
 from helix_async.frontend.openai_api import OpenAIServer  # noqa: E402
 from helix_async.frontend.tokenizer import TextTokenizer, load_tokenizer  # noqa: E402
+from helix_async.sampling import SampledToken, SamplingParams  # noqa: E402
 
 TOK = load_tokenizer("tiny-llama")
 TEXT = " Max flow gives each link its share of the traffic, and the planner places layers."
@@ -44,6 +45,18 @@ REFUSED = 1996  # the host's own check says no (ValueError)
 BROKEN = 1995  # the host raises something it should not (a bug)
 HOLD = 1994  # two tokens, then nothing until the request is cancelled
 EOS = 1993  # three tokens, then the end-of-text token
+VARY = 1992  # the script starts at the sampling seed (mod its length): seeds tell choices apart
+EOS_ID = 2  # the tiny tokenizer's end of text
+
+
+def fake_logprob(i: int) -> float:
+    """The log-probability the fake host reports for its i-th token."""
+    return -0.25 * (i + 1)
+
+
+def fake_top(i: int, k: int) -> tuple[tuple[int, float], ...]:
+    """The k most likely tokens the fake host reports at its i-th step (best first)."""
+    return tuple((SCRIPT[(i + j + 1) % len(SCRIPT)], -0.1 * (j + 1)) for j in range(k))
 
 
 class FakeHost:
@@ -92,12 +105,13 @@ class FakeHost:
         return self.t
 
     async def generate(self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0) -> AsyncGenerator[int, None]:
+                       seed: int = 0, sampling: SamplingParams | None = None) -> AsyncGenerator[int | SampledToken, None]:
+        sp = sampling if sampling is not None else SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
         rid = len(self.requests)
-        self.requests.append({"prompt": list(prompt), "max_tokens": max_tokens, "temperature": temperature,
-                              "top_p": top_p, "seed": seed})
+        self.requests.append({"prompt": list(prompt), "max_tokens": max_tokens, "sampling": sp})
         self.produced[rid] = 0
         kind = prompt[0]
+        start = sp.seed % len(SCRIPT) if kind == VARY else 0
         try:
             if kind == OVERLOADED:
                 raise RequestFailed("rejected: the admission queue is full", "overloaded")
@@ -112,15 +126,17 @@ class FakeHost:
                     raise RequestFailed("worker 1 is lost", "failed")
                 if kind == HOLD and i == 2:
                     await asyncio.Event().wait()  # until cancelled
-                if kind == EOS and i == 3:
-                    tok = TOK.eos_id
-                    assert tok is not None
-                else:
-                    tok = SCRIPT[i % len(SCRIPT)]
+                tok = SCRIPT[(start + i) % len(SCRIPT)]
+                # an end-of-text token at the fourth step, unless min_tokens bans it (as a sampler does)
+                if kind == EOS and i == 3 and not (i < sp.min_tokens and EOS_ID in sp.stop_token_ids):
+                    tok = EOS_ID
                 await asyncio.sleep(0)  # other requests' tokens interleave with this one's
                 self.t += 0.01
                 self.produced[rid] += 1
-                yield tok
+                if sp.logprobs is None:
+                    yield tok
+                else:  # a made-up distribution with a known rule (see fake_logprob, fake_top)
+                    yield SampledToken(tok, fake_logprob(i), fake_top(i, sp.logprobs))
         finally:
             self.closed.append(rid)
 
@@ -238,7 +254,8 @@ def test_completion_text_usage_and_sampling_reach_the_host() -> None:
         assert r["object"] == "text_completion" and r["model"] == MODEL and r["id"].startswith("cmpl-")
         assert r["choices"][0]["text"] == expected(9) and r["choices"][0]["finish_reason"] == "length"
         assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9}
-        assert host.requests == [{"prompt": ids, "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "seed": 42}]
+        assert host.requests == [{"prompt": ids, "max_tokens": 9, "sampling": SamplingParams(
+            temperature=0.5, top_p=0.9, seed=42, stop_token_ids=(EOS_ID,))}]
         assert host.closed == [0]
 
     serve(body)
@@ -286,7 +303,8 @@ def test_completion_stream_is_server_sent_events_ending_in_done() -> None:
 
 
 def test_chat_completion_plain_and_streamed() -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     flat = [messages[0], {"role": "user", "content": "Hi"}]
 
     async def body(host: FakeHost, s: Client, url: str) -> None:
@@ -335,10 +353,11 @@ def test_without_a_tokenizer_prompts_are_token_ids_and_text_is_ids() -> None:
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "'temperature' must be"),
         ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "in [0, 2]"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "'top_p' must be in (0, 1]"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "only n=1"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "'n' must be in [1, 128]"),
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream", "'stream' must be bool"),
         ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop", "'stop' must be"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs", "not supported"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "'logprobs' must be an integer in [0, 20]"),
+        ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "'echo' is not supported"),
         ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", "token ids must be in [0, 2048)"),
         ("/v1/completions", {"prompt": []}, 400, "prompt", "the prompt is empty"),
         ("/v1/completions", {"prompt": 5}, 400, "prompt", "'prompt' must be"),

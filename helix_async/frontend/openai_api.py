@@ -1,29 +1,37 @@
 """The OpenAI-compatible HTTP API on the host (aiohttp, on the host's own event loop).
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET
-/health`` and, when metrics are on, ``GET /metrics`` (Prometheus text format).  Request fields
-follow OpenAI's: ``model``, ``prompt`` (text, or a list of token ids) or ``messages``,
-``max_tokens`` (``max_completion_tokens`` for chat), ``temperature`` (default 1), ``top_p``,
-``seed``, ``stop`` (a string or up to 4), ``n`` (1 only), ``stream`` with ``stream_options:
-{"include_usage": true}``; and, as vLLM has them, ``ignore_eos``, ``min_tokens`` is not taken.
-Responses carry ``usage`` (prompt, completion and total tokens).
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, vLLM's
+``POST /tokenize``, ``POST /detokenize`` and ``GET /version``, ``GET /health`` and, when metrics
+are on, ``GET /metrics`` (Prometheus text format).  The request fields, what is applied and what
+is refused are in docs/api.md; in short, OpenAI's fields (``model``, ``prompt`` or ``messages``,
+``max_tokens``/``max_completion_tokens``, ``temperature`` (default 1), ``top_p``, ``seed``,
+``stop``, ``n``, ``presence_penalty``, ``frequency_penalty``, ``logprobs``/``top_logprobs``,
+``stream``, ``stream_options.include_usage``) and vLLM's sampling extensions (``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``) are applied
+(a :class:`~helix_async.sampling.SamplingParams` handed to the host); a field this server does not
+apply is refused with a 400 naming it unless it is at its no-op value.  Responses carry ``usage``
+(prompt, completion and total tokens).
 
 The server talks to its host only through the serving-host protocol
 (:class:`~helix_async.frontend.host_protocol.ServingHost`), so it runs as well in front of the
-runtime's coordinator as in front of a test's in-memory host.  Each request is one
-:meth:`ServingHost.generate` call; its tokens are turned into text as they
-come (:class:`~helix_async.frontend.tokenizer.IncrementalDetokenizer`) and, when streaming, sent as
-server-sent events, one per token, from the loop that received the token (no thread in between).
-A request ends at ``max_tokens``, at the end-of-text token (unless ``ignore_eos``) or at a stop
-string (not included in the text); closing the token stream then cancels it on the host, which
-frees its KV.  A client that disconnects cancels its request the same way.
+runtime's coordinator as in front of a test's in-memory host.  Each choice of a request is one
+:meth:`ServingHost.generate` call (``n`` choices: ``n`` calls, seeds ``seed + i`` as vLLM derives
+them); its tokens are turned into text as they come
+(:class:`~helix_async.frontend.tokenizer.IncrementalDetokenizer`) and, when streaming, sent as
+server-sent events, one per token (a token whose text is not complete yet sends an empty text, so
+a client's time to first token and inter-token latencies are the tokens'), from the loop that
+received the token (no thread in between).  A choice ends at ``max_tokens``, at an end-of-sequence
+or ``stop_token_ids`` id (unless ``ignore_eos`` for the former) or at a stop string (not included
+in the text), none of them before ``min_tokens``; its ``finish_reason`` comes with the chunk of
+the token that ended it.  Closing the token stream then cancels it on the host, which frees its
+KV.  A client that disconnects cancels its request the same way.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-JSON, a bad field, a prompt longer than the context; 404 for an unknown model; 429 with
-``Retry-After`` when the admission queue is full (a request is never queued without bound); 503
-with ``Retry-After`` while the cluster is starting or shutting down (overload is never a 500);
+JSON, a bad or unsupported field, a prompt longer than the context; 404 for an unknown model; 429
+with ``Retry-After`` when the admission queue is full (a request is never queued without bound);
+503 with ``Retry-After`` while the cluster is starting or shutting down (overload is never a 500);
 500 when the cluster failed the request (a lost worker), and for a fault of this server's own.
-A streaming response's headers go out with its first text, so a request refused before then gets
+A streaming response's headers go out with its first token, so a request refused before then gets
 its status as a non-streaming one would; a failure after that arrives as a last event
 ``{"error": ...}`` before ``[DONE]``.  One request's failure ends that request alone.
 
@@ -35,20 +43,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .. import __version__
 from ..errors import RequestFailed
+from ..sampling import MAX_LOGPROBS, SampledToken, SamplingParams
 from .host_protocol import ServingHost
-from .tokenizer import IncrementalDetokenizer, TextTokenizer, find_stop
+from .tokenizer import ChatTemplateError, IncrementalDetokenizer, TextTokenizer, find_stop
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -58,6 +70,11 @@ __all__ = ["ApiError", "OpenAIServer", "parse_http_address"]
 log = logging.getLogger("helix_async.http")
 
 MAX_STOPS = 4
+#: most choices one request may ask for (OpenAI's limit of ``n``)
+MAX_N = 128
+#: a log-probability of minus infinity as JSON has it (JSON has no infinity; vLLM's clamp)
+LOGPROB_FLOOR = -9999.0
+_SEED_MASK = (1 << 63) - 1
 
 
 class ApiError(Exception):
@@ -74,8 +91,10 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable"}.get(self.status, "server_error")
+        special = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        if self.status in special:
+            return special[self.status]
+        return "invalid_request_error" if 400 <= self.status < 500 else "server_error"
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -93,26 +112,81 @@ def parse_http_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@dataclass
-class _Params:
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    ignore_eos: bool
-    chat: bool
+# ---- what a request asks for -------------------------------------------------------------------
+
+#: Fields of OpenAI's and vLLM's requests that this server does not apply: each is refused (400
+#: naming it) unless absent or at one of the values listed, which do nothing (docs/api.md).
+#: ``None`` marks "only absent or null".
+_NOOP: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none", "auto"),  # with no tools, neither calls one
+    "function_call": ("none", "auto"),
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "prompt_logprobs": (),
+    "allowed_token_ids": (),
+    "bad_words": ([],),
+    "truncate_prompt_tokens": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (),
+    "structured_outputs": (),
+    "logits_processors": ([],),
+    "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": ([],),
+    "mm_processor_kwargs": ({},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "priority": (0,),
+    "vllm_xargs": ({},),
+    "kv_transfer_params": (),
+}
 
 
-@dataclass
-class _Outcome:
-    text: str = ""
-    tokens: int = 0
-    finish_reason: str = "length"
-    token_ids: list[int] = field(default_factory=list)
+def _same(v: Any, noop: Any) -> bool:
+    """``v == noop`` where booleans are not numbers (``True == 1`` must not pass for 1.0)."""
+    if isinstance(v, bool) or isinstance(noop, bool):
+        return type(v) is type(noop) and v == noop
+    return bool(v == noop)
+
+
+def _refuse_unsupported(body: dict[str, Any], *, chat: bool, n: int) -> None:
+    for name, noops in _NOOP.items():
+        v = body.get(name)
+        if v is not None and not any(_same(v, x) for x in noops):
+            raise ApiError(400, f"'{name}' is not supported by this server (only {_noop_text(noops)})", param=name)
+    v = body.get("add_special_tokens")
+    if v is not None and not _same(v, not chat):  # chat templates write their own marks
+        raise ApiError(400, f"'add_special_tokens' is not supported by this server (only {not chat})",
+                       param="add_special_tokens")
+    v = body.get("best_of")
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v == n):
+        raise ApiError(400, "'best_of' is not supported by this server (only equal to n)", param="best_of")
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise ApiError(400, "'response_format' is not supported by this server (only {\"type\": \"text\"})",
+                       param="response_format")
+
+
+def _noop_text(noops: tuple[Any, ...]) -> str:
+    return "absent or " + (" or ".join(json.dumps(x) for x in noops) if noops else "null")
 
 
 def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
@@ -126,12 +200,65 @@ def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
     return v
 
 
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    v = float(_field(body, name, (int, float), default))
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo:g}"
+        raise ApiError(400, f"'{name}' must be {'in ' if math.isfinite(hi) else ''}{rng}, got {v:g}", param=name)
+    return v
+
+
+@dataclass
+class _Params:
+    """One request, checked: its prompt, the sampling each choice gets (its seed the request's),
+    ``n`` choices, the texts and ids that end a choice, and how to answer."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    n: int
+    stops: list[str]
+    stop_ids: frozenset[int]
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+    def choice_sampling(self, index: int) -> SamplingParams:
+        """Choice ``index``'s sampling: the request's, seeded ``seed + index`` (as vLLM seeds the
+        children of a request with ``n`` > 1)."""
+        if index == 0:
+            return self.sampling
+        return dataclasses.replace(self.sampling, seed=(self.sampling.seed + index) & _SEED_MASK)
+
+
+@dataclass
+class _Delta:
+    """What one token adds to a choice: its text (possibly empty), the finish reason when it is
+    the choice's last, and its log-probabilities when asked for."""
+
+    text: str
+    finish: str | None = None
+    logprobs: SampledToken | None = None
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str = "length"
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampledToken] = field(default_factory=list)
+
+
 class OpenAIServer:
     """The HTTP front door of one serving host (see the module doc).
 
-    server: the host (anything with the :class:`ServingHost` protocol). model_name: the id clients give as ``model`` (others are 404). tokenizer: text in and out
-    (None: token ids only). max_model_len: prompt plus output tokens at most. seed: seeds the
-    sampling seed of requests that give none. metrics: a ``Metrics`` to update (or None).
+    server: the host (anything with the :class:`ServingHost` protocol). model_name: the id clients
+    give as ``model`` (others are 404) and ``/v1/models`` lists. tokenizer: text in and out (None:
+    token ids only). max_model_len: prompt plus output tokens at most. seed: seeds the sampling
+    seed of requests that give none. metrics: a ``Metrics`` to update (or None). api_key: the
+    bearer token ``/v1/`` requires (None: none). model_root: what the model was loaded from
+    (``/v1/models``' ``root``; default: ``model_name``).
     """
 
     def __init__(
@@ -144,9 +271,11 @@ class OpenAIServer:
         seed: int = 0,
         metrics: Metrics | None = None,
         api_key: str | None = None,
+        model_root: str | None = None,
     ) -> None:
         self.server = server
         self.model_name = model_name
+        self.model_root = model_root or model_name
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len)
         self.metrics = metrics
@@ -159,6 +288,9 @@ class OpenAIServer:
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_get("/v1/models", self._models)
+        self.app.router.add_post("/tokenize", self._tokenize)
+        self.app.router.add_post("/detokenize", self._detokenize)
+        self.app.router.add_get("/version", self._version)
         self.app.router.add_get("/health", self._health)
         if metrics is not None:
             self.app.router.add_get("/metrics", self._metrics)
@@ -257,26 +389,40 @@ class OpenAIServer:
                 "Please reduce the prompt or the completion length.",
                 param=name, code="context_length_exceeded",
             )
-        temperature = float(_field(body, "temperature", (int, float), 1.0))
-        if not 0 <= temperature <= 2:
-            raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
-        top_p = float(_field(body, "top_p", (int, float), 1.0))
-        if not 0 < top_p <= 1:
-            raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+        n = _field(body, "n", (int,), 1)
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+        _refuse_unsupported(body, chat=chat, n=n)
         seed = _field(body, "seed", (int,), None)
         if seed is None:
             seed = self._rng.randrange(1 << 63)
-        elif seed < 0:
-            seed &= (1 << 63) - 1  # OpenAI takes any 64-bit integer; the sampler wants a non-negative one
-        n = _field(body, "n", (int,), 1)
-        if n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        # what this server does not do: refused unless absent or set to its no-op value
-        for unsupported, noop in (("logprobs", (None, False)), ("echo", (None, False)), ("best_of", (None, 1)),
-                                  ("suffix", (None, "")), ("tools", (None, [])), ("functions", (None, [])),
-                                  ("logit_bias", (None, {}))):
-            if body.get(unsupported) not in noop:
-                raise ApiError(400, f"'{unsupported}' is not supported by this server", param=unsupported)
+        seed &= _SEED_MASK  # OpenAI takes any 64-bit integer; the sampler wants a non-negative one
+        top_k = _field(body, "top_k", (int,), 0)
+        if top_k < -1:
+            raise ApiError(400, f"'top_k' must be -1 or 0 (all tokens) or at least 1, got {top_k}", param="top_k")
+        min_tokens = _field(body, "min_tokens", (int,), 0)
+        if not 0 <= min_tokens <= max_tokens:
+            raise ApiError(400, f"'min_tokens' must be in [0, {name}={max_tokens}], got {min_tokens}", param="min_tokens")
+        stop_token_ids = _field(body, "stop_token_ids", (list,), [])
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids):
+            raise ApiError(400, f"'stop_token_ids' must be a list of token ids in [0, {vocab})", param="stop_token_ids")
+        ignore_eos = bool(_field(body, "ignore_eos", (bool,), False))
+        eos = () if (ignore_eos or self.tokenizer is None) else self.tokenizer.eos_ids
+        # the ids that end a choice; min_tokens bans them all (vLLM's all_stop_token_ids)
+        stop_ids = tuple(dict.fromkeys([*eos, *stop_token_ids]))
+        sampling = SamplingParams(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            top_k=max(0, top_k),
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            seed=seed,
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
+            min_tokens=min_tokens,
+            stop_token_ids=stop_ids,
+            logprobs=self._logprobs(body, chat=chat),
+        )
         stop = body.get("stop")
         if stop is None:
             stops: list[str] = []
@@ -291,8 +437,34 @@ class OpenAIServer:
             raise ApiError(400, "'stop' needs a tokenizer; this server has none", param="stop")
         stream = bool(_field(body, "stream", (bool,), False))
         opts = _field(body, "stream_options", (dict,), {})
-        return _Params(prompt, int(max_tokens), temperature, top_p, int(seed), stops, stream,
-                       bool(opts.get("include_usage", False)), bool(_field(body, "ignore_eos", (bool,), False)), chat)
+        if opts and not stream:  # as vLLM: stream options belong to a streamed request
+            raise ApiError(400, "'stream_options' can only be given when 'stream' is true", param="stream_options")
+        if opts.get("continuous_usage_stats") not in (None, False):
+            raise ApiError(400, "'stream_options.continuous_usage_stats' is not supported by this server "
+                           "(usage comes once, at the end, with include_usage)", param="stream_options.continuous_usage_stats")
+        include_usage = opts.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise ApiError(400, "'stream_options.include_usage' must be bool", param="stream_options.include_usage")
+        return _Params(prompt, int(max_tokens), sampling, n, stops, frozenset(stop_ids), stream, include_usage, chat)
+
+    def _logprobs(self, body: dict[str, Any], *, chat: bool) -> int | None:
+        """How many top log-probabilities each token reports (None: none), from completions'
+        ``logprobs`` (an int) or chat's ``logprobs`` (a bool) and ``top_logprobs`` (an int)."""
+        if not chat:
+            v = body.get("logprobs")
+            if v is None or v is False:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS:
+                raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {json.dumps(v)}",
+                               param="logprobs")
+            return int(v)
+        on = _field(body, "logprobs", (bool,), False)
+        top = _field(body, "top_logprobs", (int,), None)
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
+        if top and not on:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+        return int(top or 0) if on else None
 
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         p = body.get("prompt")
@@ -308,7 +480,11 @@ class OpenAIServer:
             raise ApiError(400, "only one prompt per request is supported", param="prompt")
         raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+    def _messages(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chat's messages as a template reads them, as vLLM parses them: text content parts
+        joined by newlines, a null content as "", an assistant's ``tool_calls`` kept (their
+        ``arguments`` as objects when they are JSON text), a tool's ``tool_call_id`` and a
+        message's ``name`` kept."""
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -318,159 +494,312 @@ class OpenAIServer:
                 raise ApiError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: only text ones
-                if not all(isinstance(c, dict) and c.get("type") == "text" for c in content):
-                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
-                content = "".join(str(c.get("text", "")) for c in content)
+                texts = []
+                for c in content:
+                    if isinstance(c, str):
+                        texts.append(c)
+                    elif isinstance(c, dict) and c.get("type") in ("text", "input_text", "output_text", "refusal"):
+                        t = c.get("refusal" if c.get("type") == "refusal" else "text")
+                        if t is not None:
+                            texts.append(str(t))
+                    else:
+                        raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+                content = "\n".join(texts)
+            elif content is None:
+                content = ""
             if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
-            clean.append({"role": m["role"], "content": content})
+                raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+            msg: dict[str, Any] = {"role": m["role"], "content": content}
+            if isinstance(m.get("name"), str):
+                msg["name"] = m["name"]
+            calls = m.get("tool_calls")
+            if m["role"] == "assistant" and calls is not None:
+                if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise ApiError(400, f"messages[{i}].tool_calls must be a list of objects", param="messages")
+                msg["tool_calls"] = [_tool_call_for_template(c) for c in calls]
+            if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+                msg["tool_call_id"] = m["tool_call_id"]
+            clean.append(msg)
+        return clean
+
+    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+        clean = self._messages(body)
         if self.tokenizer is None:
             raise ApiError(400, "this server has no tokenizer: chat is not available", param="messages")
         if not self.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
-        return self.tokenizer.encode_chat(clean)
+        add_gen = _field(body, "add_generation_prompt", (bool,), True)
+        try:
+            return self.tokenizer.encode_chat(clean, add_generation_prompt=add_gen)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def _run(self, p: _Params, out: _Outcome) -> AsyncGenerator[str, None]:
-        """Yields the new text as tokens come; fills ``out`` (its finish_reason is final at the
-        end)."""
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        eos = None if (p.ignore_eos or self.tokenizer is None) else self.tokenizer.eos_id
+    async def _run(self, p: _Params, index: int, out: _Choice) -> AsyncGenerator[_Delta, None]:
+        """Choice ``index``: one :class:`_Delta` per token (its finish reason set on the last);
+        fills ``out`` as it goes."""
+        tok = self.tokenizer
+        detok = IncrementalDetokenizer(tok) if tok is not None else None
         hold = max((len(s) for s in p.stops), default=1) - 1  # text that may still start a stop string
-        emitted = 0
+        emitted = 0  # characters of the text sent
+        seen = 0  # characters of the text a stop string was last looked for in
+        min_tokens = p.sampling.min_tokens
+        want_lp = p.sampling.logprobs is not None
         t0 = self.server.now()
         last = t0
         m = self.metrics
-        gen = self.server.generate(p.prompt, p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        gen = self.server.generate(p.prompt, p.max_tokens, sampling=p.choice_sampling(index))
         try:
-            async for tok in gen:
+            async for item in gen:
                 now = self.server.now()
                 if m is not None:
                     m.token(now - t0 if out.tokens == 0 else now - last, first=out.tokens == 0)
                 last = now
+                if isinstance(item, SampledToken):
+                    token, lp = int(item.token_id), item
+                else:
+                    token, lp = int(item), None
+                if want_lp and lp is not None:
+                    out.logprobs.append(lp)
+                lp = lp if want_lp else None
                 out.tokens += 1
-                if eos is not None and tok == eos:
+                final = out.tokens >= p.max_tokens
+                checking = out.tokens > min_tokens  # no stop before min_tokens (vLLM's rule)
+                if checking and token in p.stop_ids:
                     out.finish_reason = "stop"
-                    break
-                out.token_ids.append(tok)
-                if detok is None:
-                    piece = f" {tok}"
-                    out.text += piece
-                    yield piece
-                    continue
-                detok.add(tok)
-                text = detok.text
-                if p.stops:
-                    cut = find_stop(text, p.stops, max(0, emitted - hold))
-                    if cut >= 0:
-                        out.text = text[:cut]
-                        out.finish_reason = "stop"
-                        if cut > emitted:
-                            yield text[emitted:cut]
+                    if detok is None:
+                        yield _Delta("", "stop", lp)
                         return
-                safe = len(text) - hold if p.stops else len(text)
-                if safe > emitted:
-                    piece = text[emitted:safe]
-                    emitted = safe
-                    out.text = text[:emitted]
-                    yield piece
+                    detok.flush()
+                    end = self._stop_cut(p, detok.text, seen, checking)
+                    out.text = detok.text[: end if end >= 0 else len(detok.text)]
+                    yield _Delta(out.text[emitted:], "stop", lp)
+                    return
+                out.token_ids.append(token)
+                if detok is None:
+                    piece = f" {token}"
+                    out.text += piece
+                    yield _Delta(piece, "length" if final else None, lp)
+                    if final:
+                        return
+                    continue
+                detok.add(token)
+                if final:
+                    detok.flush()
+                text = detok.text
+                cut = self._stop_cut(p, text, seen, checking)
+                seen = len(text)
+                if cut >= 0:
+                    out.text = text[:cut]
+                    out.finish_reason = "stop"
+                    yield _Delta(text[emitted:cut], "stop", lp)
+                    return
+                safe = len(text) if final or not p.stops else len(text) - hold
+                piece = text[emitted:safe] if safe > emitted else ""
+                emitted = max(emitted, safe)
+                out.text = text[:emitted]
+                yield _Delta(piece, "length" if final else None, lp)
+                if final:
+                    return
+            # the host ended the stream before max_tokens (it does not, but a client must still
+            # get a finish reason and the text held back)
+            rest = ""
             if detok is not None:
                 detok.flush()
-                text = detok.text
-                if p.stops:
-                    cut = find_stop(text, p.stops, max(0, emitted - hold))
-                    if cut >= 0:
-                        text = text[:cut]
-                        out.finish_reason = "stop"
-                out.text = text
-                if len(text) > emitted:
-                    yield text[emitted:]
+                end = self._stop_cut(p, detok.text, seen, out.tokens > min_tokens)
+                if end >= 0:
+                    out.finish_reason = "stop"
+                out.text = detok.text[: end if end >= 0 else len(detok.text)]
+                rest = out.text[emitted:]
+            yield _Delta(rest, out.finish_reason)
         finally:
             await gen.aclose()  # ends the request on the cluster (and frees its KV) if it is still running
             if m is not None:
-                m.request_tokens(len(p.prompt), out.tokens, self.server.now() - t0)
+                m.request_tokens(len(p.prompt) if index == 0 else 0, out.tokens, self.server.now() - t0)
 
-    def _usage(self, p: _Params, out: _Outcome) -> dict[str, int]:
-        return {"prompt_tokens": len(p.prompt), "completion_tokens": out.tokens, "total_tokens": len(p.prompt) + out.tokens}
+    @staticmethod
+    def _stop_cut(p: _Params, text: str, seen: int, checking: bool) -> int:
+        """Where a stop string begins in ``text`` that was not whole in its first ``seen``
+        characters (-1: none, or stop strings are not looked for yet)."""
+        if not p.stops or not checking:
+            return -1
+        longest = max(len(s) for s in p.stops)
+        return find_stop(text, p.stops, max(0, seen - longest + 1))
+
+    async def _choices(self, p: _Params, outs: list[_Choice]) -> AsyncGenerator[tuple[int, _Delta], None]:
+        """Every choice's deltas as ``(index, delta)``, in the order they come."""
+        if p.n == 1:
+            async with contextlib.aclosing(self._run(p, 0, outs[0])) as run:
+                async for d in run:
+                    yield 0, d
+            return
+        queue: asyncio.Queue[tuple[int, _Delta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async with contextlib.aclosing(self._run(p, i, outs[i])) as run:
+                    async for d in run:
+                        queue.put_nowait((i, d))
+            except Exception as e:  # handed to the reader, who raises it
+                queue.put_nowait((i, e))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(p.n)]
+        try:
+            ended = 0
+            while ended < p.n:
+                i, item = await queue.get()
+                if item is None:
+                    ended += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each closes its request on the host
+
+    def _usage(self, p: _Params, outs: list[_Choice]) -> dict[str, int]:
+        done = sum(o.tokens for o in outs)
+        return {"prompt_tokens": len(p.prompt), "completion_tokens": done, "total_tokens": len(p.prompt) + done}
+
+    # ---- log-probabilities in OpenAI's shapes ---------------------------------------------------
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.token_text(token) if self.tokenizer is not None else f" {token}"
+
+    def _chat_logprobs(self, lps: Sequence[SampledToken], top: int) -> dict[str, Any]:
+        """Chat's ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``, the
+        ``top`` most likely tokens of each step listed."""
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token)
+            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
+
+        content = [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top[:top]])
+                   for lp in lps]
+        return {"content": content, "refusal": None}
+
+    def _completion_logprobs(self, lps: Sequence[SampledToken], top: int, offset: int = 0) -> dict[str, Any]:
+        """Completions' ``logprobs``: parallel lists ``tokens``, ``token_logprobs``,
+        ``top_logprobs`` (the ``top`` most likely, and the chosen one: up to ``top`` + 1, as
+        OpenAI documents) and ``text_offset`` (where each token's text begins, counted over the
+        tokens' texts as vLLM counts it), from character ``offset``."""
+        tokens, values, tops, offsets = [], [], [], []
+        at = offset
+        for lp in lps:
+            text = self._token_text(lp.token_id)
+            tokens.append(text)
+            values.append(max(lp.logprob, LOGPROB_FLOOR))
+            d = {self._token_text(t): max(v, LOGPROB_FLOOR) for t, v in lp.top[:top]}
+            d.setdefault(text, max(lp.logprob, LOGPROB_FLOOR))
+            tops.append(d)
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    # ---- answers ---------------------------------------------------------------------------------
 
     async def _respond(self, request: web.Request, p: _Params) -> web.StreamResponse:
         rid = ("chatcmpl-" if p.chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         m = self.metrics
-        out = _Outcome()
-        # aclosing: however the response ends (done, failed, the client gone), the token stream is
-        # closed now, and with it the request on the host
-        async with contextlib.aclosing(self._run(p, out)) as pieces:
+        outs = [_Choice() for _ in range(p.n)]
+        # aclosing: however the response ends (done, failed, the client gone), the token streams
+        # are closed now, and with them the requests on the host
+        async with contextlib.aclosing(self._choices(p, outs)) as deltas:
             if not p.stream:
                 try:
-                    async for _ in pieces:
+                    async for _ in deltas:
                         pass
                 except RequestFailed as e:
                     raise self._failed(e) from None
                 except ValueError as e:
                     raise self._refused(e) from None
                 if m is not None:
-                    m.request_done(out.finish_reason)
-                if p.chat:
-                    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                                              "logprobs": None, "finish_reason": out.finish_reason}
-                    obj = "chat.completion"
-                else:
-                    choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-                    obj = "text_completion"
-                return web.json_response({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                          "choices": [choice], "usage": self._usage(p, out)})
-            # the headers go out with the first text: a request the host refuses before its first
+                    m.request_done(outs[0].finish_reason)
+                top = p.sampling.logprobs
+                choices: list[dict[str, Any]] = []
+                for i, o in enumerate(outs):
+                    if p.chat:
+                        lp = self._chat_logprobs(o.logprobs, top) if top is not None else None
+                        choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
+                                        "logprobs": lp, "finish_reason": o.finish_reason})
+                    else:
+                        lp = self._completion_logprobs(o.logprobs, top) if top is not None else None
+                        choices.append({"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason})
+                return web.json_response({"id": rid, "object": "chat.completion" if p.chat else "text_completion",
+                                          "created": created, "model": self.model_name, "choices": choices,
+                                          "usage": self._usage(p, outs)})
+            # the headers go out with the first token: a request the host refuses before its first
             # token is answered with its status (429, 503), not with a 200 and an error event
             try:
-                first = await anext(pieces, None)
+                first = await anext(deltas, None)
             except RequestFailed as e:
                 raise self._failed(e) from None
             except ValueError as e:
                 raise self._refused(e) from None
-            return await self._stream(request, p, out, pieces, first, rid, created)
+            return await self._stream(request, p, outs, deltas, first, rid, created)
 
-    async def _stream(self, request: web.Request, p: _Params, out: _Outcome, pieces: AsyncIterator[str],
-                      first: str | None, rid: str, created: int) -> web.StreamResponse:
-        """The server-sent events of a streaming request whose first text (None: it ended with
-        none) has come."""
+    async def _stream(self, request: web.Request, p: _Params, outs: list[_Choice],
+                      deltas: AsyncIterator[tuple[int, _Delta]], first: tuple[int, _Delta] | None,
+                      rid: str, created: int) -> web.StreamResponse:
+        """The server-sent events of a streaming request whose first token (None: it ended with
+        none) has come: one chunk per token, its finish reason on the last."""
         m = self.metrics
         obj = "chat.completion.chunk" if p.chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": self.model_name}
+        top = p.sampling.logprobs
+        offsets = [0] * p.n  # completions' text_offset, per choice
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+        def event(body: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+        def chunk(i: int, d: _Delta) -> bytes:
+            lp: dict[str, Any] | None = None
             if p.chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if top is not None and d.logprobs is not None:
+                    lp = self._chat_logprobs([d.logprobs], top)
+                c: dict[str, Any] = {"index": i, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": d.finish}
             else:
-                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                if top is not None and d.logprobs is not None:
+                    lp = self._completion_logprobs([d.logprobs], top, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                c = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish}
             body = dict(head, choices=[c])
             if p.include_usage:
                 body["usage"] = None
-            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+            return event(body)
+
+        def role(i: int) -> bytes:
+            body = dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                        "finish_reason": None}])
+            if p.include_usage:
+                body["usage"] = None
+            return event(body)
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             await resp.prepare(request)
             if p.chat:
-                await resp.write(chunk(None, None, role=True))
+                for i in range(p.n):
+                    await resp.write(role(i))
             if first is not None:
-                await resp.write(chunk(first, None))
-                async for piece in pieces:
-                    await resp.write(chunk(piece, None))
-            await resp.write(chunk(None if p.chat else "", out.finish_reason))
+                await resp.write(chunk(*first))
+                async for i, d in deltas:
+                    await resp.write(chunk(i, d))
             if p.include_usage:
-                body = dict(head, choices=[], usage=self._usage(p, out))
-                await resp.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+                await resp.write(event(dict(head, choices=[], usage=self._usage(p, outs))))
             if m is not None:
-                m.request_done(out.finish_reason)
+                m.request_done(outs[0].finish_reason)
         except RequestFailed as e:
             err = self._failed(e)
             if m is not None:
                 m.request_done({429: "overloaded", 503: "unavailable"}.get(err.status, "error"))
             try:
-                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                await resp.write(event(err.body()))
             except ConnectionResetError:
                 return resp
         except ConnectionResetError:  # the client went away mid-stream: the caller closes its request
@@ -483,7 +812,7 @@ class OpenAIServer:
                 m.request_done("error")
             err = ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
             try:
-                await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                await resp.write(event(err.body()))
             except ConnectionResetError:
                 return resp
         await resp.write(b"data: [DONE]\n\n")
@@ -532,7 +861,52 @@ class OpenAIServer:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self._created, "owned_by": "helix_async",
-             "root": self.model_name, "max_model_len": self.max_model_len}]})
+             "root": self.model_root, "parent": None, "max_model_len": self.max_model_len}]})
+
+    def _need_tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise ApiError(400, "this server has no tokenizer (it serves token ids only)")
+        return self.tokenizer
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: ``prompt`` (text; ``add_special_tokens`` default true) or
+        ``messages`` (rendered by the chat template; ``add_generation_prompt`` default true) to
+        ``{"count", "max_model_len", "tokens", "token_strs"}`` (``token_strs`` with
+        ``return_token_strs``)."""
+        body = await self._body(request)
+        tok = self._need_tokenizer()
+        strs = _field(body, "return_token_strs", (bool,), False)
+        if "messages" in body:
+            if not tok.chat_template:
+                raise ApiError(400, "this model has no chat template", param="messages")
+            clean = self._messages(body)
+            add_gen = _field(body, "add_generation_prompt", (bool,), True)
+            try:
+                text = tok.apply_chat_template(clean, add_generation_prompt=add_gen)
+            except ChatTemplateError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            ids = tok.encode(text, add_special_tokens=_field(body, "add_special_tokens", (bool,), False))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
+            ids = tok.encode(prompt, add_special_tokens=_field(body, "add_special_tokens", (bool,), True))
+        return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                                  "token_strs": tok.token_strs(ids) if strs else None})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/detokenize``: ``tokens`` (ids) to ``{"prompt": text}`` (special tokens kept)."""
+        body = await self._body(request)
+        tok = self._need_tokenizer()
+        ids = body.get("tokens")
+        vocab = tok.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+        return web.json_response({"prompt": tok.decode(ids, skip_special_tokens=False)})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
 
     async def _health(self, request: web.Request) -> web.Response:
         s = self.server
@@ -544,3 +918,17 @@ class OpenAIServer:
         assert self.metrics is not None
         data, ctype = self.metrics.render()
         return web.Response(body=data, headers={"Content-Type": ctype})
+
+
+def _tool_call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as chat templates read it: the function's ``arguments`` as an object when they
+    are JSON text of one (templates iterate them; vLLM hands them over so too)."""
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except json.JSONDecodeError:
+            return call
+        if isinstance(args, dict):
+            return dict(call, function=dict(fn, arguments=args))
+    return call
