@@ -195,7 +195,7 @@ def test_bad_checkpoints_name_the_file_and_field(tmp_path: Path, checkpoint: tup
     with pytest.raises(ModelLoadError, match="config.json: no such file"):
         LlamaConfig.from_dir(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
-    with pytest.raises(ModelLoadError, match="missing field 'num_attention_heads'"):
+    with pytest.raises(ModelLoadError, match="config.json: num_hidden_layers: missing"):
         LlamaConfig.from_dir(tmp_path)
     ckpt, _ = checkpoint
     with pytest.raises(ModelLoadError, match=r"layers \[4, 9\)"):

@@ -13,8 +13,10 @@ against, token for token):
 * pre-norm residual blocks; the first stage embeds token ids, the last applies the final norm and
   the LM head.
 
-Weights come from a Hugging Face checkpoint directory (``config.json`` and ``*.safetensors``; only
-the tensors of the requested layers are read) or are seeded dummy weights of the same shapes.
+Weights come from a checkpoint, a Hugging Face directory (``config.json`` and safetensors) or a GGUF
+file, through ``helix_async.models.weights`` (only the tensors of the requested layers are read), or
+are seeded dummy weights of the same shapes. The shape and the arithmetic choices (RoPE scaling,
+biases, a tied head) come from the checkpoint's ``ArchConfig`` (docs/models.md).
 
 Every sequence of a batch keeps its own KV cache per layer (:class:`SeqCache`); the dense parts of a
 layer (projections, MLP) run once over the tokens of all sequences packed together, the attention
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import HelixError
+from ..errors import ConfigError, HelixError
+from ..models.arch import ArchConfig, RopeScaling
 
 __all__ = [
     "LlamaConfig",
@@ -57,7 +60,13 @@ class ModelLoadError(HelixError, ValueError):
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """The shape of a LLaMA model (the fields of a Hugging Face ``config.json`` that matter)."""
+    """The shape of a LLaMA-family model and its arithmetic choices, as the math here needs them
+    (built from an :class:`ArchConfig` by :meth:`from_arch`).
+
+    rope_scaling: Llama 3.1's frequency scaling, or None. qkv_bias, o_bias, mlp_bias: the layers
+    carry biases on q/k/v, on the output projection, on gate/up/down (``LayerWeights``' ``*_bias``).
+    tie_word_embeddings: the LM head is the embedding table. family: ``llama``, ``mistral``, ``qwen2``.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -71,6 +80,11 @@ class LlamaConfig:
     max_position: int = 2048
     tie_word_embeddings: bool = False
     eos_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    family: str = "llama"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -84,41 +98,35 @@ class LlamaConfig:
             )
 
     @classmethod
+    def from_arch(cls, arch: ArchConfig) -> LlamaConfig:
+        """From a model's :class:`ArchConfig` (a ``config.json``'s or a GGUF file's)."""
+        return cls(
+            vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_layers=arch.num_layers,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            rms_norm_eps=arch.rms_norm_eps,
+            rope_theta=arch.rope_theta,
+            max_position=arch.max_position,
+            tie_word_embeddings=arch.tie_word_embeddings,
+            eos_token_id=arch.eos_token_ids[0] if arch.eos_token_ids else None,
+            rope_scaling=arch.rope_scaling,
+            qkv_bias=arch.qkv_bias,
+            o_bias=arch.o_bias,
+            mlp_bias=arch.mlp_bias,
+            family=arch.family,
+        )
+
+    @classmethod
     def from_hf(cls, cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig:
-        """From a Hugging Face LLaMA ``config.json`` (as a dict); ``where`` names it in errors."""
+        """From a Hugging Face ``config.json`` (as a dict); ``where`` names it in errors."""
         try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            rope = cfg.get("rope_parameters") or {}
-            theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
-            if rope_type not in (None, "default"):
-                raise ModelLoadError(f"{where}: rope type {rope_type!r} is not supported (only 'default')")
-            if cfg.get("hidden_act", "silu") != "silu":
-                raise ModelLoadError(f"{where}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
-            if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-                raise ModelLoadError(f"{where}: attention or MLP biases are not supported")
-            eos = cfg.get("eos_token_id")
-            return cls(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                max_position=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                eos_token_id=eos if isinstance(eos, int) else None,
-            )
-        except KeyError as e:
-            raise ModelLoadError(f"{where}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ModelLoadError):
-                raise
-            raise ModelLoadError(f"{where}: {e}") from None
+            return cls.from_arch(ArchConfig.from_hf(cfg, where))
+        except ConfigError as e:
+            raise ModelLoadError(str(e)) from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LlamaConfig:
@@ -127,18 +135,20 @@ class LlamaConfig:
             cfg = json.loads(f.read_text())
         except FileNotFoundError:
             raise ModelLoadError(f"{f}: no such file (a checkpoint directory holds config.json)") from None
-        except json.JSONDecodeError as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{f}: not JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"{f}: not a JSON object")
-        if cfg.get("model_type", "llama") != "llama":
-            raise ModelLoadError(f"{f}: model_type {cfg.get('model_type')!r} is not 'llama'")
         return cls.from_hf(cfg, str(f))
 
     def layer_bytes(self, bytes_per_param: int) -> int:
-        """Bytes of one decoder layer's weights."""
+        """Bytes of one decoder layer's weights (biases included)."""
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
         params = h * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * h * i + 2 * h
+        if self.qkv_bias:
+            params += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            params += h
+        if self.mlp_bias:
+            params += 2 * i + h
         return params * bytes_per_param
 
     def kv_bytes_per_token_layer(self, bytes_per_param: int) -> int:
@@ -154,7 +164,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer. Projections are stored as (out, in) like ``nn.Linear`` weights."""
+    """One decoder layer. Projections are stored as (out, in) like ``nn.Linear`` weights; a bias is
+    None where the architecture has none (``LlamaConfig``'s ``qkv_bias``, ``o_bias``, ``mlp_bias``)."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -165,6 +176,13 @@ class LayerWeights:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
 
 _LAYER_KEYS = {
@@ -177,6 +195,13 @@ _LAYER_KEYS = {
     "gate": "mlp.gate_proj.weight",
     "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "gate_bias": "mlp.gate_proj.bias",
+    "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
 }
 
 
@@ -383,58 +408,38 @@ def dummy_stage(
     return StageWeights(config, start, end, layers, embed if start == 0 else None, norm, lm_head, dt, dev)
 
 
-def load_stage(path: str | Path, start: int, end: int, *, dtype: str = "float32", device: str = "cpu") -> StageWeights:
-    """Layers ``[start, end)`` of the Hugging Face checkpoint in directory ``path`` (``config.json``
-    and ``*.safetensors``); reads only the tensors those layers (and the embedding or head) need."""
-    from safetensors import safe_open
+def load_stage(path: str | Path, start: int, end: int, *, dtype: str | None = None, device: str = "cpu") -> StageWeights:
+    """Layers ``[start, end)`` of the checkpoint at ``path`` (a Hugging Face directory or a GGUF
+    file; ``helix_async.models.weights`` reads only the tensors those layers, and the embedding or
+    the head, need), computed in ``dtype`` (default: the checkpoint's; float32 for a GGUF) on
+    ``device``. ModelLoadError naming the file and field or tensor for a bad checkpoint."""
+    from ..models.layout import EMBED, LM_HEAD, NORM
+    from ..models.weights import open_checkpoint
 
-    root = Path(path)
-    config = LlamaConfig.from_dir(root)
-    _check_range(config, start, end)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{root}: no *.safetensors file")
-    dt = torch_dtype(dtype)
-    dev = torch.device(device)
-    where: dict[str, Path] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    where[key] = f
-        except Exception as e:  # safetensors raises its own error types
-            raise ModelLoadError(f"{f}: not a safetensors file ({e})") from None
-
-    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        f = where.get(key)
-        if f is None:
-            raise ModelLoadError(f"{root}: tensor {key!r} is missing")
-        with safe_open(str(f), framework="pt") as sf:
-            t = sf.get_tensor(key)
-        if tuple(t.shape) != shape:
-            raise ModelLoadError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape}")
-        return t.to(dtype=dt, device=dev)
-
-    shapes = _layer_shapes(config)
+    try:
+        ck = open_checkpoint(path)
+        config = LlamaConfig.from_arch(ck.arch)
+        _check_range(config, start, end)
+        dt_name = dtype or ck.dtype
+        dt = torch_dtype(dt_name)
+        tensors = ck.read(start, end, dt_name, device)
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
     layers = {}
     for i in range(start, end):
-        layers[i] = LayerWeights(**{k: get(f"model.layers.{i}.{name}", shapes[k]) for k, name in _LAYER_KEYS.items()})
-    h, vocab = config.hidden_size, config.vocab_size
-    embed = get("model.embed_tokens.weight", (vocab, h)) if start == 0 else None
+        p = f"model.layers.{i}."
+        layers[i] = LayerWeights(**{k: tensors[p + name] for k, name in _LAYER_KEYS.items() if p + name in tensors})
+    embed = tensors[EMBED] if start == 0 else None
     norm = lm_head = None
     if end == config.num_layers:
-        norm = get("model.norm.weight", (h,))
-        if "lm_head.weight" in where:
-            lm_head = get("lm_head.weight", (vocab, h))
-        elif config.tie_word_embeddings:
-            lm_head = embed if embed is not None else get("model.embed_tokens.weight", (vocab, h))
-        else:
-            raise ModelLoadError(f"{root}: tensor 'lm_head.weight' is missing")
-    return StageWeights(config, start, end, layers, embed, norm, lm_head, dt, dev)
+        norm = tensors[NORM]
+        lm_head = tensors[EMBED] if config.tie_word_embeddings else tensors[LM_HEAD]
+    return StageWeights(config, start, end, layers, embed, norm, lm_head, dt, torch.device(device))
 
 
 def stage_bytes(config: LlamaConfig, start: int, end: int, bytes_per_param: int) -> int:
-    """Weight bytes of a stage (layers, plus embedding or head where it holds them)."""
+    """Weight bytes of a stage (layers, plus embedding or head where it holds them; a tied head is
+    the embedding table, held once when the stage holds both)."""
     n = (end - start) * config.layer_bytes(bytes_per_param)
     table = config.vocab_size * config.hidden_size * bytes_per_param
     if start == 0:

@@ -274,28 +274,40 @@ class TorchExecutor:
 
 def from_context(ctx: ExecutorContext) -> TorchExecutor:
     """The registry's factory (``executors.registry``): the worker's layers from its
-    ``checkpoint`` (a Hugging Face directory) or seeded dummy weights of the plan's model, in
-    ``dtype`` on ``device``, computed on one helper thread with ``threads`` torch threads.
+    ``checkpoint`` (a Hugging Face directory or a GGUF file; default: the plan's model's own, when it
+    was read from files) or seeded dummy weights of the plan's model, computed in ``dtype`` (default:
+    the checkpoint's; float32 for a GGUF and for dummy weights) on ``device``, on one helper thread
+    with ``threads`` torch threads.
 
     Raises :class:`ExecutorLoadError`: with ``out_of_memory`` when the layers' weights exceed
     ``memory_bytes`` (when set) or the GPU's free memory, or an allocation fails while loading;
     without it for anything else (a checkpoint that is not the plan's model or not readable, no
     CUDA).  Blocks while it loads: the worker calls it off its event loop.
     """
+    from ..errors import ConfigError
+    from ..models.weights import open_checkpoint
     from .llama import LlamaConfig, ModelLoadError, dummy_stage, load_stage, stage_bytes, torch_dtype
     from .profiling import llama_config
 
     opts = ctx.options
     spec = ctx.model
     start, end = ctx.layers
-    checkpoint = str(opts["checkpoint"])
+    checkpoint = str(opts["checkpoint"] or spec.checkpoint)
     device = str(opts["device"])
-    dtype = str(opts["dtype"])
+    dtype = str(opts["dtype"] or "")
     memory = int(opts["memory_bytes"])
     try:
-        cfg = LlamaConfig.from_dir(checkpoint) if checkpoint else llama_config(spec)
-        if cfg.num_layers != spec.num_layers:
-            raise ModelLoadError(f"{checkpoint}: {cfg.num_layers} layers, the plan's {spec.name} has {spec.num_layers}")
+        if checkpoint:
+            ck = open_checkpoint(checkpoint)
+            cfg = LlamaConfig.from_arch(ck.arch)
+            dtype = dtype or ck.dtype
+        else:
+            cfg = llama_config(spec)
+            dtype = dtype or "float32"
+        if (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) != (spec.num_layers, spec.hidden_size, spec.vocab_size):
+            raise ModelLoadError(f"{checkpoint}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocabulary "
+                                 f"{cfg.vocab_size}; the plan's {spec.name} has {spec.num_layers}, {spec.hidden_size}, "
+                                 f"{spec.vocab_size}")
         need = stage_bytes(cfg, start, end, torch_dtype(dtype).itemsize)
         if memory and need > memory:
             raise ExecutorLoadError(f"layers [{start}, {end}) need {need} bytes of weights; the device holds {memory}",
@@ -311,7 +323,7 @@ def from_context(ctx: ExecutorContext) -> TorchExecutor:
             stage = load_stage(checkpoint, start, end, dtype=dtype, device=device)
         else:
             stage = dummy_stage(cfg, start, end, seed=int(opts["seed"]), dtype=dtype, device=device)
-    except ModelLoadError as e:
+    except (ModelLoadError, ConfigError) as e:
         raise ExecutorLoadError(str(e)) from None
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         raise ExecutorLoadError(f"layers [{start}, {end}): out of memory while loading ({e})", out_of_memory=True) from None
