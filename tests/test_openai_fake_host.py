@@ -46,6 +46,7 @@ BROKEN = 1995  # the host raises something it should not (a bug)
 HOLD = 1994  # two tokens, then nothing until the request is cancelled
 EOS = 1993  # three tokens, then the end-of-text token
 VARY = 1992  # the script starts at the sampling seed (mod its length): seeds tell choices apart
+ECHO = 1990  # the tokens are the rest of the prompt, in turn
 EOS_ID = 2  # the tiny tokenizer's end of text
 
 
@@ -112,6 +113,7 @@ class FakeHost:
         self.produced[rid] = 0
         kind = prompt[0]
         start = sp.seed % len(SCRIPT) if kind == VARY else 0
+        script = list(prompt[1:]) if kind == ECHO and len(prompt) > 1 else SCRIPT
         try:
             if kind == OVERLOADED:
                 raise RequestFailed("rejected: the admission queue is full", "overloaded")
@@ -126,7 +128,7 @@ class FakeHost:
                     raise RequestFailed("worker 1 is lost", "failed")
                 if kind == HOLD and i == 2:
                     await asyncio.Event().wait()  # until cancelled
-                tok = SCRIPT[(start + i) % len(SCRIPT)]
+                tok = script[(start + i) % len(script)]
                 # an end-of-text token at the fourth step, unless min_tokens bans it (as a sampler does)
                 if kind == EOS and i == 3 and not (i < sp.min_tokens and EOS_ID in sp.stop_token_ids):
                     tok = EOS_ID
