@@ -31,8 +31,9 @@ DEFAULT_MAX_MODEL_LEN = 2048
 class FrontDoor:
     """What the HTTP API needs, checked: where it listens (``host``, ``port``; 0: any free port),
     the tokenizer (None: token ids only), ``max_model_len`` (prompt plus output tokens at most),
-    the model id clients give (``model_name``), the seed of unseeded requests' sampling and the
-    bearer token ``/v1/`` requires (None: none)."""
+    the model id clients give (``model_name``), the seed of unseeded requests' sampling, the
+    bearer token ``/v1/`` requires (None: none) and what the model was resolved from
+    (``model_root``: its name or file, ``/v1/models``' ``root``)."""
 
     host: str
     port: int
@@ -41,6 +42,7 @@ class FrontDoor:
     model_name: str
     seed: int = 0
     api_key: str | None = None
+    model_root: str = ""
 
 
 def prepare_front_door(
@@ -72,14 +74,18 @@ def prepare_front_door(
     tok_src = tokenizer or (model.name if model.name == "tiny-llama" else (model.checkpoint or None))
     tok = None
     if tok_src and tok_src != "none":
-        from ..frontend.tokenizer import load_tokenizer
+        from ..frontend.tokenizer import TINY_NAMES, load_tokenizer
 
+        if tok_src in TINY_NAMES and model.checkpoint:
+            # our BPE is trained on our docs for the dummy model: a real model's ids would be noise
+            raise ConfigError("<argument>", "--tokenizer", f"the tiny-llama tokenizer is for the dummy tiny-llama only; "
+                              f"{model.name} brings its own (leave --tokenizer out)")
         tok = load_tokenizer(tok_src)
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(tok_src, "--tokenizer", f"{tok.vocab_size} ids, more than {model.name}'s vocabulary "
                               f"of {model.vocab_size}")
     return FrontDoor(host, port, tok, max_model_len or default_max_model_len(model),
-                     served_model_name or model.name, seed, api_key)
+                     served_model_name or model.name, seed, api_key, model.reference)
 
 
 def default_max_model_len(model: ModelSpec) -> int:
@@ -104,7 +110,7 @@ async def start_front_door(server: HostServer, door: FrontDoor) -> OpenAIServer:
     from ..frontend.openai_api import OpenAIServer
 
     api = OpenAIServer(server, door.model_name, door.tokenizer, max_model_len=door.max_model_len, seed=door.seed,
-                       metrics=Metrics(server), api_key=door.api_key)
+                       metrics=Metrics(server), api_key=door.api_key, model_root=door.model_root or None)
     try:
         await api.start(door.host, door.port)
     except OSError as e:
