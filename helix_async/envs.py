@@ -24,3 +24,7 @@ HELIX_LOG_LEVEL: str = os.environ.get("HELIX_LOG_LEVEL", "WARNING")
 
 # Directory for plans, reports and logs written by the CLI when no --out is given.
 HELIX_OUT_DIR: str = os.environ.get("HELIX_OUT_DIR", "out")
+
+# Directory of the profiles measured on this machine (``profile`` writes <dir>/<model key>/ there;
+# the planner and simulator read them before the shipped and analytical ones).
+HELIX_PROFILE_DIR: str = os.environ.get("HELIX_PROFILE_DIR", os.path.join(HELIX_OUT_DIR, "profiles"))

@@ -3,6 +3,10 @@
 Data: ``helix_async/data/profiles/`` (measured by the Helix authors with vLLM 0.4.0.post1, from the
 public Helix-ASPLOS25 repository, Apache-2.0; see ``data/PROVENANCE.md``). Formulas: docs/original.md §3.
 
+Profiles for any model (docs/profiles.md): the measured ones shipped under ``data/profiles/<key>/``
+and kept in the user's profile directory (``HELIX_PROFILE_DIR/<key>/``, what ``profile`` writes),
+and, for every other GPU type of the datasheet table, analytical ones (``helix_async.profiles``).
+
 Units: seconds, bytes, bytes/s; throughput in tokens/s where one token passes every layer a node
 holds; KV capacities in token x layer entries.
 """
@@ -10,15 +14,23 @@ holds; KV capacities in token x layer entries.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
+import math
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import envs
 from .errors import ConfigError
 from .interp import BatchTimer
+from .profiles.analytical import LayerShape, analytical_settings, analytical_tables, typical_constants
+from .profiles.gpus import find_gpu, gpu_types
 
 if TYPE_CHECKING:
     from .cluster import ClusterSpec, MachineType
@@ -162,19 +174,17 @@ def get_model(model: str | ModelSpec) -> ModelSpec:
     return resolve_model(model, "model").spec
 
 
-def attach_profiles(spec: ModelSpec) -> ModelSpec:
-    """The spec of a model read from its own files (``helix_async.models.sources`` builds it with
-    ``gpus`` and the typical-batch tables empty) with the profiles known for it attached: the GPU
-    types, the typical tables and ``profile_kinds``. Returned unchanged when no profile exists for
-    it (no profiles are kept for models from files yet: ``profile`` writes them, issue 23)."""
-    return spec
-
-
-@functools.cache
 def _model_by_name(name: str) -> ModelSpec:
     canon = MODEL_ALIASES.get(name.strip().lower())
     if canon is None:
         raise ConfigError("<argument>", "model", f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return attach_profiles(_base_model(canon))
+
+
+@functools.cache
+def _base_model(canon: str) -> ModelSpec:
+    """A built-in spec as written down: its measured GPU types and the original's hand-set
+    typical-batch constants only (attach_profiles adds the rest)."""
     if canon == "tiny-llama":
         return _tiny_llama()
     key = canon.replace("-", "_")
@@ -267,6 +277,14 @@ class ProfileSet:
     model: ModelSpec
     gpus: Mapping[str, GpuProfile]
     settings: Mapping[str, NodeSettings]
+    # per GPU type: "measured" or "analytical", and where its profile comes from (a directory of
+    # measured tables, or the datasheet entry it was computed from)
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    def kind(self, gpu: str) -> str:
+        """``measured`` or ``analytical`` for ``gpu`` (matched case-insensitively); "" if unknown."""
+        return self.kinds.get(self.canonical(gpu), "")
 
     def canonical(self, gpu: str) -> str:
         """The profile key for ``gpu``, matched case-insensitively ("l4x2" -> "L4x2")."""
@@ -299,55 +317,270 @@ class ProfileSet:
             ) from None
 
 
-def _read_table(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    with (_DATA / name).open() as fh:
-        rows = list(csv.DictReader(fh))
-    xs = tuple(float(r["batch_tokens"]) for r in rows)
-    # The CSVs hold milliseconds; the Helix loader multiplies by 1e-3 (docs/original.md §3.2).
-    ys = tuple(float(r["time_per_layer_ms"]) * 1e-3 for r in rows)
+# ---- profiles for any model (docs/profiles.md) ---------------------------------------------------
+
+#: the kinds of profile a GPU type can have: timed on the machine, or computed from its datasheet
+MEASURED, ANALYTICAL = "measured", "analytical"
+#: the file beside a measured profile that says which model shape it was measured for
+PROFILE_META = "profile.toml"
+_SHIPPED = "helix_async/data/profiles"
+
+
+def read_profile_table(src: Traversable, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """One measured table (``batch_tokens,time_per_layer_ms``) as (x, seconds per layer); ``where``
+    names it in errors."""
+    try:
+        with src.open() as fh:
+            rows = list(csv.DictReader(fh))
+        xs = tuple(float(r["batch_tokens"]) for r in rows)
+        # The CSVs hold milliseconds; the Helix loader multiplies by 1e-3 (docs/original.md §3.2).
+        ys = tuple(float(r["time_per_layer_ms"]) * 1e-3 for r in rows)
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as e:
+        raise ConfigError(where, "batch_tokens,time_per_layer_ms", f"unreadable profile table: {e}") from None
     return xs, ys
 
 
-def load_profiles(model: ModelSpec | str) -> ProfileSet:
-    """Profiles and node settings shipped for ``model`` (empty for models without measurements)."""
-    return _load_profiles(get_model(model).name)
+def _read_settings_rows(src: Traversable, where: str, key: str) -> dict[str, list[dict[str, str]]]:
+    """node_settings.csv rows of model ``key``, by GPU type."""
+    rows: dict[str, list[dict[str, str]]] = {}
+    try:
+        with src.open() as fh:
+            for r in csv.DictReader(fh):
+                if r.get("model") == key:
+                    rows.setdefault(str(r.get("gpu")), []).append(r)
+    except (OSError, csv.Error) as e:
+        raise ConfigError(where, "node_settings.csv", f"unreadable: {e}") from None
+    return rows
 
 
 @functools.cache
-def _load_profiles(name: str) -> ProfileSet:
-    spec = get_model(name)
+def _shipped_settings_rows(key: str) -> dict[str, list[dict[str, str]]]:
+    return _read_settings_rows(_DATA / "node_settings.csv", f"{_SHIPPED}/node_settings.csv", key)
+
+
+def _node_settings(rs: list[dict[str, str]], where: str, gpu: str) -> NodeSettings:
+    try:
+        rs = sorted(rs, key=lambda r: int(r["num_layers"]))
+        max_layers = int(rs[0]["max_num_layers"])
+        if [int(r["num_layers"]) for r in rs] != list(range(1, max_layers + 1)):
+            raise ConfigError(where, gpu, "layer counts are not 1..max_num_layers")
+
+        def col(c: str) -> tuple[int, ...]:
+            return tuple(int(r[c]) for r in rs)
+
+        return NodeSettings(
+            gpu=gpu,
+            max_layers=max_layers,
+            vllm_blocks=col("vllm_num_blocks"),
+            kv_capacity=col("kv_cache_capacity_token_layers"),
+            prompt_max_requests=col("prompt_max_requests"),
+            prompt_max_tokens=col("prompt_max_tokens"),
+            decode_max_tokens=col("decode_max_tokens"),
+            decode_max_context=col("decode_max_context"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(where, gpu, f"bad node settings row: {e}") from None
+
+
+def _derived_settings(shape: LayerShape, gpu: str, num_layers: int, where: str) -> NodeSettings:
+    """Node settings of a datasheet GPU type from its VRAM (docs/profiles.md, "Node settings")."""
+    gt = find_gpu(gpu)
+    if gt is None:
+        raise ConfigError(where, gpu, "no node settings for this GPU type, and it is not in the datasheet table "
+                          "(helix_async/data/profiles/gpus.toml) to derive them from")
+    st = analytical_settings(shape, gt, num_layers, dataset_constants())
+    if st is None:
+        raise ConfigError(where, gpu, "not one layer of this model fits in half of this GPU type's memory")
+    return NodeSettings(gpu, st.max_layers, st.vllm_blocks, st.kv_capacity, st.prompt_max_requests,
+                        st.prompt_max_tokens, st.decode_max_tokens, st.decode_max_context)
+
+
+def _shape_tuple(spec: ModelSpec) -> tuple[int, ...]:
+    return (spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_attention_heads,
+            spec.num_key_value_heads, spec.head_dim)
+
+
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "head_dim")
+
+
+def _declared_shape(d: Traversable, where: str, key: str) -> tuple[int, ...] | None:
+    """The shape a measured directory says it was measured for: its profile.toml's [model], or for
+    the original's models their models.toml entry; None when nothing says."""
+    meta = d / PROFILE_META
+    if meta.is_file():
+        try:
+            m = tomllib.loads(meta.read_text())["model"]
+            return tuple(int(m[f]) for f in _SHAPE_FIELDS)
+        except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{where}/{PROFILE_META}", "model", f"unreadable: {e}") from None
+    toml = _models_toml().get(key)
+    if isinstance(toml, dict) and all(f in toml for f in _SHAPE_FIELDS):
+        return tuple(int(toml[f]) for f in _SHAPE_FIELDS)
+    return None
+
+
+def measured_profile_dirs(key: str) -> list[tuple[Traversable, str]]:
+    """Where measured profiles of the model whose profile key is ``key`` are kept, lowest
+    precedence first, as (directory, its name for messages): the shipped
+    ``helix_async/data/profiles/<key>/`` and the user's ``HELIX_PROFILE_DIR/<key>/``."""
+    out: list[tuple[Traversable, str]] = []
+    shipped = _DATA / key
+    if key and shipped.is_dir():
+        out.append((shipped, f"{_SHIPPED}/{key}"))
+    user = Path(envs.HELIX_PROFILE_DIR).expanduser() / key
+    if key and user.is_dir():
+        out.append((user, str(user)))
+    return out
+
+
+def _gpu_key(low: str) -> str:
+    """The GPU type a measured table's file name stands for: the datasheet's spelling, else upper case."""
+    gt = find_gpu(low)
+    return gt.name if gt is not None else low.upper()
+
+
+@dataclass(frozen=True)
+class _Profiles:
+    gpus: Mapping[str, GpuProfile]
+    settings: Mapping[str, NodeSettings]
+    kinds: Mapping[str, str]
+    origins: Mapping[str, str]
+    typical_a: Mapping[str, int]
+    typical_b: Mapping[str, int]
+    perf: Mapping[str, float]
+    max_layers: Mapping[str, int]
+
+
+def _is_builtin(spec: ModelSpec) -> bool:
+    return not spec.ref and spec.name in MODEL_NAMES
+
+
+def _build(spec: ModelSpec, dirs: list[tuple[Traversable, str]]) -> _Profiles:
+    consts = dataset_constants()
+    shape = LayerShape.of(spec)
     gpus: dict[str, GpuProfile] = {}
-    for gpu in spec.gpus:
-        px, py = _read_table(f"{spec.key}/{gpu.lower()}_prompt.csv")
-        dx, dy = _read_table(f"{spec.key}/{gpu.lower()}_decode.csv")
-        gpus[gpu] = GpuProfile(gpu, px, py, dx, dy, BatchTimer(px, py, dx, dy))
     settings: dict[str, NodeSettings] = {}
-    if spec.gpus:
-        rows: dict[str, list[dict[str, str]]] = {}
-        with (_DATA / "node_settings.csv").open() as fh:
-            for r in csv.DictReader(fh):
-                if r["model"] == spec.key:
-                    rows.setdefault(r["gpu"], []).append(r)
-        for gpu, rs in rows.items():
-            rs.sort(key=lambda r: int(r["num_layers"]))
-            max_layers = int(rs[0]["max_num_layers"])
-            if [int(r["num_layers"]) for r in rs] != list(range(1, max_layers + 1)):
-                raise ConfigError("node_settings.csv", f"{spec.key}.{gpu}", "layer counts are not 1..max_num_layers")
+    kinds: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    # measured: the shipped directory, then the user's (a later one replaces an earlier one's type)
+    for d, where in dirs:
+        declared = _declared_shape(d, where, spec.key)
+        if declared is not None and declared != _shape_tuple(spec):
+            raise ConfigError(where, "shape", f"measured for layers/hidden/intermediate/heads/kv-heads/head-dim "
+                              f"{declared}, but {spec.name} is {_shape_tuple(spec)}: profile it again or remove it")
+        rows = dict(_shipped_settings_rows(spec.key)) if where.startswith(_SHIPPED) else {}
+        own = d / "node_settings.csv"
+        if own.is_file():
+            rows.update(_read_settings_rows(own, f"{where}/node_settings.csv", spec.key))
+        names = {g.lower(): g for g in rows}
+        tables = {f.name.removesuffix("_prompt.csv") for f in d.iterdir() if f.name.endswith("_prompt.csv")}
+        for low in sorted(tables | set(names)):
+            gpu = names.get(low) or _gpu_key(low)
+            p, q = d / f"{low}_prompt.csv", d / f"{low}_decode.csv"
+            if not (p.is_file() and q.is_file()):
+                raise ConfigError(where, f"{low}_prompt.csv, {low}_decode.csv",
+                                  f"GPU type {gpu} needs both tables (its node settings name it)")
+            px, ps = read_profile_table(p, f"{where}/{low}_prompt.csv")
+            dx, ds = read_profile_table(q, f"{where}/{low}_decode.csv")
+            for old in [g for g in gpus if g.lower() == low]:
+                del gpus[old], settings[old], kinds[old], origins[old]
+            try:
+                timer = BatchTimer(px, ps, dx, ds)
+            except ValueError as e:
+                raise ConfigError(f"{where}/{low}_prompt.csv", "batch_tokens", str(e)) from None
+            if px[-1] < consts.max_input_len:
+                # the typical batch looks prompts of about a whole input up (docs/original.md §3.4)
+                raise ConfigError(f"{where}/{low}_prompt.csv", "batch_tokens",
+                                  f"ends at {px[-1]:g} tokens; a profile must reach {consts.max_input_len}")
+            gpus[gpu] = GpuProfile(gpu, px, ps, dx, ds, timer)
+            settings[gpu] = (_node_settings(rows[gpu], f"{where}/node_settings.csv", gpu) if gpu in rows
+                             else _derived_settings(shape, gpu, spec.num_layers, f"{where}/node_settings.csv"))
+            kinds[gpu] = MEASURED
+            origins[gpu] = where
+    # analytical: every other type of the datasheet table that holds at least one layer
+    measured = {g.lower() for g in gpus}
+    for name, gt in gpu_types().items():
+        if name.lower() in measured:
+            continue
+        st = analytical_settings(shape, gt, spec.num_layers, consts)
+        if st is None:
+            continue
+        # the decode grid reaches the largest typical decode batch the throughput model can ask
+        # for (docs/original.md §3.4: 0.3 of one layer's KV, in requests of 990 tokens)
+        seq = consts.avg_input_len + consts.avg_output_len
+        reach = math.ceil(consts.typical_kv_fill * st.kv_capacity[0] / seq) + 1
+        px, ps, dx, ds = analytical_tables(shape, gt, consts, decode_upto=max(reach, *st.decode_max_tokens))
+        gpus[name] = GpuProfile(name, px, ps, dx, ds, BatchTimer(px, ps, dx, ds))
+        settings[name] = NodeSettings(name, st.max_layers, st.vllm_blocks, st.kv_capacity, st.prompt_max_requests,
+                                      st.prompt_max_tokens, st.decode_max_tokens, st.decode_max_context)
+        kinds[name] = ANALYTICAL
+        origins[name] = f"datasheet {name}: {gt.description}"
+    # typical-batch constants: the original's hand-set ones where it has them, else our rules
+    base = _base_model(spec.name) if _is_builtin(spec) else None
+    rule = {g: typical_constants(settings[g].max_layers, p.decode, p.decode_x[-1]) for g, p in gpus.items()}
+    hand = [g for g in gpus if base is not None and g in base.typical_layers_a]
+    # the initial performances only matter relative to each other: put ours on the hand-set scale
+    ratios = sorted(base.normalized_perf_initial[g] / rule[g][2] for g in hand) if base is not None else []
+    scale = ratios[len(ratios) // 2] if ratios else 1.0
+    ta: dict[str, int] = {}
+    tb: dict[str, int] = {}
+    perf: dict[str, float] = {}
+    most: dict[str, int] = {}
+    for g in gpus:
+        if base is not None and g in hand:
+            ta[g], tb[g] = base.typical_layers_a[g], base.typical_layers_b[g]
+            perf[g], most[g] = base.normalized_perf_initial[g], base.max_num_layers[g]
+        else:
+            ta[g], tb[g], perf[g] = rule[g][0], rule[g][1], rule[g][2] * scale
+            most[g] = settings[g].max_layers
+    return _Profiles(gpus, settings, kinds, origins, ta, tb, perf, most)
 
-            def col(c: str, rs: list[dict[str, str]] = rs) -> tuple[int, ...]:
-                return tuple(int(r[c]) for r in rs)
 
-            settings[gpu] = NodeSettings(
-                gpu=gpu,
-                max_layers=max_layers,
-                vllm_blocks=col("vllm_num_blocks"),
-                kv_capacity=col("kv_cache_capacity_token_layers"),
-                prompt_max_requests=col("prompt_max_requests"),
-                prompt_max_tokens=col("prompt_max_tokens"),
-                decode_max_tokens=col("decode_max_tokens"),
-                decode_max_context=col("decode_max_context"),
-            )
-    return ProfileSet(spec, gpus, settings)
+_lock = threading.Lock()
+_built: dict[tuple[Any, ...], _Profiles] = {}
+
+
+def _profiles_for(spec: ModelSpec) -> _Profiles:
+    """The profiles of ``spec``, built once per shape and state of its measured directories."""
+    dirs = measured_profile_dirs(spec.key)
+    stamp = []
+    for d, where in dirs:
+        if isinstance(d, Path):  # the user's directory may change while we run: key on its files
+            stamp.append((where, tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in d.iterdir()))))
+    key = (spec.key, spec.name if _is_builtin(spec) else "", _shape_tuple(spec), LayerShape.of(spec), tuple(stamp))
+    with _lock:
+        hit = _built.get(key)
+    if hit is None:
+        hit = _build(spec, dirs)
+        with _lock:
+            _built[key] = hit
+    return hit
+
+
+def attach_profiles(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with every profile known for it attached: ``gpus`` (measured types first, then the
+    analytical ones of the datasheet table), the typical-batch tables, ``max_num_layers`` and
+    ``profile_kinds``. The same object when nothing changes (docs/profiles.md)."""
+    b = _profiles_for(spec)
+    if (spec.gpus == tuple(b.gpus) and dict(spec.profile_kinds) == dict(b.kinds)
+            and dict(spec.normalized_perf_initial) == dict(b.perf) and dict(spec.typical_layers_a) == dict(b.typical_a)
+            and dict(spec.typical_layers_b) == dict(b.typical_b) and dict(spec.max_num_layers) == dict(b.max_layers)):
+        return spec
+    return dataclasses.replace(spec, gpus=tuple(b.gpus), typical_layers_a=dict(b.typical_a),
+                               typical_layers_b=dict(b.typical_b), normalized_perf_initial=dict(b.perf),
+                               max_num_layers=dict(b.max_layers), profile_kinds=dict(b.kinds))
+
+
+def load_profiles(model: ModelSpec | str) -> ProfileSet:
+    """Profiles and node settings of ``model`` for every GPU type it has one for: measured (shipped,
+    or in the user's profile directory) or analytical (the datasheet table). Raises ConfigError
+    naming the file when a measured profile is unreadable or was measured for another shape."""
+    spec = attach_profiles(get_model(model))
+    b = _profiles_for(spec)
+    return ProfileSet(spec, b.gpus, b.settings, b.kinds, b.origins)
 
 
 @dataclass(frozen=True)
@@ -371,7 +604,7 @@ class ThroughputModel:
     """
 
     def __init__(self, model: ModelSpec | str, gpu_counts: Mapping[str, int]) -> None:
-        self.model = get_model(model)
+        self.model = attach_profiles(get_model(model))
         self.profiles = load_profiles(self.model)
         self.consts = dataset_constants()
         self.counts: dict[str, int] = {}
@@ -539,6 +772,8 @@ __all__ = [
     "ThroughputModel",
     "TypicalBatch",
     "attach_profiles",
+    "measured_profile_dirs",
+    "read_profile_table",
     "check_fits",
     "dataset_constants",
     "get_model",

@@ -1,0 +1,109 @@
+"""The analytical per-layer profile against every measured profile we ship, in one run.
+
+Run: ``python bench/bench_analytical.py`` (add ``--fit`` to refit the seven factors on LLaMA-2-70B
+and print them as gpus.toml lines). The rules: docs/profiles.md.
+
+Each GPU type's one efficiency factor is fitted on LLaMA-2-70B's measured tables only; LLaMA-1-30B's
+tables check it. For both models and the original's seven GPU types the script prints the signed
+error ``analytical / measured - 1`` at a few batch sizes of each phase and the mean absolute error
+over the whole grid, then the node settings (most layers, KV capacity) against the measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helix_async.model import dataset_constants, load_profiles  # noqa: E402
+from helix_async.profiles.analytical import LayerShape, analytical_settings  # noqa: E402
+from helix_async.profiles.gpus import find_gpu  # noqa: E402
+from helix_async.profiles.validation import (  # noqa: E402
+    CHECK_MODEL,
+    FIT_MODEL,
+    MEASURED_GPUS,
+    compare,
+    fit_on_reference,
+)
+
+PROMPT_AT = (250, 1000, 2000, 4000, 7500)
+DECODE_AT = (2, 16, 60, 100, 200, 400)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (as bench/README.md shows it)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.0f}%"
+
+
+def error_table(model: str) -> tuple[list[str], list[list[str]], list[float]]:
+    head = ["GPU"] + [f"P{x}" for x in PROMPT_AT] + ["P mean|e|"] + [f"D{x}" for x in DECODE_AT] + ["D mean|e|"]
+    rows = []
+    all_abs: list[float] = []
+    for gpu in MEASURED_GPUS:
+        pts = compare(model, gpu)
+        at = {(p.phase, p.x): p.error for p in pts}
+        row = [gpu]
+        for phase, grid in (("prompt", PROMPT_AT), ("decode", DECODE_AT)):
+            row += [_pct(at.get((phase, x))) for x in grid]
+            errs = [abs(p.error) for p in pts if p.phase == phase]
+            all_abs += errs
+            row.append(f"{100 * statistics.fmean(errs):.0f}%")
+        rows.append(row)
+    return head, rows, all_abs
+
+
+def settings_table(model: str) -> tuple[list[str], list[list[str]]]:
+    ps = load_profiles(model)
+    shape = LayerShape.of(ps.model)
+    head = ["GPU", "most layers meas/ana", "KV(1) ana/meas", "KV(max) ana/meas", "decode cap meas/ana"]
+    rows = []
+    for gpu in MEASURED_GPUS:
+        m = ps.node_settings(gpu)
+        a = analytical_settings(shape, find_gpu(gpu), ps.model.num_layers, dataset_constants())  # type: ignore[arg-type]
+        assert a is not None
+        k = min(m.max_layers, a.max_layers)
+        rows.append([gpu, f"{m.max_layers}/{a.max_layers}", f"{a.kv_capacity[0] / m.kv(1):.2f}",
+                     f"{a.kv_capacity[k - 1] / m.kv(k):.2f} (k={k})",
+                     f"{m.decode_max_tokens[0]}/{a.decode_max_tokens[0]}"])
+    return head, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fit", action="store_true", help="refit the factors on LLaMA-2-70B and print gpus.toml lines")
+    args = ap.parse_args(argv)
+    print(f"efficiency factors (fitted on {FIT_MODEL} only; the table uses the shipped gpus.toml values)")
+    fit_rows = []
+    for gpu in MEASURED_GPUS:
+        fitted = fit_on_reference(gpu)
+        g = find_gpu(gpu)
+        assert g is not None
+        fit_rows.append([gpu, f"{fitted:.3f}", f"{g.efficiency:.3f}"])
+    print(table(["GPU", "fitted now", "shipped"], fit_rows))
+    if args.fit:
+        for gpu, fitted, _ in fit_rows:
+            print(f"[{'group' if 'x' in gpu else 'gpu'}.{gpu}] efficiency = {fitted}")
+    for model, role in ((FIT_MODEL, "fit"), (CHECK_MODEL, "check")):
+        head, rows, errs = error_table(model)
+        print(f"\n{model} ({role}): analytical / measured - 1 (P: prompt tokens, D: decode sequences)")
+        print(table(head, rows))
+        print(f"mean |error| over all {len(errs)} points: {100 * statistics.fmean(errs):.1f}%, "
+              f"median {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.0f}%")
+    for model in (FIT_MODEL, CHECK_MODEL):
+        head, rows = settings_table(model)
+        print(f"\n{model}: node settings, analytical against measured")
+        print(table(head, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
