@@ -258,8 +258,9 @@ class WorkerOptions:
     cuda:N. machine_type: the machine type it registers as (default CPU, or CUDA on a GPU).
     memory_bytes: what the device may hold, bytes (0: no check). bind: the inbox address. keys,
     key_name, insecure: CURVE (``transport/curve.py``). advertise: the address peers dial (default:
-    the bound one).  The executors' own options (their flags in the registry): checkpoint, dtype,
-    seed, threads (torch); time_scale (a factor > 0), plan (cost-model); extra: ``(dest, value)``
+    the bound one).  The executors' own options (their flags in the registry): checkpoint (a
+    checkpoint directory or GGUF file; "": the plan's model's own), dtype (the compute dtype; "":
+    the checkpoint's), seed, threads (torch); time_scale (a factor > 0), plan (cost-model); extra: ``(dest, value)``
     pairs of executor flags that no field here holds.
     """
 
@@ -269,7 +270,7 @@ class WorkerOptions:
     device: str = "cpu"
     machine_type: str = ""
     checkpoint: str = ""
-    dtype: str = "float32"
+    dtype: str = ""
     seed: int = 0
     bind: str = "tcp://127.0.0.1:*"
     threads: int = 1

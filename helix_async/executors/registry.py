@@ -141,8 +141,10 @@ class ExecutorEntry:
 
 
 _TORCH_FLAGS = (
-    Flag("--checkpoint", "checkpoint", "Hugging Face checkpoint directory (default: seeded dummy weights)"),
-    Flag("--dtype", "dtype", "torch dtype of the weights", choices=("float32", "float64", "float16", "bfloat16")),
+    Flag("--checkpoint", "checkpoint", "a Hugging Face checkpoint directory or a GGUF file (default: the plan's "
+         "model's own files; seeded dummy weights for a built-in name)"),
+    Flag("--dtype", "dtype", "compute dtype (default: the checkpoint's; float32 for a GGUF and dummy weights)",
+         choices=("float32", "float64", "float16", "bfloat16")),
     Flag("--seed", "seed", "seed of the dummy weights", kind="int"),
     Flag("--threads", "threads", "torch threads (default %(default)s)", kind="positive_int"),
 )
@@ -156,7 +158,7 @@ EXECUTORS: dict[str, ExecutorEntry] = {
     e.name: e
     for e in (
         ExecutorEntry("torch", "computes the layers of a LLaMA model", ".torch:from_context", _TORCH_FLAGS,
-                      devices=("cpu", "cuda"), weight_formats=("hf-safetensors", "dummy"), extra=("torch", "torch"),
+                      devices=("cpu", "cuda"), weight_formats=("hf-safetensors", "gguf", "dummy"), extra=("torch", "torch"),
                       blocking=True),
         ExecutorEntry("cost-model", "the simulator's executor on the real clock: each batch takes its profiled time",
                       ".cost_model:from_context", _COST_MODEL_FLAGS, needs_profile=True, emulates=True),

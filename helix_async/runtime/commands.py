@@ -256,8 +256,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker_main import WorkerServer
 
     opts = worker_options(args)
-    if opts.checkpoint and not Path(opts.checkpoint, "config.json").is_file():
-        raise ConfigError(opts.checkpoint, "--checkpoint", "no config.json in this directory")
+    if opts.checkpoint:
+        from ..models.weights import open_checkpoint
+
+        open_checkpoint(opts.checkpoint, "--checkpoint")  # headers only: a bad file is one line, exit 2
     server = WorkerServer(opts)
     rc = run(server.run())
     log.info("worker exits: %s", server.exit_reason or "done")
