@@ -46,11 +46,13 @@ import numpy as np
 
 from helix_async import _codec_py as _py
 from helix_async import messages as _m
+from helix_async import sampling as _sampling
 
 cdef extern from "Python.h":
     bint c_long_check "PyLong_Check"(PyObject* o)
     bint c_bool_check "PyBool_Check"(PyObject* o)
     bint c_float_check "PyFloat_Check"(PyObject* o)
+    bint c_float_check_exact "PyFloat_CheckExact"(PyObject* o)
     bint c_tuple_check "PyTuple_Check"(PyObject* o)
     bint c_list_check "PyList_Check"(PyObject* o)
     bint c_bytes_check_exact "PyBytes_CheckExact"(PyObject* o)
@@ -90,6 +92,7 @@ cdef enum:
 
 cdef long long I32_MAX = 2147483647
 cdef long long I64_MAX = 9223372036854775807
+cdef long long MAX_LP = _sampling.MAX_LOGPROBS  # most top log-probabilities a request asks for
 
 cdef object _COLD = object()  # "not a hot message: the pure-Python codec handles it"
 
@@ -101,10 +104,10 @@ cdef type Activations_t = _m.Activations
 cdef type TokenResult_t = _m.TokenResult
 cdef type Feedback_t = _m.Feedback
 
-cdef Py_ssize_t OFF_PW[13]
+cdef Py_ssize_t OFF_PW[23]
 cdef Py_ssize_t OFF_DW[8]
 cdef Py_ssize_t OFF_AC[5]
-cdef Py_ssize_t OFF_TR[6]
+cdef Py_ssize_t OFF_TR[7]
 cdef Py_ssize_t OFF_FB[4]
 
 cdef object TAG_PW = _py.TAG_FRAMES[int(_m.MsgType.PROMPT_WORK)]
@@ -150,13 +153,16 @@ cdef int _slot_offsets(type cls, tuple expected, Py_ssize_t* out) except -1:
 
 _slot_offsets(PromptWork_t, (
     "request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors",
-    "payload_bytes", "temperature", "top_p", "seed",
+    "payload_bytes", "temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "min_tokens", "stop_token_ids", "logprobs", "context_ids", "generated",
 ), OFF_PW)
 _slot_offsets(DecodeWork_t, (
     "request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes"
 ), OFF_DW)
 _slot_offsets(Activations_t, ("request_id", "stage", "num_tokens", "sent_at", "tensors"), OFF_AC)
-_slot_offsets(TokenResult_t, ("request_id", "token_id", "context_len", "finished", "sent_at", "route"), OFF_TR)
+_slot_offsets(
+    TokenResult_t, ("request_id", "token_id", "context_len", "finished", "sent_at", "route", "logprobs"), OFF_TR
+)
 _slot_offsets(Feedback_t, ("request_id", "node_id", "delay", "sent_at"), OFF_FB)
 
 
@@ -551,6 +557,55 @@ cdef inline int e_payload_bytes(PyObject* o, CLimits* lim, long long* out) noexc
     return 0
 
 
+cdef int e_ints(Writer* w, PyObject* o, long long lo, long long hi, Py_ssize_t* n_out) except -2:
+    # a tuple of ints in [lo, hi] (at most 5 bytes each: lo, hi within the int32 range); -1 = reject
+    cdef Py_ssize_t n, i
+    cdef long long v
+    if o == NULL or not c_tuple_check(o):
+        return -1
+    n = c_tuple_size(o)
+    w_array(w, n)
+    w_reserve(w, 5 * n)
+    for i in range(n):
+        if o_int(c_tuple_item(o, i), lo, hi, &v) < 0:
+            return -1
+        w_int(w, v)
+    n_out[0] = n
+    return 0
+
+
+cdef int e_logprobs(Writer* w, PyObject* o, long long token_id) except -2:
+    # token_result.logprobs: 0..1 + MAX_LP pairs (token id 0..I32, an exact float, finite, <= 0),
+    # the first one's id token_id; -1 = reject
+    cdef Py_ssize_t n, i
+    cdef PyObject* pair
+    cdef PyObject* f
+    cdef long long tok
+    cdef double d
+    if o == NULL or not c_tuple_check(o):
+        return -1
+    n = c_tuple_size(o)
+    if n > 1 + MAX_LP:
+        return -1
+    w_array(w, n)
+    for i in range(n):
+        pair = c_tuple_item(o, i)
+        if not c_tuple_check(pair) or c_tuple_size(pair) != 2:
+            return -1
+        if o_int(c_tuple_item(pair, 0), 0, I32_MAX, &tok) < 0 or (i == 0 and tok != token_id):
+            return -1
+        f = c_tuple_item(pair, 1)
+        if not c_float_check_exact(f):
+            return -1
+        d = c_float_as_double(f)
+        if not isfinite(d) or d > 0:
+            return -1
+        w_byte(w, 0x92)
+        w_int(w, tok)
+        w_double(w, d)
+    return 0
+
+
 # Each enc_* writes the payload of a valid message to w (a counting writer: only its size) and
 # returns its tensor frames, with its modelled payload's size in payload_bytes; None to reject.
 
@@ -585,13 +640,14 @@ cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits, 
 
 cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
     cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, seed
-    cdef double sent_at, temperature, top_p
-    cdef Py_ssize_t nroute, nids, i
+    cdef long long top_k, min_tokens, logprobs, generated
+    cdef double sent_at, temperature, top_p, min_p, presence, frequency, repetition
+    cdef Py_ssize_t nroute, nids, i, nstop, ncids
     cdef PyObject* ids
     if (o_int(_get(msg, OFF_PW[0]), 0, I64_MAX, &request_id) < 0
             or o_int(_get(msg, OFF_PW[1]), 0, I64_MAX, &query_id) < 0):
         return None
-    w_byte(w, 0x9d)
+    w_array(w, 23)
     w_int(w, request_id)
     w_int(w, query_id)
     if e_route(w, _get(msg, OFF_PW[2]), lim, 1, &nroute) < 0:
@@ -627,9 +683,33 @@ cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, 
     w_double(w, temperature)
     w_double(w, top_p)
     w_int(w, seed)
-    # exactly one of token ids (num_tokens of them), tensors, a modelled payload
+    if (o_int(_get(msg, OFF_PW[13]), 0, I32_MAX, &top_k) < 0
+            or o_float(_get(msg, OFF_PW[14]), &min_p) < 0 or min_p < 0 or min_p > 1
+            or o_float(_get(msg, OFF_PW[15]), &presence) < 0 or presence < -2 or presence > 2
+            or o_float(_get(msg, OFF_PW[16]), &frequency) < 0 or frequency < -2 or frequency > 2
+            or o_float(_get(msg, OFF_PW[17]), &repetition) < 0 or not (repetition > 0)
+            or o_int(_get(msg, OFF_PW[18]), 0, I32_MAX, &min_tokens) < 0):
+        return None
+    w_int(w, top_k)
+    w_double(w, min_p)
+    w_double(w, presence)
+    w_double(w, frequency)
+    w_double(w, repetition)
+    w_int(w, min_tokens)
+    if (e_ints(w, _get(msg, OFF_PW[19]), 0, I32_MAX, &nstop) < 0
+            or o_int(_get(msg, OFF_PW[20]), -1, MAX_LP, &logprobs) < 0):
+        return None
+    w_int(w, logprobs)
+    if (e_ints(w, _get(msg, OFF_PW[21]), 0, I32_MAX, &ncids) < 0
+            or o_int(_get(msg, OFF_PW[22]), 0, I32_MAX, &generated) < 0):
+        return None
+    w_int(w, generated)
+    # exactly one of token ids (num_tokens of them), tensors, a modelled payload; context ids only
+    # without token ids (num_tokens of them); generated < num_tokens
     if (stage >= nroute or (nids > 0 and nids != num_tokens)
-            or (nids > 0) + (len(frames) > 0) + (payload_bytes[0] > 0) != 1):
+            or (nids > 0) + (len(frames) > 0) + (payload_bytes[0] > 0) != 1
+            or (ncids > 0 and (nids > 0 or ncids != num_tokens))
+            or generated >= num_tokens):
         return None
     return frames
 
@@ -661,13 +741,14 @@ cdef object enc_token_result(object msg, Writer* w, CLimits* lim):
             or (fin != Py_True and fin != Py_False)
             or o_float(_get(msg, OFF_TR[4]), &sent_at) < 0):
         return None
-    w_byte(w, 0x96)
+    w_byte(w, 0x97)
     w_int(w, request_id)
     w_int(w, token_id)
     w_int(w, context_len)
     w_byte(w, 0xc3 if fin == Py_True else 0xc2)
     w_double(w, sent_at)
-    if e_route(w, _get(msg, OFF_TR[5]), lim, 0, &nroute) < 0:
+    if (e_route(w, _get(msg, OFF_TR[5]), lim, 0, &nroute) < 0
+            or e_logprobs(w, _get(msg, OFF_TR[6]), token_id) < 0):
         return None
     return _NO_FRAMES
 
@@ -1158,6 +1239,43 @@ cdef object d_payload(object descs, object frames, Py_ssize_t nfr, CLimits* lim,
     return d_tensors(descs, frames, nfr, lim)
 
 
+cdef object d_ints(Reader* r, long long lo, long long hi, Py_ssize_t count):
+    # a tuple of ints in [lo, hi], empty or of exactly count items (count < 0: any count), or
+    # None to reject (checked before anything is built beyond PREALLOC_MAX items)
+    cdef Py_ssize_t n, i
+    cdef long long v
+    if (r_array(r, &n) < 0 or (count >= 0 and n > 0 and n != count)
+            or (n > PREALLOC_MAX and r_ints_scan(r, n, lo, hi) < 0)):
+        return None
+    out = PyTuple_New(n)
+    for i in range(n):
+        if r_int(r, lo, hi, &v) < 0:
+            return None
+        x = PyLong_FromLongLong(v)
+        Py_INCREF(x)
+        PyTuple_SET_ITEM(out, i, x)
+    return out
+
+
+cdef object d_logprobs(Reader* r, long long token_id):
+    # token_result.logprobs (see e_logprobs), or None to reject
+    cdef Py_ssize_t n, k, i
+    cdef long long tok
+    cdef double d
+    if r_array(r, &n) < 0 or n > 1 + MAX_LP:
+        return None
+    out = PyTuple_New(n)
+    for i in range(n):
+        if (r_array(r, &k) < 0 or k != 2
+                or r_int(r, 0, I32_MAX, &tok) < 0 or (i == 0 and tok != token_id)
+                or r_float(r, &d) < 0 or d > 0):
+            return None
+        pair = (PyLong_FromLongLong(tok), PyFloat_FromDouble(d))
+        Py_INCREF(pair)
+        PyTuple_SET_ITEM(out, i, pair)
+    return out
+
+
 cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n
     cdef long long request_id, stage, context_len, token_id, payload_bytes
@@ -1194,8 +1312,9 @@ cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
 cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n, nids, i
     cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, payload_bytes, seed
-    cdef double sent_at, temperature, top_p
-    if (r_array(r, &n) < 0 or n != 13
+    cdef long long top_k, min_tokens, logprobs, generated
+    cdef double sent_at, temperature, top_p, min_p, presence, frequency, repetition
+    if (r_array(r, &n) < 0 or n != 23
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I64_MAX, &query_id) < 0):
         return None
@@ -1221,6 +1340,20 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
             or r_float(r, &temperature) < 0 or temperature < 0
             or r_float(r, &top_p) < 0 or not (0 < top_p <= 1)
             or r_int(r, 0, I64_MAX, &seed) < 0
+            or r_int(r, 0, I32_MAX, &top_k) < 0
+            or r_float(r, &min_p) < 0 or min_p < 0 or min_p > 1
+            or r_float(r, &presence) < 0 or presence < -2 or presence > 2
+            or r_float(r, &frequency) < 0 or frequency < -2 or frequency > 2
+            or r_float(r, &repetition) < 0 or not (repetition > 0)
+            or r_int(r, 0, I32_MAX, &min_tokens) < 0):
+        return None
+    stop_ids = d_ints(r, 0, I32_MAX, -1)
+    if stop_ids is None or r_int(r, -1, MAX_LP, &logprobs) < 0:
+        return None
+    # context ids: only without token ids, num_tokens of them (checked before they are built)
+    context_ids = d_ints(r, 0, I32_MAX, 0 if nids > 0 else num_tokens)
+    if (context_ids is None
+            or r_int(r, 0, I32_MAX, &generated) < 0 or generated >= num_tokens
             or r.i != r.n
             or stage >= len(<tuple>route)
             or (nids > 0) + (len(descs) > 0) + (payload_bytes > 0) != 1):
@@ -1242,6 +1375,16 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     _set(msg, OFF_PW[10], PyFloat_FromDouble(temperature))
     _set(msg, OFF_PW[11], PyFloat_FromDouble(top_p))
     _set(msg, OFF_PW[12], PyLong_FromLongLong(seed))
+    _set(msg, OFF_PW[13], PyLong_FromLongLong(top_k))
+    _set(msg, OFF_PW[14], PyFloat_FromDouble(min_p))
+    _set(msg, OFF_PW[15], PyFloat_FromDouble(presence))
+    _set(msg, OFF_PW[16], PyFloat_FromDouble(frequency))
+    _set(msg, OFF_PW[17], PyFloat_FromDouble(repetition))
+    _set(msg, OFF_PW[18], PyLong_FromLongLong(min_tokens))
+    _set(msg, OFF_PW[19], stop_ids)
+    _set(msg, OFF_PW[20], PyLong_FromLongLong(logprobs))
+    _set(msg, OFF_PW[21], context_ids)
+    _set(msg, OFF_PW[22], PyLong_FromLongLong(generated))
     return msg
 
 
@@ -1275,7 +1418,7 @@ cdef object dec_token_result(Reader* r, CLimits* lim, Py_ssize_t nfr):
     cdef long long request_id, token_id, context_len
     cdef double sent_at
     cdef unsigned char fin
-    if (nfr != 2 or r_array(r, &n) < 0 or n != 6
+    if (nfr != 2 or r_array(r, &n) < 0 or n != 7
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I32_MAX, &token_id) < 0
             or r_int(r, 1, I32_MAX, &context_len) < 0
@@ -1288,7 +1431,10 @@ cdef object dec_token_result(Reader* r, CLimits* lim, Py_ssize_t nfr):
     if r_float(r, &sent_at) < 0:
         return None
     route = d_route(r, lim, 0)
-    if route is None or r.i != r.n:
+    if route is None:
+        return None
+    logprobs = d_logprobs(r, token_id)
+    if logprobs is None or r.i != r.n:
         return None
     msg = PyType_GenericAlloc(<PyTypeObject*>TokenResult_t, 0)
     _set(msg, OFF_TR[0], PyLong_FromLongLong(request_id))
@@ -1297,6 +1443,7 @@ cdef object dec_token_result(Reader* r, CLimits* lim, Py_ssize_t nfr):
     _set(msg, OFF_TR[3], <object>(Py_True if fin == 0xc3 else Py_False))
     _set(msg, OFF_TR[4], PyFloat_FromDouble(sent_at))
     _set(msg, OFF_TR[5], route)
+    _set(msg, OFF_TR[6], logprobs)
     return msg
 
 

@@ -27,12 +27,17 @@ assign_layers           [node_id, model, start, end, plan_id 0..I64,
 prompt_work             [request_id, query_id, route [[node, start, end]...], stage,
                         num_tokens 1..I32, token_ids [0..I32...], max_tokens 1..I32,
                         sent_at float, tensors [[dtype, shape]...], payload_bytes,
-                        temperature float >= 0, top_p float in (0, 1], seed 0..I64]
+                        temperature float >= 0, top_p float in (0, 1], seed 0..I64,
+                        top_k 0..I32, min_p float in [0, 1], presence_penalty float in [-2, 2],
+                        frequency_penalty float in [-2, 2], repetition_penalty float > 0,
+                        min_tokens 0..I32, stop_token_ids [0..I32...],
+                        logprobs -1..MAX_LOGPROBS, context_ids [0..I32...], generated 0..I32]
 decode_work             [request_id, route, stage, context_len 1..I32, token_id -1..I32,
                         sent_at, tensors, payload_bytes]
 activations             [request_id, stage, num_tokens 0..I32, sent_at, tensors (>= 1)]
 token_result            [request_id, token_id 0..I32, context_len 1..I32, finished bool,
-                        sent_at, route (may be empty)]
+                        sent_at, route (may be empty),
+                        logprobs [[token_id 0..I32, logprob float <= 0]...] (0..1 + MAX_LOGPROBS)]
 heartbeat               [node_id, seq 0..I64, now float]
 cancel                  [request_id, reason]
 error                   [request_id -1..I64, code 0..I32, text]
@@ -47,9 +52,10 @@ returns) has 1..``Limits.max_route_stages`` compute stages (token_result: 0.. of
 start < end, stage i starting where stage i-1 ends, and ``stage < len(route)``; the sink after the
 last stage is implicit.
 Cross-field rules: prompt_work carries exactly one of token ids (exactly ``num_tokens`` of
-them), tensors and a modelled payload (``payload_bytes`` > 0); decode_work exactly one of a
+them), tensors and a modelled payload (``payload_bytes`` > 0), context ids only without token
+ids (exactly ``num_tokens`` of them), and ``generated < num_tokens``; decode_work exactly one of a
 token id >= 0, tensors and a modelled payload (token_id -1 with either of the last two);
-assign_layers has start < end.
+token_result's logprobs, when given, start with its own token id; assign_layers has start < end.
 
 Encoding validates the same rules (a message that encodes always decodes to an equal one).
 Decoding validates everything (frame count, tag, sizes, msgpack well-formedness and trailing
@@ -108,6 +114,7 @@ from .messages import (
     TokenResult,
     as_ndarray,
 )
+from .sampling import MAX_LOGPROBS
 
 I32_MAX = 2**31 - 1
 I64_MIN = -(2**63)
@@ -472,22 +479,26 @@ class _Int:
 
 
 class _Float:
-    """A finite float (an int is accepted on encode and sent as a float); ``nonneg``: >= 0 too;
-    ``prob``: in (0, 1]."""
+    """A finite float (an int is accepted on encode and sent as a float) in the range from ``lo``
+    (excluded when ``lo_open``) to ``hi``; None: unbounded on that side."""
 
-    __slots__ = ("nonneg", "prob")
+    __slots__ = ("lo", "hi", "lo_open", "rule")
 
-    def __init__(self, nonneg: bool = False, prob: bool = False) -> None:
-        self.nonneg = nonneg
-        self.prob = prob
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+        if hi is not None:
+            self.rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        elif lo is not None:
+            self.rule = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            self.rule = ""
 
     def _check(self, ctx: _Ctx, f: float, where: str) -> float:
         if not math.isfinite(f):
             raise ctx.error(where, f"must be finite, got {f}")
-        if self.nonneg and f < 0:
-            raise ctx.error(where, f"must be >= 0, got {f}")
-        if self.prob and not 0 < f <= 1:
-            raise ctx.error(where, f"must be in (0, 1], got {f}")
+        lo, hi = self.lo, self.hi
+        if (lo is not None and (f <= lo if self.lo_open else f < lo)) or (hi is not None and f > hi):
+            raise ctx.error(where, f"must be {self.rule}, got {f}")
         return f
 
     def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
@@ -667,6 +678,43 @@ class _Peers:
         for node, address, start, end in v:
             n += 1 + _int_size(node) + _str_size(address) + _int_size(start) + _int_size(end)
         return n
+
+
+class _Logprobs:
+    """(token id, logprob) pairs, 0..1 + MAX_LOGPROBS of them: ids 0..I32, logprobs finite <= 0."""
+
+    __slots__ = ()
+
+    def _check_lp(self, ctx: _Ctx, x: object, where: str) -> float:
+        if type(x) is not float:
+            raise ctx.error(where, f"must be a float, got {_tname(x)}")
+        if not math.isfinite(x):
+            raise ctx.error(where, f"must be finite, got {x}")
+        if x > 0:
+            raise ctx.error(where, f"must be <= 0 (a log-probability), got {x}")
+        return x
+
+    def to_wire(self, ctx: _Ctx, v: object, where: str) -> object:
+        t = _check_tuple(ctx, v, where, 0, 1 + MAX_LOGPROBS)
+        for i, p in enumerate(t):
+            w = f"{where}[{i}]"
+            s = _check_tuple(ctx, p, w, 2, 2)
+            _check_int(ctx, s[0], w + ".token_id", 0, I32_MAX)
+            self._check_lp(ctx, s[1], w + ".logprob")
+        return t
+
+    def read(self, ctx: _Ctx, rd: _Reader, where: str) -> object:
+        n = rd.array(where, 0, 1 + MAX_LOGPROBS)
+        out = []
+        for i in range(n):
+            w = f"{where}[{i}]"
+            rd.array(w, 2, 2)
+            tok = _check_int(ctx, rd.item(), w + ".token_id", 0, I32_MAX)
+            out.append((tok, self._check_lp(ctx, rd.item(), w + ".logprob")))
+        return tuple(out)
+
+    def size(self, v: Any) -> int:
+        return _array_size(len(v)) + sum(10 + _int_size(tok) for tok, _ in v)
 
 
 class _PayloadBytes:
@@ -922,6 +970,20 @@ def _rules_prompt(ctx: _Ctx, v: dict) -> None:
             "token_ids", "is empty and no tensors nor payload_bytes are given (need token ids xor hidden states)"
         )
     _check_one_payload(ctx, v)
+    ctx_ids = v["context_ids"]
+    if ctx_ids:
+        if ids:
+            raise ctx.error("context_ids", "must be empty when token_ids are given (the first stage has them there)")
+        if len(ctx_ids) != v["num_tokens"]:
+            raise ctx.error("context_ids", f"has {len(ctx_ids)} ids but num_tokens is {v['num_tokens']}")
+    if v["generated"] >= v["num_tokens"]:
+        raise ctx.error("generated", f"must be < num_tokens = {v['num_tokens']}, got {v['generated']}")
+
+
+def _rules_token_result(ctx: _Ctx, v: dict) -> None:
+    lps = v["logprobs"]
+    if lps and lps[0][0] != v["token_id"]:
+        raise ctx.error("logprobs[0].token_id", f"must be the result's token_id {v['token_id']}, got {lps[0][0]}")
 
 
 def _rules_decode(ctx: _Ctx, v: dict) -> None:
@@ -1003,9 +1065,19 @@ LAYOUTS: dict[int, _Layout] = {
                 "sent_at": _F,
                 "tensors": _Tensors(0),
                 "payload_bytes": _PayloadBytes(),
-                "temperature": _Float(nonneg=True),
-                "top_p": _Float(prob=True),
+                "temperature": _Float(0.0),
+                "top_p": _Float(0.0, 1.0, lo_open=True),
                 "seed": _ID,
+                "top_k": _I32,
+                "min_p": _Float(0.0, 1.0),
+                "presence_penalty": _Float(-2.0, 2.0),
+                "frequency_penalty": _Float(-2.0, 2.0),
+                "repetition_penalty": _Float(0.0, lo_open=True),
+                "min_tokens": _I32,
+                "stop_token_ids": _Ints(0, I32_MAX),
+                "logprobs": _Int(-1, MAX_LOGPROBS),
+                "context_ids": _Ints(0, I32_MAX),
+                "generated": _I32,
             },
             _rules_prompt,
         ),
@@ -1036,13 +1108,15 @@ LAYOUTS: dict[int, _Layout] = {
                 "finished": _Bool(),
                 "sent_at": _F,
                 "route": _Route(0),
+                "logprobs": _Logprobs(),
             },
+            _rules_token_result,
         ),
         _Layout(Heartbeat, {"node_id": _I32, "seq": _ID, "now": _F}),
         _Layout(Cancel, {"request_id": _ID, "reason": _S}),
         _Layout(Error, {"request_id": _Int(-1, I64_MAX), "code": _I32, "text": _S}),
         _Layout(Shutdown, {"reason": _S}),
-        _Layout(Feedback, {"request_id": _ID, "node_id": _I32, "delay": _Float(nonneg=True), "sent_at": _F}),
+        _Layout(Feedback, {"request_id": _ID, "node_id": _I32, "delay": _Float(0.0), "sent_at": _F}),
         _Layout(
             NodeStats,
             {
@@ -1178,9 +1252,18 @@ def _size_prompt_work(m: Any) -> int:
         n += _array_size(len(ids)) + sum(map(_int_size, ids)) - 1
     if t:
         n += _tensors_size(t) - 1
+    ids = m.stop_token_ids
+    if ids:
+        n += _array_size(len(ids)) + sum(map(_int_size, ids)) - 1
+    ids = m.context_ids
+    if ids:
+        n += _array_size(len(ids)) + sum(map(_int_size, ids)) - 1
     return (
         n
-        + 31  # (+ two float64 fields of 9 bytes: temperature, top_p)
+        # tag, array16 header (23 fields), seven float64 fields (sent_at, temperature, top_p, min_p,
+        # the presence and frequency penalties, repetition_penalty), one byte each for the empty
+        # token_ids, tensors, stop_token_ids and context_ids arrays and logprobs (-1..20)
+        + 72
         + _U[m.request_id.bit_length()]
         + _U[m.query_id.bit_length()]
         + _U[m.stage.bit_length()]
@@ -1188,6 +1271,9 @@ def _size_prompt_work(m: Any) -> int:
         + _U[m.max_tokens.bit_length()]
         + _U[p.bit_length()]
         + _U[m.seed.bit_length()]
+        + _U[m.top_k.bit_length()]
+        + _U[m.min_tokens.bit_length()]
+        + _U[m.generated.bit_length()]
         + p
     )
 
@@ -1215,7 +1301,10 @@ def _size_token_result(m: Any) -> int:
     r = m.route
     e = _RS.get(id(r))
     n = e[1] if e is not None and e[0] is r else _route_size(r)
-    return n + 12 + _U[m.request_id.bit_length()] + _U[m.token_id.bit_length()] + _U[m.context_len.bit_length()]
+    lps = m.logprobs
+    if lps:
+        n += _array_size(len(lps)) + sum(10 + _int_size(tok) for tok, _ in lps) - 1
+    return n + 13 + _U[m.request_id.bit_length()] + _U[m.token_id.bit_length()] + _U[m.context_len.bit_length()]
 
 
 def _size_feedback(m: Any) -> int:

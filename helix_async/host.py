@@ -31,13 +31,16 @@ from typing import Any
 
 from .clock import Clock
 from .ids import NodeRef, Route
-from .messages import Cancel, Error, Feedback, PromptWork, TokenResult, make_decode_work
+from .messages import Cancel, Error, Feedback, PromptWork, TokenResult, make_decode_work, sampling_fields
+from .sampling import GREEDY, SampledToken, SamplingParams
 from .transport.base import Transport
 
 __all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "Query"]
 
 #: wire ids of migrated queries count from here (above any query id a workload uses)
 MIGRATED_RID_BASE = 1 << 62
+
+_GREEDY_FIELDS = sampling_fields(GREEDY)
 
 
 class Query:
@@ -81,7 +84,7 @@ class Query:
         self.token_ids: tuple[int, ...] | None = None
         self.tokens: list[int] | None = None
         self.error = ""  # why the query failed ("" unless it did)
-        self.sampling = (0.0, 1.0, 0)  # (temperature, top_p, seed): greedy unless temperature > 0
+        self.sampling = GREEDY  # how the last stage chooses its tokens
         self.rid = qid  # its id on the wire: a fresh one after each migration (stale results are dropped)
         self.migrations = 0
         self.moved_at = -1.0  # when it last migrated, until its next token comes
@@ -172,8 +175,9 @@ class Host:
         self.on_prompt_done: Callable[[Query], None] | None = None
         self.on_query_done: Callable[[Query], None] | None = None
         self.on_reject: Callable[[Query], None] | None = None
-        #: on_token(query, token id, last): every token of a query served with token ids
-        self.on_token: Callable[[Query, int, bool], None] | None = None
+        #: on_token(query, token, last): every token of a query served with token ids; the token is
+        #: its id, or a SampledToken when the query's sampling asks for log-probabilities
+        self.on_token: Callable[[Query, Any, bool], None] | None = None
         #: on_fail(query): an admitted query failed (its ``error`` says why)
         self.on_fail: Callable[[Query], None] | None = None
 
@@ -234,13 +238,15 @@ class Host:
         input_len: int,
         output_len: int,
         token_ids: tuple[int, ...] | None = None,
-        sampling: tuple[float, float, int] | None = None,
+        sampling: SamplingParams | tuple[float, float, int] | None = None,
     ) -> Query | None:
         """A query arrives now. Returns it (admitted or waiting), or None when it was dropped.
 
         token_ids: the prompt (``input_len`` ids) when the workers compute for real; its tokens
         then come back through ``on_token``.  Without them the prompt is a modelled payload.
-        sampling: (temperature, top_p, seed) for the last stage (default greedy)."""
+        sampling: how the last stage chooses its tokens (default greedy), or the tuple
+        (temperature, top_p, seed) for those three alone. With ``sampling.logprobs`` set,
+        ``on_token`` gets a :class:`~helix_async.sampling.SampledToken` per token, else the id."""
         if qid in self._queries:
             raise ValueError(f"query {qid} is already active")
         q = Query(qid, int(input_len), int(output_len), self._clock.now())
@@ -249,8 +255,10 @@ class Host:
                 raise ValueError(f"query {qid}: {len(token_ids)} token ids for input_len {q.input_len}")
             q.token_ids = tuple(int(t) for t in token_ids)
             q.tokens = []
-        if sampling is not None:
-            q.sampling = (float(sampling[0]), float(sampling[1]), int(sampling[2]))
+        if isinstance(sampling, SamplingParams):
+            q.sampling = sampling
+        elif sampling is not None:
+            q.sampling = SamplingParams(temperature=float(sampling[0]), top_p=float(sampling[1]), seed=int(sampling[2]))
         self.stats.submitted += 1
         if self.admission_stopped:
             return self._wait(q)  # until coverage returns (bounded by the admission capacity)
@@ -419,6 +427,7 @@ class Host:
         wire_ids: tuple[int, ...] = ()
         if ids is not None:
             wire_ids = ids + tuple(tokens) if q.iterations and tokens is not None else ids
+        sampling = _GREEDY_FIELDS if q.sampling is GREEDY else sampling_fields(q.sampling)
         self._transport.send(
             route[0][0],
             PromptWork(
@@ -431,9 +440,9 @@ class Host:
                 max_tokens=q.decodes_left + 1,
                 sent_at=self._clock.now(),
                 payload_bytes=ctx * self._tid if ids is None else 0,
-                temperature=q.sampling[0],
-                top_p=q.sampling[1],
-                seed=q.sampling[2],
+                # the tokens it generated before a migration: the last stage counts them as output
+                generated=q.iterations,
+                **sampling,
             ),
         )
 
@@ -532,7 +541,9 @@ class Host:
         if tokens is not None:
             tokens.append(msg.token_id)
             if self.on_token is not None:
-                self.on_token(q, msg.token_id, q.decodes_left <= 0)
+                lps = msg.logprobs
+                tok: Any = msg.token_id if not lps else SampledToken(msg.token_id, lps[0][1], lps[1:])
+                self.on_token(q, tok, q.decodes_left <= 0)
         if q.decodes_left > 0:
             q.decodes_left -= 1
             q.created = now

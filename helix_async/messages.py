@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .ids import Route
+from .sampling import SamplingParams
 
 
 class MsgType(IntEnum):
@@ -185,9 +186,19 @@ class PromptWork(_Message):
     stands for the hidden states (empty ``tensors``) or, at the first stage, the token ids (empty
     ``token_ids``; ``num_tokens`` still counts them). Exactly one of token_ids, tensors and
     payload_bytes is given.
-    temperature, top_p, seed: how the last stage chooses the request's tokens: greedy when
-    temperature is 0; otherwise softmax at that temperature over the smallest set of tokens whose
-    probability reaches top_p (0 < top_p <= 1), drawn with a generator seeded by seed.
+    temperature, top_p, seed, top_k, min_p, presence_penalty, frequency_penalty,
+    repetition_penalty, min_tokens, stop_token_ids: how the last stage chooses the request's
+    tokens, the fields of :class:`helix_async.sampling.SamplingParams` (its doc gives their ranges
+    and meaning; :meth:`sampling` builds it, :func:`sampling_fields` gives them back as keywords).
+    logprobs: -1 for none, else how many top log-probabilities each token result carries (0..
+    ``MAX_LOGPROBS``; the chosen token's comes with them).
+    context_ids: the request's token ids for a later last stage that needs them (empty unless the
+    sampling counts them: a repetition penalty, or the presence and frequency penalties of a
+    migrated request), so empty at the first stage, which has them in ``token_ids``; else exactly
+    ``num_tokens`` ids. The first stage copies its token ids here when it forwards the prompt.
+    generated: how many of the request's last tokens it had generated already (0, except after a
+    migration, whose prompt is its input plus the tokens generated so far): the penalties and
+    ``min_tokens`` count them as output, and the seeded draws go on from there (< num_tokens).
     """
 
     TAG: ClassVar[MsgType] = MsgType.PROMPT_WORK
@@ -205,8 +216,61 @@ class PromptWork(_Message):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int = -1
+    context_ids: tuple[int, ...] = ()
+    generated: int = 0
 
     __eq__ = _eq_with_tensors
+
+    def sampling(self) -> SamplingParams:
+        """The request's sampling parameters (raises ValueError when the fields break their rules,
+        which a decoded message never does)."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids,
+            logprobs=None if self.logprobs < 0 else self.logprobs,
+        )
+
+    @property
+    def needs_context(self) -> bool:
+        """The last stage needs the request's token ids (``context_ids``) to sample: a repetition
+        penalty counts the prompt's; after a migration the presence and frequency penalties count
+        the tokens generated before it."""
+        return self.repetition_penalty != 1.0 or (
+            self.generated > 0 and (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+        )
+
+
+def sampling_fields(params: SamplingParams) -> dict[str, Any]:
+    """``params`` as the keyword arguments of :class:`PromptWork`'s sampling fields."""
+    return {
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        "seed": int(params.seed),
+        "top_k": int(params.top_k),
+        "min_p": float(params.min_p),
+        "presence_penalty": float(params.presence_penalty),
+        "frequency_penalty": float(params.frequency_penalty),
+        "repetition_penalty": float(params.repetition_penalty),
+        "min_tokens": int(params.min_tokens),
+        "stop_token_ids": tuple(int(t) for t in params.stop_token_ids),
+        "logprobs": -1 if params.logprobs is None else int(params.logprobs),
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -267,6 +331,10 @@ class TokenResult(_Message):
     route: the route the step took (as in PromptWork), or empty. Per-hop schedulers (Swarm,
     Random, shortest queue) pick each next hop at the sending node, so only the last stage knows
     the whole route: it fills it in, and the host stamps it on the request's later decodes.
+    logprobs: empty unless the request asked for log-probabilities (``PromptWork.logprobs`` >= 0);
+    else ``(token id, logprob)`` pairs: the chosen token's first (its id is ``token_id``), then the
+    ``logprobs`` most likely tokens', best first. A logprob is the natural log of a probability
+    (finite, <= 0).
     """
 
     TAG: ClassVar[MsgType] = MsgType.TOKEN_RESULT
@@ -277,6 +345,7 @@ class TokenResult(_Message):
     finished: bool
     sent_at: float
     route: Route = ()
+    logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -437,6 +506,7 @@ __all__ = [
     "make_prompt_work",
     "make_token_result",
     "positional_constructor",
+    "sampling_fields",
     "MESSAGE_TYPES",
     "Activations",
     "AssignLayers",

@@ -54,6 +54,7 @@ from helix_async.messages import (
     make_prompt_work,
     make_token_result,
 )
+from helix_async.sampling import SampledToken
 from helix_async.transport.base import Transport
 
 if TYPE_CHECKING:
@@ -614,30 +615,42 @@ class Worker:
             self._fail(item, data.reason)
             return
         if dest == SINK:
-            # (request_id, token_id, context_len, finished, sent_at, route)
+            # (request_id, token_id, context_len, finished, sent_at, route, logprobs): the chosen
+            # token (an int, or a SampledToken when the request asked for log-probabilities)
+            if data is None:
+                tok, lps = 0, ()
+            elif data.__class__ is SampledToken:
+                tok, lps = data.token_id, ((data.token_id, data.logprob), *data.top)
+            else:
+                tok, lps = data, ()
             out: Any = make_token_result(
                 item.rid,
-                0 if data is None else data,
+                tok,
                 msg.num_tokens if msg.__class__ is PromptWork else msg.context_len,
                 False,
                 now,
                 route,
+                lps,
             )
         elif msg.__class__ is PromptWork:
             # (request_id, query_id, route, stage, num_tokens, token_ids, max_tokens, sent_at,
-            #  tensors, payload_bytes, temperature, top_p, seed): the hidden states computed, or
-            #  modelled; the sampling parameters travel on to the last stage
+            #  tensors, payload_bytes, then the sampling fields, context_ids, generated): the hidden
+            #  states computed, or modelled; the sampling parameters travel on to the last stage, and
+            #  the first stage's token ids with them when the last stage needs them
             n = msg.num_tokens
+            ctx_ids = msg.context_ids
+            if msg.token_ids and msg.needs_context:
+                ctx_ids = msg.token_ids
             if data is None:
-                out = make_prompt_work(
-                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (), n * self._act,
-                    msg.temperature, msg.top_p, msg.seed,
-                )
+                tensors, modelled = (), n * self._act
             else:
-                out = make_prompt_work(
-                    item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, (data,), 0,
-                    msg.temperature, msg.top_p, msg.seed,
-                )
+                tensors, modelled = (data,), 0
+            out = make_prompt_work(
+                item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, tensors, modelled,
+                msg.temperature, msg.top_p, msg.seed, msg.top_k, msg.min_p, msg.presence_penalty,
+                msg.frequency_penalty, msg.repetition_penalty, msg.min_tokens, msg.stop_token_ids, msg.logprobs,
+                ctx_ids, msg.generated,
+            )
         elif data is None:
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)
             out = make_decode_work(item.rid, route, item.stage + 1, msg.context_len, -1, now, (), self._act)

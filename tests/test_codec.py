@@ -111,11 +111,21 @@ WIRE_LAYOUTS = {
             "temperature",
             "top_p",
             "seed",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "min_tokens",
+            "stop_token_ids",
+            "logprobs",
+            "context_ids",
+            "generated",
         ),
     ),
     4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes")),
     5: ("activations", ("request_id", "stage", "num_tokens", "sent_at", "tensors")),
-    6: ("token_result", ("request_id", "token_id", "context_len", "finished", "sent_at", "route")),
+    6: ("token_result", ("request_id", "token_id", "context_len", "finished", "sent_at", "route", "logprobs")),
     7: ("heartbeat", ("node_id", "seq", "now")),
     8: ("cancel", ("request_id", "reason")),
     9: ("error", ("request_id", "code", "text")),
@@ -209,12 +219,15 @@ def prompt_work(draw) -> PromptWork:
     route = draw(routes())
     carries = draw(st.sampled_from(["ids", "tensors", "modelled"]))  # exactly one of the three
     ids_ = tuple(draw(st.lists(ints(0, I32), min_size=1, max_size=40))) if carries == "ids" else ()
+    n = len(ids_) if ids_ else draw(st.integers(1, 40) | pos32)
+    # context ids only without token ids, and then exactly num_tokens of them
+    context = tuple(draw(st.lists(ints(0, I32), min_size=n, max_size=n))) if not ids_ and n <= 40 and draw(st.booleans()) else ()
     return PromptWork(
         request_id=draw(ids),
         query_id=draw(ids),
         route=route,
         stage=draw(st.integers(0, len(route) - 1)),
-        num_tokens=len(ids_) if ids_ else draw(pos32),
+        num_tokens=n,
         token_ids=ids_,
         max_tokens=draw(pos32),
         sent_at=draw(floats),
@@ -223,6 +236,17 @@ def prompt_work(draw) -> PromptWork:
         temperature=draw(st.sampled_from([0.0, 0.7, 1.0, 2.5])),
         top_p=draw(st.sampled_from([1.0, 0.9, 0.5, 1e-3])),
         seed=draw(ids),
+        top_k=draw(st.sampled_from([0, 1, 40]) | i32),
+        min_p=draw(st.sampled_from([0.0, 0.05, 1.0, -0.0]) | st.floats(0.0, 1.0)),
+        presence_penalty=draw(st.sampled_from([0.0, -2.0, 2.0, 0.5]) | st.floats(-2.0, 2.0)),
+        frequency_penalty=draw(st.sampled_from([0.0, -2.0, 2.0, -0.3]) | st.floats(-2.0, 2.0)),
+        repetition_penalty=draw(st.sampled_from([1.0, 1.3, 0.7, 5e-324]) | st.floats(min_value=0.0, exclude_min=True,
+                                                                                       allow_infinity=False)),
+        min_tokens=draw(st.sampled_from([0, 5]) | i32),
+        stop_token_ids=tuple(draw(st.lists(ints(0, I32), max_size=20))),
+        logprobs=draw(st.integers(-1, 20)),
+        context_ids=context,
+        generated=draw(st.integers(0, n - 1)),
     )
 
 
@@ -245,15 +269,19 @@ def decode_work(draw) -> DecodeWork:
 activations = st.builds(
     Activations, request_id=ids, stage=i32, num_tokens=i32, sent_at=floats, tensors=tensors(min_count=1)
 )
-token_result = st.builds(
-    TokenResult,
-    request_id=ids,
-    token_id=i32,
-    context_len=pos32,
-    finished=st.booleans(),
-    sent_at=floats,
-    route=st.just(()) | routes(),
-)
+logprob = st.sampled_from([0.0, -0.0, -1e-300, -5e-324, -1e300]) | st.floats(max_value=0.0, allow_infinity=False)
+
+
+@st.composite
+def token_results(draw) -> TokenResult:
+    tok = draw(i32)
+    k = draw(st.sampled_from([-1, 0, 1, 5, 20]))  # -1: no logprobs asked for
+    lps = () if k < 0 else ((tok, draw(logprob)), *((draw(i32), draw(logprob)) for _ in range(k)))
+    return TokenResult(request_id=draw(ids), token_id=tok, context_len=draw(pos32), finished=draw(st.booleans()),
+                       sent_at=draw(floats), route=draw(st.just(()) | routes()), logprobs=lps)
+
+
+token_result = token_results()
 feedback = st.builds(
     Feedback, request_id=ids, node_id=i32, delay=st.floats(min_value=0.0, allow_infinity=False), sent_at=floats
 )
@@ -776,17 +804,19 @@ _INCOMPLETE = rf"{_PAYLOAD}: is not valid msgpack \(ValueError: Unpack failed: i
 
 #: (case, tag, payload, the error): each payload holds hundreds of thousands of items, or declares
 #: gigabytes, where the layout allows a handful
+_PW_HEADER = b"\xdc\x00\x17"  # prompt_work's 23 fields (array16)
+
 HOSTILE = [
     *[
         (f"{name}: array of tiny maps", tag, _tiny_maps(_N), rf"^{name}: {_PAYLOAD}: expected an array of {len(fields)} fields \(.*\), got {_N}$")
         for tag, (name, fields) in WIRE_LAYOUTS.items()
     ],
-    ("top level declares 4G items", 6, b"\xdd\xff\xff\xff\xff", rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 4294967295$"),
+    ("top level declares 4G items", 6, b"\xdd\xff\xff\xff\xff", rf"^token_result: {_PAYLOAD}: expected an array of 7 fields \(.*\), got 4294967295$"),
     ("top level is a huge map", 6, b"\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N, rf"^token_result: {_PAYLOAD}: must be a msgpack array, got dict$"),
-    ("first field is a huge array", 6, b"\x96" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64 + b"\x90", r"^token_result: request_id: must be an int, got tuple$"),
+    ("first field is a huge array", 6, b"\x97" + _tiny_maps(_N) + b"\x01\x01\xc2" + _F64 + b"\x90\x90", r"^token_result: request_id: must be an int, got tuple$"),
     ("a field is a huge map", 7, b"\x93\xdf" + struct.pack(">I", _N) + b"\x00\x00" * _N + b"\x01" + _F64, r"^heartbeat: node_id: must be an int, got dict$"),
-    ("token ids of tiny maps", 3, b"\x9d\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90\x00", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
-    ("token ids declare 4G items", 3, b"\x9d\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
+    ("token ids of tiny maps", 3, _PW_HEADER + b"\x01\x02" + _ROUTE1 + b"\x00" + b"\xce" + struct.pack(">I", _N) + _tiny_maps(_N) + b"\x01" + _F64 + b"\x90\x00", r"^prompt_work: token_ids\[0\]: must be an int, got dict$"),
+    ("token ids declare 4G items", 3, _PW_HEADER + b"\x01\x02" + _ROUTE1 + b"\x00" + _I32 + b"\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
     ("capabilities of tiny maps", 1, b"\x97\x00\xa1n\xa1t\xa1a\x01\x01" + _tiny_maps(_N), r"^register: capabilities\[0\]: must be a str, got dict$"),
     ("next hops of empty arrays", 2, b"\x97\x01\xa1m\x00\x04\x00" + _array32(_N) + b"\x90" * _N + b"\x90", r"^assign_layers: next_hops\[0\]: must have at least 4 items, got 0$"),
     ("prev nodes of empty maps", 2, b"\x97\x01\xa1m\x00\x04\x00\x90" + _array32(_N) + b"\x80" * _N, r"^assign_layers: prev_nodes\[0\]: must be an int, got dict$"),
@@ -798,10 +828,15 @@ HOSTILE = [
     ("a str declares 4 GiB", 8, b"\x92\x01" + _STR4G + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
     ("a bin declares 4 GiB", 8, b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
     ("an ext declares 4 GiB", 8, b"\x92\x01\xc9\xff\xff\xff\xff\x01" + b"x" * 64, rf"^cancel: {_INCOMPLETE}$"),
-    ("one field too few", 6, b"\x95\x01\x02\x03\xc2" + _F64, rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 5$"),
-    ("one field too many", 6, b"\x97\x01\x02\x03\xc2" + _F64 + b"\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: expected an array of 6 fields \(.*\), got 7$"),
-    ("a huge field after the last", 6, b"\x96\x01\x02\x03\xc2" + _F64 + b"\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: trailing bytes after the msgpack array$"),
-    ("a route of tiny maps", 6, b"\x96\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), r"^token_result: route: must have at most 64 items, got 262144$"),
+    ("one field too few", 6, b"\x96\x01\x02\x03\xc2" + _F64 + b"\x90", rf"^token_result: {_PAYLOAD}: expected an array of 7 fields \(.*\), got 6$"),
+    ("one field too many", 6, b"\x98\x01\x02\x03\xc2" + _F64 + b"\x90\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: expected an array of 7 fields \(.*\), got 8$"),
+    ("a huge field after the last", 6, b"\x97\x01\x02\x03\xc2" + _F64 + b"\x90\x90" + _tiny_maps(_N), rf"^token_result: {_PAYLOAD}: trailing bytes after the msgpack array$"),
+    ("a route of tiny maps", 6, b"\x97\x01\x02\x03\xc2" + _F64 + _tiny_maps(_N), r"^token_result: route: must have at most 64 items, got 262144$"),
+    ("logprobs of tiny maps", 6, b"\x97\x01\x02\x03\xc2" + _F64 + b"\x90" + _tiny_maps(_N), r"^token_result: logprobs: must have at most 21 items, got 262144$"),
+    ("stop ids of tiny maps", 3, _PW_HEADER + b"\x01\x02" + _ROUTE1 + b"\x00\x01\x91\x01\x01" + _F64 + b"\x90\x00" + _F64 * 2 + b"\x00\x00"
+     + _F64 * 4 + b"\x00" + _array32(_N) + b"\x80" * _N + b"\xff\x90\x00", r"^prompt_work: stop_token_ids\[0\]: must be an int, got dict$"),
+    ("context ids declare 4G items", 3, _PW_HEADER + b"\x01\x02" + _ROUTE1 + b"\x00\x01\x90\x01" + _F64 + b"\x90\x04" + _F64 * 2 + b"\x00\x00"
+     + _F64 * 4 + b"\x00\x90\xff\xdd\xff\xff\xff\xff" + b"\x00" * 64, rf"^prompt_work: {_INCOMPLETE}$"),
     ("a modelled payload declares 2**63 bytes", 4, b"\x98\x01" + _ROUTE1 + b"\x00\x02\xff" + _F64 + b"\x90\xcf\x7f" + b"\xff" * 7, r"^decode_work: payload_bytes: is 9223372036854775807 bytes, more than max_frame_bytes=67108864$"),
 ]
 
@@ -869,19 +904,27 @@ _TR = TokenResult(request_id=1, token_id=2, context_len=3, finished=False, sent_
         ([b"\x00", b"\x90"], r"unknown message type tag 0"),
         ([b"\x06\x00", b"\x90"], r"^\?: frame 0 \(tag\): must be exactly 1 byte, got 2$"),
         ([b"\x06"], r"^\?: frames: expected at least 2 frames"),
-        ([b"\x06", b"\x94\x01\x02\x03\xc2"], r"^token_result: frame 1 \(payload\): expected an array of 6 fields \(request_id, token_id, context_len, finished, sent_at, route\), got 4$"),
+        ([b"\x06", b"\x94\x01\x02\x03\xc2"], r"^token_result: frame 1 \(payload\): expected an array of 7 fields \(request_id, token_id, context_len, finished, sent_at, route, logprobs\), got 4$"),
         ([b"\x06", b"\x81\xa1a\x01"], r"token_result: frame 1 \(payload\): must be a msgpack array, got dict"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x00"], r"token_result: frame 1 \(payload\): trailing bytes"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
-        ([b"\x06", b"\x96\xc3\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be an int, got bool$"),
-        ([b"\x06", b"\x96\x01\x02\x03\x01\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: finished: must be a bool, got int$"),
-        ([b"\x06", b"\x96\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be >= 0, got -1$"),
-        ([b"\x06", b"\x96\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"request_id: must be <= 9223372036854775807"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\x01\x90"], r"^token_result: sent_at: must be a float, got int$"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00\x90"], r"sent_at: must be finite, got nan"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x91\x93\x01\x04\x04"], r"^token_result: route\[0\]: layer range must have start < end, got \[4, 4\)$"),
-        ([b"\x06", b"\x96\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\xc0"], r"^token_result: route: must be a tuple \(msgpack array\), got NoneType$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x90\x00"], r"token_result: frame 1 \(payload\): trailing bytes"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"token_result: frame 1 \(payload\): is not valid msgpack"),
+        ([b"\x06", b"\x97\xc3\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be an int, got bool$"),
+        ([b"\x06", b"\x97\x01\x02\x03\x01\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: finished: must be a bool, got int$"),
+        ([b"\x06", b"\x97\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"^token_result: request_id: must be >= 0, got -1$"),
+        ([b"\x06", b"\x97\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90"], r"request_id: must be <= 9223372036854775807"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\x01\x90"], r"^token_result: sent_at: must be a float, got int$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00\x90"], r"sent_at: must be finite, got nan"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x91\x93\x01\x04\x04"], r"^token_result: route\[0\]: layer range must have start < end, got \[4, 4\)$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\xc0"], r"^token_result: route: must be a tuple \(msgpack array\), got NoneType$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x91\x92\x02\xcb?\xe0\x00\x00\x00\x00\x00\x00"],
+         r"^token_result: logprobs\[0\]\.logprob: must be <= 0 \(a log-probability\), got 0\.5$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x91\x92\x02\x00"],
+         r"^token_result: logprobs\[0\]\.logprob: must be a float, got int$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x91\x92\x03\xcb\xbf\xe0\x00\x00\x00\x00\x00\x00"],
+         r"^token_result: logprobs\[0\]\.token_id: must be the result's token_id 2, got 3$"),
+        ([b"\x06", b"\x97\x01\x02\x03\xc2\xcb?\xe0\x00\x00\x00\x00\x00\x00\x90\x91\x93\x02\x00\x00"],
+         r"^token_result: logprobs\[0\]: must have at most 2 items, got 3$"),
         ([b"\x0b", b"\x94\x01\x02\xcb\xbf\xf0\x00\x00\x00\x00\x00\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be >= 0, got -1\.0$"),
         ([b"\x0b", b"\x94\x01\x02\xcb\x7f\xf0\x00\x00\x00\x00\x00\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be finite, got inf$"),
         ([b"\x0b", b"\x94\x01\x02\x00\xcb?\xe0\x00\x00\x00\x00\x00\x00"], r"^feedback: delay: must be a float, got int$"),
@@ -1052,7 +1095,8 @@ def test_empty_tensor_with_huge_dimensions_is_a_codec_error(impl, limits) -> Non
     route = ((1, 0, 2),)
     work = [
         [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]], 0]), b""],
-        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0, 0.0, 1.0, 0]), bytearray()],
+        [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0, 0.0, 1.0, 0, 0, 0.0, 0.0,
+                                    0.0, 1.0, 0, [], -1, [], 0]), bytearray()],
     ]
     for frames in work:
         # under 2**80 the span check passes (span < 2**80) and numpy's refusal is the error
@@ -1578,6 +1622,73 @@ def test_sampling_parameters_travel_and_are_checked(impl) -> None:
     ):
         with pytest.raises(CodecError, match=why):
             enc(bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_penalties_stop_ids_logprobs_and_context_travel_and_are_checked(impl) -> None:
+    enc, dec = impl
+    m = dataclasses.replace(
+        _MODELLED_PW, num_tokens=3, payload_bytes=3 * 16384, top_k=40, min_p=0.05, presence_penalty=-0.5,
+        frequency_penalty=1.5, repetition_penalty=1.3, min_tokens=4, stop_token_ids=(2, 70000), logprobs=20,
+        context_ids=(9, 8, 70000), generated=2,
+    )
+    frames = enc(m)
+    # the payload is the fields in order, as msgpack packs them (the specification)
+    assert frames[1] == msgpack.packb([getattr(m, f) if f != "tensors" else [] for f in PromptWork.FIELDS], use_bin_type=True)
+    back = dec(_frame_bytes(frames))
+    assert back == m and back.sampling().stop_token_ids == (2, 70000) and back.sampling().logprobs == 20
+    assert dataclasses.replace(m, logprobs=-1).sampling().logprobs is None
+    assert wire_size(m) == sum(len(bytes(f)) for f in frames)
+    for bad, why in (
+        (dataclasses.replace(m, top_k=-1), r"^prompt_work: top_k: must be >= 0, got -1$"),
+        (dataclasses.replace(m, min_p=1.01), r"^prompt_work: min_p: must be in \[0, 1\], got 1.01$"),
+        (dataclasses.replace(m, presence_penalty=-2.5), r"^prompt_work: presence_penalty: must be in \[-2, 2\], got -2.5$"),
+        (dataclasses.replace(m, frequency_penalty=math.inf), r"^prompt_work: frequency_penalty: must be finite, got inf$"),
+        (dataclasses.replace(m, repetition_penalty=0.0), r"^prompt_work: repetition_penalty: must be > 0, got 0.0$"),
+        (dataclasses.replace(m, min_tokens=-3), r"^prompt_work: min_tokens: must be >= 0, got -3$"),
+        (dataclasses.replace(m, stop_token_ids=[2]), r"^prompt_work: stop_token_ids: must be a tuple \(msgpack array\), got list$"),
+        (dataclasses.replace(m, stop_token_ids=(2, -1)), r"^prompt_work: stop_token_ids\[1\]: must be >= 0, got -1$"),
+        (dataclasses.replace(m, logprobs=21), r"^prompt_work: logprobs: must be <= 20, got 21$"),
+        (dataclasses.replace(m, logprobs=-2), r"^prompt_work: logprobs: must be >= -1, got -2$"),
+        (dataclasses.replace(m, context_ids=(1, 2)), r"^prompt_work: context_ids: has 2 ids but num_tokens is 3$"),
+        (dataclasses.replace(m, payload_bytes=0, token_ids=(1, 2, 3)),
+         r"^prompt_work: context_ids: must be empty when token_ids are given \(the first stage has them there\)$"),
+        (dataclasses.replace(m, generated=3), r"^prompt_work: generated: must be < num_tokens = 3, got 3$"),
+    ):
+        with pytest.raises(CodecError, match=why):
+            enc(bad)
+        if COMPILED:  # the compiled fast path refuses it too (it does not fall back)
+            with pytest.raises(CodecError):
+                encode_strict(bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_result_logprobs_travel_and_are_checked(impl) -> None:
+    enc, dec = impl
+    top = tuple((t, -0.25 * t) for t in range(1, 21))
+    m = dataclasses.replace(_TR, token_id=7, logprobs=((7, -1.75), *top))
+    frames = enc(m)
+    assert frames[1] == msgpack.packb([1, 7, 3, False, 0.5, [], [[7, -1.75], *map(list, top)]], use_bin_type=True)
+    back = dec(_frame_bytes(frames))
+    assert back == m and back.logprobs[0] == (7, -1.75) and back.logprobs[-1] == (20, -5.0)
+    assert wire_size(m) == sum(len(bytes(f)) for f in frames)
+    # none asked for: one byte (an empty array) more than before the field
+    assert len(enc(_TR)[1]) == len(msgpack.packb([1, 2, 3, False, 0.5, []])) + 1
+    for bad, why in (
+        (dataclasses.replace(m, logprobs=((7, -1.0), *top, (5, -9.0))), r"^token_result: logprobs: must have at most 21 items, got 22$"),
+        (dataclasses.replace(m, logprobs=((7, 0.5),)), r"^token_result: logprobs\[0\]\.logprob: must be <= 0 \(a log-probability\), got 0.5$"),
+        (dataclasses.replace(m, logprobs=((7, -math.inf),)), r"^token_result: logprobs\[0\]\.logprob: must be finite, got -inf$"),
+        (dataclasses.replace(m, logprobs=((7, -1),)), r"^token_result: logprobs\[0\]\.logprob: must be a float, got int$"),
+        (dataclasses.replace(m, logprobs=((7, np.float64(-1.0)),)), r"^token_result: logprobs\[0\]\.logprob: must be a float, got float64$"),
+        (dataclasses.replace(m, logprobs=((7, -1.0, 3),)), r"^token_result: logprobs\[0\]: must have at most 2 items, got 3$"),
+        (dataclasses.replace(m, logprobs=((6, -1.0),)), r"^token_result: logprobs\[0\]\.token_id: must be the result's token_id 7, got 6$"),
+        (dataclasses.replace(m, logprobs=((7, -1.0), (-1, -2.0))), r"^token_result: logprobs\[1\]\.token_id: must be >= 0, got -1$"),
+    ):
+        with pytest.raises(CodecError, match=why):
+            enc(bad)
+        if COMPILED:
+            with pytest.raises(CodecError):
+                encode_strict(bad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

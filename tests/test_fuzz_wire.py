@@ -48,6 +48,13 @@ def fuzz_frames(rng: random.Random, n: int) -> tuple[list[list[bytes]], int]:
                    max_tokens=4, sent_at=1.0),
         DecodeWork(request_id=3, route=((0, 0, 4), (1, 4, 8)), stage=1, context_len=5, token_id=9, sent_at=2.0),
         TokenResult(request_id=3, token_id=7, context_len=4, finished=False, sent_at=3.0),
+        # the sampling fields: penalties, stop ids, logprobs, the context ids a later last stage needs
+        PromptWork(request_id=4, query_id=4, route=((0, 0, 4), (1, 4, 8)), stage=1, num_tokens=3, token_ids=(),
+                   max_tokens=4, sent_at=1.0, payload_bytes=12, temperature=0.7, top_k=40, min_p=0.05,
+                   presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=2,
+                   stop_token_ids=(2, 7), logprobs=3, context_ids=(5, 6, 7), generated=1),
+        TokenResult(request_id=4, token_id=7, context_len=4, finished=False, sent_at=3.0,
+                    logprobs=((7, -0.5), (7, -0.5), (2, -1.5), (9, -3.25))),
         Cancel(request_id=3, reason="fuzz"),
     ]
     epoch = rng.randbytes(8)
