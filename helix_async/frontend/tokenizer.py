@@ -15,12 +15,13 @@ Where a tokenizer comes from (:func:`load_tokenizer`):
   ``chat_template.jinja`` (preferred to the config's template, as transformers saves it), and the
   end-of-sequence ids of ``generation_config.json`` (``eos_token_id``: an int or a list; else
   ``config.json``'s).
-- a GGUF file: its tokenizer metadata (``tokenizer.ggml.*``, ``tokenizer.chat_template``).  A
-  byte-level BPE (``tokenizer.ggml.model = gpt2``: Llama 3, Qwen2, SmolLM2, ...) is built here with
-  ``tokenizers`` the way transformers' GGUF conversion builds it (docs/api.md §Tokenizers), so the
-  ids are transformers' ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` ids with no
-  transformers on the host; any other kind (a sentencepiece ``llama`` vocabulary, ...) goes through
-  transformers' own conversion, and needs transformers installed.
+- a GGUF file: its tokenizer metadata (``tokenizer.ggml.*``, ``tokenizer.chat_template``), read
+  from its header by ``helix_async.models.gguf_file``.  A byte-level BPE (``tokenizer.ggml.model
+  = gpt2``: Llama 3, Qwen2, SmolLM2, ...) is built here with ``tokenizers`` the way transformers'
+  GGUF conversion builds it (docs/api.md §Tokenizers), so the ids are transformers'
+  ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` ids with no transformers on the host; any
+  other kind (a sentencepiece ``llama`` vocabulary, ...) goes through transformers' own
+  conversion, and needs transformers installed.
 
 The end-of-sequence ids (:attr:`TextTokenizer.eos_ids`) are all the ids a generation stops at:
 the tokenizer's EOS token, the generation config's ids and, from GGUF, llama.cpp's end-of-turn and
@@ -37,8 +38,6 @@ variables ``messages``, ``tools``, ``documents``, ``add_generation_prompt`` and 
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -54,7 +53,6 @@ __all__ = [
     "TextTokenizer",
     "build_tiny_tokenizer",
     "load_tokenizer",
-    "read_gguf_metadata",
 ]
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "data" / "tokenizers" / "tiny-llama"
@@ -330,99 +328,19 @@ def _from_directory(d: Path) -> TextTokenizer:
 
 # ---- GGUF -----------------------------------------------------------------------------------
 
-_GGUF_MAGIC = b"GGUF"
-#: GGUF value types (gguf-py's GGUFValueType): scalar struct formats, little-endian
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == _GGUF_MAGIC
+        return f.read(4) == b"GGUF"
 
 
-def read_gguf_metadata(path: str | Path, prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
-    """The key-value metadata of a GGUF file (versions 2 and 3), for the keys starting with one of
-    ``prefixes``: numbers, strings, booleans, and lists of them.  Only the header is read (the file
-    is memory-mapped; tensor data is never touched).  A truncated or corrupt header raises
-    ConfigError naming the file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _gguf_kv(buf, prefixes)
-    except (struct.error, UnicodeDecodeError, IndexError, ValueError, OverflowError, MemoryError) as e:
-        if isinstance(e, ConfigError):
-            raise ConfigError(str(path), e.field, e.message) from None
-        raise ConfigError(str(path), "GGUF header", f"truncated or corrupt: {type(e).__name__}: {e}") from None
-    except OSError as e:
-        raise ConfigError(str(path), "GGUF file", f"cannot read it: {e.strerror or e}") from None
+def _gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata of a GGUF file, arrays decoded (the header only is read:
+    ``helix_async.models.gguf_file``, which names the file and the part that is broken)."""
+    from ..models.gguf_file import GGUFArray, read_gguf
 
-
-def _gguf_kv(buf: Any, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    import numpy as np
-
-    if len(buf) < 24 or buf[:4] != _GGUF_MAGIC:
-        raise ConfigError("", "GGUF header", "not a GGUF file (no GGUF magic)")
-    version, _tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise ConfigError("", "GGUF version", f"version {version} is not read (2 and 3 are)")
-    pos = 24
-    size = len(buf)
-
-    def string(at: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, at)
-        at += 8
-        if at + n > size:
-            raise ValueError(f"a string of {n} bytes runs past the end of the file")
-        return bytes(buf[at : at + n]).decode("utf-8"), at + n
-
-    def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
-        if kind in _GGUF_SCALAR:
-            fmt = _GGUF_SCALAR[kind]
-            return (struct.unpack_from(fmt, buf, at)[0] if keep else None), at + struct.calcsize(fmt)
-        if kind == _GGUF_STRING:
-            if keep:
-                return string(at)
-            (n,) = struct.unpack_from("<Q", buf, at)
-            return None, at + 8 + n
-        if kind == _GGUF_ARRAY:
-            item, count = struct.unpack_from("<IQ", buf, at)
-            at += 12
-            if item in _GGUF_SCALAR:
-                width = struct.calcsize(_GGUF_SCALAR[item])
-                end = at + width * count
-                if end > size:
-                    raise ValueError(f"an array of {count} items runs past the end of the file")
-                arr = np.frombuffer(buf, dtype=np.dtype(_GGUF_SCALAR[item]), count=count, offset=at) if keep else None
-                return (arr.tolist() if arr is not None else None), end
-            if item == _GGUF_STRING:
-                out: list[str] | None = [] if keep else None
-                for _ in range(count):
-                    if out is not None:
-                        s, at = string(at)
-                        out.append(s)
-                    else:
-                        (n,) = struct.unpack_from("<Q", buf, at)
-                        at += 8 + n
-                if at > size:
-                    raise ValueError("a string array runs past the end of the file")
-                return out, at
-            items = []
-            for _ in range(count):  # arrays of arrays: rare, read item by item
-                v, at = value(item, at, keep)
-                items.append(v)
-            return (items if keep else None), at
-        raise ValueError(f"unknown GGUF value type {kind}")
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        keep = key.startswith(prefixes)
-        v, pos = value(kind, pos + 4, keep)
-        if keep:
-            meta[key] = v
-    return meta
+    g = read_gguf(path)
+    return {k: g.array(k) if isinstance(v, GGUFArray) else v for k, v in g.metadata.items()
+            if k.startswith("tokenizer.")}
 
 
 @lru_cache(maxsize=1)
@@ -467,7 +385,7 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def _from_gguf(path: Path) -> TextTokenizer:
-    meta = read_gguf_metadata(path, ("tokenizer.", "general.architecture"))
+    meta = _gguf_tokenizer_metadata(path)
     src = str(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
