@@ -81,7 +81,7 @@ def test_a_checkpoint_directory_is_a_spec_of_its_own(tmp_path: Path) -> None:
     # one layer: q 16x16, k and v 8x16, o 16x16, gate/up/down 3 x 16x40, two norms of 16; 4 bytes each
     assert s.param_bytes_per_layer == 4 * (256 + 128 + 128 + 256 + 3 * 640 + 32)
     assert (s.activation_size, s.kv_bytes_per_token_per_layer, s.token_size) == (64, 2 * 8 * 4, 4)
-    assert (s.rms_norm_eps, s.rope_theta, s.gpus) == (1e-5, 500000.0, ())
+    assert (s.rms_norm_eps, s.rope_theta) == (1e-5, 500000.0)
     assert s.arch.eos_token_ids == (2,) and s.arch.max_position == 1024 and not s.arch.tie_word_embeddings
     # the same path (however written) is the same spec, and get_model takes the path too
     assert resolve_model(str(d) + "/").spec is s and get_model(str(d)) is s
@@ -141,7 +141,7 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config.json: config.json: unreadable"):
         resolve_model(str(d))
     (d / "config.json").write_text(json.dumps(CFG))
-    with pytest.raises(ConfigError, match=r"empty: no \*.safetensors weights"):
+    with pytest.raises(ConfigError, match=r"empty: no \*.safetensors file in this directory"):
         resolve_model(str(d))
     with pytest.raises(ConfigError, match=r"/nope: plan.model: neither a known model .*built-in name .*packaged model "
                                           r"\(smollm2-135m-instruct\).*GGUF file.*checkpoint directory"):

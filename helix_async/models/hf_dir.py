@@ -125,7 +125,7 @@ def _files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
         return [single], None
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise ConfigError(str(root), "", "no *.safetensors weights in this directory")
+        raise ConfigError(str(root), "", "no *.safetensors file in this directory")
     return files, None
 
 
