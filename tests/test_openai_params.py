@@ -104,6 +104,15 @@ def test_min_tokens_bans_the_end_of_text_ids_and_ignore_eos_drops_them() -> None
         r = await c.completions.create(model=MODEL, prompt=[5], max_tokens=12, extra_body={"stop_token_ids": [SCRIPT[6]]})
         assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 7
         assert r.choices[0].text == text_of(script(6))
+        # a stop string is looked for from the min_tokens-th token on, and only in new text
+        full = text_of(script(len(SCRIPT)))
+        k = next(i for i in range(1, len(SCRIPT) + 1) if "each" in text_of(script(i)))
+        r = await c.completions.create(model=MODEL, prompt=[5], max_tokens=len(SCRIPT), stop="each",
+                                       extra_body={"min_tokens": k})
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (full[: full.index("each")], "stop")
+        r = await c.completions.create(model=MODEL, prompt=[5], max_tokens=len(SCRIPT), stop="each",
+                                       extra_body={"min_tokens": k + 1})
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (full, "length")
         with pytest.raises(openai.BadRequestError, match="min_tokens"):
             await c.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"min_tokens": 5})
         await c.close()

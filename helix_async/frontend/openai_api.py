@@ -565,7 +565,7 @@ class OpenAIServer:
                 lp = lp if want_lp else None
                 out.tokens += 1
                 final = out.tokens >= p.max_tokens
-                checking = out.tokens > min_tokens  # no stop before min_tokens (vLLM's rule)
+                checking = out.tokens >= min_tokens  # no stop before min_tokens (vLLM's rule)
                 if checking and token in p.stop_ids:
                     out.finish_reason = "stop"
                     if detok is None:
@@ -607,7 +607,7 @@ class OpenAIServer:
             rest = ""
             if detok is not None:
                 detok.flush()
-                end = self._stop_cut(p, detok.text, seen, out.tokens > min_tokens)
+                end = self._stop_cut(p, detok.text, seen, out.tokens >= min_tokens)
                 if end >= 0:
                     out.finish_reason = "stop"
                 out.text = detok.text[: end if end >= 0 else len(detok.text)]
