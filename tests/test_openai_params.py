@@ -388,3 +388,18 @@ def test_models_names_the_served_model() -> None:
         await c.close()
 
     serve(body)
+
+
+def test_bench_serve_counts_one_chunk_per_token_the_last_included() -> None:
+    from helix_async.frontend.bench_serve import run_bench
+
+    reqs = [(0.0, 3, 4), (0.0, 5, 1), (0.01, 2, 6)]
+
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        results, _, facts = await run_bench(url, reqs, seed=0)
+        assert facts["model"] == MODEL and facts["max_model_len"] == 256
+        assert [r.ok for r in results] == [True] * 3 and [r.tokens for r in results] == [4, 1, 6]
+        assert [len(r.itl) for r in results] == [3, 0, 5]  # a gap between each two of a request's chunks
+        assert all(r.ttft <= r.latency for r in results)
+
+    serve(body)

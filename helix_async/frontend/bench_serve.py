@@ -9,9 +9,9 @@ is a streaming ``/v1/completions`` call whose prompt is a list of random token i
 length and ``ignore_eos`` (so lengths are what was asked).  A request whose prompt plus output
 exceeds the server's ``max_model_len`` has its prompt shortened to fit (counted).
 
-Per request: TTFT (sent to the first text), TPOT ((last - first text) / (tokens - 1), tokens as
-the server's usage counts them), the gaps between text chunks (ITL) and end-to-end latency.  Printed: the request and token throughput over the
-run, and mean/p50/p90/p99 of each latency; ``--json`` writes everything, and ``--save-trace`` the
+Per request: TTFT (sent to the first chunk), TPOT ((last - first chunk) / (tokens - 1), tokens as
+the server's usage counts them), the gaps between chunks (ITL; the server sends one chunk per
+token) and end-to-end latency.  Printed: the request and token throughput over the run, and mean/p50/p90/p99 of each latency; ``--json`` writes everything, and ``--save-trace`` the
 trace actually sent (arrival times relative to the first request), which ``python -m sim run
 --trace`` replays for a like-for-like prediction.  A failed request (HTTP error, an error event) is
 counted with its status and does not stop the run.
@@ -149,7 +149,7 @@ async def _one(session: Any, url: str, model: str | None, r: RequestResult, prom
                     return
                 if msg.get("usage"):
                     usage = int(msg["usage"]["completion_tokens"])
-                if msg.get("choices") and msg["choices"][0].get("finish_reason") is None:
+                if msg.get("choices"):  # one chunk per token, the last with its finish reason
                     now = time.perf_counter()
                     if chunks == 0:
                         r.ttft = now - start
@@ -158,8 +158,7 @@ async def _one(session: Any, url: str, model: str | None, r: RequestResult, prom
                     last = now
                     chunks += 1
         r.latency = last - start
-        # a token whose text is not final yet (part of a character) sends no chunk: count tokens
-        # from the usage the server reports, chunks where it does not
+        # tokens as the server's usage counts them; chunks where it reports none
         r.tokens = usage if usage >= 0 else chunks
         r.ok = chunks > 0
     except Exception as e:  # a connection error fails this request alone
