@@ -105,9 +105,13 @@ class FakeHost:
     def now(self) -> float:
         return self.t
 
-    async def generate(self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, sampling: SamplingParams | None = None) -> AsyncGenerator[int | SampledToken, None]:
-        sp = sampling if sampling is not None else SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    async def generate(self, prompt: Sequence[int], max_tokens: int, *, sampling: SamplingParams | None = None,
+                       temperature: float | None = None, top_p: float | None = None,
+                       seed: int | None = None) -> AsyncGenerator[int | SampledToken, None]:
+        if sampling is not None and (temperature, top_p, seed) != (None, None, None):
+            raise ValueError("give sampling or temperature/top_p/seed, not both")
+        sp = sampling if sampling is not None else SamplingParams(
+            temperature=temperature or 0.0, top_p=1.0 if top_p is None else top_p, seed=seed or 0)
         rid = len(self.requests)
         self.requests.append({"prompt": list(prompt), "max_tokens": max_tokens, "sampling": sp})
         self.produced[rid] = 0
