@@ -26,6 +26,7 @@ per sequence.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,50 @@ def _layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _bias_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The biases the architecture carries (``qkv_bias``, ``o_bias``, ``mlp_bias``), by field."""
+    h, i, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    out: dict[str, tuple[int, ...]] = {}
+    if c.qkv_bias:
+        out.update(q_bias=(c.num_heads * hd,), k_bias=(c.num_kv_heads * hd,), v_bias=(c.num_kv_heads * hd,))
+    if c.o_bias:
+        out["o_bias"] = (h,)
+    if c.mlp_bias:
+        out.update(gate_bias=(i,), up_bias=(i,), down_bias=(h,))
+    return out
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies (head_dim / 2,), float32, in radians per position.
+
+    Plain RoPE: ``theta^(-2i / head_dim)``.  With Llama 3.1's ``llama3`` scaling (docs/models.md,
+    "The layer math"), each frequency's wavelength ``2 pi / f`` decides: shorter than
+    ``original_max_position / high_freq_factor``, kept; longer than ``original_max_position /
+    low_freq_factor``, divided by ``factor``; in between, a linear blend of the two weighted by
+    ``(original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    Computed in float32 in the order Hugging Face's ``LlamaRotaryEmbedding`` uses, so the tables are
+    the same to the bit.
+    """
+    exps = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / head_dim
+    inv = 1.0 / (theta**exps)
+    if scaling is None:
+        return inv
+    orig, lo, hi, factor = (scaling.original_max_position, scaling.low_freq_factor, scaling.high_freq_factor,
+                            scaling.factor)
+    wavelength = 2 * math.pi / inv
+    long_waves = wavelength > orig / lo
+    short_waves = wavelength < orig / hi
+    slow = torch.where(long_waves, inv / factor, inv)
+    weight = (orig / wavelength - lo) / (hi - lo)
+    blend = (1 - weight) * slow / factor + weight * slow
+    return torch.where(~short_waves & ~long_waves, blend, slow)
+
+
 class SeqCache:
     """One sequence's keys and values on a range of layers: per layer a (kv_heads, capacity,
-    head_dim) buffer for each, grown by doubling; ``length[layer]`` tokens are valid."""
+    head_dim) buffer for each, allocated uninitialised (pages are touched as positions are
+    written) and grown by doubling; ``length[layer]`` positions are valid."""
 
     __slots__ = ("k", "v", "length")
 
@@ -232,18 +274,18 @@ class SeqCache:
         self.length: dict[int, int] = {}
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, reserve: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` (kv_heads, n, head_dim) at positions ``start ..`` of ``layer``; return
-        the valid keys and values (positions ``0 .. start + n``). ``reserve``: capacity to allocate
-        for a new buffer."""
+        """Write ``k``, ``v`` (kv_heads, n, head_dim; any strides) at positions ``start ..`` of
+        ``layer``; return the valid keys and values (positions ``0 .. start + n``), views of the
+        buffers. ``reserve``: positions to allocate for a new buffer."""
         n = k.shape[1]
         end = start + n
         kb = self.k.get(layer)
         if kb is None or kb.shape[1] < end:
             cap = max(reserve, end, 0 if kb is None else 2 * kb.shape[1])
-            nk = k.new_zeros((k.shape[0], cap, k.shape[2]))
-            nv = v.new_zeros((v.shape[0], cap, v.shape[2]))
+            nk = k.new_empty((k.shape[0], cap, k.shape[2]))
+            nv = v.new_empty((v.shape[0], cap, v.shape[2]))
             if kb is not None:
-                old = self.length[layer]
+                old = min(self.length[layer], start)
                 nk[:, :old] = kb[:, :old]
                 nv[:, :old] = self.v[layer][:, :old]
             self.k[layer] = kb = nk
@@ -255,9 +297,84 @@ class SeqCache:
         return kb[:, :end], vb[:, :end]
 
 
+class _Fused:
+    """A layer's projections as the math runs them: q, k and v stacked into one matrix (and their
+    biases into one vector), gate and up likewise; one matrix product each instead of three and
+    two. The LayerWeights' own fields become views of these (no second copy)."""
+
+    __slots__ = ("qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down", "down_bias",
+                 "input_norm", "post_norm")
+
+    def __init__(self, w: LayerWeights) -> None:
+        nq, nk = w.q.shape[0], w.k.shape[0]
+        self.qkv = torch.cat((w.q, w.k, w.v))
+        w.q, w.k, w.v = self.qkv[:nq], self.qkv[nq : nq + nk], self.qkv[nq + nk :]
+        self.qkv_bias = None
+        if w.q_bias is not None or w.k_bias is not None or w.v_bias is not None:
+            parts = [b if b is not None else self.qkv.new_zeros(n)
+                     for b, n in ((w.q_bias, nq), (w.k_bias, nk), (w.v_bias, nk))]
+            self.qkv_bias = torch.cat(parts)
+            w.q_bias, w.k_bias, w.v_bias = (self.qkv_bias[:nq], self.qkv_bias[nq : nq + nk],
+                                            self.qkv_bias[nq + nk :])
+        ni = w.gate.shape[0]
+        self.gate_up = torch.cat((w.gate, w.up))
+        w.gate, w.up = self.gate_up[:ni], self.gate_up[ni:]
+        self.gate_up_bias = None
+        if w.gate_bias is not None or w.up_bias is not None:
+            self.gate_up_bias = torch.cat([b if b is not None else self.gate_up.new_zeros(ni)
+                                           for b in (w.gate_bias, w.up_bias)])
+            w.gate_bias, w.up_bias = self.gate_up_bias[:ni], self.gate_up_bias[ni:]
+        self.o, self.o_bias = w.o, w.o_bias
+        self.down, self.down_bias = w.down, w.down_bias
+        self.input_norm, self.post_norm = w.input_norm, w.post_norm
+
+
+class _Plan:
+    """What every layer of one batch shares (built once per batch, see StageWeights.layer): the
+    rotary cos/sin of every token's position, each sequence's slice of the packed tokens and,
+    for a sequence of several new tokens, its attention mask."""
+
+    __slots__ = ("spans", "caches", "reserve", "tokens", "cos", "sin", "seqs")
+
+    def __init__(self, st: StageWeights, spans: list[tuple[int, int]], caches: list[SeqCache], reserve: list[int]) -> None:
+        self.spans = list(spans)
+        self.caches = list(caches)
+        self.reserve = list(reserve)
+        st._rope_tables(max(p + n for p, n in spans))
+        dev = st.device
+        if len(spans) == 1:
+            p, n = spans[0]
+            cos, sin = st._cos[p : p + n], st._sin[p : p + n]
+        elif all(n == 1 for _, n in spans):
+            idx = torch.tensor([p for p, _ in spans], dtype=torch.long, device=dev)
+            cos, sin = st._cos[idx], st._sin[idx]
+        else:
+            idx = torch.cat([torch.arange(p, p + n, device=dev) for p, n in spans])
+            cos, sin = st._cos[idx], st._sin[idx]
+        self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (tokens, 1, head_dim)
+        seqs: list[tuple[int, int, int, SeqCache, int, torch.Tensor | None]] = []
+        off = 0
+        for (p, n), cache, res in zip(spans, caches, reserve, strict=True):
+            mask = None
+            if n > 1:  # causal among the new tokens, open to all cached positions
+                mask = torch.ones(n, p + n, dtype=torch.bool, device=dev).tril(diagonal=p).logical_not_()
+            seqs.append((off, n, p, cache, res, mask))
+            off += n
+        self.tokens = off
+        self.seqs = seqs
+
+    def matches(self, spans: list[tuple[int, int]], caches: list[SeqCache]) -> bool:
+        if self.spans != spans or len(self.caches) != len(caches):
+            return False
+        return all(a is b for a, b in zip(self.caches, caches))  # noqa: B905 - lengths checked
+
+
 class StageWeights:
-    """Layers ``[start, end)`` of a LLaMA model, with the embedding when ``start == 0`` and the final
-    norm and LM head when ``end == num_layers``; and the math that runs them."""
+    """Layers ``[start, end)`` of a LLaMA-family model, with the embedding when ``start == 0`` and
+    the final norm and LM head when ``end == num_layers``; and the math that runs them.
+
+    Building it stacks each layer's q/k/v and gate/up matrices (``_Fused``); the ``LayerWeights``
+    fields stay readable, as views of the stacked matrices."""
 
     def __init__(
         self,
@@ -282,15 +399,22 @@ class StageWeights:
         c = config
         self._groups = c.num_heads // c.num_kv_heads
         self._scale = c.head_dim**-0.5
+        self._fused = {i: _Fused(w) for i, w in layers.items()}
         # RoPE frequencies as Hugging Face computes them (float32), then cached per position
-        exps = torch.arange(0, c.head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / c.head_dim
-        self._inv_freq = 1.0 / (c.rope_theta**exps)
+        self._inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
         self._cos = torch.empty(0, c.head_dim, dtype=dtype, device=device)
         self._sin = self._cos
+        self._plan: _Plan | None = None
+        # float32: torch's fused RMSNorm computes Hugging Face's formula (the variance in float32,
+        # then x * rsqrt(variance + eps) * w); other dtypes take the spelled-out path, which rounds
+        # the normalised value to the dtype before the weight multiplies it, as Hugging Face does
+        self._fused_rms = dtype == torch.float32
 
     # ---- pieces ---------------------------------------------------------------------------------
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self._fused_rms:
+            return torch.rms_norm(x, w.shape, w, self.config.rms_norm_eps)
         dt = x.dtype
         xf = x.to(torch.float32)
         var = xf.pow(2).mean(-1, keepdim=True)
@@ -333,45 +457,57 @@ class StageWeights:
     ) -> torch.Tensor:
         """Run layer ``idx`` on ``x`` (tokens of all sequences packed, (T, hidden)). ``spans``: per
         sequence (first position, token count), its tokens consecutive in ``x`` in that order;
-        ``caches``: their KV caches (appended to); ``reserve``: capacity hint per sequence."""
-        w = self.layers[idx]
+        ``caches``: their KV caches (appended to); ``reserve``: capacity hint per sequence.
+
+        The positions' rotary tables and the masks are built once for the layers of a batch: the
+        calls of consecutive layers with equal ``spans`` and the same cache objects share them."""
+        plan = self._plan
+        if plan is None or not plan.matches(spans, caches):
+            plan = self._plan = _Plan(self, spans, caches, reserve)
+        f = self._fused[idx]
         c = self.config
-        hd = c.head_dim
-        residual = x
-        h = self._rms(x, w.input_norm)
-        q = F.linear(h, w.q)
-        k = F.linear(h, w.k)
-        v = F.linear(h, w.v)
-        self._rope_tables(max(p + n for p, n in spans))
-        outs = []
-        off = 0
-        for (pos, n), cache, res in zip(spans, caches, reserve, strict=True):
-            qs = q[off : off + n].view(n, c.num_heads, hd).transpose(0, 1)
-            ks = k[off : off + n].view(n, c.num_kv_heads, hd).transpose(0, 1)
-            vs = v[off : off + n].view(n, c.num_kv_heads, hd).transpose(0, 1)
-            cos = self._cos[pos : pos + n]
-            sin = self._sin[pos : pos + n]
-            qs = qs * cos + self._rotate_half(qs) * sin
-            ks = ks * cos + self._rotate_half(ks) * sin
+        hd, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+        t = x.shape[0]
+        h = self._rms(x, f.input_norm)
+        qkv = F.linear(h, f.qkv, f.qkv_bias)  # (T, (heads + 2 kv_heads) x head_dim)
+        # RoPE on the queries and keys together: (T, heads + kv_heads, head_dim)
+        qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
+        qk = qk * plan.cos + self._rotate_half(qk) * plan.sin
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
+        a = self._attention(idx, qk, v, plan)
+        x = F.linear(a, f.o, f.o_bias).add_(x)
+        h = self._rms(x, f.post_norm)
+        gu = F.linear(h, f.gate_up, f.gate_up_bias)
+        i = c.intermediate_size
+        return F.linear(F.silu(gu[:, :i]).mul_(gu[:, i:]), f.down, f.down_bias).add_(x)
+
+    def _attention(self, idx: int, qk: torch.Tensor, v: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Grouped-query attention of every sequence of the plan over its cache (which it extends
+        with the new keys and values); (T, heads x head_dim).
+
+        The query heads sharing a key-value head attend as one (kv_heads, groups x n, head_dim)
+        block, so keys and values are never repeated per query head."""
+        c = self.config
+        hd, nh, nkv, g = c.head_dim, c.num_heads, c.num_kv_heads, self._groups
+        out = qk.new_empty((plan.tokens, nh * hd))
+        for off, n, pos, cache, res, mask in plan.seqs:
+            ks = qk[off : off + n, nh:].transpose(0, 1)  # (kv_heads, n, head_dim)
+            vs = v[off : off + n].transpose(0, 1)
             keys, values = cache.append(idx, ks, vs, pos, res)
-            if self._groups > 1:
-                keys = keys.repeat_interleave(self._groups, dim=0)
-                values = values.repeat_interleave(self._groups, dim=0)
-            scores = torch.matmul(qs, keys.transpose(1, 2)) * self._scale  # (heads, n, pos + n)
-            if n > 1:
-                total = pos + n
-                mask = torch.ones(n, total, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(qs.dtype)
-            att = torch.matmul(probs, values)  # (heads, n, hd)
-            outs.append(att.transpose(0, 1).reshape(n, c.num_heads * hd))
-            off += n
-        a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        x = residual + F.linear(a, w.o)
-        residual = x
-        h = self._rms(x, w.post_norm)
-        h = F.linear(F.silu(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
-        return residual + h
+            if n == 1:
+                q = qk[off, :nh].view(nkv, g, hd)
+                s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale)  # (kv_heads, groups, ctx)
+                p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
+                torch.bmm(p, values, out=out[off].view(nkv, g, hd))
+                continue
+            # (n, heads, hd) -> (kv_heads, groups x n, hd), rows ordered (group, token)
+            q = qk[off : off + n, :nh].reshape(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
+            s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale).view(nkv, g, n, pos + n)
+            s.masked_fill_(mask, float("-inf"))
+            p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
+            o = torch.bmm(p.view(nkv, g * n, pos + n), values).view(nkv, g, n, hd)
+            out[off : off + n].view(n, nkv, g, hd).copy_(o.permute(2, 0, 1, 3))
+        return out
 
 
 def _check_range(config: LlamaConfig, start: int, end: int) -> None:
@@ -382,8 +518,9 @@ def _check_range(config: LlamaConfig, start: int, end: int) -> None:
 def dummy_stage(
     config: LlamaConfig, start: int, end: int, *, seed: int = 0, dtype: str = "float32", device: str = "cpu"
 ) -> StageWeights:
-    """Seeded dummy weights (normal, std 0.02; norms 1): each tensor drawn from a generator seeded
-    by ``seed`` and its own name, so any worker builds the same layer the same way."""
+    """Seeded dummy weights (normal, std 0.02; norms 1; the biases the config names, also normal):
+    each tensor drawn from a generator seeded by ``seed`` and its own name, so any worker builds
+    the same layer the same way."""
     _check_range(config, start, end)
     dt = torch_dtype(dtype)
     dev = torch.device(device)
@@ -392,7 +529,7 @@ def dummy_stage(
         g = torch.Generator().manual_seed((seed * 1_000_003 + sum(ord(ch) * 131**i for i, ch in enumerate(name))) % (2**63))
         return (torch.randn(shape, generator=g) * 0.02).to(dtype=dt, device=dev)
 
-    shapes = _layer_shapes(config)
+    shapes = {**_layer_shapes(config), **_bias_shapes(config)}
     layers = {}
     for i in range(start, end):
         t = {}
@@ -414,7 +551,7 @@ def load_stage(path: str | Path, start: int, end: int, *, dtype: str | None = No
     the head, need), computed in ``dtype`` (default: the checkpoint's; float32 for a GGUF) on
     ``device``. ModelLoadError naming the file and field or tensor for a bad checkpoint."""
     from ..models.layout import EMBED, LM_HEAD, NORM
-    from ..models.weights import open_checkpoint
+    from ..models.weights import open_checkpoint, release_freed_memory
 
     try:
         ck = open_checkpoint(path)
@@ -425,16 +562,20 @@ def load_stage(path: str | Path, start: int, end: int, *, dtype: str | None = No
         tensors = ck.read(start, end, dt_name, device)
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
+    # tensors are popped, not looked up: what StageWeights rearranges (fuses) is freed as it goes
     layers = {}
     for i in range(start, end):
         p = f"model.layers.{i}."
-        layers[i] = LayerWeights(**{k: tensors[p + name] for k, name in _LAYER_KEYS.items() if p + name in tensors})
-    embed = tensors[EMBED] if start == 0 else None
+        layers[i] = LayerWeights(**{k: tensors.pop(p + name) for k, name in _LAYER_KEYS.items() if p + name in tensors})
+    embed = tensors.get(EMBED) if start == 0 else None
     norm = lm_head = None
     if end == config.num_layers:
-        norm = tensors[NORM]
-        lm_head = tensors[EMBED] if config.tie_word_embeddings else tensors[LM_HEAD]
-    return StageWeights(config, start, end, layers, embed, norm, lm_head, dt, torch.device(device))
+        norm = tensors.pop(NORM)
+        lm_head = tensors.get(EMBED) if config.tie_word_embeddings else tensors.pop(LM_HEAD)
+    del tensors
+    stage = StageWeights(config, start, end, layers, embed, norm, lm_head, dt, torch.device(device))
+    release_freed_memory()
+    return stage
 
 
 def stage_bytes(config: LlamaConfig, start: int, end: int, bytes_per_param: int) -> int:
