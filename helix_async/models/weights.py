@@ -30,7 +30,7 @@ from .layout import gguf_name, stage_tensor_shapes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CheckpointFiles", "open_checkpoint", "read_stage", "unpermute_rows"]
+__all__ = ["CheckpointFiles", "open_checkpoint", "read_stage", "release_freed_memory", "unpermute_rows"]
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -125,28 +125,61 @@ def unpermute_rows(w: Any, heads: int) -> Any:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(g: GGUFFile, t: GGUFTensor, mm: Any) -> Any:
+#: rows de-quantised at a time: bounds the float32 temporaries to a few MB whatever the tensor
+_CHUNK_BYTES = 4 << 20
+
+
+def _dequantize(t: GGUFTensor, mm: Any, dtype: Any) -> torch.Tensor:
+    """Tensor ``t`` of the memory map ``mm`` as a ``dtype`` tensor of its shape, de-quantised a
+    chunk of rows at a time into the result (so a worker's peak memory stays near what it keeps)."""
     import numpy as np
+    import torch
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    qtype = GGMLQuantizationType[t.type_name]
-    raw = mm[t.offset : t.offset + t.nbytes]
-    if t.type_name == "F32":
-        return np.array(raw.view(np.float32).reshape(t.shape))  # a copy: the map is read-only
-    if t.type_name == "F16":
-        return raw.view(np.float16).reshape(t.shape).astype(np.float32)
     from .gguf_file import SUPPORTED_TYPES
 
+    qtype = GGMLQuantizationType[t.type_name]
     block, size = SUPPORTED_TYPES[t.type_name]
-    rows = raw.reshape(*t.shape[:-1], t.shape[-1] // block * size)
-    out = dequantize(rows, qtype)
-    return out if out.flags.writeable else np.array(out)
+    cols = t.shape[-1]
+    row_bytes = cols // block * size
+    rows = mm[t.offset : t.offset + t.nbytes].reshape(-1, row_bytes)
+    out = torch.empty((rows.shape[0], cols), dtype=dtype)
+    step = max(1, _CHUNK_BYTES // (4 * cols))
+    for r in range(0, rows.shape[0], step):
+        chunk = rows[r : r + step]
+        if t.type_name == "F32":
+            part = np.array(chunk.view(np.float32))  # a copy: the map is read-only
+        elif t.type_name == "F16":
+            part = chunk.view(np.float16).astype(np.float32)
+        else:
+            part = dequantize(chunk, qtype)
+            if not part.flags.writeable:
+                part = np.array(part)
+        out[r : r + step] = torch.from_numpy(part.reshape(-1, cols))
+    return out.reshape(t.shape)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc keeps the freed temporaries of
+    de-quantisation otherwise, and a worker's resident memory would overstate what it holds)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return
+    trim(0)
 
 
 def _read_gguf(g: GGUFFile, arch: ArchConfig, shapes: dict[str, tuple[int, ...]], dtype: Any, device: str) -> dict[str, torch.Tensor]:
     import numpy as np
-    import torch
 
     permute = g.get("general.architecture") == "llama"
     mm = np.memmap(g.path, dtype=np.uint8, mode="r")
@@ -156,17 +189,17 @@ def _read_gguf(g: GGUFFile, arch: ArchConfig, shapes: dict[str, tuple[int, ...]]
             gname = gguf_name(name)
             t = g.tensors[gname]
             try:
-                arr = _dequantize(g, t, mm)
+                x = _dequantize(t, mm, dtype)
             except (ValueError, NotImplementedError) as e:
                 raise ConfigError(g.path, f"tensor {gname}", f"cannot be de-quantised ({t.type_name}): {e}") from None
             if permute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
                 heads = arch.num_heads if ".q_proj." in name else arch.num_kv_heads
-                arr = np.ascontiguousarray(unpermute_rows(arr, heads))
-            x = torch.from_numpy(arr)
+                x = unpermute_rows(x, heads).contiguous()
             if tuple(x.shape) != shape:
                 raise ConfigError(g.path, f"tensor {gname}", f"shape {tuple(x.shape)}, expected {shape}")
-            out[name] = x.to(dtype=dtype, device=device)
-            del arr, x
+            out[name] = x.to(device=device)
+            del x
     finally:
         del mm
+        release_freed_memory()
     return out
