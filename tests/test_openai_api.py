@@ -368,7 +368,8 @@ def test_serve_is_one_command_to_an_endpoint_and_ctrl_c_stops_everything(tmp_pat
 
     url_file = tmp_path / "url"
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
-    p = subprocess.Popen([sys.executable, "-m", "helix_async", "serve", "--workers", "2", "--http", "127.0.0.1:0",
+    p = subprocess.Popen([sys.executable, "-m", "helix_async", "serve", "--model", "tiny-llama", "--workers", "2",
+                          "--http", "127.0.0.1:0",
                           "--url-file", str(url_file), "--log-dir", str(tmp_path / "logs")],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -396,10 +397,10 @@ def test_serve_is_one_command_to_an_endpoint_and_ctrl_c_stops_everything(tmp_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--http", "nonsense"], "--http: expected HOST:PORT"),
-        (["serve", "--workers", "9"], "--workers: tiny-llama has 8 layers"),
+        (["serve", "--model", "tiny-llama", "--http", "nonsense"], "--http: expected HOST:PORT"),
+        (["serve", "--model", "tiny-llama", "--workers", "9"], "--workers: tiny-llama has 8 layers"),
         (["serve", "--model", "/nonexistent/dir"], "--model: neither a known model"),
-        (["serve", "--tokenizer", "/nonexistent/dir"], "no tokenizer.json"),
+        (["serve", "--model", "tiny-llama", "--tokenizer", "/nonexistent/dir"], "no tokenizer.json"),
     ],
 )
 def test_serve_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:

@@ -273,3 +273,18 @@ def test_a_sentencepiece_gguf_vocabulary_goes_through_transformers(tmp_path: Pat
     for text in ("hi the", " the hi", "héé"):  # é: byte fallback
         assert ours.encode(text) == ref(text).input_ids
     assert ours.encode("hi")[0] == 1 and ours.eos_ids == (2,)
+
+
+@needs_real_model
+def test_the_front_door_takes_the_real_models_own_tokenizer_never_ours() -> None:
+    pytest.importorskip("aiohttp")
+    from helix_async.model import get_model
+    from helix_async.runtime.http_api import prepare_front_door
+
+    assert SMOLLM2_GGUF is not None
+    model = get_model(str(SMOLLM2_GGUF))
+    door = prepare_front_door("127.0.0.1:0", model)
+    assert door.tokenizer is not None and door.tokenizer.source == str(SMOLLM2_GGUF)
+    assert door.tokenizer.eos_ids == (2,) and door.tokenizer.vocab_size == 49152 and door.model_root == model.reference
+    with pytest.raises(ConfigError, match="--tokenizer: the tiny-llama tokenizer is for the dummy tiny-llama only"):
+        prepare_front_door("127.0.0.1:0", model, tokenizer="tiny-llama")
