@@ -757,6 +757,18 @@ def check_fits(cluster: ClusterSpec, model: ModelSpec | str, tm: ThroughputModel
         )
 
 
+def profile_notes(model: ModelSpec | str, cluster: ClusterSpec) -> list[str]:
+    """One line per GPU type of ``cluster``: whether ``model``'s profile of it is measured or
+    analytical, and where it comes from (what ``plan --explain`` and ``cluster show`` print)."""
+    ps = load_profiles(model)
+    lines = []
+    for gpu in dict.fromkeys(cluster.machine(n.id).gpu for n in cluster.nodes):
+        key = ps.canonical(gpu)
+        kind = ps.kinds.get(key)
+        lines.append(f"profile {key}: {kind} ({ps.origins[key]})" if kind else f"profile {gpu}: none")
+    return lines
+
+
 def kv_capacity(model: ModelSpec | str, gpu: str, k: int) -> int:
     """KV capacity (token x layer entries) of a ``gpu`` node holding ``k`` layers of ``model``."""
     return load_profiles(get_model(model)).node_settings(gpu).kv(k)
@@ -773,6 +785,7 @@ __all__ = [
     "TypicalBatch",
     "attach_profiles",
     "measured_profile_dirs",
+    "profile_notes",
     "read_profile_table",
     "check_fits",
     "dataset_constants",

@@ -1,4 +1,9 @@
-"""``profile``: measure one layer's batch times with the torch executor and write a profile."""
+"""``profile``: measure one layer's batch times with the torch executor and write a profile.
+
+The profile goes to the user's profile directory by default (``HELIX_PROFILE_DIR/<model key>/``),
+where the planner and the simulator find it: a measured profile replaces the analytical one of the
+same GPU type (docs/profiles.md).
+"""
 
 from __future__ import annotations
 
@@ -10,53 +15,139 @@ from .. import envs
 from ..errors import ConfigError
 from .args import EXIT_OK, positive, positive_int
 
-__all__ = ["add_parser", "cmd_profile"]
+__all__ = ["add_parser", "cmd_profile", "cuda_gpu_name"]
 
 
 def add_parser(sub: Any) -> None:
     """The ``profile`` command, on ``sub`` (argparse sub-parsers)."""
     pr = sub.add_parser("profile", help="measure per-layer batch times with the torch executor (profile format)")
-    pr.add_argument("--model", default="tiny-llama", help="model (default %(default)s)")
+    pr.add_argument("--model", default="tiny-llama",
+                    help="model: a built-in or packaged name, a checkpoint directory or a FILE.gguf (default %(default)s)")
     pr.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
-    pr.add_argument("--gpu", default=None, help="machine type to name the profile after (default: CPU or CUDA)")
-    pr.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    pr.add_argument("--threads", type=positive_int, default=1, help="torch threads (default %(default)s)")
+    pr.add_argument("--gpu", default=None,
+                    help="GPU type to name the profile after (default: CPU, or the datasheet name of the CUDA device)")
+    pr.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="compute dtype (default: float32 on cpu, float16 on cuda)")
+    pr.add_argument("--threads", type=positive_int, default=1,
+                    help="torch threads per process (default %(default)s: a served worker runs 1)")
+    pr.add_argument("--concurrent", type=positive_int, default=1,
+                    help="processes measuring at the same time, sharing the cores as that many workers would "
+                         "(default %(default)s)")
     pr.add_argument("--repeats", type=positive_int, default=7, help="timed runs per point; the median is kept")
-    pr.add_argument("--kv-bytes", type=positive, default=256 * 2**20, help="KV budget of the machine type, bytes")
+    pr.add_argument("--prompt-len", type=positive_int, default=None,
+                    help="tokens per request in a prompt batch (default: the dataset's mean input, 750)")
+    pr.add_argument("--decode-context", type=positive_int, default=None,
+                    help="tokens cached per decoding sequence (default: mean input + half the mean output, 870)")
+    pr.add_argument("--kv-bytes", type=positive, default=None,
+                    help="KV budget of the machine type, bytes (default: 256 MiB on cpu; on a datasheet GPU the "
+                         "node settings follow its VRAM)")
     pr.add_argument("--prompt-max-requests", type=positive_int, default=4)
     pr.add_argument("--prompt-max-tokens", type=positive_int, default=2048)
     pr.add_argument("--decode-max-tokens", type=positive_int, default=128)
-    pr.add_argument("--out", default=None, help="directory to write (default out/profile/<model>)")
+    pr.add_argument("--out", default=None,
+                    help="directory to write (default $HELIX_PROFILE_DIR/<model key>, read by plan and sim)")
     pr.set_defaults(handler=cmd_profile)
+
+
+def cuda_gpu_name(device_name: str) -> str:
+    """The datasheet type of a CUDA device called ``device_name`` (``torch.cuda.get_device_name``,
+    e.g. "NVIDIA H100 80GB HBM3" -> "H100"), or "CUDA" when the table has none."""
+    from ..profiles.gpus import gpu_types
+
+    name = device_name.upper().replace(" ", "").replace("-", "")
+    best = ""
+    for key, g in gpu_types().items():
+        if g.count != 1:
+            continue
+        base, _, variant = key.upper().partition("-")
+        if base in name and (not variant or variant in name) and len(key) > len(best):
+            best = key
+    return best or "CUDA"
+
+
+def _grid(base: tuple[int, ...], upto: int) -> list[int]:
+    """``base`` continued by doubling, up to its first point at or past ``upto``."""
+    ext = list(base)
+    while ext[-1] < upto:
+        ext.append(ext[-1] * 2)
+    return [n for n in ext if n < upto] + [min(n for n in ext if n >= upto)]
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from ..extras import require
 
     require("torch", "torch")
-    from ..executors.profiling import DECODE_GRID, PROMPT_GRID, measure, node_settings_rows, write_profile
-    from ..model import get_model
+    from ..executors.profiling import (
+        DECODE_GRID,
+        PROMPT_GRID,
+        measure_concurrent,
+        node_settings_rows,
+        write_profile,
+    )
+    from ..model import dataset_constants, get_model
+    from ..profiles.analytical import LayerShape, analytical_settings
+    from ..profiles.gpus import find_gpu
 
     spec = get_model(args.model)
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise ConfigError("<argument>", "--device", f"unknown device {args.device!r}; use cpu or cuda")
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    detected = "CUDA"
+    if cuda:
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("<argument>", "--device", "CUDA is not available on this machine")
-    gpu = args.gpu or ("CPU" if args.device == "cpu" else "CUDA")
-    grid_p = [n for n in PROMPT_GRID if n <= args.prompt_max_tokens] or [args.prompt_max_tokens]
-    grid_d = [n for n in DECODE_GRID if n <= args.decode_max_tokens] or [args.decode_max_tokens]
-    print(f"profiling one layer of {spec.name} on {args.device} ({args.dtype}, {args.threads} thread(s), "
-          f"median of {args.repeats})")
-    res = measure(spec, gpu=gpu, device=args.device, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
-                  prompt_grid=grid_p, decode_grid=grid_d)
+        detected = cuda_gpu_name(torch.cuda.get_device_name(args.device))
+    gpu = args.gpu or (detected if cuda else "CPU")
+    dtype = args.dtype or ("float16" if cuda else "float32")
+    consts = dataset_constants()
+    prompt_len = args.prompt_len or consts.avg_input_len
+    decode_ctx = args.decode_context or consts.avg_input_len + consts.avg_output_len // 2
+    datasheet = find_gpu(gpu)
+    if datasheet is not None and args.kv_bytes is None:
+        derived = analytical_settings(LayerShape.of(spec), datasheet, spec.num_layers, consts)
+        if derived is None:
+            raise ConfigError("<argument>", "--gpu", f"not one layer of {spec.name} fits in half of a {gpu}'s memory")
+        prompt_max_tokens, decode_max_tokens = max(derived.prompt_max_tokens), max(derived.decode_max_tokens)
+    else:
+        derived = None
+        prompt_max_tokens, decode_max_tokens = args.prompt_max_tokens, args.decode_max_tokens
+    if derived is not None:
+        kv1 = derived.kv_capacity[0]
+    else:
+        kv1 = int(args.kv_bytes or 256 * 2**20) // spec.kv_bytes_per_token_per_layer
+    # the grids reach every batch the simulator runs (the batch limits) and every typical batch the
+    # throughput model looks up: prompts up to the longest input, decodes up to 0.3 of one layer's
+    # KV in requests of 990 tokens (docs/original.md §3.4)
+    reach = -(-int(consts.typical_kv_fill * kv1) // (consts.avg_input_len + consts.avg_output_len))
+    grid_p = _grid(PROMPT_GRID, max(prompt_max_tokens, consts.max_input_len))
+    grid_d = _grid(DECODE_GRID, max(decode_max_tokens, reach))
+    print(f"profiling one layer of {spec.name} on {args.device} as {gpu} ({dtype}, {args.threads} thread(s) x "
+          f"{args.concurrent} process(es), median of {args.repeats}; prompts of {prompt_len} tokens, decodes with "
+          f"{decode_ctx} cached)")
+    res = measure_concurrent(spec, args.concurrent, gpu=gpu, device=args.device, dtype=dtype, threads=args.threads,
+                             repeats=args.repeats, prompt_grid=grid_p, decode_grid=grid_d, prompt_len=prompt_len,
+                             decode_ctx=decode_ctx)
     for kind, rows in (("prompt tokens", res.prompt), ("decode seqs", res.decode)):
         print(f"  {kind:14s} " + "  ".join(f"{x}:{s * 1e3:.3f}ms" for x, s in rows))
-    settings = node_settings_rows(spec, gpu, kv_bytes=int(args.kv_bytes), prompt_max_requests=args.prompt_max_requests,
-                                  prompt_max_tokens=args.prompt_max_tokens, decode_max_tokens=args.decode_max_tokens)
-    out = Path(args.out) if args.out else Path(envs.HELIX_OUT_DIR) / "profile" / spec.key
-    for path in write_profile(res, out, settings):
+    if derived is not None:
+        settings: list[dict[str, int | str]] = [
+            {"model": spec.key, "gpu": gpu, "max_num_layers": derived.max_layers, "num_layers": k + 1,
+             "vllm_num_blocks": derived.vllm_blocks[k], "kv_cache_capacity_token_layers": derived.kv_capacity[k],
+             "prompt_max_requests": derived.prompt_max_requests[k], "prompt_max_tokens": derived.prompt_max_tokens[k],
+             "decode_max_tokens": derived.decode_max_tokens[k], "decode_max_context": derived.decode_max_context[k]}
+            for k in range(derived.max_layers)
+        ]
+    else:
+        settings = node_settings_rows(spec, gpu, kv_bytes=int(args.kv_bytes or 256 * 2**20),
+                                      prompt_max_requests=args.prompt_max_requests,
+                                      prompt_max_tokens=args.prompt_max_tokens,
+                                      decode_max_tokens=args.decode_max_tokens)
+    out = Path(args.out) if args.out else Path(envs.HELIX_PROFILE_DIR).expanduser() / spec.key
+    for path in write_profile(res, out, settings, spec):
         print(f"wrote {path}")
+    if args.out:
+        print(f"plan and sim read it when HELIX_PROFILE_DIR is {out.parent} (the directory is named by the model key "
+              f"{spec.key!r})")
     return EXIT_OK

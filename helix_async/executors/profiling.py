@@ -1,41 +1,53 @@
 """Measure per-layer batch times with the torch executor's model code, in the shipped profile format.
 
-``python -m helix_async profile --model tiny-llama --device cpu`` runs one decoder layer of the model
-(seeded dummy weights: the time does not depend on their values) on
+``python -m helix_async profile --model M --device cpu|cuda`` runs one decoder layer of the model
+(its real layer code and shape, biases included, with seeded dummy weights: the time does not
+depend on their values) on
 
-* prompt batches of ``n`` tokens (requests of at most ``prompt_chunk`` tokens each, as a batch of
-  several prompts would hold them), for ``n`` on a grid, and
+* prompt batches of ``n`` tokens, as requests of at most ``prompt_len`` tokens each (the last one
+  shorter), for ``n`` on a grid, and
 * decode batches of ``s`` sequences, each with ``decode_ctx`` tokens already cached,
 
 and writes ``<gpu>_prompt.csv`` and ``<gpu>_decode.csv`` (``batch_tokens,time_per_layer_ms``, the
-layout of the shipped GPU profiles, docs/original.md §3.2) plus the node settings rows for that machine
-type (``node_settings.csv``'s columns, §3.3), so the model can be planned and simulated on that
-machine like any profiled GPU.  Each point is the median of ``repeats`` timed runs after one
-warm-up run.  This is a measurement tool: it reads the wall clock (``time.perf_counter``).
+layout of the shipped GPU profiles, docs/original.md §3.2), the node settings rows for that machine
+type (``node_settings.csv``'s columns, §3.3) and ``profile.toml`` (the model's shape and how it was
+measured), so the model can be planned and simulated on that machine like any profiled GPU
+(docs/profiles.md, "Measured profiles").  Each point is the median of ``repeats`` timed runs after
+one warm-up run.  With ``concurrent`` > 1 that many processes measure the same grid at the same
+time, each on its own threads, so the cores are shared as that many serving workers share them.
+This is a measurement tool: it reads the wall clock (``time.perf_counter``).
 """
 
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import platform
 import statistics
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 import torch
 
-from ..model import ModelSpec
+from ..model import PROFILE_META, ModelSpec
 from .llama import LlamaConfig, SeqCache, dummy_stage
 
-__all__ = ["ProfileResult", "llama_config", "measure", "write_profile"]
+__all__ = ["DECODE_GRID", "PROMPT_GRID", "ProfileResult", "llama_config", "measure", "measure_concurrent",
+           "node_settings_rows", "write_profile"]
 
 PROMPT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DECODE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:
-    """The decoder shape of a model spec (for dummy weights of a model without a checkpoint)."""
+    """The decoder shape of a model spec: its ``arch`` when it was read from files (biases, RoPE
+    scaling, tied head as the checkpoint says), else the named spec's fields."""
+    if spec.arch is not None:
+        return LlamaConfig.from_arch(spec.arch)
     return LlamaConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -51,13 +63,20 @@ def llama_config(spec: ModelSpec) -> LlamaConfig:
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """Measured seconds per layer: ``prompt[(tokens, s)]`` and ``decode[(seqs, s)]``."""
+    """Measured seconds per layer: ``prompt[(tokens, s)]`` and ``decode[(seqs, s)]``, and how:
+    device, dtype, torch threads per process, processes measuring at once, the request length of
+    the prompt batches and the cached context of the decodes (tokens)."""
 
     gpu: str
     prompt: tuple[tuple[int, float], ...]
     decode: tuple[tuple[int, float], ...]
     device: str
     threads: int
+    dtype: str = "float32"
+    concurrent: int = 1
+    repeats: int = 5
+    prompt_len: int = 128
+    decode_ctx: int = 128
 
 
 def _time(run: Callable[[], None], repeats: int) -> float:
@@ -80,7 +99,7 @@ def measure(
     repeats: int = 5,
     prompt_grid: Sequence[int] = PROMPT_GRID,
     decode_grid: Sequence[int] = DECODE_GRID,
-    prompt_chunk: int = 128,
+    prompt_len: int = 128,
     decode_ctx: int = 128,
 ) -> ProfileResult:
     """Time one layer of ``spec`` on the grids (see the module doc)."""
@@ -93,6 +112,9 @@ def measure(
     def hidden(n: int) -> torch.Tensor:
         return (torch.randn(n, cfg.hidden_size, generator=gen) * 0.5).to(dtype=stage.dtype, device=stage.device)
 
+    def kvs(shape: tuple[int, int, int]) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(dtype=stage.dtype, device=stage.device)
+
     def sync() -> None:
         if stage.device.type == "cuda":
             torch.cuda.synchronize()
@@ -100,7 +122,7 @@ def measure(
     prompt = []
     with torch.inference_mode():
         for n in prompt_grid:
-            sizes = [prompt_chunk] * (n // prompt_chunk) + ([n % prompt_chunk] if n % prompt_chunk else [])
+            sizes = [prompt_len] * (n // prompt_len) + ([n % prompt_len] if n % prompt_len else [])
             x = hidden(n)
             spans = [(0, k) for k in sizes]
 
@@ -113,8 +135,9 @@ def measure(
         decode = []
         for s in decode_grid:
             caches = [SeqCache() for _ in range(s)]
-            for c in caches:  # fill each cache with decode_ctx tokens (not timed)
-                stage.layer(0, hidden(decode_ctx), [(0, decode_ctx)], [c], [decode_ctx + repeats + 2])
+            for c in caches:  # decode_ctx cached positions of random keys and values (not timed)
+                kv = (cfg.num_kv_heads, decode_ctx, cfg.head_dim)
+                c.append(0, kvs(kv), kvs(kv), 0, decode_ctx + repeats + 2)
             x = hidden(s)
             pos = [decode_ctx]
 
@@ -127,7 +150,31 @@ def measure(
                 sync()
 
             decode.append((s, _time(run_decode, repeats)))
-    return ProfileResult(gpu, tuple(prompt), tuple(decode), device, threads)
+    return ProfileResult(gpu, tuple(prompt), tuple(decode), device, threads, dtype, 1, repeats, prompt_len, decode_ctx)
+
+
+def _measure_child(args: tuple[str, dict[str, object]]) -> ProfileResult:
+    from ..model import get_model
+
+    ref, kw = args
+    return measure(get_model(ref), **kw)  # type: ignore[arg-type]
+
+
+def measure_concurrent(spec: ModelSpec, concurrent: int, **kw: object) -> ProfileResult:
+    """:func:`measure` in ``concurrent`` processes at once (started with ``spawn``, each with its
+    own torch threads); each grid point is the median over the processes of their medians."""
+    if concurrent <= 1:
+        return measure(spec, **kw)  # type: ignore[arg-type]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(concurrent) as pool:
+        results = pool.map(_measure_child, [(spec.reference, kw)] * concurrent)
+    first = results[0]
+
+    def med(rows: list[tuple[tuple[int, float], ...]]) -> tuple[tuple[int, float], ...]:
+        return tuple((x, statistics.median(r[i][1] for r in rows)) for i, (x, _) in enumerate(rows[0]))
+
+    return ProfileResult(first.gpu, med([r.prompt for r in results]), med([r.decode for r in results]), first.device,
+                         first.threads, first.dtype, concurrent, first.repeats, first.prompt_len, first.decode_ctx)
 
 
 def node_settings_rows(
@@ -165,9 +212,42 @@ def node_settings_rows(
     return rows
 
 
-def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int | str]]) -> list[Path]:
+def _meta(spec: ModelSpec, result: ProfileResult, old: dict[str, object]) -> str:
+    """profile.toml: the shape the tables belong to (checked when they are read) and, per GPU type,
+    how its tables were measured (the other types' entries of ``old`` are kept)."""
+    measured = {k: v for k, v in dict(old.get("measurement", {})).items() if k.lower() != result.gpu.lower()}  # type: ignore[call-overload]
+    measured[result.gpu] = {
+        "device": result.device,
+        "dtype": result.dtype,
+        "threads": result.threads,
+        "concurrent": result.concurrent,
+        "repeats": result.repeats,
+        "prompt_len": result.prompt_len,
+        "decode_ctx": result.decode_ctx,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    doc = {
+        "model": {
+            "name": spec.name,
+            "key": spec.key,
+            **{f: getattr(spec, f) for f in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                                            "num_key_value_heads", "head_dim")},
+        },
+        "measurement": measured,
+    }
+    return ("# Written by `python -m helix_async profile` (docs/profiles.md, \"Measured profiles\").\n"
+            "# [measurement.GPU]: threads = torch threads per process; concurrent = processes measuring at once;\n"
+            "# prompt_len = tokens per request of a prompt batch; decode_ctx = tokens cached per decoding sequence;\n"
+            "# each point is the median of `repeats` timed runs.\n" + tomli_w.dumps(doc))
+
+
+def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int | str]],
+                  spec: ModelSpec | None = None) -> list[Path]:
     """Write ``<gpu>_prompt.csv``, ``<gpu>_decode.csv`` (milliseconds per layer, a 0,0 first row as
-    the shipped profiles) and ``node_settings.csv`` into ``out``; returns the paths."""
+    the shipped profiles), ``node_settings.csv`` (``settings`` replace this GPU type's rows; other
+    types' rows stay) and, given ``spec``, ``profile.toml`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, rows in (("prompt", result.prompt), ("decode", result.decode)):
@@ -180,9 +260,24 @@ def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int
                 w.writerow([x, f"{s * 1e3:.4f}"])
         paths.append(p)
     p = out / "node_settings.csv"
+    kept: list[dict[str, str]] = []
+    if p.is_file():
+        with p.open(newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if str(r.get("gpu", "")).lower() != result.gpu.lower()]
     with p.open("w", newline="") as fh:
         dw = csv.DictWriter(fh, fieldnames=list(settings[0]), lineterminator="\n")
         dw.writeheader()
+        dw.writerows(kept)
         dw.writerows(settings)
     paths.append(p)
+    if spec is not None:
+        m = out / PROFILE_META
+        old: dict[str, object] = {}
+        if m.is_file():
+            try:
+                old = tomllib.loads(m.read_text())
+            except tomllib.TOMLDecodeError:
+                old = {}
+        m.write_text(_meta(spec, result, old))
+        paths.append(m)
     return paths
