@@ -60,7 +60,7 @@ def fmt_bw(bps: float) -> str:
 def cmd_cluster_show(args: argparse.Namespace) -> int:
     from ..cluster import import_helix_ini, load_cluster
     from ..ids import SINK, SOURCE
-    from ..model import ThroughputModel, check_fits, get_model, max_compute_throughput
+    from ..model import ThroughputModel, check_fits, get_model, load_profiles, max_compute_throughput
 
     if args.machine_profile:
         spec = import_helix_ini(args.cluster, args.machine_profile)
@@ -74,7 +74,8 @@ def cmd_cluster_show(args: argparse.Namespace) -> int:
         m = spec.machine_types[name]
         print(
             f"  {name:6s} x{n:<3d} gpus={m.num_gpus} vram={m.vram_bytes / 1e9:.0f} GB "
-            f"nic in/out={fmt_bw(m.nic_in)}/{fmt_bw(m.nic_out)} profile={m.gpu}"
+            f"nic in/out={fmt_bw(m.nic_in)}/{fmt_bw(m.nic_out)} profile={m.gpu} "
+            f"({load_profiles(model).kind(m.gpu) or 'none'})"
         )
     regions = spec.regions()
     if len(regions) > 1:

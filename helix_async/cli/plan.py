@@ -222,9 +222,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"upper bound: {result.upper_bound:.4f} tokens/s ({result.bound_source}); gap {100 * result.gap:.2f}%")
     print(f"plan written to {out}")
     if args.explain:
+        from ..model import profile_notes
         from ..placement.served_plan import explain
 
-        for line in explain(result.placement, simulation.workload, seed=search.seed, max_steps=search.step_limit):
+        for line in profile_notes(result.placement.model_spec, spec) + explain(
+                result.placement, simulation.workload, seed=search.seed, max_steps=search.step_limit):
             print("explain: " + line)
     if args.plot:
         from ..plots import plot_placement
@@ -236,6 +238,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan_served(args: argparse.Namespace, spec: ClusterSpec, out: Path, search: SearchSettings,
                  simulation: SimulationSettings, options: dict[str, Any]) -> int:
+    from ..model import profile_notes
     from ..placement.flow import max_flow
     from ..placement.io import write_placement
     from ..placement.objectives import make_objective
@@ -281,7 +284,8 @@ def _plan_served(args: argparse.Namespace, spec: ClusterSpec, out: Path, search:
           f"tokens/s ({res.maxflow.bound_source})")
     print(f"plan written to {out}")
     if args.explain:
-        for line in explain(res.placement, wl, objective=objective, seed=seed, max_steps=search.step_limit):
+        for line in profile_notes(res.placement.model_spec, spec) + explain(
+                res.placement, wl, objective=objective, seed=seed, max_steps=search.step_limit):
             print("explain: " + line)
     if args.plot:
         from ..plots import plot_placement
