@@ -1,5 +1,5 @@
-"""The torch executor's oracle: a tiny LLaMA made by Hugging Face ``transformers`` (random init,
-saved as a checkpoint directory) and its own greedy ``generate``.  Imported by tests that have
+"""The torch executor's oracle: tiny models made by Hugging Face ``transformers`` (random init,
+saved as checkpoint directories) and their own greedy ``generate``.  Imported by tests that have
 already skipped when torch or transformers is missing."""
 
 from __future__ import annotations
@@ -10,14 +10,31 @@ from typing import Any
 import torch
 import transformers
 
+#: the families the executor computes, by the transformers classes that define them
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+}
 
-def make_checkpoint(path: Path, seed: int, **shape: int) -> Any:
-    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (vocab_size, hidden_size,
-    intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads) saved into
-    ``path``; returns the model (eval mode)."""
-    cfg = transformers.LlamaConfig(max_position_embeddings=512, **shape)
+
+def make_checkpoint(path: Path, seed: int, family: str = "llama", bias_std: float = 0.0, **config: Any) -> Any:
+    """A randomly initialised model of ``family`` with ``config`` (the transformers config's
+    fields: vocab_size, hidden_size, ..., rope_scaling, attention_bias, tie_word_embeddings) saved
+    into ``path``; returns the model (eval mode, float32).
+
+    bias_std: transformers initialises every bias to zero, which would hide a bias the math left
+    out; with ``bias_std > 0`` each bias is redrawn from a normal of that deviation (seeded)."""
+    cfg_cls, model_cls = FAMILIES[family]
+    cfg = cfg_cls(**{"max_position_embeddings": 512, **config})
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
+    if bias_std > 0:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * bias_std)
     model.save_pretrained(path)
     return model
 
@@ -30,3 +47,9 @@ def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
         )
     return [int(t) for t in out[0, len(prompt):]]
+
+
+def hf_last_logits(model: Any, prompt: list[int]) -> torch.Tensor:
+    """The logits (vocab,) of the prompt's last position, float32, in one forward pass."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0, -1].float()

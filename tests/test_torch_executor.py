@@ -9,6 +9,8 @@ same over ZeroMQ in separate processes.)
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
+from hf_oracle import hf_greedy, hf_last_logits, make_checkpoint  # noqa: E402
 
 from helix_async.clock import LoopClock  # noqa: E402
 from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
@@ -280,3 +282,101 @@ def test_sampled_tokens_follow_the_seed(loop: VirtualTimeLoop, checkpoint: tuple
     assert got[0] == got[1] and got[0] != got[2]
     assert got[3] == hf_greedy(model, list(prompt), 12) != got[0]
     assert all(ex.cached_requests == 0 and not ex._sampling for ex, _ in execs)
+
+
+# ---- the families, token for token against transformers -------------------------------------------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2)
+#: case -> (family, bias deviation, config fields); head_dim 16 with theta 1e4 puts the rotary
+#: wavelengths (6.3 .. 19,869 positions) on all three sides of llama3's 16 / 64 thresholds
+FAMILY_CASES = {
+    "llama3-rope": ("llama", 0.0, {"rope_scaling": LLAMA3_ROPE, "rope_theta": 10000.0}),
+    "llama-attention-and-mlp-bias": ("llama", 0.5, {"attention_bias": True, "mlp_bias": True}),
+    "qwen2-qkv-bias": ("qwen2", 0.5, {}),
+    "llama-tied-embeddings": ("llama", 0.0, {"tie_word_embeddings": True}),
+    "mistral": ("mistral", 0.0, {}),
+}
+
+
+def staged_greedy(stages: list[Any], prompts: list[list[int]], steps: int, join: list[int]) -> tuple[list[list[int]], list[Any]]:
+    """Greedy tokens of every prompt through ``stages`` (consecutive layer ranges) driven batch by
+    batch the way the executor does it: sequence ``i`` enters at batch ``join[i]`` with its whole
+    prompt, packed with the others' prompts and one-token decodes; returns the tokens and each
+    sequence's logits at its prompt's last position."""
+    caches = [[SeqCache() for _ in prompts] for _ in stages]
+    toks: list[list[int]] = [[] for _ in prompts]
+    first: list[Any] = [None] * len(prompts)
+    step = 0
+    with torch.inference_mode():
+        while any(len(t) < steps for t in toks):
+            live = [i for i in range(len(prompts)) if join[i] <= step and len(toks[i]) < steps]
+            ids: list[int] = []
+            spans: list[tuple[int, int]] = []
+            for i in live:
+                if toks[i]:
+                    ids.append(toks[i][-1])
+                    spans.append((len(prompts[i]) + len(toks[i]) - 1, 1))
+                else:
+                    ids.extend(prompts[i])
+                    spans.append((0, len(prompts[i])))
+            if live:
+                x = stages[0].embed_tokens(ids)
+                for st, cs in zip(stages, caches, strict=True):
+                    mine = [cs[i] for i in live]
+                    for layer in range(st.start, st.end):
+                        x = st.layer(layer, x, spans, mine, [len(prompts[i]) + steps for i in live])
+                ends = list(itertools.accumulate(n for _, n in spans))
+                logits = stages[-1].logits(x[[e - 1 for e in ends]])
+                for j, i in enumerate(live):
+                    if not toks[i]:
+                        first[i] = logits[j]
+                    toks[i].append(int(logits[j].argmax()))
+            step += 1
+    return toks, first
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_each_family_equals_transformers_token_for_token(tmp_path: Path, case: str) -> None:
+    """Llama 3.1's RoPE scaling, LLaMA's attention and MLP biases, Qwen2's q/k/v biases, a tied
+    LM head and Mistral: two stages of a tiny random model (prompts of 1, 6 and 19 tokens, the
+    last joining while the others decode) give transformers' greedy tokens, and the prompts'
+    last logits agree to 1e-4.  Each feature is first shown to change transformers' own output,
+    so the comparison can fail when the math leaves it out."""
+    family, bias_std, fields = FAMILY_CASES[case]
+    model = make_checkpoint(tmp_path, 11, family, bias_std, **SMALL, **fields)
+    prompts = [[(5 * i + 3 * j + 2) % 128 for j in range(n)] for i, n in enumerate((6, 1, 19))]
+    if case == "llama3-rope":
+        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=512, **SMALL)).eval()
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(hf_last_logits(plain, prompts[2]), hf_last_logits(model, prompts[2]), atol=1e-3)
+        ours = load_stage(tmp_path, 0, 2)._inv_freq
+        assert torch.equal(ours, model.model.rotary_emb.inv_freq)  # the same frequencies, to the bit
+    if bias_std:
+        unbiased = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in unbiased.named_parameters():
+                if name.endswith(".bias"):
+                    p.zero_()
+        assert not torch.allclose(hf_last_logits(unbiased, prompts[2]), hf_last_logits(model, prompts[2]), atol=1e-3)
+    stages = [load_stage(tmp_path, 0, 2), load_stage(tmp_path, 2, 4)]
+    if fields.get("tie_word_embeddings"):
+        assert stages[1].embed is None and stages[1].lm_head is not None
+    toks, first = staged_greedy(stages, prompts, 8, join=[0, 0, 3])
+    for i, p in enumerate(prompts):
+        assert float((first[i] - hf_last_logits(model, p)).abs().max()) < 1e-4, f"prompt {i}"
+        assert toks[i] == hf_greedy(model, p, 8), f"prompt {i} ({len(p)} tokens)"
+
+
+def test_dummy_weights_carry_the_configs_biases() -> None:
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=4, qkv_bias=True, mlp_bias=True)
+    w = dummy_stage(cfg, 0, 2, seed=1).layers[1]
+    assert w.q_bias is not None and w.q_bias.shape == (16,) and w.v_bias is not None and w.v_bias.shape == (8,)
+    assert w.gate_bias is not None and w.down_bias is not None and w.down_bias.shape == (16,) and w.o_bias is None
+    assert float(w.q_bias.abs().sum()) > 0
+    plain = dummy_stage(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=4), 0, 2, seed=1).layers[1]
+    assert plain.q_bias is None and plain.gate_bias is None
