@@ -245,6 +245,25 @@ def test_sampling_with_a_seed_repeats(cluster: Cluster, client: Any) -> None:
     assert a == b
 
 
+def test_logprobs_n_and_vllms_sampling_fields_through_the_cluster(cluster: Cluster, client: Any) -> None:
+    messages = [{"role": "user", "content": "Where do layers go?"}]
+    r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and r.usage.completion_tokens == 6
+    for e in content:  # greedy takes the most likely token: it heads its own top list
+        assert len(e.top_logprobs) == 3 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+        assert e.logprob <= 0 and [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs),
+                                                                                reverse=True)
+    kw = dict(model="tiny-llama", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7, n=3,
+              extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.01, "repetition_penalty": 1.2,
+                          "frequency_penalty": 0.5, "presence_penalty": 0.5})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2] and a.usage.completion_tokens == 24
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: repeats
+    assert len({c.text for c in a.choices}) > 1  # seeds seed, seed+1, seed+2: independent draws
+
+
 def test_errors_have_openais_shape_and_status(cluster: Cluster, client: Any) -> None:
     status, body, _ = _post(cluster.url + "/v1/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
