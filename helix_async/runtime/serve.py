@@ -151,7 +151,7 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
                    help="worker executor (default %(default)s)")
     s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype of the workers (default: the checkpoint's; float32 for GGUF and on CPU)")
+                   help="compute dtype of the workers (default: the checkpoint's; float32 for a GGUF file)")
     s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
     s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
     s.add_argument("--served-model-name", default=None, help="the model id clients use")
