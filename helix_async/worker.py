@@ -617,12 +617,13 @@ class Worker:
         if dest == SINK:
             # (request_id, token_id, context_len, finished, sent_at, route, logprobs): the chosen
             # token (an int, or a SampledToken when the request asked for log-probabilities)
+            lps: tuple = ()
             if data is None:
-                tok, lps = 0, ()
+                tok = 0
             elif data.__class__ is SampledToken:
                 tok, lps = data.token_id, ((data.token_id, data.logprob), *data.top)
             else:
-                tok, lps = data, ()
+                tok = data
             out: Any = make_token_result(
                 item.rid,
                 tok,
@@ -641,10 +642,12 @@ class Worker:
             ctx_ids = msg.context_ids
             if msg.token_ids and msg.needs_context:
                 ctx_ids = msg.token_ids
+            tensors: tuple = ()
+            modelled = 0
             if data is None:
-                tensors, modelled = (), n * self._act
+                modelled = n * self._act
             else:
-                tensors, modelled = (data,), 0
+                tensors = (data,)
             out = make_prompt_work(
                 item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, tensors, modelled,
                 msg.temperature, msg.top_p, msg.seed, msg.top_k, msg.min_p, msg.presence_penalty,

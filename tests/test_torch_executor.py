@@ -27,7 +27,8 @@ from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
 from helix_async.cluster.spec import ClusterSpec, Link, Node  # noqa: E402
 from helix_async.executors.base import Batch, ExecFailure  # noqa: E402
 from helix_async.executors.llama import LlamaConfig, ModelLoadError, SeqCache, dummy_stage, load_stage  # noqa: E402
-from helix_async.executors.torch import Sampling, TorchExecutor  # noqa: E402
+from helix_async.executors.sampling import RequestSampler  # noqa: E402
+from helix_async.executors.torch import TorchExecutor  # noqa: E402
 from helix_async.host import Host  # noqa: E402
 from helix_async.ids import SINK, SOURCE, NodeRef  # noqa: E402
 from helix_async.messages import DecodeWork, PromptWork  # noqa: E402
@@ -182,15 +183,17 @@ def test_float64_and_dummy_weights(checkpoint: tuple[Path, Any]) -> None:
 
 
 def test_sampling_is_seeded_and_top_p_restricts() -> None:
+    from helix_async.sampling import SamplingParams
+
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    a = [Sampling(1.0, 1.0, seed=7).choose(logits) for _ in range(1)]
-    s1, s2 = Sampling(1.0, 1.0, seed=7), Sampling(1.0, 1.0, seed=7)
+    a = [RequestSampler(SamplingParams(temperature=1.0, seed=7), 4).choose(logits) for _ in range(1)]
+    s1, s2 = (RequestSampler(SamplingParams(temperature=1.0, seed=7), 4) for _ in range(2))
     assert [s1.choose(logits) for _ in range(20)] == [s2.choose(logits) for _ in range(20)]
-    narrow = Sampling(1.0, 0.3, seed=1)
+    narrow = RequestSampler(SamplingParams(temperature=1.0, top_p=0.3, seed=1), 4)
     assert {narrow.choose(logits) for _ in range(50)} == {1}
-    assert Sampling().choose(logits) == 1 and a[0] in range(4)
+    assert RequestSampler(SamplingParams(), 4).choose(logits) == 1 and a[0] in range(4)
     with pytest.raises(ValueError, match="top_p"):
-        Sampling(1.0, 0.0)
+        SamplingParams(temperature=1.0, top_p=0.0)
 
 
 def test_bad_checkpoints_name_the_file_and_field(tmp_path: Path, checkpoint: tuple[Path, Any]) -> None:

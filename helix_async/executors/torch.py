@@ -10,8 +10,9 @@ computes them with :mod:`helix_async.executors.llama`:
   several consecutive layers in one call (the worker's runs of layers), which :meth:`shorten`
   cuts short when a request arrives at one of them, as the cost model's runs are;
 * after the model's last layer the final norm and LM head run on each request's last position and
-  a token is chosen (greedy, or temperature / top-p from a seeded generator per request), which
-  ``item.data`` then holds;
+  a token is chosen by :mod:`helix_async.executors.sampling` (the request's penalties, ban,
+  temperature, truncation and seeded draw, or plain greedy), which ``item.data`` then holds (its
+  id, or a ``SampledToken`` with log-probabilities when the request asked for them);
 * every request keeps a KV cache per layer here (:class:`~helix_async.executors.llama.SeqCache`);
   the worker frees it through :meth:`TorchExecutor.release` when its KV accounting frees the
   request (finished, cancelled or preempted).
@@ -42,43 +43,12 @@ from ..messages import PromptWork
 from .base import Batch, ExecFailure
 from .llama import SeqCache, StageWeights
 from .registry import ExecutorLoadError
+from .sampling import RequestSampler, sample, sampler_for
 
 if TYPE_CHECKING:
     from .registry import ExecutorContext
 
-__all__ = ["ExecFailure", "Sampling", "TorchExecutor", "from_context"]
-
-
-class Sampling:
-    """How the last stage chooses a request's tokens: greedy when ``temperature == 0``; otherwise
-    softmax at ``temperature`` restricted to the smallest set of tokens whose probability reaches
-    ``top_p``, drawn from a generator seeded with ``seed``."""
-
-    __slots__ = ("temperature", "top_p", "gen")
-
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.gen = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """A token from one position's logits (vocab,), float32."""
-        if self.gen is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double().cpu() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            p, idx = torch.sort(probs, descending=True)
-            keep = torch.cumsum(p, 0) - p < self.top_p  # tokens before which the mass is below top_p
-            p = p * keep
-            return int(idx[torch.multinomial(p / p.sum(), 1, generator=self.gen)])
-        return int(torch.multinomial(probs, 1, generator=self.gen))
-
-
-GREEDY = Sampling()
+__all__ = ["ExecFailure", "TorchExecutor", "from_context"]
 
 
 class TorchExecutor:
@@ -96,7 +66,7 @@ class TorchExecutor:
         self.hidden = stage.config.hidden_size
         self.vocab = stage.config.vocab_size
         self._caches: dict[int, SeqCache] = {}
-        self._sampling: dict[int, Sampling] = {}
+        self._sampling: dict[int, RequestSampler] = {}  # requests that do not take the plain arg-max
         self._threaded = threaded
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: Any = None
@@ -159,8 +129,8 @@ class TorchExecutor:
         self._caches.pop(rid, None)
         self._sampling.pop(rid, None)
 
-    def set_sampling(self, rid: int, sampling: Sampling) -> None:
-        self._sampling[rid] = sampling
+    def set_sampling(self, rid: int, sampler: RequestSampler) -> None:
+        self._sampling[rid] = sampler
 
     def close(self) -> None:
         if self._pool is not None:
@@ -235,8 +205,6 @@ class TorchExecutor:
                 it.data = data
                 continue
             msg = it.msg
-            if msg.__class__ is PromptWork and msg.temperature > 0 and it.rid not in self._sampling:
-                self._sampling[it.rid] = Sampling(msg.temperature, msg.top_p, msg.seed)
             xs.append(data)
             live.append(it)
             spans.append((it.ctx, it.tokens))
@@ -263,8 +231,16 @@ class TorchExecutor:
                 off += n
                 ends.append(off - 1)
             logits = st.logits(x[ends])
-            for j, it in enumerate(live):
-                it.data = self._sampling.get(it.rid, GREEDY).choose(logits[j])
+            samplers = []
+            for it in live:
+                s = self._sampling.get(it.rid)
+                if s is None and it.msg.__class__ is PromptWork:
+                    s = sampler_for(it.msg, self.vocab, logits.device)
+                    if s is not None:
+                        self._sampling[it.rid] = s
+                samplers.append(s)
+            for it, tok in zip(live, sample(logits, samplers), strict=True):
+                it.data = tok  # an int, or a SampledToken with its log-probabilities
             return
         off = 0
         for it, (_, n) in zip(live, spans, strict=True):

@@ -17,6 +17,8 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..sampling import SampledToken, SamplingParams
+
 __all__ = ["HostSnapshot", "LinkReport", "NodeReport", "ServingHost"]
 
 
@@ -126,10 +128,25 @@ class ServingHost(Protocol):
         ...
 
     def generate(
-        self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
-    ) -> AsyncGenerator[int, None]:
-        """Serve one request: yields up to ``max_tokens`` token ids as they are produced (greedy at
-        temperature 0, else sampled within ``top_p`` from a generator seeded by ``seed``).
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> AsyncGenerator[int | SampledToken, None]:
+        """Serve one request: yields up to ``max_tokens`` tokens as they are produced, chosen by
+        ``sampling`` (default: greedy; its fields and their order are in
+        :mod:`helix_async.sampling`). Each token is its id, or a :class:`SampledToken` (the id, its
+        log-probability and the ``sampling.logprobs`` most likely tokens') when ``sampling.logprobs``
+        is not None. ``temperature``, ``top_p``, ``seed``: those three alone, in place of
+        ``sampling`` (ValueError with it).
+
+        The host does not stop at a stop token: the caller stops reading. ``min_tokens`` bans the
+        ids of ``sampling.stop_token_ids`` until that many tokens came, so they should include the
+        model's end-of-text ids when the end of text is to be held back too.
 
         Raises :class:`helix_async.errors.RequestFailed` (its ``kind`` says why) when the host cannot serve it, and
         ValueError for a request it would never take (empty prompt, ids out of range).  Closing the

@@ -58,6 +58,7 @@ from ..placement.flow import max_flow
 from ..roles import Replanner
 from ..routing.policies import runtime_policy
 from ..runlog import RunLog
+from ..sampling import SampledToken, SamplingParams
 from ..settings import HostSettings
 from ..transport.base import Handler
 from ..transport.zmq import ZmqTransport
@@ -65,6 +66,8 @@ from ..transport.zmq import ZmqTransport
 __all__ = ["HostCounters", "HostServer", "LinkHealth"]
 
 log = logging.getLogger("helix_async.host")
+
+_SEED_MAX = (1 << 63) - 1  # a seed travels as a non-negative int64 (PromptWork.seed)
 
 
 class LinkHealth(NamedTuple):
@@ -603,7 +606,7 @@ class HostServer:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def _on_token(self, q: Query, token: int, last: bool) -> None:
+    def _on_token(self, q: Query, token: int | SampledToken, last: bool) -> None:
         if self.runlog is not None:
             self.runlog.token(q.qid, self.clock.now())
         s = self._streams.get(q.qid)
@@ -635,32 +638,35 @@ class HostServer:
         prompt: Sequence[int],
         max_tokens: int,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        sampling: SamplingParams | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
         qid: int | None = None,
-    ) -> AsyncGenerator[int, None]:
-        """Serve one request: yields its ``max_tokens`` tokens as they come (greedy, or sampled at
-        ``temperature`` within ``top_p`` from a generator seeded by ``seed``).  Raises
-        :class:`RequestFailed` when the cluster cannot serve it."""
+    ) -> AsyncGenerator[int | SampledToken, None]:
+        """Serve one request: yields its ``max_tokens`` tokens as they come, chosen by ``sampling``
+        (default greedy): token ids, or :class:`SampledToken` s with their log-probabilities when
+        ``sampling.logprobs`` is set.  ``temperature``, ``top_p``, ``seed``: those three alone, in
+        place of ``sampling`` (not with it).  Raises :class:`RequestFailed` when the cluster cannot
+        serve it, ValueError for a request it would never take."""
         if self.host is None or self._closing:
             raise RequestFailed("the host is not serving" + (" (shutting down)" if self._closing else " yet"), "unavailable")
         if not prompt:
             raise ValueError("empty prompt")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if not (temperature >= 0 and 0 < top_p <= 1 and seed >= 0):
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and seed >= 0")
+        sampling = _sampling_of(sampling, temperature, top_p, seed)
         vocab = self.model.vocab_size
         if any(not 0 <= int(t) < vocab for t in prompt):
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         q_id = next(self._qids) if qid is None else qid
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[q_id] = stream
         if self.runlog is not None:
             self.runlog.submitted(q_id, len(prompt), max_tokens, self.clock.now())
         try:
-            sampling = (float(temperature), float(top_p), int(seed))
             if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt), sampling) is None:
                 raise RequestFailed("rejected: the admission queue is full or no route can take it", "overloaded")
             got = 0
@@ -678,6 +684,22 @@ class HostServer:
                 # the caller stopped reading (it has what it wanted, or went away): free its KV
                 self.host.cancel(q_id, "cancelled by the client")
 
-    async def complete(self, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> list[int]:
+    async def complete(self, prompt: Sequence[int], max_tokens: int, **sampling: Any) -> list[Any]:
         """All the tokens of one request (see :meth:`generate`)."""
         return [t async for t in self.generate(prompt, max_tokens, **sampling)]
+
+
+def _sampling_of(sampling: SamplingParams | None, temperature: float | None, top_p: float | None,
+                 seed: int | None) -> SamplingParams:
+    """A request's sampling from :meth:`HostServer.generate`'s arguments (ValueError when bad)."""
+    if sampling is None:
+        sampling = SamplingParams(
+            temperature=0.0 if temperature is None else float(temperature),
+            top_p=1.0 if top_p is None else float(top_p),
+            seed=0 if seed is None else int(seed),
+        )
+    elif temperature is not None or top_p is not None or seed is not None:
+        raise ValueError("give sampling, or temperature / top_p / seed, not both")
+    if sampling.seed > _SEED_MAX:
+        raise ValueError(f"seed must be <= {_SEED_MAX}, got {sampling.seed}")
+    return sampling
