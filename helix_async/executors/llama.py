@@ -6,27 +6,35 @@ against, token for token):
 
 * RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, the mean taken in float32;
 * rotary position embeddings (RoPE) on queries and keys, half-split rotation, frequencies
-  ``theta^(-2i/d)`` computed in float32;
+  ``theta^(-2i/d)`` computed in float32, with Llama 3.1's ``llama3`` frequency scaling where the
+  config has it (:func:`rope_frequencies`);
 * grouped-query attention: ``num_kv_heads`` key/value heads shared by ``num_heads / num_kv_heads``
   query heads each, softmax in float32, causal within the new tokens and open to everything cached;
 * SwiGLU MLP: ``down(silu(gate(x)) * up(x))``;
+* biases on q/k/v (Qwen2; LLaMA's ``attention_bias``), o (``attention_bias``) and the MLP
+  (``mlp_bias``) where the config has them;
 * pre-norm residual blocks; the first stage embeds token ids, the last applies the final norm and
-  the LM head.
+  the LM head (the embedding table itself when the embeddings are tied).
+
+docs/models.md ("The layer math") states the rules in full.
 
 Weights come from a checkpoint, a Hugging Face directory (``config.json`` and safetensors) or a GGUF
 file, through ``helix_async.models.weights`` (only the tensors of the requested layers are read), or
 are seeded dummy weights of the same shapes. The shape and the arithmetic choices (RoPE scaling,
 biases, a tied head) come from the checkpoint's ``ArchConfig`` (docs/models.md).
 
-Every sequence of a batch keeps its own KV cache per layer (:class:`SeqCache`); the dense parts of a
-layer (projections, MLP) run once over the tokens of all sequences packed together, the attention
-per sequence.
+The dense parts of a layer (projections, MLP) run once over the tokens of all sequences of a batch
+packed together. Keys and values live in a preallocated slab per stage (:class:`KVSlab`), one slot
+per sequence (:class:`SeqCache` is a sequence's handle on it); a batch of decodes attends in a few
+batched operations over a padded view of the slab, a batch with prompts sequence by sequence.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,7 @@ __all__ = [
     "LlamaConfig",
     "LayerWeights",
     "ModelLoadError",
+    "KVSlab",
     "SeqCache",
     "StageWeights",
     "load_stage",
@@ -262,39 +271,91 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 class SeqCache:
-    """One sequence's keys and values on a range of layers: per layer a (kv_heads, capacity,
-    head_dim) buffer for each, allocated uninitialised (pages are touched as positions are
-    written) and grown by doubling; ``length[layer]`` positions are valid."""
+    """One sequence's place in a stage's KV cache: a handle (the keys and values live in the
+    stage's :class:`KVSlab`). The stage that first computes the sequence gives it a slot; the slot
+    is freed when the handle is dropped (garbage collected), so dropping it frees the sequence's
+    KV. A handle belongs to one stage."""
 
-    __slots__ = ("k", "v", "length")
+    __slots__ = ("slot", "slab", "__weakref__")
 
     def __init__(self) -> None:
+        self.slot = -1
+        self.slab: KVSlab | None = None
+
+
+class KVSlab:
+    """A stage's keys and values: per layer one (slots, kv_heads, capacity, head_dim) tensor for
+    the keys and one for the values, each sequence in one slot (a row).
+
+    Preallocated and uninitialised: only the positions written touch memory pages on CPU, so a
+    large capacity costs address space, not resident memory. It grows by doubling (slots when
+    every slot is taken, capacity when a sequence outgrows it), copying each live slot's written
+    positions. Slots are handed out lowest first and taken back when a :class:`SeqCache` is
+    dropped (from any thread: the free list is locked).  Because the sequences of one batch sit in
+    rows of one tensor, a batch of decodes attends in a few batched operations over a padded view
+    (:meth:`StageWeights._attention`) instead of one call per sequence."""
+
+    def __init__(self, layers: range, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.dtype, self.device = dtype, device
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self.length: dict[int, int] = {}
+        self.slots = 0
+        self.capacity = 0
+        self.high: list[int] = []  # per slot: positions written (the most of any layer)
+        self._free: list[int] = []
+        self._lock = threading.Lock()
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, reserve: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` (kv_heads, n, head_dim; any strides) at positions ``start ..`` of
-        ``layer``; return the valid keys and values (positions ``0 .. start + n``), views of the
-        buffers. ``reserve``: positions to allocate for a new buffer."""
-        n = k.shape[1]
-        end = start + n
-        kb = self.k.get(layer)
-        if kb is None or kb.shape[1] < end:
-            cap = max(reserve, end, 0 if kb is None else 2 * kb.shape[1])
-            nk = k.new_empty((k.shape[0], cap, k.shape[2]))
-            nv = v.new_empty((v.shape[0], cap, v.shape[2]))
-            if kb is not None:
-                old = min(self.length[layer], start)
-                nk[:, :old] = kb[:, :old]
-                nv[:, :old] = self.v[layer][:, :old]
-            self.k[layer] = kb = nk
-            self.v[layer] = nv
-        vb = self.v[layer]
-        kb[:, start:end] = k
-        vb[:, start:end] = v
-        self.length[layer] = end
-        return kb[:, :end], vb[:, :end]
+    def _resize(self, slots: int, capacity: int) -> None:
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        free = set(self._free)
+        live = [s for s in range(self.slots) if s not in free]
+        for store in (self.k, self.v):
+            for layer in self.layers:
+                old = store.get(layer)
+                # a normal tensor even when allocated under inference mode: the slab is written in
+                # place by whichever mode computes next (an inference tensor refuses that outside)
+                with torch.inference_mode(False):
+                    new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    for s in live:
+                        if self.high[s]:
+                            new[s, :, : self.high[s]] = old[s, :, : self.high[s]]
+                store[layer] = new
+        self._free.extend(range(self.slots, slots))
+        self._free.sort(reverse=True)
+        self.high.extend([0] * (slots - self.slots))
+        self.slots, self.capacity = slots, capacity
+
+    def admit(self, cache: SeqCache, end: int, reserve: int) -> None:
+        """Give ``cache`` a slot if it has none, and room for positions ``0 .. end``; ``reserve``:
+        the positions it may come to need (sizes a first allocation)."""
+        if cache.slab is not self:
+            if cache.slab is not None:
+                raise ValueError("this SeqCache belongs to another stage")
+            with self._lock:
+                if not self._free:
+                    self._resize(max(8, 2 * self.slots), max(self.capacity, reserve, end, 16))
+                slot = self._free.pop()
+                self.high[slot] = 0
+            cache.slab, cache.slot = self, slot
+            weakref.finalize(cache, self._release, slot)
+        if end > self.capacity:
+            with self._lock:
+                self._resize(self.slots, max(2 * self.capacity, end))
+        if end > self.high[cache.slot]:
+            self.high[cache.slot] = end
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+            self._free.sort(reverse=True)
+
+    @property
+    def used_slots(self) -> int:
+        """Slots held by live sequences."""
+        return self.slots - len(self._free)
 
 
 class _Fused:
@@ -331,42 +392,68 @@ class _Fused:
 
 class _Plan:
     """What every layer of one batch shares (built once per batch, see StageWeights.layer): the
-    rotary cos/sin of every token's position, each sequence's slice of the packed tokens and,
-    for a sequence of several new tokens, its attention mask."""
+    rotary cos/sin of every token's position, each sequence's slot and slice of the packed tokens
+    and, for a sequence of several new tokens, its attention mask; for a batch of decodes only,
+    the index tensors and padding mask of the batched attention."""
 
-    __slots__ = ("spans", "caches", "reserve", "tokens", "cos", "sin", "seqs")
+    __slots__ = ("spans", "caches", "tokens", "cos", "sin", "seqs", "batched", "rows", "slots_t", "pos_t", "width",
+                 "pad_k", "pad_v")
 
     def __init__(self, st: StageWeights, spans: list[tuple[int, int]], caches: list[SeqCache], reserve: list[int]) -> None:
         self.spans = list(spans)
-        self.caches = list(caches)
-        self.reserve = list(reserve)
+        # weakly: a plan kept for the next layer must not keep a finished sequence's slot taken
+        self.caches = [weakref.ref(c) for c in caches]
         st._rope_tables(max(p + n for p, n in spans))
         dev = st.device
+        decode = all(n == 1 for _, n in spans)
         if len(spans) == 1:
             p, n = spans[0]
             cos, sin = st._cos[p : p + n], st._sin[p : p + n]
-        elif all(n == 1 for _, n in spans):
+        elif decode:
             idx = torch.tensor([p for p, _ in spans], dtype=torch.long, device=dev)
             cos, sin = st._cos[idx], st._sin[idx]
         else:
             idx = torch.cat([torch.arange(p, p + n, device=dev) for p, n in spans])
             cos, sin = st._cos[idx], st._sin[idx]
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (tokens, 1, head_dim)
-        seqs: list[tuple[int, int, int, SeqCache, int, torch.Tensor | None]] = []
+        slab = st.kv
+        seqs: list[tuple[int, int, int, int, torch.Tensor | None]] = []
         off = 0
         for (p, n), cache, res in zip(spans, caches, reserve, strict=True):
+            slab.admit(cache, p + n, res)
             mask = None
             if n > 1:  # causal among the new tokens, open to all cached positions
                 mask = torch.ones(n, p + n, dtype=torch.bool, device=dev).tril(diagonal=p).logical_not_()
-            seqs.append((off, n, p, cache, res, mask))
+            seqs.append((off, n, p, cache.slot, mask))
             off += n
         self.tokens = off
         self.seqs = seqs
+        # a batch of decodes attends together when it pays (see StageWeights._attention)
+        self.batched = decode and len(spans) >= st.batch_decode_min
+        self.rows: slice | None = None
+        self.slots_t: torch.Tensor | None = None
+        self.pos_t: torch.Tensor | None = None
+        self.pad_k: torch.Tensor | None = None
+        self.pad_v: torch.Tensor | None = None
+        self.width = 0
+        if self.batched:
+            slots = [s for _, _, _, s, _ in seqs]
+            ends = [p + 1 for p, _ in spans]
+            self.width = max(ends)
+            if slots == list(range(slots[0], slots[0] + len(slots))):
+                self.rows = slice(slots[0], slots[0] + len(slots))  # a view of the slab, no gather
+            self.slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
+            self.pos_t = torch.tensor([p for p, _ in spans], dtype=torch.long, device=dev)
+            if min(ends) < self.width:
+                lens = torch.tensor(ends, device=dev)
+                pad = torch.arange(self.width, device=dev)[None, :] >= lens[:, None]  # (batch, width)
+                self.pad_k = pad[:, None, None, :]  # against (batch, kv_heads, groups, width) scores
+                self.pad_v = pad[:, None, :, None]  # against (batch, kv_heads, width, head_dim) values
 
     def matches(self, spans: list[tuple[int, int]], caches: list[SeqCache]) -> bool:
         if self.spans != spans or len(self.caches) != len(caches):
             return False
-        return all(a is b for a, b in zip(self.caches, caches))  # noqa: B905 - lengths checked
+        return all(r() is c for r, c in zip(self.caches, caches))  # noqa: B905 - lengths checked
 
 
 class StageWeights:
@@ -405,6 +492,9 @@ class StageWeights:
         self._cos = torch.empty(0, c.head_dim, dtype=dtype, device=device)
         self._sin = self._cos
         self._plan: _Plan | None = None
+        self.kv = KVSlab(range(start, end), c.num_kv_heads, c.head_dim, dtype, device)
+        #: decode batches of at least this many sequences attend as one (see _attention)
+        self.batch_decode_min = 2
         # float32: torch's fused RMSNorm computes Hugging Face's formula (the variance in float32,
         # then x * rsqrt(variance + eps) * w); other dtypes take the spelled-out path, which rounds
         # the normalised value to the dtype before the weight multiplies it, as Hugging Face does
@@ -485,27 +575,52 @@ class StageWeights:
         """Grouped-query attention of every sequence of the plan over its cache (which it extends
         with the new keys and values); (T, heads x head_dim).
 
-        The query heads sharing a key-value head attend as one (kv_heads, groups x n, head_dim)
-        block, so keys and values are never repeated per query head."""
+        The query heads sharing a key-value head attend as one (groups x n, head_dim) block
+        against that head's keys, so keys and values are never repeated per query head. A batch
+        of decodes (one new token per sequence, ``batch_decode_min`` sequences or more) attends
+        as one: its keys and values are written with one indexed copy each and read as a padded
+        (batch, kv_heads, longest context, head_dim) block (a view of the slab when the sequences
+        hold consecutive slots in batch order, a gather otherwise), positions past a sequence's
+        own length masked out; otherwise each sequence attends alone."""
         c = self.config
         hd, nh, nkv, g = c.head_dim, c.num_heads, c.num_kv_heads, self._groups
+        kl, vl = self.kv.k[idx], self.kv.v[idx]
+        k_new = qk[:, nh:]  # (T, kv_heads, head_dim)
+        if plan.batched:
+            b, w = plan.tokens, plan.width
+            kl[plan.slots_t, :, plan.pos_t] = k_new
+            vl[plan.slots_t, :, plan.pos_t] = v
+            if plan.rows is not None:
+                keys, values = kl[plan.rows, :, :w], vl[plan.rows, :, :w]
+            else:
+                keys, values = kl[plan.slots_t, :, :w], vl[plan.slots_t, :, :w]
+            s = torch.matmul(qk[:, :nh].view(b, nkv, g, hd), keys.transpose(2, 3)).mul_(self._scale)
+            if plan.pad_k is not None and plan.pad_v is not None:
+                # a padded position's key and value are whatever the slab holds there: its score
+                # becomes -inf and its value 0 (0 x a stale NaN would still be NaN)
+                s.masked_fill_(plan.pad_k, float("-inf"))
+                values = values.masked_fill(plan.pad_v, 0.0)
+            p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
+            return torch.matmul(p, values).view(b, nh * hd)
         out = qk.new_empty((plan.tokens, nh * hd))
-        for off, n, pos, cache, res, mask in plan.seqs:
-            ks = qk[off : off + n, nh:].transpose(0, 1)  # (kv_heads, n, head_dim)
-            vs = v[off : off + n].transpose(0, 1)
-            keys, values = cache.append(idx, ks, vs, pos, res)
+        for off, n, pos, slot, mask in plan.seqs:
+            end = pos + n
+            kl[slot, :, pos:end] = k_new[off : off + n].transpose(0, 1)
+            vl[slot, :, pos:end] = v[off : off + n].transpose(0, 1)
+            keys, values = kl[slot, :, :end], vl[slot, :, :end]  # (kv_heads, context, head_dim)
             if n == 1:
                 q = qk[off, :nh].view(nkv, g, hd)
-                s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale)  # (kv_heads, groups, ctx)
+                s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale)  # (kv_heads, groups, context)
                 p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
                 torch.bmm(p, values, out=out[off].view(nkv, g, hd))
                 continue
             # (n, heads, hd) -> (kv_heads, groups x n, hd), rows ordered (group, token)
             q = qk[off : off + n, :nh].reshape(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
-            s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale).view(nkv, g, n, pos + n)
+            s = torch.bmm(q, keys.transpose(1, 2)).mul_(self._scale).view(nkv, g, n, end)
+            assert mask is not None
             s.masked_fill_(mask, float("-inf"))
             p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
-            o = torch.bmm(p.view(nkv, g * n, pos + n), values).view(nkv, g, n, hd)
+            o = torch.bmm(p.view(nkv, g * n, end), values).view(nkv, g, n, hd)
             out[off : off + n].view(n, nkv, g, hd).copy_(o.permute(2, 0, 1, 3))
         return out
 
