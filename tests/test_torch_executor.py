@@ -304,18 +304,21 @@ FAMILY_CASES = {
 }
 
 
-def staged_greedy(stages: list[Any], prompts: list[list[int]], steps: int, join: list[int]) -> tuple[list[list[int]], list[Any]]:
+def staged_greedy(stages: list[Any], prompts: list[list[int]], steps: list[int], join: list[int],
+                  reserve: int | None = None) -> tuple[list[list[int]], list[Any]]:
     """Greedy tokens of every prompt through ``stages`` (consecutive layer ranges) driven batch by
     batch the way the executor does it: sequence ``i`` enters at batch ``join[i]`` with its whole
-    prompt, packed with the others' prompts and one-token decodes; returns the tokens and each
-    sequence's logits at its prompt's last position."""
-    caches = [[SeqCache() for _ in prompts] for _ in stages]
+    prompt, packed with the others' prompts and one-token decodes, and leaves (its KV handles
+    dropped, which frees its slots) after ``steps[i]`` tokens. ``reserve``: the capacity hint
+    (default: prompt plus steps). Returns the tokens and each sequence's logits at its prompt's
+    last position."""
+    caches: list[list[Any]] = [[SeqCache() for _ in prompts] for _ in stages]
     toks: list[list[int]] = [[] for _ in prompts]
     first: list[Any] = [None] * len(prompts)
     step = 0
     with torch.inference_mode():
-        while any(len(t) < steps for t in toks):
-            live = [i for i in range(len(prompts)) if join[i] <= step and len(toks[i]) < steps]
+        while any(len(t) < n for t, n in zip(toks, steps, strict=True)):
+            live = [i for i in range(len(prompts)) if join[i] <= step and len(toks[i]) < steps[i]]
             ids: list[int] = []
             spans: list[tuple[int, int]] = []
             for i in live:
@@ -326,17 +329,21 @@ def staged_greedy(stages: list[Any], prompts: list[list[int]], steps: int, join:
                     ids.extend(prompts[i])
                     spans.append((0, len(prompts[i])))
             if live:
+                res = [reserve or len(prompts[i]) + steps[i] for i in live]
                 x = stages[0].embed_tokens(ids)
                 for st, cs in zip(stages, caches, strict=True):
                     mine = [cs[i] for i in live]
                     for layer in range(st.start, st.end):
-                        x = st.layer(layer, x, spans, mine, [len(prompts[i]) + steps for i in live])
+                        x = st.layer(layer, x, spans, mine, res)
                 ends = list(itertools.accumulate(n for _, n in spans))
                 logits = stages[-1].logits(x[[e - 1 for e in ends]])
                 for j, i in enumerate(live):
                     if not toks[i]:
                         first[i] = logits[j]
                     toks[i].append(int(logits[j].argmax()))
+                    if len(toks[i]) == steps[i]:
+                        for cs in caches:
+                            cs[i] = None  # the sequence is done: its KV slots are freed
             step += 1
     return toks, first
 
@@ -367,7 +374,7 @@ def test_each_family_equals_transformers_token_for_token(tmp_path: Path, case: s
     stages = [load_stage(tmp_path, 0, 2), load_stage(tmp_path, 2, 4)]
     if fields.get("tie_word_embeddings"):
         assert stages[1].embed is None and stages[1].lm_head is not None
-    toks, first = staged_greedy(stages, prompts, 8, join=[0, 0, 3])
+    toks, first = staged_greedy(stages, prompts, [8, 8, 8], join=[0, 0, 3])
     for i, p in enumerate(prompts):
         assert float((first[i] - hf_last_logits(model, p)).abs().max()) < 1e-4, f"prompt {i}"
         assert toks[i] == hf_greedy(model, p, 8), f"prompt {i} ({len(p)} tokens)"
@@ -383,3 +390,22 @@ def test_dummy_weights_carry_the_configs_biases() -> None:
     plain = dummy_stage(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
                                     num_kv_heads=2, head_dim=4), 0, 2, seed=1).layers[1]
     assert plain.q_bias is None and plain.gate_bias is None
+
+
+def test_the_kv_slab_grows_reuses_slots_and_gathers_unordered_batches(checkpoint: tuple[Path, Any]) -> None:
+    """Twelve sequences through two stages of the tiny LLaMA, joining and leaving at different
+    steps, with a capacity hint of one position: the slab grows past its first 8 slots and its
+    first capacity, later sequences take freed slots out of batch order (so decode batches are
+    gathered, not viewed), and every sequence's tokens are still transformers' greedy ones.
+    Dropping the handles frees every slot."""
+    ckpt, model = checkpoint
+    stages = [load_stage(ckpt, 0, 3), load_stage(ckpt, 3, LAYERS)]
+    prompts = [[(11 * i + 7 * j + 3) % 256 for j in range(2 + (5 * i) % 9)] for i in range(12)]
+    steps = [3 + (i * 7) % 10 for i in range(12)]  # prompt + steps up to 22: past the first 16 positions
+    join = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 4, 5]
+    toks, _ = staged_greedy(stages, prompts, steps, join, reserve=1)
+    for i, p in enumerate(prompts):
+        assert toks[i] == hf_greedy(model, p, steps[i]), f"sequence {i}"
+    for st in stages:
+        assert st.kv.slots == 16 and st.kv.capacity == 32  # both doubled once
+        assert st.kv.used_slots == 0
