@@ -119,7 +119,9 @@ CHAINS = [
 
 @pytest.mark.parametrize("params", CHAINS)
 @pytest.mark.parametrize("seed", [11, 12])
-def test_penalties_ban_temperature_and_truncation_are_transformers_chain(params: SamplingParams, seed: int) -> None:
+def test_penalties_ban_temperature_and_truncation_are_transformers_chain(
+    params: SamplingParams, seed: int
+) -> None:
     row = logits_row(seed)
     row[3] = row[7] = float(row.max()) + 1.0  # the stop ids would win if not banned
     prompt, out = history(seed, 20), history(seed + 1, 2)
@@ -128,7 +130,8 @@ def test_penalties_ban_temperature_and_truncation_are_transformers_chain(params:
     if params.repetition_penalty != 1.0:
         chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
     if params.min_tokens:
-        chain.append(MinNewTokensLengthLogitsProcessor(len(prompt), params.min_tokens, list(params.stop_token_ids)))
+        stops = list(params.stop_token_ids)
+        chain.append(MinNewTokensLengthLogitsProcessor(len(prompt), params.min_tokens, stops))
     chain.append(TemperatureLogitsWarper(params.temperature))
     if params.top_k:
         chain.append(TopKLogitsWarper(params.top_k))
@@ -327,7 +330,9 @@ def chain(ckpt: Path, loops: list[VirtualTimeLoop]) -> tuple[VirtualTimeLoop, Ho
     ranges = dict(enumerate(STAGES))
     kv = KVTracker({i: 10**6 for i in ranges}, ranges, kv_fill_limit=1.0, output_ratio=0.0, avg_output_len=0,
                    num_layers=LAYERS)
-    links: dict[NodeRef, list[tuple[NodeRef, float]]] = {SOURCE: [(0, 1.0)], 0: [(1, 1.0)], 1: [(2, 1.0)], 2: [(SINK, 1.0)]}
+    links: dict[NodeRef, list[tuple[NodeRef, float]]] = {
+        SOURCE: [(0, 1.0)], 0: [(1, 1.0)], 1: [(2, 1.0)], 2: [(SINK, 1.0)]
+    }
     router = FlowRouter(ranges, links, {i: 1000 for i in ranges}, kv, LAYERS)
     last_prompts: list[PromptWork] = []
     for i, (a, b) in ranges.items():
@@ -355,7 +360,9 @@ def hf_generate(model: Any, prompt: list[int], n: int, **kw: Any) -> tuple[list[
 PROMPT = [5, 9, 5, 9, 5, 9, 17, 5, 9, 33]
 
 
-def test_penalty_ban_and_logprobs_reach_the_last_stage_and_give_transformers_tokens(checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]) -> None:
+def test_penalty_ban_and_logprobs_reach_the_last_stage_and_give_transformers_tokens(
+    checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]
+) -> None:
     ckpt, model = checkpoint
     plain = hf_greedy(model, PROMPT, 12)
     stop = plain[1]  # the model's second token, held back for 4 tokens
@@ -382,7 +389,9 @@ def test_penalty_ban_and_logprobs_reach_the_last_stage_and_give_transformers_tok
         seq.append(tok.token_id)
 
 
-def test_presence_and_frequency_penalties_through_the_pipeline(checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]) -> None:
+def test_presence_and_frequency_penalties_through_the_pipeline(
+    checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]
+) -> None:
     ckpt, model = checkpoint
     p = SamplingParams(presence_penalty=1.0, frequency_penalty=0.8)
     # the oracle: transformers' logits, OpenAI's formula in float64, the arg-max, step by step
@@ -404,7 +413,9 @@ def test_presence_and_frequency_penalties_through_the_pipeline(checkpoint: tuple
     assert got == want and got != hf_greedy(model, PROMPT, 10)
 
 
-def test_a_seeded_sampled_request_repeats_whatever_runs_beside_it(checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]) -> None:
+def test_a_seeded_sampled_request_repeats_whatever_runs_beside_it(
+    checkpoint: tuple[Path, Any], loops: list[VirtualTimeLoop]
+) -> None:
     ckpt, _ = checkpoint
     p = SamplingParams(temperature=1.3, top_k=40, top_p=0.95, min_p=0.02, frequency_penalty=0.5, seed=99)
     runs = []
@@ -439,7 +450,8 @@ def test_generate_takes_sampling_params_and_yields_sampled_tokens(tmp_path: Path
     spec = get_model("tiny-llama")
     model = make_checkpoint(tmp_path, 77, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                             intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads)
+                            num_attention_heads=spec.num_attention_heads,
+                            num_key_value_heads=spec.num_key_value_heads)
     placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 4), 1: (4, spec.num_layers)})
     prompt = [11, 12, 11, 12, 11, 40, 12, 11]
     plain = hf_greedy(model, prompt, 8)
