@@ -64,6 +64,10 @@ _DTYPES = {
 }
 
 
+#: rows of the LM head per product on CPU (see StageWeights.logits)
+HEAD_ROWS = 1024
+
+
 class ModelLoadError(HelixError, ValueError):
     """A checkpoint that cannot be served (missing file, field or tensor, wrong shape)."""
 
@@ -492,6 +496,9 @@ class StageWeights:
         self._cos = torch.empty(0, c.head_dim, dtype=dtype, device=device)
         self._sin = self._cos
         self._plan: _Plan | None = None
+        self._head_pieces: tuple[torch.Tensor, ...] = ()
+        if lm_head is not None and device.type == "cpu" and lm_head.shape[0] > 2 * HEAD_ROWS:
+            self._head_pieces = lm_head.split(HEAD_ROWS)
         self.kv = KVSlab(range(start, end), c.num_kv_heads, c.head_dim, dtype, device)
         #: decode batches of at least this many sequences attend as one (see _attention)
         self.batch_decode_min = 2
@@ -531,9 +538,17 @@ class StageWeights:
         return F.embedding(torch.tensor(ids, dtype=torch.long, device=self.device), self.embed)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head on hidden states (n, hidden) -> (n, vocab), in float32."""
+        """Final norm and LM head on hidden states (n, hidden) -> (n, vocab), in float32.
+
+        On CPU, for two rows or more, the head's product runs in pieces of ``HEAD_ROWS``
+        vocabulary rows: the same products (the same numbers to the bit), but a piece of the
+        matrix fits in cache while the BLAS packs it, which on SmolLM2's 49,152 x 576 head
+        measured 15-25 % faster at 4 to 32 rows (one row is a matrix-vector product: whole)."""
         assert self.norm is not None and self.lm_head is not None
-        return F.linear(self._rms(h, self.norm), self.lm_head).float()
+        x = self._rms(h, self.norm)
+        if self._head_pieces and x.shape[0] > 1:
+            return torch.cat([F.linear(x, w) for w in self._head_pieces], dim=1).float()
+        return F.linear(x, self.lm_head).float()
 
     # ---- one layer over a packed batch ----------------------------------------------------------
 
