@@ -309,7 +309,8 @@ class KVSlab:
         self.capacity = 0
         self.high: list[int] = []  # per slot: positions written (the most of any layer)
         self._free: list[int] = []
-        self._lock = threading.Lock()
+        # re-entrant: a handle collected by the garbage collector while the slab resizes frees its slot
+        self._lock = threading.RLock()
 
     def _resize(self, slots: int, capacity: int) -> None:
         shape = (slots, self.kv_heads, capacity, self.head_dim)
