@@ -12,9 +12,10 @@ Every :class:`~helix_async.sampling.SamplingParams` field is applied, in vLLM's 
 3. ``min_tokens``: the ``stop_token_ids`` are banned (-inf) while fewer tokens were generated;
 4. greedy at temperature 0 (the arg-max; the first of equal maxima); else the logits divided by
    the temperature, then ``top_k`` (all tokens below the k-th largest logit dropped), ``top_p``
-   (the least likely tokens dropped while the mass they sum to, counted from the least likely
-   up, stays within 1 - top_p; the most likely always kept), ``min_p`` (tokens whose probability
-   is below ``min_p`` times the top one dropped), and one draw from the softmax of what is left.
+   (a token dropped when the tokens more likely than it hold ``top_p`` of the probability
+   already; the most likely always kept), ``min_p`` (tokens whose probability is below ``min_p``
+   times the top one dropped), and one draw from the softmax of what is left (the inverse of its
+   cumulative distribution at one uniform number).
 
 The draw of a request's ``i``-th generated token (counted from 0 over the whole request, also
 across a migration) comes from the request's own ``torch.Generator``, seeded for that token by
@@ -41,6 +42,8 @@ from ..sampling import SampledToken, SamplingParams
 __all__ = ["RequestSampler", "sample", "sampler_for", "step_seed"]
 
 _M64 = (1 << 64) - 1
+#: how many of the most likely tokens top_p looks at first (then 8 times more, until they hold top_p)
+_TOP_P_CANDIDATES = 256
 #: the lowest log-probability reported (the wire carries finite values only): float32's lowest
 _LOGPROB_FLOOR = float(torch.finfo(torch.float32).min)
 
@@ -138,15 +141,42 @@ class RequestSampler:
             kth = torch.topk(x, p.top_k).values[-1]
             x.masked_fill_(x < kth, -math.inf)
         if p.top_p < 1.0:
-            xs, idx = torch.sort(x)  # ascending
-            mass = torch.softmax(xs, dim=-1).cumsum(dim=-1)
-            drop = mass <= 1.0 - p.top_p
-            drop[-1] = False  # the most likely token always stays
-            x[idx[drop]] = -math.inf
+            self._top_p(x)
         if p.min_p > 0.0:
             probs = torch.softmax(x, dim=-1)
             x.masked_fill_(probs < p.min_p * probs.max(), -math.inf)
         return x
+
+    def _top_p(self, x: torch.Tensor) -> None:
+        """Drop (in ``x``) every token that the tokens more likely than it already give ``top_p`` of
+        the probability (the most likely always stays). Only the most likely tokens are sorted: the
+        fewest of 256, 2048, ... that hold ``top_p`` between them, so the cut lies among them."""
+        top_p = self.params.top_p
+        n = x.shape[-1]
+        lse = torch.logsumexp(x.double(), dim=-1)
+        m = _TOP_P_CANDIDATES
+        while True:
+            m = min(m, n)
+            vals, idx = torch.topk(x, m)  # descending
+            probs = torch.exp(vals.double() - lse)
+            mass = probs.cumsum(dim=-1)
+            if m == n or float(mass[-1]) >= top_p:
+                break
+            m *= 8
+        keep = idx[mass - probs < top_p]  # the mass before a token (more likely ones') below top_p
+        drop = torch.ones(n, dtype=torch.bool, device=x.device)
+        drop[keep] = False
+        x.masked_fill_(drop, -math.inf)
+
+    def _draw(self, probs: torch.Tensor) -> int:
+        """One token from ``probs`` (float64, vocab; zeros never drawn) by the inverse of its
+        cumulative distribution at one uniform number from the request's generator."""
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(1, dtype=torch.float64, generator=self.gen, device=probs.device) * cdf[-1]
+        tok = int(torch.searchsorted(cdf, u, right=True))
+        if tok >= probs.shape[-1]:  # u rounded up to the total: the last token with a probability
+            tok = int(torch.nonzero(probs)[-1])
+        return tok
 
     def choose(self, row: torch.Tensor) -> int | SampledToken:
         """The next token from the request's logits ``row`` (vocab,); a :class:`SampledToken` with
@@ -159,8 +189,7 @@ class RequestSampler:
             tok = int(torch.argmax(x))
         else:
             self.gen.manual_seed(step_seed(p.seed, self.generated))
-            probs = torch.softmax(self.truncated(x), dim=-1)
-            tok = int(torch.multinomial(probs, 1, generator=self.gen))
+            tok = self._draw(torch.softmax(self.truncated(x).double(), dim=-1))
         self.generated += 1
         if self.seen is not None:
             self.seen[tok] = True
