@@ -13,10 +13,10 @@ holds; KV capacities in token x layer entries.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import functools
-import math
 import threading
 import tomllib
 from collections.abc import Mapping
@@ -258,6 +258,23 @@ class GpuProfile:
     decode_x: tuple[float, ...]
     decode_s: tuple[float, ...]
     timer: Any = field(compare=False, repr=False)  # BatchTimer (compiled or pure)
+    # The model's head on the last stage (final norm, LM head, token choice), seconds per batch by
+    # the sequences leaving the last layer (prompts and decodes): ``<gpu>_head.csv`` of a measured
+    # profile (docs/profiles.md); empty when the profile has none (the original's: not priced).
+    head_x: tuple[float, ...] = ()
+    head_s: tuple[float, ...] = ()
+
+    def head(self, seqs: float) -> float:
+        """Seconds of the head for a batch of ``seqs`` sequences: linear between the measured
+        points, along the last segment past the last one; 0.0 without a head table."""
+        xs, ys = self.head_x, self.head_s
+        if not xs or seqs <= 0:
+            return 0.0
+        i = bisect.bisect_right(xs, seqs) - 1
+        if i >= 0 and xs[i] == seqs:
+            return ys[i]
+        i = min(max(i, 0), len(xs) - 2)
+        return ys[i] + (ys[i + 1] - ys[i]) * (seqs - xs[i]) / (xs[i + 1] - xs[i])
 
     def prompt(self, tokens: float) -> float:
         return float(self.timer.prompt(tokens))
@@ -337,6 +354,26 @@ def read_profile_table(src: Traversable, where: str) -> tuple[tuple[float, ...],
         ys = tuple(float(r["time_per_layer_ms"]) * 1e-3 for r in rows)
     except (OSError, KeyError, TypeError, ValueError, csv.Error) as e:
         raise ConfigError(where, "batch_tokens,time_per_layer_ms", f"unreadable profile table: {e}") from None
+    return xs, ys
+
+
+#: the columns of a head table (``<gpu>_head.csv``): sequences in the batch, milliseconds per batch
+HEAD_COLUMNS = ("sequences", "time_ms")
+
+
+def read_head_table(src: Traversable, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A head table (``sequences,time_ms``, the first row ``0,0``) as (sequences, seconds per
+    batch); ``where`` names it in errors."""
+    try:
+        with src.open() as fh:
+            rows = list(csv.DictReader(fh))
+        xs = tuple(float(r["sequences"]) for r in rows)
+        ys = tuple(float(r["time_ms"]) * 1e-3 for r in rows)
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as e:
+        raise ConfigError(where, ",".join(HEAD_COLUMNS), f"unreadable head table: {e}") from None
+    if len(xs) < 2 or xs[0] != 0 or any(b <= a for a, b in zip(xs, xs[1:], strict=False)) or min(ys) < 0:
+        raise ConfigError(where, "sequences", "needs the row 0,0 and at least one more, sequences increasing, "
+                          "times >= 0")
     return xs, ys
 
 
@@ -495,7 +532,9 @@ def _build(spec: ModelSpec, dirs: list[tuple[Traversable, str]]) -> _Profiles:
                 # the typical batch looks prompts of about a whole input up (docs/original.md §3.4)
                 raise ConfigError(f"{where}/{low}_prompt.csv", "batch_tokens",
                                   f"ends at {px[-1]:g} tokens; a profile must reach {consts.max_input_len}")
-            gpus[gpu] = GpuProfile(gpu, px, ps, dx, ds, timer)
+            h = d / f"{low}_head.csv"
+            hx, hs = read_head_table(h, f"{where}/{low}_head.csv") if h.is_file() else ((), ())
+            gpus[gpu] = GpuProfile(gpu, px, ps, dx, ds, timer, hx, hs)
             settings[gpu] = (_node_settings(rows[gpu], f"{where}/node_settings.csv", gpu) if gpu in rows
                              else _derived_settings(shape, gpu, spec.num_layers, f"{where}/node_settings.csv"))
             kinds[gpu] = MEASURED
@@ -508,11 +547,7 @@ def _build(spec: ModelSpec, dirs: list[tuple[Traversable, str]]) -> _Profiles:
         st = analytical_settings(shape, gt, spec.num_layers, consts)
         if st is None:
             continue
-        # the decode grid reaches the largest typical decode batch the throughput model can ask
-        # for (docs/original.md §3.4: 0.3 of one layer's KV, in requests of 990 tokens)
-        seq = consts.avg_input_len + consts.avg_output_len
-        reach = math.ceil(consts.typical_kv_fill * st.kv_capacity[0] / seq) + 1
-        px, ps, dx, ds = analytical_tables(shape, gt, consts, decode_upto=max(reach, *st.decode_max_tokens))
+        px, ps, dx, ds = analytical_tables(shape, gt, consts, decode_upto=max(st.decode_max_tokens))
         gpus[name] = GpuProfile(name, px, ps, dx, ds, BatchTimer(px, ps, dx, ds))
         settings[name] = NodeSettings(name, st.max_layers, st.vllm_blocks, st.kv_capacity, st.prompt_max_requests,
                                       st.prompt_max_tokens, st.decode_max_tokens, st.decode_max_context)
@@ -658,6 +693,12 @@ class ThroughputModel:
         d_tok = round((a / seq) * w)
         if r_p > 1:
             r_p, p_tok, d_tok = 1.0, c.avg_input_len, c.avg_output_len
+        settings = self.profiles.node_settings(gpu)
+        cap = settings.decode_max_tokens[min(k, settings.max_layers) - 1]
+        if d_tok > cap:
+            # Unlike the original, which asserts d_tok <= the cap (docs/original.md §3.4): a node
+            # decodes at most its cap at once. Never reached with the original's profiles.
+            d_tok = cap
         prof = self.profiles.profile(gpu)
         if p_tok + d_tok == 0:
             # Only reachable past the profiled maximum, where the KV cache barely holds a request:
@@ -777,6 +818,7 @@ def kv_capacity(model: ModelSpec | str, gpu: str, k: int) -> int:
 __all__ = [
     "DatasetConstants",
     "GpuProfile",
+    "HEAD_COLUMNS",
     "MODEL_NAMES",
     "ModelSpec",
     "NodeSettings",
@@ -786,6 +828,7 @@ __all__ = [
     "attach_profiles",
     "measured_profile_dirs",
     "profile_notes",
+    "read_head_table",
     "read_profile_table",
     "check_fits",
     "dataset_constants",

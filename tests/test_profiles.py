@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from real_model import needs_real_model
 
 from helix_async import envs
 from helix_async.cli import main as cli_main
@@ -327,3 +328,17 @@ def test_the_llama1_30b_check_is_sane() -> None:
     p = next(p for p in compare(CHECK_MODEL, "A100") if p.phase == "decode" and p.x == 2)
     assert p.measured == pytest.approx(0.9e-3)
     assert p.error == pytest.approx(p.predicted / 0.9e-3 - 1)
+
+
+@needs_real_model
+def test_the_shipped_smollm2_cpu_profile_is_measured() -> None:
+    spec = get_model("smollm2-135m-instruct")
+    ps = load_profiles(spec)
+    assert spec.key == "smollm2_135m_instruct" and spec.gpus[0] == "CPU"
+    assert ps.kind("CPU") == "measured" and ps.origins["CPU"] == "helix_async/data/profiles/smollm2_135m_instruct"
+    p = ps.profile("CPU")
+    assert p.prompt_x[-1] == 2048 and p.decode_x[-1] == 128
+    assert ps.node_settings("CPU").max_layers == 30
+    # served three ways on the CPU machine type, as the demo does
+    tm = ThroughputModel(spec, {"CPU": 3})
+    assert tm.throughput("CPU", 10) > 0

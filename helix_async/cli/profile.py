@@ -34,6 +34,12 @@ def add_parser(sub: Any) -> None:
                     help="processes measuring at the same time, sharing the cores as that many workers would "
                          "(default %(default)s)")
     pr.add_argument("--repeats", type=positive_int, default=7, help="timed runs per point; the median is kept")
+    pr.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time runs by the wall clock, or by the measuring thread's CPU time (as if alone on a core: "
+                         "repeatable on a loaded machine; CPU, 1 thread) (default %(default)s)")
+    pr.add_argument("--layers", type=positive_int, default=4,
+                    help="consecutive layers a batch runs through per timed run, as a worker's stage (default "
+                         "%(default)s; the time is per layer)")
     pr.add_argument("--prompt-len", type=positive_int, default=None,
                     help="tokens per request in a prompt batch (default: the dataset's mean input, 750)")
     pr.add_argument("--decode-context", type=positive_int, default=None,
@@ -113,22 +119,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         derived = None
         prompt_max_tokens, decode_max_tokens = args.prompt_max_tokens, args.decode_max_tokens
-    if derived is not None:
-        kv1 = derived.kv_capacity[0]
-    else:
-        kv1 = int(args.kv_bytes or 256 * 2**20) // spec.kv_bytes_per_token_per_layer
-    # the grids reach every batch the simulator runs (the batch limits) and every typical batch the
-    # throughput model looks up: prompts up to the longest input, decodes up to 0.3 of one layer's
-    # KV in requests of 990 tokens (docs/original.md §3.4)
-    reach = -(-int(consts.typical_kv_fill * kv1) // (consts.avg_input_len + consts.avg_output_len))
+    # the grids reach every batch the simulator runs (the batch limits; the throughput model's
+    # typical batch is capped by them too) and the longest input (docs/original.md §3.4)
     grid_p = _grid(PROMPT_GRID, max(prompt_max_tokens, consts.max_input_len))
-    grid_d = _grid(DECODE_GRID, max(decode_max_tokens, reach))
-    print(f"profiling one layer of {spec.name} on {args.device} as {gpu} ({dtype}, {args.threads} thread(s) x "
-          f"{args.concurrent} process(es), median of {args.repeats}; prompts of {prompt_len} tokens, decodes with "
-          f"{decode_ctx} cached)")
+    grid_d = _grid(DECODE_GRID, decode_max_tokens)
+    if args.clock == "cpu" and (cuda or args.threads != 1):
+        raise ConfigError("<argument>", "--clock", "cpu times one thread on the CPU: use --device cpu --threads 1")
+    print(f"profiling {spec.name} on {args.device} as {gpu} ({dtype}, {args.threads} thread(s) x "
+          f"{args.concurrent} process(es), {args.clock} clock, median of {args.repeats} through {args.layers} layer(s); prompts of "
+          f"{prompt_len} tokens, decodes with {decode_ctx} cached)")
     res = measure_concurrent(spec, args.concurrent, gpu=gpu, device=args.device, dtype=dtype, threads=args.threads,
                              repeats=args.repeats, prompt_grid=grid_p, decode_grid=grid_d, prompt_len=prompt_len,
-                             decode_ctx=decode_ctx)
+                             decode_ctx=decode_ctx, layers=args.layers, clock=args.clock)
     for kind, rows in (("prompt tokens", res.prompt), ("decode seqs", res.decode)):
         print(f"  {kind:14s} " + "  ".join(f"{x}:{s * 1e3:.3f}ms" for x, s in rows))
     if derived is not None:

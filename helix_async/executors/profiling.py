@@ -1,8 +1,8 @@
 """Measure per-layer batch times with the torch executor's model code, in the shipped profile format.
 
-``python -m helix_async profile --model M --device cpu|cuda`` runs one decoder layer of the model
-(its real layer code and shape, biases included, with seeded dummy weights: the time does not
-depend on their values) on
+``python -m helix_async profile --model M --device cpu|cuda`` runs a stage of ``layers`` decoder
+layers of the model (its real layer code and shape, biases included, with seeded dummy weights: the
+time does not depend on their values) on
 
 * prompt batches of ``n`` tokens, as requests of at most ``prompt_len`` tokens each (the last one
   shorter), for ``n`` on a grid, and
@@ -12,10 +12,12 @@ and writes ``<gpu>_prompt.csv`` and ``<gpu>_decode.csv`` (``batch_tokens,time_pe
 layout of the shipped GPU profiles, docs/original.md §3.2), the node settings rows for that machine
 type (``node_settings.csv``'s columns, §3.3) and ``profile.toml`` (the model's shape and how it was
 measured), so the model can be planned and simulated on that machine like any profiled GPU
-(docs/profiles.md, "Measured profiles").  Each point is the median of ``repeats`` timed runs after
-one warm-up run.  With ``concurrent`` > 1 that many processes measure the same grid at the same
-time, each on its own threads, so the cores are shared as that many serving workers share them.
-This is a measurement tool: it reads the wall clock (``time.perf_counter``).
+(docs/profiles.md, "Measured profiles").  A point is the time of the batch through the stage
+divided by its layers: the median of ``repeats`` timed runs after one warm-up run.  With
+``concurrent`` > 1 that many processes measure the same grid at the same time, each on its own
+threads, so the cores are shared as that many serving workers share them.
+This is a measurement tool: it reads the wall clock (``time.perf_counter``) or, with ``clock="cpu"``,
+the measuring thread's CPU time (``time.thread_time``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from ..model import PROFILE_META, ModelSpec
 from .llama import LlamaConfig, SeqCache, dummy_stage
 
-__all__ = ["DECODE_GRID", "PROMPT_GRID", "ProfileResult", "llama_config", "measure", "measure_concurrent",
+__all__ = ["CLOCKS", "DECODE_GRID", "PROMPT_GRID", "ProfileResult", "llama_config", "measure", "measure_concurrent",
            "node_settings_rows", "write_profile"]
 
 PROMPT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -64,8 +66,9 @@ def llama_config(spec: ModelSpec) -> LlamaConfig:
 @dataclass(frozen=True)
 class ProfileResult:
     """Measured seconds per layer: ``prompt[(tokens, s)]`` and ``decode[(seqs, s)]``, and how:
-    device, dtype, torch threads per process, processes measuring at once, the request length of
-    the prompt batches and the cached context of the decodes (tokens)."""
+    device, dtype, torch threads per process, processes measuring at once, timed runs per point,
+    the request length of the prompt batches and the cached context of the decodes (tokens), and
+    the layers a batch ran through per timed run, and the clock (``wall`` or ``cpu``)."""
 
     gpu: str
     prompt: tuple[tuple[int, float], ...]
@@ -77,15 +80,23 @@ class ProfileResult:
     repeats: int = 5
     prompt_len: int = 128
     decode_ctx: int = 128
+    layers: int = 1
+    clock: str = "wall"
 
 
-def _time(run: Callable[[], None], repeats: int) -> float:
+#: what a timed run is measured with: the wall clock, or the CPU time of the measuring thread (the
+#: run as if alone on a core: other load on a shared machine does not count, which makes the
+#: figures repeatable there; only meaningful with one torch thread on CPU)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _time(run: Callable[[], None], repeats: int, clock: Callable[[], float]) -> float:
     run()
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         run()
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples)
 
 
@@ -101,56 +112,71 @@ def measure(
     decode_grid: Sequence[int] = DECODE_GRID,
     prompt_len: int = 128,
     decode_ctx: int = 128,
+    layers: int = 4,
+    clock: str = "wall",
 ) -> ProfileResult:
-    """Time one layer of ``spec`` on the grids (see the module doc)."""
+    """Time ``spec``'s layers on the grids (see the module doc): each batch runs through a stage of
+    ``layers`` consecutive layers (at most the model's), as a worker runs it, and the time is
+    divided by their count, so what a batch's layers share (rotary tables, masks, the decode
+    batch's slab view) is spread over them as in serving."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and (threads != 1 or device != "cpu"):
+        raise ValueError("the cpu clock times one thread on the CPU: use threads=1 and device cpu")
+    tick = CLOCKS[clock]
     if threads > 0:
         torch.set_num_threads(threads)
     cfg = llama_config(spec)
-    stage = dummy_stage(cfg, 0, 1, dtype=dtype, device=device)
+    n_layers = max(1, min(layers, cfg.num_layers))
+    stage = dummy_stage(cfg, 0, n_layers, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(0)
 
-    def hidden(n: int) -> torch.Tensor:
-        return (torch.randn(n, cfg.hidden_size, generator=gen) * 0.5).to(dtype=stage.dtype, device=stage.device)
-
-    def kvs(shape: tuple[int, int, int]) -> torch.Tensor:
-        return torch.randn(shape, generator=gen).to(dtype=stage.dtype, device=stage.device)
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * scale).to(dtype=stage.dtype, device=stage.device)
 
     def sync() -> None:
         if stage.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def through(x: torch.Tensor, spans: list[tuple[int, int]], caches: list[SeqCache], reserve: list[int]) -> None:
+        for i in range(n_layers):
+            x = stage.layer(i, x, spans, caches, reserve)
+        sync()
+
     prompt = []
     with torch.inference_mode():
         for n in prompt_grid:
             sizes = [prompt_len] * (n // prompt_len) + ([n % prompt_len] if n % prompt_len else [])
-            x = hidden(n)
+            x = rand(n, cfg.hidden_size, scale=0.5)
             spans = [(0, k) for k in sizes]
 
             def run_prompt(x: torch.Tensor = x, spans: list[tuple[int, int]] = spans) -> None:
-                caches = [SeqCache() for _ in spans]
-                stage.layer(0, x, spans, caches, [k for _, k in spans])
-                sync()
+                # new sequences each run: their slots are taken back when the handles are dropped
+                through(x, spans, [SeqCache() for _ in spans], [k for _, k in spans])
 
-            prompt.append((n, _time(run_prompt, repeats)))
+            prompt.append((n, _time(run_prompt, repeats, tick) / n_layers))
         decode = []
+        slab = stage.kv
+        reserve = decode_ctx + repeats + 2
         for s in decode_grid:
             caches = [SeqCache() for _ in range(s)]
             for c in caches:  # decode_ctx cached positions of random keys and values (not timed)
-                kv = (cfg.num_kv_heads, decode_ctx, cfg.head_dim)
-                c.append(0, kvs(kv), kvs(kv), 0, decode_ctx + repeats + 2)
-            x = hidden(s)
+                slab.admit(c, decode_ctx, reserve)
+                for i in range(n_layers):
+                    slab.k[i][c.slot, :, :decode_ctx] = rand(cfg.num_kv_heads, decode_ctx, cfg.head_dim)
+                    slab.v[i][c.slot, :, :decode_ctx] = rand(cfg.num_kv_heads, decode_ctx, cfg.head_dim)
+            x = rand(s, cfg.hidden_size, scale=0.5)
             pos = [decode_ctx]
 
-            def run_decode(
-                x: torch.Tensor = x, caches: list[SeqCache] = caches, s: int = s, pos: list[int] = pos
-            ) -> None:
+            def run_decode(x: torch.Tensor = x, caches: list[SeqCache] = caches, s: int = s, pos: list[int] = pos) -> None:
                 # every run appends one position per sequence, as successive decode steps would
-                stage.layer(0, x, [(pos[0], 1)] * s, caches, [pos[0] + 1] * s)
+                through(x, [(pos[0], 1)] * s, caches, [reserve] * s)
                 pos[0] += 1
-                sync()
 
-            decode.append((s, _time(run_decode, repeats)))
-    return ProfileResult(gpu, tuple(prompt), tuple(decode), device, threads, dtype, 1, repeats, prompt_len, decode_ctx)
+            decode.append((s, _time(run_decode, repeats, tick) / n_layers))
+            del caches
+    return ProfileResult(gpu, tuple(prompt), tuple(decode), device, threads, dtype, 1, repeats, prompt_len, decode_ctx,
+                         n_layers, clock)
 
 
 def _measure_child(args: tuple[str, dict[str, object]]) -> ProfileResult:
@@ -174,7 +200,8 @@ def measure_concurrent(spec: ModelSpec, concurrent: int, **kw: object) -> Profil
         return tuple((x, statistics.median(r[i][1] for r in rows)) for i, (x, _) in enumerate(rows[0]))
 
     return ProfileResult(first.gpu, med([r.prompt for r in results]), med([r.decode for r in results]), first.device,
-                         first.threads, first.dtype, concurrent, first.repeats, first.prompt_len, first.decode_ctx)
+                         first.threads, first.dtype, concurrent, first.repeats, first.prompt_len, first.decode_ctx,
+                         first.layers, first.clock)
 
 
 def node_settings_rows(
@@ -224,6 +251,8 @@ def _meta(spec: ModelSpec, result: ProfileResult, old: dict[str, object]) -> str
         "repeats": result.repeats,
         "prompt_len": result.prompt_len,
         "decode_ctx": result.decode_ctx,
+        "layers": result.layers,
+        "clock": result.clock,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d"),
@@ -240,6 +269,8 @@ def _meta(spec: ModelSpec, result: ProfileResult, old: dict[str, object]) -> str
     return ("# Written by `python -m helix_async profile` (docs/profiles.md, \"Measured profiles\").\n"
             "# [measurement.GPU]: threads = torch threads per process; concurrent = processes measuring at once;\n"
             "# prompt_len = tokens per request of a prompt batch; decode_ctx = tokens cached per decoding sequence;\n"
+            "# layers = consecutive layers a batch ran through per timed run (the time is per layer);\n"
+            "# clock = wall (the wall clock) or cpu (the measuring thread's CPU time: as if alone on a core);\n"
             "# each point is the median of `repeats` timed runs.\n" + tomli_w.dumps(doc))
 
 
