@@ -7,9 +7,10 @@
   log-probabilities against a float64 log-softmax; the draws against the truncated distribution;
 * a seeded request repeats exactly whatever it is batched with, and after a migration it goes on
   with the tokens it would have drawn;
-* through three in-memory workers (virtual time) computing a tiny LLaMA made by transformers, and
-  through two worker processes over ZeroMQ (``HostServer.generate``): the penalties, the ban and
-  the logprobs reach the last stage and give transformers' ``generate`` tokens.
+* through three in-memory workers (virtual time) computing a tiny LLaMA made by transformers, or
+  the real model (SmolLM2, where it is installed), and through two worker processes over ZeroMQ
+  (``HostServer.generate``): the penalties, the ban and the logprobs reach the last stage and
+  give transformers' ``generate`` tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
 from polling import wait_until  # noqa: E402
+from real_model import SMOLLM2_GGUF, needs_real_model  # noqa: E402
 from transformers import (  # noqa: E402
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -316,9 +318,12 @@ def loops() -> Iterator[list[VirtualTimeLoop]]:
         lp.close()
 
 
-def chain(ckpt: Path, loops: list[VirtualTimeLoop]) -> tuple[VirtualTimeLoop, Host, list[PromptWork]]:
-    """Host and three torch workers on a new virtual loop (added to ``loops``); the list collects
-    the prompts the last stage received."""
+def chain(
+    ckpt: Path, loops: list[VirtualTimeLoop], stages: list[tuple[int, int]] = STAGES
+) -> tuple[VirtualTimeLoop, Host, list[PromptWork]]:
+    """Host and three torch workers computing ``stages`` of ``ckpt`` on a new virtual loop (added to
+    ``loops``); the list collects the prompts the last stage received."""
+    layers = stages[-1][1]
     loop = VirtualTimeLoop()
     loops.append(loop)
     clock = LoopClock(loop)
@@ -327,19 +332,19 @@ def chain(ckpt: Path, loops: list[VirtualTimeLoop]) -> tuple[VirtualTimeLoop, Ho
     spec = ClusterSpec("tiny", {"A100": t}, tuple(Node(i, "A100") for i in range(3)),
                        tuple(Link(a, b, 1e9, 0.002, False) for a, b in arcs))
     net = MemoryNetwork(clock, spec, arcs, lambda s, d, m: 0.0)
-    ranges = dict(enumerate(STAGES))
+    ranges = dict(enumerate(stages))
     kv = KVTracker({i: 10**6 for i in ranges}, ranges, kv_fill_limit=1.0, output_ratio=0.0, avg_output_len=0,
-                   num_layers=LAYERS)
+                   num_layers=layers)
     links: dict[NodeRef, list[tuple[NodeRef, float]]] = {
         SOURCE: [(0, 1.0)], 0: [(1, 1.0)], 1: [(2, 1.0)], 2: [(SINK, 1.0)]
     }
-    router = FlowRouter(ranges, links, {i: 1000 for i in ranges}, kv, LAYERS)
+    router = FlowRouter(ranges, links, {i: 2048 for i in ranges}, kv, layers)
     last_prompts: list[PromptWork] = []
     for i, (a, b) in ranges.items():
         ex = TorchExecutor(clock, load_stage(ckpt, a, b), threaded=False)
         ep: Any = net.endpoint(i) if i < 2 else Spied(net.endpoint(i), last_prompts)
         w = Worker(i, clock, ep, ex,
-                   WorkerSettings(layers=(a, b), num_layers=LAYERS, limits=BatchLimits(8, 512, 16, 10**6),
+                   WorkerSettings(layers=(a, b), num_layers=layers, limits=BatchLimits(8, 2048, 16, 10**6),
                                   kv_capacity=10**7, activation_bytes=128))
         w.start()
     host = Host(clock, net.endpoint(HOST), router=router)
@@ -435,6 +440,41 @@ def test_a_seeded_sampled_request_repeats_whatever_runs_beside_it(
     host.submit(0, len(PROMPT), 16, tuple(PROMPT), SamplingParams(**{**sampling_kw(p), "seed": 100}))
     loop.run_until(60.0)
     assert other != runs[0]
+
+
+@needs_real_model
+@pytest.mark.slow
+def test_the_real_models_penalised_tokens_and_logprobs_are_transformers(
+    loops: list[VirtualTimeLoop],
+) -> None:
+    """SmolLM2 (the packaged GGUF, de-quantised to float32 by both sides) through three workers:
+    a repetition penalty, the end-of-text id held back by min_tokens, and top-3 logprobs."""
+    path = SMOLLM2_GGUF
+    assert path is not None
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              torch_dtype=torch.float32).eval()
+    chat = tok.apply_chat_template([{"role": "user", "content": "List three fruits, then three fruits again."}],
+                                   add_generation_prompt=True)
+    prompt = [int(t) for t in (chat["input_ids"] if hasattr(chat, "keys") else chat)]
+    eos = 2  # <|im_end|>
+    plain = hf_greedy(model, prompt, 16)
+    want, raw = hf_generate(model, prompt, 16, repetition_penalty=1.3, min_new_tokens=8, eos_token_id=eos)
+    loop, host, _ = chain(path, loops, [(0, 10), (10, 20), (20, 30)])
+    got: list[Any] = []
+    host.on_token = lambda q, t, end: got.append(t)
+    p = SamplingParams(repetition_penalty=1.3, min_tokens=8, stop_token_ids=(eos,), logprobs=3)
+    host.submit(0, len(prompt), 16, tuple(prompt), p)
+    loop.run_until(600.0)
+    ids = [t.token_id for t in got]
+    assert ids[: len(want)] == want and ids != plain
+    seq = list(prompt)
+    for k, t in enumerate(got[: len(want)]):
+        x = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seq]), raw[k][None].clone())[0]
+        ref = torch.log_softmax(x.double(), dim=-1)
+        assert abs(t.logprob - float(ref[t.token_id])) < 1e-3
+        assert [i for i, _ in t.top] == torch.topk(ref, 3).indices.tolist()
+        seq.append(t.token_id)
 
 
 # --- through worker processes over ZeroMQ: HostServer.generate ---------------------------------------------
