@@ -17,8 +17,10 @@ import bisect
 import csv
 import dataclasses
 import functools
+import os
 import threading
 import tomllib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -178,7 +180,13 @@ def _model_by_name(name: str) -> ModelSpec:
     canon = MODEL_ALIASES.get(name.strip().lower())
     if canon is None:
         raise ConfigError("<argument>", "model", f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    return attach_profiles(_base_model(canon))
+    # the same object while its profiles stay the same (ModelSpec compares by identity)
+    spec = attach_profiles(_named.get(canon) or _base_model(canon))
+    _named[canon] = spec
+    return spec
+
+
+_named: dict[str, ModelSpec] = {}
 
 
 @functools.cache
@@ -459,16 +467,27 @@ def _declared_shape(d: Traversable, where: str, key: str) -> tuple[int, ...] | N
     return None
 
 
+@functools.cache
+def _shipped_dir(key: str) -> Traversable | None:
+    d = _DATA / key
+    return d if key and d.is_dir() else None
+
+
+def _user_dir(key: str) -> Path | None:
+    # os.path, not pathlib: this runs on every get_model of a built-in name
+    d = os.path.join(os.path.expanduser(envs.HELIX_PROFILE_DIR), key)
+    return Path(d) if key and os.path.isdir(d) else None
+
+
 def measured_profile_dirs(key: str) -> list[tuple[Traversable, str]]:
     """Where measured profiles of the model whose profile key is ``key`` are kept, lowest
     precedence first, as (directory, its name for messages): the shipped
     ``helix_async/data/profiles/<key>/`` and the user's ``HELIX_PROFILE_DIR/<key>/``."""
     out: list[tuple[Traversable, str]] = []
-    shipped = _DATA / key
-    if key and shipped.is_dir():
+    shipped, user = _shipped_dir(key), _user_dir(key)
+    if shipped is not None:
         out.append((shipped, f"{_SHIPPED}/{key}"))
-    user = Path(envs.HELIX_PROFILE_DIR).expanduser() / key
-    if key and user.is_dir():
+    if user is not None:
         out.append((user, str(user)))
     return out
 
@@ -579,20 +598,25 @@ _built: dict[tuple[Any, ...], _Profiles] = {}
 
 
 def _profiles_for(spec: ModelSpec) -> _Profiles:
-    """The profiles of ``spec``, built once per shape and state of its measured directories."""
-    dirs = measured_profile_dirs(spec.key)
-    stamp = []
-    for d, where in dirs:
-        if isinstance(d, Path):  # the user's directory may change while we run: key on its files
-            stamp.append((where, tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in d.iterdir()))))
-    key = (spec.key, spec.name if _is_builtin(spec) else "", _shape_tuple(spec), LayerShape.of(spec), tuple(stamp))
+    """The profiles of ``spec``, built once per shape and state of its measured directories (the
+    shipped data do not change; the user's directory may, while we run: keyed on its files)."""
+    user = _user_dir(spec.key)
+    stamp: tuple[Any, ...] = ()
+    if user is not None:
+        stats = ((f.name, f.stat()) for f in user.iterdir())
+        stamp = (str(user), tuple(sorted((n, st.st_mtime_ns, st.st_size) for n, st in stats)))
+    key = (spec.key, spec.name if _is_builtin(spec) else "", _shape_tuple(spec), LayerShape.of(spec), stamp)
     with _lock:
         hit = _built.get(key)
     if hit is None:
-        hit = _build(spec, dirs)
+        hit = _build(spec, measured_profile_dirs(spec.key))
         with _lock:
             _built[key] = hit
     return hit
+
+
+#: the profiles a spec object was last checked against (attach_profiles' fast path)
+_attached: weakref.WeakKeyDictionary[ModelSpec, _Profiles] = weakref.WeakKeyDictionary()
 
 
 def attach_profiles(spec: ModelSpec) -> ModelSpec:
@@ -600,13 +624,17 @@ def attach_profiles(spec: ModelSpec) -> ModelSpec:
     analytical ones of the datasheet table), the typical-batch tables, ``max_num_layers`` and
     ``profile_kinds``. The same object when nothing changes (docs/profiles.md)."""
     b = _profiles_for(spec)
-    if (spec.gpus == tuple(b.gpus) and dict(spec.profile_kinds) == dict(b.kinds)
+    if _attached.get(spec) is b:
+        return spec
+    if not (spec.gpus == tuple(b.gpus) and dict(spec.profile_kinds) == dict(b.kinds)
             and dict(spec.normalized_perf_initial) == dict(b.perf) and dict(spec.typical_layers_a) == dict(b.typical_a)
             and dict(spec.typical_layers_b) == dict(b.typical_b) and dict(spec.max_num_layers) == dict(b.max_layers)):
-        return spec
-    return dataclasses.replace(spec, gpus=tuple(b.gpus), typical_layers_a=dict(b.typical_a),
-                               typical_layers_b=dict(b.typical_b), normalized_perf_initial=dict(b.perf),
-                               max_num_layers=dict(b.max_layers), profile_kinds=dict(b.kinds))
+        spec = dataclasses.replace(spec, gpus=tuple(b.gpus), typical_layers_a=dict(b.typical_a),
+                                   typical_layers_b=dict(b.typical_b), normalized_perf_initial=dict(b.perf),
+                                   max_num_layers=dict(b.max_layers), profile_kinds=dict(b.kinds))
+    with _lock:
+        _attached[spec] = b
+    return spec
 
 
 def load_profiles(model: ModelSpec | str) -> ProfileSet:
