@@ -399,13 +399,17 @@ def test_the_kv_slab_grows_reuses_slots_and_gathers_unordered_batches(checkpoint
     """Twelve sequences through two stages of the tiny LLaMA, joining and leaving at different
     steps, with a capacity hint of one position: the slab grows past its first 8 slots and its
     first capacity, later sequences take freed slots out of batch order (so decode batches are
-    gathered, not viewed), and every sequence's tokens are still transformers' greedy ones.
-    Dropping the handles frees every slot."""
+    gathered, not viewed), and every sequence's tokens are still transformers' greedy ones, although
+    the slab's unwritten memory is NaN. Dropping the handles frees every slot."""
     ckpt, model = checkpoint
     stages = [load_stage(ckpt, 0, 3), load_stage(ckpt, 3, LAYERS)]
     prompts = [[(11 * i + 7 * j + 3) % 256 for j in range(2 + (5 * i) % 9)] for i in range(12)]
     steps = [3 + (i * 7) % 10 for i in range(12)]  # prompt + steps up to 22: past the first 16 positions
     join = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 4, 5]
+    for st in stages:  # uninitialised memory may hold anything: make it NaN, which must never reach a token
+        st.kv._resize(8, 16)
+        for t in (*st.kv.k.values(), *st.kv.v.values()):
+            t.fill_(float("nan"))
     toks, _ = staged_greedy(stages, prompts, steps, join, reserve=1)
     for i, p in enumerate(prompts):
         assert toks[i] == hf_greedy(model, p, steps[i]), f"sequence {i}"
