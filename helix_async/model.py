@@ -72,7 +72,7 @@ class ModelSpec:
     token_size: int  # bytes per token id on the wire
     activation_size: int  # bytes of one token's activation (hidden_size x dtype bytes)
     kv_bytes_per_token_per_layer: int
-    gpus: tuple[str, ...]  # GPU types with measured profiles
+    gpus: tuple[str, ...]  # GPU types with profiles: measured first, then analytical (profile_kinds)
     typical_layers_a: Mapping[str, int] = field(default_factory=dict)
     typical_layers_b: Mapping[str, int] = field(default_factory=dict)
     normalized_perf_initial: Mapping[str, float] = field(default_factory=dict)
