@@ -131,7 +131,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     res = measure_concurrent(spec, args.concurrent, gpu=gpu, device=args.device, dtype=dtype, threads=args.threads,
                              repeats=args.repeats, prompt_grid=grid_p, decode_grid=grid_d, prompt_len=prompt_len,
                              decode_ctx=decode_ctx, layers=args.layers, clock=args.clock)
-    for kind, rows in (("prompt tokens", res.prompt), ("decode seqs", res.decode)):
+    for kind, rows in (("prompt tokens", res.prompt), ("decode seqs", res.decode), ("head seqs", res.head)):
         print(f"  {kind:14s} " + "  ".join(f"{x}:{s * 1e3:.3f}ms" for x, s in rows))
     if derived is not None:
         settings: list[dict[str, int | str]] = [

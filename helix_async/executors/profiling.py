@@ -6,10 +6,12 @@ time does not depend on their values) on
 
 * prompt batches of ``n`` tokens, as requests of at most ``prompt_len`` tokens each (the last one
   shorter), for ``n`` on a grid, and
-* decode batches of ``s`` sequences, each with ``decode_ctx`` tokens already cached,
+* decode batches of ``s`` sequences, each with ``decode_ctx`` tokens already cached, and
+* the model's head (final norm, LM head, greedy choice) on ``s`` sequences, once per batch,
 
 and writes ``<gpu>_prompt.csv`` and ``<gpu>_decode.csv`` (``batch_tokens,time_per_layer_ms``, the
-layout of the shipped GPU profiles, docs/original.md §3.2), the node settings rows for that machine
+layout of the shipped GPU profiles, docs/original.md §3.2), ``<gpu>_head.csv`` (``sequences,time_ms``),
+the node settings rows for that machine
 type (``node_settings.csv``'s columns, §3.3) and ``profile.toml`` (the model's shape and how it was
 measured), so the model can be planned and simulated on that machine like any profiled GPU
 (docs/profiles.md, "Measured profiles").  A point is the time of the batch through the stage
@@ -35,11 +37,12 @@ from pathlib import Path
 import tomli_w
 import torch
 
-from ..model import PROFILE_META, ModelSpec
+from ..model import HEAD_COLUMNS, PROFILE_META, ModelSpec
 from .llama import LlamaConfig, SeqCache, dummy_stage
+from .sampling import sample
 
 __all__ = ["CLOCKS", "DECODE_GRID", "PROMPT_GRID", "ProfileResult", "llama_config", "measure", "measure_concurrent",
-           "node_settings_rows", "write_profile"]
+           "measure_head", "node_settings_rows", "write_profile"]
 
 PROMPT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DECODE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -82,6 +85,8 @@ class ProfileResult:
     decode_ctx: int = 128
     layers: int = 1
     clock: str = "wall"
+    # the head (final norm, LM head, greedy choice) per batch: (sequences, s); empty: not measured
+    head: tuple[tuple[int, float], ...] = ()
 
 
 #: what a timed run is measured with: the wall clock, or the CPU time of the measuring thread (the
@@ -175,8 +180,29 @@ def measure(
 
             decode.append((s, _time(run_decode, repeats, tick) / n_layers))
             del caches
+    head = measure_head(cfg, decode_grid, repeats=repeats, clock=tick, dtype=dtype, device=device)
     return ProfileResult(gpu, tuple(prompt), tuple(decode), device, threads, dtype, 1, repeats, prompt_len, decode_ctx,
-                         n_layers, clock)
+                         n_layers, clock, head)
+
+
+def measure_head(cfg: LlamaConfig, grid: Sequence[int], *, repeats: int, clock: Callable[[], float], dtype: str,
+                 device: str) -> tuple[tuple[int, float], ...]:
+    """Seconds of the model's head for ``s`` sequences, ``s`` on ``grid``: the final norm, the LM
+    head and the greedy choice (``executors.sampling.sample``), what the torch executor runs once
+    per batch that leaves the model's last layer (one position per request, prompt or decode).
+    The median of ``repeats`` timed runs by ``clock`` after one warm-up run."""
+    stage = dummy_stage(cfg, cfg.num_layers - 1, cfg.num_layers, dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    with torch.inference_mode():
+        for s in grid:
+            x = (torch.randn(s, cfg.hidden_size, generator=gen) * 0.5).to(dtype=stage.dtype, device=stage.device)
+
+            def run(x: torch.Tensor = x, s: int = s) -> None:
+                sample(stage.logits(x), [None] * s)  # the choice reads the tokens back: synchronised
+
+            out.append((s, _time(run, repeats, clock)))
+    return tuple(out)
 
 
 def _measure_child(args: tuple[str, dict[str, object]]) -> ProfileResult:
@@ -201,7 +227,7 @@ def measure_concurrent(spec: ModelSpec, concurrent: int, **kw: object) -> Profil
 
     return ProfileResult(first.gpu, med([r.prompt for r in results]), med([r.decode for r in results]), first.device,
                          first.threads, first.dtype, concurrent, first.repeats, first.prompt_len, first.decode_ctx,
-                         first.layers, first.clock)
+                         first.layers, first.clock, med([r.head for r in results]) if first.head else ())
 
 
 def node_settings_rows(
@@ -277,7 +303,8 @@ def _meta(spec: ModelSpec, result: ProfileResult, old: dict[str, object]) -> str
 def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int | str]],
                   spec: ModelSpec | None = None) -> list[Path]:
     """Write ``<gpu>_prompt.csv``, ``<gpu>_decode.csv`` (milliseconds per layer, a 0,0 first row as
-    the shipped profiles), ``node_settings.csv`` (``settings`` replace this GPU type's rows; other
+    the shipped profiles), ``<gpu>_head.csv`` when the head was measured (milliseconds per batch by
+    sequences, ``model.HEAD_COLUMNS``), ``node_settings.csv`` (``settings`` replace this GPU type's rows; other
     types' rows stay) and, given ``spec``, ``profile.toml`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -288,6 +315,16 @@ def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int
             w.writerow(["batch_tokens", "time_per_layer_ms"])
             w.writerow([0, 0])
             for x, s in rows:
+                w.writerow([x, f"{s * 1e3:.4f}"])
+        paths.append(p)
+    if result.head:
+        # the head's table (docs/profiles.md): milliseconds per batch, by the batch's sequences
+        p = out / f"{result.gpu.lower()}_head.csv"
+        with p.open("w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(HEAD_COLUMNS)
+            w.writerow([0, 0])
+            for x, s in result.head:
                 w.writerow([x, f"{s * 1e3:.4f}"])
         paths.append(p)
     p = out / "node_settings.csv"
