@@ -57,7 +57,10 @@ class SimulationSetup:
     random per-hop schedulers derive from it.  fuse_layers: a worker runs a batch through its
     consecutive layers in one executor call when nothing else waits there (the same layer-by-layer
     schedule in fewer events, see ``helix_async.worker``); False prices every layer as its own
-    call (for tests and profiling).
+    call (for tests and profiling).  runtime_costs: default mode prices what the runtime computes
+    where the profile measured it (a lone decode at its measured time, the model's head on the last
+    stage: ``executors.cost_model``); False prices batches as the original does (compat never
+    uses them).
     """
 
     placement: Placement
@@ -67,6 +70,7 @@ class SimulationSetup:
     drop_rejected: bool = False
     seed: int = 0
     fuse_layers: bool = True
+    runtime_costs: bool = True
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -209,7 +213,12 @@ class Simulation:
         spec = self.model
         setup = self.setup
         policy = self.policy
-        executor = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size)
+        # default mode prices what the runtime computes: a lone decode at its measured time, the
+        # head on the last stage (when the profile has them); compat keeps the original's prices
+        ours = setup.runtime_costs and not setup.compat
+        last = spec.num_layers if ours and role.layers[1] == spec.num_layers else 0
+        executor = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size,
+                                     measured_single=ours, last_layer=last)
         settings = role.worker_settings(spec, policy, compat=setup.compat, fuse=setup.fuse_layers)
         w = Worker(
             i,

@@ -12,6 +12,15 @@ A run of ``L`` layers (``Batch.layers``) is priced layer by layer as the node wo
 first layer with the host copy, the others without, each layer's end the previous end plus its
 time (the same float sums as ``L`` one-layer batches), and one timer at the last end.
 ``shorten`` moves that timer to an earlier layer's end.
+
+Two rules of our own, for profiles measured by ``python -m helix_async profile`` (docs/profiles.md;
+neither changes a price on the original's profiles, and the simulator's compat mode uses neither):
+
+* ``measured_single``: a lone decode is charged the profile's own time for one sequence when the
+  decode table has a point at 1 (it was measured, so nothing needs doubling);
+* ``last_layer``: on the node holding the model's last layer, a batch whose run ends there also
+  pays the profile's head time (``GpuProfile.head``: final norm, LM head and token choice) for its
+  sequences, prompts and decodes, once per batch, as the torch executor computes it.
 """
 
 from __future__ import annotations
@@ -37,14 +46,18 @@ class CostModelExecutor:
 
     profile: the node's GPU profile. activation_bytes: bytes of one token's hidden state
     (``2 * hidden``). time_scale: multiply every duration (1.0 in simulation; a real-time
-    emulation may slow the cluster down or speed it up).
+    emulation may slow the cluster down or speed it up). measured_single: charge a lone decode the
+    profile's point at one sequence when it has one (else ``2 x f_decode(1)``, the original's rule).
+    last_layer: the model's layer count when this node holds its last layer (a batch whose run
+    ends there pays the profile's head time), else 0.  See the module doc.
     """
 
-    # (the last four: the run of layers now running, for shorten)
+    # (_first.._done: the run of layers now running, for shorten)
     __slots__ = ("_clock", "_at", "_timer", "_act", "_scale", "busy_time", "batches", "_handle", "_first",
-                 "_rest", "_done")
+                 "_rest", "_done", "_single", "_last", "_head")
 
-    def __init__(self, clock: Clock, profile: GpuProfile, activation_bytes: int, time_scale: float = 1.0) -> None:
+    def __init__(self, clock: Clock, profile: GpuProfile, activation_bytes: int, time_scale: float = 1.0, *,
+                 measured_single: bool = False, last_layer: int = 0) -> None:
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
         self._clock = clock
@@ -58,19 +71,34 @@ class CostModelExecutor:
         self._first = 0.0
         self._rest = 0.0
         self._done: Callable[[Batch], None] | None = None
+        # a lone decode's measured time, or -1.0: the timer's doubling applies
+        self._single = profile.decode(1.0) if measured_single and 1.0 in profile.decode_x else -1.0
+        self._last = int(last_layer) if profile.head_x else 0
+        self._head = profile.head
 
     def _times(self, batch: Batch) -> tuple[float, float]:
         """(first layer's time with the host copy, each later layer's time) of ``batch``."""
-        base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
+        if batch.decode_seqs == 1 and self._single >= 0.0:
+            base = self._timer.batch_time(batch.prompt_tokens, 0) + self._single
+        else:
+            base = self._timer.batch_time(batch.prompt_tokens, batch.decode_seqs)
         t = base
         if batch.host_tokens:
             t += batch.host_tokens * self._act
         return t * self._scale, base * self._scale
 
+    def _head_time(self, batch: Batch, layers: int) -> float:
+        """The head's time when a run of ``layers`` layers of ``batch`` ends at the model's last layer."""
+        if self._last and batch.layer + layers == self._last:
+            return self._head(batch.prompt_requests + batch.decode_seqs) * self._scale
+        return 0.0
+
     def duration(self, batch: Batch) -> float:
         t, rest = self._times(batch)
         for _ in range(batch.layers - 1):
             t += rest
+        if self._last:
+            t += self._head_time(batch, batch.layers)
         return t
 
     def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
@@ -84,6 +112,8 @@ class CostModelExecutor:
             self._first = t
             self._rest = rest
             self._done = done
+        if self._last:
+            end += self._head_time(batch, n)
         self.busy_time += end - now
         self.batches += n
         self._handle = self._at(end, done, batch)
@@ -103,7 +133,8 @@ class CostModelExecutor:
         if j >= n:
             return n
         self._handle.cancel()  # type: ignore[attr-defined]
-        self.busy_time -= self._rest * (n - j)
+        # the run no longer ends at the model's last layer: nor does it pay the head
+        self.busy_time -= self._rest * (n - j) + (self._head_time(batch, n) if self._last else 0.0)
         self.batches -= n - j
         batch.layers = j
         self._handle = self._at(end, self._done, batch)
@@ -112,7 +143,10 @@ class CostModelExecutor:
 
 def from_context(ctx: ExecutorContext) -> CostModelExecutor:
     """The registry's factory (``executors.registry``): priced by the profile of the machine type
-    the worker emulates, slowed by its ``time_scale``."""
+    the worker emulates, slowed by its ``time_scale``, with the simulator's default-mode rules (a
+    lone decode's measured time, the head on the last stage)."""
     if ctx.profile is None:
         raise ValueError("the cost-model executor needs the machine type's profile")
-    return CostModelExecutor(ctx.clock, ctx.profile, ctx.model.activation_size, float(ctx.options["time_scale"]))
+    last = ctx.model.num_layers if ctx.layers[1] == ctx.model.num_layers else 0
+    return CostModelExecutor(ctx.clock, ctx.profile, ctx.model.activation_size, float(ctx.options["time_scale"]),
+                             measured_single=True, last_layer=last)
