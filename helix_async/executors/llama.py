@@ -293,7 +293,7 @@ class KVSlab:
 
     Preallocated and uninitialised: only the positions written touch memory pages on CPU, so a
     large capacity costs address space, not resident memory. It grows by doubling (slots when
-    every slot is taken, capacity when a sequence outgrows it), copying each live slot's written
+    every slot is taken, capacity when a sequence outgrows it), copying each live slot's touched
     positions. Slots are handed out lowest first and taken back when a :class:`SeqCache` is
     dropped (from any thread: the free list is locked).  Because the sequences of one batch sit in
     rows of one tensor, a batch of decodes attends in a few batched operations over a padded view
