@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from helix_async.cli import EXIT_OK, EXIT_USAGE, dispatch
-from helix_async.cli.args import Parser, finite, nonnegative, positive, slo
+from helix_async.cli.args import Parser, finite, model_ref, nonnegative, positive, slo
 from helix_async.cluster import load_cluster
 from helix_async.errors import ConfigError
 from helix_async.fileio import atomic_write_text, check_output_path
@@ -106,7 +106,7 @@ def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
 
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="cluster (built-in name, .toml or .ini); required for a layout directory")
-    p.add_argument("--model", default="llama2-70b",
+    p.add_argument("--model", default="llama2-70b", type=model_ref,
                    help="NAME, a checkpoint directory or a FILE.gguf (default llama2-70b)")
     p.add_argument("--mode", choices=MODES, default="offline")
     p.add_argument("--rate", type=positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")

@@ -188,6 +188,22 @@ class Parser(argparse.ArgumentParser):
 MAX_MESSAGE = 500
 
 
+def model_ref(text: str) -> str:
+    """``--model``: a built-in name, a packaged model, a checkpoint directory or a GGUF file
+    (docs/models.md), resolved now so a model that is not there, or not one we can serve, is one
+    line at the command line; returns the text (commands resolve it again, from the cache)."""
+    from ..errors import ConfigError
+    from ..models import resolve_model
+
+    try:
+        resolve_model(text, "--model")
+    except ConfigError as exc:
+        where = exc.source if exc.source not in ("<argument>", text) else repr(text)
+        field = f" {exc.field}:" if exc.field not in ("--model", "model", "") else ""
+        raise argparse.ArgumentTypeError(f"{where}:{field} {exc.message}") from None
+    return text
+
+
 def one_line(text: str) -> str:
     """``text`` as one plain line: control characters (newlines, ESC, ...) escaped, and the middle
     of an over-long message (a 5,000-character file name) cut out."""

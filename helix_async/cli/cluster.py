@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .args import EXIT_OK, pair, parse_weights, positive_int, weights
+from .args import EXIT_OK, model_ref, pair, parse_weights, positive_int, weights
 
 if TYPE_CHECKING:
     from ..cluster import ClusterSpec
@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     show = clsub.add_parser("show", help="summarise a cluster (builtin name, .toml or Helix .ini)")
     show.add_argument("cluster", help="builtin name (e.g. single24) or path")
-    show.add_argument("--model", default="llama2-70b",
+    show.add_argument("--model", default="llama2-70b", type=model_ref,
                       help="model for throughput figures: NAME, a checkpoint directory or a FILE.gguf (default %(default)s)")
     show.add_argument("--machine-profile", help="Helix machine_profile.ini for an .ini cluster")
 

