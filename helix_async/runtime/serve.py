@@ -19,15 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..aio import run
 from ..errors import ConfigError
 from ..settings import HostSettings
+
+if TYPE_CHECKING:
+    from ..model import ModelSpec
 
 log = logging.getLogger("helix_async.serve")
 
@@ -43,6 +47,35 @@ def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
         out[i] = (a, b)
         a = b
     return out
+
+
+def _available_memory() -> int:
+    """Bytes of memory this machine has available now (physical pages not in use)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return 1 << 62
+
+
+def stage_weight_bytes(spec: ModelSpec, start: int, end: int, dtype: str | None) -> int:
+    """Bytes of the weights a worker holding layers ``[start, end)`` of ``spec`` keeps, in the
+    compute ``dtype`` (None: the checkpoint's): its layers, plus the embedding table on the first
+    stage and the final norm and LM head on the last (the embedding table again when tied)."""
+    from ..models.arch import DTYPE_BYTES
+
+    arch = spec.arch
+    if arch is None:  # a built-in spec: its layer bytes are given, its tables in its own dtype
+        per = DTYPE_BYTES.get(dtype or spec.dtype, 4)
+        layer, table = spec.param_bytes_per_layer * per / DTYPE_BYTES.get(spec.dtype, 4), spec.vocab_size * spec.hidden_size * per
+    else:
+        per = DTYPE_BYTES[dtype or arch.dtype]
+        layer, table = arch.layer_params() * per, arch.embedding_params() * per
+    n = (end - start) * layer
+    if start == 0:
+        n += table
+    if end == spec.num_layers:
+        n += spec.hidden_size * per + (0 if start == 0 and arch is not None and arch.tie_word_embeddings else table)
+    return int(n)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -61,10 +94,21 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("<argument>", "--workers", f"{model} has {spec.num_layers} layers: at most that many workers")
     cluster = generate_single_region(n, max(0, min(3, n - 1)), {"CPU": 1.0}, bandwidth=(1e9, 0.0), latency=(1e-4, 0.0),
                                      seed=0, name=f"local{n}")
-    placement = Placement.from_layers(cluster, spec, _even_stages(spec.num_layers, n), method="even stages")
-    flow = max_flow(placement)
+    # checked in order of cost, every one before anything starts: the tokenizer, the memory, the plan
     door = prepare_front_door(args.http, spec, tokenizer=args.tokenizer, max_model_len=args.max_model_len,
                               served_model_name=args.served_model_name, seed=args.seed, api_key=args.api_key)
+    stages = _even_stages(spec.num_layers, n)
+    memory = int(args.memory_bytes) if args.memory_bytes else _available_memory() // n
+    if args.executor == "torch":
+        for i, (a, b) in stages.items():
+            need = stage_weight_bytes(spec, a, b, args.dtype)
+            if need > memory:
+                raise ConfigError("<argument>", "--memory-bytes",
+                                  f"worker {i}'s layers [{a}, {b}) of {spec.name} need {need / 2**20:,.0f} MiB of "
+                                  f"weights; a worker may hold {memory / 2**20:,.0f} MiB (more --workers, a smaller "
+                                  f"--dtype, or a larger --memory-bytes)")
+    placement = Placement.from_layers(cluster, spec, stages, method="even stages")
+    flow = max_flow(placement)
     from ..executors.registry import executor_entry
 
     entry = executor_entry(args.executor)
@@ -91,6 +135,8 @@ async def _serve(args: argparse.Namespace) -> int:
                     "--node-id", str(i), "--executor", args.executor, "--threads", str(args.threads), "--seed", str(args.seed)]
             if args.dtype:
                 argv += ["--dtype", args.dtype]
+            if args.executor == "torch":
+                argv += ["--memory-bytes", str(memory)]
             if checkpoint:
                 argv += ["--checkpoint", checkpoint]
             with (workdir / f"worker{i}.log").open("w") as f:
@@ -154,6 +200,9 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype of the workers (default: the checkpoint's; float32 for a GGUF file)")
+    s.add_argument("--memory-bytes", type=positive, default=None,
+                   help="weights a worker may hold, bytes (default: this machine's available memory / --workers); "
+                        "a stage that needs more stops serve before anything starts")
     s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
     s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
     s.add_argument("--served-model-name", default=None, help="the model id clients use")
