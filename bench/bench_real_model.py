@@ -91,8 +91,10 @@ def run_transformers(model: Any, prompts: list[list[int]], steps: int) -> tuple[
     ids = torch.tensor(prompts)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                             do_sample=False, pad_token_id=0)
+        # eos_token_id=None: run through end-of-sequence, choosing it where it is the arg-max, as
+        # the others do (min_new_tokens would forbid it instead, and the tokens would differ)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
         dt = time.perf_counter() - t0
     return dt, out[:, ids.shape[1] :].tolist()
 

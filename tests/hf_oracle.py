@@ -40,13 +40,17 @@ def make_checkpoint(path: Path, seed: int, family: str = "llama", bias_std: floa
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    """``n`` greedy tokens after ``prompt`` (end-of-sequence ignored, as the runtime does)."""
+    """``n`` greedy tokens after ``prompt``, end-of-sequence ignored as the runtime does: the
+    end-of-sequence id is not stopped at, and is chosen like any other token where it is the
+    arg-max. (``min_new_tokens`` would instead forbid it, changing the tokens.)"""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+            max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
         )
-    return [int(t) for t in out[0, len(prompt):]]
+    got = [int(t) for t in out[0, len(prompt):]]
+    assert len(got) == n, f"generate stopped after {len(got)} of {n} tokens"
+    return got
 
 
 def hf_last_logits(model: Any, prompt: list[int]) -> torch.Tensor:
