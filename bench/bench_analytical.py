@@ -1,12 +1,14 @@
 """The analytical per-layer profile against every measured profile we ship, in one run.
 
 Run: ``python bench/bench_analytical.py`` (add ``--fit`` to refit the seven factors on LLaMA-2-70B
-and print them as gpus.toml lines). The rules: docs/profiles.md.
+and the CPU's on SmolLM2, and print them as gpus.toml lines). The rules: docs/profiles.md.
 
 Each GPU type's one efficiency factor is fitted on LLaMA-2-70B's measured tables only; LLaMA-1-30B's
 tables check it. For both models and the original's seven GPU types the script prints the signed
 error ``analytical / measured - 1`` at a few batch sizes of each phase and the mean absolute error
 over the whole grid, then the node settings (most layers, KV capacity) against the measured ones.
+The ``CPU`` type (one core of the development machine) is fitted on SmolLM2-135M-Instruct's shipped
+CPU profile only and checked on tiny-llama's: the same error table, every point of both.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ from helix_async.profiles.analytical import LayerShape, analytical_settings  # n
 from helix_async.profiles.gpus import find_gpu  # noqa: E402
 from helix_async.profiles.validation import (  # noqa: E402
     CHECK_MODEL,
+    CPU_CHECK_MODEL,
+    CPU_FIT_MODEL,
+    CPU_TYPE,
     FIT_MODEL,
     MEASURED_GPUS,
+    PointError,
     compare,
+    compare_cpu,
+    fit_cpu,
     fit_on_reference,
 )
 
 PROMPT_AT = (250, 1000, 2000, 4000, 7500)
 DECODE_AT = (2, 16, 60, 100, 200, 400)
+CPU_PROMPT_AT = (16, 64, 256, 512, 2048)
+CPU_DECODE_AT = (1, 2, 8, 32, 128)
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -68,6 +78,26 @@ def error_table(model: str) -> tuple[list[str], list[list[str]], list[float]]:
     return head, rows, all_abs
 
 
+def cpu_error_table() -> tuple[list[str], list[list[str]], dict[str, list[float]]]:
+    """The CPU type against the two shipped CPU profiles (fit and check), every point of each."""
+    head = (["model"] + [f"P{x}" for x in CPU_PROMPT_AT] + ["P mean abs"] + [f"D{x}" for x in CPU_DECODE_AT]
+            + ["D mean abs"])
+    rows = []
+    errs: dict[str, list[float]] = {}
+    for key, role in ((CPU_FIT_MODEL, "fit"), (CPU_CHECK_MODEL, "check")):
+        pts: list[PointError] = compare_cpu(key)
+        at = {(p.phase, p.x): p.error for p in pts}
+        row = [f"{key} ({role})"]
+        errs[key] = []
+        for phase, grid in (("prompt", CPU_PROMPT_AT), ("decode", CPU_DECODE_AT)):
+            row += [_pct(at.get((phase, x))) for x in grid]
+            e = [abs(p.error) for p in pts if p.phase == phase]
+            errs[key] += e
+            row.append(f"{100 * statistics.fmean(e):.0f}%")
+        rows.append(row)
+    return head, rows, errs
+
+
 def settings_table(model: str) -> tuple[list[str], list[list[str]]]:
     ps = load_profiles(model)
     shape = LayerShape.of(ps.model)
@@ -85,14 +115,15 @@ def settings_table(model: str) -> tuple[list[str], list[list[str]]]:
 
 
 def planner_view() -> tuple[list[str], list[list[str]]]:
-    """Max compute throughput (docs/original.md §3.5) of the original's clusters with every profile
-    analytical (the same model under another key, so no measured table and none of the original's
+    """Max compute throughput (docs/original.md §3.5) of the original's clusters (and of tiny3, three
+    CPU workers, for tiny-llama's CPU profile) with every profile analytical (the same model under another key, so no measured table and none of the original's
     hand-set constants applies) against the measured profiles."""
     from helix_async.cluster import load_cluster
 
     head = ["model", "cluster", "measured tok/s", "analytical tok/s", "ratio"]
     rows = []
-    for model, clusters in ((FIT_MODEL, ("single24", "cluster42")), (CHECK_MODEL, ("single24", "cluster10"))):
+    for model, clusters in ((FIT_MODEL, ("single24", "cluster42")), (CHECK_MODEL, ("single24", "cluster10")),
+                            ("tiny-llama", ("tiny3",))):
         spec = get_model(model)
         alone = dataclasses.replace(spec, name=f"{spec.name}-analytical", key=f"{spec.key}_analytical", gpus=(),
                                     typical_layers_a={}, typical_layers_b={}, normalized_perf_initial={},
@@ -106,7 +137,8 @@ def planner_view() -> tuple[list[str], list[list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fit", action="store_true", help="refit the factors on LLaMA-2-70B and print gpus.toml lines")
+    ap.add_argument("--fit", action="store_true",
+                    help="refit the factors (GPUs on LLaMA-2-70B, the CPU on SmolLM2) and print gpus.toml lines")
     args = ap.parse_args(argv)
     print(f"efficiency factors (fitted on {FIT_MODEL} only; the table uses the shipped gpus.toml values)")
     fit_rows = []
@@ -115,15 +147,28 @@ def main(argv: list[str] | None = None) -> int:
         g = find_gpu(gpu)
         assert g is not None
         fit_rows.append([gpu, f"{fitted:.3f}", f"{g.efficiency:.3f}"])
+    cpu = find_gpu(CPU_TYPE)
+    assert cpu is not None
+    fit_rows.append([f"{CPU_TYPE} (on {CPU_FIT_MODEL})", f"{fit_cpu():.3f}", f"{cpu.efficiency:.3f}"])
     print(table(["GPU", "fitted now", "shipped"], fit_rows))
     if args.fit:
         for gpu, fitted, _ in fit_rows:
-            print(f"[{'group' if 'x' in gpu else 'gpu'}.{gpu}] efficiency = {fitted}")
+            name = gpu.split()[0]
+            kind = "cpu" if name == CPU_TYPE else "group" if "x" in name else "gpu"
+            print(f"[{kind}.{name}] efficiency = {fitted}")
     for model, role in ((FIT_MODEL, "fit"), (CHECK_MODEL, "check")):
         head, rows, errs = error_table(model)
         print(f"\n{model} ({role}): analytical / measured - 1 (P: prompt tokens, D: decode sequences)")
         print(table(head, rows))
         print(f"mean absolute error over all {len(errs)} points: {100 * statistics.fmean(errs):.1f}%, "
+              f"median {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.0f}%")
+    head, rows, cpu_errs = cpu_error_table()
+    print(f"\n{CPU_TYPE} ({cpu.description}; {cpu.flops / 1e9:.1f} GFLOP/s x {cpu.efficiency:.3f}, "
+          f"{cpu.mem_bw / 1e9:.1f} GB/s, {cpu.dtype}): analytical / measured - 1, fitted on {CPU_FIT_MODEL}, "
+          f"checked on {CPU_CHECK_MODEL}")
+    print(table(head, rows))
+    for key, errs in cpu_errs.items():
+        print(f"{key}: mean absolute error over all {len(errs)} points: {100 * statistics.fmean(errs):.1f}%, "
               f"median {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.0f}%")
     for model in (FIT_MODEL, CHECK_MODEL):
         head, rows = settings_table(model)

@@ -5,7 +5,8 @@ public Helix-ASPLOS25 repository, Apache-2.0; see ``data/PROVENANCE.md``). Formu
 
 Profiles for any model (docs/profiles.md): the measured ones shipped under ``data/profiles/<key>/``
 and kept in the user's profile directory (``HELIX_PROFILE_DIR/<key>/``, what ``profile`` writes),
-and, for every other GPU type of the datasheet table, analytical ones (``helix_async.profiles``).
+and, for every other type of the datasheet table (the GPUs and the ``CPU`` core), analytical ones
+(``helix_async.profiles``).
 
 Units: seconds, bytes, bytes/s; throughput in tokens/s where one token passes every layer a node
 holds; KV capacities in token x layer entries.
@@ -558,7 +559,8 @@ def _build(spec: ModelSpec, dirs: list[tuple[Traversable, str]]) -> _Profiles:
                              else _derived_settings(shape, gpu, spec.num_layers, f"{where}/node_settings.csv"))
             kinds[gpu] = MEASURED
             origins[gpu] = where
-    # analytical: every other type of the datasheet table that holds at least one layer
+    # analytical: every other type of the datasheet table that holds at least one layer (the GPUs
+    # and the CPU core, each in its own compute dtype)
     measured = {g.lower() for g in gpus}
     for name, gt in gpu_types().items():
         if name.lower() in measured:
@@ -621,8 +623,9 @@ _attached: weakref.WeakKeyDictionary[ModelSpec, _Profiles] = weakref.WeakKeyDict
 
 def attach_profiles(spec: ModelSpec) -> ModelSpec:
     """``spec`` with every profile known for it attached: ``gpus`` (measured types first, then the
-    analytical ones of the datasheet table), the typical-batch tables, ``max_num_layers`` and
-    ``profile_kinds``. The same object when nothing changes (docs/profiles.md)."""
+    analytical ones of the datasheet table, ``CPU`` among them: every model can be planned on CPU
+    workers), the typical-batch tables, ``max_num_layers`` and ``profile_kinds``. The same object
+    when nothing changes (docs/profiles.md)."""
     b = _profiles_for(spec)
     if _attached.get(spec) is b:
         return spec

@@ -13,6 +13,12 @@ from typing import Any
 
 from .. import envs
 from ..errors import ConfigError
+from ..profiles.analytical import (
+    CPU_DECODE_MAX_TOKENS,
+    CPU_KV_BYTES,
+    CPU_PROMPT_MAX_REQUESTS,
+    CPU_PROMPT_MAX_TOKENS,
+)
 from .args import EXIT_OK, model_ref, positive, positive_int
 
 __all__ = ["add_parser", "cmd_profile", "cuda_gpu_name"]
@@ -47,9 +53,10 @@ def add_parser(sub: Any) -> None:
     pr.add_argument("--kv-bytes", type=positive, default=None,
                     help="KV budget of the machine type, bytes (default: 256 MiB on cpu; on a datasheet GPU the "
                          "node settings follow its VRAM)")
-    pr.add_argument("--prompt-max-requests", type=positive_int, default=4)
-    pr.add_argument("--prompt-max-tokens", type=positive_int, default=2048)
-    pr.add_argument("--decode-max-tokens", type=positive_int, default=128)
+    # a CPU's batch limits; the analytical CPU type's node settings are these defaults (docs/profiles.md)
+    pr.add_argument("--prompt-max-requests", type=positive_int, default=CPU_PROMPT_MAX_REQUESTS)
+    pr.add_argument("--prompt-max-tokens", type=positive_int, default=CPU_PROMPT_MAX_TOKENS)
+    pr.add_argument("--decode-max-tokens", type=positive_int, default=CPU_DECODE_MAX_TOKENS)
     pr.add_argument("--out", default=None,
                     help="directory to write (default $HELIX_PROFILE_DIR/<model key>, read by plan and sim)")
     pr.set_defaults(handler=cmd_profile)
@@ -63,7 +70,7 @@ def cuda_gpu_name(device_name: str) -> str:
     name = device_name.upper().replace(" ", "").replace("-", "")
     best = ""
     for key, g in gpu_types().items():
-        if g.count != 1:
+        if g.count != 1 or g.device != "cuda":
             continue
         base, _, variant = key.upper().partition("-")
         if base in name and (not variant or variant in name) and len(key) > len(best):
@@ -91,6 +98,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         write_profile,
     )
     from ..model import dataset_constants, get_model
+    from ..models.arch import DTYPE_BYTES
     from ..profiles.analytical import LayerShape, analytical_settings
     from ..profiles.gpus import find_gpu
 
@@ -111,7 +119,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     prompt_len = args.prompt_len or consts.avg_input_len
     decode_ctx = args.decode_context or consts.avg_input_len + consts.avg_output_len // 2
     datasheet = find_gpu(gpu)
-    if datasheet is not None and args.kv_bytes is None:
+    if datasheet is not None and datasheet.device == "cuda" and args.kv_bytes is None:
         derived = analytical_settings(LayerShape.of(spec), datasheet, spec.num_layers, consts)
         if derived is None:
             raise ConfigError("<argument>", "--gpu", f"not one layer of {spec.name} fits in half of a {gpu}'s memory")
@@ -142,10 +150,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
             for k in range(derived.max_layers)
         ]
     else:
-        settings = node_settings_rows(spec, gpu, kv_bytes=int(args.kv_bytes or 256 * 2**20),
+        settings = node_settings_rows(spec, gpu, kv_bytes=int(args.kv_bytes or CPU_KV_BYTES),
                                       prompt_max_requests=args.prompt_max_requests,
                                       prompt_max_tokens=args.prompt_max_tokens,
-                                      decode_max_tokens=args.decode_max_tokens)
+                                      decode_max_tokens=args.decode_max_tokens, element_bytes=DTYPE_BYTES[dtype])
     out = Path(args.out) if args.out else Path(envs.HELIX_PROFILE_DIR).expanduser() / spec.key
     for path in write_profile(res, out, settings, spec):
         print(f"wrote {path}")

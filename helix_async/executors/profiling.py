@@ -240,11 +240,17 @@ def node_settings_rows(
     decode_max_tokens: int,
     block: int = 16,
     context_per_decode: int = 1000,
+    element_bytes: int | None = None,
 ) -> list[dict[str, int | str]]:
     """node_settings.csv rows for ``gpu`` holding 1..L layers: a KV budget of ``kv_bytes`` (the
     same token x layer entries whatever the layer count, in blocks of ``block`` tokens), and the
-    batch limits given (decode context: ``context_per_decode`` per sequence, as the shipped rows)."""
-    per_entry = spec.kv_bytes_per_token_per_layer
+    batch limits given (decode context: ``context_per_decode`` per sequence, as the shipped rows).
+    ``element_bytes``: bytes of a key or value element in the compute dtype (default: the spec's
+    own KV bytes, at its checkpoint's dtype)."""
+    if element_bytes is None:
+        per_entry = spec.kv_bytes_per_token_per_layer
+    else:
+        per_entry = 2 * spec.num_key_value_heads * spec.head_dim * element_bytes
     rows: list[dict[str, int | str]] = []
     for k in range(1, spec.num_layers + 1):
         blocks = kv_bytes // (per_entry * block * k)

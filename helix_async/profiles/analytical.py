@@ -11,13 +11,15 @@ kernel group (docs/profiles.md, "Analytical profiles"):
 * a tensor-parallel group all-reduces the hidden state twice per layer over its link;
 * every kernel costs a fixed launch time.
 
-Everything is at 16-bit weights, KV and activations (what a GPU serves a model in). The one
-calibrated number is the GPU type's ``efficiency`` (datasheet table, :mod:`.gpus`); memory runs at
-the datasheet bandwidth. The tables are produced on the grid of the measured profiles we ship
+Weights, KV and activations are in the type's compute dtype: 16 bits on a GPU (what a GPU serves a
+model in), float32 on a CPU core (what the torch executor computes in there). The one calibrated
+number is the type's ``efficiency`` (datasheet table, :mod:`.gpus`); memory runs at the datasheet
+bandwidth. The tables are produced on the grid of the measured profiles we ship
 (docs/original.md §3.2), so they are read exactly like measured ones.
 
 Node settings (KV blocks, batch limits, most layers) follow vLLM's memory rules and the original's
-half-VRAM rule for weights (docs/original.md §3.3; ours in docs/profiles.md).
+half-VRAM rule for weights on a GPU (docs/original.md §3.3; ours in docs/profiles.md), and the
+``profile`` command's defaults on a CPU core (a fixed KV budget, its batch limits).
 
 Units: seconds, bytes, FLOPs, bytes/s, FLOP/s; token x layer entries for KV capacities.
 """
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BYTES",
+    "CPU_DECODE_MAX_TOKENS",
+    "CPU_KV_BYTES",
+    "CPU_PROMPT_MAX_REQUESTS",
+    "CPU_PROMPT_MAX_TOKENS",
     "DECODE_CAP",
     "LAUNCH_S",
     "MEMORY_UTILIZATION",
@@ -53,7 +59,8 @@ __all__ = [
     "typical_constants",
 ]
 
-#: bytes per weight, KV and activation element: the 16-bit formats the datasheet peak is for
+#: bytes per weight, KV and activation element on a GPU: the 16-bit formats the datasheet peak is
+#: for (a type's own: ``GpuType.element_bytes``, 4 on a CPU core)
 BYTES = 2
 #: kernels one LLaMA layer launches: 2 norms, qkv, RoPE, attention, o, gate/up, activation, down,
 #: and the residual adds fused as one; a tensor-parallel group adds its 2 all-reduces
@@ -68,6 +75,12 @@ RESERVE_PER_GPU = 1.5e9
 DECODE_CAP = 256
 #: prompts of the dataset's longest length per batch (vLLM's default max_num_batched_tokens = 2048)
 PROMPT_MAX_REQUESTS = 1
+#: a CPU worker's node settings: the ``profile`` command's defaults (its flags --kv-bytes,
+#: --prompt-max-requests, --prompt-max-tokens, --decode-max-tokens), whatever the layer count
+CPU_KV_BYTES = 256 * 2**20
+CPU_PROMPT_MAX_REQUESTS = 4
+CPU_PROMPT_MAX_TOKENS = 2048
+CPU_DECODE_MAX_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -112,21 +125,20 @@ class LayerShape:
         h = self.hidden
         return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + 3 * h * self.intermediate
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the layer's weights at 16 bits: projections, biases and the two norms."""
-        return BYTES * (self.matmul_params + self.bias_params + 2 * self.hidden)
+    def weight_bytes(self, nbytes: int = BYTES) -> int:
+        """Bytes of the layer's weights at ``nbytes`` per element: projections, biases and the two norms."""
+        return nbytes * (self.matmul_params + self.bias_params + 2 * self.hidden)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes one token's keys and values take in this layer (16-bit)."""
-        return 2 * self.kv_dim * BYTES
+    def kv_bytes_per_token(self, nbytes: int = BYTES) -> int:
+        """Bytes one token's keys and values take in this layer at ``nbytes`` per element."""
+        return 2 * self.kv_dim * nbytes
 
-    def elementwise_bytes(self) -> tuple[int, int]:
-        """Bytes per token the element-wise kernels move, as (replicated on every GPU of a
-        tensor-parallel group, split over them): the norms and residual adds on the hidden state
-        (read and write, twice), RoPE on q and k, the gated activation (read 2, write 1)."""
-        return BYTES * 10 * self.hidden, BYTES * (2 * (self.q_dim + self.kv_dim) + 3 * self.intermediate)
+    def elementwise_bytes(self, nbytes: int = BYTES) -> tuple[int, int]:
+        """Bytes per token the element-wise kernels move at ``nbytes`` per element, as (replicated
+        on every GPU of a tensor-parallel group, split over them): the norms and residual adds on
+        the hidden state (read and write, twice), RoPE on q and k, the gated activation (read 2,
+        write 1)."""
+        return nbytes * 10 * self.hidden, nbytes * (2 * (self.q_dim + self.kv_dim) + 3 * self.intermediate)
 
 
 def layer_time(
@@ -145,25 +157,26 @@ def layer_time(
     if tokens == 0:
         return 0.0
     n = gpu.count
+    nb = gpu.element_bytes
     eta = gpu.efficiency if efficiency is None else efficiency
     peak = eta * gpu.flops
     bw = gpu.mem_bw
-    dense = max(shape.weight_bytes / n / bw, 2.0 * shape.matmul_params * tokens / n / peak)
+    dense = max(shape.weight_bytes(nb) / n / bw, 2.0 * shape.matmul_params * tokens / n / peak)
     if prompt_tokens:
         full, rest = divmod(prompt_tokens, prompt_len)
         # causal attention of each request of s tokens: QK^T and PV over half the s x s square
         attn_flops = 2.0 * shape.q_dim * (full * prompt_len**2 + rest**2)
-        attn_bytes = float(prompt_tokens * shape.kv_bytes_per_token)  # the new keys and values written
+        attn_bytes = float(prompt_tokens * shape.kv_bytes_per_token(nb))  # the new keys and values written
     else:
         attn_flops = 4.0 * shape.q_dim * context * decode_seqs
-        attn_bytes = decode_seqs * context * shape.kv_bytes_per_token  # every cached entry read once
+        attn_bytes = decode_seqs * context * shape.kv_bytes_per_token(nb)  # every cached entry read once
     attn = max(attn_bytes / n / bw, attn_flops / n / peak)
-    rep, split = shape.elementwise_bytes()
+    rep, split = shape.elementwise_bytes(nb)
     elementwise = tokens * (rep + split / n) / bw
     t = dense + attn + elementwise + KERNELS_PER_LAYER * LAUNCH_S
     if n > 1:
         # two ring all-reduces of the hidden state: each GPU sends 2 (n - 1) / n of it
-        t += 2 * (2.0 * (n - 1) / n * tokens * shape.hidden * BYTES / gpu.link_bw + LAUNCH_S)
+        t += 2 * (2.0 * (n - 1) / n * tokens * shape.hidden * nb / gpu.link_bw + LAUNCH_S)
     return t
 
 
@@ -223,11 +236,20 @@ def analytical_settings(shape: LayerShape, gpu: GpuType, num_layers: int, consts
       tokens per layer; a layer count is allowed only while one longest prompt fits;
     * one longest prompt per batch; at most 256 decoding sequences, and no more than the KV cache
       holds at 1000 tokens of context each.
+
+    A CPU core (``gpu.device == "cpu"``) gets what the ``profile`` command writes for one by
+    default, so an analytical CPU type and a measured one look alike: every layer count up to the
+    model's, a KV budget of ``CPU_KV_BYTES`` whatever the count (in float32 entries), 4 prompts or
+    2048 tokens and 128 decoding sequences per batch; a layer count only while one longest prompt
+    fits a layer's cache, as on a GPU.
     """
-    w = shape.weight_bytes
-    vram = gpu.total_vram
+    nb = gpu.element_bytes
     block = consts.vllm_block_size
-    per_block = block * shape.kv_bytes_per_token
+    per_block = block * shape.kv_bytes_per_token(nb)
+    if gpu.device == "cpu":
+        return _cpu_settings(per_block, num_layers, consts)
+    w = shape.weight_bytes(nb)
+    vram = gpu.total_vram
     most = min(num_layers, int(vram // (2 * w)))
     blocks: list[int] = []
     for k in range(1, most + 1):
@@ -251,6 +273,28 @@ def analytical_settings(shape: LayerShape, gpu: GpuType, num_layers: int, consts
     )
 
 
+def _cpu_settings(per_block: int, num_layers: int, consts: DatasetConstants) -> AnalyticalSettings | None:
+    block = consts.vllm_block_size
+    blocks: list[int] = []
+    for k in range(1, num_layers + 1):
+        b = CPU_KV_BYTES // (per_block * k)
+        if b * block < consts.max_input_len:
+            break
+        blocks.append(b)
+    if not blocks:
+        return None
+    most = len(blocks)
+    return AnalyticalSettings(
+        max_layers=most,
+        vllm_blocks=tuple(blocks),
+        kv_capacity=tuple(block * b * (k + 1) for k, b in enumerate(blocks)),
+        prompt_max_requests=(CPU_PROMPT_MAX_REQUESTS,) * most,
+        prompt_max_tokens=(CPU_PROMPT_MAX_TOKENS,) * most,
+        decode_max_tokens=(CPU_DECODE_MAX_TOKENS,) * most,
+        decode_max_context=(CPU_DECODE_MAX_TOKENS * consts.decode_per_token_max_context,) * most,
+    )
+
+
 def typical_constants(max_layers: int, decode: Callable[[float], float], decode_max: float) -> tuple[int, int, float]:
     """(typical layers A, typical layers B, initial normalised performance) for a GPU type that
     has no hand-set ones (docs/profiles.md, "Typical-batch constants"): B is the most layers (as
@@ -268,12 +312,14 @@ def typical_constants(max_layers: int, decode: Callable[[float], float], decode_
 
 def log_errors(
     shape: LayerShape, gpu: GpuType, consts: DatasetConstants, points: Iterable[tuple[str, float, float]],
-    efficiency: float | None = None,
+    efficiency: float | None = None, *, prompt_len: int | None = None, context: float | None = None,
 ) -> list[float]:
     """log(predicted / measured) at each measured point ``(phase, x, seconds)`` (phase ``prompt``
-    or ``decode``; points at x = 0 are skipped)."""
-    plen = consts.avg_input_len
-    ctx = consts.avg_input_len + consts.avg_output_len / 2
+    or ``decode``; points at x = 0 are skipped). Prompts are requests of ``prompt_len`` tokens and
+    decodes have ``context`` tokens cached, as the profile was measured (default: the dataset's
+    mean input, and mean input plus half the mean output)."""
+    plen = consts.avg_input_len if prompt_len is None else prompt_len
+    ctx = consts.avg_input_len + consts.avg_output_len / 2 if context is None else context
     out = []
     for phase, x, s in points:
         if x <= 0:
@@ -286,14 +332,16 @@ def log_errors(
 
 def fit_efficiency(
     shape: LayerShape, gpu: GpuType, consts: DatasetConstants, points: Sequence[tuple[str, float, float]],
-    *, lo: float = 0.02, hi: float = 1.5,
+    *, lo: float = 0.02, hi: float = 1.5, prompt_len: int | None = None, context: float | None = None,
 ) -> float:
     """The efficiency in [lo, hi] that minimises the summed squared log error over ``points``
-    (one measured profile's prompt and decode tables): a log-spaced scan of 400 values, then a
-    golden-section refinement around the best. Deterministic; bounded work."""
+    (one measured profile's prompt and decode tables, measured with requests of ``prompt_len``
+    tokens and ``context`` tokens cached: :func:`log_errors`): a log-spaced scan of 400 values,
+    then a golden-section refinement around the best. Deterministic; bounded work."""
 
     def cost(e: float) -> float:
-        return sum(v * v for v in log_errors(shape, gpu, consts, points, efficiency=e))
+        return sum(v * v for v in log_errors(shape, gpu, consts, points, efficiency=e, prompt_len=prompt_len,
+                                             context=context))
 
     n = 400
     scan = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
