@@ -522,7 +522,7 @@ class StageWeights:
         # float32: torch's fused RMSNorm computes Hugging Face's formula (the variance in float32,
         # then x * rsqrt(variance + eps) * w); other dtypes take the spelled-out path, which rounds
         # the normalised value to the dtype before the weight multiplies it, as Hugging Face does
-        self._fused_rms = dtype == torch.float32
+        self._fused_rms = dtype == torch.float32 and hasattr(torch, "rms_norm")  # torch >= 2.4
 
     # ---- pieces ---------------------------------------------------------------------------------
 
