@@ -418,7 +418,7 @@ def test_serve_is_one_command_to_an_endpoint_and_ctrl_c_stops_everything(tmp_pat
     [
         (["serve", "--model", "tiny-llama", "--http", "nonsense"], "--http: expected HOST:PORT"),
         (["serve", "--model", "tiny-llama", "--workers", "9"], "--workers: tiny-llama has 8 layers"),
-        (["serve", "--model", "/nonexistent/dir"], "--model: neither a known model"),
+        (["serve", "--model", "/nonexistent/dir"], "--model: '/nonexistent/dir': neither a known model"),
         (["serve", "--model", "tiny-llama", "--tokenizer", "/nonexistent/dir"], "no tokenizer.json"),
     ],
 )
