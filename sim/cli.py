@@ -122,6 +122,11 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compat", choices=("helix",), help="reproduce the original simulator's semantics")
     p.add_argument("--trace", help="replay a CSV trace arrive_time_s,input_tokens,output_tokens (virtual seconds; arrivals before the models are loaded wait until then)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.add_argument("--shared-cores", type=positive, default=None, metavar="N",
+                   help="the nodes are processes of one machine with N cores, shared while they compute "
+                        "(a CPU cluster such as tiny3; profile with --clock cpu); default: a device per node")
+    p.add_argument("--background-threads", type=nonnegative, default=0.0, metavar="X",
+                   help="with --shared-cores: other runnable threads on that machine, on average (default 0)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -180,6 +185,9 @@ def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExp
 
 
 def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, kv: KVExpectation) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if args.shared_cores is not None:  # (absent otherwise: reports of a device per node stay as they were)
+        extra = {"shared_cores": args.shared_cores, "background_threads": args.background_threads}
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -196,12 +204,18 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         "compat": args.compat,
         "seed": wl.seed,
         "trace": args.trace,
+        **extra,
     }
 
 
 def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, scheduler: str, **kw: Any) -> Any:
     wl, kv = _workload(args, scheduler)
     compat = args.compat == "helix"
+    if args.shared_cores is not None and compat:
+        raise ConfigError("<argument>", "--shared-cores", "the original gives every node a device of its own: not with "
+                          "--compat helix")
+    if args.background_threads and args.shared_cores is None:
+        raise ConfigError("<argument>", "--background-threads", "needs --shared-cores")
     setup = SimulationSetup(
         placement,
         scheduler=scheduler,
@@ -209,6 +223,8 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         compat=compat,
         drop_rejected=compat and wl.mode == "offline",
         seed=args.seed,
+        cores=args.shared_cores or 0.0,
+        background=args.background_threads,
     )
     return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress, **kw)
 

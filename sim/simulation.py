@@ -37,6 +37,8 @@ from helix_async.transport.memory import MemoryNetwork
 from helix_async.vloop import VirtualTimeLoop
 from helix_async.worker import Worker
 
+from .cores import SharedCoreExecutor, SharedCores
+
 __all__ = ["SCHEDULERS", "Simulation", "SimulationSetup", "helix_message_bytes", "reserved_rates"]
 
 #: The scheduler names a simulation takes: the routing policies' table (``routing.policies``).
@@ -60,7 +62,10 @@ class SimulationSetup:
     call (for tests and profiling).  runtime_costs: default mode prices what the runtime computes
     where the profile measured it (a lone decode at its measured time, the model's head on the last
     stage: ``executors.cost_model``); False prices batches as the original does (compat never
-    uses them).
+    uses them).  cores: the nodes are processes of one machine with this many cores, shared while
+    they compute, beside ``background`` other runnable threads on average (``sim.cores``: the
+    profile is then seconds of one core, ``profile --clock cpu``); 0: every node computes on a
+    device of its own (the original; compat always).
     """
 
     placement: Placement
@@ -71,6 +76,8 @@ class SimulationSetup:
     seed: int = 0
     fuse_layers: bool = True
     runtime_costs: bool = True
+    cores: float = 0.0
+    background: float = 0.0
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -185,6 +192,8 @@ class Simulation:
         roles = worker_roles(p, self.tm)
         layers = {i: r.layers for i, r in roles.items()}
         self.workers: dict[int, Worker] = {}
+        #: the machine's shared cores (default mode with ``setup.cores``), else None
+        self.cores = SharedCores(self.clock, setup.cores, setup.background) if setup.cores and not compat else None
         self._peer_len = self._peer_queue_len if policy.peer_queue_len else None
         self._profiles = load_profiles(spec)
         self._roles = roles
@@ -217,8 +226,10 @@ class Simulation:
         # head on the last stage (when the profile has them); compat keeps the original's prices
         ours = setup.runtime_costs and not setup.compat
         last = spec.num_layers if ours and role.layers[1] == spec.num_layers else 0
-        executor = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size,
-                                     measured_single=ours, last_layer=last)
+        executor: Any = CostModelExecutor(self.clock, self._profiles.profile(role.gpu), spec.activation_size,
+                                          measured_single=ours, last_layer=last)
+        if self.cores is not None:
+            executor = SharedCoreExecutor(self.clock, executor, self.cores)
         settings = role.worker_settings(spec, policy, compat=setup.compat, fuse=setup.fuse_layers)
         w = Worker(
             i,

@@ -5,7 +5,9 @@
   ``f_decode(2)``);
 * the model's head (final norm, LM head, token choice) once per batch whose run ends at the model's
   last layer, from the profile's ``<gpu>_head.csv`` (docs/profiles.md);
-* neither in compat mode, nor with ``SimulationSetup.runtime_costs`` off.
+* neither in compat mode, nor with ``SimulationSetup.runtime_costs`` off;
+* nodes that share a machine's cores (``sim.cores``): processor sharing, as a fair scheduler shares
+  them, beside the machine's other runnable threads.
 
 Oracles: hand-made tables with exact binary values, and the rules above restated as arithmetic.
 """
@@ -28,6 +30,7 @@ from helix_async.placement import Placement
 from helix_async.settings import KV_ONLINE
 from helix_async.vloop import VirtualTimeLoop
 from helix_async.workloads import TraceEntry
+from sim.cores import SharedCoreExecutor, SharedCores
 from sim.runner import Workload, run
 from sim.simulation import SimulationSetup, load_start_time
 
@@ -158,3 +161,107 @@ def test_the_simulator_prices_the_head_and_a_lone_decode_in_default_mode_only(
     assert tpot - tpot0 == pytest.approx(-8 * 0.0078125 + 0.03125, abs=1e-9)
     # compat prices as the original whatever the setting
     assert _one_query(True, True) == _one_query(True, False)
+
+
+# ---- nodes sharing the cores of one machine (sim.cores) -------------------------------------------
+
+PX1, PS1 = (0.0, 1024.0), (0.0, 1.0)  # 1 s of work per 1,024 prompt tokens
+
+
+def shared(clock: LoopClock, cores: SharedCores) -> SharedCoreExecutor:
+    return SharedCoreExecutor(clock, CostModelExecutor(clock, GpuProfile("X", PX1, PS1, DX2, DS2,
+                                                                         BatchTimer(PX1, PS1, DX2, DS2)), 0), cores)
+
+
+def _ends(starts: list[tuple[float, int, int]], cores: float, background: float = 0.0) -> list[float]:
+    """End times of batches (start s, prompt tokens, layers), one executor each, on shared cores."""
+    loop = VirtualTimeLoop()
+    clock = LoopClock(loop)
+    machine = SharedCores(clock, cores, background)
+    ends = [0.0] * len(starts)
+    for i, (t, tokens, layers) in enumerate(starts):
+        ex = shared(clock, machine)
+
+        def go(ex: SharedCoreExecutor = ex, i: int = i, tokens: int = tokens, layers: int = layers) -> None:
+            b = batch(0, 1, tokens, 0, layers)
+            b.started = clock.now()
+            ex.run(b, lambda _b, i=i: ends.__setitem__(i, clock.now()))
+
+        loop.call_at(t, go)
+    loop.run_until(100.0)
+    loop.close()
+    return ends
+
+
+def test_processor_sharing() -> None:
+    assert _ends([(0.0, 1024, 1)], 1.0) == [1.0]
+    assert _ends([(0.0, 1024, 1), (0.0, 1024, 1)], 1.0) == [2.0, 2.0]
+    # three at once on two cores: 2/3 of a core each
+    assert _ends([(0.0, 1024, 1)] * 3, 2.0) == [pytest.approx(1.5)] * 3
+    # two on two cores: a core each
+    assert _ends([(0.0, 1024, 1)] * 2, 2.0) == [1.0, 1.0]
+    # staggered on one core: alone for 0.5 s, then half a core each until the first is done at 1.5,
+    # when the second has 0.5 s of work left, done alone
+    assert _ends([(0.0, 1024, 1), (0.5, 1024, 1)], 1.0) == [1.5, 2.0]
+    # one other runnable thread on one core: half of it
+    assert _ends([(0.0, 1024, 1)], 1.0, background=1.0) == [2.0]
+    # a run of 4 layers of 0.25 s of work each
+    assert _ends([(0.0, 256, 4)], 1.0, background=1.0) == [2.0]
+
+
+def test_a_shared_run_of_layers_is_shortened_at_a_layer_end(loop: VirtualTimeLoop) -> None:
+    clock = LoopClock(loop)
+    machine = SharedCores(clock, 1.0, background=1.0)  # half a core: 0.5 s per layer of 0.25 s of work
+    ex = shared(clock, machine)
+    ends: list[tuple[float, int]] = []
+    b = batch(0, 1, 256, 0, layers=4)
+    ex.run(b, lambda bb: ends.append((clock.now(), bb.layers)))
+    loop.run_until(0.6)  # the second layer is running
+    assert ex.shorten(b, 1) == 2
+    loop.run_until(10.0)
+    assert ends == [(1.0, 2)]
+    with pytest.raises(ValueError, match="cores must be > 0"):
+        SharedCores(clock, 0.0)
+
+
+def _lone_ttft(cores: float, background: float, compat: bool = False) -> float:
+    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    t0 = load_start_time(placement)
+    setup = SimulationSetup(placement, kv=KV_ONLINE, compat=compat, cores=cores, background=background)
+    res = run(setup, Workload(mode="trace", trace=[TraceEntry(t0 + 1.0, 64, 2)], warmup=0.0, duration=1e9))
+    return res.sim.host.prompt_latency[0]
+
+
+def test_the_simulator_shares_the_cores_in_default_mode_only() -> None:
+    # a lone prompt computes on one node at a time: 3 cores or none shared is the same; with 0, 1
+    # and 3 other runnable threads on one core its compute takes 1, 2 and 4 times as long (the
+    # network's share stays)
+    alone = _lone_ttft(0.0, 0.0)
+    assert _lone_ttft(3.0, 0.0) == pytest.approx(alone, abs=1e-12)
+    t1, t2, t4 = _lone_ttft(1.0, 0.0), _lone_ttft(1.0, 1.0), _lone_ttft(1.0, 3.0)
+    assert t1 == pytest.approx(alone, abs=1e-12)
+    assert t4 - t2 == pytest.approx(2 * (t2 - t1), rel=1e-9)
+    assert t2 > t1
+    assert _lone_ttft(1.0, 3.0, compat=True) == _lone_ttft(0.0, 0.0, compat=True)
+
+
+def test_cli_shared_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from helix_async.placement.io import write_placement
+    from sim.cli import main as sim_main
+
+    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    plan = tmp_path / "plan.toml"
+    write_placement(placement, plan)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrive_time_s,input_tokens,output_tokens\n0.0,64,4\n0.1,64,4\n")
+    base = ["run", "--plan", str(plan), "--trace", str(trace)]
+    assert sim_main([*base, "--shared-cores", "2", "--compat", "helix"]) == 2
+    assert "--shared-cores" in capsys.readouterr().err
+    assert sim_main([*base, "--background-threads", "1"]) == 2
+    assert "needs --shared-cores" in capsys.readouterr().err
+    out = tmp_path / "rep"
+    assert sim_main([*base, "--shared-cores", "2", "--background-threads", "1.5", "--report", str(out)]) == 0
+    import json
+
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["shared_cores"], config["background_threads"]) == (2.0, 1.5)

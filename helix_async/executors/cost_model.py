@@ -76,8 +76,8 @@ class CostModelExecutor:
         self._last = int(last_layer) if profile.head_x else 0
         self._head = profile.head
 
-    def _times(self, batch: Batch) -> tuple[float, float]:
-        """(first layer's time with the host copy, each later layer's time) of ``batch``."""
+    def layer_times(self, batch: Batch) -> tuple[float, float]:
+        """(first layer's time with the host copy, each later layer's time) of ``batch``, seconds."""
         if batch.decode_seqs == 1 and self._single >= 0.0:
             base = self._timer.batch_time(batch.prompt_tokens, 0) + self._single
         else:
@@ -87,22 +87,23 @@ class CostModelExecutor:
             t += batch.host_tokens * self._act
         return t * self._scale, base * self._scale
 
-    def _head_time(self, batch: Batch, layers: int) -> float:
-        """The head's time when a run of ``layers`` layers of ``batch`` ends at the model's last layer."""
+    def head_time(self, batch: Batch, layers: int) -> float:
+        """Seconds of the head when a run of ``layers`` layers of ``batch`` ends at the model's last
+        layer (0.0 otherwise, or without a head table)."""
         if self._last and batch.layer + layers == self._last:
             return self._head(batch.prompt_requests + batch.decode_seqs) * self._scale
         return 0.0
 
     def duration(self, batch: Batch) -> float:
-        t, rest = self._times(batch)
+        t, rest = self.layer_times(batch)
         for _ in range(batch.layers - 1):
             t += rest
         if self._last:
-            t += self._head_time(batch, batch.layers)
+            t += self.head_time(batch, batch.layers)
         return t
 
     def run(self, batch: Batch, done: Callable[[Batch], None]) -> None:
-        t, rest = self._times(batch)
+        t, rest = self.layer_times(batch)
         now = self._clock.now()
         end = now + t
         n = batch.layers
@@ -113,7 +114,7 @@ class CostModelExecutor:
             self._rest = rest
             self._done = done
         if self._last:
-            end += self._head_time(batch, n)
+            end += self.head_time(batch, n)
         self.busy_time += end - now
         self.batches += n
         self._handle = self._at(end, done, batch)
@@ -134,7 +135,7 @@ class CostModelExecutor:
             return n
         self._handle.cancel()  # type: ignore[attr-defined]
         # the run no longer ends at the model's last layer: nor does it pay the head
-        self.busy_time -= self._rest * (n - j) + (self._head_time(batch, n) if self._last else 0.0)
+        self.busy_time -= self._rest * (n - j) + (self.head_time(batch, n) if self._last else 0.0)
         self.batches -= n - j
         batch.layers = j
         self._handle = self._at(end, self._done, batch)
