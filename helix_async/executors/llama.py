@@ -418,7 +418,7 @@ class _Plan:
     the index tensors and padding mask of the batched attention."""
 
     __slots__ = ("spans", "caches", "tokens", "cos", "sin", "seqs", "batched", "rows", "slots_t", "pos_t", "width",
-                 "mask")
+                 "pad")
 
     def __init__(self, st: StageWeights, spans: list[tuple[int, int]], caches: list[SeqCache], reserve: list[int]) -> None:
         self.spans = list(spans)
@@ -454,7 +454,7 @@ class _Plan:
         self.rows: slice | None = None
         self.slots_t: torch.Tensor | None = None
         self.pos_t: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
+        self.pad: torch.Tensor | None = None
         self.width = 0
         if self.batched:
             slots = [s for _, _, _, s, _ in seqs]
@@ -468,8 +468,8 @@ class _Plan:
                 for s in slots:
                     slab.make_finite(s, self.width)
                 lens = torch.tensor(ends, device=dev)
-                ok = torch.arange(self.width, device=dev)[None, :] < lens[:, None]  # (batch, width)
-                self.mask = ok[:, None, None, :]  # True: attend; against (batch, kv_heads, groups, width)
+                pad = torch.arange(self.width, device=dev)[None, :] >= lens[:, None]  # (batch, width)
+                self.pad = pad[:, None, None, :]  # against the (batch, kv_heads, groups, width) scores
 
     def matches(self, spans: list[tuple[int, int]], caches: list[SeqCache]) -> bool:
         if self.spans != spans or len(self.caches) != len(caches):
@@ -612,12 +612,12 @@ class StageWeights:
         of decodes (one new token per sequence, ``batch_decode_min`` sequences or more) attends
         as one: its keys and values are written with one indexed copy each and read as a padded
         (batch, kv_heads, longest context, head_dim) block (a view of the slab when the sequences
-        hold consecutive slots in batch order, a gather otherwise), through torch's
-        ``scaled_dot_product_attention`` with a mask of each sequence's own length.  Otherwise
-        each sequence attends alone, spelled out (two batched products around a float32
-        softmax).  On CPU at SmolLM2's shape (3 key-value heads of 3 groups, width 64) the fused
-        kernel measured faster than the spelled-out form for the batch (40 to 1,000 positions),
-        the spelled-out form faster for one sequence and for prompts (docs/models.md)."""
+        hold consecutive slots in batch order, a gather otherwise), the positions past each
+        sequence's own length masked out.  Otherwise each sequence attends alone.  Both spell the
+        attention out (two products around a float32 softmax): on CPU at SmolLM2's shape it
+        measured as fast as torch's ``scaled_dot_product_attention`` in a whole decode step, and
+        faster for one sequence and for prompts, and a batch of equal lengths then gives the
+        numbers of its sequences computed alone, bit for bit (docs/models.md)."""
         c = self.config
         hd, nh, nkv, g = c.head_dim, c.num_heads, c.num_kv_heads, self._groups
         kl, vl = self.kv.k[idx], self.kv.v[idx]
@@ -630,9 +630,12 @@ class StageWeights:
                 keys, values = kl[plan.rows, :, :w], vl[plan.rows, :, :w]
             else:
                 keys, values = kl[plan.slots_t, :, :w], vl[plan.slots_t, :, :w]
-            q = qk[:, :nh].view(b, nkv, g, hd)  # the groups of a key-value head as its query rows
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, scale=self._scale)
-            return o.reshape(b, nh * hd)
+            # the groups of a key-value head as its query rows: (batch, kv_heads, groups, width)
+            s = torch.matmul(qk[:, :nh].view(b, nkv, g, hd), keys.transpose(2, 3)).mul_(self._scale)
+            if plan.pad is not None:
+                s.masked_fill_(plan.pad, float("-inf"))
+            p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
+            return torch.matmul(p, values).view(b, nh * hd)
         out = qk.new_empty((plan.tokens, nh * hd))
         for off, n, pos, slot, mask in plan.seqs:
             end = pos + n
