@@ -104,6 +104,17 @@ def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
     )
 
 
+def _cores_list(text: str) -> tuple[float, ...]:
+    """``A1,A2,...``: cores available to 1, 2, ... busy processes (each > 0)."""
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"each must be > 0, got {text!r}")
+    return vals
+
+
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="cluster (built-in name, .toml or .ini); required for a layout directory")
     p.add_argument("--model", default="llama2-70b", type=model_ref,
@@ -125,8 +136,9 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-cores", type=positive, default=None, metavar="N",
                    help="the nodes are processes of one machine with N cores, shared while they compute "
                         "(a CPU cluster such as tiny3; profile with --clock cpu); default: a device per node")
-    p.add_argument("--background-threads", type=nonnegative, default=0.0, metavar="X",
-                   help="with --shared-cores: other runnable threads on that machine, on average (default 0)")
+    p.add_argument("--cores-available", type=_cores_list, default=(), metavar="A1,A2,...",
+                   help="with --shared-cores: the cores measured available to 1, 2, ... busy processes on that "
+                        "machine (default: min(k, N))")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -187,7 +199,7 @@ def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExp
 def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, kv: KVExpectation) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if args.shared_cores is not None:  # (absent otherwise: reports of a device per node stay as they were)
-        extra = {"shared_cores": args.shared_cores, "background_threads": args.background_threads}
+        extra = {"shared_cores": args.shared_cores, "cores_available": list(args.cores_available)}
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -214,8 +226,10 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
     if args.shared_cores is not None and compat:
         raise ConfigError("<argument>", "--shared-cores", "the original gives every node a device of its own: not with "
                           "--compat helix")
-    if args.background_threads and args.shared_cores is None:
-        raise ConfigError("<argument>", "--background-threads", "needs --shared-cores")
+    if args.cores_available and args.shared_cores is None:
+        raise ConfigError("<argument>", "--cores-available", "needs --shared-cores")
+    if any(a > (args.shared_cores or 0.0) for a in args.cores_available):
+        raise ConfigError("<argument>", "--cores-available", f"more than the {args.shared_cores:g} shared cores")
     setup = SimulationSetup(
         placement,
         scheduler=scheduler,
@@ -224,7 +238,7 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         drop_rejected=compat and wl.mode == "offline",
         seed=args.seed,
         cores=args.shared_cores or 0.0,
-        background=args.background_threads,
+        available=args.cores_available,
     )
     return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress, **kw)
 

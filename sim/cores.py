@@ -1,11 +1,14 @@
 """Nodes that are processes of one machine, sharing its cores while they compute.
 
 The original gives every node a device of its own.  Our CPU clusters (``tiny3``: three worker
-processes on one machine) share a few cores: while ``k`` workers compute at once beside ``b`` other
-runnable threads, a fair scheduler gives each thread ``min(1, cores / (b + k))`` of a core
-(processor sharing; Linux's CFS approximates it).  A batch's price from the profile is then work,
-seconds of one core to itself (a profile timed by ``profile --clock cpu``), done at that rate, and
-every start or end of a batch on the machine changes the rate of the others.
+processes on one machine) share a few cores: while ``k`` workers compute at once, the machine gives
+them ``A(k)`` cores in all, ``min(k, cores)`` on a machine of their own, and each progresses at
+``min(1, A(k) / k)`` (processor sharing, as a fair scheduler shares the cores).  On a machine that
+others use too, ``A(k)`` is measured: the CPU time ``k`` busy processes started beside the
+workers get per second (``bench/bench_drift.py``'s probe; Linux groups a session's threads and
+shares the cores between groups first, so it is not a count of threads).  A batch's price from the
+profile is then work, seconds of one core to itself (a profile timed by ``profile --clock cpu``),
+done at that rate, and every start or end of a batch on the machine changes the rate of the others.
 
 :class:`SharedCores` is the machine; :class:`SharedCoreExecutor` prices a node's batches with a
 :class:`~helix_async.executors.cost_model.CostModelExecutor` (the same layer, lone-decode and head
@@ -26,23 +29,27 @@ __all__ = ["SharedCoreExecutor", "SharedCores"]
 
 
 class SharedCores:
-    """``cores`` cores shared by the executors computing on them and ``background`` other runnable
-    threads (a mean count: the machine's other load)."""
+    """``cores`` cores shared by the executors computing on them; ``available``: the cores measured
+    available to ``k`` = 1, 2, ... busy processes (the last entry for more), else ``min(k, cores)``."""
 
-    def __init__(self, clock: Clock, cores: float, background: float = 0.0) -> None:
+    def __init__(self, clock: Clock, cores: float, available: tuple[float, ...] = ()) -> None:
         if not cores > 0:
             raise ValueError(f"cores must be > 0, got {cores!r}")
-        if not background >= 0:
-            raise ValueError(f"background must be >= 0, got {background!r}")
+        if any(not 0 < a <= cores for a in available):
+            raise ValueError(f"available cores must be in (0, {cores:g}], got {available!r}")
         self._clock = clock
         self.cores = float(cores)
-        self.background = float(background)
+        self.available = tuple(float(a) for a in available)
         self._running: list[SharedCoreExecutor] = []
         self.peak = 0  # most executors computing at once
 
     def rate(self, computing: int) -> float:
         """Seconds of work per second for each of ``computing`` executors computing at once."""
-        return min(1.0, self.cores / (self.background + computing)) if computing else 1.0
+        if not computing:
+            return 1.0
+        av = self.available
+        a = av[min(computing, len(av)) - 1] if av else min(float(computing), self.cores)
+        return min(1.0, a / computing)
 
     def _changed(self) -> None:
         now = self._clock.now()

@@ -63,9 +63,9 @@ class SimulationSetup:
     where the profile measured it (a lone decode at its measured time, the model's head on the last
     stage: ``executors.cost_model``); False prices batches as the original does (compat never
     uses them).  cores: the nodes are processes of one machine with this many cores, shared while
-    they compute, beside ``background`` other runnable threads on average (``sim.cores``: the
-    profile is then seconds of one core, ``profile --clock cpu``); 0: every node computes on a
-    device of its own (the original; compat always).
+    they compute; available: the cores measured available to 1, 2, ... busy processes there
+    (``sim.cores``: the profile is then seconds of one core, ``profile --clock cpu``); cores 0:
+    every node computes on a device of its own (the original; compat always).
     """
 
     placement: Placement
@@ -77,7 +77,7 @@ class SimulationSetup:
     fuse_layers: bool = True
     runtime_costs: bool = True
     cores: float = 0.0
-    background: float = 0.0
+    available: tuple[float, ...] = ()
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -193,7 +193,7 @@ class Simulation:
         layers = {i: r.layers for i, r in roles.items()}
         self.workers: dict[int, Worker] = {}
         #: the machine's shared cores (default mode with ``setup.cores``), else None
-        self.cores = SharedCores(self.clock, setup.cores, setup.background) if setup.cores and not compat else None
+        self.cores = SharedCores(self.clock, setup.cores, setup.available) if setup.cores and not compat else None
         self._peer_len = self._peer_queue_len if policy.peer_queue_len else None
         self._profiles = load_profiles(spec)
         self._roles = roles

@@ -7,7 +7,7 @@
   last layer, from the profile's ``<gpu>_head.csv`` (docs/profiles.md);
 * neither in compat mode, nor with ``SimulationSetup.runtime_costs`` off;
 * nodes that share a machine's cores (``sim.cores``): processor sharing, as a fair scheduler shares
-  them, beside the machine's other runnable threads.
+  them, of the cores the machine gives them (all of them, or as measured).
 
 Oracles: hand-made tables with exact binary values, and the rules above restated as arithmetic.
 """
@@ -173,11 +173,11 @@ def shared(clock: LoopClock, cores: SharedCores) -> SharedCoreExecutor:
                                                                          BatchTimer(PX1, PS1, DX2, DS2)), 0), cores)
 
 
-def _ends(starts: list[tuple[float, int, int]], cores: float, background: float = 0.0) -> list[float]:
+def _ends(starts: list[tuple[float, int, int]], cores: float, available: tuple[float, ...] = ()) -> list[float]:
     """End times of batches (start s, prompt tokens, layers), one executor each, on shared cores."""
     loop = VirtualTimeLoop()
     clock = LoopClock(loop)
-    machine = SharedCores(clock, cores, background)
+    machine = SharedCores(clock, cores, available)
     ends = [0.0] * len(starts)
     for i, (t, tokens, layers) in enumerate(starts):
         ex = shared(clock, machine)
@@ -203,15 +203,18 @@ def test_processor_sharing() -> None:
     # staggered on one core: alone for 0.5 s, then half a core each until the first is done at 1.5,
     # when the second has 0.5 s of work left, done alone
     assert _ends([(0.0, 1024, 1), (0.5, 1024, 1)], 1.0) == [1.5, 2.0]
-    # one other runnable thread on one core: half of it
-    assert _ends([(0.0, 1024, 1)], 1.0, background=1.0) == [2.0]
+    # the machine gives one busy process half a core, two of them 0.75 cores in all
+    assert _ends([(0.0, 1024, 1)], 1.0, available=(0.5, 0.75)) == [2.0]
+    assert _ends([(0.0, 1024, 1)] * 2, 1.0, available=(0.5, 0.75)) == [pytest.approx(8 / 3)] * 2
+    # three: the last measured entry (0.75 cores for three), a quarter each
+    assert _ends([(0.0, 1024, 1)] * 3, 1.0, available=(0.5, 0.75)) == [pytest.approx(4.0)] * 3
     # a run of 4 layers of 0.25 s of work each
-    assert _ends([(0.0, 256, 4)], 1.0, background=1.0) == [2.0]
+    assert _ends([(0.0, 256, 4)], 1.0, available=(0.5,)) == [2.0]
 
 
 def test_a_shared_run_of_layers_is_shortened_at_a_layer_end(loop: VirtualTimeLoop) -> None:
     clock = LoopClock(loop)
-    machine = SharedCores(clock, 1.0, background=1.0)  # half a core: 0.5 s per layer of 0.25 s of work
+    machine = SharedCores(clock, 1.0, available=(0.5,))  # half a core: 0.5 s per layer of 0.25 s of work
     ex = shared(clock, machine)
     ends: list[tuple[float, int]] = []
     b = batch(0, 1, 256, 0, layers=4)
@@ -222,27 +225,29 @@ def test_a_shared_run_of_layers_is_shortened_at_a_layer_end(loop: VirtualTimeLoo
     assert ends == [(1.0, 2)]
     with pytest.raises(ValueError, match="cores must be > 0"):
         SharedCores(clock, 0.0)
+    with pytest.raises(ValueError, match="available cores must be in"):
+        SharedCores(clock, 2.0, available=(1.0, 2.5))
 
 
-def _lone_ttft(cores: float, background: float, compat: bool = False) -> float:
+def _lone_ttft(cores: float, available: tuple[float, ...], compat: bool = False) -> float:
     placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
     t0 = load_start_time(placement)
-    setup = SimulationSetup(placement, kv=KV_ONLINE, compat=compat, cores=cores, background=background)
+    setup = SimulationSetup(placement, kv=KV_ONLINE, compat=compat, cores=cores, available=available)
     res = run(setup, Workload(mode="trace", trace=[TraceEntry(t0 + 1.0, 64, 2)], warmup=0.0, duration=1e9))
     return res.sim.host.prompt_latency[0]
 
 
 def test_the_simulator_shares_the_cores_in_default_mode_only() -> None:
-    # a lone prompt computes on one node at a time: 3 cores or none shared is the same; with 0, 1
-    # and 3 other runnable threads on one core its compute takes 1, 2 and 4 times as long (the
+    # a lone prompt computes on one node at a time: 3 cores or none shared is the same; given a
+    # whole core, half of one or a quarter, its compute takes 1, 2 and 4 times as long (the
     # network's share stays)
-    alone = _lone_ttft(0.0, 0.0)
-    assert _lone_ttft(3.0, 0.0) == pytest.approx(alone, abs=1e-12)
-    t1, t2, t4 = _lone_ttft(1.0, 0.0), _lone_ttft(1.0, 1.0), _lone_ttft(1.0, 3.0)
+    alone = _lone_ttft(0.0, ())
+    assert _lone_ttft(3.0, ()) == pytest.approx(alone, abs=1e-12)
+    t1, t2, t4 = _lone_ttft(1.0, ()), _lone_ttft(1.0, (0.5,)), _lone_ttft(1.0, (0.25,))
     assert t1 == pytest.approx(alone, abs=1e-12)
     assert t4 - t2 == pytest.approx(2 * (t2 - t1), rel=1e-9)
     assert t2 > t1
-    assert _lone_ttft(1.0, 3.0, compat=True) == _lone_ttft(0.0, 0.0, compat=True)
+    assert _lone_ttft(1.0, (0.25,), compat=True) == _lone_ttft(0.0, (), compat=True)
 
 
 def test_cli_shared_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,11 +262,13 @@ def test_cli_shared_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     base = ["run", "--plan", str(plan), "--trace", str(trace)]
     assert sim_main([*base, "--shared-cores", "2", "--compat", "helix"]) == 2
     assert "--shared-cores" in capsys.readouterr().err
-    assert sim_main([*base, "--background-threads", "1"]) == 2
+    assert sim_main([*base, "--cores-available", "1"]) == 2
     assert "needs --shared-cores" in capsys.readouterr().err
+    assert sim_main([*base, "--shared-cores", "2", "--cores-available", "1,2.5"]) == 2
+    assert "more than the 2 shared cores" in capsys.readouterr().err
     out = tmp_path / "rep"
-    assert sim_main([*base, "--shared-cores", "2", "--background-threads", "1.5", "--report", str(out)]) == 0
+    assert sim_main([*base, "--shared-cores", "2", "--cores-available", "0.9,1.2", "--report", str(out)]) == 0
     import json
 
     config = json.loads((out / "report.json").read_text())["config"]
-    assert (config["shared_cores"], config["background_threads"]) == (2.0, 1.5)
+    assert (config["shared_cores"], config["cores_available"]) == (2.0, [0.9, 1.2])
