@@ -25,10 +25,11 @@ Each process computes with ``--threads`` threads (torch intra-op threads; llama.
 ``n_threads``), 1 by default: on the 2-core development machine, shared with other work, one
 thread per process is what a worker gets.  The contenders run in turns, ``repeats`` rounds of
 all of them (the pipelines' workers started afresh each round), and each figure is the median of
-its rounds; the ratio column divides by transformers' median at the same batch.  For the
-contenders in this process the CPU seconds it spent are measured too: on a machine shared with
-other work, tokens per CPU-second are steadier than tokens per wall second (waiting for a core is
-left out; sharing caches and memory bandwidth is not).  Our greedy tokens
+its rounds.  A ratio to transformers is taken within each round (the two ran minutes apart at
+most) and the median of those is shown, which is steadier than a ratio of medians when the
+machine's speed drifts.  For the contenders in this process the CPU seconds it spent are
+measured too: on a machine shared with other work, tokens per CPU-second are steadier than tokens
+per wall second (waiting for a core is left out; sharing caches and memory bandwidth is not).  Our greedy tokens
 are checked against transformers' (``same tokens``): the same weights must give the same tokens.
 """
 
@@ -353,9 +354,15 @@ def main() -> None:
     print("| contender | batch | tokens/s, median (range) | / transformers | per CPU-second / transformers "
           "| same tokens as transformers |")
     print("|---|---|---|---|---|---|")
+
+    def paired(xs: list[float] | None, base: list[float] | None) -> str:
+        """The median over rounds of transformers' seconds over this contender's, as "1.23x"."""
+        if not xs or not base:
+            return ""
+        return f"{statistics.median(b / x for x, b in zip(xs, base, strict=True)):.2f}x"
+
     for b in batches:
         base = times.get(("transformers", b))
-        base_rate = b * args.steps / statistics.median(base) if base else None
         base_cpu = cpu.get(("transformers", b))
         for name in names:
             ts = times.get((name, b))
@@ -365,9 +372,8 @@ def main() -> None:
                 continue
             rate = b * args.steps / statistics.median(ts)
             spread = f"{b * args.steps / max(ts):.1f}-{b * args.steps / min(ts):.1f}"
-            ratio = f"{rate / base_rate:.2f}x" if base_rate else ""
-            cs = cpu.get((name, b))
-            cpu_ratio = f"{statistics.median(base_cpu) / statistics.median(cs):.2f}x" if cs and base_cpu else ""
+            ratio = paired(ts, base)
+            cpu_ratio = paired(cpu.get((name, b)), base_cpu)
             same = ""
             if name != "transformers" and ("transformers", b) in tokens:
                 ref = tokens[("transformers", b)]
