@@ -135,16 +135,6 @@ def run_ours(stage: Any, prompts: list[list[int]], steps: int) -> tuple[float, l
     return dt, toks
 
 
-def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
-    base, extra = divmod(num_layers, n)
-    out, a = {}, 0
-    for i in range(n):
-        b = a + base + (1 if i < extra else 0)
-        out[i] = (a, b)
-        a = b
-    return out
-
-
 async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int, list[list[int]], int]]) -> list[tuple[float, list[list[int]]]]:
     """Start the host and ``stages`` worker processes, run each job (batch, prompts, steps) once
     after a short warm-up request, stop them; each job's (seconds, tokens)."""
@@ -152,11 +142,12 @@ async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int,
     from helix_async.models import resolve_model
     from helix_async.placement import Placement
     from helix_async.runtime.host_main import HostServer
+    from helix_async.runtime.serve import even_stages
 
     spec = resolve_model(str(gguf), "--model").spec
     cluster = generate_single_region(stages, max(0, min(3, stages - 1)), {"CPU": 1.0}, bandwidth=(1e9, 0.0),
                                      latency=(1e-4, 0.0), seed=0, name=f"local{stages}")
-    placement = Placement.from_layers(cluster, spec, _even_stages(spec.num_layers, stages), method="even stages")
+    placement = Placement.from_layers(cluster, spec, even_stages(spec.num_layers, stages), method="even stages")
     server = HostServer(placement)
     address = await server.start()
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")

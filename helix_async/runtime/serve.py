@@ -39,7 +39,9 @@ log = logging.getLogger("helix_async.serve")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
+def even_stages(num_layers: int, n: int) -> dict[int, tuple[int, int]]:
+    """``n`` contiguous layer ranges covering ``num_layers`` layers, as even as they can be (the
+    first ``num_layers % n`` one layer longer), keyed 0 .. n-1: how ``serve`` splits a model."""
     base, extra = divmod(num_layers, n)
     out, a = {}, 0
     for i in range(n):
@@ -97,7 +99,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # checked in order of cost, every one before anything starts: the tokenizer, the memory, the plan
     door = prepare_front_door(args.http, spec, tokenizer=args.tokenizer, max_model_len=args.max_model_len,
                               served_model_name=args.served_model_name, seed=args.seed, api_key=args.api_key)
-    stages = _even_stages(spec.num_layers, n)
+    stages = even_stages(spec.num_layers, n)
     memory = int(args.memory_bytes) if args.memory_bytes else _available_memory() // n
     if args.executor == "torch":
         for i, (a, b) in stages.items():
@@ -142,7 +144,7 @@ async def _serve(args: argparse.Namespace) -> int:
             with (workdir / f"worker{i}.log").open("w") as f:
                 procs.append(await asyncio.create_subprocess_exec(*argv, stdout=f, stderr=asyncio.subprocess.STDOUT,
                                                                   start_new_session=True))
-        print(f"plan {plan_path}: {spec.name} in {n} stages {list(_even_stages(spec.num_layers, n).values())}; "
+        print(f"plan {plan_path}: {spec.name} in {n} stages {list(even_stages(spec.num_layers, n).values())}; "
               f"workers starting (logs in {workdir})", flush=True)
         ready = loop.create_task(server.wait_ready())
         stopped = loop.create_task(stop.wait())
