@@ -371,6 +371,31 @@ def test_without_a_tokenizer_prompts_are_token_ids_and_text_is_ids() -> None:
         ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "'messages' must be a non-empty list"),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "messages", "messages[0] must be an object"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages", "messages[0].content"),
+        # what JSON holds but Python, the codec or the sampler cannot
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
+        ("/v1/completions", {"prompt": "x", "temperature": 10**400}, 400, "temperature", "'temperature' must be"),
+        ("/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p", "'top_p' must be in (0, 1]"),
+        ("/v1/completions", b'{"prompt": "x", "presence_penalty": -1e400}', 400, "presence_penalty", "in [-2, 2]"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e-300}, 400, "repetition_penalty", "in [0.01, 100]"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -(10**300)}, 400, "max_tokens", "must be at least 1"),
+        ("/v1/completions", {"prompt": "x", "n": 2**64}, 400, "n", "'n' must be in [1, 128]"),
+        ("/v1/completions", {"prompt": [5, 2**64]}, 400, "prompt", "token ids must be in [0, 2048)"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**32]}, 400, "stop_token_ids", "token ids in [0, 2048)"),
+        ("/v1/completions", {"prompt": "x", "priority": 2**70}, 400, "priority", "'priority' is not supported"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999999999999999": 5}}, 400, "logit_bias", "not supported"),
+        ("/v1/completions", b'{"prompt": "x", "seed": 1e400}', 400, "seed", "'seed' must be int"),
+        # nesting, strings no tokenizer takes, sizes
+        ("/v1/completions", b'{"prompt": "x", "user": ' + b"[" * 100 + b"]" * 100 + b"}", 400, None, "deeper than 64"),
+        ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "deeper than 64"),
+        ("/v1/completions", {"prompt": "ok \ud800 then"}, 400, "prompt", "lone surrogate (U+D800 at character 3)"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "messages", "lone surrogate"),
+        ("/v1/chat/completions", {"messages": [{"role": "\ud800", "content": "x"}]}, 400, "messages", "lone surrogate"),
+        ("/v1/completions", {"prompt": "x", "stop": ["\udc80"]}, 400, "stop", "lone surrogate"),
+        ("/v1/completions", {"prompt": "x", "stop": "s" * 5000}, 400, "stop", "at most 4096 characters"),
+        ("/v1/completions", {"model": ["tiny-llama"], "prompt": "x"}, 400, "model", "'model' must be a string"),
+        ("/v1/completions", {"prompt": [5] * 256}, 400, "prompt", "the prompt has 256 tokens"),
+        # more bytes than 256 tokens of the tiny tokenizer cover: refused before tokenizing
+        ("/v1/completions", {"prompt": "ab " * 6000}, 400, "prompt", "the prompt is 18000 bytes: at least"),
     ],
 )
 def test_bad_input_gets_openais_error_shape_naming_the_field(path: str, request_body: Any, status: int,
@@ -392,6 +417,41 @@ def test_bad_input_gets_openais_error_shape_naming_the_field(path: str, request_
     serve(body)
 
 
+@pytest.mark.parametrize(("content_type", "status"), [
+    ("application/json; charset=utf-8", 200), ("application/json; charset=UTF8", 200),
+    ("application/json; charset=us-ascii", 200), ("text/plain", 200), ("application/json; charset=utf-16", 415),
+    ("application/json; charset=klingon", 415), ("application/json; charset=rot13", 415),
+    ("application/json; charset=punycode", 415), ("application/json; charset=", 200),
+])
+def test_a_body_is_utf8_whatever_charset_else_415(content_type: str, status: int) -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        async with s.post(url + "/v1/completions", data=b'{"prompt": [5], "max_tokens": 2}',
+                          headers={"Content-Type": content_type}) as r:
+            got = await r.json()
+            assert r.status == status, got
+            if status != 200:
+                assert got["error"]["code"] == "unsupported_charset" and "UTF-8" in got["error"]["message"]
+        async with s.post(url + "/v1/completions", data=b'{"prompt": "\xff"}') as r:  # not UTF-8
+            assert r.status == 400 and "not valid UTF-8 (at byte 12)" in (await r.json())["error"]["message"]
+
+    serve(body)
+
+
+def test_values_the_sampler_cannot_take_are_brought_to_what_it_can() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        cases = [({"temperature": 1e-300}, "temperature", 0.01), ({"temperature": -0.0}, "temperature", 0.0),
+                 ({"top_k": 10**40}, "top_k", 0), ({"top_k": 2048}, "top_k", 0), ({"top_k": 2047}, "top_k", 2047),
+                 ({"seed": -1}, "seed", 2**63 - 1), ({"seed": 2**64 + 3}, "seed", 3),
+                 ({"presence_penalty": -0.0}, "presence_penalty", 0.0)]
+        for extra, name, want in cases:
+            status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2, **extra})
+            assert status == 200, r
+            got = getattr(host.requests[-1]["sampling"], name)
+            assert got == want and str(got) == str(want), (extra, got)  # (str: -0.0 is not 0.0)
+
+    serve(body)
+
+
 def test_the_api_key_is_required_on_v1_only() -> None:
     async def body(host: FakeHost, s: Client, url: str) -> None:
         status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2})
@@ -399,6 +459,11 @@ def test_the_api_key_is_required_on_v1_only() -> None:
         async with s.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 2},
                           headers={"Authorization": "Bearer sesame"}) as resp:
             assert resp.status == 200
+        # near misses, and keys no str comparison of ASCII takes (compared as bytes): 401, never 500
+        for wrong in ("Bearer sesam", "Bearer sesame2", "bearer sesame", "Bearer s\u00e9same", "Bearer \u2603"):
+            async with s.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 2},
+                              headers={"Authorization": wrong}) as resp:
+                assert resp.status == 401, wrong
         async with s.get(url + "/health") as resp:
             assert resp.status == 200
 

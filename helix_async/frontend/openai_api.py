@@ -42,8 +42,10 @@ the text of each token is its id after a space.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -51,6 +53,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +62,14 @@ from aiohttp import web
 from .. import __version__
 from ..errors import RequestFailed
 from ..sampling import MAX_LOGPROBS, SampledToken, SamplingParams
+from .connections import ConnectionLimiter, GuardedProtocol
 from .host_protocol import ServingHost
 from .tokenizer import ChatTemplateError, IncrementalDetokenizer, TextTokenizer, find_stop
 
 if TYPE_CHECKING:
     from .metrics import Metrics
 
-__all__ = ["ApiError", "OpenAIServer", "parse_http_address"]
+__all__ = ["ApiError", "HttpLimits", "OpenAIServer", "parse_http_address"]
 
 log = logging.getLogger("helix_async.http")
 
@@ -75,6 +79,115 @@ MAX_N = 128
 #: a log-probability of minus infinity as JSON has it (JSON has no infinity; vLLM's clamp)
 LOGPROB_FLOOR = -9999.0
 _SEED_MASK = (1 << 63) - 1
+#: deepest nesting of arrays and objects a request body may have (OpenAI's requests need < 10)
+MAX_JSON_DEPTH = 64
+#: the longest stop string, characters
+MAX_STOP_CHARS = 4096
+#: the lowest temperature above 0: a lower one is raised to it (vLLM's rule), since dividing
+#: float32 logits by less overflows them (and it samples the arg-max all but always anyway)
+MIN_TEMPERATURE = 1e-2
+#: the repetition penalty's range: beyond it float32 logits divided or multiplied by it overflow
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+#: the charsets a JSON body may declare (RFC 8259: JSON is UTF-8; ASCII is a subset)
+_CHARSETS = ("utf-8", "ascii")
+#: bodies up to this many bytes are parsed on the loop; larger ones in the thread pool
+_INLINE_BODY = 64 << 10
+_I32 = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may hold of the HTTP door (docs/api.md §Limits).
+
+    client_max_size: largest request body, bytes (413 beyond). max_line_size, max_field_size:
+    longest request line and header field, bytes; max_headers: most header fields (400 beyond).
+    keepalive_timeout: seconds a connection may sit idle, before its first request's headers are
+    complete or between requests, before it is closed. body_timeout: seconds a request's body
+    may take to arrive (408 after). per_client: most connections one client address holds open
+    at once (429 beyond; 0: no limit). threads: the thread pool that tokenizes, renders chat
+    templates, detokenizes whole texts and parses large bodies off the event loop.
+    """
+
+    client_max_size: int = 16 << 20
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 128
+    keepalive_timeout: float = 15.0
+    body_timeout: float = 60.0
+    per_client: int = 256
+    threads: int = 2
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        """aiohttp's own knobs for these limits (``web.AppRunner``'s or ``TestServer``'s keywords)."""
+        return {"max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
+                "max_headers": self.max_headers, "keepalive_timeout": self.keepalive_timeout}
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """A value of the request as an error message quotes it: JSON, cut at ``limit`` characters."""
+    try:
+        text = json.dumps(v)
+    except (ValueError, TypeError, RecursionError):
+        text = type(v).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than ``limit`` in ``value`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        items = v.values() if isinstance(v, dict) else v
+        if depth > limit:
+            return True
+        for x in items:
+            if isinstance(x, (dict, list)):
+                stack.append((x, depth + 1))
+    return False
+
+
+def _parse_json(text: str) -> Any:
+    """The request body's JSON value, or an ApiError (400) saying why not."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH}") from None
+    except ValueError as e:  # not JSON, or an integer of more digits than Python converts
+        raise ApiError(400, f"the request body is not valid JSON: {_first_line(str(e))}") from None
+    if isinstance(value, (dict, list)) and _too_deep(value, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH}")
+    return value
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _decode_body(raw: bytes, charset: str | None) -> str:
+    """The body as text: UTF-8 (or ASCII) whatever else it declares is refused (415)."""
+    if charset:
+        try:
+            name = codecs.lookup(charset).name
+        except LookupError:
+            name = ""
+        if name not in _CHARSETS:
+            raise ApiError(415, f"charset {_short(charset, 40)} is not supported: send JSON as UTF-8",
+                           code="unsupported_charset")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (at byte {e.start})") from None
+
+
+def _unicode(text: str, param: str) -> bytes:
+    """``text`` as UTF-8, or a 400 naming ``param`` when it holds a lone surrogate (JSON's
+    ``\ud800`` escapes decode to one; no tokenizer takes it)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{param}' holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                       "which is not text", param=param) from None
 
 
 class ApiError(Exception):
@@ -201,7 +314,11 @@ def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    v = float(_field(body, name, (int, float), default))
+    raw = _field(body, name, (int, float), default)
+    try:
+        v = float(raw) + 0.0  # (+ 0.0: a negative zero is zero)
+    except OverflowError:  # an integer beyond any float
+        v = math.inf if raw > 0 else -math.inf
     if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo:g}"
         raise ApiError(400, f"'{name}' must be {'in ' if math.isfinite(hi) else ''}{rng}, got {v:g}", param=name)
@@ -258,7 +375,7 @@ class OpenAIServer:
     token ids only). max_model_len: prompt plus output tokens at most. seed: seeds the sampling
     seed of requests that give none. metrics: a ``Metrics`` to update (or None). api_key: the
     bearer token ``/v1/`` requires (None: none). model_root: what the model was loaded from
-    (``/v1/models``' ``root``; default: ``model_name``).
+    (``/v1/models``' ``root``; default: ``model_name``). limits: the door's :class:`HttpLimits`.
     """
 
     def __init__(
@@ -272,19 +389,30 @@ class OpenAIServer:
         metrics: Metrics | None = None,
         api_key: str | None = None,
         model_root: str | None = None,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.server = server
         self.model_name = model_name
         self.model_root = model_root or model_name
         self.tokenizer = tokenizer
+        if tokenizer is not None:
+            _ = tokenizer.max_token_bytes  # worked out once, now, not in a request's time
         self.max_model_len = int(max_model_len)
         self.metrics = metrics
         self.api_key = api_key
+        self._key = None if api_key is None else f"Bearer {api_key}".encode("utf-8", "surrogateescape")
+        self.limits = limits or HttpLimits()
+        self.connections = ConnectionLimiter(self.limits.per_client)
+        #: requests that ended in a fault of this server's own (a 500 that is not the cluster's)
+        self.faults = 0
         self._rng = random.Random(seed)
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.url = ""
-        self.app = web.Application(client_max_size=16 << 20, middlewares=[self._errors])
+        self.app = web.Application(client_max_size=self.limits.client_max_size, middlewares=[self._errors])
+        self.app.on_cleanup.append(self._close_pool)
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_get("/v1/models", self._models)
@@ -300,27 +428,52 @@ class OpenAIServer:
     async def start(self, host: str, port: int) -> str:
         """Listen on ``host:port`` (port 0: a free one); returns the base URL."""
         # handler_cancellation: a client that goes away cancels its handler, and so its request
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     **self.limits.runner_kwargs())
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        addrs = self._runner.addresses
-        bound = int(addrs[-1][1]) if addrs else port
+        server = self._runner.server
+        assert server is not None
+        # each connection is counted per client address before aiohttp parses it (connections.py)
+        loop = asyncio.get_running_loop()
+        try:
+            self._listener = await loop.create_server(lambda: GuardedProtocol(server(), self.connections), host, port,
+                                                      reuse_address=True)
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        socks = self._listener.sockets
+        bound = int(socks[-1].getsockname()[1]) if socks else port
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
         return self.url
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _off_loop(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(*args)`` in the door's thread pool (tokenizers release the GIL while they work)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, self.limits.threads), thread_name_prefix="helix-http")
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _close_pool(self, app: web.Application) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # ---- plumbing -------------------------------------------------------------------------------
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
-        if self.api_key is not None and request.path.startswith("/v1/"):
-            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+        if self._key is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, self._key):
                 if self.metrics is not None:
                     self.metrics.request_done("unauthorized")
                 return ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key").response()
@@ -329,28 +482,46 @@ class OpenAIServer:
         except ApiError as e:
             if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
                 self.metrics.request_done({429: "overloaded", 503: "unavailable"}.get(e.status, "error" if e.status >= 500 else "invalid"))
-            return e.response()
+            resp = e.response()
+            if e.status in (408, 413):  # the body was not read whole: the connection cannot go on
+                resp.force_close()
+            return resp
         except web.HTTPException as e:
             if e.status >= 400:
-                return ApiError(e.status, e.reason or "error", code=str(e.status)).response()
+                if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
+                    self.metrics.request_done("invalid")
+                resp = ApiError(e.status, e.reason or "error", code=str(e.status)).response()
+                if e.status == 413:
+                    resp.force_close()
+                return resp
             raise
-        except Exception as e:  # a fault of ours: OpenAI's error shape still, and the server goes on
-            log.exception("%s %s failed", request.method, request.path)
+        except Exception as e:  # the last resort, for a fault of this server's own: counted, logged
+            self.faults += 1
+            # a traceback for the first and then every power of two: a repeated fault does not flood
+            if self.faults & (self.faults - 1) == 0:
+                log.exception("%s %s failed (faults so far: %d)", request.method, request.path, self.faults)
             if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
                 self.metrics.request_done("error")
-            return ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
+            return ApiError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object: read within ``body_timeout`` (408) and ``client_max_size``
+        (413), UTF-8 (415 for another charset), JSON nested at most ``MAX_JSON_DEPTH`` deep (400);
+        a large one is parsed off the loop."""
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
+            raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s") from None
+        text = _decode_body(raw, request.charset)
+        body = await self._off_loop(_parse_json, text) if len(raw) > _INLINE_BODY else _parse_json(text)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
-                           param="model", code="model_not_found")
+            raise ApiError(404, f"The model `{_short(model)[1:-1]}` does not exist (this server serves "
+                           f"`{self.model_name}`).", param="model", code="model_not_found")
         return body
 
     def _check_serving(self) -> None:
@@ -365,9 +536,29 @@ class OpenAIServer:
             raise ApiError(429, f"the admission queue is full ({s.admission_capacity} requests waiting); retry later",
                            retry_after=1)
 
-    def _params(self, body: dict[str, Any], prompt: list[int], *, chat: bool) -> _Params:
+    async def _checked(self, request: web.Request, *, chat: bool) -> _Params:
+        """The request, read and checked: its prompt tokenized (chat: rendered first) and every
+        field checked, off the event loop (the thread pool)."""
+        body = await self._body(request)
+        # the sampling seed of an unseeded request is drawn here, on the loop, in arrival order
+        seed = self._rng.randrange(1 << 63) if body.get("seed") is None else None
+        p: _Params = await self._off_loop(self._params_of, body, chat, seed)
+        return p
+
+    def _params_of(self, body: dict[str, Any], chat: bool, seed: int | None) -> _Params:
+        prompt = self._chat_ids(body) if chat else self._prompt_ids(body)
+        return self._params(body, prompt, chat=chat, seed=seed)
+
+    def _too_long(self, what: str, param: str) -> ApiError:
+        return ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, {what}. "
+                        "Please reduce the prompt.", param=param, code="context_length_exceeded")
+
+    def _params(self, body: dict[str, Any], prompt: list[int], *, chat: bool, seed: int | None = None) -> _Params:
+        where = "messages" if chat else "prompt"
         if not prompt:
-            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
+            raise ApiError(400, "the prompt is empty", param=where)
+        if len(prompt) >= self.max_model_len:  # no room for one token
+            raise self._too_long(f"the prompt has {len(prompt)} tokens", where)
         vocab = self.server.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -380,7 +571,7 @@ class OpenAIServer:
         if max_tokens is None:
             max_tokens = 16 if not chat else room
         if max_tokens <= 0:
-            raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
+            raise ApiError(400, f"'{name}' must be at least 1, got {_short(max_tokens)}", param=name)
         if room <= 0 or max_tokens > room:
             raise ApiError(
                 400,
@@ -391,18 +582,23 @@ class OpenAIServer:
             )
         n = _field(body, "n", (int,), 1)
         if not 1 <= n <= MAX_N:
-            raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+            raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {_short(n)}", param="n")
         _refuse_unsupported(body, chat=chat, n=n)
-        seed = _field(body, "seed", (int,), None)
-        if seed is None:
+        given = _field(body, "seed", (int,), None)
+        if given is not None:
+            seed = given
+        elif seed is None:
             seed = self._rng.randrange(1 << 63)
         seed &= _SEED_MASK  # OpenAI takes any 64-bit integer; the sampler wants a non-negative one
         top_k = _field(body, "top_k", (int,), 0)
         if top_k < -1:
-            raise ApiError(400, f"'top_k' must be -1 or 0 (all tokens) or at least 1, got {top_k}", param="top_k")
+            raise ApiError(400, f"'top_k' must be -1 or 0 (all tokens) or at least 1, got {_short(top_k)}", param="top_k")
+        if top_k >= vocab:  # as many as the vocabulary or more: all tokens (and the wire's int32 holds it)
+            top_k = 0
         min_tokens = _field(body, "min_tokens", (int,), 0)
         if not 0 <= min_tokens <= max_tokens:
-            raise ApiError(400, f"'min_tokens' must be in [0, {name}={max_tokens}], got {min_tokens}", param="min_tokens")
+            raise ApiError(400, f"'min_tokens' must be in [0, {name}={max_tokens}], got {_short(min_tokens)}",
+                           param="min_tokens")
         stop_token_ids = _field(body, "stop_token_ids", (list,), [])
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids):
             raise ApiError(400, f"'stop_token_ids' must be a list of token ids in [0, {vocab})", param="stop_token_ids")
@@ -410,15 +606,18 @@ class OpenAIServer:
         eos = () if (ignore_eos or self.tokenizer is None) else self.tokenizer.eos_ids
         # the ids that end a choice; min_tokens bans them all (vLLM's all_stop_token_ids)
         stop_ids = tuple(dict.fromkeys([*eos, *stop_token_ids]))
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        if 0 < temperature < MIN_TEMPERATURE:
+            temperature = MIN_TEMPERATURE
         sampling = SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            temperature=temperature,
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=max(0, top_k),
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             seed=seed,
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE),
             min_tokens=min_tokens,
             stop_token_ids=stop_ids,
             logprobs=self._logprobs(body, chat=chat),
@@ -432,6 +631,10 @@ class OpenAIServer:
             stops = list(stop)
         else:
             raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
+        for s in stops:
+            if len(s) > MAX_STOP_CHARS:
+                raise ApiError(400, f"a stop string must be at most {MAX_STOP_CHARS} characters, got {len(s)}", param="stop")
+            _unicode(s, "stop")
         stops = [s for s in stops if s]
         if stops and self.tokenizer is None:
             raise ApiError(400, "'stop' needs a tokenizer; this server has none", param="stop")
@@ -466,6 +669,20 @@ class OpenAIServer:
             raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         return int(top or 0) if on else None
 
+    def _encode(self, text: str, param: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids (in the thread pool: tokenizers release the GIL).  Refused first,
+        400 naming ``param``: a lone surrogate, and a text of more UTF-8 bytes than the context's
+        tokens can cover (a byte-level tokenizer's token stands for at most ``max_token_bytes``
+        bytes), so a huge prompt is answered without tokenizing it."""
+        tok = self._need_tokenizer()
+        data = _unicode(text, param)
+        most = tok.max_token_bytes
+        if most and len(data) > self.max_model_len * most:
+            least = -(-len(data) // most)
+            raise self._too_long(f"the {param} is {len(data)} bytes: at least {least} tokens of at most {most} bytes",
+                                 param)
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -473,8 +690,12 @@ class OpenAIServer:
         if isinstance(p, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this server has no tokenizer: give the prompt as a list of token ids", param="prompt")
-            return self.tokenizer.encode(p)
+            return self._encode(p, "prompt")
+        if isinstance(p, list) and len(p) > 1 and isinstance(p[0], (str, list)):
+            raise ApiError(400, "only one prompt per request is supported", param="prompt")
         if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if len(p) >= self.max_model_len:
+                raise self._too_long(f"the prompt has {len(p)} tokens", "prompt")
             return [int(t) for t in p]
         if isinstance(p, list) and len(p) > 1:
             raise ApiError(400, "only one prompt per request is supported", param="prompt")
@@ -529,26 +750,54 @@ class OpenAIServer:
         if not self.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         add_gen = _field(body, "add_generation_prompt", (bool,), True)
+        text = self._render(clean, add_gen)
+        return self._encode(text, "messages", add_special_tokens=False)  # (the template writes its own marks)
+
+    def _render(self, clean: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        tok = self._need_tokenizer()
         try:
-            return self.tokenizer.encode_chat(clean, add_generation_prompt=add_gen)
+            return tok.apply_chat_template(clean, add_generation_prompt=add_generation_prompt)
         except ChatTemplateError as e:
-            raise ApiError(400, str(e), param="messages") from None
+            raise ApiError(400, _first_line(str(e), 400), param="messages") from None
+        except RecursionError:  # (a template recursing over what the messages hold)
+            raise ApiError(400, "the chat template recursed too deeply on these messages", param="messages") from None
 
     # ---- generation -----------------------------------------------------------------------------
 
     async def _run(self, p: _Params, index: int, out: _Choice) -> AsyncGenerator[_Delta, None]:
         """Choice ``index``: one :class:`_Delta` per token (its finish reason set on the last);
-        fills ``out`` as it goes."""
+        fills ``out`` as it goes.
+
+        Per token, the work is bounded by the token, not by the text so far: the detokenizer
+        decodes a window of recent tokens, and stop strings are looked for in ``pending`` (the
+        text held back, at most the longest stop string less one character: it may begin a stop
+        string) plus the token's new text; the text sent is kept as pieces, joined at the end."""
         tok = self.tokenizer
         detok = IncrementalDetokenizer(tok) if tok is not None else None
         hold = max((len(s) for s in p.stops), default=1) - 1  # text that may still start a stop string
-        emitted = 0  # characters of the text sent
-        seen = 0  # characters of the text a stop string was last looked for in
+        pending = ""  # final text not sent yet: it may begin a stop string
+        sent: list[str] = []  # the text sent, in pieces
         min_tokens = p.sampling.min_tokens
         want_lp = p.sampling.logprobs is not None
         t0 = self.server.now()
         last = t0
         m = self.metrics
+
+        def step(new: str, checking: bool, final: bool) -> tuple[str, bool]:
+            """The text to send for a token that added ``new`` (and whether a stop string ended it)."""
+            nonlocal pending
+            window = pending + new
+            if checking and p.stops:
+                cut = find_stop(window, p.stops)
+                if cut >= 0:
+                    pending = ""
+                    sent.append(window[:cut])
+                    return window[:cut], True
+            keep = 0 if final or not p.stops else min(hold, len(window))
+            piece, pending = window[: len(window) - keep], window[len(window) - keep :]
+            sent.append(piece)
+            return piece, False
+
         gen = self.server.generate(p.prompt, p.max_tokens, sampling=p.choice_sampling(index))
         try:
             async for item in gen:
@@ -571,34 +820,31 @@ class OpenAIServer:
                     if detok is None:
                         yield _Delta("", "stop", lp)
                         return
-                    detok.flush()
-                    end = self._stop_cut(p, detok.text, seen, checking)
-                    out.text = detok.text[: end if end >= 0 else len(detok.text)]
-                    yield _Delta(out.text[emitted:], "stop", lp)
+                    piece, _ = step(detok.flush(), checking, True)
+                    out.text = "".join(sent)
+                    yield _Delta(piece, "stop", lp)
                     return
                 out.token_ids.append(token)
                 if detok is None:
                     piece = f" {token}"
-                    out.text += piece
+                    sent.append(piece)
+                    if final:
+                        out.text = "".join(sent)
                     yield _Delta(piece, "length" if final else None, lp)
                     if final:
                         return
                     continue
-                detok.add(token)
+                new = detok.add(token)
                 if final:
-                    detok.flush()
-                text = detok.text
-                cut = self._stop_cut(p, text, seen, checking)
-                seen = len(text)
-                if cut >= 0:
-                    out.text = text[:cut]
+                    new += detok.flush()
+                piece, stopped = step(new, checking, final)
+                if stopped:
+                    out.text = "".join(sent)
                     out.finish_reason = "stop"
-                    yield _Delta(text[emitted:cut], "stop", lp)
+                    yield _Delta(piece, "stop", lp)
                     return
-                safe = len(text) if final or not p.stops else len(text) - hold
-                piece = text[emitted:safe] if safe > emitted else ""
-                emitted = max(emitted, safe)
-                out.text = text[:emitted]
+                if final:
+                    out.text = "".join(sent)
                 yield _Delta(piece, "length" if final else None, lp)
                 if final:
                     return
@@ -606,26 +852,15 @@ class OpenAIServer:
             # get a finish reason and the text held back)
             rest = ""
             if detok is not None:
-                detok.flush()
-                end = self._stop_cut(p, detok.text, seen, out.tokens >= min_tokens)
-                if end >= 0:
+                rest, stopped = step(detok.flush(), out.tokens >= min_tokens, True)
+                if stopped:
                     out.finish_reason = "stop"
-                out.text = detok.text[: end if end >= 0 else len(detok.text)]
-                rest = out.text[emitted:]
+            out.text = "".join(sent)
             yield _Delta(rest, out.finish_reason)
         finally:
             await gen.aclose()  # ends the request on the cluster (and frees its KV) if it is still running
             if m is not None:
                 m.request_tokens(len(p.prompt) if index == 0 else 0, out.tokens, self.server.now() - t0)
-
-    @staticmethod
-    def _stop_cut(p: _Params, text: str, seen: int, checking: bool) -> int:
-        """Where a stop string begins in ``text`` that was not whole in its first ``seen``
-        characters (-1: none, or stop strings are not looked for yet)."""
-        if not p.stops or not checking:
-            return -1
-        longest = max(len(s) for s in p.stops)
-        return find_stop(text, p.stops, max(0, seen - longest + 1))
 
     async def _choices(self, p: _Params, outs: list[_Choice]) -> AsyncGenerator[tuple[int, _Delta], None]:
         """Every choice's deltas as ``(index, delta)``, in the order they come."""
@@ -833,14 +1068,12 @@ class OpenAIServer:
     # ---- routes ---------------------------------------------------------------------------------
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        p = self._params(body, self._prompt_ids(body), chat=False)
+        p = await self._checked(request, chat=False)
         self._check_serving()
         return await self._respond_counted(request, p)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        p = self._params(body, self._chat_ids(body), chat=True)
+        p = await self._checked(request, chat=True)
         self._check_serving()
         return await self._respond_counted(request, p)
 
@@ -874,6 +1107,10 @@ class OpenAIServer:
         ``{"count", "max_model_len", "tokens", "token_strs"}`` (``token_strs`` with
         ``return_token_strs``)."""
         body = await self._body(request)
+        self._need_tokenizer()
+        return web.json_response(await self._off_loop(self._tokenized, body))
+
+    def _tokenized(self, body: dict[str, Any]) -> dict[str, Any]:
         tok = self._need_tokenizer()
         strs = _field(body, "return_token_strs", (bool,), False)
         if "messages" in body:
@@ -881,29 +1118,30 @@ class OpenAIServer:
                 raise ApiError(400, "this model has no chat template", param="messages")
             clean = self._messages(body)
             add_gen = _field(body, "add_generation_prompt", (bool,), True)
-            try:
-                text = tok.apply_chat_template(clean, add_generation_prompt=add_gen)
-            except ChatTemplateError as e:
-                raise ApiError(400, str(e), param="messages") from None
-            ids = tok.encode(text, add_special_tokens=_field(body, "add_special_tokens", (bool,), False))
+            text = self._render(clean, add_gen)
+            ids = self._encode(text, "messages", add_special_tokens=_field(body, "add_special_tokens", (bool,), False))
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
-            ids = tok.encode(prompt, add_special_tokens=_field(body, "add_special_tokens", (bool,), True))
-        return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
-                                  "token_strs": tok.token_strs(ids) if strs else None})
+            ids = self._encode(prompt, "prompt", add_special_tokens=_field(body, "add_special_tokens", (bool,), True))
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                "token_strs": tok.token_strs(ids) if strs else None}
 
     async def _detokenize(self, request: web.Request) -> web.Response:
         """vLLM's ``/detokenize``: ``tokens`` (ids) to ``{"prompt": text}`` (special tokens kept)."""
         body = await self._body(request)
+        self._need_tokenizer()
+        return web.json_response({"prompt": await self._off_loop(self._detokenized, body)})
+
+    def _detokenized(self, body: dict[str, Any]) -> str:
         tok = self._need_tokenizer()
         ids = body.get("tokens")
         vocab = tok.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                 for t in ids):
             raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
-        return web.json_response({"prompt": tok.decode(ids, skip_special_tokens=False)})
+        return tok.decode(ids, skip_special_tokens=False)
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": __version__})

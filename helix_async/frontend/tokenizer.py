@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,25 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.tok.get_vocab_size(with_added_tokens=True))
+
+    @cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes of text one token stands for, where that bounds the tokens of a
+        text from below (a text of B bytes has at least B / this many): a byte-level BPE with no
+        normalizer and no pre-tokenizer that drops text (each token's spelling is its bytes, one
+        character per byte; an added token's spelling is its text).  None for any other tokenizer
+        (a normalizer or a whitespace splitter may drop text, so no such bound holds)."""
+        try:
+            cfg = json.loads(self.tok.to_str())
+        except Exception:  # (a tokenizer tokenizers cannot write out: no bound)
+            return None
+        model = cfg.get("model") or {}
+        if cfg.get("normalizer") is not None or model.get("type") != "BPE" or model.get("fuse_unk"):
+            return None
+        if not _keeps_all_text(cfg.get("pre_tokenizer")):
+            return None
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=0) or None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's ids, with the beginning-of-text id where the tokenizer adds one (and
@@ -208,6 +227,25 @@ def _template_env() -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
+
+
+def _keeps_all_text(pre: Any) -> bool:
+    """Whether a pre-tokenizer's config (``tokenizer.json``'s) is byte-level and splits without
+    dropping any of the text: ByteLevel, and Split (not "Removed"), Digits and Punctuation around it."""
+    if not isinstance(pre, dict):
+        return False
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(parts, list):
+        return False
+    kinds = [p.get("type") if isinstance(p, dict) else None for p in parts]
+    if "ByteLevel" not in kinds:
+        return False
+    for p, kind in zip(parts, kinds, strict=True):
+        if str(p.get("behavior", "")).lower() == "removed":
+            return False
+        if kind not in ("ByteLevel", "Split", "Digits", "Punctuation"):
+            return False
+    return True
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -489,27 +527,46 @@ def _via_transformers(path: Path, kind: str) -> Any:
 
 class IncrementalDetokenizer:
     """Text as tokens arrive: each :meth:`add` returns the new text that is final (a byte-level
-    token may end inside a UTF-8 character; such text waits for the next token).  It decodes a
-    short window of recent tokens, not the whole output, per token."""
+    token may end inside a UTF-8 character; such text waits for the next token).
+
+    Per token it decodes a window of a few recent tokens, never the whole output (vLLM's prefix
+    and read offsets: the text of ``ids[prefix:]`` past that of ``ids[prefix:read]`` is new).  A
+    window whose text stays incomplete (ends in U+FFFD) or empty (special tokens, skipped) for
+    :attr:`MAX_PENDING` tokens is taken as it is: a UTF-8 character spans at most 4 bytes, so by
+    then the bytes are broken, not waiting; the window never grows past that.  :attr:`text` is the
+    whole text so far (joined when read).
+    """
+
+    #: tokens past the emitted ones a window holds at most before its text is taken as it is
+    MAX_PENDING = 8
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self._t = tokenizer
         self.ids: list[int] = []
         self._prefix = 0  # window start: tokens before it are emitted and stable
         self._read = 0  # tokens whose text has been emitted
-        self.text = ""
+        self._parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def add(self, token: int) -> str:
         self.ids.append(int(token))
         dec = self._t.decode
         prefix_text = dec(self.ids[self._prefix : self._read])
         full = dec(self.ids[self._prefix :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix_text):
+        waiting = full.endswith("\ufffd") or len(full) <= len(prefix_text)
+        if waiting and len(self.ids) - self._read < self.MAX_PENDING:
             return ""  # an incomplete character (or a special token): wait
         new = full[len(prefix_text) :]
         self._prefix = self._read
         self._read = len(self.ids)
-        self.text += new
+        if new:
+            self._parts.append(new)
         return new
 
     def flush(self) -> str:
@@ -518,7 +575,8 @@ class IncrementalDetokenizer:
         prefix_text = self._t.decode(self.ids[self._prefix : self._read])
         self._prefix = self._read = len(self.ids)
         new = full[len(prefix_text) :]
-        self.text += new
+        if new:
+            self._parts.append(new)
         return new
 
 
