@@ -14,17 +14,20 @@ a device or FIFO, a read-only file) is refused, and no temporary file is ever le
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import reprlib
 import secrets
 import signal
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
+from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import ConfigError
 from .ids import SINK, SOURCE, NodeRef
@@ -34,9 +37,13 @@ __all__ = [
     "PHYSICAL_LIMITS",
     "read_text",
     "parse_document",
+    "load_toml",
+    "check_toml_keys",
+    "MAX_TOML_KEY_PARTS",
     "check_output_path",
     "atomic_write_text",
     "atomic_write_bytes",
+    "open_output_log",
     "table_field",
     "array_field",
     "no_unknown_keys",
@@ -113,12 +120,14 @@ def parse_document(text: str, src: str, fmt: str) -> dict[str, Any]:
     """Parse ``text`` as ``fmt`` ("toml" or "json") into a dict; one-line ConfigError otherwise.
 
     Deep nesting (RecursionError) and integers too long to convert (ValueError) are reported like
-    any syntax error, never as a traceback.
+    any syntax error, never as a traceback. TOML is first checked by :func:`check_toml_keys`
+    (the standard parser takes time quadratic in a key's dotted depth).
     """
     try:
         if fmt == "json":
             doc = json.loads(text)
         else:
+            check_toml_keys(text, src)
             doc = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(src, "", f"invalid {fmt.upper()}: {exc}") from None
@@ -131,6 +140,135 @@ def parse_document(text: str, src: str, fmt: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(src, "", f"the top level must be a table, got {type(doc).__name__}")
     return doc
+
+
+def load_toml(
+    path: str | os.PathLike[str] | Traversable, what: str = "TOML file", *, src: str | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict; every failure one ConfigError naming the file (``src``,
+    by default ``path``).
+
+    Every TOML reader of the package comes here: the file must be a regular UTF-8 file of at most
+    ``max_bytes`` (:func:`read_text`; a packaged resource is read up to the same cap), its keys
+    are checked by :func:`check_toml_keys` before the parser sees them, and the parser's own
+    failures are one line (:func:`parse_document`).
+    """
+    if isinstance(path, (str, os.PathLike)):
+        text = read_text(path, what, max_bytes=max_bytes)
+        name = str(Path(path)) if src is None else src
+    else:  # a packaged resource that is not a plain path (a zip import)
+        name = str(path) if src is None else src
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except OSError as exc:
+            raise ConfigError(name, "", f"cannot read {what}: {exc.strerror or exc}") from None
+        if len(data) > max_bytes:
+            raise ConfigError(name, "", f"{what} is over the limit of {max_bytes} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(name, "", f"not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    return parse_document(text, name, "toml")
+
+
+#: The most parts a TOML key may have, the enclosing ``[table]`` header's parts included
+#: (``[a.b]`` then ``c.d = 1`` is 4). The package's own files use at most 3.
+MAX_TOML_KEY_PARTS = 32
+
+# A run of 16 or more dotted key parts anywhere (strings included): a cheap, linear pre-filter.
+# Without such a run every key and header has at most 15 parts, 30 together, under the limit, and
+# the exact scan below is skipped. Possessive quantifiers and the look-behind (a run starts where a
+# part can start) keep it linear on any text.
+_DEEP_RUN = re.compile(
+    r"(?<![A-Za-z0-9_\\-])(?:(?:[A-Za-z0-9_-]++|\"(?:[^\"\\\n]|\\.)*+\"|'[^'\n]*+')[ \t]*+\.[ \t]*+){15}"
+)
+# The exact scan's tokens: multi-line strings, one-line strings, comments, newlines, blanks, bare
+# words (keys, numbers, dates), and any other single character.
+_TOML_TOKEN = re.compile(
+    r'''(?P<s>"""(?:[^"\\]|\\.|"(?!""))*+"""|\'\'\'(?:[^']|'(?!''))*+\'\'\'|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+')'''
+    r"|(?P<c>#[^\n]*+)|(?P<n>\n)|(?P<w>[ \t\r]++)|(?P<b>[A-Za-z0-9_+:-]++)|(?P<p>.)",
+    re.S,
+)
+
+
+def check_toml_keys(text: str, src: str, *, max_parts: int = MAX_TOML_KEY_PARTS) -> None:
+    """ConfigError naming ``src`` and the line if a key of the TOML ``text`` has more than
+    ``max_parts`` dotted parts (counting its ``[table]`` header's); time linear in ``len(text)``.
+
+    The standard library's parser takes time quadratic in a key's depth: a 100 KB file holding one
+    key of 50,000 parts takes over a minute. Anything that is not valid TOML is left for the parser
+    to report; this only counts keys.
+    """
+    if _DEEP_RUN.search(text) is None:
+        return
+    match = _TOML_TOKEN.match
+    stack: list[str] = []  # open [ and { inside values
+    header = 0  # parts of the last [table] header
+    line = 1
+    at_key = True  # where a key (or a header) may begin
+    line_start = True
+    pos, end = 0, len(text)
+    while pos < end:
+        m = match(text, pos)
+        assert m is not None  # the last alternative matches any character
+        kind, tok = m.lastgroup, m.group()
+        if kind == "n":
+            line += 1
+            if not stack:
+                at_key = line_start = True
+        elif kind in ("w", "c"):
+            pass
+        elif at_key and (kind in ("s", "b") or (tok == "[" and line_start and not stack)):
+            is_header = kind == "p"
+            if is_header:  # skip "[" or "[[" and blanks to the header's first part
+                pos = m.end()
+                while (m := match(text, pos)) is not None and (m.lastgroup == "w" or m.group() == "["):
+                    pos = m.end()
+            parts, pos = _dotted_parts(text, pos)
+            total = parts if is_header or stack else header + parts
+            if total > max_parts:
+                what = "table header" if is_header else "key"
+                inside = f" (under a table header of {header} parts)" if total != parts else ""
+                raise ConfigError(
+                    src, "", f"line {line}: a {what} of {parts} dotted parts{inside}, over the limit of {max_parts}"
+                )
+            if is_header:
+                header = parts
+            at_key = line_start = False
+            continue
+        else:
+            line += tok.count("\n") if kind == "s" else 0
+            if tok in ("[", "{"):
+                stack.append(tok)
+                at_key = tok == "{"
+            elif tok in ("]", "}"):
+                if stack:
+                    stack.pop()
+            elif tok == "," and stack and stack[-1] == "{":
+                at_key = True
+            line_start = False
+        pos = m.end()
+
+
+def _dotted_parts(text: str, pos: int) -> tuple[int, int]:
+    """How many parts the dotted key at ``text[pos:]`` has, and where it ends."""
+    parts = 0
+    while (m := _TOML_TOKEN.match(text, pos)) is not None and m.lastgroup in ("s", "b"):
+        parts += 1
+        pos = m.end()
+        after = pos
+        if (m := _TOML_TOKEN.match(text, after)) is not None and m.lastgroup == "w":
+            after = m.end()
+        if text.startswith(".", after):
+            after += 1
+            if (m := _TOML_TOKEN.match(text, after)) is not None and m.lastgroup == "w":
+                after = m.end()
+            pos = after
+        else:
+            break
+    return parts, pos
 
 
 def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: str = "--out") -> Path:
@@ -169,14 +307,21 @@ def check_output_path(path: str | os.PathLike[str], what: str = "file", flag: st
     return p
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> Path:
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, what: str = "file", *, mode: int | None = None, flag: str = "--out"
+) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; ConfigError for a target that is not a file.
 
-    Only what :func:`check_output_path` accepts is written. The temporary file lives in the
+    Only what :func:`check_output_path` accepts is written, and a symbolic link at ``path`` is
+    never followed: it is refused, and one planted after that check is replaced by the rename,
+    its target untouched. The temporary file is created with ``O_EXCL | O_NOFOLLOW`` in the
     target's folder (so the rename is atomic) and is removed on every exit path; signals that
     would interrupt the write are held until it is done (see :func:`_signals_deferred`).
+    ``mode``: the file's permission bits (``0o600`` for a secret); by default an existing file's
+    bits are kept and a new file gets ``0o666`` less the umask. ``flag`` names the option that
+    gave the path, for an empty one.
     """
-    p = check_output_path(path, what)
+    p = check_output_path(path, what, flag)
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8
@@ -188,14 +333,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "file
             str(p), "", f"the {what} would be {len(data)} bytes, over the readers' limit of {MAX_FILE_BYTES}"
         )
     with _signals_deferred():
-        return _write_via_temp(p, data, what)
+        return _write_via_temp(p, data, what, mode)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -> Path:
-    """:func:`atomic_write_text` for bytes (pictures): same checks, same atomic replace."""
-    p = check_output_path(path, what)
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, what: str = "file", *, mode: int | None = None, flag: str = "--out"
+) -> Path:
+    """:func:`atomic_write_text` for bytes (pictures, keys): same checks, same atomic replace."""
+    p = check_output_path(path, what, flag)
     with _signals_deferred():
-        return _write_via_temp(p, data, what)
+        return _write_via_temp(p, data, what, mode)
 
 
 # Signals whose handler may raise (KeyboardInterrupt) or whose default action ends the process.
@@ -223,24 +370,36 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_via_temp(p: Path, data: bytes, what: str) -> Path:
+def _write_via_temp(p: Path, data: bytes, what: str, mode: int | None) -> Path:
     raw = str(p)
-    existing = p.stat() if p.exists() else None
-    tmp: str | None = None
     try:
-        # Named before it is created (not mkstemp), so that an exception at any point after the
-        # creation finds the name in ``tmp`` and the ``finally`` removes the file.
-        tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        if existing is not None:
+        existing = os.lstat(p)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    if mode is None:
+        if existing is not None and stat.S_ISREG(existing.st_mode):
             mode = stat.S_IMODE(existing.st_mode)
         else:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+    tmp: str | None = None
+    try:
+        # Named before it is created (not mkstemp), so that an exception at any point after the
+        # creation finds the name in ``tmp`` and the ``finally`` removes the file. O_EXCL (with
+        # O_NOFOLLOW, for systems where O_EXCL alone would follow) never opens anything that was
+        # already there, a symbolic link planted under the temporary name included; the mode is
+        # set on the open descriptor, never by name.
+        tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+        # rename(2) replaces the directory entry: if a symbolic link was put at ``p`` after
+        # check_output_path looked, the link itself is replaced, its target is never written.
         os.replace(tmp, p)
         tmp = None
     except OSError as exc:
@@ -252,6 +411,33 @@ def _write_via_temp(p: Path, data: bytes, what: str) -> Path:
             except OSError:
                 pass
     return p
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_output_log(path: str | os.PathLike[str], what: str = "log") -> IO[bytes]:
+    """``path`` opened for writing from the start (a log that a child process streams into).
+
+    A log cannot be written atomically, so this opens it with ``O_NOFOLLOW``: a symbolic link at
+    ``path`` (say, planted in a shared folder) is refused with a ConfigError instead of being
+    followed onto its target, and so is anything that is not a regular file (a FIFO would block).
+    """
+    raw = os.fspath(path)
+    try:
+        fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(raw, "", f"refusing to write the {what} through a symbolic link") from None
+        raise ConfigError(raw, "", f"cannot write {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character in the name
+        raise ConfigError(repr(raw), "", f"cannot write {what}: not a valid file name") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(raw, "", f"refusing to write the {what} into something that is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "wb")
 
 
 # --------------------------------------------------------------------------------------------------

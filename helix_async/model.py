@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import os
 import threading
-import tomllib
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import envs
 from .errors import ConfigError
+from .fileio import load_toml
 from .interp import BatchTimer
 from .profiles.analytical import LayerShape, analytical_settings, analytical_tables, typical_constants
 from .profiles.gpus import find_gpu, gpu_types
@@ -151,7 +151,7 @@ def _tiny_llama() -> ModelSpec:
 
 @functools.lru_cache(maxsize=1)
 def _models_toml() -> dict[str, Any]:
-    return tomllib.loads((_DATA / "models.toml").read_text())
+    return load_toml(_DATA / "models.toml", "model table", src=f"{_SHIPPED}/models.toml")
 
 
 @functools.lru_cache(maxsize=1)
@@ -458,9 +458,9 @@ def _declared_shape(d: Traversable, where: str, key: str) -> tuple[int, ...] | N
     meta = d / PROFILE_META
     if meta.is_file():
         try:
-            m = tomllib.loads(meta.read_text())["model"]
+            m = load_toml(meta, "profile description", src=f"{where}/{PROFILE_META}")["model"]
             return tuple(int(m[f]) for f in _SHAPE_FIELDS)
-        except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}/{PROFILE_META}", "model", f"unreadable: {e}") from None
     toml = _models_toml().get(key)
     if isinstance(toml, dict) and all(f in toml for f in _SHAPE_FIELDS):

@@ -31,6 +31,7 @@ __all__ = [
     "nonnegative_int",
     "one_line",
     "option_type",
+    "output_file",
     "pair",
     "parse_weights",
     "plot_path",
@@ -150,6 +151,21 @@ def plot_path(text: str) -> str:
     """A file name ending in one of :data:`PLOT_SUFFIXES`."""
     if Path(text).suffix.lower() not in PLOT_SUFFIXES:
         raise argparse.ArgumentTypeError(f"expected a {'/'.join(PLOT_SUFFIXES)} file name, got {text!r}")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file the command will write (``--json``, ``--url-file``, ...): a new name in an existing
+    folder or a writable regular file. A symbolic link, a folder, a device or FIFO is refused now,
+    before any work; the write itself is atomic and never follows a link
+    (:func:`helix_async.fileio.atomic_write_text`)."""
+    from ..errors import ConfigError
+    from ..fileio import check_output_path
+
+    try:
+        check_output_path(text, "file")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.source}: {exc.message}") from None
     return text
 
 

@@ -25,11 +25,11 @@ the measuring thread's CPU time (``time.thread_time``).
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing
 import platform
 import statistics
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,8 @@ from pathlib import Path
 import tomli_w
 import torch
 
+from ..errors import ConfigError
+from ..fileio import atomic_write_text, load_toml, read_text
 from ..model import HEAD_COLUMNS, PROFILE_META, ModelSpec
 from .llama import LlamaConfig, SeqCache, dummy_stage
 from .sampling import sample
@@ -314,44 +316,38 @@ def write_profile(result: ProfileResult, out: Path, settings: list[dict[str, int
     types' rows stay) and, given ``spec``, ``profile.toml`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for kind, rows in (("prompt", result.prompt), ("decode", result.decode)):
-        p = out / f"{result.gpu.lower()}_{kind}.csv"
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["batch_tokens", "time_per_layer_ms"])
-            w.writerow([0, 0])
-            for x, s in rows:
-                w.writerow([x, f"{s * 1e3:.4f}"])
-        paths.append(p)
+    # every file is written atomically and never through a symbolic link (fileio.atomic_write_text)
+    tables = [("prompt", ["batch_tokens", "time_per_layer_ms"], result.prompt),
+              ("decode", ["batch_tokens", "time_per_layer_ms"], result.decode)]
     if result.head:
         # the head's table (docs/profiles.md): milliseconds per batch, by the batch's sequences
-        p = out / f"{result.gpu.lower()}_head.csv"
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(HEAD_COLUMNS)
-            w.writerow([0, 0])
-            for x, s in result.head:
-                w.writerow([x, f"{s * 1e3:.4f}"])
-        paths.append(p)
+        tables.append(("head", list(HEAD_COLUMNS), result.head))
+    for kind, header, rows in tables:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerow([0, 0])
+        for x, s in rows:
+            w.writerow([x, f"{s * 1e3:.4f}"])
+        paths.append(atomic_write_text(out / f"{result.gpu.lower()}_{kind}.csv", buf.getvalue(), "profile table"))
     p = out / "node_settings.csv"
     kept: list[dict[str, str]] = []
     if p.is_file():
-        with p.open(newline="") as fh:
-            kept = [r for r in csv.DictReader(fh) if str(r.get("gpu", "")).lower() != result.gpu.lower()]
-    with p.open("w", newline="") as fh:
-        dw = csv.DictWriter(fh, fieldnames=list(settings[0]), lineterminator="\n")
-        dw.writeheader()
-        dw.writerows(kept)
-        dw.writerows(settings)
-    paths.append(p)
+        kept = [r for r in csv.DictReader(io.StringIO(read_text(p, "node settings table"), newline=""))
+                if str(r.get("gpu", "")).lower() != result.gpu.lower()]
+    buf = io.StringIO()
+    dw = csv.DictWriter(buf, fieldnames=list(settings[0]), lineterminator="\n")
+    dw.writeheader()
+    dw.writerows(kept)
+    dw.writerows(settings)
+    paths.append(atomic_write_text(p, buf.getvalue(), "node settings table"))
     if spec is not None:
         m = out / PROFILE_META
         old: dict[str, object] = {}
         if m.is_file():
             try:
-                old = tomllib.loads(m.read_text())
-            except tomllib.TOMLDecodeError:
+                old = load_toml(m, "profile description")
+            except ConfigError:
                 old = {}
-        m.write_text(_meta(spec, result, old))
-        paths.append(m)
+        paths.append(atomic_write_text(m, _meta(spec, result, old), "profile description"))
     return paths

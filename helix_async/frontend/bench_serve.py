@@ -29,6 +29,7 @@ from typing import Any
 
 from ..aio import run
 from ..errors import ConfigError
+from ..fileio import atomic_write_text
 
 __all__ = ["RequestResult", "build_requests", "run_bench", "summarise"]
 
@@ -261,12 +262,14 @@ def cmd_bench_serve(args: Any) -> int:
         print("  " + line)
     if args.json:
         out = dict(s, requests_detail=[{k: v for k, v in asdict(r).items() if k != "itl"} for r in results])
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n", "result file", flag="--json")
         print(f"result written to {args.json}")
     return 0
 
 
 def add_parser(sub: Any, positive: Any) -> None:
+    from ..cli.args import output_file
+
     b = sub.add_parser("bench-serve", help="load an OpenAI-compatible endpoint and report throughput and latency")
     b.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
     b.add_argument("--rate", type=positive, default=1.0, help="Poisson arrivals, requests/s (default %(default)s)")
@@ -276,7 +279,7 @@ def add_parser(sub: Any, positive: Any) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and prompt ids (default %(default)s)")
     b.add_argument("--model", default=None, help="model id (default: the server's)")
     b.add_argument("--api-key", default=None, help="bearer token")
-    b.add_argument("--json", default=None, help="write the result (and every request) here")
+    b.add_argument("--json", default=None, type=output_file, help="write the result (and every request) here")
     b.add_argument("--save-trace", default=None, help="write the trace sent (for python -m sim run --trace)")
     b.add_argument("--progress", action="store_true", help="a progress bar (stderr)")
     b.set_defaults(handler=cmd_bench_serve)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigError
+from ..fileio import load_toml
 
 __all__ = ["GPU_TABLE", "GpuType", "find_gpu", "gpu_types"]
 
@@ -143,7 +143,8 @@ def _group(name: str, base: GpuType, count: int, efficiency: float | None, descr
 @functools.lru_cache(maxsize=1)
 def gpu_types() -> Mapping[str, GpuType]:
     """Every type of the datasheet table, by name (in file order: single GPUs, CPU types, then groups)."""
-    raw = tomllib.loads((resources.files("helix_async") / "data" / "profiles" / GPU_TABLE).read_text())
+    raw = load_toml(resources.files("helix_async") / "data" / "profiles" / GPU_TABLE, "GPU table",
+                    src=f"helix_async/data/profiles/{GPU_TABLE}")
     return MappingProxyType(_parse(raw))
 
 

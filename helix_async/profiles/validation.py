@@ -11,10 +11,10 @@ Units: seconds; errors are ``predicted / measured - 1``.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 
+from ..fileio import load_toml
 from ..model import PROFILE_META, dataset_constants, get_model, read_profile_table
 from .analytical import LayerShape, fit_efficiency, layer_time
 from .gpus import GpuType, find_gpu
@@ -120,7 +120,7 @@ def measured_cpu(key: str) -> CpuProfile:
     where = f"helix_async/data/profiles/{key}"
     meta = d / PROFILE_META
     if meta.is_file():
-        raw = tomllib.loads(meta.read_text())
+        raw = load_toml(meta, "profile description", src=f"{where}/{PROFILE_META}")
         m, how = raw["model"], raw["measurement"][CPU_TYPE]
         shape = LayerShape(int(m["hidden_size"]), int(m["intermediate_size"]), int(m["num_attention_heads"]),
                            int(m["num_key_value_heads"]), int(m["head_dim"]))

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..aio import run
 from ..errors import ConfigError, RequestFailed
+from ..fileio import atomic_write_text
 from ..settings import HostSettings, KVExpectation, WorkerOptions
 
 log = logging.getLogger("helix_async.runtime")
@@ -76,9 +77,9 @@ async def _host_main(args: argparse.Namespace) -> int:
         api = await start_front_door(server, door)
         print(f"OpenAI-compatible API on {api.url}/v1 (model {api.model_name!r}; metrics on {api.url}/metrics)", flush=True)
         if args.url_file:
-            Path(args.url_file).write_text(api.url + "\n")
+            atomic_write_text(args.url_file, api.url + "\n", "URL file", flag="--url-file")
     if args.address_file:
-        Path(args.address_file).write_text(address + "\n")
+        atomic_write_text(args.address_file, address + "\n", "address file", flag="--address-file")
     try:
         return await _host_serve(args, server, trace)
     finally:
@@ -310,11 +311,13 @@ def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) 
 
 
 def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
+    from ..cli.args import output_file
+
     d = HostSettings()  # the flags' defaults
     h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
     h.add_argument("--plan", required=True, help="plan file (from `plan`)")
     h.add_argument("--listen", default=d.listen, help="inbox address (default %(default)s: an ephemeral port)")
-    h.add_argument("--address-file", default=None, help="write the bound address here (for scripts)")
+    h.add_argument("--address-file", default=None, type=output_file, help="write the bound address here (for scripts)")
     h.add_argument("--trace", default=None, help="replay this trace CSV (arrive_time_s,input_tokens,output_tokens), then stop")
     h.add_argument("--mode", choices=["serve", "offline", "online"], default="serve",
                    help="serve (until a signal; the default), offline (a constant population) or online "
@@ -346,7 +349,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--served-model-name", default=None, help="--http: the model id clients use (default: the plan's model)")
     h.add_argument("--max-model-len", type=positive_int, default=None, help="--http: prompt plus output tokens at most")
     h.add_argument("--api-key", default=None, help="--http: require 'Authorization: Bearer KEY' on /v1/")
-    h.add_argument("--url-file", default=None, help="--http: write the API's base URL here (for scripts)")
+    h.add_argument("--url-file", default=None, type=output_file, help="--http: write the API's base URL here (for scripts)")
     h.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE keys: encrypt and authenticate every link (python -m helix_async keys generate DIR)")
     h.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")

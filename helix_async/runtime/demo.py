@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ..fileio import open_output_log
 from ..workloads import write_trace_csv
 from .serve import DEFAULT_MODEL
 
@@ -64,7 +65,7 @@ def serve_model(out: Path, *, model: str = DEFAULT_MODEL, workers: int = 3, requ
     out.mkdir(parents=True, exist_ok=True)
     url_file = out / "url"
     url_file.unlink(missing_ok=True)
-    log = (out / "serve.log").open("w")
+    log = open_output_log(out / "serve.log", "serve log")
     serve = subprocess.Popen(
         [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "serve", "--model", model, "--workers",
          str(workers), "--http", "127.0.0.1:0", "--url-file", str(url_file), "--log-dir", str(out / "logs"),

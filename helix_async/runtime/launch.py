@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..fileio import atomic_write_text, open_output_log
 
 __all__ = ["ProcessActor", "cmd_launch"]
 
@@ -55,7 +56,7 @@ class ProcessActor:
 
     def write(self, name: str, text: str) -> str:
         path = self.dir / name
-        path.write_text(text)
+        atomic_write_text(path, text, name)
         return str(path)
 
     def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
@@ -63,7 +64,7 @@ class ProcessActor:
         import subprocess
 
         full_env = dict(os.environ, **(env or {}))
-        with self.log.open("w") as out:
+        with open_output_log(self.log) as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "helix_async", *argv], stdout=out,
                                          stderr=subprocess.STDOUT, env=full_env, cwd=self.dir, start_new_session=True)
         return int(self.proc.pid)
@@ -210,7 +211,7 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
         print(f"[launch] serving {placement.model}" + (f" on {url}/v1 (OpenAI API; /metrics)" if url else "") +
               "; Ctrl-C stops", flush=True)
         if args.url_file and url:
-            Path(args.url_file).write_text(url + "\n")
+            atomic_write_text(args.url_file, url + "\n", "URL file", flag="--url-file")
         while not stopping["flag"]:
             _pump(ray, actors, offsets)
             dead = [r for r, a in actors.items() if ray.get(a.poll.remote()) is not None]
@@ -291,6 +292,7 @@ def _wait_ready(ray: Any, actors: dict[str, Any], offsets: dict[str, int], stopp
 
 
 def add_parser(sub: Any, positive: Any) -> None:
+    from ..cli.args import output_file
     from ..executors.registry import EXECUTORS
     from ..settings import WorkerOptions
 
@@ -312,6 +314,6 @@ def add_parser(sub: Any, positive: Any) -> None:
     la.add_argument("--insecure", action="store_true", help="plaintext links between machines (warned)")
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--ready-timeout", type=positive, default=600.0, help="seconds for every worker to be ready")
-    la.add_argument("--url-file", default=None, help="write the API's base URL here once serving")
+    la.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving")
     la.add_argument("--log-level", default="WARNING", help="the processes' log level (default %(default)s)")
     la.set_defaults(handler=cmd_launch)

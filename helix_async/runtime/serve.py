@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..aio import run
 from ..errors import ConfigError
+from ..fileio import atomic_write_text, open_output_log
 from ..settings import HostSettings
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 argv += ["--memory-bytes", str(memory)]
             if checkpoint:
                 argv += ["--checkpoint", checkpoint]
-            with (workdir / f"worker{i}.log").open("w") as f:
+            with open_output_log(workdir / f"worker{i}.log", "worker log") as f:
                 procs.append(await asyncio.create_subprocess_exec(*argv, stdout=f, stderr=asyncio.subprocess.STDOUT,
                                                                   start_new_session=True))
         print(f"plan {plan_path}: {spec.name} in {n} stages {list(even_stages(spec.num_layers, n).values())}; "
@@ -160,7 +161,7 @@ async def _serve(args: argparse.Namespace) -> int:
             return 0
         print(f"serving {door.model_name!r} on {api.url}/v1 (OpenAI API; /metrics, /health); Ctrl-C stops", flush=True)
         if args.url_file:
-            Path(args.url_file).write_text(api.url + "\n")
+            atomic_write_text(args.url_file, api.url + "\n", "URL file", flag="--url-file")
         await asyncio.wait({stopped, *died}, return_when=asyncio.FIRST_COMPLETED)
         if not stopped.done():
             gone = next(i for i, p in enumerate(procs) if p.returncode is not None)
@@ -185,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
-    from ..cli.args import model_ref
+    from ..cli.args import model_ref, output_file
 
     s = sub.add_parser("serve", help="an OpenAI-compatible endpoint on this machine: plan, host and workers in one command")
     s.add_argument("--model", default=DEFAULT_MODEL, type=model_ref,
@@ -215,5 +216,5 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--grace", type=positive, default=HostSettings().shutdown_grace,
                    help="seconds in-flight requests may finish at stop (default %(default)s)")
     s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
-    s.add_argument("--url-file", default=None, help="write the API's base URL here once serving (for scripts)")
+    s.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving (for scripts)")
     s.set_defaults(handler=cmd_serve)
