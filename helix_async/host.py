@@ -26,7 +26,7 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Clock
@@ -106,7 +106,11 @@ class HostStats:
     migrated: int = 0  # moves of an admitted query to a new route (its route crossed a lost node)
     replans: int = 0  # routers swapped in by replan()
     stale_results: int = 0  # results for a route a query has left (dropped)
-    bad_messages: int = 0
+    bad_messages: int = 0  # every message dropped (unknown request, unexpected kind, wrong sender)
+    #: (message kind, sender) -> messages dropped because that sender may not send them (a token
+    #: not from its request's last stage, an error not from a stage of its route, feedback not
+    #: from a first hop)
+    refused: dict[tuple[str, NodeRef], int] = field(default_factory=dict)
 
 
 class Host:
@@ -449,19 +453,50 @@ class Host:
     # ---- results --------------------------------------------------------------------------------
 
     def on_message(self, sender: NodeRef, msg: Any) -> None:
-        """Transport handler: token results and scheduler feedback."""
+        """Transport handler: token results, errors and scheduler feedback, each accepted only from
+        the peer the protocol expects (see :meth:`_from_route`); anything else is dropped and
+        counted in ``stats.refused`` per (kind, sender)."""
         t = type(msg)
         if t is TokenResult:
-            self._token(msg)
+            self._token(sender, msg)
         elif t is Feedback:
             if self._policy is not None and msg.node_id in self._first_nodes:
+                if sender != msg.node_id:
+                    self._refuse(t, sender)
+                    return
                 self._policy.observe(self._first_nodes.index(msg.node_id), msg.delay)
         elif t is Error and self._live(msg.request_id) is not None:
             q = self._live(msg.request_id)
             assert q is not None
+            if not self._from_route(q, sender, msg, last=False):
+                self._refuse(t, sender)
+                return
             self.fail(q.qid, msg.text or f"error code {msg.code}")
         else:
             self.stats.bad_messages += 1
+
+    def _refuse(self, kind: type, sender: NodeRef) -> None:
+        st = self.stats
+        st.bad_messages += 1
+        key = (kind.__name__, sender)
+        st.refused[key] = st.refused.get(key, 0) + 1
+
+    def _from_route(self, q: Query, sender: NodeRef, msg: Any, *, last: bool) -> bool:
+        """Whether ``sender`` may speak for ``q``'s current route: its last stage (``last``: a
+        token) or any of its stages (an error).  Per-hop scheduling knows only the first hop until
+        the prompt's token names the route it took: that token must come from the last stage of
+        the route it names, which starts at the first hop given."""
+        route = q.route
+        if route is None:
+            return False
+        if self._router is None and q.iterations == 0 and len(route) == 1:
+            named = getattr(msg, "route", ())
+            if last:
+                return bool(named) and named[0][0] == route[0][0] and named[-1][0] == sender
+            return isinstance(sender, int)
+        if last:
+            return route[-1][0] == sender
+        return any(st[0] == sender for st in route)
 
     def fail(self, qid: int, reason: str) -> bool:
         """End admitted query ``qid`` as failed (``reason`` for people): its KV expectation is
@@ -509,13 +544,16 @@ class Host:
             self._retry()
         return True
 
-    def _token(self, msg: TokenResult) -> None:
+    def _token(self, sender: NodeRef, msg: TokenResult) -> None:
         q = self._live(msg.request_id)
         if q is None:
             if msg.request_id in self._queries:  # a result of a route the query has left
                 self.stats.stale_results += 1
             else:
                 self.stats.bad_messages += 1
+            return
+        if not self._from_route(q, sender, msg, last=True):
+            self._refuse(TokenResult, sender)
             return
         now = self._clock.now()
         lat = now - q.created
