@@ -80,7 +80,9 @@ def test_encrypted_links_deliver_and_a_stranger_is_refused(keys: Path, tmp_path:
             w.send(SOURCE, Cancel(request_id=7, reason="hello"))
             host.send(1, Cancel(request_id=8, reason="back"))
             await wait_until_async(lambda: got["host"] and got["w"])
-            assert got["host"] == [(1, Cancel(request_id=7, reason="hello"))]
+            # the sender is named by the key it authenticated with (worker-0's: node 0), not by the
+            # identity it chose ("1")
+            assert w.name == "1" and got["host"] == [(0, Cancel(request_id=7, reason="hello"))]
             assert got["w"] == [(SOURCE, Cancel(request_id=8, reason="back"))]
             # a stranger (a key not in allowed/) is refused: counted, nothing delivered
             bad.connect(SOURCE, host.address)

@@ -17,6 +17,13 @@ travels with its address: with CURVE on, an endpoint's address reads ``tcp://HOS
 addresses and nothing else changes.  A client whose key is not allowed fails the handshake: it is
 refused, counted (``ZmqStats.auth_failures``, from the inbox's socket monitor), and nothing it
 sends reaches the node.
+
+A key is also an identity.  The allow-list's file names bind each key to the one endpoint it may
+speak for (:func:`key_bindings`): ``allowed/host.key`` is the host, ``allowed/worker-N.key`` is
+node ``N`` and nothing else, and any other ``allowed/NAME.key`` is a client bound to no node (it
+may connect; the host refuses it a node).  The inbox names a sender by the key it authenticated
+with (ZAP's ``User-Id``), never by the ZeroMQ identity the sender chose: a worker holding
+``worker-3``'s key is node 3 to everyone, whatever it claims.  (docs/security.md)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["CurveKeys", "generate_keys", "is_local", "load_keys", "security", "split_address"]
+__all__ = ["CurveKeys", "check_address", "generate_keys", "is_local", "key_bindings", "load_keys", "security", "split_address"]
 
 _FRAGMENT = "#curve="
 
@@ -59,6 +66,55 @@ def split_address(address: str) -> tuple[str, bytes | None]:
     if len(raw) != 40:
         raise ConfigError(address, "address", f"a CURVE public key is 40 z85 characters, got {len(raw)}")
     return base, raw
+
+
+def key_bindings(allowed_dir: str | os.PathLike[str]) -> dict[bytes, str | int]:
+    """Every allowed public key (z85, as ZAP's ``User-Id`` gives it) and what it may speak for:
+    ``"host"`` (``host.key``), a node id (``worker-N.key``: node N only), or ``"key:NAME"`` (any
+    other ``NAME.key``: a client bound to no node).  A file that is not a certificate is skipped
+    (ZeroMQ's authenticator skips it too)."""
+    import zmq.auth
+
+    out: dict[bytes, str | int] = {}
+    d = Path(allowed_dir)
+    for path in sorted(d.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(str(path))
+        except (ValueError, OSError):
+            continue
+        name = path.name[: -len(".key")]
+        num = name[len("worker-"):] if name.startswith("worker-") else ""
+        if name == "host":
+            out[public] = "host"
+        elif num.isascii() and num.isdigit() and len(num) < 10:
+            out[public] = int(num)
+        else:
+            out[public] = "key:" + name
+    return out
+
+
+def check_address(address: str, key: bytes | None) -> str:
+    """Why ``address`` cannot be a worker's inbox address ("" when it can): a ``tcp://HOST:PORT``
+    endpoint (port 1..65535) whose ``#curve=`` part names exactly ``key`` (the sender's
+    authenticated public key, z85), or names none when ``key`` is None (plaintext links)."""
+    if len(address) > 512:
+        return "longer than 512 characters"
+    try:
+        endpoint, named = split_address(address)
+    except ConfigError as e:
+        return e.args[-1] if e.args else "a malformed #curve= part"
+    if not endpoint.startswith("tcp://"):
+        return "not a tcp:// endpoint"
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return "not tcp://HOST:PORT with a port in 1..65535"
+    if any(c.isspace() or c in "*;#/" for c in host):
+        return "the host part is not a host name or address"
+    if key is None and named is not None:
+        return "names a CURVE key, but the links are plaintext"
+    if key is not None and named != key:
+        return "its CURVE key is not the key the registrant authenticated with"
+    return ""
 
 
 def _read(path: Path, secret: bool) -> tuple[bytes, bytes | None]:

@@ -33,8 +33,22 @@ unacknowledged message and resends all of them, in order, when the oldest has wa
 counts as busy until its messages are acknowledged).  Heartbeats go every ``heartbeat_s`` on every
 outbox; a peer from which no acknowledgement has come for ``dead_after_s`` (1.5 s: with the
 heartbeat period, a silent peer is reported within 2 s) is reported through ``on_peer_lost``
-(once; ``on_peer_back`` if it answers again).  A frame that is malformed or a message that does
-not decode is dropped and counted (``stats``, ``drops``), never raised.
+(once; ``on_peer_back`` if it answers again).  Silence is measured on the peer's side only: the
+watch measures how late its own timer fired (the loop's lag: a long handler, a blocking call),
+drains what arrived meanwhile before judging, and discounts that lag, so a peer is declared lost
+because it went silent, not because this loop was late (``stats.loop_lag_max``).  A frame that is
+malformed or a message that does not decode is dropped and counted (``stats``, ``drops``), never
+raised.
+
+Who sent a message.  With CURVE, the inbox names a sender by the key it authenticated with (ZAP's
+``User-Id`` on the frame: ``curve.key_bindings``: the host, node N for ``worker-N``'s key), never
+by the ZeroMQ identity the sender chose; without CURVE there is nothing better than that identity
+(plaintext links authenticate no one: docs/security.md).
+
+Bounds.  Every inbox refuses frames larger than the largest legal one (``MAXMSGSIZE``,
+:func:`inbox_limit`: a peer sending more is disconnected before anything is allocated); per peer,
+ZeroMQ queues at most ``hwm`` messages each way, and an outbox keeps at most ``max_unacked``
+messages unacknowledged (past that a send is dropped and counted, ``stats.overflowed``).
 
 Timing reads the clock abstraction (the runtime's ``MonotonicClock``); nothing here schedules work.
 """
@@ -53,12 +67,12 @@ from typing import Any, NamedTuple
 import zmq
 
 from ..clock import Clock
-from ..codec import DropCounter, decode_or_drop, encode
+from ..codec import DEFAULT_LIMITS, DropCounter, Limits, decode_or_drop, encode
 from ..ids import SINK, SOURCE, NodeRef
 from .base import Handler, TransportError
-from .curve import CurveKeys, split_address
+from .curve import CurveKeys, key_bindings, split_address
 
-__all__ = ["HOST_NAME", "ZmqStats", "ZmqTransport"]
+__all__ = ["HOST_NAME", "ZmqStats", "ZmqTransport", "inbox_limit"]
 
 
 def _auth_log() -> Any:
@@ -68,6 +82,36 @@ def _auth_log() -> Any:
 
 #: The coordinator's identity on the wire.
 HOST_NAME = "host"
+
+#: The longest context a prompt may carry on the wire (tokens): far above any model here (SmolLM2:
+#: 8,192); what bounds a prompt's fields frame.
+MAX_CONTEXT_TOKENS = 1 << 20
+#: Bytes of a message's fields frame beyond its token-id arrays: scalars, a route of at most
+#: ``Limits.max_route_stages`` stages, names, reasons and error texts (a worker's error names an
+#: exception; 64 KiB is far above any we write).
+_FIELDS_SLACK = 64 << 10
+#: msgpack's largest encoding of one uint32 token id
+_ID_BYTES = 5
+#: What the wire adds to a frame the limit counts: ZeroMQ checks MAXMSGSIZE on every frame it
+#: decodes, the handshake's commands (CURVE's INITIATE carries metadata) and an encrypted frame's
+#: box (nonce, MAC, command name) included: 4 KiB is far above all of them.
+_WIRE_SLACK = 4096
+#: Inbound link state kept per sender at most (a restarted sender's old state is evicted first).
+_MAX_INBOUND = 4096
+
+
+def inbox_limit(max_context_tokens: int = MAX_CONTEXT_TOKENS, limits: Limits = DEFAULT_LIMITS,
+                tensors: bool = True) -> int:
+    """The largest legal frame an inbox may receive, bytes (its ``MAXMSGSIZE``): a tensor or
+    modelled-payload frame is at most ``limits.max_frame_bytes`` (the codec refuses more); the
+    first frame is the 18-byte link header and codec tag plus the fields, whose largest is a
+    prompt's: its token ids and context ids (``max_context_tokens`` each, 5 bytes apiece), its
+    stop ids (no more than its context), and the rest (``_FIELDS_SLACK``). tensors: False for an
+    inbox no tensor is ever sent to (the host's: tokens, stats, registrations)."""
+    fields = _HEADER.size + 1 + 3 * _ID_BYTES * max_context_tokens + _FIELDS_SLACK
+    if not tensors:
+        return _HEADER.size + 1 + _FIELDS_SLACK * 16  # a NodeStats of thousands of peers, long error texts
+    return max(limits.max_frame_bytes, fields)
 
 _DATA, _HEARTBEAT, _ACK = b"D", b"H", b"A"
 _HEADER = struct.Struct("<c8sQ")  # kind, epoch, seq: 17 bytes
@@ -103,13 +147,17 @@ class ZmqStats:
     unsent_at_close: int = 0  # messages still unacknowledged when the transport closed
     peers_lost: int = 0
     auth_failures: int = 0  # CURVE handshakes the inbox refused (a key not allowed, or no CURVE)
+    overflowed: int = 0  # sends dropped: the outbox already kept max_unacked unacknowledged messages
+    loop_lag_max: float = 0.0  # the latest the watch timer fired (s): this loop's worst stall
+    loop_lag_total: float = 0.0  # its lateness summed (s): discounted from peers' silences
     by_reason: dict[str, int] = field(default_factory=dict)  # bad frames by reason
 
 
 class _Out:
     """An outbox: the DEALER to one peer and what it has not had acknowledged."""
 
-    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "alive", "bytes", "retries", "rtt", "hb_at")
+    __slots__ = ("peer", "address", "sock", "seq", "unacked", "last_heard", "lag_heard", "alive", "bytes", "retries",
+                 "rtt", "hb_at")
 
     def __init__(self, peer: NodeRef, address: str, sock: Any, now: float) -> None:
         self.peer = peer
@@ -118,6 +166,7 @@ class _Out:
         self.seq = 0
         self.unacked: deque[tuple[int, list[Any], float]] = deque()
         self.last_heard = now
+        self.lag_heard = 0.0  # the transport's summed loop lag when last heard
         self.alive = True
         self.bytes = 0  # sent, first transmissions only (headers and tensor frames)
         self.retries = 0  # messages sent again (the link lost them, or the peer was slow to answer)
@@ -146,6 +195,9 @@ class ZmqTransport:
         ack_every: int = 32,
         context: zmq.Context[Any] | None = None,
         curve: CurveKeys | None = None,
+        max_message_bytes: int | None = None,
+        hwm: int = 100_000,
+        max_unacked: int = 65_536,
     ) -> None:
         if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
             raise ValueError("need heartbeat_s > 0, dead_after_s > heartbeat_s and retry_after_s > 0")
@@ -159,6 +211,15 @@ class ZmqTransport:
         if ack_every < 1 or retry_after_s < 2 * heartbeat_s:
             raise ValueError("need ack_every >= 1 and retry_after_s >= 2 * heartbeat_s")
         self._ack_every = int(ack_every)
+        if hwm < 1 or max_unacked < 1:
+            raise ValueError("need hwm >= 1 and max_unacked >= 1")
+        self._max_msg = inbox_limit() if max_message_bytes is None else int(max_message_bytes)
+        self._hwm = int(hwm)
+        self._max_unacked = int(max_unacked)
+        # CURVE: public key (z85, ZAP's User-Id) -> the sender it speaks for; filled at start()
+        self._principals: dict[bytes, NodeRef] = {}
+        self._key_of: dict[NodeRef, bytes] = {}
+        self._uid = b""  # the User-Id of the message being handled (CURVE)
         self._own_ctx = context is None
         if curve is not None and not self._own_ctx:
             raise ValueError("CURVE needs the transport's own ZeroMQ context (its authenticator is per context)")
@@ -170,7 +231,8 @@ class ZmqTransport:
         self._router: Any = None
         self.address = ""
         self._outs: dict[NodeRef, _Out] = {}
-        self._inbound: dict[bytes, list[Any]] = {}  # identity -> [epoch, next expected seq, delivered since the last ack]
+        # sender (identity; with CURVE, key + identity) -> [epoch, next expected seq, delivered since the last ack, identity]
+        self._inbound: dict[bytes, list[Any]] = {}
         self._names: dict[bytes, NodeRef] = {HOST_NAME.encode(): SOURCE}
         self._handler: Handler | None = None
         self._idle: Callable[[NodeRef], None] | None = None
@@ -211,10 +273,15 @@ class ZmqTransport:
             self._auth = ThreadAuthenticator(self._ctx, log=_auth_log())
             self._auth.start()
             self._auth.configure_curve(domain="*", location=curve.allowed_dir)
+            for key, who in key_bindings(curve.allowed_dir).items():
+                ref: NodeRef = SOURCE if who == "host" else who
+                self._principals[key] = ref
+                self._key_of.setdefault(ref, key)
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.SNDHWM, self._hwm)  # acks only: one dropped is answered by the next
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_msg + _WIRE_SLACK)
         if curve is not None:
             sock.curve_secretkey = curve.secret
             sock.curve_publickey = curve.public
@@ -254,8 +321,10 @@ class ZmqTransport:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.name.encode())
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # a full queue refuses the send (counted); the message stays unacknowledged and is resent
+        sock.setsockopt(zmq.SNDHWM, self._hwm)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, _WIRE_SLACK)  # only acknowledgements (17 bytes) come back
         if curve is not None:
             key = server_key if server_key is not None else curve.default_server
             if key is None:
@@ -284,6 +353,15 @@ class ZmqTransport:
     def peers(self) -> list[NodeRef]:
         return list(self._outs)
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether senders are named by their authenticated CURVE key (else by their identity)."""
+        return self._curve is not None
+
+    def key_of(self, peer: NodeRef) -> bytes | None:
+        """The public key (z85) bound to ``peer`` in the allow-list (CURVE), or None."""
+        return self._key_of.get(peer)
+
     def disconnect(self, peer: NodeRef) -> int:
         """Close the outbox to ``peer``; returns how many of its messages were never acknowledged."""
         out = self._outs.pop(SOURCE if peer == SINK else peer, None)
@@ -306,6 +384,10 @@ class ZmqTransport:
         out = self._outs.get(SOURCE if dest == SINK else dest)
         if out is None:
             raise TransportError(f"{self.name}: no link to {dest!r}")
+        if len(out.unacked) >= self._max_unacked:
+            # the peer has not acknowledged this many: it is not reading; keep no more for it
+            self.stats.overflowed += 1
+            return
         frames = encode(msg)
         # the header, the codec's tag and its fields in one frame; tensors (or a modelled payload)
         # follow as frames of their own, not copied
@@ -394,11 +476,19 @@ class ZmqTransport:
             return
         get = sock.get
         recv = sock.recv
+        # CURVE inbox: the first frame is read as a zmq.Frame, for the key it was authenticated with
+        uid = self._curve is not None and sock is self._router
         for _ in range(1000):  # then yield to the loop; the rest on the next turn
             try:
                 if not get(_EVENTS) & _POLLIN:
                     return
-                frames = [recv(_NOBLOCK)]
+                if uid:
+                    first = recv(_NOBLOCK, copy=False)
+                    user = first.get("User-Id")
+                    self._uid = user.encode() if user else b""
+                    frames = [first.bytes]
+                else:
+                    frames = [recv(_NOBLOCK)]
                 while get(_RCVMORE):
                     frames.append(recv(_NOBLOCK))
             except zmq.Again:
@@ -458,18 +548,25 @@ class ZmqTransport:
         ident = frames[0]
         head = frames[1]
         kind, epoch, seq = _unpack_from(head)
-        st = self._inbound.get(ident)
+        key = ident
+        if self._curve is not None:
+            # the sender is its authenticated key; the identity only tells its connections apart
+            if self._uid not in self._principals:
+                self._bad("no authenticated key")
+                return
+            key = self._uid + b"/" + ident
+        st = self._inbound.get(key)
         if kind == _DATA:
             if st is None or st[0] != epoch:
                 # a new sender (or a restarted one): its sequence continues from what it still holds
-                self._inbound[ident] = st = [epoch, seq, 0]
+                st = self._new_inbound(key, epoch, seq, ident)
             if seq == st[1]:
                 st[1] = seq + 1
                 mv = memoryview(head)
                 msg = decode_or_drop([mv[17:18], mv[18:], *frames[2:]], self.drops)
                 if msg is not None:
                     self.stats.delivered += 1
-                    self._deliver(self._sender(ident), msg)
+                    self._deliver(self._principals[self._uid] if self._curve is not None else self._sender(ident), msg)
                 st[2] += 1
                 if st[2] < self._ack_every:
                     return  # acknowledged with the next heartbeat (or the ack_every-th message)
@@ -482,14 +579,22 @@ class ZmqTransport:
                 self._bad("heartbeat frames")
                 return
             if st is None or st[0] != epoch:
-                self._inbound[ident] = st = [epoch, seq, 0]
+                st = self._new_inbound(key, epoch, seq, ident)
         else:
             self._bad("unknown frame kind")
             return
-        self._acks.add(ident)
+        self._acks.add(key)
         if not self._ack_pending:
             self._ack_pending = True
             self._clock.call_soon(self._flush_acks)
+
+    def _new_inbound(self, key: bytes, epoch: bytes, seq: int, ident: bytes) -> list[Any]:
+        inbound = self._inbound
+        inbound.pop(key, None)
+        if len(inbound) >= _MAX_INBOUND:  # bounded whatever identities peers make up: the oldest goes
+            del inbound[next(iter(inbound))]
+        st = inbound[key] = [epoch, seq, 0, ident]
+        return st
 
     def _on_monitor(self, frames: list[bytes]) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -518,13 +623,13 @@ class ZmqTransport:
         self._ack_pending = False
         if self.closed:
             return
-        for ident in self._acks:
-            st = self._inbound.get(ident)
+        for key in self._acks:
+            st = self._inbound.get(key)
             if st is None:
                 continue
             st[2] = 0
             try:
-                self._router.send_multipart([ident, _pack(_ACK, st[0], st[1])], _NOBLOCK)
+                self._router.send_multipart([st[3], _pack(_ACK, st[0], st[1])], _NOBLOCK)
             except zmq.ZMQError:
                 self._bad("ack send failed")
         self._acks.clear()
@@ -543,6 +648,7 @@ class ZmqTransport:
             return
         now = self._clock.now()
         out.last_heard = now
+        out.lag_heard = self.stats.loop_lag_total
         if out.hb_at >= 0:
             sample = now - out.hb_at
             out.rtt = sample if out.rtt == 0.0 else 0.8 * out.rtt + 0.2 * sample
@@ -560,9 +666,20 @@ class ZmqTransport:
 
     async def _watch(self) -> None:
         clock = self._clock
+        st = self.stats
         while True:
+            due = clock.now() + self._hb
             await clock.sleep(self._hb)
             now = clock.now()
+            lag = now - due
+            if lag > 0.0:
+                # the loop was late (a long handler, a blocking call): what came meanwhile is read
+                # first, and the lag is not counted as the peers' silence
+                st.loop_lag_total += lag
+                st.loop_lag_max = max(st.loop_lag_max, lag)
+                if lag > self._hb / 2:
+                    for out in list(self._outs.values()):
+                        self._drain(out.sock)
             for out in list(self._outs.values()):
                 first = out.unacked[0][0] if out.unacked else out.seq
                 if out.hb_at < 0:
@@ -579,7 +696,7 @@ class ZmqTransport:
                         self.stats.retried += 1
                         out.retries += 1
                         self._transmit(out, packet)
-                if out.alive and now - out.last_heard > self._dead:
+                if out.alive and now - out.last_heard - (st.loop_lag_total - out.lag_heard) > self._dead:
                     out.alive = False
                     self.stats.peers_lost += 1
                     if self.on_peer_lost is not None:
