@@ -490,7 +490,7 @@ class Host:
         if route is None:
             return False
         if self._router is None and q.iterations == 0 and len(route) == 1:
-            named = getattr(msg, "route", ())
+            named: Any = getattr(msg, "route", ())
             if last:
                 return bool(named) and named[0][0] == route[0][0] and named[-1][0] == sender
             return isinstance(sender, int)

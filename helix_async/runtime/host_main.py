@@ -24,6 +24,17 @@ lost node takes its place, and once it is ready the flows grow back; a worker th
 after a stall is back in service.  A slow or lossy link has its flow capped, and restored after a
 quiet period.  ``shutdown`` lets in-flight requests finish for a grace period, cancels the rest,
 tells every worker to stop and closes.
+
+Who may say what (docs/security.md).  A registration is taken only from a sender that may hold the
+node: with CURVE, the node its key is bound to (``worker-N``'s key: node N, whatever node id the
+message asks for); its address must parse and, with CURVE, name that same key, before the node is
+given.  A registrant that goes silent before it is ready, or that is not ready within
+``ready_timeout_s`` of its assignment, frees its node.  A refused registrant is told why over an
+outbox that is closed once the answer is acknowledged (or after ``refusal_linger_s``), and at most
+``max_refusals`` such answers are in flight (the rest are refused without one).  ``NodeStats`` and a
+node's own errors are taken only from that node; tokens and request errors only from a stage of the
+request's route (:meth:`Host.on_message <helix_async.host.Host.on_message>`).  Everything else is
+dropped and counted per (kind, sender) (:attr:`HostServer.dropped`), logged rate-limited per cause.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from ..flowplan import FlowPlan
 from ..frontend.host_protocol import HostSnapshot, LinkReport, NodeReport
 from ..host import Host, Query
 from ..ids import SINK, SOURCE, NodeRef
+from ..logs import RateLimitedLog
 from ..messages import (
     AssignLayers,
     Cancel,
@@ -61,7 +73,8 @@ from ..runlog import RunLog
 from ..sampling import SampledToken, SamplingParams
 from ..settings import HostSettings
 from ..transport.base import Handler
-from ..transport.zmq import ZmqTransport
+from ..transport.curve import check_address
+from ..transport.zmq import ZmqTransport, inbox_limit
 
 __all__ = ["HostCounters", "HostServer", "LinkHealth"]
 
@@ -98,6 +111,7 @@ class _NodeState:
     stats_at: float = -1.0  # when it came (host clock)
     draining: bool = False  # asked to leave: its requests moved, then told to stop
     lost_at: float = -1.0  # when it was last reported lost (host clock)
+    assigned_at: float = -1.0  # when its registrant was last sent its layers (host clock)
 
 
 @dataclass
@@ -111,6 +125,8 @@ class HostCounters:
     rejoined: int = 0  # workers that took a lost node's place
     drained: int = 0  # workers that left on request (SIGTERM)
     cancelled_at_shutdown: int = 0
+    freed: int = 0  # registrants that lost their node: silent, or not ready in time
+    refused_silently: int = 0  # registrations refused without an answer (bad address, too many answers in flight)
     log: list[str] = field(default_factory=list)
 
 
@@ -186,7 +202,9 @@ class HostServer:
         self.flow = flow if flow is not None else max_flow(placement)
         self.current_flow = self.flow  # the flows routed by now (re-planned around faults)
         self.clock = MonotonicClock()
-        self.tp = ZmqTransport(SOURCE, self.clock, bind=settings.listen, curve=curve)
+        # the host's inbox takes no tensors: tokens, stats, registrations
+        self.tp = ZmqTransport(SOURCE, self.clock, bind=settings.listen, curve=curve,
+                               max_message_bytes=inbox_limit(tensors=False))
         self.nodes: dict[int, _NodeState] = {}
         for i in placement.used_nodes():
             r = placement.layers[i]
@@ -207,6 +225,14 @@ class HostServer:
         self._watchdog: asyncio.Task[None] | None = None
         self.runlog: RunLog | None = None
         self.log_files: list[Any] = []
+        #: (message kind, sender) -> messages dropped because that sender may not send them
+        self.dropped: dict[tuple[str, NodeRef], int] = {}
+        self.ready_timeout_s = 600.0  # from its assignment: loading a large model takes a while
+        self.refusal_linger_s = 10.0
+        self.max_refusals = 16
+        self._refusals: dict[str, float] = {}  # refusal outbox -> when it closes at the latest
+        self._rlog = RateLimitedLog(log, self.clock.now)
+        self._reg_watch: asyncio.Task[None] | None = None
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -217,6 +243,7 @@ class HostServer:
         self.tp.set_handler(self._on_message)
         self.tp.on_peer_lost = self._peer_lost
         self.tp.on_peer_back = self._peer_back
+        self._reg_watch = asyncio.get_running_loop().create_task(self._registration_watch(), name="registration-watch")
         return address
 
     @property
@@ -271,6 +298,8 @@ class HostServer:
             grace = self.settings.shutdown_grace
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._reg_watch is not None:
+            self._reg_watch.cancel()
         host = self.host
         if host is not None:
             deadline = self.clock.now() + grace
@@ -295,6 +324,13 @@ class HostServer:
 
     # ---- registration ---------------------------------------------------------------------------
 
+    def _drop(self, kind: type, sender: NodeRef, why: str) -> None:
+        """A message ``sender`` may not send: dropped, counted per (kind, sender), logged rate-limited."""
+        self.counters.bad_messages += 1
+        key = (kind.__name__, sender)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        self._rlog.warning(f"dropped {kind.__name__}: {why}", "dropped %s from %r: %s", kind.__name__, sender, why)
+
     def _on_message(self, sender: NodeRef, msg: Any) -> None:
         t = type(msg)
         if t is Register:
@@ -303,8 +339,8 @@ class HostServer:
             pass
         elif t is NodeStats:
             st = self.nodes.get(msg.node_id)
-            if st is None or sender != msg.node_id:
-                self.counters.bad_messages += 1
+            if st is None or sender != msg.node_id or not st.name:
+                self._drop(t, sender, "stats not from the node they describe")
                 return
             st.stats = msg
             st.stats_at = self.clock.now()
@@ -313,6 +349,9 @@ class HostServer:
                     self._observe_link(msg.node_id, SOURCE if peer < 0 else peer, retried, rtt / 1e6)
         elif t is Error and msg.request_id < 0:
             # (sender: the node id of a registered worker, the transport names it so)
+            if not (isinstance(sender, int) and sender in self.nodes and self.nodes[sender].name):
+                self._drop(t, sender, "a node's error not from a registered node")
+                return
             try:
                 code = ErrorCode(msg.code).name
             except ValueError:  # a code newer than this host: still logged, by number
@@ -324,50 +363,108 @@ class HostServer:
         else:
             self.counters.bad_messages += 1
 
-    def _refuse(self, msg: Register, why: str) -> None:
+    def _refuse(self, msg: Register, why: str, *, answer: bool = True) -> None:
+        """Refuse a registration: counted, logged (rate-limited), and answered with an ``Error`` over
+        a short-lived outbox, at most ``max_refusals`` at a time (``answer``: its address is fit to
+        dial)."""
         self.counters.refused += 1
-        log.warning("refused worker %s (%s): %s", msg.name, msg.address, why)
-        self.tp.connect(msg.name, msg.address)
-        self.tp.send(msg.name, Error(request_id=-1, code=int(ErrorCode.NOT_ASSIGNED), text=why))
+        self._rlog.warning(f"refused registration: {why.split(' (')[0]}", "refused worker %.64r (%.96r): %s",
+                           msg.name, msg.address, why)
+        if not answer or len(self._refusals) >= self.max_refusals:
+            self.counters.refused_silently += 1
+            return
+        peer = "refused:" + msg.name
+        try:
+            self.tp.connect(peer, msg.address)
+        except Exception:  # noqa: BLE001 - an address ZeroMQ refuses: no answer (counted above)
+            self.counters.refused_silently += 1
+            return
+        self._refusals[peer] = self.clock.now() + self.refusal_linger_s
+        self.tp.send(peer, Error(request_id=-1, code=int(ErrorCode.NOT_ASSIGNED), text=why))
+
+    def _free(self, node: int, why: str) -> None:
+        """A registrant that did not become ready loses its node: the next worker may take it."""
+        st = self.nodes[node]
+        log.warning("worker %s frees node %d: %s", st.name, node, why)
+        self._names.pop(st.name, None)
+        self.tp.disconnect(node)
+        st.name = ""
+        st.address = ""
+        st.ready = False
+        st.assigned_at = -1.0
+        self.counters.freed += 1
+        if self._assigned:  # its neighbours hold its old address: it is replaced as a lost node is
+            st.lost = True
+            st.lost_at = self.clock.now()
+
+    async def _registration_watch(self) -> None:
+        """Close refusal outboxes once answered (or late); free nodes whose registrant is not
+        ready within ``ready_timeout_s`` of its assignment."""
+        while not self._closing:
+            await self.clock.sleep(0.25)
+            now = self.clock.now()
+            for peer, until in list(self._refusals.items()):
+                if self.tp.link_idle(peer) or now > until:
+                    self.tp.disconnect(peer)
+                    del self._refusals[peer]
+            for node, st in self.nodes.items():
+                if st.name and not st.ready and st.assigned_at >= 0 and now - st.assigned_at > self.ready_timeout_s:
+                    self._free(node, f"not ready {self.ready_timeout_s:g} s after its assignment")
 
     def _register(self, sender: NodeRef, msg: Register) -> None:
         self.counters.registrations += 1
         if "ready" in msg.capabilities:
             node = self._names.get(msg.name)
-            if node is None or node != msg.node_id:
-                self.counters.bad_messages += 1
+            if node is None or node != msg.node_id or sender != node:
+                self._drop(Register, sender, "a ready notice not from the node's registrant")
                 return
             ready = self.nodes[node]
             ready.ready = True
+            ready.lost = False
             log.info("node %d ready (%s)", node, msg.name)
             if self.host is not None:  # a rejoined worker: the flows grow back
-                ready.lost = False
                 self._replan(f"worker {node} rejoined")
             elif all(x.ready for x in self.nodes.values()):
                 self._serve()
             return
         if "draining" in msg.capabilities:
             node = self._names.get(msg.name)
-            if node is None or node != msg.node_id:
-                self.counters.bad_messages += 1
+            if node is None or node != msg.node_id or sender != node:
+                self._drop(Register, sender, "a draining notice not from the node's registrant")
                 return
             self._drain(node)
             return
         if msg.name in self._names:  # the same worker again (a retried registration)
             return
+        authenticated = self.tp.authenticated
+        # the address first: a node is never given to a registrant that cannot be dialled back
+        bad = check_address(msg.address, self.tp.key_of(sender) if authenticated else None)
+        if bad:
+            self._refuse(msg, f"its address is unusable: {bad}", answer=False)
+            return
+        want = msg.node_id
+        if authenticated:
+            # the key is the authority: it speaks for one node, whatever the message asks for
+            if not (isinstance(sender, int) and sender in self.nodes):
+                self._refuse(msg, f"its key is bound to no node of the plan (it speaks for {sender!r})")
+                return
+            if want >= 0 and want != sender:
+                self._refuse(msg, f"its key is bound to node {sender}, not node {want}")
+                return
+            want = sender
         gpu = msg.machine_type.lower()
         rejoin = self._assigned
-        if msg.node_id >= 0:
-            found = self.nodes.get(msg.node_id)
+        if want >= 0:
+            found = self.nodes.get(want)
             if found is None:
-                self._refuse(msg, f"node {msg.node_id} is not in the plan (its nodes: {sorted(self.nodes)})")
+                self._refuse(msg, f"node {want} is not in the plan (its nodes: {sorted(self.nodes)})")
                 return
             st = found
             if st.name and not (rejoin and st.lost):
-                self._refuse(msg, f"node {msg.node_id} is taken by {st.name}")
+                self._refuse(msg, f"node {want} is taken by {st.name}")
                 return
             if st.gpu.lower() != gpu:
-                self._refuse(msg, f"node {msg.node_id} is a {st.gpu} in the plan, the worker is a {msg.machine_type}")
+                self._refuse(msg, f"node {want} is a {st.gpu} in the plan, the worker is a {msg.machine_type}")
                 return
         else:
             free = [s for s in self.nodes.values() if s.gpu.lower() == gpu and (not s.name if not rejoin else s.lost)]
@@ -415,6 +512,7 @@ class HostServer:
                 ys = self.nodes[y]
                 hops.append((y, ys.address, ys.layers[0], ys.layers[1]))
         prev = tuple(x for x in p.in_links(i) if isinstance(x, int))
+        st.assigned_at = self.clock.now()
         self.tp.send(
             i,
             AssignLayers(node_id=i, model=self.model.name, start=st.layers[0], end=st.layers[1], plan_id=1,
@@ -449,6 +547,9 @@ class HostServer:
             return
         st = self.nodes[peer]
         if st.lost:
+            return
+        if st.name and not st.ready and not st.draining:
+            self._free(peer, "it went silent before it was ready")  # (a wedge: an address nobody answers at)
             return
         st.lost = True
         st.lost_at = self.clock.now()
@@ -582,7 +683,7 @@ class HostServer:
         return HostSnapshot(
             waiting=host.waiting if host is not None else 0,
             active=host.active if host is not None else 0,
-            dropped=tp.stats.bad_frames + tp.drops.total + c.bad_messages,
+            dropped=tp.stats.bad_frames + tp.drops.total + c.bad_messages + (host.stats.bad_messages if host else 0),
             bytes_out={_label(peer): n for peer, n in tp.bytes_sent().items() if isinstance(peer, int)},
             nodes=tuple(nodes),
             links=tuple(links),
