@@ -73,6 +73,10 @@ ARRIVAL_SERIES: Mapping[str, str] = MappingProxyType(
 ARRIVAL_INTERVAL_S = 3  # width of one arrival-series interval (docs/original.md §9)
 TRACE_HEADER = ("arrive_time_s", "input_tokens", "output_tokens")
 MAX_TOKENS_PER_QUERY = 1_000_000  # bound on input_tokens / output_tokens read from a trace file
+#: The most queries :func:`generate_online_trace` makes (token rate / average length x duration): the
+#: trace is held in memory (about 100 bytes a query), and a rate of 1e15 tokens/s must be one line,
+#: not an endless loop.
+MAX_GENERATED_QUERIES = 10_000_000
 
 IntArray = npt.NDArray[np.int64]
 Seed = int | random.Random
@@ -258,6 +262,13 @@ def generate_online_trace(
         )
     rng = _rng(seed)
     length_sampler = LengthSampler(lengths, rng)
+    expected = rate / length_sampler.average_length * ARRIVAL_INTERVAL_S * intervals
+    if expected > MAX_GENERATED_QUERIES:
+        raise ConfigError(
+            "<argument>", "--rate",
+            f"{rate:g} tokens/s for {ARRIVAL_INTERVAL_S * intervals} s is about {expected:.3g} queries, over the "
+            f"limit of {MAX_GENERATED_QUERIES:g}: lower the rate or the duration",
+        )
     arrival_sampler = ArrivalRateSampler(arrivals, rate / length_sampler.average_length, rng)
 
     trace: list[TraceEntry] = []

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from helix_async.cli import EXIT_OK, EXIT_USAGE, dispatch
-from helix_async.cli.args import Parser, finite, model_ref, nonnegative, positive, slo
+from helix_async.cli.args import (
+    MAX_COUNT,
+    Parser,
+    finite,
+    int_in,
+    model_ref,
+    number_in,
+    output_file,
+    slo,
+)
 from helix_async.cluster import load_cluster
 from helix_async.errors import ConfigError
 from helix_async.fileio import atomic_write_text, check_output_path
@@ -32,33 +41,25 @@ from helix_async.routing.policies import get_policy
 from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, kv_for_mode
 
 from .report import report_json, summary_lines
-from .runner import Workload, run
+from .runner import DEFAULT_MAX_EVENTS, MAX_SIM_SECONDS, Workload, run
 from .simulation import SCHEDULERS, SimulationSetup
 from .workloads import ARRIVAL_SERIES, LENGTH_DATASETS, read_trace_csv
 
-__all__ = ["load_plan", "main"]
+__all__ = ["build_parser", "load_plan", "main"]
 
 MODES = ("offline", "online")
 
 
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= v <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"must lie in [1, 1000000], got {text!r}")
-    return v
+#: The highest offered load a simulation takes, tokens/s (a thousand times a 24-node cluster's);
+#: with --duration bounded, the generated trace stays a few million queries at most.
+MAX_SIM_RATE = 1e7
+#: Cores of one machine (--shared-cores).
+MAX_SHARED_CORES = 65_536.0
 
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {text!r}")
-    return v
+_count = int_in(1, 1_000_000, "a whole number")
+_seed = int_in(0, 2**63 - 1, "an integer seed")
+_sim_seconds = number_in(0.0, MAX_SIM_SECONDS, low_open=True, unit="simulated s")
+_sim_seconds0 = number_in(0.0, MAX_SIM_SECONDS, unit="simulated s")
 
 
 def _kv(text: str) -> KVExpectation:
@@ -105,13 +106,17 @@ def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
 
 
 def _cores_list(text: str) -> tuple[float, ...]:
-    """``A1,A2,...``: cores available to 1, 2, ... busy processes (each > 0)."""
+    """``A1,A2,...``: cores available to 1, 2, ... busy processes (each > 0, at most
+    :data:`MAX_SHARED_CORES` of them)."""
+    parts = text.split(",")
+    if len(parts) > MAX_SHARED_CORES:
+        raise argparse.ArgumentTypeError(f"more than {MAX_SHARED_CORES:g} numbers")
     try:
-        vals = tuple(float(x) for x in text.split(","))
+        vals = tuple(float(x) for x in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not vals or any(not v > 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"each must be > 0, got {text!r}")
+    if not vals or any(not 0 < v <= MAX_SHARED_CORES for v in vals):
+        raise argparse.ArgumentTypeError(f"each must be > 0 and <= {MAX_SHARED_CORES:g}, got {text!r}")
     return vals
 
 
@@ -120,12 +125,17 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama2-70b", type=model_ref,
                    help="NAME, a checkpoint directory or a FILE.gguf (default llama2-70b)")
     p.add_argument("--mode", choices=MODES, default="offline")
-    p.add_argument("--rate", type=positive, help="online: target tokens/s (default 700 MaxFlow, 400 others)")
+    p.add_argument("--rate", type=number_in(0.0, MAX_SIM_RATE, low_open=True, unit="tokens/s"),
+                   help=f"online: target tokens/s, at most {MAX_SIM_RATE:g} (default 700 MaxFlow, 400 others)")
     p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")
     p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES), default="azure-conv", help="online arrival series")
-    p.add_argument("--duration", type=positive, help="statistics window, s (default 600 offline, 1800 online)")
-    p.add_argument("--warmup", type=nonnegative, help="warm-up before the window, s (default 60 offline, 0 online)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream (default 0)")
+    p.add_argument("--duration", type=_sim_seconds,
+                   help=f"statistics window, simulated s, at most {MAX_SIM_SECONDS:g} (one day; default 600 offline, "
+                   "1800 online)")
+    p.add_argument("--warmup", type=_sim_seconds0,
+                   help=f"warm-up before the window, simulated s, at most {MAX_SIM_SECONDS:g} (default 60 offline, "
+                   "0 online)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream, in [0, 2**63) (default 0)")
     p.add_argument("--initial-queries", type=_count, help="offline population (default 20 MaxFlow, 240 others)")
     p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default "
                    f"{KV_OFFLINE.fill_limit},{KV_OFFLINE.output_ratio} offline; "
@@ -133,7 +143,10 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compat", choices=("helix",), help="reproduce the original simulator's semantics")
     p.add_argument("--trace", help="replay a CSV trace arrive_time_s,input_tokens,output_tokens (virtual seconds; arrivals before the models are loaded wait until then)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    p.add_argument("--shared-cores", type=positive, default=None, metavar="N",
+    p.add_argument("--max-events", type=int_in(1, MAX_COUNT), default=DEFAULT_MAX_EVENTS, metavar="N",
+                   help="stop with an error after N events, a bound on the work (default %(default)s: about a "
+                   "simulated day of a busy 24-node cluster, some 15 minutes)")
+    p.add_argument("--shared-cores", type=number_in(0.0, MAX_SHARED_CORES, low_open=True), default=None, metavar="N",
                    help="the nodes are processes of one machine with N cores, shared while they compute "
                         "(a CPU cluster such as tiny3; profile with --clock cpu); default: a device per node")
     p.add_argument("--cores-available", type=_cores_list, default=(), metavar="A1,A2,...",
@@ -141,7 +154,8 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
                         "machine (default: min(k, N))")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m sim` (run, compare)."""
     parser = Parser(prog="python -m sim", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="simulate one plan")
@@ -150,11 +164,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_workload_flags(r)
     r.add_argument("--report", help="write report.json (and plots with --plots) into this directory")
     r.add_argument("--plots", action="store_true", help="with --report: throughput, latency and placement plots")
-    r.add_argument("--watch", type=positive, help="print the original's watch block every N simulated seconds")
+    r.add_argument("--watch", type=_sim_seconds, help="print the original's watch block every N simulated seconds")
     r.add_argument("--faults", default=None, metavar="SPEC",
                    help="kill nodes in virtual time, e.g. node=7@t=120s,node=3@t=300s+60s (revived 60 s later); "
                    "times after the models load, as --warmup")
-    r.add_argument("--detect-after", type=nonnegative, default=None,
+    r.add_argument("--detect-after", type=_sim_seconds0, default=None,
                    help="--faults: seconds from a crash to the host's noticing (default 1.5, the runtime's)")
     r.add_argument("--slo", type=slo, default=None, metavar="ttft=S,tpot=S",
                    help="also report goodput: queries finished in the window whose TTFT and mean time per output "
@@ -164,7 +178,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", action="append", required=True, help="plan (repeat for several)")
     c.add_argument("--scheduler", action="append", choices=SCHEDULERS, help="scheduler (repeat; default maxflow)")
     _add_workload_flags(c)
-    c.add_argument("--json", help="also write all reports as one JSON file")
+    c.add_argument("--json", type=output_file, help="also write all reports as one JSON file")
     c.set_defaults(handler=_cmd_compare)
     return parser
 
@@ -240,7 +254,8 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         cores=args.shared_cores or 0.0,
         available=args.cores_available,
     )
-    return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress, **kw)
+    return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress,
+               max_events=args.max_events, **kw)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -321,7 +336,7 @@ def _fmt(x: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for bad input, after one ``error:`` line)."""
-    parser = _build_parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from helix_async.errors import ConfigError
+from helix_async.fileio import short_repr
 from helix_async.roles import Replanner
 from helix_async.routing.policies import POLICIES
 
@@ -43,6 +44,11 @@ __all__ = ["DETECT_AFTER_S", "Fault", "FaultInjector", "parse_faults"]
 DETECT_AFTER_S = 1.5
 
 _ITEM = re.compile(r"^node=(\d+)@t=(\d+(?:\.\d*)?)s?(?:\+(\d+(?:\.\d*)?)s?)?$")
+#: The largest node id and the latest time (seconds after the models load) a fault may name: node
+#: ids fit a C int (cluster files number nodes 0..n-1), times one simulated day (the runner's
+#: ``MAX_SIM_SECONDS``). Checked on the digits before any conversion, so a 5,000-digit id is one line.
+MAX_FAULT_NODE = 2**31 - 1
+MAX_FAULT_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,14 @@ def parse_faults(text: str, nodes: Sequence[int] | None = None, where: str = "--
             continue
         m = _ITEM.match(item)
         if m is None:
-            raise ConfigError("<argument>", where, f"bad fault {raw.strip()!r}: expected node=N@t=SECONDSs or "
+            raise ConfigError("<argument>", where, f"bad fault {short_repr(raw.strip())}: expected node=N@t=SECONDSs or "
                               "node=N@t=SECONDSs+DOWNs, e.g. node=7@t=120s,node=3@t=300s+60s")
+        if len(m.group(1)) > 10 or int(m.group(1)) > MAX_FAULT_NODE:
+            raise ConfigError("<argument>", where, f"bad fault {short_repr(raw.strip())}: node ids go up to {MAX_FAULT_NODE}")
+        for g in (m.group(2), m.group(3)):
+            if g is not None and (len(g) > 20 or float(g) > MAX_FAULT_SECONDS):
+                raise ConfigError("<argument>", where, f"bad fault {short_repr(raw.strip())}: times go up to "
+                                  f"{MAX_FAULT_SECONDS:g} s (one simulated day)")
         node, at = int(m.group(1)), float(m.group(2))
         down = float(m.group(3)) if m.group(3) is not None else None
         if nodes is not None and node not in nodes:

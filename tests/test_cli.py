@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,7 +127,7 @@ def test_help_returns_0_and_usage_errors_return_2(capsys: pytest.CaptureFixture[
     rc, out, err = _run(capsys, "plan", "--time-limit", "-1")
     assert rc == 2 and out == ""
     assert err == (
-        "error: python -m helix_async plan: argument --time-limit: must be > 0, got '-1' "
+        "error: python -m helix_async plan: argument --time-limit: must be > 0 s, got '-1' "
         "(see python -m helix_async plan --help)\n"
     )
 
@@ -139,3 +141,132 @@ def test_bad_log_level_environment_variable_is_one_line(monkeypatch, capsys) -> 
     assert len(err) == 1 and err[0].startswith("error: HELIX_LOG_LEVEL: unknown level 'loud'")
     # the flag wins over the variable
     assert cli.main(["--log-level", "info", "cluster", "show", "single24"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every numeric flag is bounded by what its consumer takes (docs/security.md, "Files and flags")
+# ---------------------------------------------------------------------------------------------
+
+
+def _numeric_flags() -> list[tuple[str, str, Any]]:
+    """(command, flag, type) of every flag of both command lines whose type turns "1" into a number."""
+    import argparse
+
+    from helix_async.cli import build_parser
+    from sim.cli import build_parser as build_sim_parser
+
+    found: list[tuple[str, str, Any]] = []
+
+    def walk(parser: argparse.ArgumentParser, prog: str) -> None:
+        for action in parser._actions:
+            if isinstance(action.choices, dict):  # sub-commands
+                for name, child in action.choices.items():
+                    walk(child, f"{prog} {name}")
+            elif callable(action.type) and action.option_strings:
+                try:
+                    value = action.type("1")
+                except (argparse.ArgumentTypeError, ValueError):
+                    continue  # not a number type (a pair, a path, a model...)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    found.append((prog, action.option_strings[-1], action.type))
+
+    walk(build_parser(), "helix_async")
+    walk(build_sim_parser(), "sim")
+    return found
+
+
+def test_every_numeric_flag_refuses_huge_and_overlong_values() -> None:
+    import argparse
+
+    flags = _numeric_flags()
+    assert len(flags) > 60  # every command's flags were found, not a few
+    unbounded = []
+    for prog, flag, convert in flags:
+        for text in ("9" * 5000, "1e400", "1e300", str(2**64)):
+            try:
+                convert(text)
+            except argparse.ArgumentTypeError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - what the test looks for: anything but a usage error
+                unbounded.append(f"{prog} {flag} {text[:8]}: {type(exc).__name__}")
+            else:
+                unbounded.append(f"{prog} {flag} {text[:8]}: accepted")
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["plan", "--cluster", "tiny3", "--model", "tiny-llama", "--time-limit", "1e22"], ["--time-limit", "<= 1e+09 s"]),
+        (["plan", "--seed", str(2**64)], ["--seed", "<= 18446744073709551615"]),
+        (["host", "--plan", "p.toml", "--recovery-timeout", "1e12"], ["--recovery-timeout", "<= 1e+09 s"]),
+        (["worker", "--connect", "tcp://127.0.0.1:1", "--node-id", "9" * 5000], ["--node-id", "5000 characters"]),
+        (["serve", "--http", "127.0.0.1:" + "9" * 5000], ["--http", "HOST:PORT"]),
+        (["bench-serve", "--rate", "1e9"], ["--rate", "<= 1000 requests/s"]),
+        (["keys", "generate", "k", "--workers", "1e3"], ["--workers", "expected"]),
+    ],
+)
+def test_out_of_range_flags_are_one_line_exit_2(argv: list[str], needles: list[str], capsys) -> None:
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2, err
+    assert err.startswith("error:") and err.count("\n") == 1
+    for needle in needles:
+        assert needle in err
+
+
+def test_sim_duration_and_events_are_bounded(capsys) -> None:
+    from sim.cli import main as sim_main
+    from sim.runner import MAX_SIM_SECONDS
+
+    assert MAX_SIM_SECONDS == 86_400.0
+    assert sim_main(["run", "--plan", "ilp", "--duration", "1e15"]) == 2
+    err = capsys.readouterr().err
+    assert "--duration" in err and "<= 86400 simulated s" in err and err.count("\n") == 1
+    assert sim_main(["run", "--help"]) == 0
+    assert "at most 86400" in " ".join(capsys.readouterr().out.split())
+    # the work bound: a run that passes --max-events stops with one line, no report
+    assert sim_main(["run", "--plan", "ilp", "--duration", "60", "--warmup", "0", "--max-events", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-events" in err and "passed 1000 events" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("node=" + "7" * 5000 + "@t=10s", "node ids go up to 2147483647"),
+        ("node=1@t=" + "9" * 400 + "s", "times go up to 86400 s"),
+        ("node=1@t=10s+" + "9" * 30 + "s", "times go up to 86400 s"),
+    ],
+)
+def test_fault_specs_with_huge_numbers_are_one_line(spec: str, needle: str) -> None:
+    from helix_async.errors import ConfigError
+    from sim.faults import parse_faults
+
+    with pytest.raises(ConfigError, match=needle) as err:
+        parse_faults(spec)
+    assert len(str(err.value)) < 300
+
+
+def test_an_online_trace_too_large_to_hold_is_refused() -> None:
+    from helix_async.errors import ConfigError
+    from helix_async.workloads import MAX_GENERATED_QUERIES, generate_online_trace
+
+    with pytest.raises(ConfigError, match=f"--rate: .* over the limit of {re.escape(f'{MAX_GENERATED_QUERIES:g}')}"):
+        generate_online_trace(token_rate=1e15, duration=86_400)
+
+
+def test_output_files_behind_a_symlink_are_refused_at_the_command_line(tmp_path: Path, capsys) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    for argv in (
+        ["bench-serve", "--json", str(link)],
+        ["host", "--plan", "p.toml", "--address-file", str(link)],
+        ["host", "--plan", "p.toml", "--url-file", str(link)],
+        ["serve", "--url-file", str(link)],
+    ):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 2, argv
+        assert "symbolic link" in err and err.count("\n") == 1, err
+    assert victim.read_text() == "precious\n"

@@ -21,22 +21,36 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "LOG_LEVELS",
+    "MAX_COUNT",
     "MAX_MESSAGE",
+    "MAX_NODE_ID",
+    "MAX_NUMBER",
+    "MAX_NUMBER_TEXT",
+    "MAX_PORT",
+    "MAX_SECONDS",
+    "MAX_SEED",
     "PLOT_SUFFIXES",
     "Parser",
     "finite",
     "int_at_least",
+    "int_in",
     "log_level",
     "nonnegative",
     "nonnegative_int",
+    "nonnegative_seconds",
+    "node_id",
+    "number_in",
     "one_line",
     "option_type",
     "output_file",
     "pair",
     "parse_weights",
     "plot_path",
+    "port",
     "positive",
     "positive_int",
+    "seconds",
+    "seed",
     "slo",
     "weights",
 ]
@@ -48,10 +62,38 @@ EXIT_USAGE = 2
 T = TypeVar("T")
 
 
+#: The largest value any real-valued flag takes (rates, sizes, scales): past it a value is a typo or
+#: hostile, and products of such values (a rate times a duration) stay far from float overflow.
+MAX_NUMBER = 1e15
+#: The longest time any flag takes, seconds (about 31.7 years): within SCIP's ``limits/time``
+#: (at most 1e20) and Python's ``threading.TIMEOUT_MAX`` (about 9.2e9 s on Linux), so every wait
+#: and every solver limit takes it.
+MAX_SECONDS = 1e9
+#: The largest count any integer flag takes: a signed 64-bit integer (SCIP's node limit is one).
+MAX_COUNT = 2**63 - 1
+#: Seeds are unsigned 64-bit integers, as ``torch.manual_seed`` and the wire take them.
+MAX_SEED = 2**64 - 1
+#: Node ids fit a C ``int`` (cluster files number nodes 0..n-1).
+MAX_NODE_ID = 2**31 - 1
+#: Ports.
+MAX_PORT = 65535
+#: The most characters a number on the command line may have: a 5,000-digit integer is refused
+#: before Python converts it (which is quadratic, and refused past 4,300 digits anyway).
+MAX_NUMBER_TEXT = 64
+
+
+def _number_text(text: str, what: str) -> str:
+    s = text.strip()
+    if len(s) > MAX_NUMBER_TEXT:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {len(s)} characters (at most {MAX_NUMBER_TEXT})")
+    return s
+
+
 def finite(text: str) -> float:
     """A finite number."""
+    s = _number_text(text, "a number")
     try:
-        value = float(text)
+        value = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
@@ -59,41 +101,65 @@ def finite(text: str) -> float:
     return value
 
 
-def positive(text: str) -> float:
-    """A finite number > 0 (seconds of a limit)."""
-    value = finite(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+def number_in(low: float, high: float, *, low_open: bool = False, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    u = f" {unit}" if unit else ""
+
+    def convert(text: str) -> float:
+        value = finite(text)
+        if value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}{u}, got {text!r}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}{u}, got {text!r}")
+        return value
+
+    convert.__name__ = "number"  # argparse names the type in some messages
+    return convert
 
 
-def nonnegative(text: str) -> float:
-    """A finite number >= 0."""
-    value = finite(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+def int_in(low: int, high: int, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, high]``; text longer than :data:`MAX_NUMBER_TEXT`
+    is refused before it is converted."""
+
+    def convert(text: str) -> int:
+        s = _number_text(text, what)
+        try:
+            value = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {text!r}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be {what} <= {high}, got {text!r}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+#: A finite number > 0 (up to :data:`MAX_NUMBER`).
+positive = number_in(0.0, MAX_NUMBER, low_open=True)
+#: A finite number >= 0 (up to :data:`MAX_NUMBER`).
+nonnegative = number_in(0.0, MAX_NUMBER)
+#: Seconds of a limit or a wait: > 0 and at most :data:`MAX_SECONDS`.
+seconds = number_in(0.0, MAX_SECONDS, low_open=True, unit="s")
+#: Seconds, 0 allowed.
+nonnegative_seconds = number_in(0.0, MAX_SECONDS, unit="s")
+#: An integer >= 1 (up to :data:`MAX_COUNT`).
+positive_int = int_in(1, MAX_COUNT)
+#: An integer >= 0 (up to :data:`MAX_COUNT`).
+nonnegative_int = int_in(0, MAX_COUNT)
+#: A seed: an integer in [0, 2**64 - 1].
+seed = int_in(0, MAX_SEED, "an integer seed")
+#: A node id: an integer in [0, 2**31 - 1].
+node_id = int_in(0, MAX_NODE_ID, "a node id")
+#: A TCP port (0: any free one).
+port = int_in(0, MAX_PORT, "a port")
 
 
 def int_at_least(text: str, low: int) -> int:
-    """An integer >= ``low``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    return int_at_least(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0."""
-    return int_at_least(text, 0)
+    """An integer in ``[low, MAX_COUNT]``."""
+    return int_in(low, MAX_COUNT)(text)
 
 
 #: Logging levels ``--log-level`` (and ``HELIX_LOG_LEVEL``) accept.

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .args import EXIT_OK, model_ref, pair, parse_weights, positive_int, weights
+from .args import EXIT_OK, model_ref, nonnegative_int, pair, parse_weights, positive_int, seed, weights
 
 if TYPE_CHECKING:
     from ..cluster import ClusterSpec
@@ -27,10 +27,10 @@ def add_parser(sub: Any) -> None:
     gen = clsub.add_parser("generate", help="generate a seeded random cluster and write it as TOML")
     gen.add_argument("kind", choices=["single", "partitioned"])
     gen.add_argument("--out", required=True, help="TOML file to write")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=seed, default=0)
     gen.add_argument("--name", default=None)
     gen.add_argument("--nodes", type=positive_int, default=24, help="single: number of compute nodes")
-    gen.add_argument("--degree", type=int, default=None, help="single: average degree (default: complete)")
+    gen.add_argument("--degree", type=nonnegative_int, default=None, help="single: average degree (default: complete)")
     gen.add_argument("--types", type=weights, default={"A100": 4, "L4": 8, "T4": 12}, help="single: TYPE:WEIGHT,...")
     gen.add_argument("--bandwidth", type=pair, default=(1e9, 0.0), help="single: AVG[,VAR] bytes/s")
     gen.add_argument("--latency", type=pair, default=(1e-3, 0.0), help="single: AVG[,VAR] seconds")

@@ -21,14 +21,22 @@ from ..errors import ConfigError
 from ..settings import SEMANTICS, SearchSettings, SimulationSettings
 from .args import (
     EXIT_OK,
+    MAX_SECONDS,
     model_ref,
     nonnegative,
     nonnegative_int,
+    number_in,
     option_type,
     plot_path,
-    positive,
     positive_int,
+    seconds,
+    seed,
 )
+
+#: The plan's candidate simulations: the window and the offered load they take (as ``python -m sim``:
+#: one simulated day, 1e7 tokens/s).
+MAX_SIM_WINDOW = 86_400.0
+MAX_SIM_RATE = 1e7
 
 if TYPE_CHECKING:
     from ..cluster import ClusterSpec
@@ -60,10 +68,11 @@ def add_parser(sub: Any) -> None:
     pl.add_argument("--model", default="llama2-70b", type=model_ref,
                     help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s)")
     pl.add_argument("--method", default=_SEARCH.method, choices=METHODS, help="planner (default %(default)s)")
-    pl.add_argument("--time-limit", type=positive, default=None,
-                    help=f"milp: seconds of search (default {_SEARCH.time_limit:g})")
-    pl.add_argument("--stall-limit", type=positive, default=None,
-                    help=f"milp: stop after this many seconds without improvement (default {_SEARCH.stall_limit:g})")
+    pl.add_argument("--time-limit", type=seconds, default=None,
+                    help=f"milp: seconds of search, at most {MAX_SECONDS:g} (default {_SEARCH.time_limit:g})")
+    pl.add_argument("--stall-limit", type=seconds, default=None,
+                    help=f"milp: stop after this many seconds without improvement, at most {MAX_SECONDS:g} "
+                    f"(default {_SEARCH.stall_limit:g})")
     pl.add_argument("--gap-limit", type=nonnegative, default=None,
                     help=f"milp: stop at this relative gap to the bound, e.g. 0.01 (default {_SEARCH.gap_limit:g})")
     pl.add_argument("--node-limit", type=positive_int, default=None, metavar="N",
@@ -77,7 +86,7 @@ def add_parser(sub: Any) -> None:
                     help="served: at most N local-search steps, and N per GPU type for --explain (a bound on work; "
                     "with the node, round and sweep limits the plan does not depend on the machine's speed; "
                     "default: none)")
-    pl.add_argument("--seed", type=int, default=None,
+    pl.add_argument("--seed", type=seed, default=None,
                     help=f"seed of the search and of petals/swarm/homogeneous (default {_SEARCH.seed})")
     pl.add_argument("--partial", action="store_true",
                     help="milp: allow partial inference links (petals always uses them)")
@@ -104,9 +113,10 @@ def add_parser(sub: Any) -> None:
                     f"most), keeping what serves best (default {_SEARCH.refine}; 0: none)")
     pl.add_argument("--sim-workload", choices=("offline", "online"), default=None,
                     help=f"served: the workload candidates are predicted and simulated on (default {wl.mode})")
-    pl.add_argument("--sim-rate", type=positive, default=None,
+    pl.add_argument("--sim-rate", type=number_in(0.0, MAX_SIM_RATE, low_open=True, unit="tokens/s"), default=None,
                     help=f"served, online workload: tokens/s offered (default {wl.rate})")
-    pl.add_argument("--sim-window", type=positive, default=None,
+    pl.add_argument("--sim-window", type=number_in(0.0, MAX_SIM_WINDOW, low_open=True, unit="simulated s"),
+                    default=None,
                     help=f"served: seconds of each candidate's simulation window (default {_SIMULATION.window})")
     pl.add_argument("--sim-semantics", choices=SEMANTICS, default=None,
                     help="served: simulate candidates with the original simulator's semantics (helix, as `sim run "

@@ -19,7 +19,12 @@ from ..profiles.analytical import (
     CPU_PROMPT_MAX_REQUESTS,
     CPU_PROMPT_MAX_TOKENS,
 )
-from .args import EXIT_OK, model_ref, positive, positive_int
+from .args import EXIT_OK, int_in, model_ref, positive
+
+#: Bounds of the profile's sizes: what one process can allocate and time (a prompt of a million
+#: tokens is already far past any model here), and a machine's threads and processes.
+MAX_PROFILE_TOKENS = 1_000_000
+MAX_THREADS = 4096
 
 __all__ = ["add_parser", "cmd_profile", "cuda_gpu_name"]
 
@@ -34,29 +39,29 @@ def add_parser(sub: Any) -> None:
                     help="GPU type to name the profile after (default: CPU, or the datasheet name of the CUDA device)")
     pr.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="compute dtype (default: float32 on cpu, float16 on cuda)")
-    pr.add_argument("--threads", type=positive_int, default=1,
+    pr.add_argument("--threads", type=int_in(1, MAX_THREADS), default=1,
                     help="torch threads per process (default %(default)s: a served worker runs 1)")
-    pr.add_argument("--concurrent", type=positive_int, default=1,
+    pr.add_argument("--concurrent", type=int_in(1, MAX_THREADS), default=1,
                     help="processes measuring at the same time, sharing the cores as that many workers would "
                          "(default %(default)s)")
-    pr.add_argument("--repeats", type=positive_int, default=7, help="timed runs per point; the median is kept")
+    pr.add_argument("--repeats", type=int_in(1, 10_000), default=7, help="timed runs per point; the median is kept")
     pr.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="time runs by the wall clock, or by the measuring thread's CPU time (as if alone on a core: "
                          "repeatable on a loaded machine; CPU, 1 thread) (default %(default)s)")
-    pr.add_argument("--layers", type=positive_int, default=4,
+    pr.add_argument("--layers", type=int_in(1, 10_000), default=4,
                     help="consecutive layers a batch runs through per timed run, as a worker's stage (default "
                          "%(default)s; the time is per layer)")
-    pr.add_argument("--prompt-len", type=positive_int, default=None,
+    pr.add_argument("--prompt-len", type=int_in(1, MAX_PROFILE_TOKENS), default=None,
                     help="tokens per request in a prompt batch (default: the dataset's mean input, 750)")
-    pr.add_argument("--decode-context", type=positive_int, default=None,
+    pr.add_argument("--decode-context", type=int_in(1, MAX_PROFILE_TOKENS), default=None,
                     help="tokens cached per decoding sequence (default: mean input + half the mean output, 870)")
     pr.add_argument("--kv-bytes", type=positive, default=None,
                     help="KV budget of the machine type, bytes (default: 256 MiB on cpu; on a datasheet GPU the "
                          "node settings follow its VRAM)")
     # a CPU's batch limits; the analytical CPU type's node settings are these defaults (docs/profiles.md)
-    pr.add_argument("--prompt-max-requests", type=positive_int, default=CPU_PROMPT_MAX_REQUESTS)
-    pr.add_argument("--prompt-max-tokens", type=positive_int, default=CPU_PROMPT_MAX_TOKENS)
-    pr.add_argument("--decode-max-tokens", type=positive_int, default=CPU_DECODE_MAX_TOKENS)
+    pr.add_argument("--prompt-max-requests", type=int_in(1, MAX_PROFILE_TOKENS), default=CPU_PROMPT_MAX_REQUESTS)
+    pr.add_argument("--prompt-max-tokens", type=int_in(1, MAX_PROFILE_TOKENS), default=CPU_PROMPT_MAX_TOKENS)
+    pr.add_argument("--decode-max-tokens", type=int_in(1, MAX_PROFILE_TOKENS), default=CPU_DECODE_MAX_TOKENS)
     pr.add_argument("--out", default=None,
                     help="directory to write (default $HELIX_PROFILE_DIR/<model key>, read by plan and sim)")
     pr.set_defaults(handler=cmd_profile)

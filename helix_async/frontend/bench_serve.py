@@ -268,15 +268,18 @@ def cmd_bench_serve(args: Any) -> int:
 
 
 def add_parser(sub: Any, positive: Any) -> None:
-    from ..cli.args import output_file
+    from ..cli.args import number_in, output_file, seed
 
     b = sub.add_parser("bench-serve", help="load an OpenAI-compatible endpoint and report throughput and latency")
     b.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
-    b.add_argument("--rate", type=positive, default=1.0, help="Poisson arrivals, requests/s (default %(default)s)")
-    b.add_argument("--duration", type=positive, default=60.0, help="seconds of arrivals (default %(default)s)")
+    # bounded so that the requests, built before the first is sent, stay a few million at most
+    b.add_argument("--rate", type=number_in(0.0, 1000.0, low_open=True, unit="requests/s"), default=1.0,
+                   help="Poisson arrivals, requests/s, at most 1000 (default %(default)s)")
+    b.add_argument("--duration", type=number_in(0.0, 3600.0, low_open=True, unit="s"), default=60.0,
+                   help="seconds of arrivals, at most 3600 (default %(default)s)")
     b.add_argument("--lengths", default="azure-conv",
                    help="length dataset (azure-conv, azure-code, alpaca, sharegpt) or a trace CSV (default %(default)s)")
-    b.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and prompt ids (default %(default)s)")
+    b.add_argument("--seed", type=seed, default=0, help="seed of arrivals, lengths and prompt ids (default %(default)s)")
     b.add_argument("--model", default=None, help="model id (default: the server's)")
     b.add_argument("--api-key", default=None, help="bearer token")
     b.add_argument("--json", default=None, type=output_file, help="write the result (and every request) here")

@@ -220,7 +220,8 @@ class ApiError(Exception):
 def parse_http_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``PORT`` 0: any free port) for ``--http``."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    # ASCII digits, at most 5 of them, before int() (a 5,000-digit port is refused, not converted)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8000, got {text!r}")
     return host.strip("[]"), int(port)
 

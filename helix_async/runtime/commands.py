@@ -311,7 +311,7 @@ def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) 
 
 
 def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
-    from ..cli.args import output_file
+    from ..cli.args import MAX_NODE_ID, int_in, nonnegative_seconds, number_in, output_file, seconds, seed
 
     d = HostSettings()  # the flags' defaults
     h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
@@ -322,24 +322,24 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--mode", choices=["serve", "offline", "online"], default="serve",
                    help="serve (until a signal; the default), offline (a constant population) or online "
                    "(a generated arrival trace); --trace replays a CSV instead")
-    h.add_argument("--initial", type=positive_int, default=4, help="offline: requests in flight")
-    h.add_argument("--duration", type=positive, default=60.0, help="offline/online: seconds of load")
+    h.add_argument("--initial", type=int_in(1, 1_000_000), default=4, help="offline: requests in flight")
+    h.add_argument("--duration", type=seconds, default=60.0, help="offline/online: seconds of load")
     h.add_argument("--rate", type=positive, default=700.0, help="online: tokens/s (input + output)")
     h.add_argument("--lengths", default="azure-conv", help="offline/online: length dataset (as in `python -m sim`)")
     h.add_argument("--arrivals", default="azure-conv", help="online: arrival series")
-    h.add_argument("--seed", type=int, default=0, help="seed of the workload and of the prompts' token ids")
+    h.add_argument("--seed", type=seed, default=0, help="seed of the workload and of the prompts' token ids")
     h.add_argument("--scheduler", default=d.scheduler, metavar="NAME",
                    help="routing policy (default %(default)s; the simulator runs more: python -m sim run --help)")
     h.add_argument("--kv", type=pair, default=d.kv, help="KV expectation HWM,RATIO (default %(default)s)")
     h.add_argument("--admission-capacity", type=positive_int, default=d.admission_capacity,
                    help="most queries waiting for admission (default %(default)s)")
-    h.add_argument("--grace", type=positive, default=d.shutdown_grace,
+    h.add_argument("--grace", type=seconds, default=d.shutdown_grace,
                    help="seconds in-flight requests may finish at shutdown (default %(default)s)")
-    h.add_argument("--recovery-timeout", type=positive, default=d.recovery_timeout,
+    h.add_argument("--recovery-timeout", type=seconds, default=d.recovery_timeout,
                    help="seconds a request moved off a lost worker may wait for a live route (default %(default)s)")
     h.add_argument("--progress", action="store_true", help="a progress bar of the requests done (stderr)")
     h.add_argument("--log-dir", default=d.log_dir, help="write events.txt, query_route.txt, requests.jsonl here at the end")
-    h.add_argument("--emulate", type=positive, default=d.emulate_time_scale, metavar="K",
+    h.add_argument("--emulate", type=number_in(0.0, 1e6, low_open=True), default=d.emulate_time_scale, metavar="K",
                    help="cost-model emulation: hold the host's messages back by its links' modelled times x K")
     h.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the OpenAI-compatible API and /metrics here (e.g. 127.0.0.1:8000; port 0: any free one)")
@@ -347,7 +347,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
                    help="--http: tokenizer (tiny-llama, a directory with tokenizer.json, or none: token ids only; "
                    "default: the model's own when shipped)")
     h.add_argument("--served-model-name", default=None, help="--http: the model id clients use (default: the plan's model)")
-    h.add_argument("--max-model-len", type=positive_int, default=None, help="--http: prompt plus output tokens at most")
+    h.add_argument("--max-model-len", type=int_in(1, 2**31 - 1), default=None, help="--http: prompt plus output tokens at most")
     h.add_argument("--api-key", default=None, help="--http: require 'Authorization: Bearer KEY' on /v1/")
     h.add_argument("--url-file", default=None, type=output_file, help="--http: write the API's base URL here (for scripts)")
     h.add_argument("--keys", default=None, metavar="DIR",
@@ -359,13 +359,13 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kg = ksub.add_parser("generate", help="a host key pair, N worker key pairs and the allow-list of their public keys")
     kg.add_argument("dir", help="directory to create (secret keys are written mode 600)")
-    kg.add_argument("--workers", type=positive_int, required=True, help="worker key pairs to make (worker-0 ...)")
+    kg.add_argument("--workers", type=int_in(1, MAX_NODE_ID + 1), required=True, help="worker key pairs to make (worker-0 ...)")
     kg.set_defaults(handler=cmd_keys_generate)
 
     r = sub.add_parser("report", help="throughput and latency of a served run's logs (the original parser's definitions)")
     r.add_argument("dir", help="a host's --log-dir")
-    r.add_argument("--warmup", type=float, default=60.0, help="window start, s (default %(default)s, as the original)")
-    r.add_argument("--finish", type=float, default=300.0, help="window end, s (default %(default)s, as the original)")
+    r.add_argument("--warmup", type=nonnegative_seconds, default=60.0, help="window start, s (default %(default)s, as the original)")
+    r.add_argument("--finish", type=nonnegative_seconds, default=300.0, help="window end, s (default %(default)s, as the original)")
     r.add_argument("--plots", action="store_true", help="also write throughput.png and latency.png into DIR")
     r.set_defaults(handler=cmd_report)
 
@@ -376,7 +376,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="executors:\n" + "\n".join(f"  {e.describe()}" for e in EXECUTORS.values()))
     w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")
-    w.add_argument("--node-id", type=int, default=dw.node_id,
+    w.add_argument("--node-id", type=int_in(-1, MAX_NODE_ID, "a node id (-1: any)"), default=dw.node_id,
                    help="the plan node to serve (default: any free one of this type)")
     w.add_argument("--executor", default=dw.executor,
                    help=f"{', '.join(EXECUTORS)} (see below) (default %(default)s)")
@@ -390,5 +390,6 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
     w.add_argument("--advertise", default=dw.advertise, metavar="ENDPOINT",
                    help="the address peers dial, when it differs from --bind (NAT, containers, proxies)")
-    _add_executor_flags(w, dw, {"int": int, "positive": positive, "positive_int": positive_int})
+    # (the executors' one "int" flag is --seed)
+    _add_executor_flags(w, dw, {"int": seed, "positive": positive, "positive_int": positive_int})
     w.set_defaults(handler=cmd_worker)

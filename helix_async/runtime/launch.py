@@ -292,7 +292,7 @@ def _wait_ready(ray: Any, actors: dict[str, Any], offsets: dict[str, int], stopp
 
 
 def add_parser(sub: Any, positive: Any) -> None:
-    from ..cli.args import output_file
+    from ..cli.args import number_in, output_file, seconds, seed
     from ..executors.registry import EXECUTORS
     from ..settings import WorkerOptions
 
@@ -307,13 +307,13 @@ def add_parser(sub: Any, positive: Any) -> None:
     la.add_argument("--http", default="0.0.0.0:8000", metavar="HOST:PORT",
                     help="the host's HTTP API (0.0.0.0: the host node's IP) (default %(default)s)")
     la.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
-    la.add_argument("--time-scale", type=positive, default=1.0, help="cost-model: the emulation's time scale K")
+    la.add_argument("--time-scale", type=number_in(0.0, 1e6, low_open=True), default=1.0, help="cost-model: the emulation's time scale K")
     la.add_argument("--host-resource", default=None, help="a custom Ray resource that pins the host (e.g. node:10.0.0.5)")
     la.add_argument("--keys", default=None, metavar="DIR",
                     help="CURVE key directory, the same path on every Ray node (worker-N's pair for plan node N)")
     la.add_argument("--insecure", action="store_true", help="plaintext links between machines (warned)")
-    la.add_argument("--seed", type=int, default=0)
-    la.add_argument("--ready-timeout", type=positive, default=600.0, help="seconds for every worker to be ready")
+    la.add_argument("--seed", type=seed, default=0)
+    la.add_argument("--ready-timeout", type=seconds, default=600.0, help="seconds for every worker to be ready")
     la.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving")
     la.add_argument("--log-level", default="WARNING", help="the processes' log level (default %(default)s)")
     la.set_defaults(handler=cmd_launch)

