@@ -108,6 +108,27 @@ def test_a_log_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
     assert good.read_text() == "new run\n"
 
 
+def test_keys_generate_writes_secrets_600_and_never_through_a_link(tmp_path: Path) -> None:
+    pytest.importorskip("zmq")
+    from helix_async.transport.curve import generate_keys, load_keys
+
+    written = generate_keys(tmp_path / "keys", 1)
+    secrets_ = [p for p in written if p.name.endswith(".key_secret")]
+    assert [p.name for p in secrets_] == ["host.key_secret", "worker-0.key_secret"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in secrets_)
+    assert sorted(p.name for p in (tmp_path / "keys" / "allowed").iterdir()) == ["host.key", "worker-0.key"]
+    assert not list((tmp_path / "keys").glob(".keys-*"))  # the private working folder is gone
+    keys = load_keys(tmp_path / "keys", "worker-0")
+    assert keys.public and keys.secret and keys.public != keys.secret
+    # a link planted where a public key goes is refused, its target untouched
+    victim = _victim(tmp_path)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "host.key").symlink_to(victim)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        generate_keys(tmp_path / "more", 0)
+    assert victim.read_text() == "precious\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # TOML
 # ---------------------------------------------------------------------------------------------

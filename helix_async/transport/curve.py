@@ -147,21 +147,27 @@ def load_keys(directory: str | os.PathLike[str], name: str, *, host_key: bool = 
 
 def generate_keys(directory: str | os.PathLike[str], workers: int) -> list[Path]:
     """A host key pair and ``workers`` worker key pairs, with every public key in ``allowed/``."""
-    import shutil
+    import tempfile
 
     import zmq.auth
+
+    from ..fileio import atomic_write_bytes
 
     d = Path(directory)
     allowed = d / "allowed"
     allowed.mkdir(parents=True, exist_ok=True)
     written = []
     for name in ["host", *(f"worker-{i}" for i in range(workers))]:
-        if (d / f"{name}.key_secret").exists():
+        if os.path.lexists(d / f"{name}.key_secret"):
             raise ConfigError(str(d / f"{name}.key_secret"), "keys generate", "exists; refusing to overwrite a key")
-        public, secret = zmq.auth.create_certificates(str(d), name)
-        os.chmod(secret, 0o600)
-        shutil.copy(public, allowed / Path(public).name)
-        written += [Path(public), Path(secret)]
+        # Made in a private folder (mode 700), then written into place by fileio: the secret has
+        # mode 600 before it has its name, and no file is written through a symbolic link.
+        with tempfile.TemporaryDirectory(dir=d, prefix=".keys-") as tmp:
+            public, secret = (Path(f) for f in zmq.auth.create_certificates(tmp, name))
+            public_text, secret_text = public.read_bytes(), secret.read_bytes()
+        written.append(atomic_write_bytes(d / public.name, public_text, "public key", mode=0o644, flag="keys generate"))
+        written.append(atomic_write_bytes(d / secret.name, secret_text, "secret key", mode=0o600, flag="keys generate"))
+        atomic_write_bytes(allowed / public.name, public_text, "public key", mode=0o644, flag="keys generate")
     return written
 
 
