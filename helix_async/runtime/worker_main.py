@@ -14,6 +14,14 @@ Start order does not matter: the transport keeps (and retries) the registration 
 there.  A refusal by the host, a model that does not load or does not fit: one line, exit 2; the
 host is told why first (``Error`` with ``OUT_OF_MEMORY`` when the layers do not fit the device,
 ``LOAD_FAILED`` for any other load failure).
+
+Who may say what (docs/security.md).  Control messages (``AssignLayers``, ``Error``, ``Shutdown``,
+``Cancel``) are taken only from the host; work (``PromptWork``, ``DecodeWork``) only from the node
+before this one on its route, which must be one of the assignment's ``prev_nodes`` (or the host,
+for a first stage's stage 0); ``Feedback`` only from a next hop.  With CURVE the sender is the
+node its key is bound to (the transport's), without it the identity it chose.  Anything else is
+dropped and counted per (kind, sender) (:attr:`WorkerServer.dropped`, in the ``NodeStats``
+drop count), logged rate-limited per cause.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ..clock import MonotonicClock
 from ..errors import ConfigError, HelixError
 from ..executors.registry import ExecutorContext, ExecutorLoadError, executor_entry
 from ..ids import SINK, SOURCE, NodeRef
+from ..logs import RateLimitedLog
 from ..messages import (
     AssignLayers,
     Cancel,
@@ -85,6 +94,11 @@ class WorkerServer:
         self._stop: asyncio.Event | None = None
         self.exit_reason = ""
         self.bad_messages = 0
+        #: (message kind, sender) -> messages dropped because that sender may not send them here
+        self.dropped: dict[tuple[str, NodeRef], int] = {}
+        self._prev: frozenset[NodeRef] = frozenset()  # who may send work here (the assignment's)
+        self._next: frozenset[NodeRef] = frozenset()  # who may send feedback here
+        self._rlog = RateLimitedLog(log, self.clock.now)
         self.stats_every_s = 1.0
         self.drain_timeout_s = 30.0
         self._draining = False
@@ -189,15 +203,40 @@ class WorkerServer:
 
     # ---- messages -------------------------------------------------------------------------------
 
+    def _drop(self, kind: type, sender: NodeRef, why: str) -> None:
+        """A message ``sender`` may not send here: dropped, counted per (kind, sender), logged rate-limited."""
+        self.bad_messages += 1
+        key = (kind.__name__, sender)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        self._rlog.warning(f"dropped {kind.__name__}: {why}", "worker %s: dropped %s from %r: %s", self.name, kind.__name__,
+                           sender, why)
+
+    def _allowed(self, sender: NodeRef, msg: Any) -> str:
+        """Why ``sender`` may not send ``msg`` here ("" when it may)."""
+        t = type(msg)
+        if t is PromptWork or t is DecodeWork:
+            stage = msg.stage
+            expected = SOURCE if stage == 0 else msg.route[stage - 1][0]
+            if sender != expected or sender not in self._prev:
+                return "work not from the node before this one on its route"
+            return ""
+        if t is Feedback:
+            return "" if sender in self._next else "feedback not from a next hop"
+        return "" if sender == SOURCE else "a control message not from the host"
+
     def _on_control(self, sender: NodeRef, msg: Any) -> None:
         t = type(msg)
+        why = self._allowed(sender, msg)
+        if why:
+            self._drop(t, sender, why)
+            return
         if t in (PromptWork, DecodeWork, Cancel, Feedback):
             if self.worker is not None:
                 self.worker.on_message(sender, msg)
             else:
                 self.bad_messages += 1
             return
-        if t is AssignLayers and sender == SOURCE:
+        if t is AssignLayers:
             assert self._assigned is not None
             if self._assigned.done():
                 first = self._assigned.result() if self._assigned.exception() is None else None
@@ -207,6 +246,7 @@ class WorkerServer:
                     # the old one is dropped with its outbox)
                     for node, address, _s, _e in msg.next_hops:
                         self.tp.connect(node, address)
+                    self._next = frozenset(n for n, _, _, _ in msg.next_hops)
                     log.info("worker %s: next hops now %s", self.name, [(n, a) for n, a, _, _ in msg.next_hops])
                 else:
                     log.warning("worker %s: an assignment of other layers is ignored", self.name)
@@ -214,12 +254,12 @@ class WorkerServer:
                 return
             self._assigned.set_result(msg)
             return
-        if t is Error and sender == SOURCE:
+        if t is Error:
             self.exit_reason = f"refused by the host: {msg.text}"
             if self._assigned is not None and not self._assigned.done():
                 self._assigned.set_exception(WorkerExit(self.exit_reason))
             return
-        if t is Shutdown and sender == SOURCE:
+        if t is Shutdown:
             log.info("worker %s: host says shut down (%s)", self.name, msg.reason)
             self.exit_reason = f"shutdown: {msg.reason}"
             assert self._stop is not None
@@ -255,6 +295,8 @@ class WorkerServer:
             self.tp.send(SINK, Error(request_id=-1, code=int(code), text=f"node {a.node_id}: {what}: {e}"))
             raise WorkerExit(str(e)) from None
         out: list[NodeRef] = [SINK] if a.end == spec.num_layers else []
+        self._prev = frozenset(a.prev_nodes) | ({SOURCE} if a.start == 0 else frozenset())
+        self._next = frozenset(n for n, _, _, _ in a.next_hops)
         for node, address, _s, _e in a.next_hops:
             self.tp.connect(node, address)
             out.append(node)
