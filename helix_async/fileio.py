@@ -226,13 +226,14 @@ def check_toml_keys(text: str, src: str, *, max_parts: int = MAX_TOML_KEY_PARTS)
                 pos = m.end()
                 while (m := match(text, pos)) is not None and (m.lastgroup == "w" or m.group() == "["):
                     pos = m.end()
-            parts, pos = _dotted_parts(text, pos)
+            parts, pos = _dotted_parts(text, pos, max_parts + 1)
             total = parts if is_header or stack else header + parts
             if total > max_parts:
                 what = "table header" if is_header else "key"
-                inside = f" (under a table header of {header} parts)" if total != parts else ""
+                count = f"more than {max_parts}" if parts > max_parts else str(parts)
+                inside = f" under a table header of {header} parts" if total != parts else ""
                 raise ConfigError(
-                    src, "", f"line {line}: a {what} of {parts} dotted parts{inside}, over the limit of {max_parts}"
+                    src, "", f"line {line}: a {what} of {count} dotted parts{inside}, over the limit of {max_parts}"
                 )
             if is_header:
                 header = parts
@@ -252,10 +253,11 @@ def check_toml_keys(text: str, src: str, *, max_parts: int = MAX_TOML_KEY_PARTS)
         pos = m.end()
 
 
-def _dotted_parts(text: str, pos: int) -> tuple[int, int]:
-    """How many parts the dotted key at ``text[pos:]`` has, and where it ends."""
+def _dotted_parts(text: str, pos: int, enough: int) -> tuple[int, int]:
+    """How many parts the dotted key at ``text[pos:]`` has (counting stops at ``enough``), and
+    where the counting stopped."""
     parts = 0
-    while (m := _TOML_TOKEN.match(text, pos)) is not None and m.lastgroup in ("s", "b"):
+    while parts < enough and (m := _TOML_TOKEN.match(text, pos)) is not None and m.lastgroup in ("s", "b"):
         parts += 1
         pos = m.end()
         after = pos
