@@ -123,11 +123,12 @@ def parse_document(text: str, src: str, fmt: str) -> dict[str, Any]:
     any syntax error, never as a traceback. TOML is first checked by :func:`check_toml_keys`
     (the standard parser takes time quadratic in a key's dotted depth).
     """
+    if fmt != "json":
+        check_toml_keys(text, src)  # (outside the try: its ConfigError is a ValueError too)
     try:
         if fmt == "json":
             doc = json.loads(text)
         else:
-            check_toml_keys(text, src)
             doc = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(src, "", f"invalid {fmt.upper()}: {exc}") from None
