@@ -204,7 +204,7 @@ class HostServer:
         self.clock = MonotonicClock()
         # the host's inbox takes no tensors: tokens, stats, registrations
         self.tp = ZmqTransport(SOURCE, self.clock, bind=settings.listen, curve=curve,
-                               max_message_bytes=inbox_limit(tensors=False))
+                               max_message_bytes=inbox_limit(tensors=False), numeric_names=False)
         self.nodes: dict[int, _NodeState] = {}
         for i in placement.used_nodes():
             r = placement.layers[i]
@@ -381,6 +381,11 @@ class HostServer:
             return
         self._refusals[peer] = self.clock.now() + self.refusal_linger_s
         self.tp.send(peer, Error(request_id=-1, code=int(ErrorCode.NOT_ASSIGNED), text=why))
+
+    @property
+    def refusals_in_flight(self) -> int:
+        """Refusal answers whose outbox is still open (at most ``max_refusals``)."""
+        return len(self._refusals)
 
     def _free(self, node: int, why: str) -> None:
         """A registrant that did not become ready loses its node: the next worker may take it."""

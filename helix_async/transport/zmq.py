@@ -180,6 +180,11 @@ class ZmqTransport:
     node: this endpoint's ``NodeRef`` (``SOURCE`` for the host). clock: the loop's clock.
     name: identity on the wire (default: ``host`` for the host, else the node id).
     bind: the inbox's address (``tcp://127.0.0.1:*``: loopback, an ephemeral port).
+    max_message_bytes: the inbox's largest frame (default :func:`inbox_limit`). hwm: messages ZeroMQ
+    queues per peer each way. max_unacked: messages an outbox keeps unacknowledged at most.
+    numeric_names: without CURVE, a sender whose identity is digits is that node (workers name
+    their outboxes so); False: only names given to :meth:`name_peer` are nodes (the host's inbox,
+    where a plaintext peer could otherwise pass for any node by choosing its identity).
     """
 
     def __init__(
@@ -198,6 +203,7 @@ class ZmqTransport:
         max_message_bytes: int | None = None,
         hwm: int = 100_000,
         max_unacked: int = 65_536,
+        numeric_names: bool = True,
     ) -> None:
         if not (heartbeat_s > 0 and dead_after_s > heartbeat_s and retry_after_s > 0):
             raise ValueError("need heartbeat_s > 0, dead_after_s > heartbeat_s and retry_after_s > 0")
@@ -216,6 +222,7 @@ class ZmqTransport:
         self._max_msg = inbox_limit() if max_message_bytes is None else int(max_message_bytes)
         self._hwm = int(hwm)
         self._max_unacked = int(max_unacked)
+        self._numeric = numeric_names
         # CURVE: public key (z85, ZAP's User-Id) -> the sender it speaks for; filled at start()
         self._principals: dict[bytes, NodeRef] = {}
         self._key_of: dict[NodeRef, bytes] = {}
@@ -539,7 +546,9 @@ class ZmqTransport:
             text = ident.decode()
         except UnicodeDecodeError:
             return repr(ident)
-        return int(text) if text.isascii() and text.isdigit() and len(text) < 18 else text
+        if self._numeric and text.isascii() and text.isdigit() and len(text) < 18:
+            return int(text)
+        return text
 
     def _on_inbox(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or len(frames[1]) < 17:
