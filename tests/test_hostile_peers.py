@@ -25,6 +25,8 @@ import pytest
 
 pytest.importorskip("zmq")
 
+from polling import wait_until_async  # noqa: E402
+
 from helix_async.clock import LoopClock  # noqa: E402
 from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.ids import SOURCE  # noqa: E402
@@ -36,8 +38,6 @@ from helix_async.runtime.worker_main import WorkerServer  # noqa: E402
 from helix_async.settings import WorkerOptions  # noqa: E402
 from helix_async.transport.curve import check_address, generate_keys, load_keys  # noqa: E402
 from helix_async.transport.zmq import ZmqTransport  # noqa: E402
-
-from polling import wait_until_async  # noqa: E402
 
 STAGES = {0: (0, 4), 1: (4, 8)}
 PROMPT = [5, 17, 42, 99, 7]
