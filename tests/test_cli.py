@@ -204,6 +204,9 @@ def test_every_numeric_flag_refuses_huge_and_overlong_values() -> None:
         (["serve", "--http", "127.0.0.1:" + "9" * 5000], ["--http", "HOST:PORT"]),
         (["bench-serve", "--rate", "1e9"], ["--rate", "<= 1000 requests/s"]),
         (["keys", "generate", "k", "--workers", "1e3"], ["--workers", "expected"]),
+        (["host", "--plan", "p.toml", "--listen", "tcp://127.0.0.1:99999"], ["--listen", "PORT <= 65535"]),
+        (["worker", "--connect", "tcp://127.0.0.1:" + "9" * 5000], ["--connect", "5016 characters"]),
+        (["worker", "--connect", "tcp://127.0.0.1:1", "--bind", "tcp://127.0.0.1"], ["--bind", "tcp://HOST:PORT"]),
     ],
 )
 def test_out_of_range_flags_are_one_line_exit_2(argv: list[str], needles: list[str], capsys) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_SEED",
     "PLOT_SUFFIXES",
     "Parser",
+    "endpoint",
     "finite",
     "int_at_least",
     "int_in",
@@ -217,6 +218,21 @@ def plot_path(text: str) -> str:
     """A file name ending in one of :data:`PLOT_SUFFIXES`."""
     if Path(text).suffix.lower() not in PLOT_SUFFIXES:
         raise argparse.ArgumentTypeError(f"expected a {'/'.join(PLOT_SUFFIXES)} file name, got {text!r}")
+    return text
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ address (``--listen``, ``--bind``, ``--connect``, ``--advertise``): a ``tcp://``
+    one must end in ``:PORT`` (at most 5 digits, <= 65535) or ``:*`` (any free port), before any
+    ``#curve=`` key; ZeroMQ itself would bind a port out of range somewhere else, or not at all.
+    Other transports (``ipc://``, ``inproc://``) are left to ZeroMQ."""
+    base = text.partition("#")[0]
+    if base.startswith("tcp://"):
+        host, sep, port = base[len("tcp://"):].rpartition(":")
+        ok_port = port == "*" or (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= MAX_PORT)
+        if not sep or not host or not ok_port:
+            shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+            raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (PORT <= {MAX_PORT} or *), got {shown!r}")
     return text
 
 

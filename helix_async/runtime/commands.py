@@ -311,12 +311,21 @@ def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) 
 
 
 def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
-    from ..cli.args import MAX_NODE_ID, int_in, nonnegative_seconds, number_in, output_file, seconds, seed
+    from ..cli.args import (
+        MAX_NODE_ID,
+        endpoint,
+        int_in,
+        nonnegative_seconds,
+        number_in,
+        output_file,
+        seconds,
+        seed,
+    )
 
     d = HostSettings()  # the flags' defaults
     h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
     h.add_argument("--plan", required=True, help="plan file (from `plan`)")
-    h.add_argument("--listen", default=d.listen, help="inbox address (default %(default)s: an ephemeral port)")
+    h.add_argument("--listen", default=d.listen, type=endpoint, help="inbox address (default %(default)s: an ephemeral port)")
     h.add_argument("--address-file", default=None, type=output_file, help="write the bound address here (for scripts)")
     h.add_argument("--trace", default=None, help="replay this trace CSV (arrive_time_s,input_tokens,output_tokens), then stop")
     h.add_argument("--mode", choices=["serve", "offline", "online"], default="serve",
@@ -375,7 +384,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w = sub.add_parser("worker", help="run one compute node of a real cluster (ZeroMQ)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="executors:\n" + "\n".join(f"  {e.describe()}" for e in EXECUTORS.values()))
-    w.add_argument("--connect", required=True, help="the host's address (tcp://HOST:PORT)")
+    w.add_argument("--connect", required=True, type=endpoint, help="the host's address (tcp://HOST:PORT)")
     w.add_argument("--node-id", type=int_in(-1, MAX_NODE_ID, "a node id (-1: any)"), default=dw.node_id,
                    help="the plan node to serve (default: any free one of this type)")
     w.add_argument("--executor", default=dw.executor,
@@ -384,11 +393,11 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w.add_argument("--machine-type", default=dw.machine_type, help="machine type (default CPU, or CUDA on a GPU)")
     w.add_argument("--memory-bytes", type=positive, default=dw.memory_bytes,
                    help="what the device may hold (refuse larger layer ranges)")
-    w.add_argument("--bind", default=dw.bind, help="inbox address (default %(default)s)")
+    w.add_argument("--bind", default=dw.bind, type=endpoint, help="inbox address (default %(default)s)")
     w.add_argument("--keys", default=dw.keys, metavar="DIR", help="CURVE keys (the same directory layout as the host's)")
     w.add_argument("--key-name", default=dw.key_name, help="--keys: this worker's key pair (default worker-<node id>)")
     w.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
-    w.add_argument("--advertise", default=dw.advertise, metavar="ENDPOINT",
+    w.add_argument("--advertise", default=dw.advertise, type=endpoint, metavar="ENDPOINT",
                    help="the address peers dial, when it differs from --bind (NAT, containers, proxies)")
     # (the executors' one "int" flag is --seed)
     _add_executor_flags(w, dw, {"int": seed, "positive": positive, "positive_int": positive_int})
