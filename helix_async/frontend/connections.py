@@ -18,9 +18,44 @@ import json
 import logging
 from typing import Any
 
-__all__ = ["ConnectionLimiter", "GuardedProtocol"]
+__all__ = ["ConnectionLimiter", "GuardedProtocol", "parser_logger"]
 
 log = logging.getLogger("helix_async.http")
+
+
+class _EveryPowerOfTwo(logging.Filter):
+    """Lets a record through the 1st, 2nd, 4th, 8th, ... time its message comes, as one line (the
+    exception's type and text, no traceback): a flood of malformed requests is seen, and counted,
+    without a traceback per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        n = self.seen.get(key, 0) + 1
+        if len(self.seen) < 1024 or key in self.seen:  # (bounded: a new cause past 1,024 is not counted)
+            self.seen[key] = n
+        if n & (n - 1):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            text = str(exc).replace("\n", " ").strip()
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {text[:200]} (seen {n} times)"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def parser_logger() -> logging.Logger:
+    """The logger aiohttp's request handler reports malformed requests to (``logger=``): the
+    ``helix_async.http.aiohttp`` logger, rate-limited per message."""
+    lg = logging.getLogger("helix_async.http.aiohttp")
+    if not any(isinstance(f, _EveryPowerOfTwo) for f in lg.filters):
+        lg.addFilter(_EveryPowerOfTwo())
+    return lg
 
 
 def _refusal(limit: int) -> bytes:

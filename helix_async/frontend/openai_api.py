@@ -57,12 +57,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from .. import __version__
 from ..errors import RequestFailed
 from ..sampling import MAX_LOGPROBS, SampledToken, SamplingParams
-from .connections import ConnectionLimiter, GuardedProtocol
+from .connections import ConnectionLimiter, GuardedProtocol, parser_logger
 from .host_protocol import ServingHost
 from .tokenizer import ChatTemplateError, IncrementalDetokenizer, TextTokenizer, find_stop
 
@@ -119,8 +119,10 @@ class HttpLimits:
 
     def runner_kwargs(self) -> dict[str, Any]:
         """aiohttp's own knobs for these limits (``web.AppRunner``'s or ``TestServer``'s keywords)."""
+        # auto_decompress off: a compressed request body is refused (415), never inflated
         return {"max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
-                "max_headers": self.max_headers, "keepalive_timeout": self.keepalive_timeout}
+                "max_headers": self.max_headers, "keepalive_timeout": self.keepalive_timeout,
+                "auto_decompress": False, "logger": parser_logger()}
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -194,8 +196,10 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, close: bool = False) -> None:
         super().__init__(message)
+        #: the connection is closed after the answer (its request was not read whole)
+        self.close = close or status in (408, 413)
         self.status = status
         self.message = message
         self.param = param
@@ -484,7 +488,7 @@ class OpenAIServer:
             if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
                 self.metrics.request_done({429: "overloaded", 503: "unavailable"}.get(e.status, "error" if e.status >= 500 else "invalid"))
             resp = e.response()
-            if e.status in (408, 413):  # the body was not read whole: the connection cannot go on
+            if e.close:  # the body was not read whole: the connection cannot go on
                 resp.force_close()
             return resp
         except web.HTTPException as e:
@@ -509,10 +513,17 @@ class OpenAIServer:
         """The request's JSON object: read within ``body_timeout`` (408) and ``client_max_size``
         (413), UTF-8 (415 for another charset), JSON nested at most ``MAX_JSON_DEPTH`` deep (400);
         a large one is parsed off the loop."""
+        enc = request.headers.get("Content-Encoding", "").strip().lower()
+        if enc not in ("", "identity"):
+            raise ApiError(415, f"Content-Encoding {_short(enc, 40)} is not supported: send the body as it is",
+                           code="unsupported_content_encoding", close=True)
         try:
             raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s") from None
+        except (web.RequestPayloadError, http_exceptions.HttpProcessingError) as e:
+            # a body its Content-Encoding or chunked framing does not decode
+            raise ApiError(400, f"the request body could not be read: {_first_line(str(e))}", close=True) from None
         text = _decode_body(raw, request.charset)
         body = await self._off_loop(_parse_json, text) if len(raw) > _INLINE_BODY else _parse_json(text)
         if not isinstance(body, dict):
