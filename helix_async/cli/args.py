@@ -196,8 +196,10 @@ def parse_weights(text: str) -> dict[str, float]:
             weight = float(val)
         except ValueError:
             raise ValueError(f"the number after {name!r} is not a number: {val!r}") from None
-        if not math.isfinite(weight) or not 0 <= weight <= MAX_NUMBER:
-            raise ValueError(f"the number after {name!r} must be in [0, {MAX_NUMBER:g}], got {val!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"the number after {name!r} must be finite and >= 0, got {val!r}")
+        if weight > MAX_NUMBER:
+            raise ValueError(f"the number after {name!r} must be <= {MAX_NUMBER:g}, got {val!r}")
         out[name] = weight
     return out
 
