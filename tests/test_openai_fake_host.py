@@ -28,7 +28,7 @@ pytest.importorskip("tokenizers")
 from helix_async.errors import RequestFailed  # noqa: E402
 from helix_async.frontend.host_protocol import HostSnapshot, LinkReport, NodeReport, ServingHost  # noqa: E402
 from helix_async.frontend.metrics import Metrics  # noqa: E402
-from helix_async.frontend.openai_api import OpenAIServer  # noqa: E402
+from helix_async.frontend.openai_api import HttpLimits, OpenAIServer  # noqa: E402
 from helix_async.frontend.tokenizer import TextTokenizer, load_tokenizer  # noqa: E402
 from helix_async.sampling import SampledToken, SamplingParams  # noqa: E402
 
@@ -166,13 +166,13 @@ Client = Any  # an aiohttp.ClientSession bound to the API's URL
 
 
 def serve(body: Callable[[FakeHost, Client, str], Awaitable[Any]], *, tokenizer: TextTokenizer | None = TOK,
-          host: FakeHost | None = None, api_key: str | None = None) -> Any:
+          host: FakeHost | None = None, api_key: str | None = None, limits: HttpLimits | None = None) -> Any:
     """Run ``body(host, session, url)`` against an API on a free loopback port; returns its result."""
     fake = host if host is not None else FakeHost()
 
     async def main() -> Any:
         api = OpenAIServer(_typed(fake), MODEL, tokenizer, max_model_len=256, seed=5, metrics=Metrics(fake),
-                           api_key=api_key)
+                           api_key=api_key, limits=limits)
         url = await api.start("127.0.0.1", 0)
         try:
             # the timeout turns a hang into a failure; nothing here measures speed
@@ -468,6 +468,74 @@ def test_the_api_key_is_required_on_v1_only() -> None:
             assert resp.status == 200
 
     serve(body, api_key="sesame")
+
+
+# ---- the door's limits ------------------------------------------------------------------------------
+
+
+async def _raw(url: str, data: bytes, *, wait: float = 30.0) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (bounded by ``wait``
+    seconds: a connection the server never closes fails the test)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), wait)
+    finally:
+        writer.close()
+
+
+def test_connections_per_client_beyond_the_limit_get_429() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        h, port = url.removeprefix("http://").rsplit(":", 1)
+        held = [await asyncio.open_connection(h, int(port)) for _ in range(3)]
+        try:
+            answer = await _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in head
+            assert json.loads(rest)["error"]["code"] == "too_many_connections"
+        finally:
+            for _, w in held:
+                w.close()
+        # the held connections closed, a new one is served (polled: the server sees the closes soon)
+        for _ in range(2000):
+            answer = await _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+            await asyncio.sleep(0.005)
+        assert answer.startswith(b"HTTP/1.1 200")
+
+    serve(body, limits=HttpLimits(per_client=3))
+
+
+def test_idle_and_slow_connections_are_closed_and_a_slow_body_is_408() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        # no request at all, and headers that never end: closed with no answer
+        assert await _raw(url, b"") == b""
+        assert await _raw(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ") == b""
+        # a body that never completes: 408 in OpenAI's shape, and the connection closed
+        answer = await _raw(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"pro")
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and "did not arrive within 0.3 s" in json.loads(rest)["error"]["message"]
+        # after a request, a kept-alive connection left idle is closed too
+        answer = await _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")
+
+    serve(body, limits=HttpLimits(keepalive_timeout=0.3, body_timeout=0.3, lingering_time=0.3))
+
+
+def test_sizes_beyond_the_limits_are_4xx() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        status, r, _ = await post(s, url + "/v1/completions", {"prompt": "x" * 3000})
+        assert status == 413 and r["error"]["type"] == "invalid_request_error"
+        async with s.post(url + "/v1/completions", json={"prompt": [5]}, headers={"X-Big": "y" * 300}) as resp:
+            assert resp.status == 400  # aiohttp's own refusal of a header field over max_field_size
+        async with s.post(url + "/v1/completions", data=b"{}", headers={"Content-Encoding": "gzip"}) as resp:
+            assert resp.status == 415 and (await resp.json())["error"]["code"] == "unsupported_content_encoding"
+        status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2})
+        assert status == 200
+
+    serve(body, limits=HttpLimits(client_max_size=2000, max_field_size=200))
 
 
 # ---- failures and overload ------------------------------------------------------------------------

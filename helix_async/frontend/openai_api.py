@@ -103,7 +103,9 @@ class HttpLimits:
     longest request line and header field, bytes; max_headers: most header fields (400 beyond).
     keepalive_timeout: seconds a connection may sit idle, before its first request's headers are
     complete or between requests, before it is closed. body_timeout: seconds a request's body
-    may take to arrive (408 after). per_client: most connections one client address holds open
+    may take to arrive (408 after). lingering_time: seconds the rest of a body not read (a
+    refused request's) is read and dropped after the answer, before the connection is closed
+    (so the client reads the answer rather than a reset). per_client: most connections one client address holds open
     at once (429 beyond; 0: no limit). threads: the thread pool that tokenizes, renders chat
     templates, detokenizes whole texts and parses large bodies off the event loop.
     """
@@ -114,6 +116,7 @@ class HttpLimits:
     max_headers: int = 128
     keepalive_timeout: float = 15.0
     body_timeout: float = 60.0
+    lingering_time: float = 2.0
     per_client: int = 256
     threads: int = 2
 
@@ -122,7 +125,7 @@ class HttpLimits:
         # auto_decompress off: a compressed request body is refused (415), never inflated
         return {"max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
                 "max_headers": self.max_headers, "keepalive_timeout": self.keepalive_timeout,
-                "auto_decompress": False, "logger": parser_logger()}
+                "lingering_time": self.lingering_time, "auto_decompress": False, "logger": parser_logger()}
 
 
 def _short(v: Any, limit: int = 60) -> str:
