@@ -203,6 +203,7 @@ def test_every_numeric_flag_refuses_huge_and_overlong_values() -> None:
         (["worker", "--connect", "tcp://127.0.0.1:1", "--node-id", "9" * 5000], ["--node-id", "5000 characters"]),
         (["serve", "--http", "127.0.0.1:" + "9" * 5000], ["--http", "HOST:PORT"]),
         (["bench-serve", "--rate", "1e9"], ["--rate", "<= 1000 requests/s"]),
+        (["plan", "--slo", "ttft=1e308,tpot=0.1"], ["--slo", "ttft must be <= 86400 seconds"]),
         (["keys", "generate", "k", "--workers", "1e3"], ["--workers", "expected"]),
         (["host", "--plan", "p.toml", "--listen", "tcp://127.0.0.1:99999"], ["--listen", "PORT <= 65535"]),
         (["worker", "--connect", "tcp://127.0.0.1:" + "9" * 5000], ["--connect", "5016 characters"]),

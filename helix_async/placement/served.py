@@ -91,6 +91,10 @@ class SLO(NamedTuple):
         return f"ttft={self.ttft:g},tpot={self.tpot:g}"
 
 
+#: The longest latency an SLO may name, seconds (a day: far past any request's life).
+SLO_MAX_S = 86_400.0
+
+
 def parse_slo(text: str) -> SLO:
     """``ttft=S,tpot=S`` (seconds) -> SLO; ValueError naming the bad part."""
     got: dict[str, float] = {}
@@ -104,7 +108,9 @@ def parse_slo(text: str) -> SLO:
         except ValueError:
             raise ValueError(f"--slo: {key} must be seconds, got {value.strip()!r}") from None
         if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"--slo: {key} must be > 0 seconds, got {v!r}")
+            raise ValueError(f"--slo: {key} must be a finite number > 0 (seconds), got {value.strip()[:40]!r}")
+        if v > SLO_MAX_S:
+            raise ValueError(f"--slo: {key} must be <= {SLO_MAX_S:g} seconds, got {value.strip()[:40]!r}")
         got[key] = v
     missing = {"ttft", "tpot"} - set(got)
     if missing:
