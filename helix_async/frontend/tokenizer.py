@@ -599,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     refreshes the corpus from this repository's documentation)."""
     import argparse
 
+    from ..fileio import atomic_write_text
+
     ap = argparse.ArgumentParser(prog="python -m helix_async.frontend.tokenizer", description=main.__doc__)
     ap.add_argument("--corpus-from-repo", action="store_true", help="snapshot README.md, docs/*.md and bench/README.md first")
     ap.add_argument("--out", default=str(TINY_DIR), help="directory to write (default: the shipped one)")
@@ -609,13 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.corpus_from_repo:
         root = Path(__file__).resolve().parents[2]
         text = "".join(p.read_text() + "\n" for p in _corpus_files(root) if p.is_file())
-        (out / "corpus.txt").write_text(text)
+        atomic_write_text(out / "corpus.txt", text, "corpus")
         corpus_path = out / "corpus.txt"
     tok = build_tiny_tokenizer(corpus_path.read_text())
-    tok.save(str(out / "tokenizer.json"), pretty=True)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True), "tokenizer")
     cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": TINY_CHAT_TEMPLATE,
            "model_max_length": 2048, "source": "helix_async.frontend.tokenizer (byte-level BPE on corpus.txt)"}
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n", "tokenizer config")
     print(f"wrote {out / 'tokenizer.json'} ({tok.get_vocab_size()} ids) and tokenizer_config.json")
     return 0
 
