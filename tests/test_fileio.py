@@ -219,3 +219,20 @@ def test_no_toml_is_parsed_outside_fileio() -> None:
         if p.name != "fileio.py" and ("tomllib.load" in p.read_text() or "tomli.load" in p.read_text())
     ]
     assert offenders == []
+
+
+def test_no_file_is_written_outside_fileio() -> None:
+    # every output goes through fileio's writers (atomic, never through a link); a descriptor from
+    # os.open with O_NOFOLLOW (os.fdopen) is the one other way
+    import re
+
+    root = Path(fileio.__file__).parent
+    writes = re.compile(r"\.write_text\(|\.write_bytes\(|(?<!os\.fd)open\([^)]*[\"'][wax]b?[\"']|\.save\(|savefig\((?!buf)")
+    offenders = [
+        f"{p}:{no}"
+        for p in [*root.rglob("*.py"), *(root.parent / "sim").rglob("*.py")]
+        if p.name != "fileio.py"
+        for no, line in enumerate(p.read_text().splitlines(), 1)
+        if writes.search(line)
+    ]
+    assert offenders == []
