@@ -221,7 +221,9 @@ class WorkerSettings:
     original's semantics (KV taken per layer and its overflow counted; the host-to-GPU copy charged
     for every request received since the first layer last ran, docs/original.md §8.4-8.6); fuse:
     run a batch through consecutive layers in one executor call when nothing else waits there (the
-    same layer-by-layer schedule in fewer events).
+    same layer-by-layer schedule in fewer events); gather: before a batch at an entry layer, wait
+    for the requests on their way back that are expected within this many times the node's last
+    run (0: never wait; not in compat mode; see helix_async.worker, "Decode gathering").
 
     A value, not a live object: the per-hop chooser and a view of the neighbours' queues are given
     to the Worker beside it (``policy=``, ``peer_queue_len=``).
@@ -239,8 +241,12 @@ class WorkerSettings:
     feedback: bool = False
     compat: bool = False
     fuse: bool = True
+    gather: float = 0.5
 
     def __post_init__(self) -> None:
+        g = self.gather
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 10.0:
+            raise ConfigError("<WorkerSettings>", "gather", f"must be a number in [0, 10], got {g!r}")
         for name in ("kv_capacity", "activation_bytes", "token_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -258,8 +264,8 @@ class WorkerOptions:
     cuda:N. machine_type: the machine type it registers as (default CPU, or CUDA on a GPU).
     memory_bytes: what the device may hold, bytes (0: no check). bind: the inbox address. keys,
     key_name, insecure: CURVE (``transport/curve.py``). advertise: the address peers dial (default:
-    the bound one).  The executors' own options (their flags in the registry): checkpoint (a
-    checkpoint directory or GGUF file; "": the plan's model's own), dtype (the compute dtype; "":
+    the bound one). gather: decode gathering (``WorkerSettings.gather``).  The executors' own
+    options (their flags in the registry): checkpoint (a checkpoint directory or GGUF file; "": the plan's model's own), dtype (the compute dtype; "":
     the checkpoint's), seed, threads (torch); time_scale (a factor > 0), plan (cost-model); extra: ``(dest, value)``
     pairs of executor flags that no field here holds.
     """
@@ -281,6 +287,7 @@ class WorkerOptions:
     key_name: str = ""
     insecure: bool = False
     advertise: str = ""
+    gather: float = 0.5
     extra: tuple[tuple[str, Any], ...] = ()
 
     def check(self) -> None:

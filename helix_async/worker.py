@@ -25,6 +25,16 @@ KV cache (§8.6), in token x layer entries against the node's capacity:
 
 Entries are freed when the request's last token has passed this node, or on ``Cancel``.
 
+Decode gathering (default mode, ``settings.gather`` > 0; not the original's): the decodes of one
+batch travel on to the host and come back one by one.  Started at the first arrival, the next
+batch would hold only part of them, and the rest would form a second batch, taking turns with the
+first from then on: two batches cost nearly twice one when a step streams the weights either way.
+So before a batch starts at a layer where requests enter, the node looks at its requests that are
+on their way back (they left it, and it measured their previous round trip) and waits for those
+expected within ``gather`` times its last run's duration: until they have all arrived, or that
+bound has passed on its clock.  Groups that are a whole batch apart (a pipeline of several stages
+keeping each busy) are not waited for.  docs/runtime.md, "Decode gathering".
+
 Forwarding: a request carries its route (``helix_async.ids.Route``).  With a fixed route
 (MaxFlow: the host chose every stage at admission) the next stage is in the message; with a
 per-hop ``policy`` (Swarm, Random, Shortest-queue: §7.3-7.5) a prompt's next hop is chosen here
@@ -104,15 +114,22 @@ class _Item:
 class _Req:
     """What the node remembers of a request between iterations."""
 
-    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute", "ctx_done")
+    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute", "ctx_done", "entry", "t_out", "rt", "awaited")
 
-    def __init__(self, last_ctx: int, layers: int, seq: int) -> None:
+    def __init__(self, last_ctx: int, layers: int, seq: int, entry: int = 0) -> None:
         self.kv = 0  # KV entries reserved on this node (default mode)
         self.ctx_done = 0  # tokens cached per layer after its last iteration that left this node
         self.last_ctx = last_ctx  # context_len of the request's final iteration
         self.layers = layers  # layers its stage runs here
         self.seq = seq  # admission order on this node (the youngest is preempted first)
         self.recompute = False  # its KV here was preempted: the next iteration recomputes it
+        self.entry = entry  # its stage's first layer on this node
+        # decode gathering (Worker._gather_decodes): when its last iteration left this node (-1 while
+        # it is here), how long its previous round trip took (-1 before one is measured), and
+        # whether the node waits for it now
+        self.t_out = -1.0
+        self.rt = -1.0
+        self.awaited = False
 
 
 @dataclass
@@ -137,6 +154,8 @@ class WorkerStats:
     prompts_left: int = 0
     decode_residence: float = 0.0
     decodes_left: int = 0
+    gathers: int = 0  # times a decode batch waited for decodes on their way back (see Worker)
+    gather_wait: float = 0.0  # seconds spent so waiting
 
 
 def _discard(dest: NodeRef, msg: Any) -> None:
@@ -223,6 +242,16 @@ class Worker:
         self._link_wait: deque[_Item] = deque()  # prompts waiting for a free out-link
         self._compat = settings.compat
         self._feedback = settings.feedback
+        # decode gathering (see the module's docstring); off in compat mode
+        self._gather = 0.0 if settings.compat else float(settings.gather)
+        self._out_reqs: dict[int, _Req] = {}  # requests on their way back here, by id
+        self._last_run_s = 0.0  # duration of the last run from the node's first layer to its last
+        self._entry_started = -1.0  # when the run now going through the node's layers began there
+        self._awaiting = 0  # requests the node waits for now
+        self._gathering = False
+        self._gather_gen = 0  # the current wait's number (a stale timer finds another)
+        self._gather_from = 0.0  # when the current wait began
+        self._no_gather = False  # the next _step starts without waiting (a wait just ended)
         self.stats = WorkerStats()
         self.stopped = False
 
@@ -277,6 +306,8 @@ class Worker:
                 self.stats.bad_messages += 1
                 return
             item = _Item(msg.request_id, False, 1, msg.context_len - 1, stage[1], stage[2], msg.stage, route, msg)
+            if req.t_out >= 0.0:
+                self._returned(msg.request_id, req)
             if req.recompute:
                 # its KV here was preempted: this step first recomputes the whole context
                 req.recompute = False
@@ -298,7 +329,7 @@ class Worker:
             item = _Item(rid, True, n, 0, stage[1], stage[2], msg.stage, route, msg)
             if rid not in self._reqs:
                 self._seq += 1
-                self._reqs[rid] = _Req(n + msg.max_tokens - 1, stage[2] - stage[1], self._seq)
+                self._reqs[rid] = _Req(n + msg.max_tokens - 1, stage[2] - stage[1], self._seq, stage[1])
         elif t is Feedback:
             self._observe(msg)
             return
@@ -377,7 +408,10 @@ class Worker:
     # ---- execution ------------------------------------------------------------------------------
 
     def _step(self) -> None:
-        """Pick the layer and the batch, and start it (no-op when there is nothing to run)."""
+        """Pick the layer and the batch, and start it (no-op when there is nothing to run, or while
+        the node waits for decodes on their way back)."""
+        if self._gathering:
+            return
         queues = self._queues
         n = len(queues)
         cur = self._cur
@@ -390,6 +424,11 @@ class Worker:
         else:
             return
         self._cur = cur
+        if self._gather > 0.0:
+            if self._no_gather:
+                self._no_gather = False
+            elif self._out_reqs and self._start_gather(cur):
+                return
         q = queues[cur]
         pmr, pmt, dmt, dmc = self._lim
         p_req = self._queued_prompts[cur]
@@ -473,6 +512,8 @@ class Worker:
         batch.layers = last - cur + 1
         self._credited = 0
         batch.started = self._now()
+        if cur == 0:
+            self._entry_started = batch.started
         self._busy = True
         self._batch = batch
         self._executor.run(batch, self._done)
@@ -528,11 +569,67 @@ class Worker:
             forward = items
         self._busy = False
         self._cur = (layer - self.a + 1) % len(self._queues)
+        if nxt == b and self._entry_started >= 0.0:
+            # a run from the entry layer to the node's last (fused or layer by layer): its duration
+            self._last_run_s = self._now() - self._entry_started
+            self._entry_started = -1.0
         if forward:
             for item in forward:
                 self._leave(item)
         if not self._busy:
             self._step()
+
+    # ---- decode gathering (see the module's docstring) ----------------------------------------
+
+    def _start_gather(self, cur: Any) -> bool:
+        """Before a batch at local layer ``cur``: wait for the requests entering there that are on
+        their way back and expected within ``gather`` x the last run (True: the node waits now)."""
+        if self._queued_decodes[cur] >= self._lim[2]:
+            return False  # the batch is full already
+        entry = self.a + cur
+        now = self._now()
+        horizon = now + self._gather * self._last_run_s
+        n = 0
+        for req in self._out_reqs.values():
+            if req.rt >= 0.0 and req.entry == entry and req.t_out + req.rt <= horizon:
+                req.awaited = True
+                n += 1
+        if n == 0:
+            return False
+        self._awaiting = n
+        self._gathering = True
+        self._gather_gen += 1
+        self._gather_from = now
+        self.stats.gathers += 1
+        self._clock.call_at(horizon, self._gather_timeout, self._gather_gen)
+        return True
+
+    def _gather_timeout(self, gen: Any) -> None:
+        if gen == self._gather_gen and self._gathering and not self.stopped:
+            self._end_gather()
+
+    def _end_gather(self) -> None:
+        """Stop waiting (every awaited request arrived, or the bound passed): start the batch."""
+        for req in self._out_reqs.values():
+            req.awaited = False
+        self._awaiting = 0
+        self._gathering = False
+        self.stats.gather_wait += self._now() - self._gather_from
+        self._no_gather = True
+        if not self._busy and not self._kick_pending and not self.stopped:
+            self._kick_pending = True
+            self._soon(self._kick)
+
+    def _returned(self, rid: Any, req: _Req) -> None:
+        """Request ``rid`` is back at this node: its round trip is measured."""
+        req.rt = self._now() - req.t_out
+        req.t_out = -1.0
+        del self._out_reqs[rid]
+        if req.awaited:
+            req.awaited = False
+            self._awaiting -= 1
+            if self._awaiting == 0 and self._gathering:
+                self._end_gather()
 
     def _enqueue_moved(self, item: _Item) -> None:
         """``item`` joins the queue of its (next) layer ``item.layer``."""
@@ -666,6 +763,9 @@ class Worker:
             req.ctx_done = ctx_after
             if ctx_after >= req.last_ctx:
                 self._free(item.rid)
+            elif self._gather > 0.0:
+                req.t_out = now
+                self._out_reqs[item.rid] = req
 
     def _fail(self, item: _Item, reason: str) -> None:
         """The executor could not compute ``item``: tell the host, and forget the request here."""
@@ -712,6 +812,8 @@ class Worker:
         req = self._reqs.pop(rid, None)
         if req is None:
             return
+        if req.t_out >= 0.0:
+            self._returned(rid, req)  # it will not come back
         if self._release is not None:
             self._release(rid)
         if self._compat:

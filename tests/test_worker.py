@@ -23,7 +23,7 @@ from helix_async.model import GpuProfile
 from helix_async.settings import WorkerSettings
 from helix_async.transport import Transport
 from helix_async.vloop import VirtualTimeLoop
-from helix_async.worker import BatchLimits, Worker
+from helix_async.worker import BatchLimits, Worker, WorkerPy
 
 STEP = 1.0  # seconds every stub batch takes
 ACT = 8  # activation bytes per token
@@ -787,3 +787,68 @@ def test_worker_on_the_cost_model(loop: VirtualTimeLoop) -> None:
     assert [(t, m.request_id) for t, _, m in tp.sent] == [(0.25, 1), (2.0, 1), (2.0, 2)]
     assert w.stats.busy_time == 0.25 + 2 * 0.5 and w.stats.batches == 4
     assert w.kv_used == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode gathering: a batch waits for the decodes on their way back that are expected soon
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
+@pytest.mark.parametrize("gather", [0.0, 0.5])
+def test_decodes_split_by_a_round_trip_are_gathered_again(loop: VirtualTimeLoop, cls: Any, gather: float) -> None:
+    """Two requests share a prompt batch; the host answers request 1 in 0.1 s and request 2 in
+    0.3 s, so their first decodes come back apart.  Without gathering they take turns from then on;
+    with it the node waits (at most 0.5 x its 2-s run) for the one due back soon.  Layer-0 batches
+    worked out by hand (STEP 1 s per layer, 2 layers, 3 decodes each)."""
+    clock = LoopClock(loop)
+    ex = StubExecutor(clock)
+    tp = RecordingTransport(clock, 0)
+    answer = {1: 0.1, 2: 0.3}  # the host's round trip per request, s
+    record = tp.send
+
+    def send(dest: NodeRef, msg: Any) -> None:  # the host: a token back comes back as a decode
+        record(dest, msg)
+        if isinstance(msg, TokenResult) and msg.context_len < 3 + 3:  # prompt of 3, max_tokens 4
+            loop.call_at(clock.now() + answer[msg.request_id], w.on_message, SOURCE,
+                         decode(msg.request_id, R01, msg.context_len + 1))
+
+    tp.send = send  # type: ignore[method-assign]
+    w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000,
+                                             activation_bytes=ACT, gather=gather))
+    w.start()
+    w.on_message(SOURCE, prompt(1, R01, 3, max_tokens=4))
+    w.on_message(SOURCE, prompt(2, R01, 3, max_tokens=4))
+    loop.run_until(30.0)
+    layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
+    if gather:
+        assert layer0 == [(0.0, (1, 2)), (2.1, (1,)), (4.2, (2, 1)), (6.5, (1, 2)), (8.8, (2,))]
+        assert w.stats.gathers == 2
+        assert w.stats.gather_wait == pytest.approx(0.1 + 0.2)
+    else:
+        assert layer0 == [(0.0, (1, 2)), (2.1, (1,)), (4.1, (2,)), (6.1, (1,)), (8.1, (2,)), (10.1, (1,)), (12.1, (2,))]
+        assert w.stats.gathers == 0
+    assert w.kv_used == 0 and not w._out_reqs  # both finished; nothing awaited
+
+
+@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
+def test_gathering_waits_no_longer_than_its_bound(loop: VirtualTimeLoop, cls: Any) -> None:
+    """A request expected back soon that does not come: the batch starts when the bound (0.5 x the
+    node's last 2-s run) has passed, without it."""
+    clock = LoopClock(loop)
+    ex = StubExecutor(clock)
+    tp = RecordingTransport(clock, 0)
+    w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000,
+                                             activation_bytes=ACT))
+    w.start()
+    w.on_message(SOURCE, prompt(1, R01, 3, max_tokens=9))
+    w.on_message(SOURCE, prompt(2, R01, 3, max_tokens=9))
+    loop.run_until(2.05)
+    w.on_message(SOURCE, decode(1, R01, 4))  # both measured a round trip of 0.05 s ...
+    w.on_message(SOURCE, decode(2, R01, 4))
+    loop.run_until(4.1)  # ... they left again at 4.05: request 1 comes back, request 2 never does
+    w.on_message(SOURCE, decode(1, R01, 5))
+    loop.run_until(30.0)
+    layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
+    assert layer0 == [(0.0, (1, 2)), (2.05, (1, 2)), (5.1, (1,))]  # 4.1 + 0.5 x 2.0
+    assert w.stats.gathers == 1 and w.stats.gather_wait == pytest.approx(1.0)

@@ -10,8 +10,9 @@ cdef class _Item:
     cdef public double arrived
 
 cdef class _Req:
-    cdef public Py_ssize_t kv, ctx_done, last_ctx, layers, seq
-    cdef public bint recompute
+    cdef public Py_ssize_t kv, ctx_done, last_ctx, layers, seq, entry
+    cdef public bint recompute, awaited
+    cdef public double t_out, rt
 
 cdef class Worker:
     cdef public Py_ssize_t node_id, a, b, num_layers, kv_capacity, kv_used
@@ -25,7 +26,10 @@ cdef class Worker:
     cdef public list _queued_host_tokens
     cdef public Py_ssize_t _queued, _ending_early, _cur, _cancel_debt, _host_tokens, _seq, _credited
     cdef public bint _busy, _purge, _kick_pending, _free_only, _compat, _feedback
-    cdef public dict _reqs, _next_layers
+    cdef public dict _reqs, _next_layers, _out_reqs
+    cdef public double _gather, _last_run_s, _gather_from, _entry_started
+    cdef public Py_ssize_t _awaiting, _gather_gen
+    cdef public bint _gathering, _no_gather
 
     @cython.locals(item=_Item, req=_Req, stage=tuple, n=Py_ssize_t, rid=Py_ssize_t)
     cpdef on_message(self, object sender, object msg)
@@ -39,6 +43,11 @@ cdef class Worker:
                    pmr=Py_ssize_t, pmt=Py_ssize_t, dmt=Py_ssize_t, dmc=Py_ssize_t,
                    last=Py_ssize_t, j=Py_ssize_t, queues=list, q=list, chosen=list, skipped=list)
     cpdef _step(self)
+    @cython.locals(req=_Req, n=Py_ssize_t, entry=Py_ssize_t, now=double, horizon=double)
+    cpdef bint _start_gather(self, cur)
+    @cython.locals(req=_Req)
+    cpdef _end_gather(self)
+    cpdef _returned(self, rid, _Req req)
     @cython.locals(item=_Item, k=Py_ssize_t, layer=Py_ssize_t, nxt=Py_ssize_t, i=Py_ssize_t,
                    b=Py_ssize_t, items=list, forward=list, whole=bint, purge=bint)
     cpdef _done(self, object batch)

@@ -290,7 +290,7 @@ def worker_options(args: argparse.Namespace) -> WorkerOptions:
 #: the ``worker`` flags every executor shares, by WorkerOptions field (the executors' own flags
 #: come from ``executors.registry``)
 WORKER_FLAGS = ("connect", "node_id", "executor", "device", "machine_type", "memory_bytes", "bind", "keys", "key_name",
-                "insecure", "advertise")
+                "insecure", "advertise", "gather")
 
 
 def _add_executor_flags(w: Any, defaults: WorkerOptions, kinds: dict[str, Any]) -> None:
@@ -399,6 +399,9 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     w.add_argument("--insecure", action="store_true", help="allow plaintext links that leave this machine (warned)")
     w.add_argument("--advertise", default=dw.advertise, type=endpoint, metavar="ENDPOINT",
                    help="the address peers dial, when it differs from --bind (NAT, containers, proxies)")
+    w.add_argument("--gather", type=number_in(0.0, 10.0), default=dw.gather, metavar="K",
+                   help="before a decode batch, wait for the decodes on their way back that are expected within K "
+                        "times the node's last run (0: never; default %(default)s; docs/runtime.md)")
     # (the executors' one "int" flag is --seed)
     _add_executor_flags(w, dw, {"int": seed, "positive": positive, "positive_int": positive_int})
     w.set_defaults(handler=cmd_worker)

@@ -319,6 +319,7 @@ class WorkerServer:
             token_bytes=spec.token_size,
             out_links=tuple(out),
             next_layers={n: (s, e) for n, _, s, e in a.next_hops if n >= 0},
+            gather=opts.gather,
         )
         w = Worker(a.node_id, self.clock, transport, self.executor, settings)
         self.worker = w
