@@ -233,6 +233,7 @@ def test_ten_thousand_fuzzed_requests_get_no_5xx_and_leave_the_server_serving(do
     status, body = loop.run_until_complete(plain())
     assert status == 200 and body["choices"][0]["text"] == expected(12)
     assert sorted(fake.closed) == list(range(len(fake.requests)))  # every request the host saw was closed
+    assert api.body_bytes == 0  # every large body's count was given back
     assert _rss() - rss0 < 200 << 20
 
 

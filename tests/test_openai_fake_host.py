@@ -524,6 +524,35 @@ def test_idle_and_slow_connections_are_closed_and_a_slow_body_is_408() -> None:
     serve(body, limits=HttpLimits(keepalive_timeout=0.3, body_timeout=0.3, lingering_time=0.3))
 
 
+def test_large_bodies_at_once_beyond_the_budget_get_429_until_one_ends() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        big = json.dumps({"prompt": [5], "max_tokens": 2, "user": "u" * 80_000}).encode()
+        h, port = url.removeprefix("http://").rsplit(":", 1)
+        # one large body that is slow to come: it holds 80 kB of the 100 kB budget while it is read
+        reader, writer = await asyncio.open_connection(h, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big) + big[:1000])
+        try:
+            for _ in range(2000):  # until the slow one is being read (bounded)
+                status, r, headers = await post(s, url + "/v1/completions", big)
+                if status == 429:
+                    break
+                await asyncio.sleep(0.005)
+            assert status == 429 and "too many large request bodies" in r["error"]["message"]
+            assert headers["Retry-After"] == "1"
+            status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2})  # small: served
+            assert status == 200
+        finally:
+            writer.close()
+        for _ in range(2000):  # the slow one gone, its bytes are given back
+            status, r, _ = await post(s, url + "/v1/completions", big)
+            if status == 200:
+                break
+            await asyncio.sleep(0.005)
+        assert status == 200 and r["choices"][0]["text"] == expected(2)
+
+    serve(body, limits=HttpLimits(bodies_in_flight=100_000))
+
+
 def test_sizes_beyond_the_limits_are_4xx() -> None:
     async def body(host: FakeHost, s: Client, url: str) -> None:
         status, r, _ = await post(s, url + "/v1/completions", {"prompt": "x" * 3000})

@@ -105,7 +105,11 @@ class HttpLimits:
     complete or between requests, before it is closed. body_timeout: seconds a request's body
     may take to arrive (408 after). lingering_time: seconds the rest of a body not read (a
     refused request's) is read and dropped after the answer, before the connection is closed
-    (so the client reads the answer rather than a reset). per_client: most connections one client address holds open
+    (so the client reads the answer rather than a reset). bodies_in_flight: bytes of large
+    request bodies (over 64 KiB) being read, parsed and tokenized at once, counted by their
+    Content-Length (or ``client_max_size`` when chunked); one more beyond it is refused with a 429
+    (a parsed body takes several times its bytes: this bounds the memory big requests hold).
+    per_client: most connections one client address holds open
     at once (429 beyond; 0: no limit). threads: the thread pool that tokenizes, renders chat
     templates, detokenizes whole texts and parses large bodies off the event loop.
     """
@@ -117,6 +121,7 @@ class HttpLimits:
     keepalive_timeout: float = 15.0
     body_timeout: float = 60.0
     lingering_time: float = 2.0
+    bodies_in_flight: int = 48 << 20
     per_client: int = 256
     threads: int = 2
 
@@ -418,6 +423,9 @@ class OpenAIServer:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._pool: ThreadPoolExecutor | None = None
+        #: bytes of large bodies being read and checked now (HttpLimits.bodies_in_flight)
+        self.body_bytes = 0
+        self._reserved: dict[int, int] = {}  # id(request): its bytes in body_bytes, until it is released
         self.url = ""
         self.app = web.Application(client_max_size=self.limits.client_max_size, middlewares=[self._errors])
         self.app.on_cleanup.append(self._close_pool)
@@ -511,6 +519,8 @@ class OpenAIServer:
             if self.metrics is not None and request.path.startswith("/v1/") and request.method == "POST":
                 self.metrics.request_done("error")
             return ApiError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
+        finally:
+            self._release(request)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object: read within ``body_timeout`` (408) and ``client_max_size``
@@ -520,6 +530,14 @@ class OpenAIServer:
         if enc not in ("", "identity"):
             raise ApiError(415, f"Content-Encoding {_short(enc, 40)} is not supported: send the body as it is",
                            code="unsupported_content_encoding", close=True)
+        size = request.content_length
+        need = min(self.limits.client_max_size, size if size is not None else self.limits.client_max_size)
+        if need > _INLINE_BODY:
+            if self.body_bytes and self.body_bytes + need > self.limits.bodies_in_flight:
+                raise ApiError(429, f"too many large request bodies at once ({self.body_bytes} bytes being read); "
+                               "retry later", retry_after=1, close=True)
+            self._reserved[id(request)] = need
+            self.body_bytes += need
         try:
             raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
         except TimeoutError:
@@ -558,7 +576,12 @@ class OpenAIServer:
         # the sampling seed of an unseeded request is drawn here, on the loop, in arrival order
         seed = self._rng.randrange(1 << 63) if body.get("seed") is None else None
         p: _Params = await self._off_loop(self._params_of, body, chat, seed)
+        self._release(request)
         return p
+
+    def _release(self, request: web.Request) -> None:
+        """Give back what the request's body counted in ``body_bytes`` (once)."""
+        self.body_bytes -= self._reserved.pop(id(request), 0)
 
     def _params_of(self, body: dict[str, Any], chat: bool, seed: int | None) -> _Params:
         prompt = self._chat_ids(body) if chat else self._prompt_ids(body)
