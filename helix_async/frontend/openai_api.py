@@ -27,10 +27,15 @@ the token that ended it.  Closing the token stream then cancels it on the host, 
 KV.  A client that disconnects cancels its request the same way.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-JSON, a bad or unsupported field, a prompt longer than the context; 404 for an unknown model; 429
-with ``Retry-After`` when the admission queue is full (a request is never queued without bound);
-503 with ``Retry-After`` while the cluster is starting or shutting down (overload is never a 500);
-500 when the cluster failed the request (a lost worker), and for a fault of this server's own.
+JSON, a bad or unsupported field, a prompt longer than the context; 404 for an unknown model; 408,
+413 and 415 for a body too slow, too large, or not UTF-8 JSON; 429 with ``Retry-After`` when the
+admission queue is full (a request is never queued without bound), and for too many connections
+or large bodies at once (:class:`HttpLimits`); 503 with ``Retry-After`` while the cluster is
+starting or shutting down (overload is never a 500); 500 when the cluster failed the request (a
+lost worker), and, as the last resort, for a fault of this server's own (counted in
+:attr:`OpenAIServer.faults`).  Bad input never gets a 5xx: every value is checked at the door
+against what the sampler, the tokenizer and the wire take (docs/api.md §Limits).  Bodies are
+parsed, chat templates rendered and prompts tokenized in a small thread pool, off the event loop.
 A streaming response's headers go out with its first token, so a request refused before then gets
 its status as a non-streaming one would; a failure after that arrives as a last event
 ``{"error": ...}`` before ``[DONE]``.  One request's failure ends that request alone.
