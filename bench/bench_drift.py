@@ -209,7 +209,7 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
         server = HostServer(placement)
         address = await server.start()
         penv = dict(os.environ, HELIX_LOG_LEVEL="WARNING", **(env or {}))
-        procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address,
+        procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
                                    "--node-id", str(i), "--threads", "1"], cwd=ROOT, env=penv) for i in nodes]
         try:
             await server.wait_ready(300)

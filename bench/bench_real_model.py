@@ -152,8 +152,8 @@ async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int,
     address = await server.start()
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
-                          "--node-id", str(i), "--executor", "torch", "--threads", str(threads), "--checkpoint",
+        subprocess.Popen([sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--insecure", "--connect",
+                          address, "--node-id", str(i), "--executor", "torch", "--threads", str(threads), "--checkpoint",
                           str(gguf)], cwd=ROOT, env=env)
         for i in range(stages)
     ]

@@ -57,8 +57,8 @@ async def _serve(executor: str, fn: Any, *extra: str, ipc: str = "") -> Any:
     address = await server.start()
     env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address, "--node-id", str(i),
-                          "--executor", executor, *extra, *(["--bind", f"ipc://{ipc}/w{i}"] if ipc else [])],
+        subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
+                          "--node-id", str(i), "--executor", executor, *extra, *(["--bind", f"ipc://{ipc}/w{i}"] if ipc else [])],
                          cwd=ROOT, env=env)
         for i in range(4)
     ]

@@ -168,8 +168,8 @@ def part_overhead(n: int) -> dict[str, float]:
     async def main() -> None:
         server = HostServer(placement)
         address = await server.start()
-        procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address, "--node-id",
-                                   str(i), "--executor", "null"], cwd=ROOT, env=ENV) for i in range(3)]
+        procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
+                                   "--node-id", str(i), "--executor", "null"], cwd=ROOT, env=ENV) for i in range(3)]
         api = OpenAIServer(server, "tiny-llama", None, max_model_len=2048)
         url = await api.start("127.0.0.1", 0)
         try:

@@ -67,7 +67,8 @@ class Workers:
 
     def start(self, address: str, node: int) -> None:
         env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
-        p = subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address, "--node-id", str(node)],
+        p = subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
+                              "--node-id", str(node)],
                              cwd=ROOT, env=env)
         self.procs.append(p)
         self.by_node[node] = p

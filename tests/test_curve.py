@@ -5,6 +5,7 @@ says."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from helix_async.errors import ConfigError
 from helix_async.ids import SOURCE, NodeRef
 from helix_async.messages import Cancel
 from helix_async.transport.base import TransportError
-from helix_async.transport.curve import generate_keys, load_keys, split_address
+from helix_async.transport.curve import CurveKeys, generate_keys, load_keys, split_address
 from helix_async.transport.zmq import ZmqTransport
 
 zmq = pytest.importorskip("zmq")
@@ -230,3 +231,28 @@ def test_plaintext_links_off_this_machine_need_insecure() -> None:
     assert p.returncode == 2 and "--connect: tcp://10.9.8.7:5555 leaves this machine: give --keys DIR" in p.stderr
     assert "--insecure" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_plaintext_on_loopback_takes_an_explicit_insecure() -> None:
+    from helix_async.transport.curve import security
+
+    with pytest.raises(ConfigError, match="--keys: tcp://127.0.0.1:5555 is a plaintext link: give --keys DIR"):
+        security(None, "host", [("--listen", "tcp://127.0.0.1:5555")], False)
+    assert security(None, "host", [("--listen", "tcp://127.0.0.1:5555")], True) is None
+
+
+def test_keys_for_a_run_are_private_and_removed_at_its_end(tmp_path: Path) -> None:
+    import stat
+
+    from helix_async.transport.curve import key_bindings, key_files, run_keys, write_key_files
+
+    with run_keys(2) as d:
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        # what a worker's machine needs, copied there: its own pair, the host's public key, the allow-list
+        copy = write_key_files(tmp_path / "copy", key_files(d, "worker-1"))
+        assert sorted(p.name for p in Path(copy).glob("*.key*")) == ["host.key", "worker-1.key", "worker-1.key_secret"]
+        assert stat.S_IMODE(os.stat(Path(copy) / "worker-1.key_secret").st_mode) == 0o600
+        mine = load_keys(copy, "worker-1")
+        assert load_keys(d, "worker-1") == CurveKeys(mine.public, mine.secret, d + "/allowed", mine.default_server)
+        assert key_bindings(mine.allowed_dir)[mine.public] == 1 and "host" in key_bindings(mine.allowed_dir).values()
+    assert not Path(d).exists()

@@ -107,7 +107,7 @@ def test_fuzzed_frames_are_dropped_and_counted_while_the_cluster_serves(tmp_path
         server = HostServer(placement)
         address = await server.start()
         for i in (0, 1):
-            procs.append(subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address,
+            procs.append(subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
                                            "--node-id", str(i), "--executor", "null"], cwd=ROOT, env=env))
         await server.wait_ready(180)
         before = await server.complete([1, 2, 3], 6)

@@ -69,12 +69,9 @@ def test_launch_serves_the_tiny_model_through_ray_and_ctrl_c_stops_it(ray_addres
     pl = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
     plan = write_placement(pl, tmp_path / "plan.toml", flow=max_flow(pl))
     url_file = tmp_path / "url"
-    # Ray gives its nodes the machine's network address: the links leave loopback, so they get CURVE keys
-    from helix_async.transport.curve import generate_keys
-
-    generate_keys(tmp_path / "keys", 3)
+    # no --keys: launch makes CURVE keys for the run and gives each process its own pair
     p = subprocess.Popen([sys.executable, "-m", "helix_async", "launch", "--ray", ray_address, str(plan), "--http",
-                          "127.0.0.1:0", "--url-file", str(url_file), "--keys", str(tmp_path / "keys")],
+                          "127.0.0.1:0", "--url-file", str(url_file)],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_file(url_file, p, 240)

@@ -70,7 +70,7 @@ class Cluster:
             env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
             for i in STAGES:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "helix_async", "worker", "--connect", self.address, "--node-id", str(i),
+                    [sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", self.address, "--node-id", str(i),
                      "--executor", executor], cwd=ROOT, env=env))
             assert self.server is not None
             self.call(self.server.wait_ready(), timeout=180)
@@ -442,7 +442,8 @@ def test_host_http_port_in_use_exits_2(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
-        p = subprocess.run([sys.executable, "-m", "helix_async", "host", "--plan", str(plan), "--http", f"127.0.0.1:{port}"],
+        p = subprocess.run([sys.executable, "-m", "helix_async", "host", "--insecure", "--plan", str(plan),
+                            "--http", f"127.0.0.1:{port}"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and f"--http: cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

@@ -83,6 +83,8 @@ class Procs:
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         env = dict(os.environ, HELIX_LOG_LEVEL="WARNING")
+        if args[:1] in (("host",), ("worker",)):  # plaintext links take an explicit --insecure, even on loopback
+            args = (args[0], "--insecure", *args[1:])
         p = subprocess.Popen([sys.executable, "-m", "helix_async", *args], cwd=ROOT, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(p)

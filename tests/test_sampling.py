@@ -506,7 +506,7 @@ def test_generate_takes_sampling_params_and_yields_sampled_tokens(tmp_path: Path
         server = HostServer(placement)
         address = await server.start()
         for _ in range(2):
-            procs.append(subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--connect", address,
+            procs.append(subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
                                            "--checkpoint", str(tmp_path)], cwd=ROOT, env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         await server.wait_ready(180)

@@ -253,6 +253,50 @@ def test_a_peer_that_stops_answering_is_reported_within_two_seconds() -> None:
     run(main)
 
 
+def test_the_observers_own_late_loop_is_not_a_peers_silence() -> None:
+    """The host's loop stalls for 3 s (its clock jumps 3 s in one step: its heartbeat timer fires
+    2.75 s late) while the peer stays alive: the peer is not reported lost (the lag is measured,
+    ``loop_lag_max``, and discounted); a peer that then really stops is still reported after 1.5 s
+    of its own silence."""
+    hb = 0.25
+
+    async def main() -> None:
+        clock = SteppedClock()
+        host = ZmqTransport(SOURCE, clock)  # default timings: dead after 1.5 s
+        w = ZmqTransport(4, LoopClock())
+        await host.start()
+        await w.start()
+        host.connect(4, w.address)
+        await wait_until_async(lambda: clock.sleeps >= 1, what="the host's heartbeat loop started")
+        lost: list[NodeRef] = []
+        host.on_peer_lost = lost.append
+
+        async def step(dt: float) -> None:
+            rounds = clock.sleeps
+            clock.advance(dt)
+            await wait_until_async(lambda: clock.sleeps > rounds, what="the host's heartbeat round")
+
+        for i in range(3):
+            host.send(4, Cancel(request_id=i))
+            await step(hb)
+            await wait_until_async(lambda: host.link_idle(4), what="the heartbeat's answer")
+        await step(3.0)  # the stall
+        assert host.stats.loop_lag_max == pytest.approx(3.0 - hb) and not lost and host.alive(4)
+        for _ in range(4):  # and it goes on answering
+            await step(hb)
+            await wait_until_async(lambda: host.link_idle(4), what="the heartbeat's answer")
+        assert not lost
+        t_stop = clock.now()
+        await w.close()
+        while not lost:
+            assert clock.now() - t_stop < 5.0, "a silent peer was not reported"
+            await step(hb)
+        assert lost == [4] and 1.5 < clock.now() - t_stop <= 2.0
+        await host.close()
+
+    run(main)
+
+
 def test_bind_errors_are_clear() -> None:
     async def main() -> None:
         clock = LoopClock()

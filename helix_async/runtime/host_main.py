@@ -73,7 +73,7 @@ from ..runlog import RunLog
 from ..sampling import SampledToken, SamplingParams
 from ..settings import HostSettings
 from ..transport.base import Handler
-from ..transport.curve import check_address
+from ..transport.curve import check_address, warn_plaintext
 from ..transport.zmq import ZmqTransport, inbox_limit
 
 __all__ = ["HostCounters", "HostServer", "LinkHealth"]
@@ -339,7 +339,7 @@ class HostServer:
             pass
         elif t is NodeStats:
             st = self.nodes.get(msg.node_id)
-            if st is None or sender != msg.node_id or not st.name:
+            if st is None or sender != msg.node_id:
                 self._drop(t, sender, "stats not from the node they describe")
                 return
             st.stats = msg
@@ -544,6 +544,8 @@ class HostServer:
         assert self._ready is not None
         self._ready.set()
         log.info("all %d nodes ready: serving", len(self.nodes))
+        if self.tp.curve is None:
+            warn_plaintext("the host")
 
     # ---- failures -------------------------------------------------------------------------------
 

@@ -16,11 +16,18 @@ The launcher streams every process's output prefixed with its role, waits until 
 every worker ready, prints the endpoint, and on Ctrl-C (or SIGTERM) stops the host (which stops
 the workers), waits for every process, and removes the actors.  A process that exits before the
 cluster is ready tears everything down with exit 1 and shows the end of its output.
+
+The links are CURVE-encrypted and authenticated (docs/security.md): with ``--keys DIR`` (the same
+path on every Ray node), or by default with keys made for the run on the launcher's machine (a
+private temporary directory, removed at the end), each process getting only its own key pair, the
+host's public key and the allow-list, written into its actor's private directory.  ``--insecure``
+runs them in plaintext (warned).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -58,6 +65,13 @@ class ProcessActor:
         path = self.dir / name
         atomic_write_text(path, text, name)
         return str(path)
+
+    def write_keys(self, files: dict[str, str]) -> str:
+        """This process's CURVE key files (``transport.curve.key_files``) in a private directory of
+        its own; returns the directory (its ``--keys``)."""
+        from ..transport.curve import write_key_files
+
+        return write_key_files(self.dir / "keys", files)
 
     def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         import os
@@ -129,13 +143,33 @@ def cmd_launch(args: argparse.Namespace) -> int:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError("<argument>", "--ray", f"cannot connect to Ray at {args.ray!r}: {e}") from None
     try:
-        return _launch(ray, args, placement, nodes, plan_text)
+        with contextlib.ExitStack() as stack:
+            run_keys_dir = ""
+            if args.insecure:
+                import logging
+
+                logging.getLogger("helix_async.security").warning(
+                    "--insecure: the links between the host and its workers are neither encrypted nor authenticated")
+            elif not args.keys:
+                from ..transport.curve import run_keys
+
+                run_keys_dir = stack.enter_context(run_keys(max(i for i, _ in nodes) + 1))
+            return _launch(ray, args, placement, nodes, plan_text, run_keys_dir)
     finally:
         ray.shutdown()
 
 
-def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tuple[int, str]], plan_text: str) -> int:
+def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tuple[int, str]], plan_text: str,
+            run_keys_dir: str = "") -> int:
+    """run_keys_dir: keys made for this run (``curve.run_keys``), shipped to each process; "" when
+    ``--keys`` or ``--insecure`` says how the links are secured."""
     from ..executors.registry import executor_entry
+    from ..transport.curve import key_files
+
+    def secure(actor: Any, name: str) -> list[str]:
+        if run_keys_dir:
+            return ["--keys", ray.get(actor.write_keys.remote(key_files(run_keys_dir, name)))]
+        return ["--keys", args.keys] if args.keys else ["--insecure"]
 
     entry = executor_entry(args.executor)
     available = ray.cluster_resources()
@@ -177,8 +211,7 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
             argv += ["--tokenizer", args.tokenizer]
         if entry.emulates:
             argv += ["--emulate", str(args.time_scale)]
-        secure = ["--keys", args.keys] if args.keys else (["--insecure"] if args.insecure else [])
-        argv += secure
+        argv += secure(host, "host")
         ray.get(host.start.remote(argv))
         address = _wait_for(ray, host, "host.address", actors, offsets, stopping, timeout=120)
         if address is None:
@@ -199,7 +232,7 @@ def _launch(ray: Any, args: argparse.Namespace, placement: Any, nodes: list[tupl
                 wargv += ["--plan", wplan, "--time-scale", str(args.time_scale)]
             if args.checkpoint and entry.reads("--checkpoint"):
                 wargv += ["--checkpoint", args.checkpoint]
-            wargv += secure
+            wargv += secure(w, f"worker-{i}")
             ray.get(w.start.remote(wargv))
             actors[f"worker {i}"] = w
             offsets[f"worker {i}"] = 0
@@ -310,8 +343,9 @@ def add_parser(sub: Any, positive: Any) -> None:
     la.add_argument("--time-scale", type=number_in(0.0, 1e6, low_open=True), default=1.0, help="cost-model: the emulation's time scale K")
     la.add_argument("--host-resource", default=None, help="a custom Ray resource that pins the host (e.g. node:10.0.0.5)")
     la.add_argument("--keys", default=None, metavar="DIR",
-                    help="CURVE key directory, the same path on every Ray node (worker-N's pair for plan node N)")
-    la.add_argument("--insecure", action="store_true", help="plaintext links between machines (warned)")
+                    help="CURVE key directory, the same path on every Ray node (worker-N's pair for plan node N); "
+                         "default: keys made for the run and copied to each process")
+    la.add_argument("--insecure", action="store_true", help="plaintext links between the processes (warned)")
     la.add_argument("--seed", type=seed, default=0)
     la.add_argument("--ready-timeout", type=seconds, default=600.0, help="seconds for every worker to be ready")
     la.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving")

@@ -12,12 +12,18 @@ SmolLM2-135M-Instruct (``smollm2-135m-instruct``: its GGUF file, tokenizer and c
 any Hugging Face checkpoint directory or GGUF file of the LLaMA family or Qwen2 (each worker reads
 only its own layers' weights; the host reads the tokenizer from the same files); or the dummy
 ``tiny-llama`` (seeded weights and a tokenizer of our own, for fast tests).
+
+The links between the host and its workers are CURVE-encrypted and authenticated with keys made
+for the run (a private temporary directory, removed at the end; docs/security.md): on a shared
+machine no other process can join, read or forge them.  ``--insecure`` runs them in plaintext
+(warned).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -87,8 +93,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from ..placement import Placement
     from ..placement.flow import max_flow
     from ..placement.io import write_placement
-    from .host_main import HostServer
-    from .http_api import prepare_front_door, start_front_door
+    from .http_api import prepare_front_door
 
     spec = resolve_model(args.model, "--model").spec
     model, checkpoint = spec.reference, spec.checkpoint
@@ -122,8 +127,25 @@ async def _serve(args: argparse.Namespace) -> int:
     workdir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="helix-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = write_placement(placement, workdir / "plan.toml", flow=flow)
+    with contextlib.ExitStack() as stack:
+        return await _serve_with_keys(args, stack, spec, n, door, memory, checkpoint, workdir, plan_path, placement, flow)
+
+
+async def _serve_with_keys(args: argparse.Namespace, stack: contextlib.ExitStack, spec: Any, n: int, door: Any,
+                           memory: int, checkpoint: Any, workdir: Path, plan_path: Any, placement: Any, flow: Any) -> int:
+    from ..transport.curve import load_keys, run_keys
+    from .host_main import HostServer
+    from .http_api import start_front_door
+
+    if args.insecure:
+        log.warning("--insecure: the links between the host and its workers are plaintext; any process on this "
+                    "machine can read them and pose as any of them")
+        keys_dir = ""
+    else:
+        keys_dir = stack.enter_context(run_keys(n))  # removed when serve ends
     server = HostServer(placement, flow, HostSettings(admission_capacity=args.admission_capacity,
-                                                      shutdown_grace=args.grace))
+                                                      shutdown_grace=args.grace),
+                        curve=load_keys(keys_dir, "host") if keys_dir else None)
     address = await server.start()
     api = None
     procs: list[asyncio.subprocess.Process] = []
@@ -136,6 +158,7 @@ async def _serve(args: argparse.Namespace) -> int:
         for i in range(n):
             argv = [sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--connect", address,
                     "--node-id", str(i), "--executor", args.executor, "--threads", str(args.threads), "--seed", str(args.seed)]
+            argv += ["--keys", keys_dir] if keys_dir else ["--insecure"]
             if args.dtype:
                 argv += ["--dtype", args.dtype]
             if args.executor == "torch":
@@ -217,4 +240,7 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
                    help="seconds in-flight requests may finish at stop (default %(default)s)")
     s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
     s.add_argument("--url-file", default=None, type=output_file, help="write the API's base URL here once serving (for scripts)")
+    s.add_argument("--insecure", action="store_true",
+                   help="plaintext links between the host and its workers (default: CURVE with keys made for the run; "
+                        "docs/security.md)")
     s.set_defaults(handler=cmd_serve)

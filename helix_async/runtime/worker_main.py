@@ -328,6 +328,10 @@ class WorkerServer:
         self._tasks.append(asyncio.get_running_loop().create_task(self._report_stats(), name="node-stats"))
         log.info("worker %s is node %d: layers [%d, %d) of %s, %s executor, ready", self.name, a.node_id, a.start,
                  a.end, spec.name, opts.executor)
+        if self.tp.curve is None:
+            from ..transport.curve import warn_plaintext
+
+            warn_plaintext(f"worker {a.node_id}")
 
     async def _report_stats(self) -> None:
         """A ``NodeStats`` to the host every ``stats_every_s`` (its metrics: KV, queue, link bytes)."""

@@ -29,12 +29,15 @@ with (ZAP's ``User-Id``), never by the ZeroMQ identity the sender chose: a worke
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["CurveKeys", "check_address", "generate_keys", "is_local", "key_bindings", "load_keys", "security", "split_address"]
+__all__ = ["CurveKeys", "check_address", "generate_keys", "is_local", "key_bindings", "key_files", "load_keys", "run_keys",
+           "security", "split_address", "warn_plaintext", "write_key_files"]
 
 _FRAGMENT = "#curve="
 
@@ -171,6 +174,58 @@ def generate_keys(directory: str | os.PathLike[str], workers: int) -> list[Path]
     return written
 
 
+@contextmanager
+def run_keys(workers: int) -> Iterator[str]:
+    """Keys for one run (``serve``, ``demo``, ``launch``, tests' local clusters): a host key pair
+    and ``workers`` worker key pairs in a fresh private directory (mode 700, ``tempfile.mkdtemp``),
+    removed when the run ends; yields its path."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="helix-keys-")
+    try:
+        generate_keys(d, workers)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def key_files(directory: str | os.PathLike[str], name: str) -> dict[str, str]:
+    """What endpoint ``name`` (``host`` or ``worker-N``) needs of a key directory, to copy to its
+    machine: relative path -> text (its own key pair, the host's public key, the allow-list)."""
+    d = Path(directory)
+    out = {f"{name}.key_secret": (d / f"{name}.key_secret").read_text(), f"{name}.key": (d / f"{name}.key").read_text(),
+           "host.key": (d / "host.key").read_text()}
+    for p in sorted((d / "allowed").glob("*.key")):
+        out[f"allowed/{p.name}"] = p.read_text()
+    return out
+
+
+def write_key_files(directory: str | os.PathLike[str], files: dict[str, str]) -> str:
+    """Write :func:`key_files`' output under ``directory`` (created mode 700; secret keys mode 600);
+    returns the directory."""
+    d = Path(directory)
+    (d / "allowed").mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    for rel, text in files.items():
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise ValueError(f"{rel!r}: not a path inside the key directory")
+        path = d / rel
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if rel.endswith("_secret") else 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return str(d)
+
+
+def warn_plaintext(who: str) -> None:
+    """One warning that ``who``'s links are plaintext (``--insecure``), logged once it serves."""
+    import logging
+
+    logging.getLogger("helix_async.security").warning(
+        "%s serves over plaintext links (--insecure): any process that can reach its ports can read them and pose "
+        "as any peer (docs/security.md)", who)
+
+
 def is_local(endpoint: str) -> bool:
     """Whether a ZeroMQ endpoint stays on this machine (loopback TCP, ipc, inproc)."""
     base, _ = split_address(endpoint)
@@ -183,9 +238,11 @@ def is_local(endpoint: str) -> bool:
 
 
 def security(keys_dir: str | None, name: str, endpoints: list[tuple[str, str]], insecure: bool) -> CurveKeys | None:
-    """The CURVE keys of endpoint ``name`` from ``--keys``, or None for plaintext links, which are
-    allowed on this machine only or with ``--insecure`` (warned).  endpoints: (flag, endpoint) the
-    process binds or dials."""
+    """The CURVE keys of endpoint ``name`` from ``--keys``, or None for plaintext links, which take
+    an explicit ``--insecure``, even on loopback (warned: any local process could then pose as any
+    peer, docs/security.md; here for links off this machine, by the host and the worker once they
+    serve for loopback, so that a bad input still ends in one line).  endpoints: (flag, endpoint)
+    the process binds or dials."""
     import logging
 
     if keys_dir:
@@ -193,11 +250,19 @@ def security(keys_dir: str | None, name: str, endpoints: list[tuple[str, str]], 
             raise ConfigError("<argument>", "--insecure", "give either --keys or --insecure, not both")
         return load_keys(keys_dir, name)
     remote = [(flag, e) for flag, e in endpoints if not is_local(e)]
-    if remote and not insecure:
-        flag, e = remote[0]
-        raise ConfigError("<argument>", flag, f"{split_address(e)[0]} leaves this machine: give --keys DIR (CURVE, "
-                          "python -m helix_async keys generate) or, knowingly, --insecure")
+    if not insecure:
+        if remote:
+            flag, e = remote[0]
+            what = f"{flag}: {split_address(e)[0]} leaves this machine"
+        else:
+            e = endpoints[0][1] if endpoints else "the link"
+            what = f"--keys: {split_address(e)[0]} is a plaintext link"
+        flag, _, text = what.partition(": ")
+        raise ConfigError("<argument>", flag, f"{text}: give --keys DIR (CURVE, python -m helix_async keys generate) or, "
+                          "knowingly, --insecure")
     if remote:
         logging.getLogger("helix_async.security").warning(
-            "--insecure: links to and from %s are neither encrypted nor authenticated", ", ".join(e for _, e in remote))
+            "--insecure: links to and from %s are neither encrypted nor authenticated",
+            ", ".join(e for _, e in remote))
+    # (on loopback the host and the worker warn once they serve: a bad input still ends in one line)
     return None
