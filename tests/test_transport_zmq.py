@@ -297,6 +297,46 @@ def test_the_observers_own_late_loop_is_not_a_peers_silence() -> None:
     run(main)
 
 
+def test_an_oversized_frame_is_refused_and_an_outbox_keeps_a_bounded_backlog() -> None:
+    """MAXMSGSIZE: a peer sending a frame over the inbox's limit is disconnected by ZeroMQ before
+    anything reaches the node, and the inbox goes on serving others; an outbox whose peer never
+    acknowledges keeps at most ``max_unacked`` messages (the rest dropped and counted)."""
+
+    async def main() -> None:
+        clock = LoopClock()
+        w = ZmqTransport(3, clock, max_message_bytes=4096)
+        src = ZmqTransport(SOURCE, clock, max_unacked=3)
+        await w.start()
+        await src.start()
+        win = Inbox(w)
+        ctx = zmq.asyncio.Context()
+        big = ctx.socket(zmq.DEALER)
+        big.setsockopt(zmq.LINGER, 0)
+        events = big.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        big.connect(w.address)
+        try:
+            await big.send_multipart([b"D" + bytes(16), bytes(1 << 20)])  # 1 MiB: over the limit
+            await asyncio.wait_for(events.recv_multipart(), 60)  # ZeroMQ hung up on it
+            src.connect(3, w.address)
+            src.send(3, Cancel(request_id=1, reason="small"))
+            await wait_until_async(lambda: win.got, what="the small message")
+            # nothing of the big frame reached the transport (not even to be dropped as malformed)
+            assert [m.request_id for _, m in win.got] == [1] and w.stats.bad_frames == 0 and w.drops.total == 0
+            src.connect(4, "tcp://127.0.0.1:9")  # nobody there: nothing is ever acknowledged
+            for i in range(5):
+                src.send(4, Cancel(request_id=i))
+            assert src.unacked(4) == 3 and src.stats.overflowed == 2
+        finally:
+            big.disable_monitor()
+            events.close(0)
+            big.close(0)
+            ctx.term()
+            await src.close()
+            await w.close()
+
+    run(main)
+
+
 def test_bind_errors_are_clear() -> None:
     async def main() -> None:
         clock = LoopClock()
