@@ -288,3 +288,17 @@ def test_the_front_door_takes_the_real_models_own_tokenizer_never_ours() -> None
     assert door.tokenizer.eos_ids == (2,) and door.tokenizer.vocab_size == 49152 and door.model_root == model.reference
     with pytest.raises(ConfigError, match="--tokenizer: the tiny-llama tokenizer is for the dummy tiny-llama only"):
         prepare_front_door("127.0.0.1:0", model, tokenizer="tiny-llama")
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_and_decode_as_a_batch_of_one_equal_tokenizers_own(add_special_tokens: bool) -> None:
+    # (TextTokenizer encodes through encode_batch, which releases the GIL; the ids must not change)
+    t = load_tokenizer("tiny-llama")
+    rng = random.Random(7)
+    src = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for _ in range(20):
+        at = rng.randrange(len(src))
+        text = src[at : at + rng.randrange(1, 4000)] + "é\U0001f600\x00<s></s>  \n"
+        ids = t.encode(text, add_special_tokens=add_special_tokens)
+        assert ids == list(t.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        assert t.decode_long(ids, skip_special_tokens=False) == t.tok.decode(ids, skip_special_tokens=False)

@@ -1184,7 +1184,7 @@ class OpenAIServer:
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                 for t in ids):
             raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
-        return tok.decode(ids, skip_special_tokens=False)
+        return tok.decode_long(ids, skip_special_tokens=False)
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": __version__})

@@ -139,11 +139,17 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's ids, with the beginning-of-text id where the tokenizer adds one (and
-        ``add_special_tokens``)."""
-        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        ``add_special_tokens``).  Called as a batch of one: ``tokenizers`` releases the GIL while
+        it encodes a batch (its ``encode`` of one text holds it), so a long text tokenized in a
+        thread leaves the event loop free."""
+        return list(self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def decode_long(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """:meth:`decode` as a batch of one, which releases the GIL (for a long text, off the loop)."""
+        return str(self.tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0])
 
     def token_text(self, token: int) -> str:
         """One token's own text, special tokens spelled out (what log-probabilities name)."""
