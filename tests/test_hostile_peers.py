@@ -185,6 +185,39 @@ def test_rogue_and_wedging_registrations_do_not_take_a_node(keys: Path, mode: st
     run(main)
 
 
+def test_registrants_that_never_become_ready_free_their_nodes(keys: Path) -> None:
+    """Two registrants that answer heartbeats and take their layers but never say ready (with keys:
+    node 0's and node 1's own keys) free their nodes after ``ready_timeout_s``; the real workers
+    then take them and serve."""
+
+    async def main() -> None:
+        clock = LoopClock()
+        server = HostServer(_placement(), curve=load_keys(keys, "host"))
+        server.ready_timeout_s = 0.5
+        address = await server.start()
+        squatters = [ZmqTransport(f"squat{i}", clock, curve=load_keys(keys, f"worker-{i}")) for i in STAGES]
+        got: list[Any] = []
+        workers: list[asyncio.Task[int]] = []
+        try:
+            for i, sq in enumerate(squatters):
+                sq.set_handler(lambda s, m: got.append(m))
+                await sq.start()
+                sq.connect(SOURCE, address)
+                sq.send(SOURCE, _register(i, f"squat{i}", sq.address))
+            await wait_until_async(lambda: len(got) == 2, what="both squatters assigned their layers")
+            await wait_until_async(lambda: server.counters.freed == 2, what="both nodes freed")
+            workers = await _workers(address, keys)
+            await server.wait_ready(120)
+            assert await server.complete(PROMPT, 4) != [] and server.counters.rejoined == 2
+        finally:
+            await server.shutdown(grace=0)
+            for sq in squatters:
+                await sq.close()
+            assert await asyncio.gather(*workers) == [0] * len(workers)
+
+    run(main)
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
