@@ -167,13 +167,18 @@ def measure(host: str, port: int, *, mb: float, tokens: int, chat: bool = True, 
         time.sleep(0.1)
     big: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    windows = []
     for path, body in bodies:
+        t0 = time.perf_counter()
         status, answer, took = post(host, port, path, body)
+        windows.append((t0, time.perf_counter()))
         big.append({"path": path, "bytes": len(body), "status": status, "seconds": round(took, 3),
                     "answer": answer[:160]})
     t_end = time.perf_counter()
     stream.done.wait(600)
     th.join(10)
+    for b, (a, z) in zip(big, windows, strict=True):
+        b["longest_silence_s"] = round(longest_gap(stream.stamps, a, z), 4)
     gaps = [b - a for a, b in zip(stream.stamps, stream.stamps[1:], strict=False)]
     m = metrics(host, port)
     degraded = sum(v for k, v in m.items() if k.startswith("helix_link_degraded"))

@@ -174,6 +174,11 @@ def _parse_json(text: str) -> Any:
     return value
 
 
+def _parse_body(raw: bytes, charset: str | None) -> Any:
+    """A body's JSON value: :func:`_decode_body`, then :func:`_parse_json`."""
+    return _parse_json(_decode_body(raw, charset))
+
+
 def _first_line(text: str, limit: int = 160) -> str:
     line = text.splitlines()[0] if text else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -550,8 +555,11 @@ class OpenAIServer:
         except (web.RequestPayloadError, http_exceptions.HttpProcessingError) as e:
             # a body its Content-Encoding or chunked framing does not decode
             raise ApiError(400, f"the request body could not be read: {_first_line(str(e))}", close=True) from None
-        text = _decode_body(raw, request.charset)
-        body = await self._off_loop(_parse_json, text) if len(raw) > _INLINE_BODY else _parse_json(text)
+        charset = request.charset
+        if len(raw) > _INLINE_BODY:
+            body = await self._off_loop(_parse_body, raw, charset)
+        else:
+            body = _parse_body(raw, charset)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
