@@ -20,8 +20,8 @@ from helix_async.cli import EXIT_OK, EXIT_USAGE, dispatch
 from helix_async.cli.args import (
     MAX_COUNT,
     Parser,
-    finite,
     int_in,
+    kv_expectation,
     model_ref,
     number_in,
     output_file,
@@ -60,18 +60,6 @@ _count = int_in(1, 1_000_000, "a whole number")
 _seed = int_in(0, 2**63 - 1, "an integer seed")
 _sim_seconds = number_in(0.0, MAX_SIM_SECONDS, low_open=True, unit="simulated s")
 _sim_seconds0 = number_in(0.0, MAX_SIM_SECONDS, unit="simulated s")
-
-
-def _kv(text: str) -> KVExpectation:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected HWM,RATIO (two numbers), got {text!r}")
-    hwm, ratio = (finite(p.strip()) for p in parts)
-    if not 0 < hwm <= 1:
-        raise argparse.ArgumentTypeError(f"HWM must lie in (0, 1], got {hwm!r}")
-    if not 0 <= ratio <= 10:
-        raise argparse.ArgumentTypeError(f"RATIO must lie in [0, 10], got {ratio!r}")
-    return KVExpectation(hwm, ratio)
 
 
 def load_plan(plan: str, cluster: str | None, model: str) -> Placement:
@@ -137,7 +125,7 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
                    "0 online)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of every random stream, in [0, 2**63) (default 0)")
     p.add_argument("--initial-queries", type=_count, help="offline population (default 20 MaxFlow, 240 others)")
-    p.add_argument("--kv", type=_kv, help="KV expectation HWM,RATIO (default "
+    p.add_argument("--kv", type=kv_expectation, help="KV expectation HWM,RATIO (default "
                    f"{KV_OFFLINE.fill_limit},{KV_OFFLINE.output_ratio} offline; "
                    f"{KV_ONLINE.fill_limit},{KV_ONLINE.output_ratio} online)")
     p.add_argument("--compat", choices=("helix",), help="reproduce the original simulator's semantics")

@@ -204,6 +204,8 @@ def test_every_numeric_flag_refuses_huge_and_overlong_values() -> None:
         (["serve", "--http", "127.0.0.1:" + "9" * 5000], ["--http", "HOST:PORT"]),
         (["bench-serve", "--rate", "1e9"], ["--rate", "<= 1000 requests/s"]),
         (["plan", "--slo", "ttft=1e308,tpot=0.1"], ["--slo", "ttft must be <= 86400 seconds"]),
+        (["host", "--plan", "p.toml", "--kv", "1e300,1e300"], ["--kv", "HWM must lie in (0, 1]"]),
+        (["host", "--plan", "p.toml", "--kv", "0.9,1e300"], ["--kv", "RATIO must lie in [0, 10]"]),
         (["keys", "generate", "k", "--workers", "1e3"], ["--workers", "expected"]),
         (["host", "--plan", "p.toml", "--listen", "tcp://127.0.0.1:99999"], ["--listen", "PORT <= 65535"]),
         (["worker", "--connect", "tcp://127.0.0.1:" + "9" * 5000], ["--connect", "5016 characters"]),

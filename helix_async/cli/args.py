@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from ..placement.served import SLO
+    from ..settings import KVExpectation
 
 __all__ = [
     "EXIT_FAIL",
@@ -35,6 +36,7 @@ __all__ = [
     "finite",
     "int_at_least",
     "int_in",
+    "kv_expectation",
     "log_level",
     "nonnegative",
     "nonnegative_int",
@@ -182,6 +184,26 @@ def pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected AVG or AVG,VAR, got {text!r}")
     vals = [finite(p) for p in parts]
     return (vals[0], vals[1] if len(vals) == 2 else 0.0)
+
+
+#: The largest output ratio ``--kv`` takes (the expected remaining output, in mean output lengths).
+MAX_KV_RATIO = 10.0
+
+
+def kv_expectation(text: str) -> KVExpectation:
+    """``--kv HWM,RATIO``: the fill limit in (0, 1] and the output ratio in [0, 10]
+    (:class:`~helix_async.settings.KVExpectation`)."""
+    from ..settings import KVExpectation
+
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected HWM,RATIO (two numbers), got {text[:80]!r}")
+    hwm, ratio = (finite(p.strip()) for p in parts)
+    if not 0 < hwm <= 1:
+        raise argparse.ArgumentTypeError(f"HWM must lie in (0, 1], got {hwm!r}")
+    if not 0 <= ratio <= MAX_KV_RATIO:
+        raise argparse.ArgumentTypeError(f"RATIO must lie in [0, {MAX_KV_RATIO:g}], got {ratio!r}")
+    return KVExpectation(hwm, ratio)
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -315,6 +315,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
         MAX_NODE_ID,
         endpoint,
         int_in,
+        kv_expectation,
         nonnegative_seconds,
         number_in,
         output_file,
@@ -339,7 +340,8 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--seed", type=seed, default=0, help="seed of the workload and of the prompts' token ids")
     h.add_argument("--scheduler", default=d.scheduler, metavar="NAME",
                    help="routing policy (default %(default)s; the simulator runs more: python -m sim run --help)")
-    h.add_argument("--kv", type=pair, default=d.kv, help="KV expectation HWM,RATIO (default %(default)s)")
+    h.add_argument("--kv", type=kv_expectation, default=d.kv,
+                   help="KV expectation HWM,RATIO: HWM in (0, 1], RATIO in [0, 10] (default %(default)s)")
     h.add_argument("--admission-capacity", type=positive_int, default=d.admission_capacity,
                    help="most queries waiting for admission (default %(default)s)")
     h.add_argument("--grace", type=seconds, default=d.shutdown_grace,
