@@ -46,20 +46,23 @@ EXAMPLES = 340  # x BODIES x SENDS: the fuzz's requests (10,200)
 RAW_EXAMPLES = 300  # raw HTTP requests over a socket
 RAW_BATCH = 30  # of them at once
 
-PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models", "/health",
-         "/version", "/metrics", "/v1/nothing", "/", "/v1/completions/../models", "/v1/completions?x=%ff"]
+# the generating routes most often: they check the most
+PATHS = ["/v1/completions"] * 6 + ["/v1/chat/completions"] * 4 + [
+    "/tokenize", "/tokenize", "/detokenize", "/v1/models", "/health", "/version", "/metrics", "/v1/nothing", "/",
+    "/v1/completions/../models", "/v1/completions?x=%ff"]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "n", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "min_tokens", "ignore_eos", "logprobs", "top_logprobs", "stream",
           "stream_options", "logit_bias", "priority", "best_of", "echo", "response_format", "tools",
           "add_generation_prompt", "add_special_tokens", "return_token_strs", "tokens", "user", "suffix"]
-CONTENT_TYPES = [None, "application/json", "application/json; charset=utf-8", "application/json; charset=UTF-16",
+CONTENT_TYPES = [None, None, None, "application/json", "application/json", "application/json",
+                 "application/json; charset=utf-8", "application/json; charset=UTF-16",
                  "application/json; charset=latin-1", "application/json; charset=rot13", "application/json; charset=",
                  "application/json; charset=\"utf-8\"", "text/plain", "application/x-www-form-urlencoded",
                  "multipart/form-data; boundary=zz", "application/json; charset=idna", "garbage", ";;;=",
                  "application/json; charset=utf-8; charset=ascii"]
-ENCODINGS = [None, None, None, "gzip", "deflate", "br", "identity", "x-nonsense", "gzip, deflate"]
-METHODS = ["POST"] * 8 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+ENCODINGS = [None] * 24 + ["gzip", "deflate", "br", "identity", "x-nonsense", "gzip, deflate"]
+METHODS = ["POST"] * 16 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 
 SPECIAL_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**300,
                 -(10**300), 2047, 2048, 256, 255, 128, 129, 20, 21]
