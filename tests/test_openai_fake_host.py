@@ -452,6 +452,20 @@ def test_values_the_sampler_cannot_take_are_brought_to_what_it_can() -> None:
     serve(body)
 
 
+def test_tool_call_arguments_json_cannot_parse_are_kept_as_text() -> None:
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        for args in ("[" * 5000 + "]" * 5000, '{"a": 1' + "0" * 5000 + "}", '{"a": ' + "[" * 100 + "]" * 100 + "}",
+                     "not json", '{"a": "\\ud800"}'):
+            msgs = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "ok"}]
+            status, r, _ = await post(s, url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+            assert status == 200, (args[:20], r)
+
+    serve(body)
+
+
 def test_the_api_key_is_required_on_v1_only() -> None:
     async def body(host: FakeHost, s: Client, url: str) -> None:
         status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2})

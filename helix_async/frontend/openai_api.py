@@ -1216,8 +1216,8 @@ def _tool_call_for_template(call: dict[str, Any]) -> dict[str, Any]:
     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
         try:
             args = json.loads(fn["arguments"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or nested past the parser, or a 5,000-digit number)
             return call
-        if isinstance(args, dict):
+        if isinstance(args, dict) and not _too_deep(args, MAX_JSON_DEPTH):
             return dict(call, function=dict(fn, arguments=args))
     return call
