@@ -200,7 +200,7 @@ def test_a_new_executor_is_one_entry_flags_included(registered: list[str]) -> No
     add(registered, FAKE)
     p = parser()
     a = p.parse_args(["worker", "--connect", "tcp://127.0.0.1:1", "--node-id", "0", "--executor", "fake",
-                      "--fake-speed", "3"])
+                      "--fake-speed", "3", "--insecure"])
     opts = commands.worker_options(a)
     assert opts.extra == (("fake_speed", 3.0),) and opts.values()["fake_speed"] == 3.0
     assert commands.worker_options(p.parse_args(["worker", "--connect", "tcp://x:1"])).extra == (("fake_speed", 2.0),)
@@ -218,7 +218,7 @@ def test_a_new_executor_is_one_entry_flags_included(registered: list[str]) -> No
 
 
 def test_the_cost_model_is_built_with_its_profile_and_time_scale() -> None:
-    opts = WorkerOptions(connect="tcp://127.0.0.1:1", node_id=0, executor="cost-model", machine_type="CPU", time_scale=2.0)
+    opts = WorkerOptions(connect="tcp://127.0.0.1:1", node_id=0, executor="cost-model", machine_type="CPU", time_scale=2.0, insecure=True)
     server, _tp, raised = serve_layers(opts, 2, 5)
     assert raised is None and isinstance(server.executor, CostModelExecutor)
     assert server.worker is not None and server.worker.settings.layers == (2, 5) and server.worker.settings.out_links == ()
@@ -239,7 +239,7 @@ def test_the_cost_model_is_built_with_its_profile_and_time_scale() -> None:
 def test_a_load_failure_reaches_the_host_as_what_it_is(registered: list[str], factory: str, code: ErrorCode, what: str,
                                                          why: str) -> None:
     add(registered, ExecutorEntry("failing", "fails to load", f"{__name__}:{factory}", blocking=True))
-    _server, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", executor="failing", checkpoint="/ckpt"))
+    _server, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", executor="failing", checkpoint="/ckpt", insecure=True))
     assert isinstance(raised, WorkerExit) and str(raised) == why
     errors = [m for d, m in tp.sent if isinstance(m, Error)]
     assert [(m.request_id, m.code, m.text) for m in errors] == [(-1, int(code), f"node 0: {what}: {why}")]
@@ -257,12 +257,12 @@ def test_torch_tells_a_bad_checkpoint_from_a_device_too_small(tmp_path: Path) ->
         "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
     }))
     # a checkpoint without weights: not a memory problem
-    _s, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", checkpoint=str(ckpt)), 0, 3)
+    _s, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", checkpoint=str(ckpt), insecure=True), 0, 3)
     assert isinstance(raised, WorkerExit) and "no *.safetensors file" in str(raised)
     (err,) = [m for _, m in tp.sent if isinstance(m, Error)]
     assert err.code == ErrorCode.LOAD_FAILED and err.text.startswith("node 0: model load failed: ")
     # dummy weights that do not fit the device: memory
-    _s, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", memory_bytes=1000), 0, 3)
+    _s, tp, raised = serve_layers(WorkerOptions(connect="tcp://127.0.0.1:1", memory_bytes=1000, insecure=True), 0, 3)
     assert isinstance(raised, WorkerExit) and "the device holds 1000" in str(raised)
     (err,) = [m for _, m in tp.sent if isinstance(m, Error)]
     assert err.code == ErrorCode.OUT_OF_MEMORY and err.text.startswith("node 0: out of memory: layers [0, 3) need ")
