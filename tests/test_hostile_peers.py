@@ -206,6 +206,7 @@ def test_registrants_that_never_become_ready_free_their_nodes(keys: Path) -> Non
                 sq.send(SOURCE, _register(i, f"squat{i}", sq.address))
             await wait_until_async(lambda: len(got) == 2, what="both squatters assigned their layers")
             await wait_until_async(lambda: server.counters.freed == 2, what="both nodes freed")
+            server.ready_timeout_s = 600.0  # the real workers load a model: no race with the squatters' bound
             workers = await _workers(address, keys)
             await server.wait_ready(120)
             assert await server.complete(PROMPT, 4) != [] and server.counters.rejoined == 2

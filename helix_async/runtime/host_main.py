@@ -495,10 +495,13 @@ class HostServer:
         if rejoin:
             log.warning("worker %s takes the place of lost node %d", msg.name, st.node)
             self._assign_one(st.node)
-            # its neighbours learn its new address (live ones only: a lost one gets it when it rejoins)
+            # its neighbours learn its new address: live ones, and lost ones already taken again (not
+            # ready yet); a lost one still untaken gets it when it is taken
             for x in self.placement.in_links(st.node):
-                if isinstance(x, int) and x in self.nodes and not self.nodes[x].lost:
-                    self._assign_one(x)
+                if isinstance(x, int) and x in self.nodes:
+                    xs = self.nodes[x]
+                    if xs.address and (not xs.lost or xs.assigned_at >= xs.lost_at):
+                        self._assign_one(x)
         elif all(s.name for s in self.nodes.values()):
             self._assign()
 
@@ -513,7 +516,8 @@ class HostServer:
         hops = []
         for y in p.out_links(i):
             # (a last stage returns its tokens to the host it registered with: not a hop here)
-            if isinstance(y, int) and y in self.nodes:
+            # (a freed node has no address yet: its neighbours learn the next one when it is taken)
+            if isinstance(y, int) and y in self.nodes and self.nodes[y].address:
                 ys = self.nodes[y]
                 hops.append((y, ys.address, ys.layers[0], ys.layers[1]))
         prev = tuple(x for x in p.in_links(i) if isinstance(x, int))

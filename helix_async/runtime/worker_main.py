@@ -54,6 +54,7 @@ from ..messages import (
 from ..model import get_model, load_profiles
 from ..roles import node_limits
 from ..settings import WorkerOptions, WorkerSettings
+from ..transport.base import TransportError
 from ..transport.zmq import ZmqTransport
 from ..worker import Worker
 
@@ -91,6 +92,8 @@ class WorkerServer:
         self.executor: Any = None
         self.node_id = opts.node_id
         self._assigned: asyncio.Future[AssignLayers] | None = None
+        # the same layers assigned again while they load (a neighbour taken meanwhile): its hops win
+        self._reassigned: AssignLayers | None = None
         self._stop: asyncio.Event | None = None
         self.exit_reason = ""
         self.bad_messages = 0
@@ -245,9 +248,16 @@ class WorkerServer:
                     # a neighbour was replaced: reach it at its new address (what was queued for
                     # the old one is dropped with its outbox)
                     for node, address, _s, _e in msg.next_hops:
-                        self.tp.connect(node, address)
+                        try:
+                            self.tp.connect(node, address)
+                        except TransportError as e:
+                            self._rlog.warning("undialable hop", "worker %s: next hop %s: %s", self.name, node, e)
+                            self.bad_messages += 1
                     self._next = frozenset(n for n, _, _, _ in msg.next_hops)
                     log.info("worker %s: next hops now %s", self.name, [(n, a) for n, a, _, _ in msg.next_hops])
+                elif first is not None and self.worker is None and msg.node_id == first.node_id and \
+                        (msg.start, msg.end) == (first.start, first.end):
+                    self._reassigned = msg  # still loading: serving starts with these hops
                 else:
                     log.warning("worker %s: an assignment of other layers is ignored", self.name)
                     self.bad_messages += 1
@@ -294,11 +304,18 @@ class WorkerServer:
                                                                                               "model load failed")
             self.tp.send(SINK, Error(request_id=-1, code=int(code), text=f"node {a.node_id}: {what}: {e}"))
             raise WorkerExit(str(e)) from None
+        if self._reassigned is not None:
+            a = self._reassigned
         out: list[NodeRef] = [SINK] if a.end == spec.num_layers else []
         self._prev = frozenset(a.prev_nodes) | ({SOURCE} if a.start == 0 else frozenset())
         self._next = frozenset(n for n, _, _, _ in a.next_hops)
         for node, address, _s, _e in a.next_hops:
-            self.tp.connect(node, address)
+            try:
+                self.tp.connect(node, address)
+            except TransportError as e:  # the host named a hop this worker cannot dial
+                self.tp.send(SINK, Error(request_id=-1, code=int(ErrorCode.INTERNAL),
+                                         text=f"node {a.node_id}: next hop {node}: {e}"))
+                raise WorkerExit(f"next hop {node}: {e}") from None
             out.append(node)
         transport: Any = self.tp
         if entry.emulates and (self.links is not None or opts.plan):

@@ -340,7 +340,11 @@ class ZmqTransport:
             sock.curve_secretkey = curve.secret
             sock.curve_publickey = curve.public
             sock.curve_serverkey = key
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:  # an endpoint ZeroMQ cannot parse: the socket goes with the refusal
+            sock.close(0)
+            raise TransportError(f"cannot dial {address!r}: {e.strerror}") from None
         out = _Out(peer, address, sock, self._clock.now())
         self._outs[peer] = out
         self._watch_socket(sock, functools.partial(self._on_ack, out))
@@ -451,7 +455,9 @@ class ZmqTransport:
         if self._auth is not None:
             self._auth.stop()
         if self._own_ctx:
-            self._ctx.term()
+            # every socket of this transport is closed above; destroy (not term) so that one that
+            # was not can never block the loop in term() for good
+            self._ctx.destroy(linger=0)
 
     # ---- internals ------------------------------------------------------------------------------
 
