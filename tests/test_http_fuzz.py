@@ -79,9 +79,13 @@ json_leaf = st.one_of(
 json_value = st.recursive(json_leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                             st.dictionaries(st.text(max_size=8), kids, max_size=4)),
                           max_leaves=12)
+ARGUMENTS = ["{}", '{"a": 1}', "[" * 3000 + "]" * 3000, '{"a": 1' + "0" * 5000 + "}", "not json", '{"a": NaN}',
+             '{"a": ' + "{\"b\": " * 80 + "1" + "}" * 80 + "}", '"\\ud800"']
 message = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
                            "content": st.one_of(st.sampled_from(ODD_TEXT), st.text(max_size=20), json_value)}),
+    st.sampled_from([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": a}}]} for a in ARGUMENTS]),
     json_value,
 )
 field_value = st.one_of(json_value, st.lists(message, max_size=3), st.lists(st.sampled_from(SPECIAL_INTS), max_size=5))
