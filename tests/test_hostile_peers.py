@@ -263,6 +263,8 @@ def test_a_thousand_refused_registrations_leave_fds_and_rss_flat(keys: Path, mod
             # (ZeroMQ's I/O thread closes a socket's connections shortly after the socket closes)
             await wait_until_async(lambda: _fds() <= fds * 1.1, what=f"file descriptors back to {fds} (+10 %)")
             assert _rss() <= rss * 1.1, (rss, _rss())
+            print(f"[{mode}] after 100 refusals: {fds} fds, RSS {rss / 2**20:.1f} MiB; after 1,100: {_fds()} fds, "
+                  f"RSS {_rss() / 2**20:.1f} MiB")  # the figures, with pytest -s
             assert not any(st.name for st in server.nodes.values())
         finally:
             await server.shutdown(grace=0)
