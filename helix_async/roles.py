@@ -40,12 +40,13 @@ class WorkerRole:
     next_layers: dict[NodeRef, tuple[int, int]] = field(default_factory=dict)
 
     def worker_settings(
-        self, model: ModelSpec, policy: Policy | None = None, *, compat: bool = False, fuse: bool = True
+        self, model: ModelSpec, policy: Policy | None = None, *, compat: bool = False, fuse: bool = True,
+        gather: float | None = None,
     ) -> WorkerSettings:
         """What a :class:`~helix_async.worker.Worker` in this role runs with: the role, the
         ``model``'s sizes, what a per-hop ``policy`` needs of a node (free links only, feedback;
         nothing for one that routes at admission or None) and the run's semantics (``compat``,
-        ``fuse``: see :class:`~helix_async.settings.WorkerSettings`)."""
+        ``fuse``, ``gather``: see :class:`~helix_async.settings.WorkerSettings`; None: its default)."""
         hop = policy if policy is not None and not policy.routes_at_admission else None
         return WorkerSettings(
             layers=self.layers,
@@ -60,6 +61,7 @@ class WorkerRole:
             feedback=hop is not None and hop.feedback,
             compat=compat,
             fuse=fuse,
+            **({} if gather is None else {"gather": gather}),
         )
 
 

@@ -38,7 +38,7 @@ from helix_async.placement.io import (
     read_placement,
 )
 from helix_async.routing.policies import get_policy
-from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, kv_for_mode
+from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, WorkerSettings, kv_for_mode
 
 from .report import report_json, summary_lines
 from .runner import DEFAULT_MAX_EVENTS, MAX_SIM_SECONDS, Workload, run
@@ -140,6 +140,9 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores-available", type=_cores_list, default=(), metavar="A1,A2,...",
                    help="with --shared-cores: the cores measured available to 1, 2, ... busy processes on that "
                         "machine (default: min(k, N))")
+    p.add_argument("--gather", type=number_in(0.0, 10.0), default=None, metavar="K",
+                   help="the workers' decode gathering factor, as worker --gather (default: the workers' "
+                        f"{WorkerSettings.gather:g}; 0: off; docs/runtime.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +205,8 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
     extra: dict[str, Any] = {}
     if args.shared_cores is not None:  # (absent otherwise: reports of a device per node stay as they were)
         extra = {"shared_cores": args.shared_cores, "cores_available": list(args.cores_available)}
+    if args.gather is not None:  # (likewise)
+        extra["gather"] = args.gather
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -228,6 +233,8 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
     if args.shared_cores is not None and compat:
         raise ConfigError("<argument>", "--shared-cores", "the original gives every node a device of its own: not with "
                           "--compat helix")
+    if args.gather is not None and compat:
+        raise ConfigError("<argument>", "--gather", "the original does not gather decodes: not with --compat helix")
     if args.cores_available and args.shared_cores is None:
         raise ConfigError("<argument>", "--cores-available", "needs --shared-cores")
     if any(a > (args.shared_cores or 0.0) for a in args.cores_available):
@@ -241,6 +248,7 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         seed=args.seed,
         cores=args.shared_cores or 0.0,
         available=args.cores_available,
+        gather=args.gather,
     )
     return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress,
                max_events=args.max_events, **kw)

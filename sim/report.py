@@ -113,6 +113,8 @@ def build_report(
                 "kv_used_end": w.kv_used,
                 "kv_waits": st.kv_waits,
                 "kv_overflows": st.kv_overflows,
+                "gathers": st.gathers,
+                "gather_wait_s": st.gather_wait,
                 "bad_messages": st.bad_messages,
                 "planned_flow": sim.flow.node_flows.get(i, 0.0),
             }

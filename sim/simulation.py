@@ -65,7 +65,8 @@ class SimulationSetup:
     uses them).  cores: the nodes are processes of one machine with this many cores, shared while
     they compute; available: the cores measured available to 1, 2, ... busy processes there
     (``sim.cores``: the profile is then seconds of one core, ``profile --clock cpu``); cores 0:
-    every node computes on a device of its own (the original; compat always).
+    every node computes on a device of its own (the original; compat always).  gather: the
+    workers' decode gathering factor (``worker --gather``; None: the workers' default; docs/runtime.md).
     """
 
     placement: Placement
@@ -78,6 +79,7 @@ class SimulationSetup:
     runtime_costs: bool = True
     cores: float = 0.0
     available: tuple[float, ...] = ()
+    gather: float | None = None
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -230,7 +232,8 @@ class Simulation:
                                           measured_single=ours, last_layer=last)
         if self.cores is not None:
             executor = SharedCoreExecutor(self.clock, executor, self.cores)
-        settings = role.worker_settings(spec, policy, compat=setup.compat, fuse=setup.fuse_layers)
+        settings = role.worker_settings(spec, policy, compat=setup.compat, fuse=setup.fuse_layers,
+                                        gather=setup.gather)
         w = Worker(
             i,
             self.clock,

@@ -242,6 +242,7 @@ def test_ten_thousand_fuzzed_requests_get_no_5xx_and_leave_the_server_serving(do
     assert sorted(fake.closed) == list(range(len(fake.requests)))  # every request the host saw was closed
     assert api.body_bytes == 0  # every large body's count was given back
     assert _rss() - rss0 < 200 << 20
+    print(f"{total} requests, statuses {dict(sorted(seen.items()))}, RSS +{(_rss() - rss0) / 2**20:.1f} MiB")  # with -s
 
 
 RAW = [

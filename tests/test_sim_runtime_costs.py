@@ -272,3 +272,35 @@ def test_cli_shared_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["shared_cores"], config["cores_available"]) == (2.0, [0.9, 1.2])
+
+
+def test_cli_gather(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sim run --gather K`` runs the workers with ``worker --gather K``: 0 turns decode gathering off,
+    the default gathers the decodes of a batch that come back one by one (docs/runtime.md)."""
+    import json
+
+    from helix_async.placement.io import write_placement
+    from sim.cli import main as sim_main
+
+    placement = Placement.from_layers(load_cluster("tiny3"), "tiny-llama", {0: (0, 3), 1: (3, 6), 2: (6, 8)})
+    plan = tmp_path / "plan.toml"
+    write_placement(placement, plan)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrive_time_s,input_tokens,output_tokens\n" + "".join(f"0.0,{16 + i},24\n" for i in range(8)))
+    base = ["run", "--plan", str(plan), "--trace", str(trace)]
+    assert sim_main([*base, "--gather", "0.5", "--compat", "helix"]) == 2
+    assert "--gather" in capsys.readouterr().err
+    assert sim_main([*base, "--gather", "11"]) == 2
+    assert "--gather" in capsys.readouterr().err
+    reports = {}
+    for name, flags in (("off", ["--gather", "0"]), ("default", []), ("half", ["--gather", "0.5"])):
+        assert sim_main([*base, *flags, "--report", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert [n["gathers"] for n in reports["off"]["nodes"]] == [0, 0, 0]
+    assert reports["off"]["config"]["gather"] == 0.0 and "gather" not in reports["default"]["config"]
+    for name in ("default", "half"):
+        nodes = reports[name]["nodes"]
+        assert all(n["gathers"] > 0 and n["gather_wait_s"] > 0 for n in nodes)
+        # gathered decodes run in fewer, larger batches
+        assert sum(n["batches"] for n in nodes) < sum(n["batches"] for n in reports["off"]["nodes"])
+    assert sum(n["gather_wait_s"] for n in reports["half"]["nodes"]) > sum(n["gather_wait_s"] for n in reports["default"]["nodes"])
