@@ -1,7 +1,7 @@
 """Simulated vs served: the same plan, trace and seed through the simulator and through the runtime.
 
 Run: ``python bench/bench_drift.py [--quick] [--only single24|tiny|smollm2 ...] [--scale K] [--seconds S]
-[--rounds R]``.
+[--rounds R] [--gather K]``.
 
 1. **Cost-model emulation of single24** (the shipped ILP plan, LLaMA-2-70B): the host and 24
    cost-model workers run as tasks of this one process (2 cores do not fit 25 busy processes),
@@ -74,12 +74,13 @@ def figures(host: Any, scale: float = 1.0) -> dict[str, float]:
 
 
 def simulate(placement: Placement, trace: list[TraceEntry], runtime_costs: bool = True, cores: float = 0.0,
-             available: tuple[float, ...] = ()) -> dict[str, float]:
+             available: tuple[float, ...] = (), gather: float | None = None) -> dict[str, float]:
     # the simulator's clock starts with the models loading: arrivals count from t0, as served ones
     # count from the moment the cluster is ready
     t0 = load_start_time(placement)
     shifted = [TraceEntry(t + t0, n, m) for t, n, m in trace]
-    setup = SimulationSetup(placement, kv=KV_ONLINE, runtime_costs=runtime_costs, cores=cores, available=available)
+    setup = SimulationSetup(placement, kv=KV_ONLINE, runtime_costs=runtime_costs, cores=cores, available=available,
+                            gather=gather)
     res = run(setup, Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9))
     return figures(res.sim.host)
 
@@ -191,9 +192,10 @@ def probe_available(n: int, seconds: float = 3.0) -> tuple[float, ...]:
 
 def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
            env: dict[str, str] | None = None,
-           available: dict[str, tuple[float, ...]] | None = None) -> dict[str, float]:
+           available: dict[str, tuple[float, ...]] | None = None, gather: float | None = None) -> dict[str, float]:
     """Serve ``rows`` (arrival s, prompt tokens, output tokens) on ``placement`` through one
-    ``python -m helix_async worker`` process per node (torch executor, 1 torch thread each), with
+    ``python -m helix_async worker`` process per node (torch executor, 1 torch thread each, ``--gather
+    gather`` unless None), with
     seeded random prompt ids; the host's figures.  ``available``: filled with the cores 1..nodes
     busy processes get (``probe_available``) with the workers ready and idle, ``before`` and
     ``after`` the trace."""
@@ -210,7 +212,9 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
         address = await server.start()
         penv = dict(os.environ, HELIX_LOG_LEVEL="WARNING", **(env or {}))
         procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
-                                   "--node-id", str(i), "--threads", "1"], cwd=ROOT, env=penv) for i in nodes]
+                                   "--node-id", str(i), "--threads", "1",
+                                   *(["--gather", str(gather)] if gather is not None else [])], cwd=ROOT, env=penv)
+                 for i in nodes]
         try:
             await server.wait_ready(300)
             from helix_async.runtime.commands import replay_trace
@@ -274,7 +278,7 @@ def measure_profile(model: str, rows: list[tuple[float, int, int]], profile_dir:
 
 
 def smollm2_real(rows: list[tuple[float, int, int]], out: Path, profile_dir: Path | None,
-                 available: dict[str, tuple[float, ...]]) -> tuple[dict[str, float], Placement]:
+                 available: dict[str, tuple[float, ...]], gather: float | None = None) -> tuple[dict[str, float], Placement]:
     """The real model in 3 even stages on tiny3, served; ``profile_dir``: where its measured CPU
     profile is (None: the shipped one); ``available``: the cores probed (see ``served``)."""
     from helix_async import envs
@@ -283,7 +287,7 @@ def smollm2_real(rows: list[tuple[float, int, int]], out: Path, profile_dir: Pat
         envs.HELIX_PROFILE_DIR = str(profile_dir)  # the host and the simulator in this process
     placement = Placement.from_layers(load_cluster("tiny3"), MODEL, {0: (0, 10), 1: (10, 20), 2: (20, 30)})
     env = {"HELIX_PROFILE_DIR": str(profile_dir)} if profile_dir is not None else None
-    return served(placement, rows, out, env, available), placement
+    return served(placement, rows, out, env, available, gather), placement
 
 
 def drift(sim: dict[str, float], real: dict[str, float]) -> dict[str, float]:
@@ -334,6 +338,8 @@ def main() -> None:
                     help="real model: the profile's clock (default cpu: seconds of one core, shared in the simulator)")
     ap.add_argument("--profile-layers", type=int, default=10,
                     help="real model: layers a profiled batch runs through (default 10, a stage's)")
+    ap.add_argument("--gather", type=float, default=None,
+                    help="real model: the workers' --gather, served and simulated alike (default: theirs)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="real model: profile, serve and simulate this many times (the spread of the drift)")
     args = ap.parse_args()
@@ -378,18 +384,19 @@ def main() -> None:
                 prof = (out / "profiles").resolve()
                 measure_profile(MODEL, rows, prof, args.concurrent, args.profile_layers, args.profile_clock)
             avail: dict[str, tuple[float, ...]] = {}
-            real_r, plan_r = smollm2_real(rows, out, prof, avail)
+            real_r, plan_r = smollm2_real(rows, out, prof, avail, args.gather)
             trace_r = [TraceEntry(*row) for row in rows]
             cores = float(len(os.sched_getaffinity(0)))
+            g = args.gather
             steps = [
-                ("the original's prices, a device per node", simulate(plan_r, trace_r, runtime_costs=False)),
-                ("+ the head on the last stage, a lone decode at its measured time", simulate(plan_r, trace_r)),
-                (f"+ the {cores:g} cores shared by the workers computing", simulate(plan_r, trace_r, cores=cores)),
+                ("the original's prices, a device per node", simulate(plan_r, trace_r, runtime_costs=False, gather=g)),
+                ("+ the head on the last stage, a lone decode at its measured time", simulate(plan_r, trace_r, gather=g)),
+                (f"+ the {cores:g} cores shared by the workers computing", simulate(plan_r, trace_r, cores=cores, gather=g)),
                 ("+ the cores 1, 2, 3 busy processes got, probed before serving: "
                  + ", ".join(f"{a:.2f}" for a in avail["before"]),
-                 simulate(plan_r, trace_r, cores=cores, available=avail["before"])),
+                 simulate(plan_r, trace_r, cores=cores, available=avail["before"], gather=g)),
                 ("+ ... probed after serving: " + ", ".join(f"{a:.2f}" for a in avail["after"]),
-                 simulate(plan_r, trace_r, cores=cores, available=avail["after"])),
+                 simulate(plan_r, trace_r, cores=cores, available=avail["after"], gather=g)),
             ]
             drifts.append(drift(steps[3][1], real_r))
             show_steps(f"{MODEL}, 3 even stages on tiny3, 3 torch worker processes (1 thread each) on {cores:g} cores "
