@@ -831,33 +831,9 @@ def test_decodes_split_by_a_round_trip_are_gathered_again(loop: VirtualTimeLoop,
     assert w.kv_used == 0 and not w._out_reqs  # both finished; nothing awaited
 
 
-@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
-def test_gathering_waits_no_longer_than_its_bound(loop: VirtualTimeLoop, cls: Any) -> None:
-    """A request expected back soon that does not come: the batch starts when the bound (0.5 x the
-    node's last 2-s run) has passed, without it."""
-    clock = LoopClock(loop)
-    ex = StubExecutor(clock)
-    tp = RecordingTransport(clock, 0)
-    w = cls(0, clock, tp, ex, WorkerSettings(layers=(0, 2), num_layers=2, limits=WIDE, kv_capacity=10_000,
-                                             activation_bytes=ACT, gather=0.5))
-    w.start()
-    w.on_message(SOURCE, prompt(1, R01, 3, max_tokens=9))
-    w.on_message(SOURCE, prompt(2, R01, 3, max_tokens=9))
-    loop.run_until(2.05)
-    w.on_message(SOURCE, decode(1, R01, 4))  # both measured a round trip of 0.05 s ...
-    w.on_message(SOURCE, decode(2, R01, 4))
-    loop.run_until(4.1)  # ... they left again at 4.05: request 1 comes back, request 2 never does
-    w.on_message(SOURCE, decode(1, R01, 5))
-    loop.run_until(30.0)
-    layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
-    assert layer0 == [(0.0, (1, 2)), (2.05, (1, 2)), (5.1, (1,))]  # 4.1 + 0.5 x 2.0
-    assert w.stats.gathers == 1 and w.stats.gather_wait == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
-def test_a_batch_with_a_prompt_does_not_wait(loop: VirtualTimeLoop, cls: Any) -> None:
-    """As the bound test, but a new prompt is queued when request 1 comes back: the batch starts at
-    once with both, and request 2 is not waited for."""
+def _two_requests_back_once(loop: VirtualTimeLoop, cls: Any) -> tuple[Any, StubExecutor]:
+    """A node (gather 0.5) whose 2-s run of requests 1 and 2 ends at 2.05; both come back at once
+    (a measured round trip of 0.05 s) and leave again at 4.05."""
     clock = LoopClock(loop)
     ex = StubExecutor(clock)
     tp = RecordingTransport(clock, 0)
@@ -870,6 +846,26 @@ def test_a_batch_with_a_prompt_does_not_wait(loop: VirtualTimeLoop, cls: Any) ->
     w.on_message(SOURCE, decode(1, R01, 4))
     w.on_message(SOURCE, decode(2, R01, 4))
     loop.run_until(4.1)
+    return w, ex
+
+
+@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
+def test_gathering_waits_no_longer_than_its_bound(loop: VirtualTimeLoop, cls: Any) -> None:
+    """A request expected back soon that does not come: the batch starts when the bound (0.5 x the
+    node's last 2-s run) has passed, without it."""
+    w, ex = _two_requests_back_once(loop, cls)  # request 1 comes back again, request 2 never does
+    w.on_message(SOURCE, decode(1, R01, 5))
+    loop.run_until(30.0)
+    layer0 = [(round(t, 6), rids) for t, layer, rids in ex.batches if layer == 0]
+    assert layer0 == [(0.0, (1, 2)), (2.05, (1, 2)), (5.1, (1,))]  # 4.1 + 0.5 x 2.0
+    assert w.stats.gathers == 1 and w.stats.gather_wait == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cls", [Worker, WorkerPy], ids=["default", "pure"])
+def test_a_batch_with_a_prompt_does_not_wait(loop: VirtualTimeLoop, cls: Any) -> None:
+    """As the bound test, but a new prompt is queued when request 1 comes back: the batch starts at
+    once with both, and request 2 is not waited for."""
+    w, ex = _two_requests_back_once(loop, cls)
     w.on_message(SOURCE, prompt(3, R01, 5))
     w.on_message(SOURCE, decode(1, R01, 5))
     loop.run_until(30.0)
