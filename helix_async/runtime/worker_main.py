@@ -243,8 +243,8 @@ class WorkerServer:
             assert self._assigned is not None
             if self._assigned.done():
                 first = self._assigned.result() if self._assigned.exception() is None else None
-                if first is not None and self.worker is not None and msg.node_id == first.node_id and \
-                        (msg.start, msg.end) == (first.start, first.end):
+                same = first is not None and msg.node_id == first.node_id and (msg.start, msg.end) == (first.start, first.end)
+                if same and self.worker is not None:
                     # a neighbour was replaced: reach it at its new address (what was queued for
                     # the old one is dropped with its outbox)
                     for node, address, _s, _e in msg.next_hops:
@@ -255,8 +255,7 @@ class WorkerServer:
                             self.bad_messages += 1
                     self._next = frozenset(n for n, _, _, _ in msg.next_hops)
                     log.info("worker %s: next hops now %s", self.name, [(n, a) for n, a, _, _ in msg.next_hops])
-                elif first is not None and self.worker is None and msg.node_id == first.node_id and \
-                        (msg.start, msg.end) == (first.start, first.end):
+                elif same:
                     self._reassigned = msg  # still loading: serving starts with these hops
                 else:
                     log.warning("worker %s: an assignment of other layers is ignored", self.name)
