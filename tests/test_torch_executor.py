@@ -25,6 +25,7 @@ from hf_oracle import hf_greedy, hf_last_logits, make_checkpoint  # noqa: E402
 from helix_async.clock import LoopClock  # noqa: E402
 from helix_async.cluster.defaults import DEFAULT_MACHINE_TYPES  # noqa: E402
 from helix_async.cluster.spec import ClusterSpec, Link, Node  # noqa: E402
+from helix_async.executors import llama  # noqa: E402
 from helix_async.executors.base import Batch, ExecFailure  # noqa: E402
 from helix_async.executors.llama import LlamaConfig, ModelLoadError, SeqCache, dummy_stage, load_stage  # noqa: E402
 from helix_async.executors.sampling import RequestSampler  # noqa: E402
@@ -395,12 +396,26 @@ def test_dummy_weights_carry_the_configs_biases() -> None:
     assert plain.q_bias is None and plain.gate_bias is None
 
 
-def test_the_kv_slab_grows_reuses_slots_and_gathers_unordered_batches(checkpoint: tuple[Path, Any]) -> None:
+@pytest.mark.parametrize("rows_per_seq", [0, 2, 1000], ids=["always-gather", "default", "always-view"])
+def test_the_kv_slab_grows_reuses_slots_and_reads_unordered_batches(
+        checkpoint: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch, rows_per_seq: int) -> None:
     """Twelve sequences through two stages of the tiny LLaMA, joining and leaving at different
     steps, with a capacity hint of one position: the slab grows past its first 8 slots and its
-    first capacity, later sequences take freed slots out of batch order (so decode batches are
-    gathered, not viewed), and every sequence's tokens are still transformers' greedy ones, although
-    the slab's unwritten memory is NaN. Dropping the handles frees every slot."""
+    first capacity, later sequences take freed slots out of batch order (so decode batches read
+    their slots gathered, or as a view of a range of rows holding other sequences' and unwritten
+    slots between theirs), and every sequence's tokens are still transformers' greedy ones,
+    although the slab's unwritten memory is NaN. Dropping the handles frees every slot."""
+    monkeypatch.setattr(llama, "RANGE_ROWS_PER_SEQ", rows_per_seq)
+    seen = {"gather": 0, "view": 0, "view with rows between or out of order": 0}
+    plan_init = llama._Plan.__init__
+
+    def counting_init(self: Any, *args: Any) -> None:
+        plan_init(self, *args)
+        if self.batched:
+            key = "gather" if self.rows is None else "view" if self.sel is None else "view with rows between or out of order"
+            seen[key] += 1
+
+    monkeypatch.setattr(llama._Plan, "__init__", counting_init)
     ckpt, model = checkpoint
     stages = [load_stage(ckpt, 0, 3), load_stage(ckpt, 3, LAYERS)]
     prompts = [[(11 * i + 7 * j + 3) % 256 for j in range(2 + (5 * i) % 9)] for i in range(12)]
@@ -416,3 +431,9 @@ def test_the_kv_slab_grows_reuses_slots_and_gathers_unordered_batches(checkpoint
     for st in stages:
         assert st.kv.slots == 16 and st.kv.capacity == 32  # both doubled once
         assert st.kv.used_slots == 0
+    if rows_per_seq == 0:
+        assert seen["view"] == seen["view with rows between or out of order"] == 0 and seen["gather"] > 0
+    elif rows_per_seq == 1000:
+        assert seen["gather"] == 0 and seen["view with rows between or out of order"] > 0
+    else:
+        assert seen["view with rows between or out of order"] > 0 and seen["view"] > 0

@@ -67,6 +67,10 @@ _DTYPES = {
 #: rows of the LM head per product on CPU (see StageWeights.logits)
 HEAD_ROWS = 1024
 
+#: a batch of decodes reads the slab's rows from its lowest slot to its highest as one view when
+#: they are at most this many per sequence, and gathers its slots otherwise (see StageWeights._attention)
+RANGE_ROWS_PER_SEQ = 2
+
 
 class ModelLoadError(HelixError, ValueError):
     """A checkpoint that cannot be served (missing file, field or tensor, wrong shape)."""
@@ -417,8 +421,8 @@ class _Plan:
     and, for a sequence of several new tokens, its attention mask; for a batch of decodes only,
     the index tensors and padding mask of the batched attention."""
 
-    __slots__ = ("spans", "caches", "tokens", "cos", "sin", "seqs", "batched", "rows", "slots_t", "pos_t", "width",
-                 "pad")
+    __slots__ = ("spans", "caches", "tokens", "cos", "sin", "seqs", "batched", "rows", "sel", "slots_t", "pos_t",
+                 "width", "pad")
 
     def __init__(self, st: StageWeights, spans: list[tuple[int, int]], caches: list[SeqCache], reserve: list[int]) -> None:
         self.spans = list(spans)
@@ -452,6 +456,7 @@ class _Plan:
         # a batch of decodes attends together when it pays (see StageWeights._attention)
         self.batched = decode and len(spans) >= st.batch_decode_min
         self.rows: slice | None = None
+        self.sel: torch.Tensor | None = None
         self.slots_t: torch.Tensor | None = None
         self.pos_t: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
@@ -460,16 +465,25 @@ class _Plan:
             slots = [s for _, _, _, s, _ in seqs]
             ends = [p + 1 for p, _ in spans]
             self.width = max(ends)
-            if slots == list(range(slots[0], slots[0] + len(slots))):
-                self.rows = slice(slots[0], slots[0] + len(slots))  # a view of the slab, no gather
+            lo, hi = min(slots), max(slots)
+            if hi - lo + 1 <= RANGE_ROWS_PER_SEQ * len(slots):
+                # read the slab's rows lo..hi as a view, no gather (see StageWeights._attention)
+                self.rows = slice(lo, hi + 1)
+                if slots != list(range(lo, lo + len(slots))):
+                    self.sel = torch.tensor([s - lo for s in slots], dtype=torch.long, device=dev)
             self.slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
             self.pos_t = torch.tensor([p for p, _ in spans], dtype=torch.long, device=dev)
             if min(ends) < self.width:
                 for s in slots:
                     slab.make_finite(s, self.width)
+                if self.rows is not None:  # a row between the batch's own reads its whole width
+                    row_ends = [self.width] * (hi - lo + 1)
+                    for s, e in zip(slots, ends, strict=True):
+                        row_ends[s - lo] = e
+                    ends = row_ends
                 lens = torch.tensor(ends, device=dev)
-                pad = torch.arange(self.width, device=dev)[None, :] >= lens[:, None]  # (batch, width)
-                self.pad = pad[:, None, None, :]  # against the (batch, kv_heads, groups, width) scores
+                pad = torch.arange(self.width, device=dev)[None, :] >= lens[:, None]  # (rows, width)
+                self.pad = pad[:, None, None, :]  # against the (rows, kv_heads, groups, width) scores
 
     def matches(self, spans: list[tuple[int, int]], caches: list[SeqCache]) -> bool:
         if self.spans != spans or len(self.caches) != len(caches):
@@ -611,9 +625,11 @@ class StageWeights:
         against that head's keys, so keys and values are never repeated per query head. A batch
         of decodes (one new token per sequence, ``batch_decode_min`` sequences or more) attends
         as one: its keys and values are written with one indexed copy each and read as a padded
-        (batch, kv_heads, longest context, head_dim) block (a view of the slab when the sequences
-        hold consecutive slots in batch order, a gather otherwise), the positions past each
-        sequence's own length masked out.  Otherwise each sequence attends alone.  Both spell the
+        (rows, kv_heads, longest context, head_dim) block, the positions past each sequence's own
+        length masked out. The block is a view of the slab's rows from the lowest slot of the
+        batch to the highest when they are at most ``RANGE_ROWS_PER_SEQ`` per sequence (each
+        query at its slot's row; the rows between are computed and dropped), and the batch's
+        slots gathered otherwise.  Otherwise each sequence attends alone.  Both spell the
         attention out (two products around a float32 softmax): on CPU at SmolLM2's shape it
         measured as fast as torch's ``scaled_dot_product_attention`` in a whole decode step, and
         faster for one sequence and for prompts, and a batch of equal lengths then gives the
@@ -626,16 +642,22 @@ class StageWeights:
             b, w = plan.tokens, plan.width
             kl[plan.slots_t, :, plan.pos_t] = k_new
             vl[plan.slots_t, :, plan.pos_t] = v
+            # the groups of a key-value head as its query rows: (batch, kv_heads, groups, head_dim)
+            q = qk[:, :nh].view(b, nkv, g, hd)
             if plan.rows is not None:
                 keys, values = kl[plan.rows, :, :w], vl[plan.rows, :, :w]
+                if plan.sel is not None:  # each query at its slot's row; the rows between are not read back
+                    q = q.new_zeros((keys.shape[0], nkv, g, hd)).index_copy_(0, plan.sel, q)
             else:
                 keys, values = kl[plan.slots_t, :, :w], vl[plan.slots_t, :, :w]
-            # the groups of a key-value head as its query rows: (batch, kv_heads, groups, width)
-            s = torch.matmul(qk[:, :nh].view(b, nkv, g, hd), keys.transpose(2, 3)).mul_(self._scale)
+            s = torch.matmul(q, keys.transpose(2, 3)).mul_(self._scale)  # (rows, kv_heads, groups, width)
             if plan.pad is not None:
                 s.masked_fill_(plan.pad, float("-inf"))
             p = s.softmax(-1) if s.dtype == torch.float32 else s.softmax(-1, dtype=torch.float32).to(s.dtype)
-            return torch.matmul(p, values).view(b, nh * hd)
+            o = torch.matmul(p, values)
+            if plan.sel is not None:
+                o = o.index_select(0, plan.sel)
+            return o.view(b, nh * hd)
         out = qk.new_empty((plan.tokens, nh * hd))
         for off, n, pos, slot, mask in plan.seqs:
             end = pos + n
