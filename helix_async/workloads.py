@@ -15,6 +15,7 @@ Units: seconds, tokens, requests/s, tokens/s.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import io
@@ -45,6 +46,11 @@ __all__ = [
     "load_arrivals",
     "LengthSampler",
     "ArrivalRateSampler",
+    "RENEWAL_ARRIVALS",
+    "MIN_CV",
+    "MAX_CV",
+    "RateProfile",
+    "check_arrivals",
     "generate_online_trace",
     "read_trace_csv",
     "write_trace_csv",
@@ -77,6 +83,14 @@ MAX_TOKENS_PER_QUERY = 1_000_000  # bound on input_tokens / output_tokens read f
 #: trace is held in memory (about 100 bytes a query), and a rate of 1e15 tokens/s must be one line,
 #: not an endless loop.
 MAX_GENERATED_QUERIES = 10_000_000
+
+#: arrival processes drawn from a distribution, not a series (--arrivals); ``poisson`` is ``gamma``
+#: with a coefficient of variation of 1
+RENEWAL_ARRIVALS = ("gamma", "poisson")
+#: bounds of --cv (a Gamma shape of 1 / cv^2: from 1e4 down to 1e-4)
+MIN_CV, MAX_CV = 0.01, 100.0
+#: at most this many pieces in a rate profile (a diurnal profile is cut into 240 per period)
+MAX_PROFILE_PIECES = 100_000
 
 IntArray = npt.NDArray[np.int64]
 Seed = int | random.Random
@@ -211,6 +225,126 @@ class ArrivalRateSampler:
         return self._scaled[self.rng.randint(0, len(self._scaled) - 1)]
 
 
+def check_arrivals(arrivals: str, cv: float | None) -> None:
+    """Refuse a ``cv`` the arrival process ``arrivals`` does not take, or ``gamma`` without one
+    (a ConfigError naming ``--cv``)."""
+    if cv is not None:
+        c = _as_finite(cv)
+        if arrivals != "gamma" and not (arrivals == "poisson" and c == 1):
+            raise ConfigError("<argument>", "--cv", f"is for --arrivals gamma (poisson has a cv of 1; the others are "
+                                                    f"series), got --arrivals {fileio.short_repr(arrivals)}")
+        if c is None or not MIN_CV <= c <= MAX_CV:
+            raise ConfigError("<argument>", "--cv", f"must be a number in [{MIN_CV:g}, {MAX_CV:g}], got "
+                                                    f"{fileio.short_repr(cv)}")
+    if arrivals == "gamma" and cv is None:
+        raise ConfigError("<argument>", "--cv", "--arrivals gamma needs a coefficient of variation (--cv)")
+
+
+class RateProfile:
+    """A multiplier of the arrival rate over time: piecewise constant, ``pieces`` of (seconds
+    after the trace's start, multiplier from then on), the first at 0 (docs/simulator.md,
+    "Arrivals").
+
+    Parsed from ``--rate-profile``:
+
+    * ``step:T0=M0,T1=M1,...``: multiplier ``Mi`` from ``Ti`` s on (``T0`` must be 0);
+    * ``diurnal:period=P,low=L``: ``L + (1 - L) (1 - cos(2 pi t / P)) / 2``, from ``L`` at the
+      start up to 1 at half a period and back, cut into 240 constant pieces per period.
+    """
+
+    def __init__(self, pieces: list[tuple[float, float]], text: str = "") -> None:
+        self.pieces = pieces
+        self.text = text
+        self._starts = [t for t, _ in pieces]
+        # the integral of the multiplier up to each piece's start
+        self._area = [0.0]
+        for (t, m), (t2, _) in zip(pieces, pieces[1:], strict=False):
+            self._area.append(self._area[-1] + m * (t2 - t))
+
+    @classmethod
+    def parse(cls, text: str, *, flag: str = "--rate-profile", duration: float | None = None) -> RateProfile:
+        def bad(why: str) -> ConfigError:
+            return ConfigError("<argument>", flag, f"{why}; expected step:0=M0,T1=M1,... or diurnal:period=P,low=L, "
+                                                   f"got {fileio.short_repr(text)}")
+
+        kind, _, rest = text.partition(":")
+        fields = [f for f in rest.split(",") if f] if rest else []
+        if len(fields) > MAX_PROFILE_PIECES:
+            raise bad(f"more than {MAX_PROFILE_PIECES} pieces")
+        pairs: list[tuple[str, str]] = []
+        for f in fields:
+            k, eq, v = f.partition("=")
+            if not eq:
+                raise bad(f"{f!r} is not KEY=VALUE")
+            pairs.append((k.strip(), v.strip()))
+
+        def num(k: str, v: str) -> float:
+            x = _as_finite(_float_or_none(v))
+            if x is None or x < 0:
+                raise bad(f"{k}={v!r} is not a finite number >= 0")
+            return x
+
+        if kind == "step":
+            pieces = [(num("time", k), num("multiplier", v)) for k, v in pairs]
+            if not pieces or pieces[0][0] != 0:
+                raise bad("the first step must start at 0")
+            if any(b[0] <= a[0] for a, b in zip(pieces, pieces[1:], strict=False)):
+                raise bad("step times must increase")
+        elif kind == "diurnal":
+            opts = dict(pairs)
+            if set(opts) != {"period", "low"} or len(pairs) != 2:
+                raise bad("diurnal takes period=P and low=L, once each")
+            period, low = num("period", opts["period"]), num("low", opts["low"])
+            if period <= 0 or low > 1:
+                raise bad("period must be > 0 and low <= 1")
+            n = 240
+            span = duration if duration is not None else period
+            count = math.ceil(span / period * n)
+            if count > MAX_PROFILE_PIECES:
+                raise bad(f"the run covers {span / period:.3g} periods, over {MAX_PROFILE_PIECES // n} periods")
+            step = period / n
+            # each piece takes the curve's mean over it (its exact integral), so the mean rate is exact
+            pieces = []
+            for i in range(max(count, 1)):
+                a, b = i * step, (i + 1) * step
+                w = 2 * math.pi / period
+                mean_cos = (math.sin(w * b) - math.sin(w * a)) / (w * step)
+                pieces.append((a, low + (1 - low) * (1 - mean_cos) / 2))
+        else:
+            raise bad(f"unknown profile {kind!r}")
+        if not any(m > 0 for _, m in pieces):
+            raise bad("the rate is 0 throughout")
+        return cls(pieces, text)
+
+    def multiplier(self, t: float) -> float:
+        """The multiplier at ``t`` seconds after the start."""
+        return self.pieces[max(bisect.bisect_right(self._starts, t) - 1, 0)][1]
+
+    def area(self, t: float) -> float:
+        """The integral of the multiplier over [0, t]."""
+        i = max(bisect.bisect_right(self._starts, t) - 1, 0)
+        return self._area[i] + self.pieces[i][1] * (t - self.pieces[i][0])
+
+    def time_at(self, area: float) -> float:
+        """The first ``t`` whose :meth:`area` reaches ``area`` (``inf`` past the last piece when its
+        multiplier is 0)."""
+        i = max(bisect.bisect_right(self._area, area) - 1, 0)
+        # a zero piece does not advance the area: move on to the first piece that does
+        while i + 1 < len(self.pieces) and self._area[i + 1] <= area:
+            i += 1
+        t0, m = self.pieces[i]
+        if m == 0:
+            return math.inf
+        return t0 + (area - self._area[i]) / m
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _as_finite(value: object) -> float | None:
     """``value`` as a finite float, or None (bools, strings, NaN, inf and ints past float's range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -229,8 +363,17 @@ def generate_online_trace(
     start: float = 0.0,
     duration: float = 1800,
     seed: Seed = 0,
+    *,
+    cv: float | None = None,
+    profile: RateProfile | None = None,
 ) -> list[TraceEntry]:
     """Queries arriving over ``[start, start + duration)`` at about ``token_rate`` tokens/s.
+
+    ``arrivals``: an arrival series (:data:`ARRIVAL_SERIES`), or ``gamma`` (inter-arrival gaps
+    drawn from a Gamma distribution with coefficient of variation ``cv``, Llumnix's bursty load)
+    or ``poisson`` (``gamma`` at ``cv`` 1). ``profile`` multiplies the rate over time (for a
+    series: each 3-s interval's draw by the profile's mean over it). Without ``cv`` and
+    ``profile`` an arrival series is drawn as below.
 
     ``token_rate``: target of Σ(input+output) per second; ``start``, ``duration``: seconds,
     ``duration`` a positive multiple of 3. Reproduces the original ``TraceGenerator`` (docs/original.md
@@ -260,15 +403,22 @@ def generate_online_trace(
             f"must be a positive multiple of {ARRIVAL_INTERVAL_S} seconds (the arrival series' interval), "
             f"got {fileio.short_repr(duration)}",
         )
+    renewal = arrivals in RENEWAL_ARRIVALS
+    check_arrivals(arrivals, cv)
     rng = _rng(seed)
     length_sampler = LengthSampler(lengths, rng)
-    expected = rate / length_sampler.average_length * ARRIVAL_INTERVAL_S * intervals
+    seconds = float(ARRIVAL_INTERVAL_S * intervals)
+    weight = profile.area(seconds) if profile is not None else seconds
+    expected = rate / length_sampler.average_length * weight
     if expected > MAX_GENERATED_QUERIES:
         raise ConfigError(
             "<argument>", "--rate",
             f"{rate:g} tokens/s for {ARRIVAL_INTERVAL_S * intervals} s is about {expected:.3g} queries, over the "
             f"limit of {MAX_GENERATED_QUERIES:g}: lower the rate or the duration",
         )
+    if renewal:
+        return _renewal_trace(rate / length_sampler.average_length, 1.0 if cv is None else float(cv), begin, seconds,
+                              profile, rng, length_sampler)
     arrival_sampler = ArrivalRateSampler(arrivals, rate / length_sampler.average_length, rng)
 
     trace: list[TraceEntry] = []
@@ -277,6 +427,8 @@ def generate_online_trace(
         # Per interval, on the one stream: one arrival draw, k uniform times, then one length draw
         # per time in sorted order. Rounding with carry keeps the long-run count unbiased.
         raw = arrival_sampler.sample()
+        if profile is not None:
+            raw *= (profile.area(ARRIVAL_INTERVAL_S * (q + 1)) - profile.area(ARRIVAL_INTERVAL_S * q)) / ARRIVAL_INTERVAL_S
         k = round(raw + carry)
         carry = raw + carry - k
         # (start + 3q) + 3u, in this order, so times equal the original's to the last bit.
@@ -286,6 +438,24 @@ def generate_online_trace(
             inp, out = length_sampler.sample()
             trace.append(TraceEntry(t, inp, out))
     return trace
+
+
+def _renewal_trace(req_per_s: float, cv: float, start: float, seconds: float, profile: RateProfile | None,
+                   rng: random.Random, lengths: LengthSampler) -> list[TraceEntry]:
+    """Arrivals of a renewal process, its gaps Gamma-distributed with mean 1 / ``req_per_s`` and
+    coefficient of variation ``cv`` (shape 1 / cv^2), the time axis stretched by ``profile``: the
+    n-th arrival is where the rate's integral reaches the n-th cumulative gap. Per arrival, on
+    the one stream: one gap draw, then one length draw."""
+    shape, scale = 1.0 / (cv * cv), cv * cv  # gaps of mean 1, in expected arrivals
+    trace: list[TraceEntry] = []
+    done = 0.0
+    while True:
+        done += rng.gammavariate(shape, scale)
+        t = profile.time_at(done / req_per_s) if profile is not None else done / req_per_s
+        if t >= seconds:
+            return trace
+        inp, out = lengths.sample()
+        trace.append(TraceEntry(start + t, inp, out))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sim.workloads import (
     LENGTH_DATASETS,
     ArrivalRateSampler,
     LengthSampler,
+    RateProfile,
     TraceEntry,
     generate_online_trace,
     load_arrivals,
@@ -140,6 +141,89 @@ def test_online_trace_seeds() -> None:
     assert a != c
     # an int seed and a fresh Random with that seed are the same stream
     assert generate_online_trace("azure-conv", "azure-conv", 300, 0, 300, random.Random(0)) == a
+
+
+def _gaps(trace: list[TraceEntry]) -> list[float]:
+    return [b.arrive_time_s - a.arrive_time_s for a, b in zip(trace, trace[1:], strict=False)]
+
+
+@pytest.mark.parametrize(("arrivals", "cv"), [("poisson", None), ("gamma", 0.5), ("gamma", 3.0)])
+def test_renewal_arrivals_have_the_rate_and_the_coefficient_of_variation(arrivals: str, cv: float | None) -> None:
+    """Gaps of mean 1 / (tokens/s over the dataset's mean query length) and the asked coefficient
+    of variation (Poisson: 1), within the sampling error of about 5,000 gaps (and of the
+    heavy-tailed gaps at cv 3)."""
+    rate = 2000.0
+    trace = generate_online_trace(arrivals, "azure-conv", rate, 0, 2700, 7, cv=cv)
+    per_s = rate / LengthSampler("azure-conv").average_length
+    gaps = _gaps(trace)
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    want_cv = 1.0 if cv is None else cv
+    assert mean == pytest.approx(1 / per_s, rel=0.05 * max(want_cv, 1))
+    assert sd / mean == pytest.approx(want_cv, rel=0.08 * max(want_cv, 1))
+    assert all(g >= 0 for g in gaps) and trace[-1].arrive_time_s < 2700
+    assert generate_online_trace(arrivals, "azure-conv", rate, 0, 2700, 7, cv=cv) == trace  # seeded
+    assert generate_online_trace(arrivals, "azure-conv", rate, 0, 2700, 8, cv=cv) != trace
+
+
+def test_rate_profiles_scale_arrivals_over_time() -> None:
+    """A step profile multiplies the count in each of its pieces (the middle third at 4x the
+    others); a diurnal one averages (1 + low) / 2 over a whole period, and its pieces follow the
+    raised cosine; the same profile scales an arrival series' intervals."""
+    step = RateProfile.parse("step:0=1,600=4,1200=1")
+    assert (step.area(1800), step.multiplier(599.9), step.multiplier(600), step.time_at(1000)) == (3600, 1, 4, 700)
+    for arrivals in ("poisson", "azure-conv"):
+        trace = generate_online_trace(arrivals, "azure-conv", 2000, 0, 1800, 3, profile=step)
+        counts = [sum(1 for e in trace if a <= e.arrive_time_s < a + 600) for a in (0, 600, 1200)]
+        assert counts[1] / counts[0] == pytest.approx(4, rel=0.15), (arrivals, counts)
+        assert counts[1] / counts[2] == pytest.approx(4, rel=0.15), (arrivals, counts)
+    day = RateProfile.parse("diurnal:period=1800,low=0.25", duration=1800)
+    assert day.area(1800) == pytest.approx(1800 * (1 + 0.25) / 2, rel=1e-12)
+    assert day.multiplier(0) == pytest.approx(0.25, abs=0.001) and day.multiplier(900) == pytest.approx(1, abs=0.001)
+    trace = generate_online_trace("gamma", "azure-conv", 3000, 0, 1800, 3, cv=2.0, profile=day)
+    first, mid = (sum(1 for e in trace if a <= e.arrive_time_s < a + 300) for a in (0, 750))
+    assert mid > 2 * first
+
+
+@pytest.mark.parametrize(("kwargs", "flag", "words"), [
+    ({"arrivals": "gamma"}, "--cv", "needs a coefficient"),
+    ({"arrivals": "gamma", "cv": 0}, "--cv", "must be a number"),
+    ({"arrivals": "gamma", "cv": float("nan")}, "--cv", "must be a number"),
+    ({"arrivals": "poisson", "cv": 2}, "--cv", "poisson has a cv of 1"),
+    ({"arrivals": "azure-conv", "cv": 2}, "--cv", "is for --arrivals gamma"),
+    ({"arrivals": "poisson", "token_rate": 1e9}, "--rate", "over the limit"),
+])
+def test_bad_renewal_arrivals_name_the_flag(kwargs: dict[str, object], flag: str, words: str) -> None:
+    args: dict[str, object] = {"lengths": "azure-conv", "token_rate": 700.0, "duration": 300, **kwargs}
+    with pytest.raises(ConfigError, match=flag) as err:
+        generate_online_trace(**args)  # type: ignore[arg-type]
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "unknown profile"),
+    ("ramp:0=1", "unknown profile"),
+    ("step:", "first step must start at 0"),
+    ("step:10=1", "first step must start at 0"),
+    ("step:0=1,5=2,5=3", "must increase"),
+    ("step:0=1,x", "is not KEY=VALUE"),
+    ("step:0=-1", "not a finite number >= 0"),
+    ("step:0=nan", "not a finite number >= 0"),
+    ("step:0=0", "rate is 0 throughout"),
+    ("diurnal:period=0,low=0.5", "period must be > 0"),
+    ("diurnal:period=60,low=2", "low <= 1"),
+    ("diurnal:period=60", "takes period=P and low=L"),
+    ("diurnal:period=1,low=0.5", "periods"),
+])
+def test_bad_rate_profiles_name_the_flag(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match="--rate-profile") as err:
+        RateProfile.parse(text, duration=86400)
+    assert words in str(err.value)
+
+
+def test_a_profile_that_stops_the_load_ends_the_trace() -> None:
+    trace = generate_online_trace("poisson", "azure-conv", 2000, 0, 1800, 1, profile=RateProfile.parse("step:0=1,300=0"))
+    assert trace and trace[-1].arrive_time_s < 300
 
 
 def test_other_datasets_generate() -> None:
