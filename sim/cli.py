@@ -43,7 +43,16 @@ from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, WorkerSet
 from .report import report_json, summary_lines
 from .runner import DEFAULT_MAX_EVENTS, MAX_SIM_SECONDS, Workload, run
 from .simulation import SCHEDULERS, SimulationSetup
-from .workloads import ARRIVAL_SERIES, LENGTH_DATASETS, read_trace_csv
+from .workloads import (
+    ARRIVAL_SERIES,
+    LENGTH_DATASETS,
+    MAX_CV,
+    MIN_CV,
+    RENEWAL_ARRIVALS,
+    RateProfile,
+    check_arrivals,
+    read_trace_csv,
+)
 
 __all__ = ["build_parser", "load_plan", "main"]
 
@@ -116,7 +125,14 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=number_in(0.0, MAX_SIM_RATE, low_open=True, unit="tokens/s"),
                    help=f"online: target tokens/s, at most {MAX_SIM_RATE:g} (default 700 MaxFlow, 400 others)")
     p.add_argument("--lengths", choices=sorted(LENGTH_DATASETS), default="azure-conv", help="length dataset")
-    p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES), default="azure-conv", help="online arrival series")
+    p.add_argument("--arrivals", choices=sorted(ARRIVAL_SERIES) + list(RENEWAL_ARRIVALS), default="azure-conv",
+                   help="online: an arrival series, or gamma (with --cv) or poisson gaps")
+    p.add_argument("--cv", type=number_in(MIN_CV, MAX_CV), default=None,
+                   help="online, --arrivals gamma: coefficient of variation of the gaps (1 is Poisson, above 1 "
+                   "bursty)")
+    p.add_argument("--rate-profile", default=None, metavar="PROFILE",
+                   help="online: the rate over time, step:0=M0,T1=M1,... (multipliers of --rate from T s on) or "
+                   "diurnal:period=P,low=L (L x --rate at the start, --rate at P/2)")
     p.add_argument("--duration", type=_sim_seconds,
                    help=f"statistics window, simulated s, at most {MAX_SIM_SECONDS:g} (one day; default 600 offline, "
                    "1800 online)")
@@ -194,7 +210,17 @@ def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExp
         initial=args.initial_queries if args.initial_queries is not None else (20 if maxflow else 240),
         seed=args.seed,
         trace=trace,
+        cv=args.cv,
+        rate_profile=args.rate_profile,
     )
+    if mode != "online":
+        for flag, value in (("--cv", args.cv), ("--rate-profile", args.rate_profile)):
+            if value is not None:
+                raise ConfigError("<argument>", flag, f"is for --mode online, not {mode}")
+    else:  # refused here, before anything is built
+        check_arrivals(args.arrivals, args.cv)
+        if args.rate_profile is not None:
+            RateProfile.parse(args.rate_profile, duration=wl.duration)
     if mode == "online" and (wl.duration != int(wl.duration) or int(wl.duration) % 3):
         raise ConfigError("<argument>", "--duration", f"online traces are built in 3-s intervals: give a multiple of 3, got {wl.duration:g}")
     kv = args.kv if args.kv is not None else kv_for_mode(args.mode)
@@ -207,6 +233,10 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         extra = {"shared_cores": args.shared_cores, "cores_available": list(args.cores_available)}
     if args.gather is not None:  # (likewise)
         extra["gather"] = args.gather
+    if wl.mode == "online" and wl.cv is not None:  # (likewise)
+        extra["cv"] = wl.cv
+    if wl.mode == "online" and wl.rate_profile is not None:  # (likewise)
+        extra["rate_profile"] = wl.rate_profile
     return {
         "plan": plan,
         "cluster": args.cluster,

@@ -22,7 +22,7 @@ from helix_async.errors import ConfigError
 from .feeders import OfflineFeeder, TraceFeeder
 from .report import build_report, watch_text
 from .simulation import Simulation, SimulationSetup
-from .workloads import LengthSampler, TraceEntry, generate_online_trace
+from .workloads import LengthSampler, RateProfile, TraceEntry, generate_online_trace
 
 __all__ = ["RunResult", "Workload", "run"]
 
@@ -58,6 +58,10 @@ class Workload:
     initial: int = 20
     seed: int = 0
     trace: Sequence[TraceEntry] | None = field(default=None, compare=False)
+    #: online: the gaps' coefficient of variation (``arrivals`` gamma) and the rate over time
+    #: (:meth:`RateProfile.parse`'s text)
+    cv: float | None = None
+    rate_profile: str | None = None
 
 
 @dataclass
@@ -108,8 +112,10 @@ def run(
         stop_at = end
     else:
         if wl.mode == "online":
+            profile = RateProfile.parse(wl.rate_profile, duration=wl.duration) if wl.rate_profile else None
             trace: Sequence[TraceEntry] = generate_online_trace(
-                wl.arrivals, wl.lengths, wl.rate, start=t0, duration=int(wl.duration), seed=wl.seed
+                wl.arrivals, wl.lengths, wl.rate, start=t0, duration=int(wl.duration), seed=wl.seed, cv=wl.cv,
+                profile=profile,
             )
         elif wl.mode == "trace":
             if not wl.trace:

@@ -119,6 +119,12 @@ def test_cli_run_writes_a_report_and_replays_a_trace(tmp_path: Path, capsys):
         (["run", "--plan", "ilp", "--lengths", "imdb"], "--lengths"),
         (["run", "--plan", "ilp", "--initial-queries", "0"], "--initial-queries"),
         (["run", "--plan", "ilp", "--cluster", "3cluster24"], "--cluster"),
+        (["run", "--plan", "ilp", "--mode", "online", "--arrivals", "gamma"], "--cv"),
+        (["run", "--plan", "ilp", "--mode", "online", "--arrivals", "gamma", "--cv", "1e9"], "--cv"),
+        (["run", "--plan", "ilp", "--mode", "online", "--cv", "2"], "--cv"),
+        (["run", "--plan", "ilp", "--cv", "2", "--arrivals", "gamma"], "--cv"),
+        (["run", "--plan", "ilp", "--mode", "online", "--rate-profile", "step:5=1"], "--rate-profile"),
+        (["run", "--plan", "ilp", "--rate-profile", "step:0=1"], "--rate-profile"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -127,6 +133,22 @@ def test_cli_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     assert err.count("\n") == 0
     assert err.startswith("error:")
     assert needle in err
+
+
+def test_cli_runs_bursty_gamma_arrivals_under_a_rate_profile(tmp_path: Path) -> None:
+    """--arrivals gamma --cv and --rate-profile reach the trace the simulator serves: the report
+    names them, and its query count is the generated trace's."""
+    from sim.workloads import RateProfile, generate_online_trace
+
+    out = tmp_path / "rep"
+    argv = ["run", "--plan", "ilp", "--mode", "online", "--rate", "300", "--duration", "30", "--arrivals", "gamma",
+            "--cv", "3", "--rate-profile", "step:0=1,15=3", "--seed", "4", "--report", str(out)]
+    assert sim_main(argv) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert (r["config"]["arrivals"], r["config"]["cv"], r["config"]["rate_profile"]) == ("gamma", 3.0, "step:0=1,15=3")
+    want = generate_online_trace("gamma", "azure-conv", 300.0, 0, 30, 4, cv=3.0,
+                                 profile=RateProfile.parse("step:0=1,15=3"))
+    assert r["queries"]["submitted"] == len(want) > 0
 
 
 def test_cli_bad_trace_names_file_and_line(tmp_path: Path, capsys):

@@ -45,17 +45,21 @@ async def _host_main(args: argparse.Namespace) -> int:
     placement = read_placement(args.plan)
     flow = read_flow(args.plan)
     trace: list[Any] | None = None
+    for flag, value in (("--cv", args.cv), ("--rate-profile", args.rate_profile)):
+        if value is not None and (args.trace or args.mode != "online"):
+            raise ConfigError("<argument>", flag, "is for --mode online (a generated trace)")
     if args.trace:
         from ..workloads import read_trace_csv
 
         trace = read_trace_csv(args.trace)
     elif args.mode == "online":
-        from ..workloads import generate_online_trace
+        from ..workloads import RateProfile, generate_online_trace
 
         if args.duration % 3:
             raise ConfigError("<argument>", "--duration", "online traces are built in 3-s steps: give a multiple of 3")
+        profile = RateProfile.parse(args.rate_profile, duration=args.duration) if args.rate_profile else None
         trace = generate_online_trace(args.arrivals, args.lengths, args.rate, start=0.0, duration=int(args.duration),
-                                      seed=args.seed)
+                                      seed=args.seed, cv=args.cv, profile=profile)
     door = None
     if args.http:
         from .http_api import prepare_front_door
@@ -322,6 +326,7 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
         seconds,
         seed,
     )
+    from ..workloads import MAX_CV, MIN_CV
 
     d = HostSettings()  # the flags' defaults
     h = sub.add_parser("host", help="run the coordinator of a real cluster (ZeroMQ)")
@@ -336,7 +341,11 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--duration", type=seconds, default=60.0, help="offline/online: seconds of load")
     h.add_argument("--rate", type=positive, default=700.0, help="online: tokens/s (input + output)")
     h.add_argument("--lengths", default="azure-conv", help="offline/online: length dataset (as in `python -m sim`)")
-    h.add_argument("--arrivals", default="azure-conv", help="online: arrival series")
+    h.add_argument("--arrivals", default="azure-conv",
+                   help="online: an arrival series, or gamma (with --cv) or poisson gaps (as in `python -m sim`)")
+    h.add_argument("--cv", type=number_in(MIN_CV, MAX_CV), default=None, help="online, --arrivals gamma: the gaps' coefficient of variation")
+    h.add_argument("--rate-profile", default=None, metavar="PROFILE",
+                   help="online: the rate over time, step:0=M0,T1=M1,... or diurnal:period=P,low=L (as in `python -m sim`)")
     h.add_argument("--seed", type=seed, default=0, help="seed of the workload and of the prompts' token ids")
     h.add_argument("--scheduler", default=d.scheduler, metavar="NAME",
                    help="routing policy (default %(default)s; the simulator runs more: python -m sim run --help)")
