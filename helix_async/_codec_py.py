@@ -1130,6 +1130,8 @@ LAYOUTS: dict[int, _Layout] = {
                 "bad_frames": _ID,
                 "retried": _Ints(0, I64_MAX),
                 "rtt_us": _Ints(0, I64_MAX),
+                "batches": _ID,
+                "busy_s": _Float(0.0),
             },
             _rules_node_stats,
         ),

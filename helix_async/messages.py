@@ -418,6 +418,8 @@ class NodeStats(_Message):
     (-1: the host); bytes_out: bytes sent to each (cumulative, same order). bad_frames: frames and
     messages it dropped as malformed (cumulative). retried: messages sent again to each peer
     (cumulative); rtt_us: each link's smoothed heartbeat round trip, microseconds (0: not measured).
+    batches, busy_s: batches the node has run, and the seconds its clock counted from their starts
+    to their ends (cumulative; the worker's ``WorkerStats.batches`` and ``busy_time``).
     """
 
     TAG: ClassVar[MsgType] = MsgType.NODE_STATS
@@ -432,6 +434,8 @@ class NodeStats(_Message):
     bad_frames: int = 0
     retried: tuple[int, ...] = ()
     rtt_us: tuple[int, ...] = ()
+    batches: int = 0
+    busy_s: float = 0.0
 
 
 Message = (

@@ -132,7 +132,7 @@ WIRE_LAYOUTS = {
     10: ("shutdown", ("reason",)),
     11: ("feedback", ("request_id", "node_id", "delay", "sent_at")),
     12: ("node_stats", ("node_id", "now", "kv_used", "kv_capacity", "queued", "peers", "bytes_out", "bad_frames",
-                        "retried", "rtt_us")),
+                        "retried", "rtt_us", "batches", "busy_s")),
 }
 
 
@@ -294,7 +294,8 @@ def node_stats(draw) -> NodeStats:
     per_peer = st.lists(ids, min_size=len(peers), max_size=len(peers)).map(tuple)
     return NodeStats(node_id=draw(i32), now=draw(floats), kv_used=draw(ids), kv_capacity=draw(ids), queued=draw(ids),
                      peers=peers, bytes_out=counts, bad_frames=draw(ids), retried=draw(st.just(()) | per_peer),
-                     rtt_us=draw(st.just(()) | per_peer))
+                     rtt_us=draw(st.just(()) | per_peer), batches=draw(ids),
+                     busy_s=draw(st.floats(0.0, 1e12, allow_nan=False)))
 
 
 @st.composite
@@ -1697,7 +1698,7 @@ def test_node_stats_round_trip_and_rules(impl) -> None:
     m = NodeStats(node_id=3, now=1.5, kv_used=10, kv_capacity=100, queued=2, peers=(4, -1), bytes_out=(1 << 40, 7),
                   bad_frames=1)
     frames = enc(m)
-    assert frames[0] == b"\x0c" and msgpack.unpackb(frames[1]) == [3, 1.5, 10, 100, 2, [4, -1], [1 << 40, 7], 1, [], []]
+    assert frames[0] == b"\x0c" and msgpack.unpackb(frames[1]) == [3, 1.5, 10, 100, 2, [4, -1], [1 << 40, 7], 1, [], [], 0, 0.0]
     assert dec(_frame_bytes(frames)) == m
     with pytest.raises(CodecError, match=r"^node_stats: bytes_out: one count per peer: 2 peers, 1 counts$"):
         enc(NodeStats(node_id=3, now=1.5, kv_used=0, kv_capacity=1, queued=0, peers=(4, -1), bytes_out=(1,)))

@@ -149,7 +149,8 @@ class FakeHost:
     def snapshot(self) -> HostSnapshot:
         return HostSnapshot(
             waiting=2, active=5, dropped=3, bytes_out={"0": 1000},
-            nodes=(NodeReport(0, True, report_age=0.5, kv_use=0.25, queued=4, dropped=1, bytes_out={"1": 300, "2": 100}),
+            nodes=(NodeReport(0, True, report_age=0.5, kv_use=0.25, queued=4, dropped=1, bytes_out={"1": 300, "2": 100},
+                              batches=12, busy_s=0.75),
                    NodeReport(1, False)),
             links=(LinkReport("0", "1", rtt=0.002, retries=5, degraded=True),),
             plan_flows={("host", "0"): 10.0, ("0", "1"): 6.0, ("0", "2"): 2.0},
@@ -691,6 +692,7 @@ def test_metrics_count_requests_and_show_the_hosts_snapshot() -> None:
         assert m["helix_worker_up", {"node": "0"}] == 1 and m["helix_worker_up", {"node": "1"}] == 0
         assert m["helix_kv_cache_usage_perc", {"node": "0"}] == 0.25 and m["helix_node_queued_work", {"node": "0"}] == 4
         assert m["helix_worker_report_age_seconds", {"node": "0"}] == 0.5
+        assert m["helix_node_batches_total", {"node": "0"}] == 12 and m["helix_node_busy_seconds_total", {"node": "0"}] == 0.75
         assert ("helix_kv_cache_usage_perc", {"node": "1"}) not in m  # it has not reported
         assert m["helix_dropped_frames_total", {"node": "host"}] == 3 and m["helix_dropped_frames_total", {"node": "0"}] == 1
         assert m["helix_link_bytes_total", {"dst": "0", "src": "host"}] == 1000

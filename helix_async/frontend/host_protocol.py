@@ -30,6 +30,7 @@ class NodeReport:
     report (None: it has not reported yet, and the fields below are zero). kv_use: the share of
     its KV cache in use, 0 to 1. queued: work items waiting at it. dropped: malformed frames and
     messages it dropped. bytes_out: bytes it sent to each peer (``"host"`` or a node id as text).
+    batches, busy_s: batches it has run, and the seconds from their starts to their ends.
     """
 
     node: int
@@ -39,6 +40,8 @@ class NodeReport:
     queued: int = 0
     dropped: int = 0
     bytes_out: Mapping[str, int] = field(default_factory=dict)
+    batches: int = 0
+    busy_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

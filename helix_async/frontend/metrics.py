@@ -93,6 +93,8 @@ class _ClusterCollector:
         up = GaugeMetricFamily("helix_worker_up", "1 while the worker answers heartbeats", labels=["node"])
         age = GaugeMetricFamily("helix_worker_report_age_seconds", "Seconds since the worker's last report", labels=["node"])
         dropped = CounterMetricFamily("helix_dropped_frames", "Malformed frames and messages dropped", labels=["node"])
+        batches = CounterMetricFamily("helix_node_batches", "Batches the worker has run", labels=["node"])
+        busy = CounterMetricFamily("helix_node_busy_seconds", "Seconds the worker spent running batches", labels=["node"])
         link_bytes = CounterMetricFamily("helix_link_bytes", "Bytes sent on the link", labels=["src", "dst"])
         share = GaugeMetricFamily("helix_link_flow_share", "The link's share of its source's traffic", labels=["src", "dst", "kind"])
         dropped.add_metric(["host"], float(s.dropped))
@@ -106,6 +108,8 @@ class _ClusterCollector:
             kv.add_metric([label], nr.kv_use)
             queued.add_metric([label], float(nr.queued))
             dropped.add_metric([label], float(nr.dropped))
+            batches.add_metric([label], float(nr.batches))
+            busy.add_metric([label], nr.busy_s)
             observed[label] = nr.bytes_out
         for src, outs in observed.items():
             total = sum(outs.values())
@@ -139,7 +143,7 @@ class _ClusterCollector:
         stopped = GaugeMetricFamily("helix_admission_stopped", "1 while some layer has no live worker")
         stopped.add_metric([], 1.0 if s.admission_stopped else 0.0)
         yield stopped
-        yield from (kv, queued, up, age, dropped, link_bytes, share)
+        yield from (kv, queued, up, age, dropped, batches, busy, link_bytes, share)
 
 
 class Metrics:

@@ -682,7 +682,7 @@ class HostServer:
             nodes.append(NodeReport(
                 node, up, report_age=max(0.0, now - st.stats_at),
                 kv_use=ns.kv_used / ns.kv_capacity if ns.kv_capacity > 0 else 0.0, queued=int(ns.queued),
-                dropped=int(ns.bad_frames),
+                dropped=int(ns.bad_frames), batches=int(ns.batches), busy_s=float(ns.busy_s),
                 bytes_out={_label(SOURCE if peer < 0 else peer): int(n) for peer, n in zip(ns.peers, ns.bytes_out, strict=True)},
             ))
         links = [LinkReport(_label(a), _label(b), h.rtt, h.retries, h.degraded) for (a, b), h in self.link_health.items()]

@@ -373,7 +373,8 @@ class WorkerServer:
                    + self.bad_messages + w.stats.bad_messages)
             self.tp.send(SINK, NodeStats(node_id=self.node_id, now=self.clock.now(), kv_used=max(0, int(used)),
                                          kv_capacity=max(0, int(cap)), queued=w.queued, peers=tuple(peers), bytes_out=tuple(counts),
-                                         bad_frames=bad, retried=tuple(retried), rtt_us=tuple(rtt_us)))
+                                         bad_frames=bad, retried=tuple(retried), rtt_us=tuple(rtt_us),
+                                         batches=w.stats.batches, busy_s=max(0.0, w.stats.busy_time)))
 
 
 def run_worker(opts: WorkerOptions) -> int:
