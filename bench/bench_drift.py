@@ -73,8 +73,13 @@ def figures(host: Any, scale: float = 1.0) -> dict[str, float]:
     }
 
 
+def batch_ms(batches: dict[int, tuple[int, float]]) -> dict[str, float]:
+    """Each node's mean batch time (ms), from its (batches, busy seconds)."""
+    return {f"batch ms n{i}": busy / n * 1e3 if n else float("nan") for i, (n, busy) in sorted(batches.items())}
+
+
 def simulate(placement: Placement, trace: list[TraceEntry], runtime_costs: bool = True, cores: float = 0.0,
-             available: tuple[float, ...] = (), gather: float | None = None) -> dict[str, float]:
+             available: tuple[float, ...] = (), gather: float | None = None, nodes: bool = False) -> dict[str, float]:
     # the simulator's clock starts with the models loading: arrivals count from t0, as served ones
     # count from the moment the cluster is ready
     t0 = load_start_time(placement)
@@ -82,6 +87,8 @@ def simulate(placement: Placement, trace: list[TraceEntry], runtime_costs: bool 
     setup = SimulationSetup(placement, kv=KV_ONLINE, runtime_costs=runtime_costs, cores=cores, available=available,
                             gather=gather)
     res = run(setup, Workload(mode="trace", trace=shifted, warmup=0.0, duration=1e9))
+    if nodes:
+        return figures(res.sim.host) | batch_ms({i: (w.stats.batches, w.stats.busy_time) for i, w in res.sim.workers.items()})
     return figures(res.sim.host)
 
 
@@ -192,13 +199,15 @@ def probe_available(n: int, seconds: float = 3.0) -> tuple[float, ...]:
 
 def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
            env: dict[str, str] | None = None,
-           available: dict[str, tuple[float, ...]] | None = None, gather: float | None = None) -> dict[str, float]:
+           available: dict[str, tuple[float, ...]] | None = None, gather: float | None = None,
+           nodes: bool = False) -> dict[str, float]:
     """Serve ``rows`` (arrival s, prompt tokens, output tokens) on ``placement`` through one
     ``python -m helix_async worker`` process per node (torch executor, 1 torch thread each, ``--gather
     gather`` unless None), with
     seeded random prompt ids; the host's figures.  ``available``: filled with the cores 1..nodes
     busy processes get (``probe_available``) with the workers ready and idle, ``before`` and
-    ``after`` the trace."""
+    ``after`` the trace. ``nodes``: add each node's mean batch time, from the workers' reports
+    (``NodeStats.batches``, ``busy_s``), taken after the trace's last token."""
     from helix_async.placement.io import write_placement
     from helix_async.workloads import write_trace_csv
 
@@ -225,10 +234,18 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
                 available["before"] = await loop.run_in_executor(None, probe_available, len(nodes))
                 available["wake before"] = await loop.run_in_executor(None, probe_wakeup)
             await replay_trace(server, read_trace_csv(trace))
+            done_at = server.clock.now()
+            per_node: dict[int, tuple[int, float]] = {}
+            for _ in range(100):  # the workers report about once a second: wait for reports sent after the end
+                fresh = {i: st.stats for i, st in server.nodes.items() if st.stats is not None and st.stats_at > done_at}
+                if not nodes or len(fresh) == len(server.nodes):
+                    per_node = {i: (s.batches, s.busy_s) for i, s in fresh.items()}
+                    break
+                await asyncio.sleep(0.05)
             if available is not None:
                 available["after"] = await loop.run_in_executor(None, probe_available, len(nodes))
                 available["wake after"] = await loop.run_in_executor(None, probe_wakeup)
-            return figures(server.host)
+            return figures(server.host) | (batch_ms(per_node) if nodes else {})
         finally:
             await server.shutdown("bench done", grace=0.0)
             for p in procs:
@@ -287,7 +304,7 @@ def smollm2_real(rows: list[tuple[float, int, int]], out: Path, profile_dir: Pat
         envs.HELIX_PROFILE_DIR = str(profile_dir)  # the host and the simulator in this process
     placement = Placement.from_layers(load_cluster("tiny3"), MODEL, {0: (0, 10), 1: (10, 20), 2: (20, 30)})
     env = {"HELIX_PROFILE_DIR": str(profile_dir)} if profile_dir is not None else None
-    return served(placement, rows, out, env, available, gather), placement
+    return served(placement, rows, out, env, available, gather, nodes=True), placement
 
 
 def drift(sim: dict[str, float], real: dict[str, float]) -> dict[str, float]:
@@ -389,14 +406,14 @@ def main() -> None:
             cores = float(len(os.sched_getaffinity(0)))
             g = args.gather
             steps = [
-                ("the original's prices, a device per node", simulate(plan_r, trace_r, runtime_costs=False, gather=g)),
-                ("+ the head on the last stage, a lone decode at its measured time", simulate(plan_r, trace_r, gather=g)),
-                (f"+ the {cores:g} cores shared by the workers computing", simulate(plan_r, trace_r, cores=cores, gather=g)),
+                ("the original's prices, a device per node", simulate(plan_r, trace_r, runtime_costs=False, gather=g, nodes=True)),
+                ("+ the head on the last stage, a lone decode at its measured time", simulate(plan_r, trace_r, gather=g, nodes=True)),
+                (f"+ the {cores:g} cores shared by the workers computing", simulate(plan_r, trace_r, cores=cores, gather=g, nodes=True)),
                 ("+ the cores 1, 2, 3 busy processes got, probed before serving: "
                  + ", ".join(f"{a:.2f}" for a in avail["before"]),
-                 simulate(plan_r, trace_r, cores=cores, available=avail["before"], gather=g)),
+                 simulate(plan_r, trace_r, cores=cores, available=avail["before"], gather=g, nodes=True)),
                 ("+ ... probed after serving: " + ", ".join(f"{a:.2f}" for a in avail["after"]),
-                 simulate(plan_r, trace_r, cores=cores, available=avail["after"], gather=g)),
+                 simulate(plan_r, trace_r, cores=cores, available=avail["after"], gather=g, nodes=True)),
             ]
             drifts.append(drift(steps[3][1], real_r))
             show_steps(f"{MODEL}, 3 even stages on tiny3, 3 torch worker processes (1 thread each) on {cores:g} cores "
