@@ -74,8 +74,10 @@ def figures(host: Any, scale: float = 1.0) -> dict[str, float]:
 
 
 def batch_ms(batches: dict[int, tuple[int, float]]) -> dict[str, float]:
-    """Each node's mean batch time (ms), from its (batches, busy seconds)."""
-    return {f"batch ms n{i}": busy / n * 1e3 if n else float("nan") for i, (n, busy) in sorted(batches.items())}
+    """Each node's seconds running batches, and its mean time per layer of a batch (ms), from its
+    (layers of batches run, busy seconds)."""
+    out = {f"busy s n{i}": busy for i, (_, busy) in sorted(batches.items())}
+    return out | {f"layer ms n{i}": busy / n * 1e3 if n else float("nan") for i, (n, busy) in sorted(batches.items())}
 
 
 def simulate(placement: Placement, trace: list[TraceEntry], runtime_costs: bool = True, cores: float = 0.0,
@@ -129,17 +131,21 @@ async def emulate(placement: Placement, trace: list[TraceEntry], scale: float) -
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (/proc, Linux)."""
+    f = Path(f"/proc/{pid}/stat").read_text()
+    x = f[f.rindex(")") + 2 :].split()
+    return (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def probe_cores(k: int, seconds: float) -> float:
     """The cores ``k`` busy processes started from here get, measured: their CPU time (/proc, Linux)
     over ``seconds`` of wall time.  A reading of the machine (its other load), taken while nothing of
     ours computes."""
     ps = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
-    tick = os.sysconf("SC_CLK_TCK")
 
     def cpu(p: subprocess.Popen[bytes]) -> float:
-        f = Path(f"/proc/{p.pid}/stat").read_text()
-        x = f[f.rindex(")") + 2 :].split()
-        return (int(x[11]) + int(x[12])) / tick
+        return cpu_seconds(p.pid)
 
     try:
         time.sleep(0.3)
@@ -233,7 +239,11 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
             if available is not None:  # off the loop: the host keeps answering heartbeats
                 available["before"] = await loop.run_in_executor(None, probe_available, len(nodes))
                 available["wake before"] = await loop.run_in_executor(None, probe_wakeup)
+            cpu0 = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds(os.getpid())]
             await replay_trace(server, read_trace_csv(trace))
+            if available is not None:
+                available["cpu"] = tuple(b - a for a, b in zip(cpu0, [cpu_seconds(p.pid) for p in procs]
+                                                                + [cpu_seconds(os.getpid())], strict=True))
             done_at = server.clock.now()
             per_node: dict[int, tuple[int, float]] = {}
             for _ in range(100):  # the workers report about once a second: wait for reports sent after the end
@@ -419,6 +429,8 @@ def main() -> None:
             show_steps(f"{MODEL}, 3 even stages on tiny3, 3 torch worker processes (1 thread each) on {cores:g} cores "
                        f"vs the simulator with the CPU profile {'shipped' if prof is None else 'in ' + str(prof)} "
                        f"({len(rows)} queries at {args.qps:g}/s; round {r + 1} of {args.rounds})", steps, real_r)
+            print("  CPU seconds over the trace, served: " + ", ".join(f"n{i} {c:.2f}" for i, c in enumerate(avail["cpu"][:-1]))
+                  + f", the host (and this bench) {avail['cpu'][-1]:.2f}")
             wb, wa = avail["wake before"], avail["wake after"]
             print(f"  a process woken by another (one-way, median / mean): {wb[0] * 1e3:.3f} / {wb[1] * 1e3:.3f} ms "
                   f"before serving, {wa[0] * 1e3:.3f} / {wa[1] * 1e3:.3f} ms after")
