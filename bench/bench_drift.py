@@ -138,6 +138,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of process ``pid``: its name and CPU seconds so far (/proc, Linux)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            f = (task / "stat").read_text()
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        x = f[f.rindex(")") + 2 :].split()
+        out[int(task.name)] = (name, (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def thread_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> str:
+    """The CPU seconds each thread took between two readings, largest first."""
+    took = sorted(((c - before.get(t, (n, 0.0))[1], n) for t, (n, c) in after.items()), reverse=True)
+    return " + ".join(f"{c:.2f} {n}" for c, n in took if c >= 0.01)
+
+
 def probe_cores(k: int, seconds: float) -> float:
     """The cores ``k`` busy processes started from here get, measured: their CPU time (/proc, Linux)
     over ``seconds`` of wall time.  A reading of the machine (its other load), taken while nothing of
@@ -220,7 +240,7 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     write_placement(placement, out / "plan.toml", flow=max_flow(placement))
     trace = write_trace_csv(out / "trace.csv", rows)
-    nodes = sorted(placement.used_nodes())
+    nodes_list = sorted(placement.used_nodes())
 
     async def main() -> dict[str, float]:
         server = HostServer(placement)
@@ -229,7 +249,7 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
         procs = [subprocess.Popen([sys.executable, "-m", "helix_async", "worker", "--insecure", "--connect", address,
                                    "--node-id", str(i), "--threads", "1",
                                    *(["--gather", str(gather)] if gather is not None else [])], cwd=ROOT, env=penv)
-                 for i in nodes]
+                 for i in nodes_list]
         try:
             await server.wait_ready(300)
             from helix_async.runtime.commands import replay_trace
@@ -237,10 +257,15 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
 
             loop = asyncio.get_running_loop()
             if available is not None:  # off the loop: the host keeps answering heartbeats
-                available["before"] = await loop.run_in_executor(None, probe_available, len(nodes))
+                available["before"] = await loop.run_in_executor(None, probe_available, len(nodes_list))
                 available["wake before"] = await loop.run_in_executor(None, probe_wakeup)
             cpu0 = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds(os.getpid())]
+            threads0 = [thread_cpu_seconds(p.pid) for p in procs]
             await replay_trace(server, read_trace_csv(trace))
+            if nodes:
+                for i, (p, t0) in enumerate(zip(procs, threads0, strict=True)):
+                    print(f"  CPU seconds by thread over the trace, worker {nodes_list[i]}: "
+                          + thread_split(t0, thread_cpu_seconds(p.pid)))
             if available is not None:
                 available["cpu"] = tuple(b - a for a, b in zip(cpu0, [cpu_seconds(p.pid) for p in procs]
                                                                 + [cpu_seconds(os.getpid())], strict=True))
@@ -253,7 +278,7 @@ def served(placement: Placement, rows: list[tuple[float, int, int]], out: Path,
                     break
                 await asyncio.sleep(0.05)
             if available is not None:
-                available["after"] = await loop.run_in_executor(None, probe_available, len(nodes))
+                available["after"] = await loop.run_in_executor(None, probe_available, len(nodes_list))
                 available["wake after"] = await loop.run_in_executor(None, probe_wakeup)
             return figures(server.host) | (batch_ms(per_node) if nodes else {})
         finally:
