@@ -6,7 +6,8 @@ different ones.  Queries come in through :meth:`Host.submit`; the host
 1. admits the prompt: MaxFlow routes it at once with IWRR over the planned flows under the KV
    expectation (``routing.FlowRouter``); a query that cannot be placed now waits in the admission
    queue and is retried whenever a query finishes (``compat=True`` in offline mode: dropped, as the
-   original did).  Per-hop schedulers (Swarm, Random, Shortest-queue) only choose the first hop
+   original did). The queue is ordered by each query's priority, then by arrival
+   (:class:`AdmissionQueue`; docs/runtime.md, "Priorities").  Per-hop schedulers (Swarm, Random, Shortest-queue) only choose the first hop
    here; the workers choose the rest;
 2. sends ``PromptWork`` to the first stage; the last stage answers with a ``TokenResult``;
 3. issues the next iteration (``DecodeWork`` on the same route) until the query has its tokens,
@@ -23,9 +24,10 @@ counts) for prompts and decodes separately.
 
 from __future__ import annotations
 
+import bisect
 from array import array
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,75 @@ __all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "Query"]
 MIGRATED_RID_BASE = 1 << 62
 
 _GREEDY_FIELDS = sampling_fields(GREEDY)
+
+
+class AdmissionQueue:
+    """The queries waiting for admission: by priority (a lower number first, as vLLM orders its
+    ``priority``), first come first served within a priority."""
+
+    __slots__ = ("_by_class", "_classes", "_n")
+
+    def __init__(self) -> None:
+        self._by_class: dict[int, deque[Query]] = {}
+        self._classes: list[int] = []  # the priorities that have a queue, ascending
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def __iter__(self) -> Iterator[Query]:
+        """In admission order."""
+        for p in list(self._classes):
+            yield from list(self._by_class[p])
+
+    def append(self, q: Query) -> None:
+        d = self._by_class.get(q.priority)
+        if d is None:
+            d = self._by_class[q.priority] = deque()
+            bisect.insort(self._classes, q.priority)
+        d.append(q)
+        self._n += 1
+
+    def head(self) -> Query:
+        """The query admitted next (the queue must not be empty)."""
+        return self._by_class[self._classes[0]][0]
+
+    def pop_head(self) -> Query:
+        p = self._classes[0]
+        d = self._by_class[p]
+        q = d.popleft()
+        self._n -= 1
+        if not d:
+            del self._by_class[p]
+            self._classes.pop(0)
+        return q
+
+    def waiting_before(self, priority: int) -> bool:
+        """Whether a query of this priority or a more urgent one waits (a new query of
+        ``priority`` must not overtake it)."""
+        return bool(self._classes) and self._classes[0] <= priority
+
+    def remove(self, q: Query) -> bool:
+        d = self._by_class.get(q.priority)
+        if d is None or q not in d:
+            return False
+        d.remove(q)
+        self._n -= 1
+        if not d:
+            del self._by_class[q.priority]
+            self._classes.remove(q.priority)
+        return True
+
+    def clear(self) -> list[Query]:
+        """Empty the queue; returns what waited, in admission order."""
+        out = list(self)
+        self._by_class.clear()
+        self._classes.clear()
+        self._n = 0
+        return out
 
 
 class Query:
@@ -65,10 +136,12 @@ class Query:
         "rid",
         "migrations",
         "moved_at",
+        "priority",
     )
 
-    def __init__(self, qid: int, input_len: int, output_len: int, arrived: float) -> None:
+    def __init__(self, qid: int, input_len: int, output_len: int, arrived: float, priority: int = 0) -> None:
         self.qid = qid
+        self.priority = priority  # lower: more urgent (vLLM's convention); 0 by default
         self.input_len = input_len
         self.output_len = output_len
         self.arrived = arrived
@@ -156,7 +229,7 @@ class Host:
         self._free_only = free_links_only
         self._peer_len = peer_queue_len
         self._queries: dict[int, Query] = {}
-        self._waiting: deque[Query] = deque()
+        self._waiting = AdmissionQueue()
         self._by_rid: dict[int, Query] = {}  # migrated queries by their wire id
         self._migrating: deque[Query] = deque()  # admitted queries waiting for a new route
         self._next_rid = MIGRATED_RID_BASE
@@ -174,6 +247,8 @@ class Host:
         self.tokens_done = array("d")  # finish time of every iteration, weighted in tokens_count
         self.tokens_count = array("l")
         self.query_records: list[tuple[int, float, float, float, int, int]] = []
+        #: the priority of each query in ``query_records``, in the same order
+        self.query_priority = array("l")
         #: (query id, migrated at, next token at): every migration, once the query produces again
         self.resumed: list[tuple[int, float, float]] = []
         self.on_prompt_done: Callable[[Query], None] | None = None
@@ -222,9 +297,7 @@ class Host:
 
     def drop_waiting(self) -> list[Query]:
         """Empty the admission queue; returns the queries that waited (the caller tells their clients)."""
-        dropped = list(self._waiting)
-        self._waiting.clear()
-        return dropped
+        return self._waiting.clear()
 
     @property
     def router(self) -> Any:
@@ -243,6 +316,7 @@ class Host:
         output_len: int,
         token_ids: tuple[int, ...] | None = None,
         sampling: SamplingParams | tuple[float, float, int] | None = None,
+        priority: int = 0,
     ) -> Query | None:
         """A query arrives now. Returns it (admitted or waiting), or None when it was dropped.
 
@@ -250,10 +324,12 @@ class Host:
         then come back through ``on_token``.  Without them the prompt is a modelled payload.
         sampling: how the last stage chooses its tokens (default greedy), or the tuple
         (temperature, top_p, seed) for those three alone. With ``sampling.logprobs`` set,
-        ``on_token`` gets a :class:`~helix_async.sampling.SampledToken` per token, else the id."""
+        ``on_token`` gets a :class:`~helix_async.sampling.SampledToken` per token, else the id.
+        priority: a lower number is admitted first (see :class:`AdmissionQueue`); within a
+        priority, first come first served."""
         if qid in self._queries:
             raise ValueError(f"query {qid} is already active")
-        q = Query(qid, int(input_len), int(output_len), self._clock.now())
+        q = Query(qid, int(input_len), int(output_len), self._clock.now(), int(priority))
         if token_ids is not None:
             if len(token_ids) != q.input_len:
                 raise ValueError(f"query {qid}: {len(token_ids)} token ids for input_len {q.input_len}")
@@ -272,7 +348,8 @@ class Host:
             self.stats.infeasible += 1
             self._reject(q)
             return None
-        if self._waiting or self._migrating:  # FIFO: nobody overtakes a query already waiting (or moving)
+        # nobody overtakes a query moving, or one waiting at the same or a more urgent priority
+        if self._migrating or self._waiting.waiting_before(q.priority):
             return self._wait(q)
         if self._admit(q):
             return q
@@ -330,9 +407,9 @@ class Host:
             moving.popleft()
         waiting = self._waiting
         while waiting:
-            if not self._admit(waiting[0]):
+            if not self._admit(waiting.head()):
                 return
-            waiting.popleft()
+            waiting.pop_head()
 
     # ---- faults: re-planned flows and migration -------------------------------------------------
 
@@ -607,6 +684,7 @@ class Host:
         self._by_rid.pop(q.rid, None)
         self.stats.finished += 1
         self.query_records.append((q.qid, q.arrived, q.first_token_at, now, q.input_len, q.output_len))
+        self.query_priority.append(q.priority)
         if self._router is not None and q.qid in self._router.kv:
             self._router.finish(q.qid)
         if self._waiting:

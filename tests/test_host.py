@@ -211,6 +211,48 @@ def test_admission_queue_is_fifo_and_retried_when_a_query_finishes(loop: Virtual
     assert list(h.prompt_latency) == [2.0, 3.5]
 
 
+def test_admission_follows_priority_then_arrival(loop: VirtualTimeLoop) -> None:
+    """A more urgent query (a lower number) is admitted before less urgent ones that waited longer,
+    and is not held behind them when it fits; within a priority, first come first served."""
+    c = Coordinator(loop, router=chain_router(20))
+    h = c.host
+    h.submit(0, 6, 2)  # 12 of 20 entries per node
+    low = h.submit(1, 6, 2, priority=5)  # does not fit: waits
+    normal = h.submit(2, 6, 2)  # waits too: it does not fit either
+    urgent_small = h.submit(3, 1, 2, priority=-1)  # 2 entries fit: nothing as urgent waits, so it goes at once
+    urgent = h.submit(4, 6, 2, priority=-1)  # does not fit: waits, ahead of the others
+    later_normal = h.submit(5, 1, 2)  # would fit, but a query of its own priority waits: it waits
+    assert None not in (low, normal, urgent_small, urgent, later_normal)
+    assert urgent_small is not None and urgent_small.route is not None
+    assert [q.qid for q in h._waiting] == [4, 2, 5, 1]
+    assert (h.waiting, h.active) == (4, 2)
+    c.token(1.0, 0)
+    c.token(2.0, 0)  # 0 finishes: 12 entries free, 6 held by query 3 -> the urgent 4 goes first
+    assert [q.qid for q in h._waiting] == [2, 5, 1] and urgent is not None and urgent.admitted_at == 2.0
+    c.token(3.0, 3)
+    c.token(4.0, 3)  # 3 finishes: 2 free entries more, not enough for 2 (12): all still wait
+    assert [q.qid for q in h._waiting] == [2, 5, 1]
+    c.token(5.0, 4)
+    c.token(6.0, 4)  # 4 finishes: 2 (12) then 5 (2) fit; 1 (12) does not
+    assert [q.qid for q in h._waiting] == [1]
+    assert h.cancel(1) and h.waiting == 0 and not h._waiting.waiting_before(10**6)
+
+
+def test_admission_queue_orders_by_priority_then_arrival() -> None:
+    from helix_async.host import AdmissionQueue
+
+    aq = AdmissionQueue()
+    qs = [Query(i, 1, 1, 0.0, p) for i, p in enumerate([0, 3, -2, 0, 3, -2])]
+    for q in qs:
+        aq.append(q)
+    assert [q.qid for q in aq] == [2, 5, 0, 3, 1, 4] and len(aq) == 6
+    assert aq.waiting_before(-2) and not aq.waiting_before(-3)
+    assert aq.remove(qs[5]) and not aq.remove(qs[5])
+    assert aq.head() is qs[2] and aq.pop_head() is qs[2]
+    assert not aq.waiting_before(-1) and aq.waiting_before(0)
+    assert [q.qid for q in aq.clear()] == [0, 3, 1, 4] and not aq and len(aq) == 0
+
+
 def test_compat_offline_drops_what_it_cannot_place(loop: VirtualTimeLoop) -> None:
     c = Coordinator(loop, router=chain_router(20), compat=True, drop_rejected=True)
     c.submit(0.0, 0, 6, 2)
