@@ -130,6 +130,9 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=number_in(MIN_CV, MAX_CV), default=None,
                    help="online, --arrivals gamma: coefficient of variation of the gaps (1 is Poisson, above 1 "
                    "bursty)")
+    p.add_argument("--priority-share", type=number_in(0.0, 1.0), default=0.0, metavar="F",
+                   help="the share of queries given high priority (-1; the rest 0), drawn from a stream of its own; "
+                   "the report then breaks latency down per class (default 0)")
     p.add_argument("--rate-profile", default=None, metavar="PROFILE",
                    help="online: the rate over time, step:0=M0,T1=M1,... (multipliers of --rate from T s on) or "
                    "diurnal:period=P,low=L (L x --rate at the start, --rate at P/2)")
@@ -212,6 +215,7 @@ def _workload(args: argparse.Namespace, scheduler: str) -> tuple[Workload, KVExp
         trace=trace,
         cv=args.cv,
         rate_profile=args.rate_profile,
+        priority_share=args.priority_share,
     )
     if mode != "online":
         for flag, value in (("--cv", args.cv), ("--rate-profile", args.rate_profile)):
@@ -237,6 +241,8 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         extra["cv"] = wl.cv
     if wl.mode == "online" and wl.rate_profile is not None:  # (likewise)
         extra["rate_profile"] = wl.rate_profile
+    if wl.priority_share > 0:  # (likewise)
+        extra["priority_share"] = wl.priority_share
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -263,6 +269,8 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
     if args.shared_cores is not None and compat:
         raise ConfigError("<argument>", "--shared-cores", "the original gives every node a device of its own: not with "
                           "--compat helix")
+    if args.priority_share and compat:
+        raise ConfigError("<argument>", "--priority-share", "the original has no priorities: not with --compat helix")
     if args.gather is not None and compat:
         raise ConfigError("<argument>", "--gather", "the original does not gather decodes: not with --compat helix")
     if args.cores_available and args.shared_cores is None:

@@ -10,23 +10,43 @@
   from a CSV): each query is submitted at its arrival time.
 
 Lengths come from a seeded :class:`sim.workloads.LengthSampler`; nothing reads the global RNG.
+Either feeder takes ``priority``: called once per query as it is submitted, in submission order,
+it gives the query's priority (:class:`PriorityDraw`; default 0 for all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 from helix_async.host import Query
 
 from .simulation import Simulation
 from .workloads import LengthSampler, TraceEntry
 
-__all__ = ["FEED_GAP_S", "FEED_HWM", "OfflineFeeder", "TraceFeeder"]
+__all__ = ["FEED_GAP_S", "FEED_HWM", "HIGH_PRIORITY", "OfflineFeeder", "PriorityDraw", "TraceFeeder"]
 
 #: Delay between a completion and the query it launches, and between initial queries (s).
 FEED_GAP_S = 0.1
 #: Offline MaxFlow feeding stops while the KV expectation's bottleneck usage is above this.
 FEED_HWM = 0.8
+#: the priority of the high class (``--priority-share``); the others keep 0 (a lower number is
+#: more urgent, as vLLM's ``priority``)
+HIGH_PRIORITY = -1
+
+
+class PriorityDraw:
+    """Each call: :data:`HIGH_PRIORITY` with probability ``share``, else 0, from a stream of its own
+    seeded by ``seed`` (so the lengths and arrivals drawn are the same with any share)."""
+
+    def __init__(self, share: float, seed: int) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the high-priority share must be in [0, 1], got {share}")
+        self.share = share
+        self.rng = random.Random(f"priority:{seed}")
+
+    def __call__(self) -> int:
+        return HIGH_PRIORITY if self.rng.random() < self.share else 0
 
 
 class OfflineFeeder:
@@ -41,6 +61,7 @@ class OfflineFeeder:
         start: float,
         end: float,
         feed_hwm: float = FEED_HWM,
+        priority: Callable[[], int] | None = None,
     ) -> None:
         if initial < 1:
             raise ValueError(f"initial queries must be >= 1, got {initial}")
@@ -50,6 +71,7 @@ class OfflineFeeder:
         self.start = start
         self.end = end
         self.feed_hwm = feed_hwm
+        self.priority = priority
         self.launched = 0
         # a router admits by the KV expectation: top up when a prompt is done, unless KV is short
         self._kv_admission = sim.policy.routes_at_admission
@@ -69,7 +91,7 @@ class OfflineFeeder:
         n, m = self.sampler.sample()
         qid = self.launched
         self.launched += 1
-        self.sim.host.submit(qid, n, m)
+        self.sim.host.submit(qid, n, m, priority=self.priority() if self.priority is not None else 0)
 
     def _completion(self, q: Query) -> None:
         clock = self.sim.clock
@@ -88,11 +110,12 @@ class OfflineFeeder:
 class TraceFeeder:
     """Submits each trace entry at its arrival time; ``done`` once every query has finished."""
 
-    def __init__(self, sim: Simulation, trace: Sequence[TraceEntry]) -> None:
+    def __init__(self, sim: Simulation, trace: Sequence[TraceEntry], priority: Callable[[], int] | None = None) -> None:
         if not trace:
             raise ValueError("the trace holds no queries")
         self.sim = sim
         self.trace = list(trace)
+        self.priority = priority
         self.launched = 0
         sim.host.on_query_done = self._finished
         self.finished = 0
@@ -106,7 +129,7 @@ class TraceFeeder:
 
     def _submit(self, qid: int, n: int, m: int) -> None:
         self.launched += 1
-        self.sim.host.submit(qid, n, m)
+        self.sim.host.submit(qid, n, m, priority=self.priority() if self.priority is not None else 0)
 
     def _finished(self, q: Query) -> None:
         self.finished += 1

@@ -76,6 +76,25 @@ def goodput(sim: Simulation, lo: float, hi: float, ttft: float, tpot: float) -> 
     }
 
 
+def by_priority(host: Any, lo: float, hi: float) -> dict[str, Any]:
+    """Per priority class, the queries finished within [lo, hi]: their count, time to first token
+    (arrival, admission wait included, to first token) and mean time per output token (first token
+    to last, over the tokens after the first); {} when every query had priority 0."""
+    prios = host.query_priority
+    if not any(prios):
+        return {}
+    ttft: dict[int, list[float]] = {}
+    tpot: dict[int, list[float]] = {}
+    for (_qid, arrived, first, done, _n, m), p in zip(host.query_records, prios, strict=True):
+        if not lo <= done <= hi:
+            continue
+        ttft.setdefault(p, []).append(first - arrived)
+        if m > 1:
+            tpot.setdefault(p, []).append((done - first) / (m - 1))
+    return {str(p): {"queries": len(ttft[p]), "ttft": percentiles(ttft[p]), "tpot": percentiles(tpot.get(p, []))}
+            for p in sorted(ttft)}
+
+
 def build_report(
     sim: Simulation, *, warmup: float, duration: float, config: dict[str, Any], slo: tuple[float, float] | None = None
 ) -> dict[str, Any]:
@@ -128,6 +147,9 @@ def build_report(
         g = goodput(sim, lo, hi, slo[0], slo[1])
         g["decode_throughput"] = decodes_in_window / duration * g["token_fraction"]
         extra["goodput"] = g
+    classes = by_priority(host, lo, hi)
+    if classes:  # (absent otherwise: reports without priorities stay as they were)
+        extra["by_priority"] = classes
     return {
         **extra,
         "config": config,
@@ -209,6 +231,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Queries: {q['finished']} finished, {q['active_end']} active, {q['waiting_end']} waiting, "
         f"{q['rejected']} rejected; KV overflows {report['kv']['overflows']}, waits {report['kv']['waits']}"
     )
+    for p, c in report.get("by_priority", {}).items():
+        t, d = c["ttft"], c["tpot"]
+        lines.append(
+            f"Priority {p}: {c['queries']} queries; TTFT {f(t['mean'])}s (p50 {f(t['p50'])}s, p99 {f(t['p99'])}s), "
+            f"per-token {f(d['mean'], '.4f')}s (p99 {f(d['p99'], '.4f')}s)"
+        )
     if report.get("faults"):
         from .faults import fault_lines
 

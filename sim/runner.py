@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from helix_async.errors import ConfigError
 
-from .feeders import OfflineFeeder, TraceFeeder
+from .feeders import OfflineFeeder, PriorityDraw, TraceFeeder
 from .report import build_report, watch_text
 from .simulation import Simulation, SimulationSetup
 from .workloads import LengthSampler, RateProfile, TraceEntry, generate_online_trace
@@ -62,6 +62,8 @@ class Workload:
     #: (:meth:`RateProfile.parse`'s text)
     cv: float | None = None
     rate_profile: str | None = None
+    #: the share of queries in the high-priority class (``sim.feeders.PriorityDraw``)
+    priority_share: float = 0.0
 
 
 @dataclass
@@ -104,11 +106,12 @@ def run(
         injector.install()
     t0 = sim.t0
     wl = workload
+    draw = PriorityDraw(wl.priority_share, wl.seed) if wl.priority_share > 0 else None
     if wl.mode == "offline":
         # compat shares one RNG stream between lengths and the random schedulers, as the original
         sampler = LengthSampler(wl.lengths, random.Random(wl.seed))
         end = t0 + wl.warmup + wl.duration
-        feeder: Any = OfflineFeeder(sim, sampler, initial=wl.initial, start=t0, end=end)
+        feeder: Any = OfflineFeeder(sim, sampler, initial=wl.initial, start=t0, end=end, priority=draw)
         stop_at = end
     else:
         if wl.mode == "online":
@@ -123,7 +126,7 @@ def run(
             trace = wl.trace
         else:
             raise ValueError(f"unknown mode {wl.mode!r}")
-        feeder = TraceFeeder(sim, trace)
+        feeder = TraceFeeder(sim, trace, priority=draw)
         stop_at = max(e[0] for e in trace) + ONLINE_DRAIN_LIMIT_S
     feeder.install()
     bar = _progress(progress, stop_at)

@@ -125,6 +125,8 @@ def test_cli_run_writes_a_report_and_replays_a_trace(tmp_path: Path, capsys):
         (["run", "--plan", "ilp", "--cv", "2", "--arrivals", "gamma"], "--cv"),
         (["run", "--plan", "ilp", "--mode", "online", "--rate-profile", "step:5=1"], "--rate-profile"),
         (["run", "--plan", "ilp", "--rate-profile", "step:0=1"], "--rate-profile"),
+        (["run", "--plan", "ilp", "--priority-share", "1.5"], "--priority-share"),
+        (["run", "--plan", "ilp", "--priority-share", "0.1", "--compat", "helix"], "--priority-share"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(argv, needle, capsys):
@@ -149,6 +151,29 @@ def test_cli_runs_bursty_gamma_arrivals_under_a_rate_profile(tmp_path: Path) -> 
     want = generate_online_trace("gamma", "azure-conv", 300.0, 0, 30, 4, cv=3.0,
                                  profile=RateProfile.parse("step:0=1,15=3"))
     assert r["queries"]["submitted"] == len(want) > 0
+
+
+def test_priority_share_marks_a_seeded_share_and_reports_each_class(ilp) -> None:
+    """--priority-share: about that share of the queries get priority -1, drawn from a stream of
+    their own (the same queries arrive as without it), and the report breaks latency down per
+    class, its counts adding up to the queries finished in the window."""
+    from sim.report import summary_lines
+
+    setup = SimulationSetup(ilp, kv=(0.9, 0.6))
+    wl = Workload(mode="online", rate=600.0, warmup=0, duration=180, seed=2, priority_share=0.3)
+    res = run(setup, wl)
+    r = res.report
+    classes = r["by_priority"]
+    assert set(classes) == {"-1", "0"}
+    prios = list(res.sim.host.query_priority)
+    assert 0.15 < prios.count(-1) / len(prios) < 0.45
+    lo, hi = r["window"]["start"], r["window"]["end"]
+    in_window = sum(1 for rec in res.sim.host.query_records if lo <= rec[3] <= hi)
+    assert classes["-1"]["queries"] + classes["0"]["queries"] == in_window
+    assert any(line.startswith("Priority -1: ") for line in summary_lines(r))
+    assert report_json(run(setup, wl).report) == report_json(r)  # seeded
+    plain = run(setup, Workload(mode="online", rate=600.0, warmup=0, duration=180, seed=2)).report
+    assert "by_priority" not in plain and plain["queries"]["submitted"] == r["queries"]["submitted"]
 
 
 def test_cli_bad_trace_names_file_and_line(tmp_path: Path, capsys):
