@@ -71,6 +71,7 @@ class FakeHost:
         self.stopped = ""
         self.full = False
         self.requests: list[dict[str, Any]] = []
+        self.priorities: list[int] = []  # each request's priority, in order
         self.produced: dict[int, int] = {}
         self.closed: list[int] = []
 
@@ -107,13 +108,14 @@ class FakeHost:
 
     async def generate(self, prompt: Sequence[int], max_tokens: int, *, sampling: SamplingParams | None = None,
                        temperature: float | None = None, top_p: float | None = None,
-                       seed: int | None = None) -> AsyncGenerator[int | SampledToken, None]:
+                       seed: int | None = None, priority: int = 0) -> AsyncGenerator[int | SampledToken, None]:
         if sampling is not None and (temperature, top_p, seed) != (None, None, None):
             raise ValueError("give sampling or temperature/top_p/seed, not both")
         sp = sampling if sampling is not None else SamplingParams(
             temperature=temperature or 0.0, top_p=1.0 if top_p is None else top_p, seed=seed or 0)
         rid = len(self.requests)
         self.requests.append({"prompt": list(prompt), "max_tokens": max_tokens, "sampling": sp})
+        self.priorities.append(priority)
         self.produced[rid] = 0
         kind = prompt[0]
         start = sp.seed % len(SCRIPT) if kind == VARY else 0
@@ -382,7 +384,10 @@ def test_without_a_tokenizer_prompts_are_token_ids_and_text_is_ids() -> None:
         ("/v1/completions", {"prompt": "x", "n": 2**64}, 400, "n", "'n' must be in [1, 128]"),
         ("/v1/completions", {"prompt": [5, 2**64]}, 400, "prompt", "token ids must be in [0, 2048)"),
         ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**32]}, 400, "stop_token_ids", "token ids in [0, 2048)"),
-        ("/v1/completions", {"prompt": "x", "priority": 2**70}, 400, "priority", "'priority' is not supported"),
+        ("/v1/completions", {"prompt": "x", "priority": 2**70}, 400, "priority", "'priority' must be an integer in"),
+        ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "priority", "'priority' must be int"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "priority": True}, 400, "priority",
+         "'priority' must be int, got a boolean"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999999999999999": 5}}, 400, "logit_bias", "not supported"),
         ("/v1/completions", b'{"prompt": "x", "seed": 1e400}', 400, "seed", "'seed' must be int"),
         # nesting, strings no tokenizer takes, sizes
@@ -449,6 +454,21 @@ def test_values_the_sampler_cannot_take_are_brought_to_what_it_can() -> None:
             assert status == 200, r
             got = getattr(host.requests[-1]["sampling"], name)
             assert got == want and str(got) == str(want), (extra, got)  # (str: -0.0 is not 0.0)
+
+    serve(body)
+
+
+def test_priority_reaches_the_host_for_every_choice() -> None:
+    """vLLM's ``priority``: any int32, 0 when absent, given to the host with each choice."""
+    async def body(host: FakeHost, s: Client, url: str) -> None:
+        for extra, want in (({}, [0]), ({"priority": -7}, [-7]), ({"priority": 3, "n": 2}, [3, 3])):
+            before = len(host.requests)
+            status, r, _ = await post(s, url + "/v1/completions", {"prompt": [5], "max_tokens": 2, **extra})
+            assert status == 200, r
+            assert host.priorities[before:] == want
+        status, r, _ = await post(s, url + "/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "priority": -1})
+        assert status == 200 and host.priorities[-1] == -1, r
 
     serve(body)
 

@@ -139,13 +139,15 @@ class ServingHost(Protocol):
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[int | SampledToken, None]:
         """Serve one request: yields up to ``max_tokens`` tokens as they are produced, chosen by
         ``sampling`` (default: greedy; its fields and their order are in
         :mod:`helix_async.sampling`). Each token is its id, or a :class:`SampledToken` (the id, its
         log-probability and the ``sampling.logprobs`` most likely tokens') when ``sampling.logprobs``
         is not None. ``temperature``, ``top_p``, ``seed``: those three alone, in place of
-        ``sampling`` (ValueError with it).
+        ``sampling`` (ValueError with it). ``priority``: a lower number is admitted first
+        (vLLM's convention; docs/runtime.md, "Priorities").
 
         The host does not stop at a stop token: the caller stops reading. ``min_tokens`` bans the
         ids of ``sampling.stop_token_ids`` until that many tokens came, so they should include the

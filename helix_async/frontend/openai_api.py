@@ -81,6 +81,8 @@ log = logging.getLogger("helix_async.http")
 MAX_STOPS = 4
 #: most choices one request may ask for (OpenAI's limit of ``n``)
 MAX_N = 128
+#: the priorities a request may take (vLLM's 'priority': lower is served first), an int32
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 #: a log-probability of minus infinity as JSON has it (JSON has no infinity; vLLM's clamp)
 LOGPROB_FLOOR = -9999.0
 _SEED_MASK = (1 << 63) - 1
@@ -290,7 +292,6 @@ _NOOP: dict[str, tuple[Any, ...]] = {
     "prediction": (),
     "web_search_options": (),
     "reasoning_effort": (),
-    "priority": (0,),
     "vllm_xargs": ({},),
     "kv_transfer_params": (),
 }
@@ -362,6 +363,7 @@ class _Params:
     stream: bool
     include_usage: bool
     chat: bool
+    priority: int = 0
 
     def choice_sampling(self, index: int) -> SamplingParams:
         """Choice ``index``'s sampling: the request's, seeded ``seed + index`` (as vLLM seeds the
@@ -699,7 +701,12 @@ class OpenAIServer:
         include_usage = opts.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise ApiError(400, "'stream_options.include_usage' must be bool", param="stream_options.include_usage")
-        return _Params(prompt, int(max_tokens), sampling, n, stops, frozenset(stop_ids), stream, include_usage, chat)
+        priority = _field(body, "priority", (int,), 0)
+        if not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+            raise ApiError(400, f"'priority' must be an integer in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}] (lower is "
+                           f"served first), got {_short(priority)}", param="priority")
+        return _Params(prompt, int(max_tokens), sampling, n, stops, frozenset(stop_ids), stream, include_usage, chat,
+                       priority)
 
     def _logprobs(self, body: dict[str, Any], *, chat: bool) -> int | None:
         """How many top log-probabilities each token reports (None: none), from completions'
@@ -849,7 +856,7 @@ class OpenAIServer:
             sent.append(piece)
             return piece, False
 
-        gen = self.server.generate(p.prompt, p.max_tokens, sampling=p.choice_sampling(index))
+        gen = self.server.generate(p.prompt, p.max_tokens, sampling=p.choice_sampling(index), priority=p.priority)
         try:
             async for item in gen:
                 now = self.server.now()

@@ -755,6 +755,7 @@ class HostServer:
         top_p: float | None = None,
         seed: int | None = None,
         qid: int | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[int | SampledToken, None]:
         """Serve one request: yields its ``max_tokens`` tokens as they come, chosen by ``sampling``
         (default greedy): token ids, or :class:`SampledToken` s with their log-probabilities when
@@ -779,7 +780,8 @@ class HostServer:
         if self.runlog is not None:
             self.runlog.submitted(q_id, len(prompt), max_tokens, self.clock.now())
         try:
-            if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt), sampling) is None:
+            if self.host.submit(q_id, len(prompt), max_tokens, tuple(int(t) for t in prompt), sampling,
+                                priority=priority) is None:
                 raise RequestFailed("rejected: the admission queue is full or no route can take it", "overloaded")
             got = 0
             while True:
