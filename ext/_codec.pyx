@@ -91,6 +91,7 @@ cdef enum:
     STACK_BYTES = 512  # payloads up to this size are built on the C stack
 
 cdef long long I32_MAX = 2147483647
+cdef long long I32_MIN = -2147483648
 cdef long long I64_MAX = 9223372036854775807
 cdef long long MAX_LP = _sampling.MAX_LOGPROBS  # most top log-probabilities a request asks for
 
@@ -104,7 +105,7 @@ cdef type Activations_t = _m.Activations
 cdef type TokenResult_t = _m.TokenResult
 cdef type Feedback_t = _m.Feedback
 
-cdef Py_ssize_t OFF_PW[23]
+cdef Py_ssize_t OFF_PW[24]
 cdef Py_ssize_t OFF_DW[8]
 cdef Py_ssize_t OFF_AC[5]
 cdef Py_ssize_t OFF_TR[7]
@@ -154,7 +155,7 @@ cdef int _slot_offsets(type cls, tuple expected, Py_ssize_t* out) except -1:
 _slot_offsets(PromptWork_t, (
     "request_id", "query_id", "route", "stage", "num_tokens", "token_ids", "max_tokens", "sent_at", "tensors",
     "payload_bytes", "temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_tokens", "stop_token_ids", "logprobs", "context_ids", "generated",
+    "repetition_penalty", "min_tokens", "stop_token_ids", "logprobs", "context_ids", "generated", "priority",
 ), OFF_PW)
 _slot_offsets(DecodeWork_t, (
     "request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes"
@@ -640,14 +641,14 @@ cdef object enc_decode_work(object msg, Writer* w, CLimits* lim, object limits, 
 
 cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, long long* payload_bytes):
     cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, seed
-    cdef long long top_k, min_tokens, logprobs, generated
+    cdef long long top_k, min_tokens, logprobs, generated, priority
     cdef double sent_at, temperature, top_p, min_p, presence, frequency, repetition
     cdef Py_ssize_t nroute, nids, i, nstop, ncids
     cdef PyObject* ids
     if (o_int(_get(msg, OFF_PW[0]), 0, I64_MAX, &request_id) < 0
             or o_int(_get(msg, OFF_PW[1]), 0, I64_MAX, &query_id) < 0):
         return None
-    w_array(w, 23)
+    w_array(w, 24)
     w_int(w, request_id)
     w_int(w, query_id)
     if e_route(w, _get(msg, OFF_PW[2]), lim, 1, &nroute) < 0:
@@ -701,9 +702,11 @@ cdef object enc_prompt_work(object msg, Writer* w, CLimits* lim, object limits, 
         return None
     w_int(w, logprobs)
     if (e_ints(w, _get(msg, OFF_PW[21]), 0, I32_MAX, &ncids) < 0
-            or o_int(_get(msg, OFF_PW[22]), 0, I32_MAX, &generated) < 0):
+            or o_int(_get(msg, OFF_PW[22]), 0, I32_MAX, &generated) < 0
+            or o_int(_get(msg, OFF_PW[23]), I32_MIN, I32_MAX, &priority) < 0):
         return None
     w_int(w, generated)
+    w_int(w, priority)
     # exactly one of token ids (num_tokens of them), tensors, a modelled payload; context ids only
     # without token ids (num_tokens of them); generated < num_tokens
     if (stage >= nroute or (nids > 0 and nids != num_tokens)
@@ -1312,9 +1315,9 @@ cdef object dec_decode_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
 cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t nfr):
     cdef Py_ssize_t n, nids, i
     cdef long long request_id, query_id, stage, num_tokens, max_tokens, tok, payload_bytes, seed
-    cdef long long top_k, min_tokens, logprobs, generated
+    cdef long long top_k, min_tokens, logprobs, generated, priority
     cdef double sent_at, temperature, top_p, min_p, presence, frequency, repetition
-    if (r_array(r, &n) < 0 or n != 23
+    if (r_array(r, &n) < 0 or n != 24
             or r_int(r, 0, I64_MAX, &request_id) < 0
             or r_int(r, 0, I64_MAX, &query_id) < 0):
         return None
@@ -1354,6 +1357,7 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     context_ids = d_ints(r, 0, I32_MAX, 0 if nids > 0 else num_tokens)
     if (context_ids is None
             or r_int(r, 0, I32_MAX, &generated) < 0 or generated >= num_tokens
+            or r_int(r, I32_MIN, I32_MAX, &priority) < 0
             or r.i != r.n
             or stage >= len(<tuple>route)
             or (nids > 0) + (len(descs) > 0) + (payload_bytes > 0) != 1):
@@ -1385,6 +1389,7 @@ cdef object dec_prompt_work(Reader* r, CLimits* lim, object frames, Py_ssize_t n
     _set(msg, OFF_PW[20], PyLong_FromLongLong(logprobs))
     _set(msg, OFF_PW[21], context_ids)
     _set(msg, OFF_PW[22], PyLong_FromLongLong(generated))
+    _set(msg, OFF_PW[23], PyLong_FromLongLong(priority))
     return msg
 
 

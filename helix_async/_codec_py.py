@@ -31,7 +31,8 @@ prompt_work             [request_id, query_id, route [[node, start, end]...], st
                         top_k 0..I32, min_p float in [0, 1], presence_penalty float in [-2, 2],
                         frequency_penalty float in [-2, 2], repetition_penalty float > 0,
                         min_tokens 0..I32, stop_token_ids [0..I32...],
-                        logprobs -1..MAX_LOGPROBS, context_ids [0..I32...], generated 0..I32]
+                        logprobs -1..MAX_LOGPROBS, context_ids [0..I32...], generated 0..I32,
+                        priority -I32-1..I32]
 decode_work             [request_id, route, stage, context_len 1..I32, token_id -1..I32,
                         sent_at, tensors, payload_bytes]
 activations             [request_id, stage, num_tokens 0..I32, sent_at, tensors (>= 1)]
@@ -1078,6 +1079,7 @@ LAYOUTS: dict[int, _Layout] = {
                 "logprobs": _Int(-1, MAX_LOGPROBS),
                 "context_ids": _Ints(0, I32_MAX),
                 "generated": _I32,
+                "priority": _Int(-I32_MAX - 1, I32_MAX),
             },
             _rules_prompt,
         ),
@@ -1262,7 +1264,7 @@ def _size_prompt_work(m: Any) -> int:
         n += _array_size(len(ids)) + sum(map(_int_size, ids)) - 1
     return (
         n
-        # tag, array16 header (23 fields), seven float64 fields (sent_at, temperature, top_p, min_p,
+        # tag, array16 header (24 fields), seven float64 fields (sent_at, temperature, top_p, min_p,
         # the presence and frequency penalties, repetition_penalty), one byte each for the empty
         # token_ids, tensors, stop_token_ids and context_ids arrays and logprobs (-1..20)
         + 72
@@ -1276,6 +1278,7 @@ def _size_prompt_work(m: Any) -> int:
         + _U[m.top_k.bit_length()]
         + _U[m.min_tokens.bit_length()]
         + _U[m.generated.bit_length()]
+        + _int_size(m.priority)
         + p
     )
 

@@ -523,6 +523,7 @@ class Host:
                 payload_bytes=ctx * self._tid if ids is None else 0,
                 # the tokens it generated before a migration: the last stage counts them as output
                 generated=q.iterations,
+                priority=q.priority,
                 **sampling,
             ),
         )

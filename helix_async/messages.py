@@ -199,6 +199,8 @@ class PromptWork(_Message):
     generated: how many of the request's last tokens it had generated already (0, except after a
     migration, whose prompt is its input plus the tokens generated so far): the penalties and
     ``min_tokens`` count them as output, and the seeded draws go on from there (< num_tokens).
+    priority: the request's priority, a lower number more urgent (``Host.submit``); the workers
+    batch and preempt by it (docs/runtime.md, "Priorities").
     """
 
     TAG: ClassVar[MsgType] = MsgType.PROMPT_WORK
@@ -226,6 +228,7 @@ class PromptWork(_Message):
     logprobs: int = -1
     context_ids: tuple[int, ...] = ()
     generated: int = 0
+    priority: int = 0
 
     __eq__ = _eq_with_tensors
 

@@ -91,7 +91,8 @@ class BatchLimits:
 class _Item:
     """A request's current iteration on this node (a prompt or one decode step)."""
 
-    __slots__ = ("rid", "prompt", "tokens", "ctx", "layer", "end", "entry", "stage", "route", "msg", "arrived", "data")
+    __slots__ = ("rid", "prompt", "tokens", "ctx", "layer", "end", "entry", "stage", "route", "msg", "arrived", "data",
+                 "prio")
 
     def __init__(
         self, rid: int, prompt: bool, tokens: int, ctx: int, layer: int, end: int, stage: int, route: Any, msg: Any
@@ -110,14 +111,15 @@ class _Item:
         # what a computing executor made of it so far: hidden states between layers, the chosen
         # token after the model's last layer, or an ExecFailure; None under the cost model
         self.data: Any = None
+        self.prio = 0  # its request's priority (a lower number first; see Worker._step)
 
 
 class _Req:
     """What the node remembers of a request between iterations."""
 
-    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute", "ctx_done", "entry", "t_out", "rt", "awaited")
+    __slots__ = ("kv", "last_ctx", "layers", "seq", "recompute", "ctx_done", "entry", "t_out", "rt", "awaited", "prio")
 
-    def __init__(self, last_ctx: int, layers: int, seq: int, entry: int = 0) -> None:
+    def __init__(self, last_ctx: int, layers: int, seq: int, entry: int = 0, prio: Any = 0) -> None:
         self.kv = 0  # KV entries reserved on this node (default mode)
         self.ctx_done = 0  # tokens cached per layer after its last iteration that left this node
         self.last_ctx = last_ctx  # context_len of the request's final iteration
@@ -131,6 +133,7 @@ class _Req:
         self.t_out = -1.0
         self.rt = -1.0
         self.awaited = False
+        self.prio = prio  # the request's priority (PromptWork.priority)
 
 
 @dataclass
@@ -157,6 +160,10 @@ class WorkerStats:
     decodes_left: int = 0
     gathers: int = 0  # times a decode batch waited for decodes on their way back (see Worker)
     gather_wait: float = 0.0  # seconds spent so waiting
+
+
+def _priority(item: _Item) -> Any:
+    return item.prio
 
 
 def _discard(dest: NodeRef, msg: Any) -> None:
@@ -307,6 +314,7 @@ class Worker:
                 self.stats.bad_messages += 1
                 return
             item = _Item(msg.request_id, False, 1, msg.context_len - 1, stage[1], stage[2], msg.stage, route, msg)
+            item.prio = req.prio
             if req.t_out >= 0.0:
                 self._returned(msg.request_id, req)
             if req.recompute:
@@ -328,9 +336,10 @@ class Worker:
             n = msg.num_tokens
             rid = msg.request_id
             item = _Item(rid, True, n, 0, stage[1], stage[2], msg.stage, route, msg)
+            item.prio = msg.priority
             if rid not in self._reqs:
                 self._seq += 1
-                self._reqs[rid] = _Req(n + msg.max_tokens - 1, stage[2] - stage[1], self._seq, stage[1])
+                self._reqs[rid] = _Req(n + msg.max_tokens - 1, stage[2] - stage[1], self._seq, stage[1], msg.priority)
         elif t is Feedback:
             self._observe(msg)
             return
@@ -354,10 +363,18 @@ class Worker:
         """Default mode: reserve the KV ``item`` adds here; False when it must wait (it is queued)."""
         need = item.tokens * (item.end - item.layer)
         req = self._reqs[item.rid]
-        if item.prompt and (self._kv_wait or self.kv_used + need > self.kv_capacity):
-            # prompts wait in FIFO order; a decode never waits (it would hold KV others need)
+        wait = self._kv_wait
+        if item.prompt and ((wait and wait[0].prio <= item.prio) or self.kv_used + need > self.kv_capacity):
+            # prompts wait by priority, first come first served within one; a decode never waits (it
+            # would hold KV others need)
             self.stats.kv_waits += 1
-            self._kv_wait.append(item)
+            if not wait or wait[-1].prio <= item.prio:
+                wait.append(item)
+            else:  # ahead of the first less urgent one
+                i = 0
+                while wait[i].prio <= item.prio:
+                    i += 1
+                wait.insert(i, item)
             return False
         self.kv_used += need
         req.kv += need
@@ -368,12 +385,13 @@ class Worker:
         return True
 
     def _preempt(self, keep: int) -> None:
-        """Default mode: free the youngest requests' KV until the cache fits again; each recomputes
-        its context on its next step here (vLLM's recompute preemption)."""
+        """Default mode: free the least urgent requests' KV, the youngest first among equals, until the
+        cache fits again; each recomputes its context on its next step here (vLLM's recompute
+        preemption)."""
         victims = sorted(
-            ((r.seq, rid) for rid, r in self._reqs.items() if rid != keep and r.kv > 0), reverse=True
+            ((r.prio, r.seq, rid) for rid, r in self._reqs.items() if rid != keep and r.kv > 0), reverse=True
         )
-        for _, rid in victims:
+        for _, _, rid in victims:
             if self.kv_used <= self.kv_capacity:
                 break
             r = self._reqs[rid]
@@ -444,7 +462,13 @@ class Worker:
             self._queued_prompts[cur] = self._queued_prompt_tokens[cur] = self._queued_decodes[cur] = 0
             self._queued_decode_ctx[cur] = self._queued_host_tokens[cur] = 0
         else:
-            # FIFO with skip (§8.5): take each request that still fits, leave the rest in order
+            # FIFO with skip (§8.5): take each request that still fits, leave the rest in order; with
+            # requests of several priorities, the more urgent are considered first
+            first = q[0].prio
+            for it in q:
+                if it.prio != first:
+                    q = sorted(q, key=_priority)
+                    break
             p_req = p_tok = d_seq = d_ctx = host = 0
             chosen = []
             skipped = []
@@ -733,7 +757,7 @@ class Worker:
             )
         elif msg.__class__ is PromptWork:
             # (request_id, query_id, route, stage, num_tokens, token_ids, max_tokens, sent_at,
-            #  tensors, payload_bytes, then the sampling fields, context_ids, generated): the hidden
+            #  tensors, payload_bytes, then the sampling fields, context_ids, generated, priority): the hidden
             #  states computed, or modelled; the sampling parameters travel on to the last stage, and
             #  the first stage's token ids with them when the last stage needs them
             n = msg.num_tokens
@@ -750,7 +774,7 @@ class Worker:
                 item.rid, msg.query_id, route, item.stage + 1, n, (), msg.max_tokens, now, tensors, modelled,
                 msg.temperature, msg.top_p, msg.seed, msg.top_k, msg.min_p, msg.presence_penalty,
                 msg.frequency_penalty, msg.repetition_penalty, msg.min_tokens, msg.stop_token_ids, msg.logprobs,
-                ctx_ids, msg.generated,
+                ctx_ids, msg.generated, msg.priority,
             )
         elif data is None:
             # (request_id, route, stage, context_len, token_id, sent_at, tensors, payload_bytes)

@@ -121,6 +121,7 @@ WIRE_LAYOUTS = {
             "logprobs",
             "context_ids",
             "generated",
+            "priority",
         ),
     ),
     4: ("decode_work", ("request_id", "route", "stage", "context_len", "token_id", "sent_at", "tensors", "payload_bytes")),
@@ -247,6 +248,7 @@ def prompt_work(draw) -> PromptWork:
         logprobs=draw(st.integers(-1, 20)),
         context_ids=context,
         generated=draw(st.integers(0, n - 1)),
+        priority=draw(st.sampled_from([0, -1, 5]) | st.integers(-(2**31), 2**31 - 1)),
     )
 
 
@@ -805,7 +807,7 @@ _INCOMPLETE = rf"{_PAYLOAD}: is not valid msgpack \(ValueError: Unpack failed: i
 
 #: (case, tag, payload, the error): each payload holds hundreds of thousands of items, or declares
 #: gigabytes, where the layout allows a handful
-_PW_HEADER = b"\xdc\x00\x17"  # prompt_work's 23 fields (array16)
+_PW_HEADER = b"\xdc\x00\x18"  # prompt_work's 24 fields (array16)
 
 HOSTILE = [
     *[
@@ -1097,7 +1099,7 @@ def test_empty_tensor_with_huge_dimensions_is_a_codec_error(impl, limits) -> Non
     work = [
         [b"\x04", msgpack.packb([1, route, 0, 2, -1, 0.0, [["int8", [3, 0, I32, I32]]], 0]), b""],
         [b"\x03", msgpack.packb([1, 2, route, 0, 3, [], 5, 0.0, [["float64", [I32, I32, 0]]], 0, 0.0, 1.0, 0, 0, 0.0, 0.0,
-                                    0.0, 1.0, 0, [], -1, [], 0]), bytearray()],
+                                    0.0, 1.0, 0, [], -1, [], 0, 0]), bytearray()],
     ]
     for frames in work:
         # under 2**80 the span check passes (span < 2**80) and numpy's refusal is the error
@@ -1631,7 +1633,7 @@ def test_penalties_stop_ids_logprobs_and_context_travel_and_are_checked(impl) ->
     m = dataclasses.replace(
         _MODELLED_PW, num_tokens=3, payload_bytes=3 * 16384, top_k=40, min_p=0.05, presence_penalty=-0.5,
         frequency_penalty=1.5, repetition_penalty=1.3, min_tokens=4, stop_token_ids=(2, 70000), logprobs=20,
-        context_ids=(9, 8, 70000), generated=2,
+        context_ids=(9, 8, 70000), generated=2, priority=-(2**31),
     )
     frames = enc(m)
     # the payload is the fields in order, as msgpack packs them (the specification)
@@ -1655,6 +1657,8 @@ def test_penalties_stop_ids_logprobs_and_context_travel_and_are_checked(impl) ->
         (dataclasses.replace(m, payload_bytes=0, token_ids=(1, 2, 3)),
          r"^prompt_work: context_ids: must be empty when token_ids are given \(the first stage has them there\)$"),
         (dataclasses.replace(m, generated=3), r"^prompt_work: generated: must be < num_tokens = 3, got 3$"),
+        (dataclasses.replace(m, priority=2**31), r"^prompt_work: priority: must be <= 2147483647, got 2147483648$"),
+        (dataclasses.replace(m, priority=-(2**31) - 1), r"^prompt_work: priority: must be >= -2147483648, got -2147483649$"),
     ):
         with pytest.raises(CodecError, match=why):
             enc(bad)

@@ -8,6 +8,7 @@ KV counts and messages are worked out by hand in each test.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -215,6 +216,39 @@ def test_fifo_with_skip_prompts(loop: VirtualTimeLoop) -> None:
         (2.0, SINK, "TokenResult", 2),
         (2.0, SINK, "TokenResult", 4),
     ]
+
+
+def test_priorities_order_the_batch_the_kv_wait_and_preemption(loop: VirtualTimeLoop) -> None:
+    """With requests of several priorities (PromptWork.priority, a lower number first) the batch
+    takes the more urgent first when not all fit; decodes carry their prompt's priority; a prompt
+    waiting for KV waits behind its own or more urgent ones only; preemption takes the least
+    urgent first, whatever their age."""
+    lim = BatchLimits(prompt_requests=2, prompt_tokens=100, decode_seqs=4, decode_context=1000)
+    nd = Node(loop, layers=(0, 1), num_layers=1, limits=lim)
+    r: Route = ((0, 0, 1),)
+    for rid, prio in [(1, 0), (2, 3), (3, -1), (4, 0), (5, -1)]:
+        nd.at(0.0, dataclasses.replace(prompt(rid, r, 2), priority=prio))
+    loop.run_until(10.0)
+    assert nd.ex.batches == [(0.0, 0, (3, 5)), (1.0, 0, (1, 4)), (2.0, 0, (2,))]
+
+    nd = Node(loop, kv=20)
+    nd.at(10.0, dataclasses.replace(prompt(1, R01, 6), priority=0))  # 12 of 20 entries
+    nd.at(10.0, dataclasses.replace(prompt(2, R01, 5), priority=0))  # 10 more do not fit: waits
+    nd.at(10.0, dataclasses.replace(prompt(3, R01, 5), priority=-2))  # waits, ahead of 2
+    nd.at(10.0, dataclasses.replace(prompt(4, R01, 1), priority=-1))  # 2 fit, but 3 is more urgent: waits behind it
+    assert [it.rid for it in nd.w._kv_wait] == [3, 4, 2]
+    loop.run_until(20.0)
+    # 1 leaves and frees 12: 3 (10) and 4 (2) go; 2 after 3 and 4 leave
+    assert [b[2] for b in nd.ex.batches] == [(1,), (1,), (3, 4), (3, 4), (2,), (2,)]
+
+    nd = Node(loop, kv=27)
+    nd.at(20.0, dataclasses.replace(prompt(1, R01, 4, max_tokens=2), priority=0))  # 8 entries
+    nd.at(20.0, dataclasses.replace(prompt(2, R01, 5, max_tokens=3), priority=1))  # 10, older but less urgent
+    nd.at(20.0, dataclasses.replace(prompt(3, R01, 4, max_tokens=3), priority=0))  # 8: 26 in use
+    loop.run_until(23.0)
+    nd.decode(23.0, 1, R01, 5)  # +2 = 28 > 27: request 2 (the least urgent) loses its 10 entries, not 3
+    assert nd.w._reqs[2].recompute and not nd.w._reqs[3].recompute and nd.w.kv_used == 18
+    assert nd.w._reqs[1].prio == 0 and nd.w._reqs[2].prio == 1
 
 
 def test_a_prompt_above_the_limits_runs_alone(loop: VirtualTimeLoop) -> None:

@@ -4,13 +4,13 @@
 cimport cython
 
 cdef class _Item:
-    cdef public Py_ssize_t rid, tokens, ctx, layer, end, entry, stage
+    cdef public Py_ssize_t rid, tokens, ctx, layer, end, entry, stage, prio
     cdef public bint prompt
     cdef public object route, msg, data
     cdef public double arrived
 
 cdef class _Req:
-    cdef public Py_ssize_t kv, ctx_done, last_ctx, layers, seq, entry
+    cdef public Py_ssize_t kv, ctx_done, last_ctx, layers, seq, entry, prio
     cdef public bint recompute, awaited
     cdef public double t_out, rt
 
@@ -41,7 +41,8 @@ cdef class Worker:
     @cython.locals(it=_Item, item=_Item, n=Py_ssize_t, cur=Py_ssize_t, p_req=Py_ssize_t,
                    p_tok=Py_ssize_t, d_seq=Py_ssize_t, d_ctx=Py_ssize_t, host=Py_ssize_t,
                    pmr=Py_ssize_t, pmt=Py_ssize_t, dmt=Py_ssize_t, dmc=Py_ssize_t,
-                   last=Py_ssize_t, j=Py_ssize_t, queues=list, q=list, chosen=list, skipped=list)
+                   last=Py_ssize_t, j=Py_ssize_t, queues=list, q=list, chosen=list, skipped=list,
+                   first=Py_ssize_t)
     cpdef _step(self)
     @cython.locals(req=_Req, n=Py_ssize_t, entry=Py_ssize_t, now=double, horizon=double)
     cpdef bint _start_gather(self, cur)
