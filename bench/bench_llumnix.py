@@ -1,0 +1,96 @@
+"""Llumnix's experiments in the simulator (issue 25): what priorities do, so far.
+
+Run: ``python bench/bench_llumnix.py [--plan ilp] [--rate 1000] [--cv 3] [--duration 300]
+[--share 0.1] [--seeds 1,2,3]``.
+
+**Priorities.** LLaMA-2-70B on single24 with a shipped plan, bursty online load (Gamma arrivals of
+coefficient of variation ``--cv``; docs/simulator.md, "Arrivals"). For each seed, the same queries
+are served twice: once with ``--share`` of them at priority -1 (``sim run --priority-share``:
+the host admits them first, the workers batch them first and preempt them last; docs/runtime.md,
+"Priorities"), once with every query at priority 0. The urgent class is the same set of queries in
+both runs (``sim.feeders.PriorityDraw`` draws it in arrival order from a stream of its own), so
+its latencies compare query for query. Per class: queries finished, mean and p99 time to first
+token, mean and p99 time per output token; and the whole run's decode throughput.
+
+Live migration, load balancing by migration and the elastic fleet are not built yet; their
+experiments join this file when they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import table  # noqa: E402
+
+from helix_async.placement.io import load_shipped_layout  # noqa: E402
+from helix_async.settings import KV_ONLINE  # noqa: E402
+from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
+from sim.runner import Workload, run  # noqa: E402
+from sim.simulation import SimulationSetup  # noqa: E402
+
+
+def p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * 0.99))]
+
+
+def classes(records: list[tuple[int, float, float, float, int, int]], urgent: set[int]) -> dict[str, dict[str, float]]:
+    """Per class (urgent or normal): count, TTFT mean and p99, per-token mean and p99."""
+    out = {}
+    for name, want in (("urgent", True), ("normal", False)):
+        rows = [r for r in records if (r[0] in urgent) == want]
+        ttft = [first - arrived for _, arrived, first, _, _, _ in rows]
+        tpot = [(done - first) / (m - 1) for _, _, first, done, _, m in rows if m > 1]
+        out[name] = {"n": len(rows), "ttft": statistics.mean(ttft), "ttft99": p99(ttft),
+                     "tpot": statistics.mean(tpot), "tpot99": p99(tpot)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", default="ilp", help="a shipped single24 layout (default ilp)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="tokens/s (default 1000: near the ILP plan's saturation)")
+    ap.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the Gamma gaps (default 3)")
+    ap.add_argument("--duration", type=int, default=300, help="simulated seconds of arrivals (a multiple of 3)")
+    ap.add_argument("--share", type=float, default=0.1, help="share of urgent queries (default 0.1)")
+    ap.add_argument("--seeds", default="1,2,3", help="workload seeds, comma-separated")
+    args = ap.parse_args(argv)
+    setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE)
+    rows = []
+    gains = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        draw = PriorityDraw(args.share, seed)
+        res = {}
+        for label, share in (("priorities", args.share), ("none", 0.0)):
+            wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
+                          arrivals="gamma", cv=args.cv, priority_share=share)
+            res[label] = run(setup, wl)
+        submitted = res["none"].report["queries"]["submitted"]
+        urgent = {q for q in range(submitted) if draw() == HIGH_PRIORITY}
+        per = {k: classes(r.sim.host.query_records, urgent) for k, r in res.items()}
+        for label in ("priorities", "none"):
+            tput = res[label].report["decode_throughput"]
+            for cls in ("urgent", "normal"):
+                c = per[label][cls]
+                rows.append((str(seed), label, cls, str(c["n"]), f"{c['ttft']:.2f}", f"{c['ttft99']:.2f}",
+                             f"{c['tpot']:.3f}", f"{c['tpot99']:.3f}", f"{tput:.1f}"))
+        u, n = per["priorities"]["urgent"], per["none"]["urgent"]
+        gains.append((n["ttft"] / u["ttft"], n["ttft99"] / u["ttft99"], n["tpot"] / u["tpot"], n["tpot99"] / u["tpot99"],
+                      res["priorities"].report["decode_throughput"] / res["none"].report["decode_throughput"]))
+    print(f"priorities: LLaMA-2-70B, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} tokens/s "
+          f"for {args.duration} s, {args.share:.0%} urgent")
+    print(table(rows, ("seed", "run", "class", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s",
+                       "per-token p99 s", "decode tok/s")))
+    print("the urgent class, without priorities / with (higher is better), and decode throughput with / without:")
+    print(table([(s, *(f"{x:.2f}x" for x in g)) for s, g in zip(args.seeds.split(","), gains, strict=True)],
+                ("seed", "TTFT mean", "TTFT p99", "per-token mean", "per-token p99", "throughput")))
+
+
+if __name__ == "__main__":
+    main()
