@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import envs
 from ..errors import HelixError
-from . import cluster, demo, flow, plan, profile
+from . import cluster, demo, flow, plan, profile, replan
 from .args import (
     EXIT_FAIL,
     EXIT_OK,
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parser(sub)
     plan.add_parser(sub)
     flow.add_parser(sub)
+    replan.add_parser(sub)
     profile.add_parser(sub)
 
     from ..runtime.commands import add_parsers
