@@ -81,15 +81,48 @@ def test_two_lost_of_three_leave_one_node_to_hold_everything() -> None:
     assert dict(res.placement.layers) == {0: None, 1: (0, 8), 2: None} and list(res.moved) == [1]
 
 
+def test_a_joining_node_takes_layers_connected_as_its_region_is() -> None:
+    """--add CPU on tiny3: the cluster gains node 3, linked as node 0 is (to its peers, the source
+    and the sink, and to node 0 itself); the new node takes layers and the max flow grows, with no
+    other node moving (the first try frees the new node alone)."""
+    p = tiny3()
+    res = replan(p, add=["CPU"], max_moves=2, tries=1, node_limit=200)
+    new = res.placement
+    c = new.cluster
+    assert c.num_nodes == 4 and c.nodes[3].machine_type == "CPU" and c.nodes[3].region == "default"
+    for peer in ("source", "sink", 1, 2):
+        a, b = (peer, 3) if peer == "source" else (3, peer)
+        link, tmpl = c.arc(a, b), c.arc(*((peer, 0) if peer == "source" else (0, peer)))
+        assert link is not None and tmpl is not None and (link.bandwidth, link.latency) == (tmpl.bandwidth, tmpl.latency)
+    assert c.arc(0, 3) is not None and c.arc(3, 0) is not None
+    assert res.before == res.without and res.after > res.before
+    assert res.added[3] is not None and res.moved == {}
+    verify(new)
+
+
+@pytest.mark.parametrize(("kw", "flag", "words"), [
+    ({"add": ["Z80"]}, "--add", "unknown machine type 'Z80'"),
+    ({"add": ["CPU"], "region": "mars"}, "--region", "unknown region 'mars'"),
+    ({}, "--lose", "give a node that leaves (--lose) or a machine type that joins (--add)"),
+])
+def test_bad_additions_name_the_flag(kw: dict[str, object], flag: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=flag) as err:
+        replan(tiny3(), **kw)  # type: ignore[arg-type]
+    assert words in str(err.value)
+
+
 def test_cli_writes_the_new_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_placement(tiny3(), tmp_path / "plan.toml", flow=max_flow(tiny3()))
     out = tmp_path / "new.toml"
     assert main(["replan", "--from", str(src), "--lose", "2", "--max-moves", "1", "--tries", "2", "--node-limit", "100",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "with the node(s) gone and nobody moving" in text and "moved 1 node(s):" in text
+    assert "with the change and nobody moving" in text and "moved 1 node(s):" in text
     new = read_placement(out)
     assert new.layers[2] is None and covered(new) == set(range(8))
+    assert main(["replan", "--from", str(src), "--add", "CPU", "--tries", "1", "--node-limit", "100",
+                 "--out", str(out)]) == 0
+    assert "new node 3 (CPU): [" in capsys.readouterr().out and read_placement(out).cluster.num_nodes == 4
     assert main(["replan", "--from", str(src), "--lose", "9", "--out", str(tmp_path / "x.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--lose" in err and not (tmp_path / "x.toml").exists()

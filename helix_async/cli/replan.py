@@ -1,5 +1,5 @@
-"""``replan``: a plan without some nodes, from the plan in force, moving few others
-(:func:`helix_async.placement.replan.replan`)."""
+"""``replan``: a plan without some nodes or with new ones, from the plan in force, moving few
+others (:func:`helix_async.placement.replan.replan`)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ MAX_NODE_LIMIT = 10_000_000
 
 def add_parser(sub: Any) -> None:
     """The ``replan`` command, on ``sub`` (argparse sub-parsers)."""
-    rp = sub.add_parser("replan", help="re-place layers from a plan in force, without some nodes, moving few others")
+    rp = sub.add_parser("replan", help="re-place layers from a plan in force, without some nodes or with new ones, "
+                        "moving few others")
     rp.add_argument("--from", dest="plan", required=True, help="the plan in force (a file written by `plan`)")
-    rp.add_argument("--lose", type=node_id, action="append", required=True, metavar="NODE",
+    rp.add_argument("--lose", type=node_id, action="append", default=[], metavar="NODE",
                     help="a node that leaves (repeatable)")
+    rp.add_argument("--add", action="append", default=[], metavar="TYPE",
+                    help="a node of this machine type joins (repeatable), connected as a node of its region is")
+    rp.add_argument("--region", default=None, help="the region new nodes join (default: the one with the most nodes)")
     rp.add_argument("--max-moves", type=positive_int, default=4, metavar="K",
                     help="most other nodes that may change their layers (default %(default)s)")
     rp.add_argument("--tries", type=positive_int, default=6, metavar="N",
@@ -39,12 +43,14 @@ def cmd_replan(args: argparse.Namespace) -> int:
 
     out = check_output_path("out/replan.toml" if args.out is None else args.out, "plan file")
     placement = read_placement(args.plan)
-    res = replan(placement, sorted(set(args.lose)), max_moves=args.max_moves, tries=args.tries,
-                 node_limit=args.node_limit, seed=args.seed)
-    lost = ", ".join(map(str, sorted(set(args.lose))))
-    print(f"replan of {args.plan} without node(s) {lost}: {res.tries} tries of at most {args.max_moves} moves")
-    print(f"  max flow: {res.before:.2f} tokens/s before; {res.without:.2f} with the node(s) gone and nobody "
+    res = replan(placement, sorted(set(args.lose)), add=args.add, region=args.region, max_moves=args.max_moves,
+                 tries=args.tries, node_limit=args.node_limit, seed=args.seed)
+    change = ", ".join([*(f"without node {i}" for i in sorted(set(args.lose))), *(f"with a new {t}" for t in args.add)])
+    print(f"replan of {args.plan} {change}: {res.tries} tries of at most {args.max_moves} moves")
+    print(f"  max flow: {res.before:.2f} tokens/s before; {res.without:.2f} with the change and nobody "
           f"moving; {res.after:.2f} after re-placing")
+    for i, r in res.added.items():
+        print(f"  new node {i} ({res.placement.cluster.machine(i).name}): {'-' if r is None else f'[{r[0]}, {r[1]})'}")
     print(f"  moved {len(res.moved)} node(s):" + ("" if res.moved else " none"))
     for i, (a, b) in res.moved.items():
         print(f"    node {i}: {'-' if a is None else f'[{a[0]}, {a[1]})'} -> {'-' if b is None else f'[{b[0]}, {b[1]})'}")

@@ -335,6 +335,57 @@ class ClusterSpec:
 
     # ---- derivation ------------------------------------------------------------------------------
 
+    def with_node(self, machine_type: str, region: str | None = None, *, flag: str = "--add") -> tuple[ClusterSpec, int]:
+        """This cluster and one more node of ``machine_type`` in ``region`` (default: the region with
+        the most nodes), connected as a node already there is: a template node of that region (one of
+        the same type when there is one, else the first) lends each of its links (to the other nodes,
+        the source and the sink) to the new node, and the template's own link to a neighbour in the
+        region joins the two. Returns the cluster and the new node's id. A type the cluster does not
+        define comes from the built-in machine types; an unknown type or region is a ConfigError
+        naming ``flag``."""
+        from .defaults import DEFAULT_MACHINE_TYPES  # defaults.py imports this module
+
+        types = dict(self.machine_types)
+        if machine_type not in types:
+            if machine_type not in DEFAULT_MACHINE_TYPES:
+                known = ", ".join(sorted(set(types) | set(DEFAULT_MACHINE_TYPES)))
+                raise ConfigError("<argument>", flag, f"unknown machine type {short_repr(machine_type)} (known: {known})")
+            types[machine_type] = DEFAULT_MACHINE_TYPES[machine_type]
+        regions = self.regions()
+        if region is None:
+            region = max(regions, key=lambda r: (len(regions[r]), -list(regions).index(r)))
+        if region not in regions:
+            raise ConfigError("<argument>", "--region", f"unknown region {short_repr(region)} (regions: "
+                                                        f"{', '.join(regions)})")
+        members = regions[region]
+        like = next((i for i in members if self.nodes[i].machine_type == machine_type), members[0])
+        new = len(self.nodes)
+        links = list(self.links)
+        peer_link: Link | None = None
+        for lk in self.links:
+            if like not in (lk.a, lk.b):
+                continue
+            a = new if lk.a == like else lk.a
+            b = new if lk.b == like else lk.b
+            links.append(Link(a, b, lk.bandwidth, lk.latency, lk.bidirectional))
+            other = lk.b if lk.a == like else lk.a
+            if peer_link is None and not isinstance(other, str) and self.nodes[other].region == region:
+                peer_link = lk
+        if peer_link is not None:  # the template and the new node, as the template and its neighbour
+            links.append(Link(like, new, peer_link.bandwidth, peer_link.latency, True))
+        spec = ClusterSpec(
+            name=self.name,
+            machine_types=types,
+            nodes=(*self.nodes, Node(new, machine_type, region)),
+            links=tuple(links),
+            coordinator_nic_in=self.coordinator_nic_in,
+            coordinator_nic_out=self.coordinator_nic_out,
+            meta=dict(self.meta),
+            source_file=self.source_file,
+        )
+        spec.validate()
+        return spec, new
+
     def subcluster(self, node_ids: Iterable[int], name: str | None = None) -> ClusterSpec:
         """The cluster induced by ``node_ids``, re-indexed ``0..k-1`` in the order given.
 

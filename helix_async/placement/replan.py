@@ -1,13 +1,15 @@
 """Re-placing layers while serving, from the plan in force: few moves, bounded work.
 
 When a node leaves the fleet (lost, or retired by an elastic policy) the layers it held must be
-taken up by others, and every node that changes its layers must load new weights while it
-serves: a move is costly. :func:`replan` therefore starts from the current plan, drops the lost
-nodes, and lets at most ``max_moves`` of the others choose new layer ranges, everyone else
-keeping theirs. Each try is one neighbourhood of the planner's arc MILP
+taken up by others; when one joins, it should take some. Every node that changes its layers must
+load new weights while it serves: a move is costly. :func:`replan` therefore starts from the
+current plan, drops the lost nodes, adds the new ones (``ClusterSpec.with_node``: connected as a
+node of their region already is), and lets the new nodes and at most ``max_moves`` of the others
+choose layer ranges, everyone else keeping theirs. Each try is one neighbourhood of the planner's arc MILP
 (:class:`~helix_async.placement.milp.ArcModel`) with those nodes free and the rest fixed,
 maximising the max flow, bounded by branch-and-bound nodes (work), not by seconds. The tries
-pick their free nodes around the lost nodes' layers first, then at random (seeded). The result is
+pick their free nodes around the lost nodes' layers first (when nodes only join: none, the new
+ones choosing alone), then at random (seeded). The result is
 verified like any plan. docs/planner.md, "Re-planning from a plan".
 
 The next issue makes this fast and judges plans by what the runtime serves; here it is correct
@@ -17,14 +19,14 @@ and bounded in moves.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..ids import LayerRange
 from ..model import ThroughputModel
 from .core import Placement, verify
-from .flow import FlowEvaluator
+from .flow import FlowEvaluator, max_flow
 from .milp import ArcModel, Capacities, interchangeable_classes
 
 __all__ = ["ReplanResult", "replan"]
@@ -39,8 +41,9 @@ class ReplanResult:
 
     placement: the new plan (verified). before: the old plan's max flow (tokens/s). without: the
     max flow with the lost nodes gone and nobody moving (0 when some layer is no longer held).
-    after: the new plan's max flow. moved: the nodes whose layer ranges changed (lost ones
-    excluded), with their old and new ranges. tries: MILP neighbourhoods solved."""
+    after: the new plan's max flow. moved: the nodes of the old plan whose layer ranges changed
+    (lost ones excluded), with their old and new ranges. tries: MILP neighbourhoods solved.
+    added: the new nodes' ids and the ranges they took (None: none was worth it)."""
 
     placement: Placement
     before: float
@@ -48,6 +51,7 @@ class ReplanResult:
     after: float
     moved: dict[int, tuple[LayerRange | None, LayerRange | None]]
     tries: int
+    added: dict[int, LayerRange | None] = field(default_factory=dict)
 
 
 def _distance(r: LayerRange | None, lo: int, hi: int, far: int) -> int:
@@ -63,17 +67,22 @@ def _distance(r: LayerRange | None, lo: int, hi: int, far: int) -> int:
 
 def replan(
     placement: Placement,
-    lose: Collection[int],
+    lose: Collection[int] = (),
     *,
+    add: Sequence[str] = (),
+    region: str | None = None,
     max_moves: int = 4,
     tries: int = 6,
     node_limit: int = 2000,
     seed: int = 0,
 ) -> ReplanResult:
-    """A plan without the nodes ``lose``, changing at most ``max_moves`` other nodes' layers (see
-    the module doc). ``tries``: neighbourhoods to solve; ``node_limit``: branch-and-bound nodes each.
-    Raises ConfigError naming ``--lose`` for an unknown or unused node, and naming
-    ``--max-moves`` when no neighbourhood of that many nodes covers every layer again."""
+    """A plan without the nodes ``lose`` and with new nodes of the machine types ``add`` (in
+    ``region``; default: the largest), changing at most ``max_moves`` other nodes' layers (see the
+    module doc). ``tries``: neighbourhoods to solve; ``node_limit``: branch-and-bound nodes each.
+    Raises ConfigError naming ``--lose`` for an unknown or unused node, ``--add`` for an unknown
+    type, and ``--max-moves`` when no neighbourhood of that many nodes covers every layer again."""
+    if not lose and not add:
+        raise ConfigError("<argument>", "--lose", "give a node that leaves (--lose) or a machine type that joins (--add)")
     cluster = placement.cluster
     known = {n.id for n in cluster.nodes}
     for i in lose:
@@ -85,30 +94,40 @@ def replan(
     if max_moves < 1:
         raise ConfigError("<argument>", "--max-moves", f"must be at least 1, got {max_moves}")
     model = placement.model_spec
+    old = dict(placement.layers)
+    before = max_flow(placement).value
+    added: list[int] = []
+    for t_name in add:
+        cluster, nid = cluster.with_node(t_name, region)
+        added.append(nid)
     tm = ThroughputModel.for_cluster(model, cluster)
     caps = Capacities.build(cluster, model, tm)
     evaluator = FlowEvaluator(cluster, model, tm)
     partial = placement.partial
-    old = dict(placement.layers)
     start: dict[int, LayerRange | None] = {i: (None if i in lose else r) for i, r in old.items()}
-    before = evaluator.value(old, partial=partial)
+    start.update({i: None for i in added})
     without = evaluator.value(start, partial=partial)
     best_layers: Mapping[int, LayerRange | None] | None = start if without > 0 else None
     best = without if without > 0 else 0.0
-    ids = [n.id for n in cluster.nodes if n.id not in lose and caps.node_max_layers[n.id] > 0]
-    if not ids:
+    ids = [n.id for n in cluster.nodes if n.id not in lose and n.id not in added and caps.node_max_layers[n.id] > 0]
+    if not ids and not added:
         raise ConfigError("<argument>", "--lose", "no node that can hold layers would be left")
     L = model.num_layers
-    lost_lo = min(old[i][0] for i in lose)  # type: ignore[index]
-    lost_hi = max(old[i][1] for i in lose)  # type: ignore[index]
     rng = random.Random(seed)
-    near = sorted(ids, key=lambda i: (_distance(start.get(i), lost_lo, lost_hi, L + 1), i))
+    if lose:  # the nodes nearest the lost layers first
+        lost_lo = min(old[i][0] for i in lose)  # type: ignore[index]
+        lost_hi = max(old[i][1] for i in lose)  # type: ignore[index]
+        near = sorted(ids, key=lambda i: (_distance(start.get(i), lost_lo, lost_hi, L + 1), i))
+    else:  # the busiest nodes first: the layers a new node can relieve
+        flow = max_flow(placement)
+        near = sorted(ids, key=lambda i: (-flow.utilisation(i), i))
     k = min(max_moves, len(ids))
     sym = interchangeable_classes(cluster)
     done = 0
     for t in range(tries):
         if t == 0:
-            free = near[:k]  # around the lost layers
+            # around the lost layers; with nodes only joining, the new nodes alone (no move at all)
+            free = near[:k] if lose else []
         elif t % 2 == 1:
             # half around the lost layers, half anywhere: capacity elsewhere may take the shift
             half = max(1, k // 2)
@@ -116,6 +135,7 @@ def replan(
             free = near[:half] + rng.sample(pool, min(k - half, len(pool)))
         else:
             free = rng.sample(ids, k)
+        free = [*added, *free]
         arc = ArcModel(cluster, caps, free=free, fixed=start, partial=partial, symmetry_classes=sym,
                        time_limit=_TRY_SECONDS, seed=seed + t, node_limit=node_limit)
         res = arc.solve(start=dict(start) if without > 0 else None)
@@ -126,12 +146,13 @@ def replan(
         if value > best + 1e-9:
             best, best_layers = value, dict(res.layers)
     if best_layers is None or best <= 0:
+        change = ", ".join([*(f"without node {i}" for i in sorted(lose)), *(f"with a new {t}" for t in add)])
         raise ConfigError("<argument>", "--max-moves",
-                          f"no plan moving at most {max_moves} node(s) holds every layer without node(s) "
-                          f"{', '.join(map(str, sorted(lose)))} after {done} tries: allow more moves, or plan afresh")
+                          f"no plan moving at most {max_moves} node(s) holds every layer {change} after {done} tries: "
+                          "allow more moves, or plan afresh")
     new = Placement.from_layers(cluster, model, best_layers, partial=partial, method="replan",
-                                meta={"replanned_from": placement.method, "lost": sorted(lose)})
+                                meta={"replanned_from": placement.method, "lost": sorted(lose), "added": added})
     verify(new, tm)
     moved = {i: (old.get(i), new.layers.get(i)) for i in sorted(old)
              if i not in lose and old.get(i) != new.layers.get(i)}
-    return ReplanResult(new, before, without, best, moved, done)
+    return ReplanResult(new, before, without, best, moved, done, {i: new.layers.get(i) for i in added})
