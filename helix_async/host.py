@@ -329,6 +329,8 @@ class Host:
         priority, first come first served."""
         if qid in self._queries:
             raise ValueError(f"query {qid} is already active")
+        if not -(2**31) <= priority < 2**31:  # what the wire carries (an int32)
+            raise ValueError(f"query {qid}: priority must be an int32, got {priority}")
         q = Query(qid, int(input_len), int(output_len), self._clock.now(), int(priority))
         if token_ids is not None:
             if len(token_ids) != q.input_len:
@@ -594,6 +596,8 @@ class Host:
                     q.error = reason
                     q.finished_at = self._clock.now()
                     self.stats.cancelled += 1
+                    if self._waiting:  # the query it held back may fit now
+                        self._retry()
                     return True
             return False
         return self._end(qid, reason, cancelled=True)

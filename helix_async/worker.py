@@ -387,9 +387,12 @@ class Worker:
     def _preempt(self, keep: int) -> None:
         """Default mode: free the least urgent requests' KV, the youngest first among equals, until the
         cache fits again; each recomputes its context on its next step here (vLLM's recompute
-        preemption)."""
+        preemption). Never a request more urgent than ``keep``, the one whose KV overflowed: when
+        only such requests hold KV, the cache stays over its capacity until they finish."""
+        floor = self._reqs[keep].prio
         victims = sorted(
-            ((r.prio, r.seq, rid) for rid, r in self._reqs.items() if rid != keep and r.kv > 0), reverse=True
+            ((r.prio, r.seq, rid) for rid, r in self._reqs.items() if rid != keep and r.kv > 0 and r.prio >= floor),
+            reverse=True,
         )
         for _, _, rid in victims:
             if self.kv_used <= self.kv_capacity:

@@ -238,6 +238,19 @@ def test_admission_follows_priority_then_arrival(loop: VirtualTimeLoop) -> None:
     assert h.cancel(1) and h.waiting == 0 and not h._waiting.waiting_before(10**6)
 
 
+def test_priority_is_an_int32_and_cancelling_the_head_lets_the_next_in(loop: VirtualTimeLoop) -> None:
+    c = Coordinator(loop, router=chain_router(20))
+    h = c.host
+    with pytest.raises(ValueError, match="priority must be an int32"):
+        h.submit(9, 1, 2, priority=2**31)
+    h.submit(0, 6, 2)  # 12 of 20 entries
+    big = h.submit(1, 6, 2, priority=-1)  # does not fit: waits
+    small = h.submit(2, 1, 2, priority=-1)  # would fit, but waits behind the urgent head
+    assert big is not None and small is not None and small.route is None
+    assert h.cancel(1)  # the head leaves: the query behind it fits, and goes now
+    assert small.route is not None and h.waiting == 0
+
+
 def test_admission_queue_orders_by_priority_then_arrival() -> None:
     from helix_async.host import AdmissionQueue
 

@@ -76,6 +76,14 @@ def test_losing_every_node_is_refused() -> None:
         replan(tiny3(), [0, 1, 2], max_moves=1, tries=1, node_limit=50)
 
 
+def test_the_whole_fleet_replaced_by_new_nodes() -> None:
+    """Every old node lost and as many new ones joining: no old node can move, so one try of the
+    new nodes alone is the whole search."""
+    res = replan(tiny3(), [0, 1, 2], add=["CPU", "CPU", "CPU"], max_moves=2, tries=4, node_limit=100)
+    assert res.tries == 1 and res.moved == {} and res.after > 0
+    assert all(res.placement.layers[i] is None for i in (0, 1, 2)) and covered(res.placement) == set(range(8))
+
+
 def test_two_lost_of_three_leave_one_node_to_hold_everything() -> None:
     res = replan(tiny3(), [0, 2], max_moves=1, tries=1, node_limit=100)
     assert dict(res.placement.layers) == {0: None, 1: (0, 8), 2: None} and list(res.moved) == [1]

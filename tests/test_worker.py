@@ -110,10 +110,11 @@ class Node:
         self.ex = StubExecutor(self.clock)
         self.tp = RecordingTransport(self.clock, node_id)
         live = {k: kw.pop(k) for k in ("policy", "peer_queue_len") if k in kw}
+        cls = kw.pop("worker_cls", Worker)  # the compiled build by default; WorkerPy is the specification
         settings = WorkerSettings(
             layers=layers, num_layers=num_layers, limits=limits, kv_capacity=kv, activation_bytes=ACT, **kw
         )
-        self.w = Worker(node_id, self.clock, self.tp, self.ex, settings, **live)
+        self.w = cls(node_id, self.clock, self.tp, self.ex, settings, **live)
         self.w.start()
 
     def at(self, t: float, msg: Any, sender: NodeRef = SOURCE) -> None:
@@ -218,20 +219,23 @@ def test_fifo_with_skip_prompts(loop: VirtualTimeLoop) -> None:
     ]
 
 
-def test_priorities_order_the_batch_the_kv_wait_and_preemption(loop: VirtualTimeLoop) -> None:
+@pytest.mark.parametrize("cls", [WorkerPy, Worker] if Worker is not WorkerPy else [WorkerPy],
+                         ids=lambda c: c.__module__)
+def test_priorities_order_the_batch_the_kv_wait_and_preemption(loop: VirtualTimeLoop, cls: type) -> None:
     """With requests of several priorities (PromptWork.priority, a lower number first) the batch
     takes the more urgent first when not all fit; decodes carry their prompt's priority; a prompt
     waiting for KV waits behind its own or more urgent ones only; preemption takes the least
-    urgent first, whatever their age."""
+    urgent first, whatever their age, and never one more urgent than the request that overflows
+    (the pure-Python specification and the compiled build alike)."""
     lim = BatchLimits(prompt_requests=2, prompt_tokens=100, decode_seqs=4, decode_context=1000)
-    nd = Node(loop, layers=(0, 1), num_layers=1, limits=lim)
+    nd = Node(loop, layers=(0, 1), num_layers=1, limits=lim, worker_cls=cls)
     r: Route = ((0, 0, 1),)
     for rid, prio in [(1, 0), (2, 3), (3, -1), (4, 0), (5, -1)]:
         nd.at(0.0, dataclasses.replace(prompt(rid, r, 2), priority=prio))
     loop.run_until(10.0)
     assert nd.ex.batches == [(0.0, 0, (3, 5)), (1.0, 0, (1, 4)), (2.0, 0, (2,))]
 
-    nd = Node(loop, kv=20)
+    nd = Node(loop, kv=20, worker_cls=cls)
     nd.at(10.0, dataclasses.replace(prompt(1, R01, 6), priority=0))  # 12 of 20 entries
     nd.at(10.0, dataclasses.replace(prompt(2, R01, 5), priority=0))  # 10 more do not fit: waits
     nd.at(10.0, dataclasses.replace(prompt(3, R01, 5), priority=-2))  # waits, ahead of 2
@@ -241,7 +245,7 @@ def test_priorities_order_the_batch_the_kv_wait_and_preemption(loop: VirtualTime
     # 1 leaves and frees 12: 3 (10) and 4 (2) go; 2 after 3 and 4 leave
     assert [b[2] for b in nd.ex.batches] == [(1,), (1,), (3, 4), (3, 4), (2,), (2,)]
 
-    nd = Node(loop, kv=27)
+    nd = Node(loop, kv=27, worker_cls=cls)
     nd.at(20.0, dataclasses.replace(prompt(1, R01, 4, max_tokens=2), priority=0))  # 8 entries
     nd.at(20.0, dataclasses.replace(prompt(2, R01, 5, max_tokens=3), priority=1))  # 10, older but less urgent
     nd.at(20.0, dataclasses.replace(prompt(3, R01, 4, max_tokens=3), priority=0))  # 8: 26 in use
@@ -249,6 +253,18 @@ def test_priorities_order_the_batch_the_kv_wait_and_preemption(loop: VirtualTime
     nd.decode(23.0, 1, R01, 5)  # +2 = 28 > 27: request 2 (the least urgent) loses its 10 entries, not 3
     assert nd.w._reqs[2].recompute and not nd.w._reqs[3].recompute and nd.w.kv_used == 18
     assert nd.w._reqs[1].prio == 0 and nd.w._reqs[2].prio == 1
+    nd.decode(23.0, 2, R01, 6)  # 2 recomputes its context: it waits for KV as a prompt, at its priority
+    assert [(it.rid, it.prio, it.prompt) for it in nd.w._kv_wait] == [(2, 1, True)]
+
+    # the less urgent request overflowing does not take the KV of a more urgent one
+    nd = Node(loop, kv=20, worker_cls=cls)
+    nd.at(30.0, dataclasses.replace(prompt(1, R01, 4, max_tokens=3), priority=-1))  # 8 entries
+    nd.at(30.0, dataclasses.replace(prompt(2, R01, 5, max_tokens=4), priority=5))  # 10: 18 in use
+    loop.run_until(33.0)
+    nd.decode(33.0, 2, R01, 6)  # +2 = 20: fits
+    loop.run_until(36.0)
+    nd.decode(36.0, 2, R01, 7)  # +2 = 22 > 20: only 1 (more urgent) holds KV besides it: nobody is preempted
+    assert not nd.w._reqs[1].recompute and nd.w._reqs[1].kv == 8 and nd.w.stats.kv_preemptions == 0
 
 
 def test_a_prompt_above_the_limits_runs_alone(loop: VirtualTimeLoop) -> None:

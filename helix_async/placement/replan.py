@@ -125,6 +125,8 @@ def replan(
     sym = interchangeable_classes(cluster)
     done = 0
     for t in range(tries):
+        if k == 0 and t > 0:
+            break  # no old node can move: every try would be the same neighbourhood, the new nodes alone
         if t == 0:
             # around the lost layers; with nodes only joining, the new nodes alone (no move at all)
             free = near[:k] if lose else []

@@ -42,12 +42,12 @@ async def _host_main(args: argparse.Namespace) -> int:
     from ..placement.io import read_flow, read_placement
     from .host_main import HostServer
 
-    placement = read_placement(args.plan)
-    flow = read_flow(args.plan)
-    trace: list[Any] | None = None
     for flag, value in (("--cv", args.cv), ("--rate-profile", args.rate_profile)):
         if value is not None and (args.trace or args.mode != "online"):
             raise ConfigError("<argument>", flag, "is for --mode online (a generated trace)")
+    placement = read_placement(args.plan)
+    flow = read_flow(args.plan)
+    trace: list[Any] | None = None
     if args.trace:
         from ..workloads import read_trace_csv
 
