@@ -131,11 +131,15 @@ async def emulate(placement: Placement, trace: list[TraceEntry], scale: float) -
     return out
 
 
+def _stat_cpu(stat: str) -> float:
+    """User plus system CPU seconds in the text of a /proc ``stat`` file (a process's or a thread's)."""
+    x = stat[stat.rindex(")") + 2 :].split()
+    return (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of process ``pid`` so far (/proc, Linux)."""
-    f = Path(f"/proc/{pid}/stat").read_text()
-    x = f[f.rindex(")") + 2 :].split()
-    return (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
@@ -147,8 +151,7 @@ def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
             name = (task / "comm").read_text().strip()
         except OSError:  # the thread ended
             continue
-        x = f[f.rindex(")") + 2 :].split()
-        out[int(task.name)] = (name, (int(x[11]) + int(x[12])) / os.sysconf("SC_CLK_TCK"))
+        out[int(task.name)] = (name, _stat_cpu(f))
     return out
 
 
@@ -164,14 +167,11 @@ def probe_cores(k: int, seconds: float) -> float:
     ours computes."""
     ps = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
 
-    def cpu(p: subprocess.Popen[bytes]) -> float:
-        return cpu_seconds(p.pid)
-
     try:
         time.sleep(0.3)
-        c0, t0 = [cpu(p) for p in ps], time.monotonic()
+        c0, t0 = [cpu_seconds(p.pid) for p in ps], time.monotonic()
         time.sleep(seconds)
-        c1, t1 = [cpu(p) for p in ps], time.monotonic()
+        c1, t1 = [cpu_seconds(p.pid) for p in ps], time.monotonic()
     finally:
         for p in ps:
             p.kill()

@@ -19,7 +19,6 @@ experiments join this file when they are.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,13 +30,9 @@ from _harness import table  # noqa: E402
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.settings import KV_ONLINE  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
+from sim.report import percentiles  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
 from sim.simulation import SimulationSetup  # noqa: E402
-
-
-def p99(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(len(s) * 0.99))]
 
 
 def classes(records: list[tuple[int, float, float, float, int, int]], urgent: set[int]) -> dict[str, dict[str, float]]:
@@ -45,10 +40,10 @@ def classes(records: list[tuple[int, float, float, float, int, int]], urgent: se
     out = {}
     for name, want in (("urgent", True), ("normal", False)):
         rows = [r for r in records if (r[0] in urgent) == want]
-        ttft = [first - arrived for _, arrived, first, _, _, _ in rows]
-        tpot = [(done - first) / (m - 1) for _, _, first, done, _, m in rows if m > 1]
-        out[name] = {"n": len(rows), "ttft": statistics.mean(ttft), "ttft99": p99(ttft),
-                     "tpot": statistics.mean(tpot), "tpot99": p99(tpot)}
+        ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rows])
+        tpot = percentiles([(done - first) / (m - 1) for _, _, first, done, _, m in rows if m > 1])
+        out[name] = {"n": len(rows), "ttft": ttft["mean"], "ttft99": ttft["p99"], "tpot": tpot["mean"],
+                     "tpot99": tpot["p99"]}
     return out
 
 
