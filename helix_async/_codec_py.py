@@ -107,6 +107,12 @@ from .messages import (
     Feedback,
     Heartbeat,
     Message,
+    MigrateAbort,
+    MigrateFinish,
+    MigrateKV,
+    MigrateReserve,
+    MigrateStart,
+    MigrateStatus,
     MsgType,
     NodeStats,
     PromptWork,
@@ -1012,6 +1018,20 @@ def _rules_node_stats(ctx: _Ctx, v: dict) -> None:
             raise ctx.error(name, f"one count per peer: {n} peers, {len(v[name])} counts")
 
 
+def _rules_migrate_reserve(ctx: _Ctx, v: dict) -> None:
+    _check_stage_index(ctx, v)
+    if v["max_context"] < v["context_len"]:
+        raise ctx.error("max_context", f"must be >= context_len = {v['context_len']}, got {v['max_context']}")
+
+
+def _rules_migrate_kv(ctx: _Ctx, v: dict) -> None:
+    _check_one_payload(ctx, v)
+    if v["count"] and not v["tensors"] and not v["payload_bytes"]:
+        raise ctx.error("count", f"is {v['count']} but no tensors nor payload_bytes are given")
+    if len(v["tensors"]) > 1:
+        raise ctx.error("tensors", f"at most one (the stage's keys and values), got {len(v['tensors'])}")
+
+
 class _Layout:
     __slots__ = ("cls", "name", "specs", "rules", "has_tensors", "has_payload_bytes")
 
@@ -1137,6 +1157,39 @@ LAYOUTS: dict[int, _Layout] = {
             },
             _rules_node_stats,
         ),
+        _Layout(
+            MigrateReserve,
+            {
+                "request_id": _ID,
+                "route": _Route(),
+                "stage": _I32,
+                "context_len": _POS32,
+                "max_context": _POS32,
+                "priority": _Int(-I32_MAX - 1, I32_MAX),
+                "source": _I32,
+            },
+            _rules_migrate_reserve,
+        ),
+        _Layout(MigrateStart, {"request_id": _ID, "target": _I32, "address": _S}),
+        _Layout(
+            MigrateKV,
+            {
+                "request_id": _ID,
+                "first": _I32,
+                "count": _I32,
+                "final": _Bool(),
+                "sent_at": _F,
+                "tensors": _Tensors(0),
+                "payload_bytes": _PayloadBytes(),
+            },
+            _rules_migrate_kv,
+        ),
+        _Layout(
+            MigrateStatus,
+            {"request_id": _ID, "node_id": _I32, "state": _Int(1, 5), "upto": _Int(-1, I32_MAX), "text": _S},
+        ),
+        _Layout(MigrateFinish, {"request_id": _ID}),
+        _Layout(MigrateAbort, {"request_id": _ID, "reason": _S}),
     )
 }
 assert set(LAYOUTS) == {int(t) for t in MESSAGE_TYPES}

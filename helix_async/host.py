@@ -33,11 +33,25 @@ from typing import Any
 
 from .clock import Clock
 from .ids import NodeRef, Route
-from .messages import Cancel, Error, Feedback, PromptWork, TokenResult, make_decode_work, sampling_fields
+from .messages import (
+    Cancel,
+    Error,
+    Feedback,
+    MigrateAbort,
+    MigrateFinish,
+    MigrateReserve,
+    MigrateStart,
+    MigrateState,
+    MigrateStatus,
+    PromptWork,
+    TokenResult,
+    make_decode_work,
+    sampling_fields,
+)
 from .sampling import GREEDY, SampledToken, SamplingParams
 from .transport.base import Transport
 
-__all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "Query"]
+__all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "LiveMove", "Query"]
 
 #: wire ids of migrated queries count from here (above any query id a workload uses)
 MIGRATED_RID_BASE = 1 << 62
@@ -163,6 +177,33 @@ class Query:
         self.moved_at = -1.0  # when it last migrated, until its next token comes
 
 
+class LiveMove:
+    """A live migration of one (query, stage) in progress (docs/migration.md).
+
+    stage: the index in the query's route; source, target: the node holding the stage now and the
+    one taking it over; route: the query's route once moved; state: RESERVING (the target was asked
+    for room), COPYING (the source pre-copies while the query decodes), TAIL (little is left: the
+    query's next token is held back), FINISHING (held: the source sends the rest); began: when the
+    host started it; held: the decode held back, held_at: since when (the downtime's start)."""
+
+    RESERVING, COPYING, TAIL, FINISHING = range(4)
+
+    __slots__ = ("q", "stage", "source", "target", "route", "state", "began", "held", "held_at", "gen", "reason")
+
+    def __init__(self, q: Query, stage: int, target: int, route: Route, began: float, gen: int, reason: str) -> None:
+        self.q = q
+        self.stage = stage
+        self.source: int = q.route[stage][0]  # type: ignore[index]
+        self.target = target
+        self.route = route
+        self.state = LiveMove.RESERVING
+        self.began = began
+        self.held: Any = None
+        self.held_at = -1.0
+        self.gen = gen
+        self.reason = reason  # why it was started (the policy's words, for logs)
+
+
 @dataclass
 class HostStats:
     """Counters of the host."""
@@ -178,6 +219,9 @@ class HostStats:
     cancelled: int = 0  # queries their client withdrew (admitted or waiting)
     migrated: int = 0  # moves of an admitted query to a new route (its route crossed a lost node)
     replans: int = 0  # routers swapped in by replan()
+    live_migrations: int = 0  # (query, stage) moves completed with their KV (docs/migration.md)
+    migrations_aborted: int = 0  # live migrations called off (refused, timed out, a node lost, the query ended)
+    migrations_unreserved: int = 0  # moved stages the router's KV expectation had no room for
     stale_results: int = 0  # results for a route a query has left (dropped)
     bad_messages: int = 0  # every message dropped (unknown request, unexpected kind, wrong sender)
     #: (message kind, sender) -> messages dropped because that sender may not send them (a token
@@ -214,6 +258,8 @@ class Host:
         token_id_bytes: int = 4,
         free_links_only: bool = False,
         peer_queue_len: Callable[[NodeRef], int] | None = None,
+        migration_timeout: float = 30.0,
+        peer_address: Callable[[int], str] | None = None,
     ) -> None:
         if (router is None) == (policy is None):
             raise ValueError("give exactly one of router (MaxFlow) and policy (per-hop scheduling)")
@@ -238,6 +284,17 @@ class Host:
         #: wire ids a lost node may still hold (it could not be told to drop them): per node
         self.stale_on: dict[NodeRef, list[int]] = {}
         self._admission_capacity = admission_capacity
+        # live migrations in progress, by query id (docs/migration.md)
+        self._moves: dict[int, LiveMove] = {}
+        self._move_gen = 0
+        self.migration_timeout = float(migration_timeout)
+        #: a node's address for a source to dial (the runtime); None: the network knows (simulator)
+        self.peer_address = peer_address
+        #: (query id, stage, source, target, began, held at, resumed at, positions copied): every
+        #: live migration completed
+        self.live_moves: list[tuple[int, int, int, int, float, float, float, int]] = []
+        #: on_moved(move): a live migration completed (the query's route is the new one)
+        self.on_moved: Callable[[LiveMove], None] | None = None
         self.stats = HostStats()
         # iteration records: finish time (s) and latency (s)
         self.prompt_done = array("d")
@@ -445,6 +502,11 @@ class Host:
             raise ValueError("replan needs the MaxFlow router (per-hop schedulers route at the workers)")
         self.stats.replans += 1
         gone = set(lost)
+        for mv in list(self._moves.values()):
+            if mv.source in gone or mv.target in gone:
+                # the source lost: the query migrates by recomputation below; the target lost: it
+                # carries on where it is
+                self._move_end(mv, "a node of the migration was lost", resume=mv.source not in gone)
         moved: list[int] = []
         for q in list(self._queries.values()):
             if q.route is not None and any(st[0] in gone for st in q.route):
@@ -530,6 +592,126 @@ class Host:
             ),
         )
 
+    # ---- live KV migration (docs/migration.md) ---------------------------------------------------
+
+    @property
+    def moves(self) -> dict[int, LiveMove]:
+        """Live migrations in progress, by query id (do not change it)."""
+        return self._moves
+
+    def migrate(self, qid: int, stage: int, target: int, reason: str = "") -> str:
+        """Start moving stage ``stage`` of query ``qid``'s route, with its KV, to node ``target``,
+        while the query goes on decoding. Returns "" when it started, else why not. The caller (a
+        policy) chooses a target that holds the stage's layers and is linked to the stages before
+        and after it; the target itself refuses when it lacks the layers or the room."""
+        q = self._queries.get(qid)
+        why = ""
+        if q is None:
+            why = "not active"
+        elif self._router is None:
+            why = "per-hop scheduling: the workers route"
+        elif self._compat:
+            why = "compat mode"
+        elif qid in self._moves:
+            why = "moving already"
+        elif q.route is None or q.iterations == 0 or q.decodes_left <= 0:
+            why = "not decoding"
+        elif not 0 <= stage < len(q.route):
+            why = f"no stage {stage} in a route of {len(q.route)}"
+        elif any(st[0] == target for st in q.route):
+            why = f"node {target} is on its route already"
+        elif stage == len(q.route) - 1 and q.sampling is not GREEDY:
+            why = "its sampler's state stays on its last stage (greedy queries only move it)"
+        if why:
+            return f"query {qid}: {why}"
+        assert q is not None and q.route is not None
+        x, a, b = q.route[stage]
+        new = (*q.route[:stage], (target, a, b), *q.route[stage + 1 :])
+        now = self._clock.now()
+        self._move_gen += 1
+        mv = LiveMove(q, stage, target, new, now, self._move_gen, reason)
+        self._moves[qid] = mv
+        ctx = q.input_len + q.iterations
+        self._transport.send(
+            target,
+            MigrateReserve(
+                request_id=q.rid,
+                route=new,
+                stage=stage,
+                context_len=ctx,
+                max_context=ctx + q.decodes_left,
+                priority=q.priority,
+                source=x,
+            ),
+        )
+        self._clock.call_at(now + self.migration_timeout, self._move_timeout, qid, mv.gen)
+        return ""
+
+    def _move_status(self, sender: NodeRef, msg: MigrateStatus) -> None:
+        q = self._live(msg.request_id)
+        mv = None if q is None else self._moves.get(q.qid)
+        state = msg.state
+        if mv is None:
+            if q is not None and state == MigrateState.DONE and q.route and all(st[0] != sender for st in q.route):
+                # a target finished a copy the host had called off meanwhile: it lets go
+                self.stats.stale_results += 1
+                self._transport.send(sender, Cancel(request_id=msg.request_id, reason="migration called off"))
+                return
+            self._refuse(MigrateStatus, sender)
+            return
+        if state == MigrateState.RESERVED and sender == mv.target and mv.state == LiveMove.RESERVING:
+            mv.state = LiveMove.COPYING
+            addr = "" if self.peer_address is None else self.peer_address(mv.target)
+            self._transport.send(mv.source, MigrateStart(request_id=msg.request_id, target=mv.target, address=addr))
+        elif state == MigrateState.REFUSED and (sender == mv.target or sender == mv.source):
+            self._move_end(mv, f"refused by node {sender}: {msg.text}", resume=True)
+        elif state == MigrateState.TAIL and sender == mv.source and mv.state == LiveMove.COPYING:
+            mv.state = LiveMove.TAIL
+        elif state == MigrateState.DONE and sender == mv.target and mv.state == LiveMove.FINISHING:
+            self._move_switch(mv, msg.upto)
+        else:
+            self._refuse(MigrateStatus, sender)
+
+    def _move_timeout(self, qid: int, gen: int) -> None:
+        mv = self._moves.get(qid)
+        if mv is not None and mv.gen == gen:
+            self._move_end(mv, f"timed out after {self.migration_timeout:g} s", resume=True)
+
+    def _move_end(self, mv: LiveMove, reason: str, *, resume: bool) -> None:
+        """Call a migration off: both nodes are told; a held decode goes on along the old route
+        (``resume``)."""
+        q = mv.q
+        del self._moves[q.qid]
+        self.stats.migrations_aborted += 1
+        for node in (mv.source, mv.target):
+            self._transport.send(node, MigrateAbort(request_id=q.rid, reason=reason))
+        if resume and mv.held is not None and q.route is not None:
+            self._transport.send(q.route[0][0], mv.held)
+
+    def _move_switch(self, mv: LiveMove, upto: int) -> None:
+        """The target holds the whole context: the query's route takes it, the source lets go and
+        the held decode goes on (docs/migration.md, "Switch")."""
+        q = mv.q
+        del self._moves[q.qid]
+        now = self._clock.now()
+        q.route = mv.route
+        router = self._router
+        if router is not None and q.qid in router.kv:
+            router.finish(q.qid)
+            try:
+                router.kv.reserve(q.qid, [(st[0], st[2] - st[1]) for st in mv.route], q.input_len)
+            except (ValueError, KeyError):
+                self.stats.migrations_unreserved += 1  # (it runs on without an expectation)
+        self._transport.send(mv.source, Cancel(request_id=q.rid, reason=f"migrated to node {mv.target}"))
+        held = mv.held
+        work = make_decode_work(q.rid, mv.route, 0, held.context_len, held.token_id, now, held.tensors,
+                                held.payload_bytes)
+        self._transport.send(mv.route[0][0], work)
+        self.stats.live_migrations += 1
+        self.live_moves.append((q.qid, mv.stage, mv.source, mv.target, mv.began, mv.held_at, now, upto))
+        if self.on_moved is not None:
+            self.on_moved(mv)
+
     # ---- results --------------------------------------------------------------------------------
 
     def on_message(self, sender: NodeRef, msg: Any) -> None:
@@ -539,6 +721,8 @@ class Host:
         t = type(msg)
         if t is TokenResult:
             self._token(sender, msg)
+        elif t is MigrateStatus:
+            self._move_status(sender, msg)
         elif t is Feedback:
             if self._policy is not None and msg.node_id in self._first_nodes:
                 if sender != msg.node_id:
@@ -615,6 +799,9 @@ class Host:
         self._by_rid.pop(q.rid, None)
         if q in self._migrating:
             self._migrating.remove(q)
+        mv = self._moves.get(qid)
+        if mv is not None:
+            self._move_end(mv, reason, resume=False)
         if q.route:
             for node in {s[0] for s in q.route}:
                 self._transport.send(node, Cancel(request_id=q.rid, reason=reason))
@@ -679,11 +866,23 @@ class Host:
                 work = make_decode_work(q.rid, route, 0, q.input_len + q.iterations, -1, now, (), self._tid)
             else:
                 work = make_decode_work(q.rid, route, 0, q.input_len + q.iterations, msg.token_id, now, (), 0)
-            self._transport.send(route[0][0], work)
+            mv = self._moves.get(q.qid) if self._moves else None
+            if mv is not None and mv.state == LiveMove.TAIL:
+                # the query's quiet moment: nothing of it is in flight; hold its decode while the
+                # source sends the rest of its KV (docs/migration.md, "Stop-and-copy")
+                mv.held = work
+                mv.held_at = now
+                mv.state = LiveMove.FINISHING
+                self._transport.send(mv.source, MigrateFinish(request_id=q.rid))
+            else:
+                self._transport.send(route[0][0], work)
             if prompt and self.on_prompt_done is not None:
                 self.on_prompt_done(q)
             return
         # the query is complete
+        mv = self._moves.get(q.qid) if self._moves else None
+        if mv is not None:  # (its stages free its KV themselves at its last token)
+            self._move_end(mv, "the query finished", resume=False)
         q.finished_at = now
         del self._queries[q.qid]
         self._by_rid.pop(q.rid, None)

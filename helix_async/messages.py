@@ -53,6 +53,12 @@ class MsgType(IntEnum):
     SHUTDOWN = 10
     FEEDBACK = 11
     NODE_STATS = 12
+    MIGRATE_RESERVE = 13
+    MIGRATE_START = 14
+    MIGRATE_KV = 15
+    MIGRATE_STATUS = 16
+    MIGRATE_FINISH = 17
+    MIGRATE_ABORT = 18
 
 
 class ErrorCode(IntEnum):
@@ -441,6 +447,108 @@ class NodeStats(_Message):
     busy_s: float = 0.0
 
 
+# ---- live KV migration of one (request, stage) (docs/migration.md) ----------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateReserve(_Message):
+    """Host → the target node Y: take over stage ``stage`` of request ``request_id``.
+
+    route: the request's route once it has moved (Y at index ``stage``). context_len: KV positions
+    the source holds now (Y reserves them). max_context: the request's context when its last token
+    is made (Y frees the request there, as the source would). priority: the request's.
+    source: the node the KV comes from (Y accepts ``MigrateKV`` for this request from it only).
+    Y answers ``MigrateStatus`` ``RESERVED`` or ``REFUSED``."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_RESERVE
+    NAME: ClassVar[str] = "migrate_reserve"
+    request_id: int
+    route: Route
+    stage: int
+    context_len: int
+    max_context: int
+    priority: int
+    source: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateStart(_Message):
+    """Host → the source node X: copy request ``request_id``'s KV to node ``target`` while it keeps
+    decoding here (pre-copy). address: where ``target`` listens ("" in the simulator: the network
+    knows). X answers ``MigrateStatus`` ``TAIL`` when what is left to copy is short."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_START
+    NAME: ClassVar[str] = "migrate_start"
+    request_id: int
+    target: int
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateKV(_Message):
+    """X → Y: the keys and values of request ``request_id`` for positions ``[first, first + count)``
+    of the stage's layers. tensors: one array (layers, 2, kv_heads, count, head_dim), or none with
+    ``payload_bytes`` standing for it (a cost-model executor). final: X stopped the request and
+    this chunk is its last (the stop-and-copy); Y then tells the host it holds everything."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_KV
+    NAME: ClassVar[str] = "migrate_kv"
+    request_id: int
+    first: int
+    count: int
+    final: bool
+    sent_at: float
+    tensors: tuple[Tensor, ...] = ()
+    payload_bytes: int = 0
+
+    __eq__ = _eq_with_tensors
+
+
+class MigrateState(IntEnum):
+    """``MigrateStatus.state``: who says it, to whom, and when."""
+
+    RESERVED = 1  # Y → host: KV reserved, send the source its MigrateStart
+    REFUSED = 2  # Y → host (no room, layers not held, unknown source) or X → host (cannot copy)
+    RECEIVED = 3  # Y → X: positions up to ``upto`` arrived (the copy's flow control)
+    TAIL = 4  # X → host: what is left to copy is short; stop the request at its next quiet moment
+    DONE = 5  # Y → host: Y holds positions [0, upto) and owns the request's stage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateStatus(_Message):
+    """A step of a migration reported by X or Y (see :class:`MigrateState`). node_id: the sender;
+    upto: KV positions concerned (-1 where none); text: why, for a refusal."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_STATUS
+    NAME: ClassVar[str] = "migrate_status"
+    request_id: int
+    node_id: int
+    state: int
+    upto: int = -1
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateFinish(_Message):
+    """Host → X, at the request's quiet moment (its next decode held back): send the last positions
+    with ``final`` set; the request computes nothing here until the host says otherwise."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_FINISH
+    NAME: ClassVar[str] = "migrate_finish"
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateAbort(_Message):
+    """Host → X and Y: the migration is off. X stops copying and keeps the request; Y drops what it
+    reserved and received."""
+
+    TAG: ClassVar[MsgType] = MsgType.MIGRATE_ABORT
+    NAME: ClassVar[str] = "migrate_abort"
+    request_id: int
+    reason: str = ""
+
+
 Message = (
     Register
     | AssignLayers
@@ -454,6 +562,12 @@ Message = (
     | Shutdown
     | Feedback
     | NodeStats
+    | MigrateReserve
+    | MigrateStart
+    | MigrateKV
+    | MigrateStatus
+    | MigrateFinish
+    | MigrateAbort
 )
 
 #: Message class per tag.
@@ -472,6 +586,12 @@ MESSAGE_TYPES: dict[MsgType, type[_Message]] = {
         Shutdown,
         Feedback,
         NodeStats,
+        MigrateReserve,
+        MigrateStart,
+        MigrateKV,
+        MigrateStatus,
+        MigrateFinish,
+        MigrateAbort,
     )
 }
 
@@ -524,6 +644,13 @@ __all__ = [
     "Feedback",
     "Heartbeat",
     "Message",
+    "MigrateAbort",
+    "MigrateFinish",
+    "MigrateKV",
+    "MigrateReserve",
+    "MigrateStart",
+    "MigrateState",
+    "MigrateStatus",
     "NodeStats",
     "MsgType",
     "Peer",

@@ -55,6 +55,7 @@ class WorkerRole:
             kv_capacity=self.kv_capacity,
             activation_bytes=model.activation_size,
             token_bytes=model.token_size,
+            kv_token_bytes=model.kv_bytes_per_token_per_layer,
             out_links=self.out_links,
             next_layers=self.next_layers,
             free_links_only=hop is not None and hop.free_links_only,

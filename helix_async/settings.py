@@ -223,7 +223,10 @@ class WorkerSettings:
     run a batch through consecutive layers in one executor call when nothing else waits there (the
     same layer-by-layer schedule in fewer events); gather: before a batch at an entry layer, wait
     for the requests on their way back that are expected within this many times the node's last
-    run (0: never wait; not in compat mode; see helix_async.worker, "Decode gathering").
+    run (0: never wait; not in compat mode; see helix_async.worker, "Decode gathering").  Live KV
+    migration (docs/migration.md): kv_token_bytes: bytes of one token's keys and values on one
+    layer (a cost-model executor's modelled copy); migration_chunk: most positions in one copied
+    chunk; migration_tail: the pre-copy stops when at most this many positions are left to copy.
 
     A value, not a live object: the per-hop chooser and a view of the neighbours' queues are given
     to the Worker beside it (``policy=``, ``peer_queue_len=``).
@@ -242,15 +245,21 @@ class WorkerSettings:
     compat: bool = False
     fuse: bool = True
     gather: float = 0.1
+    kv_token_bytes: int = 0
+    migration_chunk: int = 256
+    migration_tail: int = 4
 
     def __post_init__(self) -> None:
         g = self.gather
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 10.0:
             raise ConfigError("<WorkerSettings>", "gather", f"must be a number in [0, 10], got {g!r}")
-        for name in ("kv_capacity", "activation_bytes", "token_bytes"):
+        for name in ("kv_capacity", "activation_bytes", "token_bytes", "kv_token_bytes", "migration_chunk",
+                     "migration_tail"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError("<WorkerSettings>", name, f"must be an integer >= 0, got {value!r}")
+        if self.migration_chunk < 1:
+            raise ConfigError("<WorkerSettings>", "migration_chunk", f"must be >= 1, got {self.migration_chunk}")
         object.__setattr__(self, "out_links", tuple(self.out_links))
 
 

@@ -59,6 +59,13 @@ from helix_async.messages import (
     Error,
     ErrorCode,
     Feedback,
+    MigrateAbort,
+    MigrateFinish,
+    MigrateKV,
+    MigrateReserve,
+    MigrateStart,
+    MigrateState,
+    MigrateStatus,
     PromptWork,
     make_decode_work,
     make_feedback,
@@ -160,6 +167,33 @@ class WorkerStats:
     decodes_left: int = 0
     gathers: int = 0  # times a decode batch waited for decodes on their way back (see Worker)
     gather_wait: float = 0.0  # seconds spent so waiting
+    migrated_out: int = 0  # requests' stages this node handed to another (live migration)
+    migrated_in: int = 0  # requests' stages it took over
+    migrate_refused: int = 0  # migrations it refused or could not copy
+    migrate_aborted: int = 0  # migrations the host called off while this node took part
+    migrate_bytes: int = 0  # KV bytes it sent (real or modelled)
+
+
+class _Move:
+    """One migration of a request's stage as this node sees it: at the source (``peer``: the target)
+    or at the target (``peer``: the source). upto: positions sent (source) or received (target);
+    busy: a chunk is on its way (source: not yet acknowledged; target: being imported); tail: the
+    source told the host that little is left; final: the last chunk is sent (source); kv: the
+    entries the target holds for it; req: the target's record of the request, kept out of the
+    node's requests until the copy is complete."""
+
+    __slots__ = ("peer", "upto", "busy", "tail", "final", "finish", "kv", "req", "reserved")
+
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+        self.upto = 0
+        self.busy = False
+        self.tail = False
+        self.final = False
+        self.finish = False  # (source) the host's MigrateFinish came while a chunk was on its way
+        self.kv = 0
+        self.reserved = 0  # (target) positions reserved so far
+        self.req: Any = None
 
 
 def _priority(item: _Item) -> Any:
@@ -260,6 +294,15 @@ class Worker:
         self._gather_gen = 0  # the current wait's number (a stale timer finds another)
         self._gather_from = 0.0  # when the current wait began
         self._no_gather = False  # the next _step starts without waiting (a wait just ended)
+        # live KV migration (docs/migration.md): by request id, at the source and at the target
+        self._mig_out: dict[int, _Move] = {}
+        self._mig_in: dict[int, _Move] = {}
+        self._kv_token_bytes = int(settings.kv_token_bytes)
+        self._mig_chunk = int(settings.migration_chunk)
+        self._mig_tail = int(settings.migration_tail)
+        # an executor holding real KV exports and imports it (torch); None: the copy is modelled
+        self._export: Callable[..., None] | None = getattr(executor, "export_kv", None)
+        self._import: Callable[..., None] | None = getattr(executor, "import_kv", None)
         self.stats = WorkerStats()
         self.stopped = False
 
@@ -297,6 +340,13 @@ class Worker:
     def kv_snapshot(self) -> tuple[int, int]:
         """(used, capacity) KV entries."""
         return self.kv_used, self.kv_capacity
+
+    def kv_demand(self) -> int:
+        """KV entries the first prompt waiting for KV here needs (0: none waits)."""
+        if not self._kv_wait:
+            return 0
+        item = self._kv_wait[0]
+        return item.tokens * (item.end - item.layer)
 
     # ---- inbound --------------------------------------------------------------------------------
 
@@ -345,6 +395,24 @@ class Worker:
             return
         elif t is Cancel:
             self._cancel(msg.request_id)
+            return
+        elif t is MigrateKV:
+            self._mig_kv(sender, msg)
+            return
+        elif t is MigrateStatus:
+            self._mig_received(sender, msg)
+            return
+        elif t is MigrateReserve:
+            self._mig_reserve(msg)
+            return
+        elif t is MigrateStart:
+            self._mig_start(msg)
+            return
+        elif t is MigrateFinish:
+            self._mig_finish(msg.request_id)
+            return
+        elif t is MigrateAbort:
+            self._mig_abort(msg.request_id)
             return
         else:
             self.stats.bad_messages += 1
@@ -401,6 +469,8 @@ class Worker:
             self.kv_used -= r.kv
             r.kv = 0
             r.recompute = True
+            if rid in self._mig_out:  # what it was copying is gone
+                self._mig_refuse_out(rid, "its KV was preempted")
             if self._release is not None:
                 self._release(rid)
             self.stats.kv_preemptions += 1
@@ -839,7 +909,9 @@ class Worker:
     def _free(self, rid: int) -> None:
         req = self._reqs.pop(rid, None)
         if req is None:
+            self._mig_drop_in(rid)
             return
+        self._mig_out.pop(rid, None)
         if req.t_out >= 0.0:
             self._returned(rid, req)  # it will not come back
         if self._release is not None:
@@ -893,6 +965,7 @@ class Worker:
         self._link_wait = deque(it for it in self._link_wait if it.rid != rid)
         req = self._reqs.get(rid)
         if req is None:
+            self._mig_drop_in(rid)
             return
         batch = self._batch
         running = [] if batch is None else [it for it in batch.items if it.rid == rid]
@@ -923,6 +996,213 @@ class Worker:
                 self._soon(self._kick)
             return
         self._free(rid)
+
+
+    # ---- live KV migration of a request's stage (docs/migration.md) -----------------------------
+
+    def _mig_status(self, rid: int, dest: NodeRef, state: int, upto: int = -1, text: str = "") -> None:
+        self._send(dest, MigrateStatus(request_id=rid, node_id=self.node_id, state=state, upto=upto, text=text))
+
+    def _mig_reserve(self, msg: Any) -> None:
+        """Target: reserve KV for the request's stage, or refuse (the host sent this)."""
+        rid = msg.request_id
+        stage = msg.route[msg.stage]
+        why = ""
+        if self._compat:
+            why = "compat mode takes no migrations"
+        elif stage[0] != self.node_id or not self.a <= stage[1] < stage[2] <= self.b:
+            why = f"node {self.node_id} does not hold layers [{stage[1]}, {stage[2]})"
+        elif rid in self._reqs or rid in self._mig_in:
+            why = f"request {rid} is here already"
+        k = stage[2] - stage[1]
+        need = msg.context_len * k
+        if not why and self.kv_used + need > self.kv_capacity:
+            why = f"{need} KV entries needed, {self.kv_capacity - self.kv_used} free"
+        if why:
+            self.stats.migrate_refused += 1
+            self._mig_status(rid, SINK, MigrateState.REFUSED, -1, why)
+            return
+        mv = _Move(msg.source)
+        self.kv_used += need
+        if self.kv_used > self.stats.kv_peak:
+            self.stats.kv_peak = self.kv_used
+        mv.kv = need
+        mv.reserved = msg.context_len
+        self._seq += 1
+        mv.req = _Req(msg.max_context, k, self._seq, stage[1], msg.priority)
+        self._mig_in[rid] = mv
+        self._mig_status(rid, SINK, MigrateState.RESERVED, msg.context_len)
+
+    def _mig_kv(self, sender: NodeRef, msg: Any) -> None:
+        """Target: a chunk of the request's KV from its source."""
+        rid = msg.request_id
+        mv = self._mig_in.get(rid)
+        if mv is None or sender != mv.peer or msg.first != mv.upto or mv.busy:
+            self.stats.bad_messages += 1  # not the named source, or out of order
+            return
+        mv.busy = True
+        if msg.tensors and self._import is not None:
+            self._import(rid, msg.first, msg.tensors[0], self._mig_imported, msg)
+        elif msg.tensors or (self._import is not None and msg.count):
+            self._mig_imported(msg, "KV tensors where none are expected" if msg.tensors else "no KV tensors")
+        else:
+            self._mig_imported(msg, None)
+
+    def _mig_imported(self, msg: Any, error: Any) -> None:
+        """Target: a chunk is in the cache (error: why it is not)."""
+        rid = msg.request_id
+        mv = self._mig_in.get(rid)
+        if mv is None:  # aborted meanwhile (what was imported goes with the executor's release)
+            if self._release is not None and rid not in self._reqs:
+                self._release(rid)
+            return
+        mv.busy = False
+        if error is not None:
+            self.stats.migrate_refused += 1
+            self._mig_drop_in(rid)
+            self._mig_status(rid, SINK, MigrateState.REFUSED, -1, f"node {self.node_id}: {error}")
+            return
+        upto = msg.first + msg.count
+        mv.upto = upto
+        if upto > mv.reserved:  # positions made at the source since the reservation
+            extra = (upto - mv.reserved) * mv.req.layers
+            mv.reserved = upto
+            mv.kv += extra
+            self.kv_used += extra
+            if self.kv_used > self.stats.kv_peak:
+                self.stats.kv_peak = self.kv_used
+        if not msg.final:
+            self._mig_status(rid, mv.peer, MigrateState.RECEIVED, upto)
+            return
+        # the whole context is here: the request's stage is this node's from now on
+        del self._mig_in[rid]
+        req = mv.req
+        req.kv = mv.kv
+        req.ctx_done = upto
+        self._reqs[rid] = req
+        self.stats.migrated_in += 1
+        self._mig_status(rid, SINK, MigrateState.DONE, upto)
+        if self.kv_used > self.kv_capacity:
+            self._preempt(rid)
+
+    def _mig_drop_in(self, rid: int) -> None:
+        """Target: forget an incoming migration and what it holds."""
+        mv = self._mig_in.pop(rid, None)
+        if mv is None:
+            return
+        self.kv_used -= mv.kv
+        if self._release is not None:
+            self._release(rid)
+        if self._kv_wait:
+            self._admit_waiting()
+
+    def _mig_start(self, msg: Any) -> None:
+        """Source: begin copying the request's KV to the target while it goes on decoding here."""
+        rid = msg.request_id
+        req = self._reqs.get(rid)
+        why = ""
+        if req is None:
+            why = f"request {rid} is not on node {self.node_id}"
+        elif rid in self._mig_out:
+            why = f"request {rid} is moving already"
+        elif req.recompute or req.kv == 0:
+            why = f"request {rid} holds no KV on node {self.node_id} now (preempted)"
+        elif msg.target == self.node_id:
+            why = "the target is this node"
+        if why:
+            self.stats.migrate_refused += 1
+            self._mig_status(rid, SINK, MigrateState.REFUSED, -1, why)
+            return
+        if msg.address:
+            connect = getattr(self._transport, "connect", None)
+            if connect is not None:
+                try:
+                    connect(msg.target, msg.address)
+                except Exception as e:  # an address it cannot dial: the migration is off
+                    self._mig_status(rid, SINK, MigrateState.REFUSED, -1, f"cannot reach node {msg.target}: {e}")
+                    return
+        mv = _Move(msg.target)
+        self._mig_out[rid] = mv
+        self._mig_next(rid, mv)
+
+    def _mig_next(self, rid: int, mv: _Move) -> None:
+        """Source: send the next chunk, or tell the host that only the tail is left."""
+        left = self._reqs[rid].ctx_done - mv.upto
+        if left <= self._mig_tail:
+            if not mv.tail:
+                mv.tail = True
+                self._mig_status(rid, SINK, MigrateState.TAIL, mv.upto)
+            return
+        self._mig_send(rid, mv, min(left, self._mig_chunk), False)
+
+    def _mig_send(self, rid: int, mv: _Move, count: int, final: bool) -> None:
+        mv.busy = True
+        mv.final = final
+        if self._export is not None and count:
+            self._export(rid, mv.upto, count, self._mig_exported, (rid, mv.upto, count, final))
+        else:
+            self._mig_exported((rid, mv.upto, count, final), None)
+
+    def _mig_exported(self, what: Any, data: Any) -> None:
+        """Source: a chunk is read out of the cache (None: modelled, or nothing to copy)."""
+        rid, first, count, final = what
+        mv = self._mig_out.get(rid)
+        if mv is None:  # aborted, cancelled or finished meanwhile
+            return
+        if data is not None and data.__class__ is ExecFailure:
+            self._mig_refuse_out(rid, data.reason)
+            return
+        req = self._reqs[rid]
+        if data is None:
+            size = count * req.layers * self._kv_token_bytes
+            msg = MigrateKV(request_id=rid, first=first, count=count, final=final, sent_at=self._now(),
+                            payload_bytes=size)
+        else:
+            size = int(getattr(data, "nbytes", 0))
+            msg = MigrateKV(request_id=rid, first=first, count=count, final=final, sent_at=self._now(),
+                            tensors=(data,))
+        self.stats.migrate_bytes += size
+        mv.upto = first + count
+        self._send(mv.peer, msg)
+        if final:
+            self.stats.migrated_out += 1
+
+    def _mig_received(self, sender: NodeRef, msg: Any) -> None:
+        """Source: the target acknowledged a chunk: send the next (flow control, one chunk at a time)."""
+        rid = msg.request_id
+        mv = self._mig_out.get(rid)
+        if mv is None or sender != mv.peer or msg.state != MigrateState.RECEIVED or not mv.busy or mv.final:
+            self.stats.bad_messages += 1
+            return
+        mv.busy = False
+        if mv.finish:
+            self._mig_finish(rid)
+        else:
+            self._mig_next(rid, mv)
+
+    def _mig_finish(self, rid: int) -> None:
+        """Source, at the request's quiet moment (the host holds its next decode): the last chunk."""
+        mv = self._mig_out.get(rid)
+        if mv is None or mv.final:
+            self.stats.bad_messages += 1
+            return
+        if mv.busy:  # a chunk is on its way: the last one follows its acknowledgement
+            mv.finish = True
+            return
+        self._mig_send(rid, mv, self._reqs[rid].ctx_done - mv.upto, True)
+
+    def _mig_refuse_out(self, rid: int, why: str) -> None:
+        self._mig_out.pop(rid, None)
+        self.stats.migrate_refused += 1
+        self._mig_status(rid, SINK, MigrateState.REFUSED, -1, f"node {self.node_id}: {why}")
+
+    def _mig_abort(self, rid: int) -> None:
+        """The host called the migration off: the source keeps the request, the target lets go."""
+        if self._mig_out.pop(rid, None) is not None:
+            self.stats.migrate_aborted += 1
+        elif rid in self._mig_in:
+            self.stats.migrate_aborted += 1
+            self._mig_drop_in(rid)
 
 
 # The compiled build: setup.py compiles this very file, with the C types of

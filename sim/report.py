@@ -95,6 +95,27 @@ def by_priority(host: Any, lo: float, hi: float) -> dict[str, Any]:
             for p in sorted(ttft)}
 
 
+def migration_summary(sim: Simulation) -> dict[str, Any]:
+    """Live migrations of the run: how many, their bytes, and the downtime each cost its query
+    (from holding its decode to sending it on the new route) and the whole move took."""
+    host = sim.host
+    hs = host.stats
+    down = [done - held for _, _, _, _, _, held, done, _ in host.live_moves]
+    whole = [done - began for _, _, _, _, began, _, done, _ in host.live_moves]
+    pol = sim.migration
+    return {
+        "completed": hs.live_migrations,
+        "aborted": hs.migrations_aborted,
+        "unreserved": hs.migrations_unreserved,
+        "started": 0 if pol is None else pol.started,
+        "rounds": 0 if pol is None else pol.rounds,
+        "bytes": sum(w.stats.migrate_bytes for w in sim.workers.values()),
+        "preemptions": sum(w.stats.kv_preemptions for w in sim.workers.values()),
+        "downtime": percentiles(np.asarray(down, dtype=float)),
+        "duration": percentiles(np.asarray(whole, dtype=float)),
+    }
+
+
 def build_report(
     sim: Simulation, *, warmup: float, duration: float, config: dict[str, Any], slo: tuple[float, float] | None = None
 ) -> dict[str, Any]:
@@ -147,6 +168,8 @@ def build_report(
         g = goodput(sim, lo, hi, slo[0], slo[1])
         g["decode_throughput"] = decodes_in_window / duration * g["token_fraction"]
         extra["goodput"] = g
+    if sim.migration is not None:
+        extra["migration"] = migration_summary(sim)
     classes = by_priority(host, lo, hi)
     if classes:  # (absent otherwise: reports without priorities stay as they were)
         extra["by_priority"] = classes
@@ -236,6 +259,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"Priority {p}: {c['queries']} queries; TTFT {f(t['mean'])}s (p50 {f(t['p50'])}s, p99 {f(t['p99'])}s), "
             f"per-token {f(d['mean'], '.4f')}s (p99 {f(d['p99'], '.4f')}s)"
+        )
+    m = report.get("migration")
+    if m:
+        dt = m["downtime"]
+        lines.append(
+            f"Migrations: {m['completed']} completed, {m['aborted']} aborted, {m['bytes'] / 1e6:.1f} MB copied; "
+            f"downtime {f(dt['mean'], '.4f')}s (p99 {f(dt['p99'], '.4f')}s)"
         )
     if report.get("faults"):
         from .faults import fault_lines

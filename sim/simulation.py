@@ -30,6 +30,7 @@ from helix_async.model import ModelSpec, ThroughputModel, load_profiles, max_com
 from helix_async.placement import Placement
 from helix_async.placement.flow import max_flow
 from helix_async.roles import worker_roles
+from helix_async.routing.migration import MigrationConfig, MigrationPolicy
 from helix_async.routing.policies import POLICIES, get_policy
 from helix_async.settings import KV_OFFLINE
 from helix_async.transport.base import HOST
@@ -67,6 +68,9 @@ class SimulationSetup:
     (``sim.cores``: the profile is then seconds of one core, ``profile --clock cpu``); cores 0:
     every node computes on a device of its own (the original; compat always).  gather: the
     workers' decode gathering factor (``worker --gather``; None: the workers' default; docs/runtime.md).
+    migration: the host reschedules running queries by live KV migration (MaxFlow, default mode;
+    ``helix_async.routing.migration``, docs/migration.md), with ``migration_config``'s parameters
+    (None: their defaults).
     """
 
     placement: Placement
@@ -80,6 +84,8 @@ class SimulationSetup:
     cores: float = 0.0
     available: tuple[float, ...] = ()
     gather: float | None = None
+    migration: bool = False
+    migration_config: MigrationConfig | None = None
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -218,6 +224,27 @@ class Simulation:
                 peer_queue_len=self._peer_len,
             )
         self.host.start()
+        #: the rescheduling policy (``setup.migration``), else None
+        self.migration: MigrationPolicy | None = None
+        if setup.migration:
+            if compat or not policy.routes_at_admission:
+                raise ValueError("live migration needs the MaxFlow router in default mode (not compat, not per-hop)")
+            for u in layers:
+                for v in layers:
+                    # a KV copy goes between two nodes that hold a layer in common
+                    if u != v and layers[u][0] < layers[v][1] and layers[v][0] < layers[u][1]:
+                        self.network.add_link(u, v)
+            self.migration = MigrationPolicy(self.host, self.clock, layers, p.links, self._node_load,
+                                             setup.migration_config)
+            self.migration.start()
+
+    def _node_load(self, node: int) -> tuple[int, int, int]:
+        """(KV in use, KV capacity, KV the first waiting prompt needs) of a live node; a dead one
+        has no capacity (the policy never moves anything there)."""
+        w = self.workers.get(node)
+        if w is None or w.stopped:
+            return (0, 0, 0)
+        return (w.kv_used, w.kv_capacity, w.kv_demand())
 
     def _make_worker(self, i: int) -> Worker:
         role = self._roles[i]

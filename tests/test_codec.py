@@ -47,6 +47,12 @@ from helix_async.messages import (
     ErrorCode,
     Feedback,
     Heartbeat,
+    MigrateAbort,
+    MigrateFinish,
+    MigrateKV,
+    MigrateReserve,
+    MigrateStart,
+    MigrateStatus,
     MsgType,
     NodeStats,
     PromptWork,
@@ -134,6 +140,12 @@ WIRE_LAYOUTS = {
     11: ("feedback", ("request_id", "node_id", "delay", "sent_at")),
     12: ("node_stats", ("node_id", "now", "kv_used", "kv_capacity", "queued", "peers", "bytes_out", "bad_frames",
                         "retried", "rtt_us", "batches", "busy_s")),
+    13: ("migrate_reserve", ("request_id", "route", "stage", "context_len", "max_context", "priority", "source")),
+    14: ("migrate_start", ("request_id", "target", "address")),
+    15: ("migrate_kv", ("request_id", "first", "count", "final", "sent_at", "tensors", "payload_bytes")),
+    16: ("migrate_status", ("request_id", "node_id", "state", "upto", "text")),
+    17: ("migrate_finish", ("request_id",)),
+    18: ("migrate_abort", ("request_id", "reason")),
 }
 
 
@@ -332,7 +344,37 @@ cancel = st.builds(Cancel, request_id=ids, reason=texts)
 error = st.builds(Error, request_id=ints(-1, I64), code=i32, text=texts)
 shutdown = st.builds(Shutdown, reason=texts)
 
+@st.composite
+def migrate_reserves(draw) -> MigrateReserve:
+    route = draw(routes())
+    ctx = draw(pos32)
+    return MigrateReserve(request_id=draw(ids), route=route, stage=draw(st.integers(0, len(route) - 1)),
+                          context_len=ctx, max_context=draw(st.integers(ctx, I32)),
+                          priority=draw(ints(-(2**31), I32)), source=draw(i32))
+
+
+@st.composite
+def migrate_kvs(draw) -> MigrateKV:
+    kind = draw(st.sampled_from(["tensor", "modelled", "empty"]))
+    count = 0 if kind == "empty" else draw(st.integers(1, 1000))
+    return MigrateKV(request_id=draw(ids), first=draw(i32), count=count, final=draw(st.booleans()),
+                     sent_at=draw(floats), tensors=draw(tensors(min_count=1, max_count=1)) if kind == "tensor" else (),
+                     payload_bytes=draw(st.integers(1, 1 << 20)) if kind == "modelled" else 0)
+
+
+migrate_start = st.builds(MigrateStart, request_id=ids, target=i32, address=texts)
+migrate_status = st.builds(MigrateStatus, request_id=ids, node_id=i32, state=st.integers(1, 5), upto=ints(-1, I32),
+                           text=texts)
+migrate_finish = st.builds(MigrateFinish, request_id=ids)
+migrate_abort = st.builds(MigrateAbort, request_id=ids, reason=texts)
+
 STRATEGIES = {
+    "migrate_reserve": migrate_reserves(),
+    "migrate_start": migrate_start,
+    "migrate_kv": migrate_kvs(),
+    "migrate_status": migrate_status,
+    "migrate_finish": migrate_finish,
+    "migrate_abort": migrate_abort,
     "register": register,
     "assign_layers": assign_layers(),
     "prompt_work": prompt_work(),
@@ -364,6 +406,13 @@ def _minimal_kwargs(cls: type) -> dict:
         Shutdown: dict(),
         Feedback: dict(request_id=0, node_id=1, delay=0.0, sent_at=0.0),
         NodeStats: dict(node_id=0, now=0.0, kv_used=0, kv_capacity=1, queued=0),
+        MigrateReserve: dict(request_id=0, route=((1, 0, 2),), stage=0, context_len=1, max_context=1, priority=0,
+                             source=2),
+        MigrateStart: dict(request_id=0, target=1),
+        MigrateKV: dict(request_id=0, first=0, count=0, final=True, sent_at=0.0),
+        MigrateStatus: dict(request_id=0, node_id=1, state=1),
+        MigrateFinish: dict(request_id=0),
+        MigrateAbort: dict(request_id=0),
     }[cls]
 
 

@@ -30,6 +30,9 @@ cdef class Worker:
     cdef public double _gather, _last_run_s, _gather_from, _entry_started
     cdef public Py_ssize_t _awaiting, _gather_gen
     cdef public bint _gathering, _no_gather
+    cdef public dict _mig_out, _mig_in
+    cdef public Py_ssize_t _kv_token_bytes, _mig_chunk, _mig_tail
+    cdef public object _export, _import
 
     @cython.locals(item=_Item, req=_Req, stage=tuple, n=Py_ssize_t, rid=Py_ssize_t)
     cpdef on_message(self, object sender, object msg)

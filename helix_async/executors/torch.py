@@ -141,6 +141,72 @@ class TorchExecutor:
     def cached_requests(self) -> int:
         return len(self._caches)
 
+    # ---- live KV migration (docs/migration.md) ----------------------------------------------------
+
+    def export_kv(self, rid: int, first: int, count: int, done: Callable[[Any, Any], None], token: Any) -> None:
+        """Read request ``rid``'s keys and values for positions ``[first, first + count)`` of this
+        stage's layers, in the order of the batches (on the compute thread when threaded), and
+        call ``done(token, array)`` on the loop: an array (layers, 2, kv_heads, count, head_dim) in
+        the cache's dtype (bfloat16 as float32: the wire has no bfloat16), or an ExecFailure."""
+        self._off_loop(self._export, (rid, first, count), done, token)
+
+    def import_kv(self, rid: int, first: int, data: Any, done: Callable[[Any, Any], None], token: Any) -> None:
+        """Write ``data`` (as :meth:`export_kv` gives it) into request ``rid``'s cache at positions
+        ``[first, first + count)``, giving it a slot first; ``done(token, None)`` when it is there,
+        ``done(token, reason)`` when it cannot be."""
+        self._off_loop(self._import, (rid, first, data), done, token)
+
+    def _off_loop(self, fn: Callable[..., Any], args: tuple, done: Callable[[Any, Any], None], token: Any) -> None:
+        if not self._threaded:
+            self._clock.call_soon(done, token, fn(*args))
+            return
+        if self._pool is None:
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="helix-torch")
+        loop = self._loop
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(done, token, f.result()))
+
+    def _export(self, rid: int, first: int, count: int) -> Any:
+        cache = self._caches.get(rid)
+        slab = self.stage.kv
+        if cache is None or cache.slab is not slab or first + count > slab.touched[cache.slot]:
+            return ExecFailure(f"request {rid} holds no KV for positions [{first}, {first + count}) here")
+        with slab._lock, torch.inference_mode():
+            parts = []
+            for layer in slab.layers:
+                k = slab.k[layer][cache.slot, :, first : first + count]
+                v = slab.v[layer][cache.slot, :, first : first + count]
+                parts.append(torch.stack((k, v)))
+            out = torch.stack(parts).to("cpu")
+        if out.dtype == torch.bfloat16:
+            out = out.float()
+        return out.numpy()
+
+    def _import(self, rid: int, first: int, data: Any) -> Any:
+        slab = self.stage.kv
+        t = torch.from_numpy(np.asarray(data))
+        want = (len(slab.layers), 2, slab.kv_heads, slab.head_dim)
+        if t.ndim != 5 or (t.shape[0], t.shape[1], t.shape[2], t.shape[4]) != want:
+            return f"KV of shape {tuple(t.shape)}, expected ({want[0]}, 2, {want[2]}, count, {want[3]})"
+        if not t.dtype.is_floating_point:
+            return f"KV of dtype {t.dtype}, expected floating point"
+        count = t.shape[3]
+        cache = self._caches.get(rid)
+        if cache is None:
+            if first != 0:
+                return f"the first chunk of request {rid} starts at position {first}, not 0"
+            cache = self._caches[rid] = SeqCache()
+        slab.admit(cache, first + count, first + count)
+        t = t.to(dtype=slab.dtype, device=slab.device)
+        with slab._lock, torch.inference_mode():
+            for i, layer in enumerate(slab.layers):
+                slab.k[layer][cache.slot, :, first : first + count] = t[i, 0]
+                slab.v[layer][cache.slot, :, first : first + count] = t[i, 1]
+        return None
+
     # ---- compute --------------------------------------------------------------------------------
 
     def _input(self, item: Any, layer: int) -> torch.Tensor | ExecFailure:

@@ -115,19 +115,11 @@ class MemoryNetwork:
             m = cluster.machine(node.id)
             self._out_nic[node.id] = m.nic_out
             self._in_nic[node.id] = m.nic_in
-        for u, v in arcs:
-            arc = cluster.arc(u, v)
-            if arc is None:
-                raise ValueError(f"no cluster link {u} -> {v}")
-            link = _Link(u, v, float(arc.bandwidth), float(arc.latency))
-            if mode == "reserved":
-                if reserved_rates is None or (u, v) not in reserved_rates:
-                    raise ValueError(f"reserved mode needs a rate for link {u} -> {v}")
-                link.rate = float(reserved_rates[(u, v)])
-            self.links[(u, v)] = link
         self._n_out: dict[NodeRef, int] = {}
-        for u, _ in self.links:
-            self._n_out[u] = self._n_out.get(u, 0) + 1
+        for u, v in arcs:
+            if mode == "reserved" and (reserved_rates is None or (u, v) not in reserved_rates):
+                raise ValueError(f"reserved mode needs a rate for link {u} -> {v}")
+            self.add_link(u, v, reserved_rates[(u, v)] if reserved_rates is not None and mode == "reserved" else None)
         self._busy_out: dict[NodeRef, int] = dict.fromkeys(self._out_nic, 0)
         self._busy_in: dict[NodeRef, int] = dict.fromkeys(self._in_nic, 0)
         self._in_used: dict[NodeRef, float] = dict.fromkeys(self._in_nic, 0.0)
@@ -135,6 +127,22 @@ class MemoryNetwork:
         self._idle_handlers: dict[NodeRef, Callable[[NodeRef], None]] = {}
         self.control_messages = 0
         self.dropped = 0
+
+    def add_link(self, u: NodeRef, v: NodeRef, rate: float | None = None) -> None:
+        """Messages from ``u`` to ``v`` take the cluster's link between them from now on (its
+        bandwidth shared as every link's is; ``rate``: its reserved rate in ``"reserved"`` mode).
+        Without a link a message is delivered after the latency alone (control traffic); a live
+        migration's KV copy between two nodes that hold the same layers needs one."""
+        if (u, v) in self.links:
+            return
+        arc = self._cluster.arc(u, v)
+        if arc is None:
+            raise ValueError(f"no cluster link {u} -> {v}")
+        link = _Link(u, v, float(arc.bandwidth), float(arc.latency))
+        if self._reserved:
+            link.rate = float(arc.bandwidth) if rate is None else float(rate)
+        self.links[(u, v)] = link
+        self._n_out[u] = self._n_out.get(u, 0) + 1
 
     # ---- endpoints ------------------------------------------------------------------------------
 
