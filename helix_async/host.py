@@ -631,7 +631,9 @@ class Host:
         self._move_gen += 1
         mv = LiveMove(q, stage, target, new, now, self._move_gen, reason)
         self._moves[qid] = mv
-        ctx = q.input_len + q.iterations
+        # the source holds the context before the query's last token (which its next decode
+        # brings); the stage is freed at the context of the query's last decode
+        ctx = q.input_len + q.iterations - 1
         self._transport.send(
             target,
             MigrateReserve(
