@@ -12,8 +12,16 @@ both runs (``sim.feeders.PriorityDraw`` draws it in arrival order from a stream 
 its latencies compare query for query. Per class: queries finished, mean and p99 time to first
 token, mean and p99 time per output token; and the whole run's decode throughput.
 
-Live migration, load balancing by migration and the elastic fleet are not built yet; their
-experiments join this file when they are.
+**Migration** (``--experiment migration``). The same bursty load, served three ways per seed:
+"off" (MaxFlow IWRR with KV admission, as today), "on" (the rescheduling policy at its defaults,
+``helix_async.routing.migration``: a node above 80 % of its KV, counting virtual usage, hands
+stages to a peer holding the same layers) and "eager" (the same policy with every threshold at 0:
+a stage moves whenever a linked peer is less loaded, which shows what migration costs when
+nothing needs it). Per run: mean and p99 TTFT and time per output token, decode throughput,
+migrations completed and aborted, KV bytes copied, mean downtime (a query's decode held for the
+stop-and-copy) and preemptions. docs/migration.md.
+
+The elastic fleet is not built yet; its experiment joins this file when it is.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from _harness import table  # noqa: E402
 
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.settings import KV_ONLINE  # noqa: E402
+from helix_async.routing.migration import MigrationConfig  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
 from sim.report import percentiles  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
@@ -55,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=int, default=300, help="simulated seconds of arrivals (a multiple of 3)")
     ap.add_argument("--share", type=float, default=0.1, help="share of urgent queries (default 0.1)")
     ap.add_argument("--seeds", default="1,2,3", help="workload seeds, comma-separated")
+    ap.add_argument("--experiment", choices=("priorities", "migration"), default="priorities")
     args = ap.parse_args(argv)
+    if args.experiment == "migration":
+        migration(args)
+        return
     setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE)
     rows = []
     gains = []
@@ -85,6 +98,35 @@ def main(argv: list[str] | None = None) -> None:
     print("the urgent class, without priorities / with (higher is better), and decode throughput with / without:")
     print(table([(s, *(f"{x:.2f}x" for x in g)) for s, g in zip(args.seeds.split(","), gains, strict=True)],
                 ("seed", "TTFT mean", "TTFT p99", "per-token mean", "per-token p99", "throughput")))
+
+
+def migration(args: argparse.Namespace) -> None:
+    """Migration off, on (the policy's defaults) and eager, per seed (see the module doc)."""
+    eager = MigrationConfig(high=0.0, low=1.0, gap=0.0)
+    runs = (("off", False, None), ("on", True, None), ("eager", True, eager))
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
+                      arrivals="gamma", cv=args.cv)
+        for label, on, cfg in runs:
+            setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE, migration=on, migration_config=cfg)
+            r = run(setup, wl)
+            rec = r.sim.host.query_records
+            ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
+            tpot = percentiles([(done - first) / (m - 1) for _, _, first, done, _, m in rec if m > 1])
+            m = r.report.get("migration") or {"completed": 0, "aborted": 0, "bytes": 0, "downtime": {"mean": None},
+                                              "preemptions": sum(w.stats.kv_preemptions for w in r.sim.workers.values())}
+            down = m["downtime"]["mean"]
+            rows.append((str(seed), label, str(len(rec)), f"{ttft['mean']:.2f}", f"{ttft['p99']:.2f}",
+                         f"{tpot['mean']:.3f}", f"{tpot['p99']:.3f}", f"{r.report['decode_throughput']:.1f}",
+                         str(m["completed"]), str(m["aborted"]), f"{m['bytes'] / 1e9:.2f}",
+                         "-" if down is None else f"{down * 1e3:.1f}", str(m["preemptions"]),
+                         f"{max(n['kv_peak'] / n['kv_capacity'] for n in r.report['nodes']):.2f}"))
+    print(f"migration: LLaMA-2-70B, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
+          f"tokens/s for {args.duration} s")
+    print(table(rows, ("seed", "run", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "per-token p99 s",
+                       "decode tok/s", "moves", "aborted", "GB copied", "downtime ms", "preemptions",
+                       "KV peak share")))
 
 
 if __name__ == "__main__":

@@ -631,8 +631,9 @@ class Host:
         self._move_gen += 1
         mv = LiveMove(q, stage, target, new, now, self._move_gen, reason)
         self._moves[qid] = mv
-        # the source holds the context before the query's last token (which its next decode
-        # brings); the stage is freed at the context of the query's last decode
+        # the source holds at least the context before the query's last token (its next decode
+        # brings that one); every stage frees the query at the context of its last decode,
+        # input + output - 1 (the prompt's n + max_tokens - 1, also after a re-admission)
         ctx = q.input_len + q.iterations - 1
         self._transport.send(
             target,
@@ -641,7 +642,7 @@ class Host:
                 route=new,
                 stage=stage,
                 context_len=ctx,
-                max_context=ctx + q.decodes_left,
+                max_context=q.input_len + q.output_len - 1,
                 priority=q.priority,
                 source=x,
             ),

@@ -162,6 +162,9 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gather", type=number_in(0.0, 10.0), default=None, metavar="K",
                    help="the workers' decode gathering factor, as worker --gather (default: the workers' "
                         f"{WorkerSettings.gather:g}; 0: off; docs/runtime.md)")
+    p.add_argument("--migration", choices=("on", "off"), default="off",
+                   help="reschedule running queries by live KV migration (MaxFlow, not with --compat helix; "
+                        "docs/migration.md; default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +246,8 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         extra["rate_profile"] = wl.rate_profile
     if wl.priority_share > 0:  # (likewise)
         extra["priority_share"] = wl.priority_share
+    if args.migration == "on":  # (likewise)
+        extra["migration"] = "on"
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -273,6 +278,10 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         raise ConfigError("<argument>", "--priority-share", "the original has no priorities: not with --compat helix")
     if args.gather is not None and compat:
         raise ConfigError("<argument>", "--gather", "the original does not gather decodes: not with --compat helix")
+    if args.migration == "on" and compat:
+        raise ConfigError("<argument>", "--migration", "the original does not migrate: not with --compat helix")
+    if args.migration == "on" and scheduler != "maxflow":
+        raise ConfigError("<argument>", "--migration", f"needs the maxflow scheduler (the host routes), not {scheduler}")
     if args.cores_available and args.shared_cores is None:
         raise ConfigError("<argument>", "--cores-available", "needs --shared-cores")
     if any(a > (args.shared_cores or 0.0) for a in args.cores_available):
@@ -287,6 +296,7 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         cores=args.shared_cores or 0.0,
         available=args.cores_available,
         gather=args.gather,
+        migration=args.migration == "on",
     )
     return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress,
                max_events=args.max_events, **kw)
