@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import table  # noqa: E402
 
 from helix_async.placement.io import load_shipped_layout  # noqa: E402
-from helix_async.settings import KV_ONLINE  # noqa: E402
 from helix_async.routing.migration import MigrationConfig  # noqa: E402
+from helix_async.settings import KV_ONLINE  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
 from sim.report import percentiles  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402

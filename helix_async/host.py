@@ -49,7 +49,7 @@ from .messages import (
     sampling_fields,
 )
 from .sampling import GREEDY, SampledToken, SamplingParams
-from .transport.base import Transport
+from .transport.base import Transport, TransportError
 
 __all__ = ["MIGRATED_RID_BASE", "Host", "HostStats", "LiveMove", "Query"]
 
@@ -506,7 +506,7 @@ class Host:
             if mv.source in gone or mv.target in gone:
                 # the source lost: the query migrates by recomputation below; the target lost: it
                 # carries on where it is
-                self._move_end(mv, "a node of the migration was lost", resume=mv.source not in gone)
+                self._move_end(mv, "a node of the migration was lost", resume=mv.source not in gone, lost=gone)
         moved: list[int] = []
         for q in list(self._queries.values()):
             if q.route is not None and any(st[0] in gone for st in q.route):
@@ -680,14 +680,19 @@ class Host:
         if mv is not None and mv.gen == gen:
             self._move_end(mv, f"timed out after {self.migration_timeout:g} s", resume=True)
 
-    def _move_end(self, mv: LiveMove, reason: str, *, resume: bool) -> None:
+    def _move_end(self, mv: LiveMove, reason: str, *, resume: bool, lost: Collection[NodeRef] = ()) -> None:
         """Call a migration off: both nodes are told; a held decode goes on along the old route
         (``resume``)."""
         q = mv.q
         del self._moves[q.qid]
         self.stats.migrations_aborted += 1
         for node in (mv.source, mv.target):
-            self._transport.send(node, MigrateAbort(request_id=q.rid, reason=reason))
+            if node in lost:
+                continue
+            try:
+                self._transport.send(node, MigrateAbort(request_id=q.rid, reason=reason))
+            except TransportError:  # a node that is gone (not yet known lost): nothing to tell it
+                self.stats.bad_messages += 1
         if resume and mv.held is not None and q.route is not None:
             self._transport.send(q.route[0][0], mv.held)
 

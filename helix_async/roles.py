@@ -62,7 +62,7 @@ class WorkerRole:
             feedback=hop is not None and hop.feedback,
             compat=compat,
             fuse=fuse,
-            **({} if gather is None else {"gather": gather}),
+            gather=WorkerSettings.gather if gather is None else gather,
         )
 
 

@@ -202,8 +202,13 @@ class MigrationPolicy:
             if (prev, y) not in self.links or (y, nxt) not in self.links:
                 continue
             ly = loads[y]
-            if kv is not None and kv.available(y) < kv.expected_len(q.input_len) * (b - a):
-                continue  # the router's expectation has no room there (admission reads it)
+            if math.isinf(ly):
+                continue  # draining, or gone
+            try:
+                if kv is not None and kv.available(y) < kv.expected_len(q.input_len) * (b - a):
+                    continue  # the router's expectation has no room there (admission reads it)
+            except KeyError:
+                continue  # a node the router's current plan leaves out (lost)
             used, cap, _ = self.load(y)
             after = ly + (q.input_len + q.iterations + 1) * (b - a) / max(1, cap)
             if after > cfg.low or src_load - ly <= cfg.gap:
