@@ -1167,6 +1167,7 @@ LAYOUTS: dict[int, _Layout] = {
                 "max_context": _POS32,
                 "priority": _Int(-I32_MAX - 1, I32_MAX),
                 "source": _I32,
+                "address": _S,
             },
             _rules_migrate_reserve,
         ),

@@ -128,6 +128,13 @@ class AdmissionQueue:
         return out
 
 
+def _argmax_only(s: SamplingParams) -> bool:
+    """The last stage chooses the query's tokens by a plain arg-max and keeps no sampler for it (no
+    temperature, penalty, ban or log-probabilities: ``executors.sampling.sampler_for``)."""
+    return (s.temperature == 0 and s.repetition_penalty == 1 and s.presence_penalty == 0
+            and s.frequency_penalty == 0 and s.min_tokens == 0 and s.logprobs is None)
+
+
 class Query:
     """One query's lifecycle on the host."""
 
@@ -293,6 +300,8 @@ class Host:
         #: (query id, stage, source, target, began, held at, resumed at, positions copied): every
         #: live migration completed
         self.live_moves: list[tuple[int, int, int, int, float, float, float, int]] = []
+        #: (query id, why): every live migration called off
+        self.aborted_moves: list[tuple[int, str]] = []
         #: on_moved(move): a live migration completed (the query's route is the new one)
         self.on_moved: Callable[[LiveMove], None] | None = None
         self.stats = HostStats()
@@ -620,8 +629,8 @@ class Host:
             why = f"no stage {stage} in a route of {len(q.route)}"
         elif any(st[0] == target for st in q.route):
             why = f"node {target} is on its route already"
-        elif stage == len(q.route) - 1 and q.sampling is not GREEDY:
-            why = "its sampler's state stays on its last stage (greedy queries only move it)"
+        elif stage == len(q.route) - 1 and not _argmax_only(q.sampling):
+            why = "its sampler's state stays on its last stage (only plain greedy queries move it)"
         if why:
             return f"query {qid}: {why}"
         assert q is not None and q.route is not None
@@ -645,6 +654,7 @@ class Host:
                 max_context=q.input_len + q.output_len - 1,
                 priority=q.priority,
                 source=x,
+                address="" if self.peer_address is None else self.peer_address(x),
             ),
         )
         self._clock.call_at(now + self.migration_timeout, self._move_timeout, qid, mv.gen)
@@ -686,6 +696,7 @@ class Host:
         q = mv.q
         del self._moves[q.qid]
         self.stats.migrations_aborted += 1
+        self.aborted_moves.append((q.qid, reason))
         for node in (mv.source, mv.target):
             if node in lost:
                 continue

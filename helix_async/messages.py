@@ -457,7 +457,8 @@ class MigrateReserve(_Message):
     route: the request's route once it has moved (Y at index ``stage``). context_len: KV positions
     the source holds now (Y reserves them). max_context: the request's context when its last token
     is made (Y frees the request there, as the source would). priority: the request's.
-    source: the node the KV comes from (Y accepts ``MigrateKV`` for this request from it only).
+    source: the node the KV comes from (Y accepts ``MigrateKV`` for this request from it only);
+    address: where the source listens, for Y's acknowledgements ("" in the simulator).
     Y answers ``MigrateStatus`` ``RESERVED`` or ``REFUSED``."""
 
     TAG: ClassVar[MsgType] = MsgType.MIGRATE_RESERVE
@@ -469,6 +470,7 @@ class MigrateReserve(_Message):
     max_context: int
     priority: int
     source: int
+    address: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

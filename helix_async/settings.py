@@ -341,6 +341,8 @@ class HostSettings:
     them): hold the host's messages back by its links' modelled transfer times, slowed by this
     factor (None: off). recovery_timeout: seconds a request moved off a lost worker may wait for a
     live route before it fails. shutdown_grace: seconds in-flight requests may finish at shutdown.
+    migration: reschedule running requests by live KV migration (MaxFlow;
+    ``helix_async.routing.migration``, docs/migration.md).
 
     A value out of range raises ConfigError naming the field.
 
@@ -362,6 +364,7 @@ class HostSettings:
     lossy_link_retries: int = 8
     link_degrade_factor: float = 0.25
     link_recover_s: float = 30.0
+    migration: bool = False
 
     def __post_init__(self) -> None:
         positive = {"admission_capacity": self.admission_capacity, "recovery_timeout": self.recovery_timeout,

@@ -1003,6 +1003,18 @@ class Worker:
     def _mig_status(self, rid: int, dest: NodeRef, state: int, upto: int = -1, text: str = "") -> None:
         self._send(dest, MigrateStatus(request_id=rid, node_id=self.node_id, state=state, upto=upto, text=text))
 
+    def _dial(self, node: Any, address: str) -> bool:
+        """Open a link to ``node`` at ``address`` for a migration (a ZeroMQ transport; a network that
+        knows every node has nothing to open). False when the address cannot be dialled."""
+        connect = getattr(self._transport, "connect", None)
+        if connect is None:
+            return True
+        try:
+            connect(node, address)
+        except Exception:  # an address the transport refuses
+            return False
+        return True
+
     def _mig_reserve(self, msg: Any) -> None:
         """Target: reserve KV for the request's stage, or refuse (the host sent this)."""
         rid = msg.request_id
@@ -1018,6 +1030,8 @@ class Worker:
         need = msg.context_len * k
         if not why and self.kv_used + need > self.kv_capacity:
             why = f"{need} KV entries needed, {self.kv_capacity - self.kv_used} free"
+        if not why and msg.address and not self._dial(msg.source, msg.address):
+            why = f"cannot reach node {msg.source} at {msg.address}"
         if why:
             self.stats.migrate_refused += 1
             self._mig_status(rid, SINK, MigrateState.REFUSED, -1, why)
@@ -1113,14 +1127,10 @@ class Worker:
             self.stats.migrate_refused += 1
             self._mig_status(rid, SINK, MigrateState.REFUSED, -1, why)
             return
-        if msg.address:
-            connect = getattr(self._transport, "connect", None)
-            if connect is not None:
-                try:
-                    connect(msg.target, msg.address)
-                except Exception as e:  # an address it cannot dial: the migration is off
-                    self._mig_status(rid, SINK, MigrateState.REFUSED, -1, f"cannot reach node {msg.target}: {e}")
-                    return
+        if msg.address and not self._dial(msg.target, msg.address):
+            self.stats.migrate_refused += 1
+            self._mig_status(rid, SINK, MigrateState.REFUSED, -1, f"cannot reach node {msg.target} at {msg.address}")
+            return
         mv = _Move(msg.target)
         self._mig_out[rid] = mv
         self._mig_next(rid, mv)

@@ -140,7 +140,8 @@ WIRE_LAYOUTS = {
     11: ("feedback", ("request_id", "node_id", "delay", "sent_at")),
     12: ("node_stats", ("node_id", "now", "kv_used", "kv_capacity", "queued", "peers", "bytes_out", "bad_frames",
                         "retried", "rtt_us", "batches", "busy_s")),
-    13: ("migrate_reserve", ("request_id", "route", "stage", "context_len", "max_context", "priority", "source")),
+    13: ("migrate_reserve", ("request_id", "route", "stage", "context_len", "max_context", "priority", "source",
+                         "address")),
     14: ("migrate_start", ("request_id", "target", "address")),
     15: ("migrate_kv", ("request_id", "first", "count", "final", "sent_at", "tensors", "payload_bytes")),
     16: ("migrate_status", ("request_id", "node_id", "state", "upto", "text")),
@@ -350,7 +351,7 @@ def migrate_reserves(draw) -> MigrateReserve:
     ctx = draw(pos32)
     return MigrateReserve(request_id=draw(ids), route=route, stage=draw(st.integers(0, len(route) - 1)),
                           context_len=ctx, max_context=draw(st.integers(ctx, I32)),
-                          priority=draw(ints(-(2**31), I32)), source=draw(i32))
+                          priority=draw(ints(-(2**31), I32)), source=draw(i32), address=draw(texts))
 
 
 @st.composite

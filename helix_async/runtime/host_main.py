@@ -68,6 +68,7 @@ from ..messages import (
 from ..placement import Placement
 from ..placement.flow import max_flow
 from ..roles import Replanner
+from ..routing.migration import MigrationPolicy
 from ..routing.policies import runtime_policy
 from ..runlog import RunLog
 from ..sampling import SampledToken, SamplingParams
@@ -213,6 +214,8 @@ class HostServer:
         self._names: dict[str, int] = {}
         self.counters = HostCounters()
         self.host: Host | None = None
+        #: the rescheduling policy (``settings.migration``), once serving
+        self.migration: MigrationPolicy | None = None
         self._assigned = False
         self._ready: asyncio.Event | None = None
         self._streams: dict[int, asyncio.Queue[Any]] = {}
@@ -294,6 +297,8 @@ class HostServer:
         if self._closing:
             return
         self._closing = True
+        if self.migration is not None:
+            self.migration.stop()
         if grace is None:
             grace = self.settings.shutdown_grace
         if self._watchdog is not None:
@@ -537,12 +542,17 @@ class HostServer:
 
             links = links_from(self.placement.cluster, SOURCE)
             transport = EmulatedLinks(transport, self.clock, links, self.settings.emulate_time_scale)
-        host = Host(self.clock, transport, router=router, admission_capacity=self.settings.admission_capacity)
+        host = Host(self.clock, transport, router=router, admission_capacity=self.settings.admission_capacity,
+                    peer_address=self._address_of)
         host.on_token = self._on_token
         host.on_fail = self._on_fail
         host.on_reject = self._on_reject
         host.on_query_done = self._on_done
         self.host = host
+        if self.settings.migration:
+            layers = {i: st.layers for i, st in self.nodes.items()}
+            self.migration = MigrationPolicy(host, self.clock, layers, self.placement.links, self._node_load)
+            self.migration.start()
         self.runlog = RunLog(self.clock.now())
         self._watchdog = asyncio.get_running_loop().create_task(self._recovery_watch(), name="recovery-watch")
         assert self._ready is not None
@@ -550,6 +560,19 @@ class HostServer:
         log.info("all %d nodes ready: serving", len(self.nodes))
         if self.tp.curve is None:
             warn_plaintext("the host")
+
+    def _address_of(self, node: int) -> str:
+        """Where node ``node``'s worker listens (a migration's source dials it there)."""
+        st = self.nodes.get(node)
+        return "" if st is None else st.address
+
+    def _node_load(self, node: int) -> tuple[int, int, int]:
+        """(KV in use, KV capacity, 0) of a node from its last ``NodeStats``; none for a node lost,
+        draining or not reporting (the policy moves nothing there)."""
+        st = self.nodes.get(node)
+        if st is None or st.lost or st.draining or st.stats is None:
+            return (0, 0, 0)
+        return (st.stats.kv_used, st.stats.kv_capacity, 0)
 
     # ---- failures -------------------------------------------------------------------------------
 

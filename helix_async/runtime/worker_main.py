@@ -46,6 +46,12 @@ from ..messages import (
     Error,
     ErrorCode,
     Feedback,
+    MigrateAbort,
+    MigrateFinish,
+    MigrateKV,
+    MigrateReserve,
+    MigrateStart,
+    MigrateStatus,
     NodeStats,
     PromptWork,
     Register,
@@ -61,6 +67,10 @@ from ..worker import Worker
 __all__ = ["WorkerExit", "WorkerOptions", "WorkerServer", "run_worker"]
 
 log = logging.getLogger("helix_async.worker")
+
+#: the kinds the worker itself handles (once the sender passed ``WorkerServer._allowed``)
+_TO_WORKER = frozenset({PromptWork, DecodeWork, Cancel, Feedback, MigrateReserve, MigrateStart, MigrateKV, MigrateStatus,
+                        MigrateFinish, MigrateAbort})
 
 
 class WorkerExit(HelixError, RuntimeError):
@@ -225,6 +235,9 @@ class WorkerServer:
             return ""
         if t is Feedback:
             return "" if sender in self._next else "feedback not from a next hop"
+        if t is MigrateKV or t is MigrateStatus:
+            # between the two nodes of a migration (the worker checks it is the pair the host named)
+            return "" if isinstance(sender, int) else "a migration's chunk or answer not from a worker"
         return "" if sender == SOURCE else "a control message not from the host"
 
     def _on_control(self, sender: NodeRef, msg: Any) -> None:
@@ -233,7 +246,7 @@ class WorkerServer:
         if why:
             self._drop(t, sender, why)
             return
-        if t in (PromptWork, DecodeWork, Cancel, Feedback):
+        if t in _TO_WORKER:
             if self.worker is not None:
                 self.worker.on_message(sender, msg)
             else:
@@ -336,6 +349,7 @@ class WorkerServer:
             out_links=tuple(out),
             next_layers={n: (s, e) for n, _, s, e in a.next_hops if n >= 0},
             gather=opts.gather,
+            kv_token_bytes=spec.kv_bytes_per_token_per_layer,
         )
         w = Worker(a.node_id, self.clock, transport, self.executor, settings)
         self.worker = w

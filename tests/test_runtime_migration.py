@@ -1,0 +1,157 @@
+"""Live KV migration in the serving runtime: worker processes over ZeroMQ on loopback (docs/migration.md).
+
+The plan holds a tiny LLaMA checkpoint on three worker processes: node 0 layers [0, 4), nodes 1
+and 2 both [4, 8). Every request's second stage moves, with its KV, to the other node while it
+decodes: the source dials the target at the address the host gives it and sends real key and
+value tensors. Every request's greedy tokens must equal transformers' ``generate``.
+
+The chaos case kills the target's process the moment it has reserved room (mid-copy): the
+migration is called off and the request finishes where it was, with the same tokens.
+
+Every process started is killed at the end; every wait is for a state, bounded only to fail
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from collections.abc import Iterator  # noqa: E402
+
+from hf_oracle import hf_greedy, make_checkpoint  # noqa: E402
+from polling import wait_until_async  # noqa: E402
+from test_runtime import Procs, plan_file, run  # noqa: E402
+
+from helix_async.messages import MigrateState  # noqa: E402
+from helix_async.model import get_model  # noqa: E402
+from helix_async.runtime.host_main import HostServer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+LAYERS = {0: (0, 4), 1: (4, 8), 2: (4, 8)}
+OTHER = {1: 2, 2: 1}
+PROMPTS = [[(31 * i + 7 * j + 3) % 2048 for j in range(n)] for i, n in enumerate([5, 17, 40, 9])]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A checkpoint of the plan's model's shape (tiny-llama), randomly initialised."""
+    spec = get_model("tiny-llama")
+    d = tmp_path_factory.mktemp("tiny-llama-migration-ckpt")
+    model = make_checkpoint(d, 77, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                            intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads)
+    return d, model
+
+
+@pytest.fixture
+def processes() -> Iterator[Procs]:
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.close()
+
+
+def test_requests_moved_between_worker_processes_give_hf_greedy_tokens(
+    tmp_path: Path, tiny: tuple[Path, Any], processes: Procs
+) -> None:
+    ckpt, model = tiny
+    _, placement = plan_file(tmp_path, LAYERS)
+
+    async def main() -> tuple[list[list[int]], Any, list[Any]]:
+        server = HostServer(placement)
+        address = await server.start()
+        for i in LAYERS:
+            processes.worker(address, "--node-id", str(i), "--checkpoint", str(ckpt))
+        await server.wait_ready(180)
+        host = server.host
+        assert host is not None
+        refused: list[str] = []
+        serve_token = host.on_token
+        assert serve_token is not None
+
+        def on_token(q: Any, tok: Any, last: bool) -> None:
+            serve_token(q, tok, last)
+            if q.iterations == 3 and q.route is not None:  # mid-decode: move its second stage
+                why = host.migrate(q.qid, 1, OTHER[q.route[1][0]])
+                if why:
+                    refused.append(why)
+
+        host.on_token = on_token
+
+        async def one(p: list[int]) -> list[int]:
+            return [t async for t in server.generate(p, NEW)]
+
+        got = await asyncio.gather(*(one(p) for p in PROMPTS))
+        stats = host.stats
+        moves = list(host.live_moves)
+        assert not refused, refused
+        assert not host.aborted_moves, host.aborted_moves
+        await server.shutdown("test done", grace=1.0)
+        return list(got), stats, moves
+
+    got, stats, moves = run(main())
+    for p, out in zip(PROMPTS, got, strict=True):
+        assert out == hf_greedy(model, p, NEW), f"prompt of {len(p)} tokens"
+    assert stats.live_migrations == len(PROMPTS) and stats.migrations_aborted == 0 and stats.failed == 0
+    for _, stage, source, target, began, held, resumed, upto in moves:
+        assert stage == 1 and OTHER[source] == target and began <= held <= resumed and upto > 0
+
+
+def test_a_target_killed_mid_copy_leaves_the_request_where_it_was(
+    tmp_path: Path, tiny: tuple[Path, Any], processes: Procs
+) -> None:
+    ckpt, model = tiny
+    _, placement = plan_file(tmp_path, LAYERS)
+    prompt = [(13 * j + 1) % 2048 for j in range(30)]
+
+    async def main() -> tuple[list[int], Any, Any, list[str]]:
+        server = HostServer(placement)
+        address = await server.start()
+        ws = {i: processes.worker(address, "--node-id", str(i), "--checkpoint", str(ckpt)) for i in LAYERS}
+        await server.wait_ready(180)
+        host = server.host
+        assert host is not None
+        killed: list[int] = []
+        status = host._move_status
+
+        def spy(sender: Any, msg: Any) -> None:
+            # the target has reserved its room: it dies before the copy can finish
+            if msg.state == MigrateState.RESERVED and not killed:
+                killed.append(sender)
+                ws[sender].send_signal(signal.SIGKILL)
+            status(sender, msg)
+
+        host._move_status = spy  # type: ignore[method-assign]
+        serve_token = host.on_token
+        assert serve_token is not None
+        why: list[str] = []
+
+        def on_token(q: Any, tok: Any, last: bool) -> None:
+            serve_token(q, tok, last)
+            if q.iterations == 3 and q.route is not None:
+                why.append(host.migrate(q.qid, 1, OTHER[q.route[1][0]]))
+
+        host.on_token = on_token
+        out = [t async for t in server.generate(prompt, NEW)]
+        # the loss is noticed (heartbeats) and the flows re-planned around it
+        await wait_until_async(lambda: server.counters.workers_lost == 1, what="the killed target noticed")
+        stats, counters = host.stats, server.counters
+        await server.shutdown("test done", grace=1.0)
+        return out, stats, counters, why
+
+    out, stats, counters, why = run(main())
+    assert why == [""]
+    assert out == hf_greedy(model, prompt, NEW)
+    assert stats.live_migrations == 0 and stats.migrations_aborted == 1 and stats.failed == 0
+    assert counters.workers_lost == 1
