@@ -93,7 +93,8 @@ async def _host_main(args: argparse.Namespace) -> int:
 
 #: the ``host`` flag that sets each HostSettings field
 HOST_FLAGS = {"listen": "--listen", "scheduler": "--scheduler", "kv": "--kv", "admission_capacity": "--admission-capacity", "log_dir": "--log-dir",
-              "emulate_time_scale": "--emulate", "recovery_timeout": "--recovery-timeout", "shutdown_grace": "--grace"}
+              "emulate_time_scale": "--emulate", "recovery_timeout": "--recovery-timeout", "shutdown_grace": "--grace",
+              "migration": "--migration"}
 
 
 def host_settings(args: argparse.Namespace) -> HostSettings:
@@ -101,7 +102,7 @@ def host_settings(args: argparse.Namespace) -> HostSettings:
     try:
         return HostSettings(listen=args.listen, scheduler=args.scheduler, kv=KVExpectation(*args.kv), admission_capacity=args.admission_capacity,
                             log_dir=args.log_dir, emulate_time_scale=args.emulate, recovery_timeout=args.recovery_timeout,
-                            shutdown_grace=args.grace)
+                            shutdown_grace=args.grace, migration=args.migration == "on")
     except ConfigError as e:
         raise ConfigError("<argument>", HOST_FLAGS.get(e.field, e.field), e.message) from None
 
@@ -355,6 +356,9 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
                    help="most queries waiting for admission (default %(default)s)")
     h.add_argument("--grace", type=seconds, default=d.shutdown_grace,
                    help="seconds in-flight requests may finish at shutdown (default %(default)s)")
+    h.add_argument("--migration", choices=("on", "off"), default="off",
+                   help="reschedule running requests by live KV migration between workers that hold the same "
+                        "layers (maxflow; docs/migration.md; default off)")
     h.add_argument("--recovery-timeout", type=seconds, default=d.recovery_timeout,
                    help="seconds a request moved off a lost worker may wait for a live route (default %(default)s)")
     h.add_argument("--progress", action="store_true", help="a progress bar of the requests done (stderr)")

@@ -144,7 +144,7 @@ async def _serve_with_keys(args: argparse.Namespace, stack: contextlib.ExitStack
     else:
         keys_dir = stack.enter_context(run_keys(n))  # removed when serve ends
     server = HostServer(placement, flow, HostSettings(admission_capacity=args.admission_capacity,
-                                                      shutdown_grace=args.grace),
+                                                      shutdown_grace=args.grace, migration=args.migration == "on"),
                         curve=load_keys(keys_dir, "host") if keys_dir else None)
     address = await server.start()
     api = None
@@ -236,6 +236,8 @@ def add_parser(sub: Any, positive_int: Any, positive: Any) -> None:
     s.add_argument("--admission-capacity", type=positive_int, default=256,
                    help="requests that may wait for admission; beyond, 429 (default %(default)s)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--migration", choices=("on", "off"), default="off",
+                   help="reschedule running requests by live KV migration (as host --migration; default off)")
     s.add_argument("--grace", type=seconds, default=HostSettings().shutdown_grace,
                    help="seconds in-flight requests may finish at stop (default %(default)s)")
     s.add_argument("--log-dir", default=None, help="the plan and the workers' logs (default: a temporary directory)")
