@@ -23,7 +23,6 @@ checked against the same request served again without moving.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
