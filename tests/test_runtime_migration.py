@@ -33,6 +33,7 @@ from test_runtime import Procs, plan_file, run  # noqa: E402
 from helix_async.messages import MigrateState  # noqa: E402
 from helix_async.model import get_model  # noqa: E402
 from helix_async.runtime.host_main import HostServer  # noqa: E402
+from helix_async.settings import HostSettings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +156,51 @@ def test_a_target_killed_mid_copy_leaves_the_request_where_it_was(
     assert out == hf_greedy(model, prompt, NEW)
     assert stats.live_migrations == 0 and stats.migrations_aborted == 1 and stats.failed == 0
     assert counters.workers_lost == 1
+
+
+def test_a_sigterm_drains_the_worker_by_migration_without_recomputing(
+    tmp_path: Path, tiny: tuple[Path, Any], processes: Procs
+) -> None:
+    """host --migration on: a worker told to stop (SIGTERM) hands every request's stage to the node
+    holding the same layers, KV and all; none is re-prefilled, and the worker exits cleanly."""
+    ckpt, model = tiny
+    _, placement = plan_file(tmp_path, LAYERS)
+    prompts = [[(19 * i + 5 * j + 2) % 2048 for j in range(6 + 3 * i)] for i in range(6)]
+    new = 40
+
+    async def main() -> tuple[list[list[int]], Any, Any, int | None]:
+        server = HostServer(placement, settings=HostSettings(migration=True))
+        address = await server.start()
+        ws = {i: processes.worker(address, "--node-id", str(i), "--checkpoint", str(ckpt)) for i in LAYERS}
+        await server.wait_ready(180)
+        host = server.host
+        assert host is not None
+
+        serve_token = host.on_token
+        assert serve_token is not None
+        told: list[int] = []
+
+        def on_token(q: Any, tok: Any, last: bool) -> None:
+            serve_token(q, tok, last)
+            # a request decodes, with most of its tokens to come: its second node is told to stop
+            if not told and q.iterations == 3 and q.route is not None:
+                told.append(q.route[-1][0])
+                ws[told[0]].send_signal(signal.SIGTERM)
+
+        host.on_token = on_token
+
+        async def one(p: list[int]) -> list[int]:
+            return [t async for t in server.generate(p, new)]
+
+        got = await asyncio.gather(*(one(p) for p in prompts))
+        assert told
+        code = await asyncio.get_running_loop().run_in_executor(None, ws[told[0]].wait, 60)
+        stats, counters = host.stats, server.counters
+        await server.shutdown("test done", grace=1.0)
+        return list(got), stats, counters, code
+
+    got, stats, counters, code = run(main())
+    for p, out in zip(prompts, got, strict=True):
+        assert out == hf_greedy(model, p, new), f"prompt of {len(p)} tokens"
+    assert counters.drained == 1 and code == 0
+    assert stats.live_migrations >= 2 and stats.migrated == 0 and stats.failed == 0

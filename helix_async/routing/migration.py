@@ -13,7 +13,9 @@ A node's load, as a share of its KV capacity:
     (KV entries in use + the KV its first waiting prompt needs + headroom) / capacity
 
 where headroom is ``headroom`` x capacity on a node that carries a query more urgent than the
-default priority, and a draining node's load is infinite.  A round (every ``period`` s of the
+default priority, and a draining node's load is infinite.  Admission reads the router's KV
+expectation, not the entries in use, so a node's load is the larger of that share and the
+router's expected share of its capacity.  A round (every ``period`` s of the
 clock) looks at the nodes from the most loaded down.  A node above ``high`` hands stages of its
 queries to the least loaded node that holds the same layers and is linked, in the plan, to the
 stages before and after; that node must stay below ``low`` once it has them, and the gap between
@@ -108,8 +110,10 @@ class MigrationPolicy:
         self._running = False
 
     def drain(self, node: int) -> None:
-        """Move everything off ``node`` (scale-in, SIGTERM): its load counts as full from now on."""
+        """Move everything off ``node`` (scale-in, SIGTERM): its load counts as full from now on,
+        and a round starts at once. A target may then fill up to its whole capacity (not ``low``)."""
         self.draining.add(node)
+        self.round()
 
     def _tick(self) -> None:
         if not self._running:
@@ -126,6 +130,8 @@ class MigrationPolicy:
         for q in self.host.active_queries():
             if q.priority < self.urgent and q.route:
                 urgent_on.update(st[0] for st in q.route)
+        router = getattr(self.host, "router", None)
+        kv = None if router is None else router.kv
         out: dict[int, float] = {}
         for node in self.layers:
             if node in self.draining:
@@ -136,7 +142,17 @@ class MigrationPolicy:
                 out[node] = math.inf
                 continue
             extra = cfg.headroom * cap if node in urgent_on else 0.0
-            out[node] = (used + demand + extra) / cap
+            share = (used + demand + extra) / cap
+            if kv is not None:
+                # what admission reads: the share of the node's KV the router expects taken
+                try:
+                    total = kv.total(node)
+                except KeyError:  # a node the current plan leaves out
+                    out[node] = math.inf
+                    continue
+                if total > 0:
+                    share = max(share, 1.0 - kv.available(node) / total + extra / cap)
+            out[node] = share
         return out
 
     def round(self) -> int:
@@ -192,6 +208,7 @@ class MigrationPolicy:
         nxt: NodeRef = SINK if i == len(route) - 1 else route[i + 1][0]
         on_route = {st[0] for st in route}
         src_load = loads[node]
+        limit = 1.0 if node in self.draining else cfg.low
         router = getattr(self.host, "router", None)
         kv = None if router is None else router.kv
         best = None
@@ -211,7 +228,7 @@ class MigrationPolicy:
                 continue  # a node the router's current plan leaves out (lost)
             used, cap, _ = self.load(y)
             after = ly + (q.input_len + q.iterations + 1) * (b - a) / max(1, cap)
-            if after > cfg.low or src_load - ly <= cfg.gap:
+            if after > limit or src_load - ly <= cfg.gap:
                 continue
             if ly < best_load:
                 best, best_load = y, ly

@@ -236,6 +236,9 @@ class HostServer:
         self._refusals: dict[str, float] = {}  # refusal outbox -> when it closes at the latest
         self._rlog = RateLimitedLog(log, self.clock.now)
         self._reg_watch: asyncio.Task[None] | None = None
+        #: seconds a draining worker's requests may take to move by live migration (settings.migration)
+        self.drain_migration_s = 20.0
+        self._tasks_drain: list[asyncio.Task[None]] = []
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -567,11 +570,18 @@ class HostServer:
         return "" if st is None else st.address
 
     def _node_load(self, node: int) -> tuple[int, int, int]:
-        """(KV in use, KV capacity, 0) of a node from its last ``NodeStats``; none for a node lost,
-        draining or not reporting (the policy moves nothing there)."""
+        """(KV in use, KV capacity, 0) of a node from its last ``NodeStats`` (before its first: none
+        in use, of the plan's capacity); none for a node lost or draining (the policy moves nothing
+        there)."""
         st = self.nodes.get(node)
-        if st is None or st.lost or st.draining or st.stats is None:
+        if st is None or st.lost or st.draining:
             return (0, 0, 0)
+        if st.stats is None:
+            host = self.host
+            try:
+                return (0, 0 if host is None else int(host.router.kv.total(node)), 0)
+            except KeyError:
+                return (0, 0, 0)
         return (st.stats.kv_used, st.stats.kv_capacity, 0)
 
     # ---- failures -------------------------------------------------------------------------------
@@ -609,9 +619,28 @@ class HostServer:
             self._replan(f"worker {peer} is back")
 
     def _drain(self, node: int) -> None:
-        """The worker asked to leave (SIGTERM): move its requests off it, then tell it to stop."""
+        """The worker asked to leave (SIGTERM): move its requests off it, then tell it to stop.
+
+        With ``settings.migration``, by live migration first (docs/migration.md, "Draining"): the
+        flows are re-planned without the node, so nothing new goes there, and the policy moves
+        every stage it holds to a node with the same layers, KV and all; what has not moved within
+        ``drain_migration_s`` (no such node, or a move refused) is moved by recomputation, as
+        without migration."""
         st = self.nodes[node]
         if st.draining:
+            return
+        if self.migration is not None and self.host is not None:
+            st.draining = True
+            self.counters.drained += 1
+            log.warning("worker %d (%s) is draining: its requests move by live migration", node, st.name)
+            host = self.host
+            gone = frozenset(n for n, x in self.nodes.items() if x.lost or x.draining)
+            router, flow, reason = self.replanner.router(gone)
+            if router is not None:
+                host.replan(router, (), reason)  # (no node lost: every request keeps its route)
+                self.current_flow = flow
+            self.migration.drain(node)
+            self._tasks_drain.append(asyncio.get_running_loop().create_task(self._finish_drain(node)))
             return
         st.draining = True
         st.lost = True
@@ -624,6 +653,32 @@ class HostServer:
             self._replan(f"worker {node} is draining")
             for rid in self.host.stale_on.pop(node, []):  # the ones moved just now: it is alive, tell it
                 self.tp.send(node, Cancel(request_id=rid, reason="drained"))
+        self.tp.send(node, Shutdown(reason="drained: its requests moved to other workers"))
+
+    def _carries(self, node: int) -> bool:
+        host = self.host
+        return host is not None and any(q.route is not None and any(s[0] == node for s in q.route)
+                                        for q in host.active_queries())
+
+    async def _finish_drain(self, node: int) -> None:
+        """Wait (bounded) until a draining node carries no request, then let it go; what is still
+        on it by then moves by recomputation."""
+        deadline = self.clock.now() + self.drain_migration_s
+        while self._carries(node) and self.clock.now() < deadline and not self._closing:
+            await self.clock.sleep(0.05)
+        if self._closing or self.host is None:
+            return
+        st = self.nodes[node]
+        st.lost = True
+        st.lost_at = self.clock.now()
+        if self.migration is not None:
+            self.migration.draining.discard(node)
+        host = self.host
+        for rid in host.stale_on.pop(node, []):
+            self.tp.send(node, Cancel(request_id=rid, reason="drained"))
+        self._replan(f"worker {node} drained")  # (moves by recomputation what is still on it)
+        for rid in host.stale_on.pop(node, []):
+            self.tp.send(node, Cancel(request_id=rid, reason="drained"))
         self.tp.send(node, Shutdown(reason="drained: its requests moved to other workers"))
 
     def _replan(self, why: str) -> None:
