@@ -11,6 +11,7 @@ Bad flags or files exit 2 with one line naming the flag, file or field.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from helix_async.placement.io import (
 from helix_async.routing.policies import get_policy
 from helix_async.settings import KV_OFFLINE, KV_ONLINE, KVExpectation, WorkerSettings, kv_for_mode
 
+from .fleet import DEFAULT_PRICES, FleetConfig, parse_spares
 from .report import report_json, summary_lines
 from .runner import DEFAULT_MAX_EVENTS, MAX_SIM_SECONDS, Workload, run
 from .simulation import SCHEDULERS, SimulationSetup
@@ -162,9 +164,38 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gather", type=number_in(0.0, 10.0), default=None, metavar="K",
                    help="the workers' decode gathering factor, as worker --gather (default: the workers' "
                         f"{WorkerSettings.gather:g}; 0: off; docs/runtime.md)")
+    p.add_argument("--spares", type=parse_spares, default=None, metavar="TYPE:N,...",
+                   help="an elastic fleet: spare nodes of these machine types join while the load is high and leave "
+                        "when it falls (MaxFlow, not with --compat helix; docs/simulator.md, \"Elastic fleet\")")
+    p.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
+                   help="with --spares: between MIN and MAX spares serve at any time (default 0:all of them; "
+                        "MIN = MAX: a static fleet of that many)")
+    p.add_argument("--prices", type=_prices, default=None, metavar="TYPE=USD,...",
+                   help="with --spares: US dollars per GPU-hour per machine type (default: sim.fleet.DEFAULT_PRICES)")
     p.add_argument("--migration", choices=("on", "off"), default="off",
                    help="reschedule running queries by live KV migration (MaxFlow, not with --compat helix; "
                         "docs/migration.md; default off)")
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 0 <= MIN <= MAX, got {text!r}")
+    return int(lo), int(hi)
+
+
+def _prices(text: str) -> dict[str, float]:
+    out = dict(DEFAULT_PRICES)
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        try:
+            price = float(value)
+        except ValueError:
+            price = -1.0
+        if not sep or not name or not (math.isfinite(price) and price >= 0):
+            raise argparse.ArgumentTypeError(f"expected TYPE=USD with USD >= 0, got {part.strip()!r}")
+        out[name.strip()] = price
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +279,10 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         extra["priority_share"] = wl.priority_share
     if args.migration == "on":  # (likewise)
         extra["migration"] = "on"
+    if args.spares:  # (likewise)
+        extra["spares"] = [list(s) for s in args.spares]
+        if args.autoscale is not None:
+            extra["autoscale"] = list(args.autoscale)
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -282,6 +317,16 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         raise ConfigError("<argument>", "--migration", "the original does not migrate: not with --compat helix")
     if args.migration == "on" and scheduler != "maxflow":
         raise ConfigError("<argument>", "--migration", f"needs the maxflow scheduler (the host routes), not {scheduler}")
+    fleet = None
+    if args.spares:
+        if compat or scheduler != "maxflow":
+            raise ConfigError("<argument>", "--spares", "an elastic fleet needs the maxflow scheduler in our semantics "
+                                                        "(not --compat helix)")
+        lo, hi = args.autoscale if args.autoscale is not None else (0, sum(n for _, n in args.spares))
+        fleet = FleetConfig(spares=args.spares, min_spares=lo, max_spares=hi,
+                            **({} if args.prices is None else {"prices": args.prices}))
+    elif args.autoscale is not None or args.prices is not None:
+        raise ConfigError("<argument>", "--autoscale" if args.autoscale is not None else "--prices", "needs --spares")
     if args.cores_available and args.shared_cores is None:
         raise ConfigError("<argument>", "--cores-available", "needs --shared-cores")
     if any(a > (args.shared_cores or 0.0) for a in args.cores_available):
@@ -297,6 +342,7 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
         available=args.cores_available,
         gather=args.gather,
         migration=args.migration == "on",
+        fleet=fleet,
     )
     return run(setup, wl, config=_config(args, plan_name, scheduler, wl, kv), progress=args.progress,
                max_events=args.max_events, **kw)

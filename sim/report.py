@@ -170,6 +170,8 @@ def build_report(
         extra["goodput"] = g
     if sim.migration is not None:
         extra["migration"] = migration_summary(sim)
+    if sim.fleet is not None:
+        extra["fleet"] = sim.fleet.summary(t_last if t_last > 0 else sim.clock.now())
     classes = by_priority(host, lo, hi)
     if classes:  # (absent otherwise: reports without priorities stay as they were)
         extra["by_priority"] = classes
@@ -260,6 +262,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"Priority {p}: {c['queries']} queries; TTFT {f(t['mean'])}s (p50 {f(t['p50'])}s, p99 {f(t['p99'])}s), "
             f"per-token {f(d['mean'], '.4f')}s (p99 {f(d['p99'], '.4f')}s)"
         )
+    fl = report.get("fleet")
+    if fl:
+        outs = sum(1 for e in fl["events"] if e["event"] == "out")
+        lefts = sum(1 for e in fl["events"] if e["event"] == "left")
+        lines.append(f"Fleet: {outs} joined, {lefts} left; {fl['gpu_hours']:.2f} GPU-hours, ${fl['dollars']:.2f}")
     m = report.get("migration")
     if m:
         dt = m["downtime"]

@@ -39,6 +39,7 @@ from helix_async.vloop import VirtualTimeLoop
 from helix_async.worker import Worker
 
 from .cores import SharedCoreExecutor, SharedCores
+from .fleet import Fleet, FleetConfig
 
 __all__ = ["SCHEDULERS", "Simulation", "SimulationSetup", "helix_message_bytes", "reserved_rates"]
 
@@ -70,7 +71,8 @@ class SimulationSetup:
     workers' decode gathering factor (``worker --gather``; None: the workers' default; docs/runtime.md).
     migration: the host reschedules running queries by live KV migration (MaxFlow, default mode;
     ``helix_async.routing.migration``, docs/migration.md), with ``migration_config``'s parameters
-    (None: their defaults).
+    (None: their defaults). fleet: an elastic fleet of spare nodes joining and leaving while
+    serving (``sim.fleet``), or None for the plan's nodes throughout.
     """
 
     placement: Placement
@@ -86,6 +88,7 @@ class SimulationSetup:
     gather: float | None = None
     migration: bool = False
     migration_config: MigrationConfig | None = None
+    fleet: FleetConfig | None = None
 
 
 def helix_message_bytes(model: ModelSpec) -> Callable[[NodeRef, NodeRef, Any], float]:
@@ -229,14 +232,69 @@ class Simulation:
         if setup.migration:
             if compat or not policy.routes_at_admission:
                 raise ValueError("live migration needs the MaxFlow router in default mode (not compat, not per-hop)")
-            for u in layers:
-                for v in layers:
-                    # a KV copy goes between two nodes that hold a layer in common
-                    if u != v and layers[u][0] < layers[v][1] and layers[v][0] < layers[u][1]:
-                        self.network.add_link(u, v)
+            self._copy_links(layers)
             self.migration = MigrationPolicy(self.host, self.clock, layers, p.links, self._node_load,
                                              setup.migration_config)
             self.migration.start()
+        #: the elastic fleet (``setup.fleet``), else None
+        self.fleet: Fleet | None = None
+        if setup.fleet is not None:
+            if compat or not policy.routes_at_admission:
+                raise ValueError("an elastic fleet needs the MaxFlow router in default mode (not compat, not per-hop)")
+            try:
+                self.fleet = Fleet(self, setup.fleet)
+            except BaseException:  # a bad fleet setting: nothing of this simulation runs
+                self.loop.close()
+                raise
+            self.fleet.install()
+
+    def _copy_links(self, layers: dict[int, tuple[int, int]]) -> None:
+        for u in layers:
+            for v in layers:
+                # a KV copy goes between two nodes that hold a layer in common
+                if u != v and layers[u][0] < layers[v][1] and layers[v][0] < layers[u][1]:
+                    self.network.add_link(u, v)
+
+    def router_for(self, placement: Placement) -> Any:
+        """A MaxFlow router of ``placement`` (its own max flow), as this simulation makes them."""
+        tm = ThroughputModel.for_cluster(self.model, placement.cluster)
+        return self.policy.make_router(placement, max_flow(placement, tm), self.setup.kv, tm)
+
+    def adopt(self, placement: Placement, router: Any = None) -> None:
+        """Serve ``placement`` from now on (an elastic fleet: the old plan plus nodes that joined,
+        or without nodes that leave; the nodes in both keep their layers). Nodes new to it get a
+        worker and their links; the host routes by ``router`` (default: this plan's own) and every
+        running query keeps its route."""
+        self.placement = placement
+        cluster = placement.cluster
+        self.network.grow(cluster)
+        self.tm = ThroughputModel.for_cluster(self.model, cluster)
+        roles = worker_roles(placement, self.tm)
+        for i, role in roles.items():
+            old = self._roles.get(i)
+            if old is not None and old.layers != role.layers and not self.workers[i].stopped:
+                raise ValueError(f"node {i} serves layers {old.layers}; the new plan gives it {role.layers}")
+        self._roles.update(roles)
+        for u, v in placement.links:
+            self.network.add_link(u, v)
+        for i in roles:
+            w = self.workers.get(i)
+            if w is None or w.stopped:
+                self.workers[i] = self._make_worker(i)
+        layers = {i: r.layers for i, r in roles.items()}
+        if self.migration is not None:
+            self._copy_links(layers)
+            self.migration.layers = layers
+            self.migration.links = frozenset(placement.links)
+        self.host.replan(self.router_for(placement) if router is None else router, (), "")
+
+    def retire(self, node: int) -> None:
+        """Node ``node`` leaves the fleet: its worker stops and its endpoint goes (it carries no
+        query by now, or the caller moved them)."""
+        w = self.workers.get(node)
+        if w is not None and not w.stopped:
+            w.kill()
+        self.network.detach(node)
 
     def _node_load(self, node: int) -> tuple[int, int, int]:
         """(KV in use, KV capacity, KV the first waiting prompt needs) of a live node; a dead one

@@ -128,6 +128,19 @@ class MemoryNetwork:
         self.control_messages = 0
         self.dropped = 0
 
+    def grow(self, cluster: ClusterSpec) -> None:
+        """The cluster gained nodes (an elastic fleet): ``cluster`` is the old one plus them; their
+        NICs join the network, and links to and from them can be added."""
+        self._cluster = cluster
+        for node in cluster.nodes:
+            if node.id not in self._out_nic:
+                m = cluster.machine(node.id)
+                self._out_nic[node.id] = m.nic_out
+                self._in_nic[node.id] = m.nic_in
+                self._busy_out[node.id] = 0
+                self._busy_in[node.id] = 0
+                self._in_used[node.id] = 0.0
+
     def add_link(self, u: NodeRef, v: NodeRef, rate: float | None = None) -> None:
         """Messages from ``u`` to ``v`` take the cluster's link between them from now on (its
         bandwidth shared as every link's is; ``rate``: its reserved rate in ``"reserved"`` mode).
