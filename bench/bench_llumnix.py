@@ -26,7 +26,14 @@ nothing needs it). Per run: mean and p99 TTFT and time per output token, decode 
 migrations completed and aborted, KV bytes copied, mean downtime (a query's decode held for the
 stop-and-copy) and preemptions. docs/migration.md.
 
-The elastic fleet is not built yet; its experiment joins this file when it is.
+**Autoscale** (``--experiment autoscale``). A load that varies 4x over the run (a diurnal
+profile from a quarter of ``--rate`` up to all of it and back, ``--profile``), served by the plan
+plus ``--spares`` two ways per seed: a static fleet with every spare serving throughout (sized for
+the peak), and the elastic fleet of ``sim.fleet`` (spares join when queries wait or the KV
+expectation stays above 85 % for 30 s, and leave when it stays below 50 %). Both migrate
+(``--migration on``: a leaving spare drains by migration). Per run: TTFT mean and p99, time per
+output token, GPU-hours and dollars (``sim.fleet.DEFAULT_PRICES``) until the last token, joins
+and leaves.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from helix_async.placement.io import load_shipped_layout  # noqa: E402
 from helix_async.routing.migration import MigrationConfig  # noqa: E402
 from helix_async.settings import KV_ONLINE  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
+from sim.fleet import FleetConfig, parse_spares  # noqa: E402
 from sim.report import percentiles  # noqa: E402
 from sim.runner import Workload, run  # noqa: E402
 from sim.simulation import SimulationSetup  # noqa: E402
@@ -69,10 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=int, default=150, help="simulated seconds of arrivals (a multiple of 3)")
     ap.add_argument("--share", type=float, default=0.1, help="share of urgent queries (default 0.1)")
     ap.add_argument("--seeds", default="1,2,3", help="workload seeds, comma-separated")
-    ap.add_argument("--experiment", choices=("priorities", "migration"), default="priorities")
+    ap.add_argument("--experiment", choices=("priorities", "migration", "autoscale"), default="priorities")
+    ap.add_argument("--spares", default="A100:2", help="autoscale: the spare pool, TYPE:N,... (default A100:2)")
+    ap.add_argument("--profile", default="diurnal:period=600,low=0.25",
+                    help="autoscale: the rate over time (default diurnal:period=600,low=0.25: 4x)")
     args = ap.parse_args(argv)
     if args.experiment == "migration":
         migration(args)
+        return
+    if args.experiment == "autoscale":
+        autoscale(args)
         return
     setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE)
     rows = []
@@ -132,6 +146,36 @@ def migration(args: argparse.Namespace) -> None:
     print(table(rows, ("seed", "run", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "per-token p99 s",
                        "decode tok/s", "moves", "aborted", "GB copied", "downtime ms", "preemptions",
                        "KV peak share")))
+
+
+def autoscale(args: argparse.Namespace) -> None:
+    """A static fleet sized for the peak against the elastic one, per seed (see the module doc)."""
+    spares = parse_spares(args.spares)
+    n = sum(c for _, c in spares)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
+                      arrivals="gamma", cv=args.cv, rate_profile=args.profile)
+        res = {}
+        for label, lo in (("static", n), ("elastic", 0)):
+            fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=n)
+            setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE, migration=True, fleet=fleet)
+            res[label] = r = run(setup, wl)
+            rec = r.sim.host.query_records
+            ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
+            tpot = percentiles([(done - first) / (m - 1) for _, _, first, done, _, m in rec if m > 1])
+            f = r.report["fleet"]
+            ev = [e["event"] for e in f["events"]]
+            rows.append((str(seed), label, str(len(rec)), f"{ttft['mean']:.2f}", f"{ttft['p99']:.2f}",
+                         f"{tpot['mean']:.3f}", f"{f['gpu_hours']:.2f}", f"{f['dollars']:.2f}",
+                         str(ev.count("out")), str(ev.count("left")), f"{f['end'] - r.sim.t0:.0f}"))
+        s, e = res["static"].report["fleet"], res["elastic"].report["fleet"]
+        rows.append((str(seed), "elastic / static", "", "", "", "", f"{e['gpu_hours'] / s['gpu_hours']:.3f}",
+                     f"{e['dollars'] / s['dollars']:.3f}", "", "", ""))
+    print(f"autoscale: LLaMA-2-70B, single24, plan {args.plan} plus spares {args.spares}, Gamma arrivals cv {args.cv:g} "
+          f"at up to {args.rate:g} tokens/s ({args.profile}) for {args.duration} s, migration on")
+    print(table(rows, ("seed", "fleet", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "GPU-hours", "USD",
+                       "joins", "leaves", "served s")))
 
 
 if __name__ == "__main__":

@@ -539,6 +539,9 @@ class Host:
         return moved
 
     def _start_migration(self, q: Query, lost: set[NodeRef]) -> None:
+        mv = self._moves.get(q.qid)
+        if mv is not None:  # a live move of another stage of its route: off (under its present wire id)
+            self._move_end(mv, "its route lost a node", resume=False, lost=lost)
         route = q.route
         assert route is not None
         for node in {st[0] for st in route}:

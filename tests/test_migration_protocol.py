@@ -358,3 +358,26 @@ def test_simulator_migrates_many_stages_and_serves_the_same_queries() -> None:
     assert all(w.kv_used == 0 for w in r.sim.workers.values())
     _, again = _sim(True)
     assert again == js
+
+
+# ---- 8. the query's route loses another node mid-move -----------------------------------------
+
+
+@CLASSES
+def test_a_move_ends_when_the_query_is_rerouted_by_a_lost_node(make: Any, cls: type) -> None:
+    """Node 2 (the query's last stage, not part of the move) is lost while stage 1 moves: the query
+    is re-admitted by recomputation under a new wire id, so the move is called off under the old
+    one, and source and target both let go of it."""
+    c = make(cls, chunk=1, tail=1)
+    q = c.submit(0, 60, 40)
+    c.migrate(q, 3, in_callback=False)
+    c.until(lambda: c.state(0) == LiveMove.COPYING, limit=5.0)
+    old_rid = q.rid
+    c.net.detach(2)
+    c.w[2].kill()
+    c.host.replan(None, {2}, "node 2 lost")  # (no route left: the query waits for one)
+    assert q.qid not in c.host.moves and q.rid != old_rid
+    assert c.host.stats.migrations_aborted == 1
+    c.loop.run_until(c.loop.time() + 5.0)
+    for i in (1, 3):
+        assert c.w[i].kv_used == 0 and not c.w[i]._mig_in and not c.w[i]._mig_out, f"node {i}"
