@@ -642,7 +642,6 @@ class Host:
         now = self._clock.now()
         self._move_gen += 1
         mv = LiveMove(q, stage, target, new, now, self._move_gen, reason)
-        self._moves[qid] = mv
         # the source holds at least the context before the query's last token (its next decode
         # brings that one); every stage frees the query at the context of its last decode,
         # input + output - 1 (the prompt's n + max_tokens - 1, also after a re-admission)
@@ -660,6 +659,7 @@ class Host:
                 address="" if self.peer_address is None else self.peer_address(x),
             ),
         )
+        self._moves[qid] = mv  # (after the send: a send that raises leaves no move behind)
         self._clock.call_at(now + self.migration_timeout, self._move_timeout, qid, mv.gen)
         return ""
 
@@ -700,14 +700,18 @@ class Host:
         del self._moves[q.qid]
         self.stats.migrations_aborted += 1
         self.aborted_moves.append((q.qid, reason))
-        for node in (mv.source, mv.target):
+        # the source keeps the request; the target lets go of it, whether its copy is still coming
+        # (MigrateAbort) or complete already (its DONE may be on the way: a Cancel frees it either way)
+        tell = ((mv.source, MigrateAbort(request_id=q.rid, reason=reason)),
+                (mv.target, Cancel(request_id=q.rid, reason=f"migration called off: {reason}")))
+        for node, msg in tell:
             if node in lost:
                 continue
             try:
-                self._transport.send(node, MigrateAbort(request_id=q.rid, reason=reason))
+                self._transport.send(node, msg)
             except TransportError:  # a node that is gone (not yet known lost): nothing to tell it
                 self.stats.bad_messages += 1
-        if resume and mv.held is not None and q.route is not None:
+        if resume and mv.held is not None and q.route is not None and not any(st[0] in lost for st in q.route):
             self._transport.send(q.route[0][0], mv.held)
 
     def _move_switch(self, mv: LiveMove, upto: int) -> None:
@@ -718,8 +722,9 @@ class Host:
         now = self._clock.now()
         q.route = mv.route
         router = self._router
-        if router is not None and q.qid in router.kv:
-            router.finish(q.qid)
+        if router is not None:
+            if q.qid in router.kv:
+                router.finish(q.qid)
             try:
                 router.kv.reserve(q.qid, [(st[0], st[2] - st[1]) for st in mv.route], q.input_len)
             except (ValueError, KeyError):

@@ -1055,19 +1055,26 @@ class Worker:
             self.stats.bad_messages += 1  # not the named source, or out of order
             return
         mv.busy = True
-        if msg.tensors and self._import is not None:
-            self._import(rid, msg.first, msg.tensors[0], self._mig_imported, msg)
+        shape: Any = getattr(msg.tensors[0], "shape", ()) if msg.tensors else ()
+        if msg.first + msg.count > mv.req.last_ctx:
+            self._mig_imported((mv, msg), f"positions up to {msg.first + msg.count}, past the request's last "
+                                          f"context {mv.req.last_ctx}")
+        elif msg.tensors and (len(shape) != 5 or shape[3] != msg.count):
+            self._mig_imported((mv, msg), f"KV of shape {tuple(shape)} for {msg.count} positions")
+        elif msg.tensors and self._import is not None:
+            self._import(rid, msg.first, msg.tensors[0], self._mig_imported, (mv, msg))
         elif msg.tensors or (self._import is not None and msg.count):
-            self._mig_imported(msg, "KV tensors where none are expected" if msg.tensors else "no KV tensors")
+            self._mig_imported((mv, msg), "KV tensors where none are expected" if msg.tensors else "no KV tensors")
         else:
-            self._mig_imported(msg, None)
+            self._mig_imported((mv, msg), None)
 
-    def _mig_imported(self, msg: Any, error: Any) -> None:
+    def _mig_imported(self, what: Any, error: Any) -> None:
         """Target: a chunk is in the cache (error: why it is not)."""
+        mv: _Move
+        mv, msg = what
         rid = msg.request_id
-        mv = self._mig_in.get(rid)
-        if mv is None:  # aborted meanwhile (what was imported goes with the executor's release)
-            if self._release is not None and rid not in self._reqs:
+        if self._mig_in.get(rid) is not mv:  # aborted meanwhile (its import goes with the executor's release)
+            if self._release is not None and rid not in self._reqs and rid not in self._mig_in:
                 self._release(rid)
             return
         mv.busy = False
@@ -1149,15 +1156,15 @@ class Worker:
         mv.busy = True
         mv.final = final
         if self._export is not None and count:
-            self._export(rid, mv.upto, count, self._mig_exported, (rid, mv.upto, count, final))
+            self._export(rid, mv.upto, count, self._mig_exported, (mv, rid, mv.upto, count, final))
         else:
-            self._mig_exported((rid, mv.upto, count, final), None)
+            self._mig_exported((mv, rid, mv.upto, count, final), None)
 
     def _mig_exported(self, what: Any, data: Any) -> None:
         """Source: a chunk is read out of the cache (None: modelled, or nothing to copy)."""
-        rid, first, count, final = what
-        mv = self._mig_out.get(rid)
-        if mv is None:  # aborted, cancelled or finished meanwhile
+        mv: _Move
+        mv, rid, first, count, final = what
+        if self._mig_out.get(rid) is not mv:  # aborted, cancelled or finished meanwhile
             return
         if data is not None and data.__class__ is ExecFailure:
             self._mig_refuse_out(rid, data.reason)

@@ -20,7 +20,8 @@ bottleneck (the share admission reads) and whether queries wait for admission.
   seconds, the spare that joined last leaves: the router is re-planned without it (nothing new
   goes there), and its queries move off it by live migration when the simulation migrates
   (``--migration on``; the policy drains it), else they finish where they are. What is still on it
-  after ``drain_s`` moves by recomputation. It is paid for until it carries nothing.
+  after ``drain_s`` moves by recomputation. It is paid for until the first look that finds it
+  carrying nothing (no route through it, no move to or from it), and goes back to the pool.
 
 Between ``min_spares`` and ``max_spares`` spares serve at any time; the plan's own nodes always
 serve. The report's ``fleet`` entry gives every join and leave, the GPU-hours per type and the
@@ -279,7 +280,9 @@ class Fleet:
         self.events.append({"t": now, "event": "in", "node": node, "type": self.types[node], "why": why})
 
     def _carries(self, node: int) -> bool:
-        return any(q.route is not None and any(st[0] == node for st in q.route) for q in self.sim.host.active_queries())
+        host = self.sim.host
+        return (any(q.route is not None and any(st[0] == node for st in q.route) for q in host.active_queries())
+                or any(node in (mv.source, mv.target) for mv in host.moves.values()))
 
     def _settle_leaving(self, now: float) -> None:
         sim = self.sim
@@ -293,6 +296,7 @@ class Fleet:
             if sim.migration is not None:
                 sim.migration.draining.discard(node)
             sim.retire(node)
+            self.pool.append(self.types[node])  # (it may join again)
             self.intervals[node][-1][1] = now
             self.events.append({"t": now, "event": "left", "node": node, "type": self.types[node]})
 

@@ -51,6 +51,7 @@ def test_a_spare_joins_under_load_serves_and_leaves_when_it_falls() -> None:
     gone = f["events"][2]["t"] if len(kinds) == 3 else f["end"]
     if len(kinds) == 3:
         assert sim.workers[node].stopped
+        assert sim.fleet.pool == ["A100"]  # it may join again
     # the bill, from the events: every plan node from the start, the spare from its decision to leave
     t0, end = sim.t0, f["end"]
     plan = load_shipped_layout("ilp")

@@ -381,3 +381,39 @@ def test_a_move_ends_when_the_query_is_rerouted_by_a_lost_node(make: Any, cls: t
     c.loop.run_until(c.loop.time() + 5.0)
     for i in (1, 3):
         assert c.w[i].kv_used == 0 and not c.w[i]._mig_in and not c.w[i]._mig_out, f"node {i}"
+
+
+# ---- 9. the move is called off after the target has installed the copy -----------------------
+
+
+@CLASSES
+@pytest.mark.parametrize("how", ["cancel", "timeout_then_finish"])
+def test_a_move_called_off_after_the_targets_done_frees_the_target(make: Any, cls: type, how: str) -> None:
+    """The target has the whole copy and its DONE is on the way when the host calls the move off (the
+    client cancels, or the timeout fires and the query finishes on its old route): the target is
+    told to let go, and holds nothing afterwards."""
+    c = make(cls, timeout=1.0)
+    q = c.submit(0, 40, 40 if how == "cancel" else 6)
+    held: list[Any] = []
+    status = c.host._move_status
+
+    def hold_done(sender: Any, msg: Any) -> None:
+        if msg.state == MigrateState.DONE and not held:
+            held.append((sender, msg))  # delivered late, below
+            return
+        status(sender, msg)
+
+    c.host._move_status = hold_done  # type: ignore[method-assign]
+    c.migrate(q, 3, in_callback=False)
+    c.until(lambda: bool(held), limit=5.0)
+    if how == "cancel":
+        assert c.host.cancel(0)
+    else:
+        c.until(lambda: not c.host.moves, limit=5.0)  # the timeout: the held decode goes on
+        c.until(lambda: c.host.active == 0, limit=5.0)  # and the query finishes where it was
+        assert_every_token_once(c, q)
+    status(*held[0])  # the late DONE: refused, changes nothing
+    c.settle()
+    assert c.host.stats.live_migrations == 0 and c.host.stats.migrations_aborted == 1
+    c.idle()
+    assert 0 not in c.w[3]._reqs

@@ -118,8 +118,10 @@ class MigrationPolicy:
     def _tick(self) -> None:
         if not self._running:
             return
-        self.round()
-        self.clock.call_at(self.clock.now() + self.config.period, self._tick)
+        try:
+            self.round()
+        finally:  # (a round that raises does not stop the next)
+            self.clock.call_at(self.clock.now() + self.config.period, self._tick)
 
     # ---- one round ------------------------------------------------------------------------------
 

@@ -67,6 +67,12 @@ class EmulatedLinks:
         if not self._pending.get(dest) and self._idle is not None:
             self._idle(dest)
 
+    def connect(self, peer: NodeRef, address: str) -> None:
+        """Open a link to ``peer`` on the transport underneath (a live migration's pair)."""
+        connect = getattr(self._inner, "connect", None)
+        if connect is not None:
+            connect(peer, address)
+
     def link_idle(self, dest: NodeRef) -> bool:
         return not self._pending.get(dest) and self._inner.link_idle(dest)
 
