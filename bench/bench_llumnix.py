@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import table  # noqa: E402
 
-from helix_async.placement.io import load_shipped_layout  # noqa: E402
+from helix_async.cluster import load_cluster  # noqa: E402
+from helix_async.placement.heuristics import petals  # noqa: E402
+from helix_async.placement.io import SHIPPED_LAYOUTS, load_shipped_layout, read_placement  # noqa: E402
 from helix_async.routing.migration import MigrationConfig  # noqa: E402
 from helix_async.settings import KV_ONLINE  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
@@ -69,9 +71,23 @@ def classes(records: list[tuple[int, float, float, float, int, int]], urgent: se
     return out
 
 
+def plan_of(args: argparse.Namespace):  # noqa: ANN201
+    """--plan: a shipped single24 layout of LLaMA-2-70B, a plan file, or ``petals`` (the Petals
+    heuristic, seed 0, for --model on single24)."""
+    if args.plan == "petals" and args.model != "llama2-70b":
+        return petals(load_cluster("single24"), args.model)
+    if args.plan in SHIPPED_LAYOUTS:
+        if args.model != "llama2-70b":
+            raise SystemExit(f"--plan {args.plan}: the shipped layouts are LLaMA-2-70B's; give a plan file or petals")
+        return load_shipped_layout(args.plan)
+    return read_placement(args.plan)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default="ilp", help="a shipped single24 layout (default ilp)")
+    ap.add_argument("--plan", default="ilp", help="a shipped single24 layout (default ilp), a plan file, or petals "
+                                                  "(with --model)")
+    ap.add_argument("--model", default="llama2-70b", help="with --plan petals: the model (default llama2-70b)")
     ap.add_argument("--rate", type=float, default=4000.0, help="tokens/s (default 4000: the ILP plan saturated)")
     ap.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the Gamma gaps (default 3)")
     ap.add_argument("--duration", type=int, default=150, help="simulated seconds of arrivals (a multiple of 3)")
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "autoscale":
         autoscale(args)
         return
-    setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE)
+    setup = SimulationSetup(plan_of(args), kv=KV_ONLINE)
     rows = []
     gains = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         u, n = per["priorities"]["urgent"], per["none"]["urgent"]
         gains.append((n["ttft"] / u["ttft"], n["ttft99"] / u["ttft99"], n["tpot"] / u["tpot"], n["tpot99"] / u["tpot99"],
                       res["priorities"].report["decode_throughput"] / res["none"].report["decode_throughput"]))
-    print(f"priorities: LLaMA-2-70B, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} tokens/s "
+    print(f"priorities: {args.model}, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} tokens/s "
           f"for {args.duration} s, {args.share:.0%} urgent")
     print(table(rows, ("seed", "run", "class", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s",
                        "per-token p99 s", "decode tok/s")))
@@ -128,7 +144,7 @@ def migration(args: argparse.Namespace) -> None:
         wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
                       arrivals="gamma", cv=args.cv)
         for label, on, cfg in runs:
-            setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE, migration=on, migration_config=cfg)
+            setup = SimulationSetup(plan_of(args), kv=KV_ONLINE, migration=on, migration_config=cfg)
             r = run(setup, wl)
             rec = r.sim.host.query_records
             ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
@@ -141,7 +157,7 @@ def migration(args: argparse.Namespace) -> None:
                          str(m["completed"]), str(m["aborted"]), f"{m['bytes'] / 1e9:.2f}",
                          "-" if down is None else f"{down * 1e3:.1f}", str(m["preemptions"]),
                          f"{max(n['kv_peak'] / n['kv_capacity'] for n in r.report['nodes']):.2f}"))
-    print(f"migration: LLaMA-2-70B, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
+    print(f"migration: {args.model}, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
           f"tokens/s for {args.duration} s")
     print(table(rows, ("seed", "run", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "per-token p99 s",
                        "decode tok/s", "moves", "aborted", "GB copied", "downtime ms", "preemptions",
@@ -157,9 +173,10 @@ def autoscale(args: argparse.Namespace) -> None:
         wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
                       arrivals="gamma", cv=args.cv, rate_profile=args.profile)
         res = {}
-        for label, lo in (("static", n), ("elastic", 0)):
-            fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=n)
-            setup = SimulationSetup(load_shipped_layout(args.plan), kv=KV_ONLINE, migration=True, fleet=fleet)
+        for label, lo, hi, shrink in (("plan", 0, 0, False), ("static", n, n, False), ("elastic", 0, n, False),
+                                      ("shrink", 0, n, True)):
+            fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=hi, shrink=shrink)
+            setup = SimulationSetup(plan_of(args), kv=KV_ONLINE, migration=True, fleet=fleet)
             res[label] = r = run(setup, wl)
             rec = r.sim.host.query_records
             ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
@@ -169,10 +186,17 @@ def autoscale(args: argparse.Namespace) -> None:
             rows.append((str(seed), label, str(len(rec)), f"{ttft['mean']:.2f}", f"{ttft['p99']:.2f}",
                          f"{tpot['mean']:.3f}", f"{f['gpu_hours']:.2f}", f"{f['dollars']:.2f}",
                          str(ev.count("out")), str(ev.count("left")), f"{f['end'] - r.sim.t0:.0f}"))
-        s, e = res["static"].report["fleet"], res["elastic"].report["fleet"]
-        rows.append((str(seed), "elastic / static", "", "", "", "", f"{e['gpu_hours'] / s['gpu_hours']:.3f}",
-                     f"{e['dollars'] / s['dollars']:.3f}", "", "", ""))
-    print(f"autoscale: LLaMA-2-70B, single24, plan {args.plan} plus spares {args.spares}, Gamma arrivals cv {args.cv:g} "
+        for base in ("plan", "static"):
+            s = res[base].report["fleet"]
+            s99 = percentiles([first - arrived for _, arrived, first, _, _, _ in res[base].sim.host.query_records])["p99"]
+            for label in ("elastic", "shrink"):
+                e = res[label].report["fleet"]
+                e99 = percentiles([first - arrived for _, arrived, first, _, _, _
+                                   in res[label].sim.host.query_records])["p99"]
+                rows.append((str(seed), f"{label} / {base}", "", "", f"{e99 / s99:.3f}", "",
+                             f"{e['gpu_hours'] / s['gpu_hours']:.3f}", f"{e['dollars'] / s['dollars']:.3f}", "", "",
+                             ""))
+    print(f"autoscale: {args.model}, single24, plan {args.plan} plus spares {args.spares}, Gamma arrivals cv {args.cv:g} "
           f"at up to {args.rate:g} tokens/s ({args.profile}) for {args.duration} s, migration on")
     print(table(rows, ("seed", "fleet", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "GPU-hours", "USD",
                        "joins", "leaves", "served s")))

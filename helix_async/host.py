@@ -216,6 +216,7 @@ class HostStats:
     """Counters of the host."""
 
     submitted: int = 0
+    tokens_submitted: int = 0  # prompt plus output tokens of the queries submitted (what max flow counts)
     admitted: int = 0
     finished: int = 0
     rejected: int = 0  # dropped: compat offline (as the original), infeasible, or the queue full
@@ -408,6 +409,7 @@ class Host:
         elif sampling is not None:
             q.sampling = SamplingParams(temperature=float(sampling[0]), top_p=float(sampling[1]), seed=int(sampling[2]))
         self.stats.submitted += 1
+        self.stats.tokens_submitted += q.input_len + q.output_len
         if self.admission_stopped:
             return self._wait(q)  # until coverage returns (bounded by the admission capacity)
         if self._router is not None and not self._router.feasible(q.input_len):

@@ -170,6 +170,10 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
                    help="with --spares: between MIN and MAX spares serve at any time (default 0:all of them; "
                         "MIN = MAX: a static fleet of that many)")
+    p.add_argument("--shrink", action="store_true",
+                   help="an elastic fleet whose plan nodes may leave too while the load is low, keeping every layer "
+                        "served, and join again (with their layers) when it rises; with or without --spares "
+                        "(docs/simulator.md, \"Elastic fleet\")")
     p.add_argument("--prices", type=_prices, default=None, metavar="TYPE=USD,...",
                    help="with --spares: US dollars per GPU-hour per machine type (default: sim.fleet.DEFAULT_PRICES)")
     p.add_argument("--migration", choices=("on", "off"), default="off",
@@ -283,6 +287,8 @@ def _config(args: argparse.Namespace, plan: str, scheduler: str, wl: Workload, k
         extra["spares"] = [list(s) for s in args.spares]
         if args.autoscale is not None:
             extra["autoscale"] = list(args.autoscale)
+    if args.shrink:  # (likewise)
+        extra["shrink"] = True
     return {
         "plan": plan,
         "cluster": args.cluster,
@@ -318,15 +324,19 @@ def _simulate(args: argparse.Namespace, plan_name: str, placement: Placement, sc
     if args.migration == "on" and scheduler != "maxflow":
         raise ConfigError("<argument>", "--migration", f"needs the maxflow scheduler (the host routes), not {scheduler}")
     fleet = None
-    if args.spares:
+    if args.spares or args.shrink:
         if compat or scheduler != "maxflow":
-            raise ConfigError("<argument>", "--spares", "an elastic fleet needs the maxflow scheduler in our semantics "
-                                                        "(not --compat helix)")
-        lo, hi = args.autoscale if args.autoscale is not None else (0, sum(n for _, n in args.spares))
-        fleet = FleetConfig(spares=args.spares, min_spares=lo, max_spares=hi,
+            raise ConfigError("<argument>", "--spares" if args.spares else "--shrink",
+                              "an elastic fleet needs the maxflow scheduler in our semantics (not --compat helix)")
+        spares = args.spares or ()
+        if args.autoscale is not None and not spares:
+            raise ConfigError("<argument>", "--autoscale", "needs --spares")
+        lo, hi = args.autoscale if args.autoscale is not None else (0, sum(n for _, n in spares))
+        fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=hi, shrink=args.shrink,
                             **({} if args.prices is None else {"prices": args.prices}))
     elif args.autoscale is not None or args.prices is not None:
-        raise ConfigError("<argument>", "--autoscale" if args.autoscale is not None else "--prices", "needs --spares")
+        raise ConfigError("<argument>", "--autoscale" if args.autoscale is not None else "--prices",
+                          "needs --spares or --shrink")
     if args.cores_available and args.shared_cores is None:
         raise ConfigError("<argument>", "--cores-available", "needs --shared-cores")
     if any(a > (args.shared_cores or 0.0) for a in args.cores_available):

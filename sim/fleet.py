@@ -5,9 +5,17 @@ high and in when it stays low, and a leaving instance drains by migrating its re
 Here the unit is a node of a Helix plan, and what it costs is its GPU-hours at a price per type.
 
 Every ``period`` seconds the fleet reads the host's pressure: the router's KV expectation at its
-bottleneck (the share admission reads) and whether queries wait for admission.
+bottleneck (the share admission reads; Llumnix's load is likewise KV, in use and virtual),
+whether queries wait for admission, and the compute of the busiest layer over the last
+``window``. A layer's compute is what the nodes holding it did: each one's share of the time
+spent computing, weighted by its capacity in max flow, over their capacity. (KV alone does not
+see busy nodes: prompts then queue on the workers, not at the host.) The load is high when
+queries wait, the expectation is above ``up`` or the compute above ``busy``; it is low when none
+waits, the expectation is below ``down`` and the compute at most ``busy``. (A lightly loaded
+pipeline's compute share is not small: its batches are small, so the compute only marks a
+saturated layer.)
 
-* **Out.** When queries have waited, or the bottleneck has stayed above ``up``, for ``window``
+* **Out.** When the load has stayed high for ``window``
   seconds, and no node is joining, the next spare type in the pool joins: ``placement.replan``
   gives the new node the layers that raise max flow most while no node of the plan moves (its
   first neighbourhood: the new node alone). Where no range raises max flow (on single24 the
@@ -16,16 +24,28 @@ bottleneck (the share admission reads) and whether queries wait for admission.
   gives it a share of the flow. The node is paid for from that moment; it serves once
   it has loaded its layers' weights (bytes / ``load_rate``, after ``boot_s``), when the host's
   router is re-planned with it (running queries keep their routes).
-* **In.** When nothing has waited and the bottleneck has stayed below ``down`` for ``window``
+* **In.** When the load has stayed low for ``window``
   seconds, the spare that joined last leaves: the router is re-planned without it (nothing new
   goes there), and its queries move off it by live migration when the simulation migrates
   (``--migration on``; the policy drains it), else they finish where they are. What is still on it
   after ``drain_s`` moves by recomputation. It is paid for until the first look that finds it
   carrying nothing (no route through it, no move to or from it), and goes back to the pool.
 
-Between ``min_spares`` and ``max_spares`` spares serve at any time; the plan's own nodes always
-serve. The report's ``fleet`` entry gives every join and leave, the GPU-hours per type and the
-cost at ``prices`` (US dollars per GPU-hour; docs/simulator.md, "Elastic fleet").
+* **Shrink** (``shrink``, ``--shrink``). With it the plan's own nodes may leave too, once no
+  spare is left above ``min_spares``: the node whose leaving costs the least max flow (ties: the
+  dearest, then the lowest id) leaves, if every layer stays served, the max flow left is at least
+  the tokens offered over the last ``window`` (prompt and output, per second) over ``down``, and,
+  on what is left (the leaving node's compute spread over the capacity that stays), both the KV
+  expectation and the compute of every layer stay at most halfway between ``down`` and ``up``. When the load rises,
+  a plan node that left joins again, with its own layers, after loading them: the one whose
+  return raises max flow most, else the last to leave, of those that the max flow with them
+  gives a share. Spares join once no plan node that left would carry flow. (A plan node that
+  carries no flow serves nothing: it is the first to leave, at no cost in max flow, and stays
+  away.)
+
+Between ``min_spares`` and ``max_spares`` spares serve at any time; without ``shrink`` the plan's
+own nodes always serve. The report's ``fleet`` entry gives every join and leave, the GPU-hours
+per type and the cost at ``prices`` (US dollars per GPU-hour; docs/simulator.md, "Elastic fleet").
 """
 
 from __future__ import annotations
@@ -66,11 +86,13 @@ class FleetConfig:
 
     spares: tuple[tuple[str, int], ...]
     min_spares: int = 0
+    shrink: bool = False
     max_spares: int | None = None
     period: float = 5.0
     window: float = 30.0
     up: float = 0.85
     down: float = 0.5
+    busy: float = 0.9
     load_rate: float = 2e9
     boot_s: float = 0.0
     drain_s: float = 60.0
@@ -79,8 +101,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         where = "<argument>"
         total = sum(n for _, n in self.spares)
-        if not self.spares or total < 1:
-            raise ConfigError(where, "--spares", "give at least one spare node (TYPE:N)")
+        if (not self.spares or total < 1) and not self.shrink:
+            raise ConfigError(where, "--spares", "give at least one spare node (TYPE:N), or --shrink")
         hi = total if self.max_spares is None else self.max_spares
         if not 0 <= self.min_spares <= hi <= total:
             raise ConfigError(where, "--autoscale", f"MIN:MAX must satisfy 0 <= MIN <= MAX <= {total} spares, got "
@@ -89,6 +111,8 @@ class FleetConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(where, name, f"must be a number > 0, got {v!r}")
+        if not (0.0 < self.busy <= 1.0):
+            raise ConfigError(where, "busy", f"must be in (0, 1], got {self.busy!r}")
         if not (0.0 <= self.down <= self.up <= 1.0):
             raise ConfigError(where, "down", f"need 0 <= down <= up <= 1, got down {self.down}, up {self.up}")
         if self.boot_s < 0:
@@ -168,6 +192,12 @@ class Fleet:
         self._hi_since = -1.0
         self._lo_since = -1.0
         self.unusable: set[str] = set()
+        self.plan_nodes: frozenset[int] = frozenset(self.intervals)
+        self.resting: list[tuple[int, tuple[int, int]]] = []  # plan nodes that left: (node, its layers)
+        self._left_layers: dict[int, tuple[int, int]] = {}
+        self._busy: list[tuple[float, dict[int, float]]] = []  # (time, each worker's busy seconds), one per look
+        self._offered: list[tuple[float, int]] = []  # (time, tokens submitted by then), one per look
+        self._caps: tuple[int, dict[int, float]] | None = None  # (id of the plan, its nodes' max-flow capacities)
 
     def install(self) -> None:
         clock = self.sim.clock
@@ -183,24 +213,90 @@ class Fleet:
         now = sim.clock.now()
         host = sim.host
         self._settle_leaving(now)
+        self._busy.append((now, {i: w.stats.busy_time for i, w in sim.workers.items() if not w.stopped}))
+        while len(self._busy) > 1 and self._busy[1][0] <= now - cfg.window:
+            self._busy.pop(0)
+        self._offered.append((now, host.stats.tokens_submitted))
+        while len(self._offered) > 1 and self._offered[1][0] <= now - cfg.window:
+            self._offered.pop(0)
         pressure = host.kv_bottleneck()
-        hi = host.waiting > 0 or pressure > cfg.up
-        lo = host.waiting == 0 and pressure < cfg.down
+        compute = max(self.layer_busy(now), default=0.0)
+        hi = host.waiting > 0 or pressure > cfg.up or compute > cfg.busy
+        lo = host.waiting == 0 and pressure < cfg.down and compute <= cfg.busy
         self._hi_since = (self._hi_since if self._hi_since >= 0 else now) if hi else -1.0
         self._lo_since = (self._lo_since if self._lo_since >= 0 else now) if lo else -1.0
         in_service = len(self.serving) + (self.joining is not None)
-        if (hi and now - self._hi_since >= cfg.window and self.joining is None and in_service < cfg.most
-                and self.pool):
-            self._out(now, f"KV expectation {pressure:.2f}, {host.waiting} waiting")
+        if (hi and now - self._hi_since >= cfg.window and self.joining is None
+                and (self.resting or (in_service < cfg.most and self.pool))):
+            self._out(now, f"KV expectation {pressure:.2f}, compute {compute:.2f}, {host.waiting} waiting")
             self._hi_since = -1.0
-        elif (lo and now - self._lo_since >= cfg.window and self.joining is None and not self.leaving
-              and len(self.serving) > cfg.min_spares):
-            self._in(now, f"KV expectation {pressure:.2f}")
+        elif lo and now - self._lo_since >= cfg.window and self.joining is None and not self.leaving:
+            if len(self.serving) > cfg.min_spares:
+                self._in(now, f"KV expectation {pressure:.2f}, compute {compute:.2f}")
+            elif cfg.shrink:
+                self._shrink(now, f"KV expectation {pressure:.2f}, compute {compute:.2f}")
             self._lo_since = -1.0
         sim.clock.call_at(now + cfg.period, self._tick)
 
+    def capacities(self) -> dict[int, float]:
+        """Each serving node's capacity in today's plan (tokens/s through its layers, from the
+        throughput model, as max flow takes it)."""
+        p = self.sim.placement
+        if self._caps is None or self._caps[0] != id(p):
+            tm = ThroughputModel.for_cluster(self.sim.model, p.cluster)
+            self._caps = (id(p), dict(max_flow(p, tm).node_capacity))
+        return self._caps[1]
+
+    def offered(self, now: float) -> float:
+        """Tokens (prompt and output) submitted per second over the last ``window``."""
+        if not self._offered or now <= self._offered[0][0]:
+            return 0.0
+        t, n = self._offered[0]
+        return (self.sim.host.stats.tokens_submitted - n) / (now - t)
+
+    def busy_shares(self, now: float) -> dict[int, float]:
+        """Each serving worker's share of the last ``window`` spent computing (what the looks saw)."""
+        if not self._busy or now <= self._busy[0][0]:
+            return {}
+        t, then = self._busy[0]
+        return {i: (w.stats.busy_time - then.get(i, w.stats.busy_time)) / (now - t)
+                for i, w in self.sim.workers.items() if not w.stopped and i in then}
+
+    def layer_busy(self, now: float, without: int | None = None) -> list[float]:
+        """Per layer, the compute its nodes did over the last window (each node's busy share times
+        its capacity) over the capacity that holds the layer, on today's plan or, with ``without``,
+        on what is left when that node goes (its work spread over the rest)."""
+        caps = self.capacities()
+        busy = self.busy_shares(now)
+        L = self.sim.model.num_layers
+        work = [0.0] * L
+        cap = [0.0] * L
+        for i, r in self.sim.placement.layers.items():
+            c = caps.get(i, 0.0)
+            if r is None or c <= 0.0:
+                continue
+            for x in range(r[0], r[1]):
+                work[x] += min(1.0, busy.get(i, 0.0)) * c
+                if i != without:
+                    cap[x] += c
+        return [w / c if c > 0 else (math.inf if w > 0 else 0.0) for w, c in zip(work, cap, strict=True)]
+
     def _out(self, now: float, why: str) -> None:
         sim = self.sim
+        back = self._comeback()
+        if back is not None:  # a plan node that left comes back first, with its own layers
+            node, own, placement = back
+            before = sim.placement
+            self.joining = node
+            self.intervals[node].append([now, math.inf])
+            ready = now + self.config.boot_s + (own[1] - own[0]) * sim.model.param_bytes_per_layer / \
+                self.config.load_rate
+            self.events.append({"t": now, "event": "out", "node": node, "type": self.types[node],
+                                "layers": list(own), "ready": ready, "why": why, "plan_node": True})
+            sim.clock.call_at(ready, self._joined, node, placement, before)
+            return
+        if len(self.serving) >= self.config.most:
+            return
         while self.pool:
             gpu = self.pool.pop(0)
             if gpu in self.unusable:
@@ -228,6 +324,29 @@ class Fleet:
                                 "ready": ready, "why": why, "max_flow": [res.before, res.after]})
             sim.clock.call_at(ready, self._joined, node, placement, before)
             return
+
+    def _comeback(self) -> tuple[int, tuple[int, int], Placement] | None:
+        """The plan node that left whose return, with its own layers, raises max flow most (ties:
+        the last to leave) among those the max flow with them gives a share, and the plan with it;
+        None when none would carry flow (it would serve nothing)."""
+        sim = self.sim
+        p = sim.placement
+        tm = ThroughputModel.for_cluster(sim.model, p.cluster)
+        now_flow = max_flow(p, tm).value
+        best: tuple[float, int] | None = None
+        found: tuple[int, tuple[int, int], Placement] | None = None
+        for k, (node, layers) in enumerate(self.resting):
+            with_it = Placement.from_layers(p.cluster, sim.model, {**p.layers, node: layers}, partial=p.partial,
+                                            method=p.method, exceed_profiled_max=p.exceed_profiled_max)
+            fp = max_flow(with_it, tm)
+            if fp.node_flows.get(node, 0.0) <= 1e-9:
+                continue
+            gain = max(0.0, fp.value - now_flow)
+            if best is None or (gain, k) > best:
+                best, found = (gain, k), (node, layers, with_it)
+        if found is not None:
+            self.resting = [x for x in self.resting if x[0] != found[0]]
+        return found
 
     def _kv_range(self, placement: Placement, node: int) -> tuple[Placement, tuple[int, int] | None]:
         """``placement`` with ``node`` holding the range of as many layers as it can hold whose
@@ -261,18 +380,66 @@ class Fleet:
 
     def _joined(self, node: int, placement: Placement, before: Placement) -> None:
         self.sim.adopt(placement)
-        self.serving.append((node, before))
+        if node not in self.plan_nodes:
+            self.serving.append((node, before))
         self.joining = None
         if len(self.serving) < self.config.min_spares and self.pool:
             self._out(self.sim.clock.now(), "the fleet's minimum")
 
+    def _without(self, node: int) -> Placement:
+        """Today's plan without ``node`` (the others keep their layers)."""
+        p = self.sim.placement
+        layers = {i: (None if i == node else r) for i, r in p.layers.items()}
+        return Placement.from_layers(p.cluster, self.sim.model, layers, partial=p.partial, method=p.method,
+                                     exceed_profiled_max=p.exceed_profiled_max)
+
     def _in(self, now: float, why: str) -> None:
-        sim = self.sim
-        node, before = self.serving.pop()
+        node, _ = self.serving.pop()
         # the plan without it, on today's cluster (the spares that joined after it left already)
-        layers = {i: (None if i == node else r) for i, r in sim.placement.layers.items()}
-        without = Placement.from_layers(sim.placement.cluster, sim.model, layers, partial=sim.placement.partial,
-                                        method=before.method, exceed_profiled_max=sim.placement.exceed_profiled_max)
+        self._leave(now, node, self._without(node), why)
+
+    def _shrink(self, now: float, why: str) -> None:
+        """A plan node leaves, if one may (module doc, "Shrink")."""
+        sim = self.sim
+        cfg = self.config
+        kv = sim.host.router.kv
+        L = sim.model.num_layers
+        pressure, total = layer_pressure(kv, L)
+        used = [p * t for p, t in zip(pressure, total, strict=True)]
+        ceiling = (cfg.down + cfg.up) / 2
+        need = self.offered(now) / cfg.down
+        tm = ThroughputModel.for_cluster(sim.model, sim.placement.cluster)
+        moving = {n for mv in sim.host.moves.values() for n in (mv.source, mv.target)}
+        best: tuple[tuple[float, float, int], int, Placement] | None = None
+        for node in sorted(self.plan_nodes):
+            if sim.placement.layers.get(node) is None or node in self.leaving or node in moving:
+                continue
+            try:
+                a, b = kv.layer_range(node)
+                per_layer = kv.total(node) / (b - a)
+            except KeyError:  # not in the router's plan: it holds no KV of it
+                a, b, per_layer = 0, 0, 0.0
+            if any(used[x] > ceiling * (total[x] - per_layer) for x in range(a, b)):
+                continue
+            if max(self.layer_busy(now, node), default=0.0) > ceiling:
+                continue
+            without = self._without(node)
+            flow = max_flow(without, tm).value
+            if flow <= 0.0 or flow < need:
+                continue
+            score = (flow, cfg.prices[self.types[node]], -node)
+            if best is None or score > best[0]:
+                best = (score, node, without)
+        if best is not None:
+            self._leave(now, best[1], best[2], f"{why}, max flow {best[0][0]:.0f} left for {need * cfg.down:.0f} "
+                                               "tokens/s offered")
+
+    def _leave(self, now: float, node: int, without: Placement, why: str) -> None:
+        sim = self.sim
+        if node in self.plan_nodes:
+            r = sim.placement.layers[node]
+            assert r is not None
+            self._left_layers[node] = (r[0], r[1])
         sim.adopt(without)
         self.leaving[node] = now + self.config.drain_s
         if sim.migration is not None:
@@ -296,7 +463,10 @@ class Fleet:
             if sim.migration is not None:
                 sim.migration.draining.discard(node)
             sim.retire(node)
-            self.pool.append(self.types[node])  # (it may join again)
+            if node in self.plan_nodes:
+                self.resting.append((node, self._left_layers.pop(node)))
+            else:
+                self.pool.append(self.types[node])  # (it may join again)
             self.intervals[node][-1][1] = now
             self.events.append({"t": now, "event": "left", "node": node, "type": self.types[node]})
 
@@ -309,6 +479,7 @@ class Fleet:
             "end": end,
             "spares": [list(s) for s in self.config.spares],
             "min_spares": self.config.min_spares,
+            "shrink": self.config.shrink,
             "max_spares": self.config.most,
             "events": self.events,
         }

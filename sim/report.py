@@ -272,7 +272,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         dt = m["downtime"]
         lines.append(
             f"Migrations: {m['completed']} completed, {m['aborted']} aborted, {m['bytes'] / 1e6:.1f} MB copied; "
-            f"downtime {f(dt['mean'], '.4f')}s (p99 {f(dt['p99'], '.4f')}s)"
+            + ("no downtime" if dt["mean"] is None else f"downtime {dt['mean']:.4f}s (p99 {dt['p99']:.4f}s)")
         )
     if report.get("faults"):
         from .faults import fault_lines

@@ -110,6 +110,8 @@ def test_bad_fleet_settings_name_the_flag() -> None:
         (["--spares", "A100:1", "--autoscale", "0:2"], "--autoscale: MIN:MAX"),
         (["--spares", "A100:1", "--prices", "A100=x"], "--prices: expected TYPE=USD"),
         (["--spares", "A100:1", "--compat", "helix"], "--spares"),
+        (["--shrink", "--compat", "helix"], "--shrink"),
+        (["--shrink", "--autoscale", "0:1"], "--autoscale: needs --spares"),
     ],
 )
 def test_sim_run_refuses_bad_fleet_flags_in_one_line(args: list[str], needle: str) -> None:
@@ -118,3 +120,57 @@ def test_sim_run_refuses_bad_fleet_flags_in_one_line(args: list[str], needle: st
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def _covered(placement: object) -> bool:
+    p = placement
+    held = set()
+    for r in p.layers.values():  # type: ignore[attr-defined]
+        if r is not None:
+            held.update(range(r[0], r[1]))
+    return held == set(range(p.model_spec.num_layers))  # type: ignore[attr-defined]
+
+
+def test_shrink_lets_plan_nodes_leave_keeping_every_layer_and_bills_them_until_they_go() -> None:
+    # the Petals plan holds some layers twice: while the load is light, nodes of it may leave
+    plan = load_shipped_layout("petals")
+    fleet = FleetConfig(spares=(), shrink=True, up=0.96, down=0.95, window=10, period=5)
+    r = run(SimulationSetup(plan, kv=KV_ONLINE, migration=True, fleet=fleet),
+            Workload(mode="online", rate=300, arrivals="gamma", cv=3.0, warmup=0, duration=120, seed=2))
+    sim, f = r.sim, r.report["fleet"]
+    hs = sim.host.stats
+    assert hs.finished == hs.submitted > 0 and hs.failed == 0
+    left = [e for e in f["events"] if e["event"] == "left"]
+    assert left, f["events"]
+    for e in left:
+        assert e["node"] in plan.layers and sim.workers[e["node"]].stopped
+        assert sim.placement.layers[e["node"]] is None
+    assert _covered(sim.placement)
+    assert [n for n, _ in sim.fleet.resting] == [e["node"] for e in left if sim.placement.layers[e["node"]] is None]
+    # the bill: every plan node from the start until it left (or the end)
+    end = f["end"]
+    gone = {e["node"]: e["t"] for e in left}
+    hours: dict[str, float] = {}
+    for i in plan.used_nodes():
+        t = plan.cluster.nodes[i].machine_type
+        hours[t] = hours.get(t, 0.0) + (gone.get(i, end) - sim.t0) / 3600
+    assert f["gpu_hours"] == pytest.approx(sum(hours.values()))
+    assert f["dollars"] == pytest.approx(sum(h * DEFAULT_PRICES[t] for t, h in hours.items()))
+
+
+def test_a_plan_node_that_left_comes_back_with_its_layers_when_the_load_rises() -> None:
+    plan = load_shipped_layout("petals")
+    fleet = FleetConfig(spares=(), shrink=True, up=0.3, down=0.25, window=10, period=5)
+    r = run(SimulationSetup(plan, kv=KV_ONLINE, migration=True, fleet=fleet),
+            Workload(mode="online", rate=2500, arrivals="gamma", cv=3.0, warmup=0, duration=240, seed=3,
+                     rate_profile="step:0=0.01,100=1"))
+    sim, f = r.sim, r.report["fleet"]
+    hs = sim.host.stats
+    assert hs.finished == hs.submitted > 0 and hs.failed == 0
+    ev = f["events"]
+    back = [e for e in ev if e["event"] == "out" and e.get("plan_node")]
+    assert back, ev
+    for e in back:
+        assert tuple(e["layers"]) == plan.layers[e["node"]]  # its own layers
+        assert any(x["event"] == "left" and x["node"] == e["node"] and x["t"] < e["t"] for x in ev)
+    assert sim.workers[back[0]["node"]].stats.batches > 0
