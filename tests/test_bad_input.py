@@ -369,6 +369,11 @@ FLAG_CASES: dict[str, Bad] = {
     "gen-in-bandwidth-var": Bad(("cluster", "generate", "partitioned", "--partition", "A100:2", "--in-bandwidth", "1e9,2e9", "--out", "{tmp}/g.toml"), ("--in-bandwidth", "avg - var")),
     "gen-name-esc": Bad(("cluster", "generate", "single", "--nodes", "4", "--name", "x\x1b[31m", "--out", "{tmp}/g.toml"), ("--name", "\\x1b")),
     "demo-out-empty": Bad(("demo", "--quick", "--out", ""), ("--out", "empty path")),
+    # the operator's endpoints
+    "admin-key-no-http": Bad(("host", "--plan", "{tmp}/plan.toml", "--insecure", "--admin-key", "k"),
+                             ("--admin-key", "needs --http")),
+    "admin-key-is-api-key": Bad(("host", "--plan", "{tmp}/plan.toml", "--insecure", "--http", "127.0.0.1:0",
+                                 "--api-key", "k", "--admin-key", "k"), ("--admin-key", "a key of its own")),
     "gen-out-missing-folder": Bad(("cluster", "generate", "single", "--nodes", "4", "--out", "{tmp}/no/g.toml"), ("{tmp}/no/g.toml", "does not exist")),
 }
 

@@ -204,3 +204,91 @@ def test_a_sigterm_drains_the_worker_by_migration_without_recomputing(
         assert out == hf_greedy(model, p, new), f"prompt of {len(p)} tokens"
     assert counters.drained == 1 and code == 0
     assert stats.live_migrations >= 2 and stats.migrated == 0 and stats.failed == 0
+
+
+def test_the_operator_retires_a_node_over_http_and_its_requests_move_live(
+    tmp_path: Path, tiny: tuple[Path, Any], processes: Procs
+) -> None:
+    """``POST /admin/retire`` (host --admin-key): the node drains by live migration and stops,
+    every greedy token equals transformers'; a node whose layers no other node holds, a node not
+    in the plan, a bad body and a wrong key are refused, and nothing changes."""
+    import aiohttp
+
+    from helix_async.frontend.openai_api import OpenAIServer
+
+    ckpt, model = tiny
+    _, placement = plan_file(tmp_path, LAYERS)
+    prompts = [[(23 * i + 3 * j + 1) % 2048 for j in range(5 + 4 * i)] for i in range(5)]
+    new = 40
+    admin = {"Authorization": "Bearer operator-key"}
+
+    async def main() -> dict[str, Any]:
+        server = HostServer(placement, settings=HostSettings(migration=True))
+        address = await server.start()
+        api = OpenAIServer(server, "tiny-llama", None, max_model_len=2048, admin_key="operator-key")
+        url = await api.start("127.0.0.1", 0)
+        ws = {i: processes.worker(address, "--node-id", str(i), "--checkpoint", str(ckpt)) for i in LAYERS}
+        out: dict[str, Any] = {}
+        try:
+            await server.wait_ready(180)
+            host = server.host
+            assert host is not None
+            async with aiohttp.ClientSession() as http:
+                async def post(body: Any, headers: dict[str, str] = admin) -> tuple[int, Any]:
+                    async with http.post(url + "/admin/retire", json=body, headers=headers) as r:
+                        return r.status, await r.json()
+
+                async with http.get(url + "/admin/nodes", headers={"Authorization": "Bearer nope"}) as r:
+                    out["wrong_key"] = r.status
+                async with http.get(url + "/admin/nodes", headers=admin) as r:
+                    out["before"] = [n["state"] for n in (await r.json())["nodes"]]
+                out["refused"] = [await post({"node": 0}), await post({"node": 7}), await post({"node": "1"}),
+                                  await post({"node": 1}, {"Authorization": "Bearer nope"})]
+                out["drained_before"] = server.counters.drained
+
+                serve_token = host.on_token
+                assert serve_token is not None
+                told: list[asyncio.Task[tuple[int, Any]]] = []
+                retired: list[int] = []
+
+                def on_token(q: Any, tok: Any, last: bool) -> None:
+                    serve_token(q, tok, last)
+                    if not told and q.iterations == 3 and q.route is not None:
+                        retired.append(q.route[-1][0])
+                        told.append(asyncio.get_running_loop().create_task(post({"node": retired[0]})))
+
+                host.on_token = on_token
+
+                async def one(p: list[int]) -> list[int]:
+                    return [t async for t in server.generate(p, new)]
+
+                out["got"] = await asyncio.gather(*(one(p) for p in prompts))
+                assert told
+                out["accepted"] = await told[0]
+                out["code"] = await asyncio.get_running_loop().run_in_executor(None, ws[retired[0]].wait, 60)
+                out["again"] = await post({"node": retired[0]})
+                async with http.get(url + "/admin/nodes", headers=admin) as r:
+                    out["after"] = {n["node"]: n["state"] for n in (await r.json())["nodes"]}
+                out["retired"] = retired[0]
+            out["stats"], out["counters"] = host.stats, server.counters
+        finally:
+            await server.shutdown("test done", grace=1.0)
+            await api.stop()
+        return out
+
+    out = run(main())
+    assert out["wrong_key"] == 401
+    assert out["before"] == ["serving"] * 3
+    (s0, b0), (s7, _), (sbad, _), (skey, _) = out["refused"]
+    assert (s0, s7, sbad, skey) == (409, 404, 400, 401)
+    assert "[0, 4)" in b0["error"]["message"]  # the layers only node 0 holds
+    assert out["drained_before"] == 0
+    for p, got in zip(prompts, out["got"], strict=True):
+        assert got == hf_greedy(model, p, new), f"prompt of {len(p)} tokens"
+    status, body = out["accepted"]
+    assert status == 202 and body == {"node": out["retired"], "state": "draining by live migration"}
+    assert out["code"] == 0 and out["counters"].drained == 1
+    assert out["again"][0] == 409
+    assert out["after"][out["retired"]] == "left" and out["after"][0] == "serving"
+    stats = out["stats"]
+    assert stats.live_migrations >= 1 and stats.migrated == 0 and stats.failed == 0

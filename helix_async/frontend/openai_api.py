@@ -401,6 +401,8 @@ class OpenAIServer:
     seed of requests that give none. metrics: a ``Metrics`` to update (or None). api_key: the
     bearer token ``/v1/`` requires (None: none). model_root: what the model was loaded from
     (``/v1/models``' ``root``; default: ``model_name``). limits: the door's :class:`HttpLimits`.
+    admin_key: the bearer token of the operator's ``/admin/`` endpoints (None: they are not
+    served): ``GET /admin/nodes`` and ``POST /admin/retire``.
     """
 
     def __init__(
@@ -415,6 +417,7 @@ class OpenAIServer:
         api_key: str | None = None,
         model_root: str | None = None,
         limits: HttpLimits | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.server = server
         self.model_name = model_name
@@ -450,6 +453,12 @@ class OpenAIServer:
         self.app.router.add_get("/health", self._health)
         if metrics is not None:
             self.app.router.add_get("/metrics", self._metrics)
+        self._admin = None if admin_key is None else f"Bearer {admin_key}".encode("utf-8", "surrogateescape")
+        if admin_key is not None:
+            if not admin_key or not all(hasattr(server, a) for a in ("retire", "node_states")):
+                raise ValueError("admin_key: needs a non-empty key and a host that can retire nodes")
+            self.app.router.add_get("/admin/nodes", self._admin_nodes)
+            self.app.router.add_post("/admin/retire", self._admin_retire)
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -499,6 +508,13 @@ class OpenAIServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        if self._admin is not None and request.path.startswith("/admin/"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, self._admin):
+                log.warning("%s %s from %s refused: missing or wrong admin key", request.method, request.path,
+                            request.remote)
+                return ApiError(401, "missing or wrong admin key (Authorization: Bearer ...)",
+                                code="invalid_admin_key").response()
         if self._key is not None and request.path.startswith("/v1/"):
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, self._key):
@@ -1209,6 +1225,27 @@ class OpenAIServer:
         if s.ready and not s.closing:
             return web.json_response({"status": "ok", "workers": s.workers})
         return web.json_response({"status": "shutting down" if s.closing else "starting"}, status=503)
+
+    async def _admin_nodes(self, request: web.Request) -> web.Response:
+        """``GET /admin/nodes``: every node of the plan and its state."""
+        return web.json_response({"nodes": self.server.node_states()})  # type: ignore[attr-defined]
+
+    async def _admin_retire(self, request: web.Request) -> web.Response:
+        """``POST /admin/retire`` ``{"node": N}``: node N drains (its requests move away, by live
+        migration where the host migrates) and then stops. 202 once it drains; 404 for a node not
+        in the plan; 409 when it cannot leave now (not serving, already draining, or the last node
+        holding some of its layers)."""
+        body = await self._body(request)
+        node = body.get("node")
+        if set(body) != {"node"} or not isinstance(node, int) or isinstance(node, bool):
+            raise ApiError(400, 'expected {"node": N}, N a node id of the plan', param="node")
+        try:
+            what = self.server.retire(node)  # type: ignore[attr-defined]
+        except LookupError as e:
+            raise ApiError(404, str(e), param="node", code="unknown_node") from None
+        except ValueError as e:
+            raise ApiError(409, str(e), param="node", code="cannot_retire") from None
+        return web.json_response({"node": node, "state": what}, status=202)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         assert self.metrics is not None

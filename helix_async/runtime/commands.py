@@ -61,13 +61,15 @@ async def _host_main(args: argparse.Namespace) -> int:
         trace = generate_online_trace(args.arrivals, args.lengths, args.rate, start=0.0, duration=int(args.duration),
                                       seed=args.seed, cv=args.cv, profile=profile)
     door = None
+    if args.admin_key is not None and not args.http:
+        raise ConfigError("<argument>", "--admin-key", "needs --http (the endpoints are served there)")
     if args.http:
         from .http_api import prepare_front_door
 
         # bad flags fail here, before anything listens
         door = prepare_front_door(args.http, placement.model_spec, tokenizer=args.tokenizer,
                                   max_model_len=args.max_model_len, served_model_name=args.served_model_name,
-                                  seed=args.seed, api_key=args.api_key)
+                                  seed=args.seed, api_key=args.api_key, admin_key=args.admin_key)
     from ..transport.curve import security
 
     curve = security(args.keys, "host", [("--listen", args.listen)], args.insecure)
@@ -373,6 +375,9 @@ def add_parsers(sub: Any, positive_int: Any, positive: Any, pair: Any) -> None:
     h.add_argument("--served-model-name", default=None, help="--http: the model id clients use (default: the plan's model)")
     h.add_argument("--max-model-len", type=int_in(1, 2**31 - 1), default=None, help="--http: prompt plus output tokens at most")
     h.add_argument("--api-key", default=None, help="--http: require 'Authorization: Bearer KEY' on /v1/")
+    h.add_argument("--admin-key", default=None,
+                   help="--http: serve the operator's /admin/nodes and /admin/retire (drain a node, then stop it), "
+                        "to 'Authorization: Bearer KEY' only (docs/migration.md)")
     h.add_argument("--url-file", default=None, type=output_file, help="--http: write the API's base URL here (for scripts)")
     h.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE keys: encrypt and authenticate every link (python -m helix_async keys generate DIR)")

@@ -124,7 +124,7 @@ class HostCounters:
     failed_on_lost_worker: int = 0  # requests no live route could take within the recovery timeout
     migrated: int = 0  # requests moved off a lost or draining worker
     rejoined: int = 0  # workers that took a lost node's place
-    drained: int = 0  # workers that left on request (SIGTERM)
+    drained: int = 0  # workers that left on request (SIGTERM, or the operator's POST /admin/retire)
     cancelled_at_shutdown: int = 0
     freed: int = 0  # registrants that lost their node: silent, or not ready in time
     refused_silently: int = 0  # registrations refused without an answer (bad address, too many answers in flight)
@@ -617,6 +617,41 @@ class HostServer:
         st.lost = False
         if host is not None:
             self._replan(f"worker {peer} is back")
+
+    def node_states(self) -> list[dict[str, Any]]:
+        """Every node of the plan: id, name, GPU, layers and state (serving; draining, or left once
+        drained; lost; or waiting for its worker), for ``GET /admin/nodes``."""
+        out = []
+        for i in sorted(self.nodes):
+            st = self.nodes[i]
+            state = ("left" if st.draining and st.lost else "draining" if st.draining else "lost" if st.lost
+                     else "serving" if st.ready else "waiting")
+            out.append({"node": i, "name": st.name, "gpu": st.gpu, "layers": list(st.layers), "state": state})
+        return out
+
+    def retire(self, node: int) -> str:
+        """Retire ``node`` on the operator's word (``POST /admin/retire``): it drains as a worker
+        told to stop (SIGTERM) does (:meth:`_drain`), then is told to stop. Returns what happens
+        ("draining by live migration" or "draining by recomputation"). ValueError, with the reason,
+        and nothing changed: the node is not in the plan, not serving (lost, not registered yet,
+        already draining), or no other live node would hold some of its layers."""
+        st = self.nodes.get(node) if isinstance(node, int) and not isinstance(node, bool) else None
+        if st is None:
+            raise LookupError(f"node {node!r} is not in the plan (nodes: {sorted(self.nodes)})")
+        if self.host is None:
+            raise ValueError("the cluster is not serving yet")
+        if st.draining:
+            raise ValueError(f"node {node} is already draining")
+        if st.lost or not st.ready:
+            raise ValueError(f"node {node} is not serving (lost or not registered)")
+        gone = frozenset(n for n, x in self.nodes.items() if x.lost or x.draining) | {node}
+        router, _, reason = self.replanner.router(gone)
+        if router is None:
+            raise ValueError(f"retiring node {node} would stop the service: {reason}")
+        how = "live migration" if self.migration is not None else "recomputation"
+        log.warning("node %d (%s) retired by the operator: draining by %s", node, st.name, how)
+        self._drain(node)
+        return f"draining by {how}"
 
     def _drain(self, node: int) -> None:
         """The worker asked to leave (SIGTERM): move its requests off it, then tell it to stop.

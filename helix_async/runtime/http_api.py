@@ -43,6 +43,7 @@ class FrontDoor:
     seed: int = 0
     api_key: str | None = None
     model_root: str = ""
+    admin_key: str | None = None
 
 
 def prepare_front_door(
@@ -54,12 +55,14 @@ def prepare_front_door(
     served_model_name: str | None = None,
     seed: int = 0,
     api_key: str | None = None,
+    admin_key: str | None = None,
 ) -> FrontDoor:
     """Check the front door's flags and load its tokenizer, before the host binds anything.
 
     http: ``HOST:PORT`` (``--http``). model: the plan's model. tokenizer: ``--tokenizer``
     (``tiny-llama``, a directory with ``tokenizer.json``, or ``none``; None: the model's own when
-    one ships). Raises ConfigError naming the flag (the command exits 2)."""
+    one ships). admin_key: ``--admin-key``, the operator's token for ``/admin/`` (None: not
+    served). Raises ConfigError naming the flag (the command exits 2)."""
     from ..extras import require
 
     require("aiohttp", "serve")
@@ -84,8 +87,10 @@ def prepare_front_door(
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(tok_src, "--tokenizer", f"{tok.vocab_size} ids, more than {model.name}'s vocabulary "
                               f"of {model.vocab_size}")
+    if admin_key is not None and (not admin_key or admin_key == api_key):
+        raise ConfigError("<argument>", "--admin-key", "give a key of its own (not empty, not the --api-key)")
     return FrontDoor(host, port, tok, max_model_len or default_max_model_len(model),
-                     served_model_name or model.name, seed, api_key, model.reference)
+                     served_model_name or model.name, seed, api_key, model.reference, admin_key)
 
 
 def default_max_model_len(model: ModelSpec) -> int:
@@ -110,7 +115,8 @@ async def start_front_door(server: HostServer, door: FrontDoor) -> OpenAIServer:
     from ..frontend.openai_api import OpenAIServer
 
     api = OpenAIServer(server, door.model_name, door.tokenizer, max_model_len=door.max_model_len, seed=door.seed,
-                       metrics=Metrics(server), api_key=door.api_key, model_root=door.model_root or None)
+                       metrics=Metrics(server), api_key=door.api_key, model_root=door.model_root or None,
+                       admin_key=door.admin_key)
     try:
         await api.start(door.host, door.port)
     except OSError as e:
