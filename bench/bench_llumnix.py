@@ -73,11 +73,11 @@ def classes(records: list[tuple[int, float, float, float, int, int]], urgent: se
 
 def plan_of(args: argparse.Namespace):  # noqa: ANN201
     """--plan: a shipped single24 layout of LLaMA-2-70B, a plan file, or ``petals`` (the Petals
-    heuristic, seed 0, for --model on single24)."""
-    if args.plan == "petals" and args.model != "llama2-70b":
-        return petals(load_cluster("single24"), args.model)
+    heuristic, seed 0, for --model on --cluster)."""
+    if args.plan == "petals" and (args.model != "llama2-70b" or args.cluster != "single24"):
+        return petals(load_cluster(args.cluster), args.model)
     if args.plan in SHIPPED_LAYOUTS:
-        if args.model != "llama2-70b":
+        if args.model != "llama2-70b" or args.cluster != "single24":
             raise SystemExit(f"--plan {args.plan}: the shipped layouts are LLaMA-2-70B's; give a plan file or petals")
         return load_shipped_layout(args.plan)
     return read_placement(args.plan)
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plan", default="ilp", help="a shipped single24 layout (default ilp), a plan file, or petals "
                                                   "(with --model)")
     ap.add_argument("--model", default="llama2-70b", help="with --plan petals: the model (default llama2-70b)")
+    ap.add_argument("--cluster", default="single24", help="with --plan petals: the cluster (default single24)")
     ap.add_argument("--rate", type=float, default=4000.0, help="tokens/s (default 4000: the ILP plan saturated)")
     ap.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the Gamma gaps (default 3)")
     ap.add_argument("--duration", type=int, default=150, help="simulated seconds of arrivals (a multiple of 3)")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         u, n = per["priorities"]["urgent"], per["none"]["urgent"]
         gains.append((n["ttft"] / u["ttft"], n["ttft99"] / u["ttft99"], n["tpot"] / u["tpot"], n["tpot99"] / u["tpot99"],
                       res["priorities"].report["decode_throughput"] / res["none"].report["decode_throughput"]))
-    print(f"priorities: {args.model}, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} tokens/s "
+    print(f"priorities: {args.model}, {args.cluster}, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} tokens/s "
           f"for {args.duration} s, {args.share:.0%} urgent")
     print(table(rows, ("seed", "run", "class", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s",
                        "per-token p99 s", "decode tok/s")))
@@ -157,7 +158,7 @@ def migration(args: argparse.Namespace) -> None:
                          str(m["completed"]), str(m["aborted"]), f"{m['bytes'] / 1e9:.2f}",
                          "-" if down is None else f"{down * 1e3:.1f}", str(m["preemptions"]),
                          f"{max(n['kv_peak'] / n['kv_capacity'] for n in r.report['nodes']):.2f}"))
-    print(f"migration: {args.model}, single24, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
+    print(f"migration: {args.model}, {args.cluster}, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
           f"tokens/s for {args.duration} s")
     print(table(rows, ("seed", "run", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "per-token p99 s",
                        "decode tok/s", "moves", "aborted", "GB copied", "downtime ms", "preemptions",
@@ -196,7 +197,7 @@ def autoscale(args: argparse.Namespace) -> None:
                 rows.append((str(seed), f"{label} / {base}", "", "", f"{e99 / s99:.3f}", "",
                              f"{e['gpu_hours'] / s['gpu_hours']:.3f}", f"{e['dollars'] / s['dollars']:.3f}", "", "",
                              ""))
-    print(f"autoscale: {args.model}, single24, plan {args.plan} plus spares {args.spares}, Gamma arrivals cv {args.cv:g} "
+    print(f"autoscale: {args.model}, {args.cluster}, plan {args.plan} plus spares {args.spares}, Gamma arrivals cv {args.cv:g} "
           f"at up to {args.rate:g} tokens/s ({args.profile}) for {args.duration} s, migration on")
     print(table(rows, ("seed", "fleet", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "GPU-hours", "USD",
                        "joins", "leaves", "served s")))

@@ -34,9 +34,11 @@ saturated layer.)
 * **Shrink** (``shrink``, ``--shrink``). With it the plan's own nodes may leave too, once no
   spare is left above ``min_spares``: the node whose leaving costs the least max flow (ties: the
   dearest, then the lowest id) leaves, if every layer stays served, the max flow left is at least
-  the tokens offered over the last ``window`` (prompt and output, per second) over ``down``, and,
-  on what is left (the leaving node's compute spread over the capacity that stays), both the KV
-  expectation and the compute of every layer stay at most halfway between ``down`` and ``up``. When the load rises,
+  the tokens offered over the last ``window`` (prompt and output, per second) over ``down``, and
+  the KV expectation of every layer, on what is left, stays at most halfway between ``down`` and
+  ``up``. (The compute share is no guard here: a pipeline's busy share is no measure of its
+  spare capacity, since batches grow with the load. As a guard it blocked most leaves and bought
+  no latency; bench/README.md, "The elastic fleet".) When the load rises,
   a plan node that left joins again, with its own layers, after loading them: the one whose
   return raises max flow most, else the last to leave, of those that the max flow with them
   gives a share. Spares join once no plan node that left would carry flow. (A plan node that
@@ -262,10 +264,9 @@ class Fleet:
         return {i: (w.stats.busy_time - then.get(i, w.stats.busy_time)) / (now - t)
                 for i, w in self.sim.workers.items() if not w.stopped and i in then}
 
-    def layer_busy(self, now: float, without: int | None = None) -> list[float]:
+    def layer_busy(self, now: float) -> list[float]:
         """Per layer, the compute its nodes did over the last window (each node's busy share times
-        its capacity) over the capacity that holds the layer, on today's plan or, with ``without``,
-        on what is left when that node goes (its work spread over the rest)."""
+        its capacity) over the capacity that holds the layer."""
         caps = self.capacities()
         busy = self.busy_shares(now)
         L = self.sim.model.num_layers
@@ -277,9 +278,8 @@ class Fleet:
                 continue
             for x in range(r[0], r[1]):
                 work[x] += min(1.0, busy.get(i, 0.0)) * c
-                if i != without:
-                    cap[x] += c
-        return [w / c if c > 0 else (math.inf if w > 0 else 0.0) for w, c in zip(work, cap, strict=True)]
+                cap[x] += c
+        return [w / c if c > 0 else 0.0 for w, c in zip(work, cap, strict=True)]
 
     def _out(self, now: float, why: str) -> None:
         sim = self.sim
@@ -420,8 +420,6 @@ class Fleet:
             except KeyError:  # not in the router's plan: it holds no KV of it
                 a, b, per_layer = 0, 0, 0.0
             if any(used[x] > ceiling * (total[x] - per_layer) for x in range(a, b)):
-                continue
-            if max(self.layer_busy(now, node), default=0.0) > ceiling:
                 continue
             without = self._without(node)
             flow = max_flow(without, tm).value

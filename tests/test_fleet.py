@@ -146,14 +146,26 @@ def test_shrink_lets_plan_nodes_leave_keeping_every_layer_and_bills_them_until_t
         assert e["node"] in plan.layers and sim.workers[e["node"]].stopped
         assert sim.placement.layers[e["node"]] is None
     assert _covered(sim.placement)
-    assert [n for n, _ in sim.fleet.resting] == [e["node"] for e in left if sim.placement.layers[e["node"]] is None]
-    # the bill: every plan node from the start until it left (or the end)
+    out = {e["node"] for e in left if sim.placement.layers[e["node"]] is None}
+    assert sorted(n for n, _ in sim.fleet.resting) == sorted(out)
+    assert all(layers == plan.layers[n] for n, layers in sim.fleet.resting)
+    # the bill: every plan node while it served (from the start, or the decision to bring it back,
+    # to its leaving or the end), from the events
     end = f["end"]
-    gone = {e["node"]: e["t"] for e in left}
+    since = {i: sim.t0 for i in plan.used_nodes()}
     hours: dict[str, float] = {}
-    for i in plan.used_nodes():
+
+    def bill(i: int, until: float) -> None:
         t = plan.cluster.nodes[i].machine_type
-        hours[t] = hours.get(t, 0.0) + (gone.get(i, end) - sim.t0) / 3600
+        hours[t] = hours.get(t, 0.0) + (until - since.pop(i)) / 3600
+
+    for e in f["events"]:
+        if e["event"] == "left":
+            bill(e["node"], e["t"])
+        elif e["event"] == "out":
+            since[e["node"]] = e["t"]
+    for i in list(since):
+        bill(i, end)
     assert f["gpu_hours"] == pytest.approx(sum(hours.values()))
     assert f["dollars"] == pytest.approx(sum(h * DEFAULT_PRICES[t] for t, h in hours.items()))
 
