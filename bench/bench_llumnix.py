@@ -1,7 +1,7 @@
-"""Llumnix's experiments in the simulator (issue 25): what priorities do, so far.
+"""Llumnix's experiments in the simulator (issue 25): priorities, live migration, an elastic fleet.
 
-Run: ``python bench/bench_llumnix.py [--experiment priorities|migration] [--plan ilp] [--rate 4000]
-[--cv 3] [--duration 150] [--share 0.1] [--seeds 1,2,3]``.
+Run: ``python bench/bench_llumnix.py [--experiment priorities|migration|autoscale] [--plan ilp]
+[--rate 4000] [--cv 3] [--duration 150] [--share 0.1] [--seeds 1,2,3]``.
 
 The default rate saturates the plan: at 4,000 tokens/s the host's KV expectation is full in
 bursts and queries wait for admission (at 1,000, the rate this bench used first, no query waits
@@ -27,13 +27,20 @@ migrations completed and aborted, KV bytes copied, mean downtime (a query's deco
 stop-and-copy) and preemptions. docs/migration.md.
 
 **Autoscale** (``--experiment autoscale``). A load that varies 4x over the run (a diurnal
-profile from a quarter of ``--rate`` up to all of it and back, ``--profile``), served by the plan
-plus ``--spares`` two ways per seed: a static fleet with every spare serving throughout (sized for
-the peak), and the elastic fleet of ``sim.fleet`` (spares join when queries wait or the KV
-expectation stays above 85 % for 30 s, and leave when it stays below 50 %). Both migrate
-(``--migration on``: a leaving spare drains by migration). Per run: TTFT mean and p99, time per
-output token, GPU-hours and dollars (``sim.fleet.DEFAULT_PRICES``) until the last token, joins
-and leaves.
+profile from a quarter of ``--rate`` up to all of it and back, ``--profile``), served four ways
+per seed, all migrating (``--migration on``: a leaving node drains by migration): the plan alone;
+a static fleet, the plan with every spare of ``--spares`` serving throughout; the elastic fleet
+of ``sim.fleet``, whose spares join when queries wait, the KV expectation stays above 85 % or the
+busiest layer computes more than 90 % of the time for 30 s, and leave when the load stays low;
+and that fleet with ``--shrink``, whose plan nodes may leave too while every layer stays held and
+max flow stays at least twice the tokens offered. Per run: TTFT mean and p99, time per output
+token, GPU-hours and dollars (``sim.fleet.DEFAULT_PRICES``) until the last token, joins and
+leaves; then each elastic fleet's p99 TTFT, GPU-hours and dollars over the plan alone's and the
+static fleet's.
+
+``--plan petals --model M --cluster C`` plans with the Petals heuristic (seed 0) instead of a
+shipped layout; ``--output-ratio R`` sets the share of the mean output admission expects every
+query to still generate (0.6, the host's online default; smaller admits more).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from helix_async.cluster import load_cluster  # noqa: E402
 from helix_async.placement.heuristics import petals  # noqa: E402
 from helix_async.placement.io import SHIPPED_LAYOUTS, load_shipped_layout, read_placement  # noqa: E402
 from helix_async.routing.migration import MigrationConfig  # noqa: E402
-from helix_async.settings import KV_ONLINE  # noqa: E402
+from helix_async.settings import KV_ONLINE, KVExpectation  # noqa: E402
 from sim.feeders import HIGH_PRIORITY, PriorityDraw  # noqa: E402
 from sim.fleet import FleetConfig, parse_spares  # noqa: E402
 from sim.report import percentiles  # noqa: E402
@@ -83,12 +90,20 @@ def plan_of(args: argparse.Namespace):  # noqa: ANN201
     return read_placement(args.plan)
 
 
+def kv_of(args: argparse.Namespace) -> KVExpectation:
+    """The host's KV expectation: the online one, with --output-ratio's share of the mean output."""
+    return KVExpectation(KV_ONLINE.fill_limit, args.output_ratio)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", default="ilp", help="a shipped single24 layout (default ilp), a plan file, or petals "
                                                   "(with --model)")
     ap.add_argument("--model", default="llama2-70b", help="with --plan petals: the model (default llama2-70b)")
     ap.add_argument("--cluster", default="single24", help="with --plan petals: the cluster (default single24)")
+    ap.add_argument("--output-ratio", type=float, default=KV_ONLINE.output_ratio,
+                    help="the share of the mean output admission expects each query to still generate (default "
+                         f"{KV_ONLINE.output_ratio:g}, the host's online setting; smaller admits more)")
     ap.add_argument("--rate", type=float, default=4000.0, help="tokens/s (default 4000: the ILP plan saturated)")
     ap.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the Gamma gaps (default 3)")
     ap.add_argument("--duration", type=int, default=150, help="simulated seconds of arrivals (a multiple of 3)")
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "autoscale":
         autoscale(args)
         return
-    setup = SimulationSetup(plan_of(args), kv=KV_ONLINE)
+    setup = SimulationSetup(plan_of(args), kv=kv_of(args))
     rows = []
     gains = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -145,7 +160,7 @@ def migration(args: argparse.Namespace) -> None:
         wl = Workload(mode="online", rate=args.rate, warmup=0.0, duration=args.duration, seed=seed,
                       arrivals="gamma", cv=args.cv)
         for label, on, cfg in runs:
-            setup = SimulationSetup(plan_of(args), kv=KV_ONLINE, migration=on, migration_config=cfg)
+            setup = SimulationSetup(plan_of(args), kv=kv_of(args), migration=on, migration_config=cfg)
             r = run(setup, wl)
             rec = r.sim.host.query_records
             ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
@@ -159,7 +174,7 @@ def migration(args: argparse.Namespace) -> None:
                          "-" if down is None else f"{down * 1e3:.1f}", str(m["preemptions"]),
                          f"{max(n['kv_peak'] / n['kv_capacity'] for n in r.report['nodes']):.2f}"))
     print(f"migration: {args.model}, {args.cluster}, plan {args.plan}, Gamma arrivals cv {args.cv:g} at {args.rate:g} "
-          f"tokens/s for {args.duration} s")
+          f"tokens/s for {args.duration} s, admission expecting {args.output_ratio:g} of the mean output")
     print(table(rows, ("seed", "run", "queries", "TTFT mean s", "TTFT p99 s", "per-token mean s", "per-token p99 s",
                        "decode tok/s", "moves", "aborted", "GB copied", "downtime ms", "preemptions",
                        "KV peak share")))
@@ -177,7 +192,7 @@ def autoscale(args: argparse.Namespace) -> None:
         for label, lo, hi, shrink in (("plan", 0, 0, False), ("static", n, n, False), ("elastic", 0, n, False),
                                       ("shrink", 0, n, True)):
             fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=hi, shrink=shrink)
-            setup = SimulationSetup(plan_of(args), kv=KV_ONLINE, migration=True, fleet=fleet)
+            setup = SimulationSetup(plan_of(args), kv=kv_of(args), migration=True, fleet=fleet)
             res[label] = r = run(setup, wl)
             rec = r.sim.host.query_records
             ttft = percentiles([first - arrived for _, arrived, first, _, _, _ in rec])
