@@ -368,6 +368,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     placement = load_plan(args.plan, args.cluster, args.model)
     faults: list[Any] = []
     if args.faults is not None:
+        if args.spares or args.shrink:
+            # the fault injector re-plans from the plan it was given, which the fleet changes
+            raise ConfigError("<argument>", "--faults", "not with an elastic fleet (--spares, --shrink) yet")
         from .faults import parse_faults
 
         faults = parse_faults(args.faults, placement.used_nodes())

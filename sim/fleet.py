@@ -37,8 +37,8 @@ saturated layer.)
   the tokens offered over the last ``window`` (prompt and output, per second) over ``down``, and
   the KV expectation of every layer, on what is left, stays at most halfway between ``down`` and
   ``up``. (The compute share is no guard here: a pipeline's busy share is no measure of its
-  spare capacity, since batches grow with the load. As a guard it blocked most leaves and bought
-  no latency; bench/README.md, "The elastic fleet".) When the load rises,
+  spare capacity, since batches grow with the load. As a guard it blocked 4 of 10 leaves on one
+  plan and bought no latency; docs/simulator.md, "Elastic fleet".) When the load rises,
   a plan node that left joins again, with its own layers, after loading them: the one whose
   return raises max flow most, else the last to leave, of those that the max flow with them
   gives a share. Spares join once no plan node that left would carry flow. (A plan node that
@@ -197,9 +197,10 @@ class Fleet:
         self.plan_nodes: frozenset[int] = frozenset(self.intervals)
         self.resting: list[tuple[int, tuple[int, int]]] = []  # plan nodes that left: (node, its layers)
         self._left_layers: dict[int, tuple[int, int]] = {}
-        self._busy: list[tuple[float, dict[int, float]]] = []  # (time, each worker's busy seconds), one per look
+        #: (time, node -> (its worker then, that worker's busy seconds)), one per look
+        self._busy: list[tuple[float, dict[int, tuple[Any, float]]]] = []
         self._offered: list[tuple[float, int]] = []  # (time, tokens submitted by then), one per look
-        self._caps: tuple[int, dict[int, float]] | None = None  # (id of the plan, its nodes' max-flow capacities)
+        self._caps: tuple[Placement, dict[int, float]] | None = None  # (a plan, its nodes' max-flow capacities)
 
     def install(self) -> None:
         clock = self.sim.clock
@@ -215,7 +216,7 @@ class Fleet:
         now = sim.clock.now()
         host = sim.host
         self._settle_leaving(now)
-        self._busy.append((now, {i: w.stats.busy_time for i, w in sim.workers.items() if not w.stopped}))
+        self._busy.append((now, {i: (w, w.stats.busy_time) for i, w in sim.workers.items() if not w.stopped}))
         while len(self._busy) > 1 and self._busy[1][0] <= now - cfg.window:
             self._busy.pop(0)
         self._offered.append((now, host.stats.tokens_submitted))
@@ -244,9 +245,9 @@ class Fleet:
         """Each serving node's capacity in today's plan (tokens/s through its layers, from the
         throughput model, as max flow takes it)."""
         p = self.sim.placement
-        if self._caps is None or self._caps[0] != id(p):
+        if self._caps is None or self._caps[0] is not p:
             tm = ThroughputModel.for_cluster(self.sim.model, p.cluster)
-            self._caps = (id(p), dict(max_flow(p, tm).node_capacity))
+            self._caps = (p, dict(max_flow(p, tm).node_capacity))
         return self._caps[1]
 
     def offered(self, now: float) -> float:
@@ -257,12 +258,19 @@ class Fleet:
         return (self.sim.host.stats.tokens_submitted - n) / (now - t)
 
     def busy_shares(self, now: float) -> dict[int, float]:
-        """Each serving worker's share of the last ``window`` spent computing (what the looks saw)."""
+        """Each serving worker's share of the last ``window`` spent computing (what the looks saw),
+        in [0, 1]; a node whose worker is not the one of the window's first look (it joined or came
+        back since) is left out."""
         if not self._busy or now <= self._busy[0][0]:
             return {}
         t, then = self._busy[0]
-        return {i: (w.stats.busy_time - then.get(i, w.stats.busy_time)) / (now - t)
-                for i, w in self.sim.workers.items() if not w.stopped and i in then}
+        out = {}
+        for i, w in self.sim.workers.items():
+            seen = then.get(i)
+            if w.stopped or seen is None or seen[0] is not w:
+                continue
+            out[i] = min(1.0, max(0.0, (w.stats.busy_time - seen[1]) / (now - t)))
+        return out
 
     def layer_busy(self, now: float) -> list[float]:
         """Per layer, the compute its nodes did over the last window (each node's busy share times
@@ -274,10 +282,10 @@ class Fleet:
         cap = [0.0] * L
         for i, r in self.sim.placement.layers.items():
             c = caps.get(i, 0.0)
-            if r is None or c <= 0.0:
+            if r is None or c <= 0.0 or i not in busy:  # (a node measured over less than the window: out)
                 continue
             for x in range(r[0], r[1]):
-                work[x] += min(1.0, busy.get(i, 0.0)) * c
+                work[x] += busy[i] * c
                 cap[x] += c
         return [w / c if c > 0 else 0.0 for w, c in zip(work, cap, strict=True)]
 
@@ -341,7 +349,7 @@ class Fleet:
             fp = max_flow(with_it, tm)
             if fp.node_flows.get(node, 0.0) <= 1e-9:
                 continue
-            gain = max(0.0, fp.value - now_flow)
+            gain = round(max(0.0, fp.value - now_flow), 6)  # (rounded: near-equal gains tie)
             if best is None or (gain, k) > best:
                 best, found = (gain, k), (node, layers, with_it)
         if found is not None:
@@ -425,7 +433,7 @@ class Fleet:
             flow = max_flow(without, tm).value
             if flow <= 0.0 or flow < need:
                 continue
-            score = (flow, cfg.prices[self.types[node]], -node)
+            score = (round(flow, 6), cfg.prices[self.types[node]], -node)  # (rounded: near-equal flows tie)
             if best is None or score > best[0]:
                 best = (score, node, without)
         if best is not None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
 from helix_async.ids import NodeRef
+from helix_async.worker import WorkerStats
 
 from .simulation import Simulation
 
@@ -109,11 +111,32 @@ def migration_summary(sim: Simulation) -> dict[str, Any]:
         "unreserved": hs.migrations_unreserved,
         "started": 0 if pol is None else pol.started,
         "rounds": 0 if pol is None else pol.rounds,
-        "bytes": sum(w.stats.migrate_bytes for w in sim.workers.values()),
-        "preemptions": sum(w.stats.kv_preemptions for w in sim.workers.values()),
+        "bytes": sum(w.stats.migrate_bytes for w in _all_workers(sim)),
+        "preemptions": sum(w.stats.kv_preemptions for w in _all_workers(sim)),
         "downtime": percentiles(np.asarray(down, dtype=float)),
         "duration": percentiles(np.asarray(whole, dtype=float)),
     }
+
+
+def _all_workers(sim: Simulation) -> list[Any]:
+    """Every worker the run had: the serving ones and those they replaced."""
+    return [*sim.workers.values(), *(w for ws in sim.past_workers.values() for w in ws)]
+
+
+#: WorkerStats fields that are peaks (the largest over a node's workers); the others add up
+_PEAKS = frozenset({"kv_peak", "queued_peak"})
+
+
+def _node_stats(w: Any, past: Any) -> WorkerStats:
+    """A node's counters over its workers: ``w`` and the ones it replaced."""
+    if not past:
+        return w.stats
+    out = WorkerStats()
+    for x in (*past, w):
+        for f in fields(WorkerStats):
+            a, b = getattr(out, f.name), getattr(x.stats, f.name)
+            setattr(out, f.name, max(a, b) if f.name in _PEAKS else a + b)
+    return out
 
 
 def build_report(
@@ -135,7 +158,7 @@ def build_report(
     horizon = max(sim.clock.now() - sim.t0, 1e-12)
     nodes = []
     for i, w in sim.workers.items():
-        st = w.stats
+        st = _node_stats(w, sim.past_workers.get(i, ()))
         nodes.append(
             {
                 "node": i,

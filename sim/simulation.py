@@ -203,6 +203,8 @@ class Simulation:
         roles = worker_roles(p, self.tm)
         layers = {i: r.layers for i, r in roles.items()}
         self.workers: dict[int, Worker] = {}
+        #: node -> its earlier workers, stopped (a node that left and came back, or was revived)
+        self.past_workers: dict[int, list[Worker]] = {}
         #: the machine's shared cores (default mode with ``setup.cores``), else None
         self.cores = SharedCores(self.clock, setup.cores, setup.available) if setup.cores and not compat else None
         self._peer_len = self._peer_queue_len if policy.peer_queue_len else None
@@ -280,7 +282,7 @@ class Simulation:
         for i in roles:
             w = self.workers.get(i)
             if w is None or w.stopped:
-                self.workers[i] = self._make_worker(i)
+                self._replace_worker(i)
         layers = {i: r.layers for i, r in roles.items()}
         if self.migration is not None:
             self._copy_links(layers)
@@ -334,6 +336,14 @@ class Simulation:
     def revive_worker(self, i: int) -> Worker:
         """A fresh worker in node ``i``'s role (empty KV, no requests), on the network from now on
         (fault injection: after ``Worker.kill``)."""
+        return self._replace_worker(i)
+
+    def _replace_worker(self, i: int) -> Worker:
+        """A fresh worker in node ``i``'s role; the one it replaces (stopped) is kept in
+        ``past_workers``, so that the report counts what it did."""
+        old = self.workers.get(i)
+        if old is not None:
+            self.past_workers.setdefault(i, []).append(old)
         w = self._make_worker(i)
         self.workers[i] = w
         return w

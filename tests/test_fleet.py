@@ -112,6 +112,7 @@ def test_bad_fleet_settings_name_the_flag() -> None:
         (["--spares", "A100:1", "--compat", "helix"], "--spares"),
         (["--shrink", "--compat", "helix"], "--shrink"),
         (["--shrink", "--autoscale", "0:1"], "--autoscale: needs --spares"),
+        (["--shrink", "--faults", "crash:1@30"], "--faults: not with an elastic fleet"),
     ],
 )
 def test_sim_run_refuses_bad_fleet_flags_in_one_line(args: list[str], needle: str) -> None:

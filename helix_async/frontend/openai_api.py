@@ -454,6 +454,8 @@ class OpenAIServer:
         if metrics is not None:
             self.app.router.add_get("/metrics", self._metrics)
         self._admin = None if admin_key is None else f"Bearer {admin_key}".encode("utf-8", "surrogateescape")
+        #: requests to /admin/ refused for a missing or wrong key
+        self.admin_refused = 0
         if admin_key is not None:
             if not admin_key or not all(hasattr(server, a) for a in ("retire", "node_states")):
                 raise ValueError("admin_key: needs a non-empty key and a host that can retire nodes")
@@ -511,8 +513,12 @@ class OpenAIServer:
         if self._admin is not None and request.path.startswith("/admin/"):
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, self._admin):
-                log.warning("%s %s from %s refused: missing or wrong admin key", request.method, request.path,
-                            request.remote)
+                self.admin_refused += 1
+                # the first and then every power of two: a stream of guesses does not flood the log
+                if self.admin_refused & (self.admin_refused - 1) == 0:
+                    log.warning("%s %s from %s refused: missing or wrong admin key (refused so far: %d)",
+                                _short(request.method, 16), _short(request.raw_path, 80), _short(request.remote or "?", 60),
+                                self.admin_refused)
                 return ApiError(401, "missing or wrong admin key (Authorization: Bearer ...)",
                                 code="invalid_admin_key").response()
         if self._key is not None and request.path.startswith("/v1/"):
@@ -580,6 +586,8 @@ class OpenAIServer:
             body = _parse_body(raw, charset)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        if request.path.startswith("/admin/"):  # (no model there)
+            return body
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
@@ -1231,20 +1239,19 @@ class OpenAIServer:
         return web.json_response({"nodes": self.server.node_states()})  # type: ignore[attr-defined]
 
     async def _admin_retire(self, request: web.Request) -> web.Response:
-        """``POST /admin/retire`` ``{"node": N}``: node N drains (its requests move away, by live
-        migration where the host migrates) and then stops. 202 once it drains; 404 for a node not
-        in the plan; 409 when it cannot leave now (not serving, already draining, or the last node
-        holding some of its layers)."""
+        """``POST /admin/retire`` ``{"node": N}``: node N starts draining (its requests move away,
+        by live migration where the host migrates) and stops once drained. 202 at once, while it
+        drains; 404 for a node not in the plan; 409 when it cannot leave now (not serving, already
+        draining, or the last live node holding some of its layers); 503 while the host is
+        starting or shutting down; 400 for another body."""
         body = await self._body(request)
         node = body.get("node")
         if set(body) != {"node"} or not isinstance(node, int) or isinstance(node, bool):
             raise ApiError(400, 'expected {"node": N}, N a node id of the plan', param="node")
-        try:
-            what = self.server.retire(node)  # type: ignore[attr-defined]
-        except LookupError as e:
-            raise ApiError(404, str(e), param="node", code="unknown_node") from None
-        except ValueError as e:
-            raise ApiError(409, str(e), param="node", code="cannot_retire") from None
+        status, what = self.server.retire(node)  # type: ignore[attr-defined]
+        if status != 202:
+            code = {404: "unknown_node", 409: "cannot_retire"}.get(status, "unavailable")
+            raise ApiError(status, what, param="node", code=code, retry_after=5 if status == 503 else None)
         return web.json_response({"node": node, "state": what}, status=202)
 
     async def _metrics(self, request: web.Request) -> web.Response:

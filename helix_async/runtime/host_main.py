@@ -629,29 +629,33 @@ class HostServer:
             out.append({"node": i, "name": st.name, "gpu": st.gpu, "layers": list(st.layers), "state": state})
         return out
 
-    def retire(self, node: int) -> str:
+    def retire(self, node: int) -> tuple[int, str]:
         """Retire ``node`` on the operator's word (``POST /admin/retire``): it drains as a worker
-        told to stop (SIGTERM) does (:meth:`_drain`), then is told to stop. Returns what happens
-        ("draining by live migration" or "draining by recomputation"). ValueError, with the reason,
-        and nothing changed: the node is not in the plan, not serving (lost, not registered yet,
-        already draining), or no other live node would hold some of its layers."""
+        told to stop (SIGTERM) does (:meth:`_drain`), then is told to stop. Returns an HTTP status
+        and what happens: 202 and "draining by live migration" (or "by recomputation"); else,
+        with nothing changed, 404 (not in the plan), 503 (not serving yet, or shutting down) or
+        409 (the node is not serving, is already draining, or no other live node holds some of
+        its layers) and the reason."""
         st = self.nodes.get(node) if isinstance(node, int) and not isinstance(node, bool) else None
         if st is None:
-            raise LookupError(f"node {node!r} is not in the plan (nodes: {sorted(self.nodes)})")
-        if self.host is None:
-            raise ValueError("the cluster is not serving yet")
+            return 404, f"node {node!r} is not in the plan (nodes: {sorted(self.nodes)})"
+        if self.host is None or self._closing:
+            return 503, "the cluster is not serving" + (" (shutting down)" if self._closing else " yet")
         if st.draining:
-            raise ValueError(f"node {node} is already draining")
+            return 409, f"node {node} is already draining"
         if st.lost or not st.ready:
-            raise ValueError(f"node {node} is not serving (lost or not registered)")
+            return 409, f"node {node} is not serving (lost or not registered)"
         gone = frozenset(n for n, x in self.nodes.items() if x.lost or x.draining) | {node}
-        router, _, reason = self.replanner.router(gone)
-        if router is None:
-            raise ValueError(f"retiring node {node} would stop the service: {reason}")
+        gaps = self.replanner.uncovered(gone)
+        if gaps:
+            where = ", ".join(f"[{a}, {b})" for a, b in gaps)
+            return 409, f"node {node} is the last live node holding layers {where}: retiring it would stop the service"
+        if self.replanner.router(gone)[0] is None:
+            return 409, f"without node {node} no path of live links would cross the plan: retiring it would stop the service"
         how = "live migration" if self.migration is not None else "recomputation"
         log.warning("node %d (%s) retired by the operator: draining by %s", node, st.name, how)
         self._drain(node)
-        return f"draining by {how}"
+        return 202, f"draining by {how}"
 
     def _drain(self, node: int) -> None:
         """The worker asked to leave (SIGTERM): move its requests off it, then tell it to stop.
@@ -720,7 +724,9 @@ class HostServer:
         host = self.host
         assert host is not None
         lost: set[NodeRef] = {n for n, st in self.nodes.items() if st.lost}
-        router, flow, reason = self.replanner.router(frozenset(n for n in lost if isinstance(n, int)))
+        # a node draining by migration serves what it holds until it has moved, but takes nothing new
+        out = lost | {n for n, st in self.nodes.items() if st.draining}
+        router, flow, reason = self.replanner.router(frozenset(n for n in out if isinstance(n, int)))
         moved = host.replan(router, lost, reason)
         if router is not None:
             self.current_flow = flow
