@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   "(with --model)")
     ap.add_argument("--model", default="llama2-70b", help="with --plan petals: the model (default llama2-70b)")
     ap.add_argument("--cluster", default="single24", help="with --plan petals: the cluster (default single24)")
+    ap.add_argument("--out-window", type=float, default=None,
+                    help="autoscale: seconds of high load before a node joins (default: the fleet's window, 30)")
     ap.add_argument("--output-ratio", type=float, default=KV_ONLINE.output_ratio,
                     help="the share of the mean output admission expects each query to still generate (default "
                          f"{KV_ONLINE.output_ratio:g}, the host's online setting; smaller admits more)")
@@ -191,7 +193,7 @@ def autoscale(args: argparse.Namespace) -> None:
         res = {}
         for label, lo, hi, shrink in (("plan", 0, 0, False), ("static", n, n, False), ("elastic", 0, n, False),
                                       ("shrink", 0, n, True)):
-            fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=hi, shrink=shrink)
+            fleet = FleetConfig(spares=spares, min_spares=lo, max_spares=hi, shrink=shrink, out_window=args.out_window)
             setup = SimulationSetup(plan_of(args), kv=kv_of(args), migration=True, fleet=fleet)
             res[label] = r = run(setup, wl)
             rec = r.sim.host.query_records

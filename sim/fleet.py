@@ -15,8 +15,7 @@ waits, the expectation is below ``down`` and the compute at most ``busy``. (A li
 pipeline's compute share is not small: its batches are small, so the compute only marks a
 saturated layer.)
 
-* **Out.** When the load has stayed high for ``window``
-  seconds, and no node is joining, the next spare type in the pool joins: ``placement.replan``
+* **Out.** When the load has stayed high for ``out_window`` seconds (default ``window``), and no node is joining, the next spare type in the pool joins: ``placement.replan``
   gives the new node the layers that raise max flow most while no node of the plan moves (its
   first neighbourhood: the new node alone). Where no range raises max flow (on single24 the
   coordinator's links bound it), the node takes the range of as many layers as it holds whose
@@ -92,6 +91,7 @@ class FleetConfig:
     max_spares: int | None = None
     period: float = 5.0
     window: float = 30.0
+    out_window: float | None = None
     up: float = 0.85
     down: float = 0.5
     busy: float = 0.9
@@ -109,6 +109,8 @@ class FleetConfig:
         if not 0 <= self.min_spares <= hi <= total:
             raise ConfigError(where, "--autoscale", f"MIN:MAX must satisfy 0 <= MIN <= MAX <= {total} spares, got "
                                                     f"{self.min_spares}:{hi}")
+        if self.out_window is not None and not (math.isfinite(self.out_window) and self.out_window > 0):
+            raise ConfigError(where, "out_window", f"must be a number > 0, got {self.out_window!r}")
         for name in ("period", "window", "load_rate", "drain_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -229,7 +231,8 @@ class Fleet:
         self._hi_since = (self._hi_since if self._hi_since >= 0 else now) if hi else -1.0
         self._lo_since = (self._lo_since if self._lo_since >= 0 else now) if lo else -1.0
         in_service = len(self.serving) + (self.joining is not None)
-        if (hi and now - self._hi_since >= cfg.window and self.joining is None
+        if (hi and now - self._hi_since >= (cfg.window if cfg.out_window is None else cfg.out_window)
+                and self.joining is None
                 and (self.resting or (in_service < cfg.most and self.pool))):
             self._out(now, f"KV expectation {pressure:.2f}, compute {compute:.2f}, {host.waiting} waiting")
             self._hi_since = -1.0

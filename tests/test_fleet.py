@@ -96,6 +96,8 @@ def test_bad_fleet_settings_name_the_flag() -> None:
         FleetConfig(spares=(("A100", 1),), min_spares=2)
     with pytest.raises(ConfigError, match="--spares"):
         FleetConfig(spares=())
+    with pytest.raises(ConfigError, match="out_window"):
+        FleetConfig(spares=(("A100", 1),), out_window=0.0)
     with pytest.raises(ConfigError, match="--spares.*FOO"):
         serve(FleetConfig(spares=(("FOO", 1),)))
     with pytest.raises(ConfigError, match="--prices.*A100"):
