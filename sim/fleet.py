@@ -15,16 +15,15 @@ waits, the expectation is below ``down`` and the compute at most ``busy``. (A li
 pipeline's compute share is not small: its batches are small, so the compute only marks a
 saturated layer.)
 
-* **Out.** When the load has stayed high for ``out_window`` seconds (default ``window``), and no node is joining, the next spare type in the pool joins: ``placement.replan``
-  gives the new node the layers that raise max flow most while no node of the plan moves (its
+* **Out.** When the load has stayed high for ``out_window`` seconds (default ``window``), and
+  no node is joining, the next spare type in the pool joins: ``placement.replan`` gives the new node the layers that raise max flow most while no node of the plan moves (its
   first neighbourhood: the new node alone). Where no range raises max flow (on single24 the
   coordinator's links bound it), the node takes the range of as many layers as it holds whose
   layers' KV the router expects most used, so that admission finds room there; max flow then
   gives it a share of the flow. The node is paid for from that moment; it serves once
   it has loaded its layers' weights (bytes / ``load_rate``, after ``boot_s``), when the host's
   router is re-planned with it (running queries keep their routes).
-* **In.** When the load has stayed low for ``window``
-  seconds, the spare that joined last leaves: the router is re-planned without it (nothing new
+* **In.** When the load has stayed low for ``window`` seconds, the spare that joined last leaves: the router is re-planned without it (nothing new
   goes there), and its queries move off it by live migration when the simulation migrates
   (``--migration on``; the policy drains it), else they finish where they are. What is still on it
   after ``drain_s`` moves by recomputation. It is paid for until the first look that finds it
@@ -199,10 +198,10 @@ class Fleet:
         self.plan_nodes: frozenset[int] = frozenset(self.intervals)
         self.resting: list[tuple[int, tuple[int, int]]] = []  # plan nodes that left: (node, its layers)
         self._left_layers: dict[int, tuple[int, int]] = {}
-        #: (time, node -> (its worker then, that worker's busy seconds)), one per look
-        self._busy: list[tuple[float, dict[int, tuple[Any, float]]]] = []
-        self._offered: list[tuple[float, int]] = []  # (time, tokens submitted by then), one per look
-        self._caps: tuple[Placement, dict[int, float]] | None = None  # (a plan, its nodes' max-flow capacities)
+        #: one per look over the last ``window``: (time, tokens submitted by then, node -> (its
+        #: worker then, that worker's busy seconds))
+        self._looks: list[tuple[float, int, dict[int, tuple[Any, float]]]] = []
+        self._flow: tuple[Placement, Any] | None = None  # (a plan, its max flow)
 
     def install(self) -> None:
         clock = self.sim.clock
@@ -218,12 +217,10 @@ class Fleet:
         now = sim.clock.now()
         host = sim.host
         self._settle_leaving(now)
-        self._busy.append((now, {i: (w, w.stats.busy_time) for i, w in sim.workers.items() if not w.stopped}))
-        while len(self._busy) > 1 and self._busy[1][0] <= now - cfg.window:
-            self._busy.pop(0)
-        self._offered.append((now, host.stats.tokens_submitted))
-        while len(self._offered) > 1 and self._offered[1][0] <= now - cfg.window:
-            self._offered.pop(0)
+        busy = {i: (w, w.stats.busy_time) for i, w in sim.workers.items() if not w.stopped}
+        self._looks.append((now, host.stats.tokens_submitted, busy))
+        while len(self._looks) > 1 and self._looks[1][0] <= now - cfg.window:
+            self._looks.pop(0)
         pressure = host.kv_bottleneck()
         compute = max(self.layer_busy(now), default=0.0)
         hi = host.waiting > 0 or pressure > cfg.up or compute > cfg.busy
@@ -244,29 +241,27 @@ class Fleet:
             self._lo_since = -1.0
         sim.clock.call_at(now + cfg.period, self._tick)
 
-    def capacities(self) -> dict[int, float]:
-        """Each serving node's capacity in today's plan (tokens/s through its layers, from the
-        throughput model, as max flow takes it)."""
+    def flow(self) -> Any:
+        """Today's plan's max flow (kept until the plan changes)."""
         p = self.sim.placement
-        if self._caps is None or self._caps[0] is not p:
-            tm = ThroughputModel.for_cluster(self.sim.model, p.cluster)
-            self._caps = (p, dict(max_flow(p, tm).node_capacity))
-        return self._caps[1]
+        if self._flow is None or self._flow[0] is not p:
+            self._flow = (p, max_flow(p, ThroughputModel.for_cluster(self.sim.model, p.cluster)))
+        return self._flow[1]
 
     def offered(self, now: float) -> float:
         """Tokens (prompt and output) submitted per second over the last ``window``."""
-        if not self._offered or now <= self._offered[0][0]:
+        if not self._looks or now <= self._looks[0][0]:
             return 0.0
-        t, n = self._offered[0]
+        t, n, _ = self._looks[0]
         return (self.sim.host.stats.tokens_submitted - n) / (now - t)
 
     def busy_shares(self, now: float) -> dict[int, float]:
         """Each serving worker's share of the last ``window`` spent computing (what the looks saw),
         in [0, 1]; a node whose worker is not the one of the window's first look (it joined or came
         back since) is left out."""
-        if not self._busy or now <= self._busy[0][0]:
+        if not self._looks or now <= self._looks[0][0]:
             return {}
-        t, then = self._busy[0]
+        t, _, then = self._looks[0]
         out = {}
         for i, w in self.sim.workers.items():
             seen = then.get(i)
@@ -278,7 +273,7 @@ class Fleet:
     def layer_busy(self, now: float) -> list[float]:
         """Per layer, the compute its nodes did over the last window (each node's busy share times
         its capacity) over the capacity that holds the layer."""
-        caps = self.capacities()
+        caps = self.flow().node_capacity
         busy = self.busy_shares(now)
         L = self.sim.model.num_layers
         work = [0.0] * L
@@ -341,14 +336,12 @@ class Fleet:
         the last to leave) among those the max flow with them gives a share, and the plan with it;
         None when none would carry flow (it would serve nothing)."""
         sim = self.sim
-        p = sim.placement
-        tm = ThroughputModel.for_cluster(sim.model, p.cluster)
-        now_flow = max_flow(p, tm).value
+        tm = ThroughputModel.for_cluster(sim.model, sim.placement.cluster)
+        now_flow = self.flow().value
         best: tuple[float, int] | None = None
         found: tuple[int, tuple[int, int], Placement] | None = None
         for k, (node, layers) in enumerate(self.resting):
-            with_it = Placement.from_layers(p.cluster, sim.model, {**p.layers, node: layers}, partial=p.partial,
-                                            method=p.method, exceed_profiled_max=p.exceed_profiled_max)
+            with_it = self._with(node, layers)
             fp = max_flow(with_it, tm)
             if fp.node_flows.get(node, 0.0) <= 1e-9:
                 continue
@@ -382,9 +375,7 @@ class Fleet:
                 best = score
         assert best is not None
         a = -best[2]
-        layers = {**placement.layers, node: (a, a + k)}
-        new = Placement.from_layers(cluster, spec, layers, partial=placement.partial, method=placement.method,
-                                    exceed_profiled_max=placement.exceed_profiled_max)
+        new = self._with(node, (a, a + k), placement)
         if max_flow(new, tm).node_flows.get(node, 0.0) <= 0.0:
             return placement, None
         return new, (a, a + k)
@@ -397,17 +388,17 @@ class Fleet:
         if len(self.serving) < self.config.min_spares and self.pool:
             self._out(self.sim.clock.now(), "the fleet's minimum")
 
-    def _without(self, node: int) -> Placement:
-        """Today's plan without ``node`` (the others keep their layers)."""
-        p = self.sim.placement
-        layers = {i: (None if i == node else r) for i, r in p.layers.items()}
-        return Placement.from_layers(p.cluster, self.sim.model, layers, partial=p.partial, method=p.method,
-                                     exceed_profiled_max=p.exceed_profiled_max)
+    def _with(self, node: int, layers: tuple[int, int] | None, base: Placement | None = None) -> Placement:
+        """``base`` (default today's plan) with ``node`` holding ``layers`` (None: none; the other
+        nodes keep theirs)."""
+        p = self.sim.placement if base is None else base
+        return Placement.from_layers(p.cluster, self.sim.model, {**p.layers, node: layers}, partial=p.partial,
+                                     method=p.method, exceed_profiled_max=p.exceed_profiled_max)
 
     def _in(self, now: float, why: str) -> None:
         node, _ = self.serving.pop()
         # the plan without it, on today's cluster (the spares that joined after it left already)
-        self._leave(now, node, self._without(node), why)
+        self._leave(now, node, self._with(node, None), why)
 
     def _shrink(self, now: float, why: str) -> None:
         """A plan node leaves, if one may (module doc, "Shrink")."""
@@ -432,7 +423,7 @@ class Fleet:
                 a, b, per_layer = 0, 0, 0.0
             if any(used[x] > ceiling * (total[x] - per_layer) for x in range(a, b)):
                 continue
-            without = self._without(node)
+            without = self._with(node, None)
             flow = max_flow(without, tm).value
             if flow <= 0.0 or flow < need:
                 continue

@@ -140,6 +140,12 @@ class HttpLimits:
                 "lingering_time": self.lingering_time, "auto_decompress": False, "logger": parser_logger()}
 
 
+def _bearer_is(request: web.Request, expected: bytes) -> bool:
+    """The request's Authorization header is ``expected`` (compared in constant time)."""
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, expected)
+
+
 def _short(v: Any, limit: int = 60) -> str:
     """A value of the request as an error message quotes it: JSON, cut at ``limit`` characters."""
     try:
@@ -511,8 +517,7 @@ class OpenAIServer:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if self._admin is not None and request.path.startswith("/admin/"):
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, self._admin):
+            if not _bearer_is(request, self._admin):
                 self.admin_refused += 1
                 # the first and then every power of two: a stream of guesses does not flood the log
                 if self.admin_refused & (self.admin_refused - 1) == 0:
@@ -522,8 +527,7 @@ class OpenAIServer:
                 return ApiError(401, "missing or wrong admin key (Authorization: Bearer ...)",
                                 code="invalid_admin_key").response()
         if self._key is not None and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, self._key):
+            if not _bearer_is(request, self._key):
                 if self.metrics is not None:
                     self.metrics.request_done("unauthorized")
                 return ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key").response()

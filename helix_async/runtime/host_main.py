@@ -646,12 +646,11 @@ class HostServer:
         if st.lost or not st.ready:
             return 409, f"node {node} is not serving (lost or not registered)"
         gone = frozenset(n for n, x in self.nodes.items() if x.lost or x.draining) | {node}
-        gaps = self.replanner.uncovered(gone)
-        if gaps:
-            where = ", ".join(f"[{a}, {b})" for a, b in gaps)
-            return 409, f"node {node} is the last live node holding layers {where}: retiring it would stop the service"
         if self.replanner.router(gone)[0] is None:
-            return 409, f"without node {node} no path of live links would cross the plan: retiring it would stop the service"
+            gaps = self.replanner.uncovered(gone)
+            what = (f"it is the last live node holding layers {', '.join(f'[{a}, {b})' for a, b in gaps)}" if gaps
+                    else "no path of live links would cross the plan without it")
+            return 409, f"node {node}: {what}; retiring it would stop the service"
         how = "live migration" if self.migration is not None else "recomputation"
         log.warning("node %d (%s) retired by the operator: draining by %s", node, st.name, how)
         self._drain(node)
